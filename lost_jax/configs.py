@@ -1,0 +1,209 @@
+"""Pre-training presets and config validation (ml_collections).
+
+`configs/pretrain.py` is the command-line entry to these presets; the functions live in the
+package so notebooks, tests and the accounting tool build the same configs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
+LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
+ACTIVATIONS = ("silu", "identity")
+INITS = ("kaiming", "normal")
+SPARSE_INITS = ("complement", "weight", "random_channels")
+
+# size: d_model, ffn_dim, n_layers, n_heads, steps, LOST rank, peak lr (CoLA's published set).
+_SIZES = {
+    "quickstart": dict(d_model=128, ffn_dim=352, n_layers=4, n_heads=4, steps=300, rank=32,
+                       lr=3e-3),
+    "llama_60m": dict(d_model=512, ffn_dim=1376, n_layers=8, n_heads=8, steps=10_000,
+                      rank=128, lr=6e-3),
+    "llama_130m": dict(d_model=768, ffn_dim=2048, n_layers=12, n_heads=12, steps=20_000,
+                       rank=256, lr=3e-3),
+    "llama_350m": dict(d_model=1024, ffn_dim=2736, n_layers=24, n_heads=16, steps=60_000,
+                       rank=256, lr=3e-3),
+    "llama_1b": dict(d_model=2048, ffn_dim=5461, n_layers=24, n_heads=32, steps=100_000,
+                     rank=512, lr=2e-3),
+    "llama_7b": dict(d_model=4096, ffn_dim=11008, n_layers=32, n_heads=32, steps=150_000,
+                     rank=1024, lr=1e-3),
+}
+
+
+def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDict:
+  """Settings of the projection factory; unused fields are ignored by other kinds."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind,
+      rank=rank,
+      sparsity=0.01,          # LOST rho: fraction of input channels kept in S.
+      gamma=0.7,              # LOST mixing weight of the low-rank branch.
+      activation="silu",      # between the factors (LOST, CoLA); low_rank uses identity.
+      init="kaiming",         # initializer of the full-rank weight LOST decomposes.
+      sparse_init="complement",
+      complement_rank=0,      # 0: every remaining SVD component (the paper's reading).
+      density=0.03,           # SLTrain element-wise density delta.
+      alpha=32.0,             # SLTrain low-rank scale alpha / rank.
+  ))
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  s = _SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      vocab_size=32000 if size != "quickstart" else 4096,
+      d_model=s["d_model"],
+      ffn_dim=s["ffn_dim"],
+      n_layers=s["n_layers"],
+      n_heads=s["n_heads"],
+      n_kv_heads=s["n_heads"],
+      rope_theta=10_000.0,
+      norm_eps=1e-6,
+      init_std=0.02,
+      dtype="bfloat16",       # compute dtype; norms, softmax and logits run in float32.
+      param_dtype="float32",
+      remat=False,
+      linear=linear_config(),
+  ))
+
+
+def projection_shapes(model: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """(name, in n, out m) of every q/k/v/o/gate/up/down of one block."""
+  d, f = model.d_model, model.ffn_dim
+  hd = d // model.n_heads
+  kv = model.n_kv_heads * hd
+  return [("q", d, d), ("k", d, kv), ("v", d, kv), ("o", d, d),
+          ("gate", d, f), ("up", d, f), ("down", f, d)]
+
+
+def lost_keep(n: int, sparsity: float) -> int:
+  """Number of kept input channels k = max(1, ceil(rho * n))."""
+  return max(1, math.ceil(sparsity * n - 1e-9))
+
+
+def matched_rank(model: ml_collections.ConfigDict, kind: str, lost_rank: int,
+                 sparsity: float, density: float) -> int:
+  """Rank of a baseline whose projection parameters match LOST's at (lost_rank, sparsity)."""
+  shapes = projection_shapes(model)
+  target = sum(lost_rank * (n + m) + lost_keep(n, sparsity) * m for _, n, m in shapes)
+  if kind == "sltrain":
+    target -= sum(round(density * n * m) for _, n, m in shapes)
+  return max(1, round(target / sum(n + m for _, n, m in shapes)))
+
+
+def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source="stdlib",        # stdlib | files | tfds
+      files="",               # glob of .txt / .jsonl / .jsonl.gz (C4 layout {"text": ...})
+      tfds_name="c4/en:3.1.0",
+      tfds_data_dir="",
+      train_split="train",
+      eval_split="validation",
+      tokenizer="",           # SentencePiece .model path; "" trains one on the stdlib corpus.
+      seq_len=seq_len,
+      packing=True,           # False: anchors' layout (truncate, EOS, pad; no packing).
+      add_eos=True,
+      eval_fraction=0.05,     # stdlib/files: documents held out for validation, by hash.
+      shuffle_seed=0,
+      worker_count=0,
+  ))
+
+
+def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
+  """The full run config of a `<size>,<method>` preset."""
+  if size not in _SIZES:
+    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+  s = _SIZES[size]
+  cfg = ml_collections.ConfigDict()
+  cfg.name = f"{size},{method}"
+  cfg.seed = 0
+  cfg.model = model_config(size)
+  lin = cfg.model.linear
+  lost_rank = s["rank"]
+  if method == "lost":
+    lin.kind, lin.rank = "lost", lost_rank
+  elif method in ("low_rank", "cola", "sltrain"):
+    lin.kind = method
+    lin.activation = "silu" if method == "cola" else "identity"
+    lin.rank = matched_rank(cfg.model, method, lost_rank, lin.sparsity, lin.density)
+  else:
+    lin.kind = "dense"
+
+  quick = size == "quickstart"
+  cfg.data = data_config(seq_len=128 if quick else 256)
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=s["steps"],
+      batch_size=16 if quick else 512,   # global batch in sequences.
+      optimizer="galore" if method == "galore" else "adamw",
+      lr=s["lr"] if method != "full_rank" and method != "galore" else min(s["lr"], 1e-3),
+      warmup_frac=0.1,
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95 if method == "lost" else 0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      decay_norms_and_embeddings=True,   # False masks norm scales and embeddings from decay.
+      clip_norm=1.0,
+      precision="mixed",      # mixed: f32 params/state, bf16 compute | pure_bf16 | float32
+      galore_rank=s["rank"],
+      galore_update_freq=200,
+      galore_scale=0.25,
+      eval_every=50 if quick else 1000,
+      eval_batches=8 if quick else 300,  # 300 x 512 x 256 ~ 39M tokens cap; see eval_tokens.
+      eval_tokens=0 if quick else 10_000_000,  # 0: use eval_batches only.
+      log_every=10 if quick else 50,
+      ckpt_every=100 if quick else 1000,
+      keep_checkpoints=2,
+      peak_flops=0.0,         # per device; 0 disables MFU in logs.
+  ))
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  return cfg
+
+
+def _fail(field: str, msg: str, fix: str):
+  raise ValueError(f"config.{field}: {msg}. Fix: {fix}")
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+  """Raise one clear ValueError for an impossible model config, before anything is built."""
+  if model.d_model % model.n_heads:
+    _fail("model.n_heads", f"{model.n_heads} heads do not divide d_model={model.d_model}",
+          "pick n_heads dividing d_model")
+  if model.n_heads % model.n_kv_heads:
+    _fail("model.n_kv_heads", f"{model.n_kv_heads} kv heads do not divide "
+          f"n_heads={model.n_heads}", "pick n_kv_heads dividing n_heads")
+  if (model.d_model // model.n_heads) % 2:
+    _fail("model.n_heads", f"head dim {model.d_model // model.n_heads} is odd", "RoPE needs an "
+          "even head dim; change d_model or n_heads")
+  lin = model.linear
+  if lin.kind not in LINEAR_KINDS:
+    _fail("model.linear.kind", f"unknown kind {lin.kind!r}", f"use one of {LINEAR_KINDS}")
+  if lin.activation not in ACTIVATIONS:
+    _fail("model.linear.activation", f"unknown activation {lin.activation!r}",
+          f"use one of {ACTIVATIONS}")
+  if lin.init not in INITS:
+    _fail("model.linear.init", f"unknown init {lin.init!r}", f"use one of {INITS}")
+  if lin.sparse_init not in SPARSE_INITS:
+    _fail("model.linear.sparse_init", f"unknown sparse_init {lin.sparse_init!r}",
+          f"use one of {SPARSE_INITS}")
+  if lin.kind == "dense":
+    return
+  smallest = min(min(n, m) for _, n, m in projection_shapes(model))
+  if not 1 <= lin.rank <= smallest:
+    _fail("model.linear.rank", f"rank {lin.rank} is impossible: the smallest projection "
+          f"allows 1..{smallest}", f"set model.linear.rank between 1 and {smallest}")
+  if lin.kind == "lost":
+    if not 0.0 < lin.sparsity <= 1.0:
+      _fail("model.linear.sparsity", f"{lin.sparsity} is outside (0, 1]",
+            "use a fraction of input channels such as 0.01")
+    if not 0.0 <= lin.gamma <= 1.0:
+      _fail("model.linear.gamma", f"{lin.gamma} is outside [0, 1]", "use e.g. 0.7")
+    if lin.complement_rank < 0:
+      _fail("model.linear.complement_rank", f"{lin.complement_rank} < 0",
+            "use 0 for all remaining components or a positive count")
+  if lin.kind == "sltrain" and not 0.0 < lin.density <= 1.0:
+    _fail("model.linear.density", f"{lin.density} is outside (0, 1]", "use e.g. 0.03")

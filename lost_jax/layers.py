@@ -1,0 +1,189 @@
+"""Projection layers: dense, LOST (low-rank + channel-sparse), low-rank/CoLA and SLTrain.
+
+Every layer maps x [..., n] -> y [..., m] with kernels stored in -> out (y = x @ K). Params are
+stored in `param_dtype` and cast to the compute `dtype` at call time. Each nnx.Param carries
+logical `axes` metadata that `lost_jax.sharding` maps to mesh axes. Index sets live in
+`StaticIndices`, a non-trainable variable: gradients, optimizer state and weight decay never
+see them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lost_jax.lost import check_lost_shapes, lost_split
+
+ACTIVATIONS = {"silu": jax.nn.silu, "identity": lambda x: x}
+
+
+class StaticIndices(nnx.Variable):
+  """Fixed int32 index set (LOST channels, SLTrain support): saved, replicated, never trained."""
+
+
+def _activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r} is unknown. Fix: use one of {tuple(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def init_kernel(key: jax.Array, n: int, m: int, init: str, std: float = 0.02) -> jax.Array:
+  """Full-rank float32 kernel [n, m]: `kaiming` (PyTorch Linear default, U(+-1/sqrt(n))) or `normal`."""
+  if init == "kaiming":
+    bound = 1.0 / math.sqrt(n)
+    return jax.random.uniform(key, (n, m), jnp.float32, -bound, bound)
+  if init == "normal":
+    return std * jax.random.normal(key, (n, m), jnp.float32)
+  raise ValueError(f"init={init!r} is unknown. Fix: use 'kaiming' or 'normal'.")
+
+
+def _cast(dtype, *arrays):
+  if dtype is None:
+    return arrays
+  return tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
+class DenseLinear(nnx.Module):
+  """y = x @ kernel, kernel [n, m] ~ N(0, init_std)."""
+
+  def __init__(self, in_features: int, out_features: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32, init_std: float = 0.02,
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    kernel = init_kernel(rngs.params(), in_features, out_features, "normal", init_std)
+    self.kernel = nnx.Param(kernel.astype(param_dtype), axes=axes)
+
+  def __call__(self, x_BxN: jax.Array) -> jax.Array:
+    x, kernel = _cast(self.dtype, x_BxN, self.kernel[...])
+    return x @ kernel
+
+
+class LOSTLinear(nnx.Module):
+  """y = gamma * act(x @ a) @ b.T + (1 - gamma) * x[..., indices] @ values (LOST.md)."""
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, sparsity: float,
+               gamma: float = 0.7, activation: str = "silu", init: str = "kaiming",
+               sparse_init: str = "complement", complement_rank: int | None = None,
+               dtype: Any = None, param_dtype: Any = jnp.float32, init_std: float = 0.02,
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+    if not 0.0 <= gamma <= 1.0:
+      raise ValueError(f"LOST gamma={gamma} is outside [0, 1]. Fix: model.linear.gamma=0.7.")
+    check_lost_shapes(in_features, out_features, rank, sparsity, complement_rank)
+    self.in_features, self.out_features = in_features, out_features
+    self.gamma = float(gamma)
+    self.act = _activation(activation)
+    self.dtype = dtype
+    kernel = init_kernel(rngs.params(), in_features, out_features, init, init_std)
+    key = rngs.params() if sparse_init == "random_channels" else None
+    f = lost_split(kernel, rank, sparsity, complement_rank=complement_rank,
+                   sparse_init=sparse_init, key=key)
+    in_axis, out_axis = axes
+    self.a = nnx.Param(f.a.astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param(f.b.astype(param_dtype), axes=(out_axis, "rank"))
+    self.indices = StaticIndices(f.indices)
+    self.values = nnx.Param(f.values.astype(param_dtype), axes=(None, out_axis))
+
+  def __call__(self, x_BxN: jax.Array) -> jax.Array:
+    x, a, b, values = _cast(self.dtype, x_BxN, self.a[...], self.b[...], self.values[...])
+    low_rank = self.act(x @ a) @ b.T
+    sparse = jnp.take(x, self.indices[...], axis=-1) @ values
+    return self.gamma * low_rank + (1.0 - self.gamma) * sparse
+
+
+def _factor_std(n: int, m: int, rank: int) -> float:
+  # CoLA's init: each factor ~ N(0, (r (n + m))^(-1/2)) keeps the product's scale near dense.
+  return (rank * (n + m)) ** -0.25
+
+
+def _check_rank(n: int, m: int, rank: int, kind: str):
+  if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
+    raise ValueError(f"{kind} rank={rank} is impossible for a {n}x{m} kernel. "
+                     f"Fix: choose model.linear.rank in 1..{min(n, m)}.")
+
+
+class LowRankLinear(nnx.Module):
+  """y = act(x @ a) @ b.T with random factors: plain low-rank (identity) or CoLA (silu)."""
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int,
+               activation: str = "identity", dtype: Any = None,
+               param_dtype: Any = jnp.float32,
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+    _check_rank(in_features, out_features, rank, "low-rank")
+    self.in_features, self.out_features = in_features, out_features
+    self.act = _activation(activation)
+    self.dtype = dtype
+    std = _factor_std(in_features, out_features, rank)
+    in_axis, out_axis = axes
+    self.a = nnx.Param((std * jax.random.normal(rngs.params(), (in_features, rank)))
+                       .astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param((std * jax.random.normal(rngs.params(), (out_features, rank)))
+                       .astype(param_dtype), axes=(out_axis, "rank"))
+
+  def __call__(self, x_BxN: jax.Array) -> jax.Array:
+    x, a, b = _cast(self.dtype, x_BxN, self.a[...], self.b[...])
+    return self.act(x @ a) @ b.T
+
+
+def sltrain_support(key: jax.Array, n: int, m: int, density: float) -> jax.Array:
+  """Sorted, distinct int32 flat indices into an [n, m] kernel, round(density * n * m) of them."""
+  nnz = max(1, round(density * n * m))
+  return jnp.sort(jax.random.choice(key, n * m, (nnz,), replace=False)).astype(jnp.int32)
+
+
+class SLTrainLinear(nnx.Module):
+  """y = x @ (a @ b.T * alpha / r + S), S zero but for a fixed random support of trained values."""
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, density: float = 0.03,
+               alpha: float = 32.0, dtype: Any = None, param_dtype: Any = jnp.float32,
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+    _check_rank(in_features, out_features, rank, "SLTrain")
+    if not 0.0 < density <= 1.0:
+      raise ValueError(f"SLTrain density={density} is outside (0, 1]. "
+                       "Fix: model.linear.density=0.03.")
+    self.in_features, self.out_features = in_features, out_features
+    self.scale = float(alpha) / rank
+    self.dtype = dtype
+    std = _factor_std(in_features, out_features, rank)
+    in_axis, out_axis = axes
+    self.a = nnx.Param((std * jax.random.normal(rngs.params(), (in_features, rank)))
+                       .astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param((std * jax.random.normal(rngs.params(), (out_features, rank)))
+                       .astype(param_dtype), axes=(out_axis, "rank"))
+    self.indices = StaticIndices(sltrain_support(rngs.params(), in_features, out_features,
+                                                 density))
+    bound = 1.0 / math.sqrt(in_features)
+    values = jax.random.uniform(rngs.params(), self.indices.shape, jnp.float32, -bound, bound)
+    self.values = nnx.Param(values.astype(param_dtype), axes=(None,))
+
+  def __call__(self, x_BxN: jax.Array) -> jax.Array:
+    x, a, b, values = _cast(self.dtype, x_BxN, self.a[...], self.b[...], self.values[...])
+    n, m = self.in_features, self.out_features
+    # The support is static, so the scatter has a fixed shape; grads reach values by gather.
+    sparse = jnp.zeros((n * m,), values.dtype).at[self.indices[...]].set(
+        values, indices_are_sorted=True, unique_indices=True).reshape(n, m)
+    return x @ (self.scale * (a @ b.T) + sparse)
+
+
+def make_linear(lin, n: int, m: int, *, axes, dtype, param_dtype, init_std: float,
+                rngs: nnx.Rngs) -> nnx.Module:
+  """Build the projection chosen by `lin.kind` (a `model.linear` ConfigDict)."""
+  common = dict(dtype=dtype, param_dtype=param_dtype, axes=axes, rngs=rngs)
+  if lin.kind == "dense":
+    return DenseLinear(n, m, init_std=init_std, **common)
+  if lin.kind == "lost":
+    return LOSTLinear(n, m, rank=lin.rank, sparsity=lin.sparsity, gamma=lin.gamma,
+                      activation=lin.activation, init=lin.init, sparse_init=lin.sparse_init,
+                      complement_rank=lin.complement_rank or None, init_std=init_std,
+                      **common)
+  if lin.kind in ("low_rank", "cola"):
+    activation = "silu" if lin.kind == "cola" else lin.activation
+    return LowRankLinear(n, m, rank=lin.rank, activation=activation, **common)
+  if lin.kind == "sltrain":
+    return SLTrainLinear(n, m, rank=lin.rank, density=lin.density, alpha=lin.alpha, **common)
+  raise ValueError(f"model.linear.kind={lin.kind!r} is unknown. Fix: use one of "
+                   "dense, lost, low_rank, cola, sltrain.")

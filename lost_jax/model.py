@@ -1,0 +1,176 @@
+"""LLaMA decoder (Flax NNX) whose projections come from one factory (`layers.make_linear`).
+
+Pre-norm RMSNorm, RoPE (HF rotate-half convention), SwiGLU, causal GQA attention that honours
+packed-sequence segment ids, untied LM head. Norms, softmax and logits run in float32.
+The math is in small pure functions (`rms_norm`, `apply_rope`, `attention`) that the
+SparseLoRA path reuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lost_jax import configs as configs_lib
+from lost_jax.layers import DenseLinear, make_linear
+
+
+def as_dtype(name: str | Any):
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  """x * rsqrt(mean(x^2) + eps) * scale, in float32; returns float32 [B, L, D]."""
+  x = x_BxLxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x * scale_D.astype(jnp.float32)
+
+
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
+  """cos, sin [B, L, 1, head_dim] for HF-style rotate-half RoPE (float32)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq     # [B, L, hd/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, cos, sin) -> jax.Array:
+  """Rotate pairs (i, i + K/2) of each head by the position angle."""
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
+                   q_start: int = 0, q_len: int | None = None) -> jax.Array:
+  """Causal mask [B or 1, 1, Lq, L], also blocking attention across packed documents."""
+  q_len = length if q_len is None else q_len
+  q_pos = q_start + jnp.arange(q_len)[:, None]
+  mask = (q_pos >= jnp.arange(length)[None, :])[None, None]
+  if segment_ids_BxL is not None:
+    seg_q = jax.lax.dynamic_slice_in_dim(segment_ids_BxL, q_start, q_len, axis=1)
+    mask = mask & (seg_q[:, None, :, None] == segment_ids_BxL[:, None, None, :])
+  return mask
+
+
+def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+              segment_ids_BxL: jax.Array | None) -> jax.Array:
+  """Causal GQA attention (query head h uses kv head h // (H / G)); softmax in f32; [B,L,H,K]."""
+  b, length, h, hd = q_BxLxHxK.shape
+  g = k_BxLxGxK.shape[2]
+  q = q_BxLxHxK.reshape(b, length, g, h // g, hd)
+  scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k_BxLxGxK,
+                      preferred_element_type=jnp.float32) * (hd ** -0.5)
+  mask = attention_mask(segment_ids_BxL, length)[:, :, None]          # [B,1,1,L,L]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxLxGxK.dtype)
+  out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_BxLxGxK)
+  return out.reshape(b, length, h, hd)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, param_dtype: Any):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab: int, dim: int, *, std: float, param_dtype: Any, rngs: nnx.Rngs):
+    table = std * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
+    self.embedding = nnx.Param(table.astype(param_dtype), axes=("vocab", "embed"))
+
+  def __call__(self, tokens_BxL: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, h, g = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+    self.n_heads, self.n_kv_heads, self.head_dim = h, g, d // h
+    self.rope_theta = cfg.rope_theta
+    kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+              init_std=cfg.init_std, rngs=rngs)
+    hd = self.head_dim
+    self.q = make_linear(cfg.linear, d, h * hd, axes=("embed", "heads"), **kw)
+    self.k = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
+    self.v = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
+    self.o = make_linear(cfg.linear, h * hd, d, axes=("heads", "embed"), **kw)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    b, length, _ = x_BxLxD.shape
+    hd = self.head_dim
+    q = self.q(x_BxLxD).reshape(b, length, self.n_heads, hd)
+    k = self.k(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    v = self.v(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attention(q, k, v, segment_ids_BxL)
+    return self.o(out.reshape(b, length, self.n_heads * hd))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+              init_std=cfg.init_std, rngs=rngs)
+    d, f = cfg.d_model, cfg.ffn_dim
+    self.gate = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
+    self.up = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
+    self.down = make_linear(cfg.linear, f, d, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x_BxLxD):
+    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    pdt = as_dtype(cfg.param_dtype)
+    self.dtype = as_dtype(cfg.dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    h = self.attn_norm(x_BxLxD).astype(self.dtype)
+    x = x_BxLxD + self.attn(h, positions_BxL, segment_ids_BxL).astype(x_BxLxD.dtype)
+    h = self.mlp_norm(x).astype(self.dtype)
+    return x + self.mlp(h).astype(x.dtype)
+
+
+class Llama(nnx.Module):
+  """tokens [B, L] -> float32 logits [B, L, V]."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    configs_lib.validate_model(cfg)
+    self.cfg = cfg
+    self.dtype = as_dtype(cfg.dtype)
+    pdt = as_dtype(cfg.param_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt,
+                       rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.lm_head = DenseLinear(cfg.d_model, cfg.vocab_size, dtype=self.dtype, param_dtype=pdt,
+                               init_std=cfg.init_std, axes=("embed", "vocab"), rngs=rngs)
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    # The residual stream stays in the compute dtype; blocks normalise in float32.
+    x = self.embed(tokens_BxL, self.dtype)
+    for block in self.layers:
+      if self.cfg.remat:
+        x = nnx.remat(lambda blk, y: blk(y, positions_BxL, segment_ids_BxL))(block, x)
+      else:
+        x = block(x, positions_BxL, segment_ids_BxL)
+    h = self.final_norm(x).astype(self.dtype)
+    return jnp.einsum("bld,dv->blv", h, self.lm_head.kernel[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
