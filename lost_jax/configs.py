@@ -97,6 +97,7 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="stdlib",        # stdlib | files | tfds
       files="",               # glob of .txt / .jsonl / .jsonl.gz (C4 layout {"text": ...})
+      eval_files="",          # files: validation glob; "" holds out eval_fraction of `files`.
       tfds_name="c4/en:3.1.0",
       tfds_data_dir="",
       train_split="train",
@@ -138,6 +139,7 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
   cfg.train = ml_collections.ConfigDict(dict(
       steps=s["steps"],
       batch_size=16 if quick else 512,   # global batch in sequences.
+      microbatches=1,         # gradient accumulation: batch_size / microbatches per pass.
       optimizer="galore" if method == "galore" else "adamw",
       lr=s["lr"] if method != "full_rank" and method != "galore" else min(s["lr"], 1e-3),
       warmup_frac=0.1,

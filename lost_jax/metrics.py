@@ -1,0 +1,91 @@
+"""Where a run's numbers go: stdout progress, metrics.jsonl, TensorBoard events and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import tqdm
+
+
+class MetricWriter:
+  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard events (tensorboardX)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # imported lazily: optional at library import
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A tqdm bar (step, ETA) plus one printed line per logged step."""
+
+  def __init__(self, total: int, start: int, enabled: bool = True):
+    self.bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, unit="step",
+                         dynamic_ncols=True, mininterval=1.0)
+    self.start_time = time.time()
+    self.start = start
+
+  def update(self, step: int) -> None:
+    self.bar.update(step - self.bar.n)
+
+  def log(self, line: str) -> None:
+    self.bar.write(line)
+
+  def eta(self, step: int, total: int) -> str:
+    done = step - self.start
+    if done <= 0:
+      return "?"
+    secs = (time.time() - self.start_time) / done * (total - step)
+    return time.strftime("%H:%M:%S", time.gmtime(secs))
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def plot_curves(rows_by_name: dict[str, list[dict]], key: str, path: str, *,
+                ylabel: str, title: str, logy: bool = False) -> None:
+  """One line per run of `key` vs step, saved as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, rows in rows_by_name.items():
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    if pts:
+      ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if logy:
+    ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

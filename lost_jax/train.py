@@ -1,0 +1,318 @@
+"""Pre-training: state init on a mesh, the jitted train/eval steps, and the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lost_jax import checkpoint, configs, metrics, optim, sharding
+from lost_jax.model import Llama
+
+PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
+    "mixed": ("bfloat16", "float32"),
+    "pure_bf16": ("bfloat16", "bfloat16"),
+    "float32": ("float32", "float32"),
+}
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+
+
+def apply_precision(cfg: ml_collections.ConfigDict) -> None:
+  """train.precision is the one switch for dtypes: it sets model.dtype and model.param_dtype."""
+  if cfg.train.precision not in PRECISIONS:
+    raise ValueError(f"config.train.precision={cfg.train.precision!r} is unknown. "
+                     f"Fix: use one of {tuple(PRECISIONS)}.")
+  cfg.model.dtype, cfg.model.param_dtype = PRECISIONS[cfg.train.precision]
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Every config check that can run before data is read or anything is compiled."""
+  configs.validate_model(cfg.model)
+  t = cfg.train
+  if t.steps < 1:
+    raise ValueError(f"config.train.steps={t.steps} < 1. Fix: a positive step count.")
+  if t.batch_size < 1 or t.batch_size % t.microbatches:
+    raise ValueError(f"config.train.batch_size={t.batch_size} is not a positive multiple of "
+                     f"train.microbatches={t.microbatches}. Fix: make it one.")
+  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
+    raise ValueError("config.train.optimizer='galore' projects dense gradients. Fix: set "
+                     "model.linear.kind='dense' (the galore method preset does).")
+  if cfg.data.seq_len < 2:
+    raise ValueError(f"config.data.seq_len={cfg.data.seq_len} < 2. Fix: e.g. 256.")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything static about a run: model graph, optimizer, mesh and shardings."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  rest_shardings: Any
+  abstract_state: Any
+  abstract_rest: Any
+  init_fn: Callable
+
+
+def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  """Build the model abstractly, derive shardings, and a jitted init that materialises it."""
+  abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+  moment_dtype = jnp.dtype(cfg.model.param_dtype)
+  tx = optim.make_optimizer(cfg.train, nnx.as_pure(abs_params), moment_dtype=moment_dtype)
+  schedule = optim.lr_schedule(cfg.train)
+
+  def init(key):
+    model = Llama(cfg.model, rngs=nnx.Rngs(params=key))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.fold_in(key, 1)}
+    return state, nnx.as_pure(rest)
+
+  abstract_state, abstract_rest = jax.eval_shape(init, jax.random.key(0))
+  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh))
+  repl = sharding.replicated(mesh)
+  opt_shardings = sharding.opt_state_shardings(tx, abstract_state["opt_state"],
+                                               param_shardings, mesh)
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
+                     "step": repl, "rng": repl}
+  rest_shardings = jax.tree.map(lambda _: repl, abstract_rest)
+  init_fn = jax.jit(init, out_shardings=(state_shardings, rest_shardings))
+  return Setup(graphdef, tx, schedule, mesh, state_shardings, rest_shardings, abstract_state,
+               abstract_rest, init_fn)
+
+
+def batch_nll(graphdef, params, rest, batch):
+  """Summed token NLL of a batch and its weight sum (float32 scalars)."""
+  model = nnx.merge(graphdef, params, rest)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return optim.cross_entropy(logits, batch["targets"], batch["weights"])
+
+
+def make_train_step(setup: Setup, microbatches: int):
+  """(state, rest, batch) -> (state, metrics), jitted once with donated state."""
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+
+  def grads_of(params, rest, batch):
+    if microbatches == 1:
+      (nll, weight), grads = jax.value_and_grad(
+          lambda p: batch_nll(graphdef, p, rest, batch), has_aux=True)(params)
+      return grads, nll, weight
+    # Gradient accumulation: equal token weighting across micro-batches.
+    split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+      g_acc, nll_acc, w_acc = carry
+      (nll, weight), g = jax.value_and_grad(
+          lambda p: batch_nll(graphdef, p, rest, mb), has_aux=True)(params)
+      return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + weight), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, nll, weight), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split)
+    return grads, nll, weight
+
+  def step_fn(state, rest, batch):
+    params = state["params"]
+    grads, nll, weight = grads_of(params, rest, batch)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": jax.random.fold_in(state["rng"], state["step"])}
+    out = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
+           "lr": schedule(state["step"]), "tokens": weight}
+    return new_state, out
+
+  return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.rest_shardings,
+                                        sharding.batch_sharding(setup.mesh)),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(setup: Setup):
+  """(params, rest, batch) -> (nll sum, weight sum)."""
+  def eval_fn(params, rest, batch):
+    return batch_nll(setup.graphdef, params, rest, batch)
+  return jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.rest_shardings,
+                                        sharding.batch_sharding(setup.mesh)))
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Place this process's part of a batch on the mesh as global arrays."""
+  shard = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(shard, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
+
+
+def evaluate(eval_step, params, rest, batches, mesh) -> dict:
+  """Exact token-weighted mean NLL and perplexity over the eval batches."""
+  nll, weight = 0.0, 0.0
+  for batch in batches:
+    n, w = eval_step(params, rest, to_global(batch, mesh))
+    nll, weight = nll + float(n), weight + float(w)
+  loss = nll / max(weight, 1.0)
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
+
+
+class _StopFlag:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. notebooks): no handler
+        pass
+    return self
+
+  def _handle(self, *_):
+    self.stop = True
+
+  def __exit__(self, *_):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                       quiet: bool = False) -> dict:
+  """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  apply_precision(cfg)
+  validate(cfg)
+  if cfg.mesh.distributed:
+    jax.distributed.initialize()
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.train.batch_size, mesh)
+  nproc, pidx = jax.process_count(), jax.process_index()
+  local_batch = cfg.train.batch_size // nproc
+
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  tokenizer.check_vocab(tok, cfg.model.vocab_size)
+  fingerprint = checkpoint.model_fingerprint(cfg, tok.vocab_size)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
+                                 keep=cfg.train.keep_checkpoints)
+  ckpt.check_compatible(fingerprint)
+  if pidx == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
+                                        process_index=pidx, process_count=nproc)
+  eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, _eval_batches(cfg),
+                                        process_index=pidx, process_count=nproc)
+
+  setup = make_setup(cfg, mesh)
+  start = ckpt.latest_step()
+  if start is None:
+    state, rest = setup.init_fn(jax.random.key(cfg.seed))
+    start = 0
+  else:
+    state, rest = ckpt.restore(
+        start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+        checkpoint.abstract_with_shardings(setup.abstract_rest, setup.rest_shardings),
+        train_iter)
+  train_step = make_train_step(setup, cfg.train.microbatches)
+  eval_step = make_eval_step(setup)
+
+  writer = metrics.MetricWriter(workdir, enabled=pidx == 0)
+  progress = metrics.Progress(cfg.train.steps, start, enabled=not quiet and pidx == 0)
+  log = progress.log if not quiet else (lambda _: None)
+  flops_per_token = accounting.train_flops_per_token(cfg.model, cfg.data.seq_len)
+  n_dev = len(mesh.devices.flat)
+  log(f"lost_jax: {cfg.name} | {accounting.count_params(cfg.model)['total'] / 1e6:.2f}M params"
+      f" | mesh {dict(mesh.shape)} | steps {start}->{cfg.train.steps} | workdir {workdir}")
+
+  last_eval: dict = {}
+  pending = None          # (step, device metrics, dispatch time): read one step late.
+  window_t, window_tokens = time.time(), 0.0
+  step = start
+  with _StopFlag() as stop:
+    while step < cfg.train.steps and not stop.stop:
+      batch = to_global(next(train_iter), mesh)
+      state, step_metrics = train_step(state, rest, batch)
+      step += 1
+      if pending is not None:
+        window_tokens, window_t = _log_step(pending, cfg, writer, log, progress, window_t,
+                                            window_tokens, flops_per_token, n_dev)
+      pending = (step, step_metrics)
+      if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        last_eval = evaluate(eval_step, state["params"], rest, eval_batches, mesh)
+        writer.write(step, last_eval)
+        log(f"eval step {step}: loss {last_eval['eval_loss']:.4f} | "
+            f"perplexity {last_eval['eval_ppl']:.2f} | {int(last_eval['eval_tokens'])} tokens")
+      ckpt.save(step, state, rest, train_iter, fingerprint)
+    if pending is not None:
+      _log_step(pending, cfg, writer, log, progress, window_t, window_tokens,
+                flops_per_token, n_dev)
+    # Always a final checkpoint (also on SIGTERM/SIGINT) at the step reached.
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, rest, train_iter, fingerprint, force=True)
+  ckpt.wait()
+  ckpt.close()
+  progress.close()
+  writer.close()
+  if pidx == 0:
+    _plot_run(workdir, cfg.name)
+  return {"step": step, **last_eval}
+
+
+def _eval_batches(cfg) -> int:
+  if cfg.train.eval_tokens:
+    per_batch = cfg.train.batch_size * cfg.data.seq_len
+    return max(1, min(cfg.train.eval_batches, math.ceil(cfg.train.eval_tokens / per_batch)))
+  return cfg.train.eval_batches
+
+
+def _log_step(pending, cfg, writer, log, progress, window_t, window_tokens, flops_per_token,
+              n_dev):
+  step, dev_metrics = pending
+  m = jax.device_get(dev_metrics)        # the next step is already dispatched
+  window_tokens += float(m["tokens"])
+  progress.update(step)
+  if step % cfg.train.log_every and step != cfg.train.steps:
+    return window_tokens, window_t
+  now = time.time()
+  elapsed = max(now - window_t, 1e-9)
+  tok_s = window_tokens / elapsed
+  steps_in_window = cfg.train.log_every if step % cfg.train.log_every == 0 else (
+      step % cfg.train.log_every)
+  scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+             "tokens_per_s": tok_s, "step_time": elapsed / max(steps_in_window, 1)}
+  if cfg.train.peak_flops > 0:
+    scalars["mfu"] = tok_s * flops_per_token / (cfg.train.peak_flops * n_dev)
+  writer.write(step, scalars)
+  mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+  log(f"step {step}/{cfg.train.steps} | loss {float(m['loss']):.4f} | lr {float(m['lr']):.2e}"
+      f" | gnorm {float(m['grad_norm']):.3f} | {tok_s:,.0f} tok/s | "
+      f"{scalars['step_time'] * 1e3:.0f} ms/step{mfu} | ETA "
+      f"{progress.eta(step, cfg.train.steps)}")
+  return 0.0, now
+
+
+def _plot_run(workdir: str, name: str) -> None:
+  rows = metrics.read_metrics(workdir)
+  if any("eval_ppl" in r for r in rows):
+    metrics.plot_curves({name: rows}, "eval_ppl", os.path.join(workdir, "eval_ppl.png"),
+                        ylabel="validation perplexity", title=name, logy=True)
+  if any("loss" in r for r in rows):
+    metrics.plot_curves({name: rows}, "loss", os.path.join(workdir, "train_loss.png"),
+                        ylabel="train loss", title=name)
