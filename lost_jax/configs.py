@@ -108,6 +108,7 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
       add_eos=True,
       eval_fraction=0.05,     # stdlib/files: documents held out for validation, by hash.
       shuffle_seed=0,
+      shuffle_window=1024,    # train rows (and streamed files' documents) shuffled together.
       worker_count=0,
   ))
 
@@ -209,3 +210,102 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
             "use 0 for all remaining components or a positive count")
   if lin.kind == "sltrain" and not 0.0 < lin.density <= 1.0:
     _fail("model.linear.density", f"{lin.density} is outside (0, 1]", "use e.g. 0.03")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+# Published SparseLoRA configs (SPARSELORA.md): model shape, FFN / attention sparsity by layer.
+_LLAMA2_7B = dict(vocab_size=32000, d_model=4096, ffn_dim=11008, n_layers=32, n_heads=32,
+                  n_kv_heads=32, rope_theta=10_000.0, norm_eps=1e-5)
+_LLAMA2_13B = dict(vocab_size=32000, d_model=5120, ffn_dim=13824, n_layers=40, n_heads=40,
+                   n_kv_heads=40, rope_theta=10_000.0, norm_eps=1e-5)
+_LLAMA3_8B = dict(vocab_size=128256, d_model=4096, ffn_dim=14336, n_layers=32, n_heads=32,
+                  n_kv_heads=8, rope_theta=500_000.0, norm_eps=1e-5)
+_ATTN_LAYERS = "17-19,21-23,25-29"
+FINETUNE_PRESETS = {
+    "llama2_7b_csr": (_LLAMA2_7B, "0.9@13-29", f"0.5@{_ATTN_LAYERS}", "csr"),
+    "llama2_7b_math": (_LLAMA2_7B, "0.9@13-29", f"0.6@{_ATTN_LAYERS}", "math"),
+    "llama2_13b_csr": (_LLAMA2_13B, "0.97@13-36", "0.2@17-36", "csr"),
+    "llama3_8b_csr": (_LLAMA3_8B, "0.97@17-30", f"0.2@{_ATTN_LAYERS}", "csr"),
+    "llama3_8b_math": (_LLAMA3_8B, "0.99@3-30", "0.75@14-19,21-23,25-29", "math"),
+    "llama3_8b_glue": (_LLAMA3_8B, "0.95@17-30;0.5@31", "0.75@17-29", "glue"),
+    "llama31_8b_code": (_LLAMA3_8B, "0.99@3-30", "0.4@14-19,21-23,25-29", "code"),
+    # CPU: the built-in arithmetic task on a small model.
+    "quickstart": (dict(vocab_size=4096, d_model=128, ffn_dim=352, n_layers=4, n_heads=4,
+                        n_kv_heads=2, rope_theta=10_000.0, norm_eps=1e-6),
+                   "0.75@1-3", "0.5@2-3", "arithmetic"),
+}
+# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md).
+_TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
+                 "code": (1024, 512), "arithmetic": (96, 64)}
+
+
+def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, ...]:
+  """'0.9@13-29;0.5@31' -> per-layer sparsity (0 = dense) for n_layers layers."""
+  out = [0.0] * n_layers
+  for part in filter(None, (p.strip() for p in spec.split(";"))):
+    value, _, layers = part.partition("@")
+    try:
+      value = float(value)
+      idx = []
+      for rng in layers.split(","):
+        lo, _, hi = rng.strip().partition("-")
+        idx += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+      _fail(field, f"cannot parse {part!r}", "write e.g. '0.9@13-29;0.5@31'")
+    if not 0.0 <= value < 1.0:
+      _fail(field, f"sparsity {value} is outside [0, 1)", "keep a fraction of channels < 1")
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+      _fail(field, f"layer {bad[0]} does not exist in a {n_layers}-layer model",
+            f"use layers 0..{n_layers - 1}")
+    for i in idx:
+      out[i] = value
+  return tuple(out)
+
+
+def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
+  """LoRA / SparseLoRA fine-tuning run config of a published (or CPU) preset."""
+  if preset not in FINETUNE_PRESETS:
+    raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of "
+                     f"{tuple(FINETUNE_PRESETS)}")
+  shape, ffn, attn, task = FINETUNE_PRESETS[preset]
+  quick = preset == "quickstart"
+  seq_len, prompt_len = _TASK_LENGTHS[task]
+  cfg = ml_collections.ConfigDict()
+  cfg.name = preset
+  cfg.seed = 0
+  cfg.init = ml_collections.ConfigDict(dict(
+      source="random" if quick else "hf",   # hf: HF LLaMA dir | pretrain: lost_jax workdir
+      path="",                              # | random: fresh dense model (tests, CPU demo)
+  ))
+  cfg.model = model_config("quickstart")
+  cfg.model.update(shape)
+  cfg.lora = ml_collections.ConfigDict(dict(targets="q,k,v,o", rank=8 if quick else 32,
+                                            alpha=16.0 if quick else 64.0, dropout=0.0))
+  cfg.sparse = ml_collections.ConfigDict(dict(
+      enabled=True,
+      ffn=ffn,                 # per-layer FFN sparsity, '<fraction>@<layers>;...'
+      attn=attn,               # per-layer attention sparsity
+      estimator_rank=8,
+      start_frac=0.05,         # sparsity is off for this fraction of steps
+      bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
+  ))
+  cfg.data = ml_collections.ConfigDict(dict(
+      task="arithmetic" if quick else "files",
+      train_file="", eval_file="",
+      tokenizer="",            # SentencePiece model; "" = built-in stdlib model (quickstart)
+      seq_len=seq_len, max_prompt_len=prompt_len,
+      train_size=4000, eval_size=128, seed=0,
+      max_new_tokens=8 if quick else 64,
+      # stdlib-tokenizer settings shared with pre-training's loader:
+      source="stdlib", files="", eval_fraction=0.05,
+  ))
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=200 if quick else 1000, batch_size=16, microbatches=1, optimizer="adamw",
+      lr=3e-3 if quick else 3e-4, warmup_frac=0.05, min_lr_ratio=0.1, b1=0.9, b2=0.999,
+      eps=1e-8, weight_decay=0.0, decay_norms_and_embeddings=True, clip_norm=1.0,
+      precision="float32" if quick else "mixed", eval_every=50 if quick else 200,
+      eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
+      keep_checkpoints=2, peak_flops=0.0))
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  return cfg

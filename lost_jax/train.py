@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -17,7 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lost_jax import checkpoint, configs, metrics, optim, sharding
+from lost_jax import (accounting, checkpoint, configs, data, metrics, optim, sharding,
+                      tokenizer)
 from lost_jax.model import Llama
 
 PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
@@ -89,7 +89,7 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
                                                param_shardings, mesh)
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": repl, "rng": repl}
-  rest_shardings = jax.tree.map(lambda _: repl, abstract_rest)
+  rest_shardings = nnx.as_pure(sharding.state_shardings(abs_rest, mesh))
   init_fn = jax.jit(init, out_shardings=(state_shardings, rest_shardings))
   return Setup(graphdef, tx, schedule, mesh, state_shardings, rest_shardings, abstract_state,
                abstract_rest, init_fn)
@@ -192,8 +192,12 @@ class _StopFlag:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                       quiet: bool = False) -> dict:
-  """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics."""
+                       quiet: bool = False, stop_at: int | None = None) -> dict:
+  """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics.
+
+  `stop_at` ends this invocation after that step (with a checkpoint), as a preemption would;
+  re-running resumes exactly.
+  """
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   apply_precision(cfg)
   validate(cfg)
@@ -207,63 +211,91 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
   tokenizer.check_vocab(tok, cfg.model.vocab_size)
   fingerprint = checkpoint.model_fingerprint(cfg, tok.vocab_size)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
-                                 keep=cfg.train.keep_checkpoints)
-  ckpt.check_compatible(fingerprint)
-  if pidx == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-
+  ckpt = open_workdir(workdir, cfg, fingerprint)
   train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                         process_index=pidx, process_count=nproc)
   eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, _eval_batches(cfg),
                                         process_index=pidx, process_count=nproc)
 
   setup = make_setup(cfg, mesh)
-  start = ckpt.latest_step()
-  if start is None:
-    state, rest = setup.init_fn(jax.random.key(cfg.seed))
-    start = 0
-  else:
-    state, rest = ckpt.restore(
-        start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
-        checkpoint.abstract_with_shardings(setup.abstract_rest, setup.rest_shardings),
-        train_iter)
+  state, rest, start = init_or_restore(setup, ckpt, train_iter, jax.random.key(cfg.seed))
   train_step = make_train_step(setup, cfg.train.microbatches)
   eval_step = make_eval_step(setup)
+  header = (f"lost_jax pretrain {cfg.name} | "
+            f"{accounting.count_params(cfg.model)['total'] / 1e6:.2f}M params")
+  return fit(cfg.train, workdir, cfg.name, state=state, rest=rest, start=start,
+             train_step=train_step, train_iter=train_iter, mesh=mesh, ckpt=ckpt,
+             fingerprint=fingerprint,
+             evaluate_fn=lambda st: evaluate(eval_step, st["params"], rest, eval_batches, mesh),
+             flops_per_token=accounting.train_flops_per_token(cfg.model, cfg.data.seq_len),
+             header=header, quiet=quiet, stop_at=stop_at)
 
+
+def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,
+                 fingerprint: dict) -> checkpoint.Checkpointer:
+  """Check the workdir's checkpoints fit this config, then record the resolved config."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
+                                 keep=cfg.train.keep_checkpoints)
+  ckpt.check_compatible(fingerprint)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  return ckpt
+
+
+def init_or_restore(setup: Setup, ckpt: checkpoint.Checkpointer, train_iter, key):
+  """Fresh sharded state at step 0, or the latest checkpoint (iterator restored in place)."""
+  start = ckpt.latest_step()
+  if start is None:
+    state, rest = setup.init_fn(key)
+    return state, rest, 0
+  state, rest = ckpt.restore(
+      start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+      checkpoint.abstract_with_shardings(setup.abstract_rest, setup.rest_shardings),
+      train_iter)
+  return state, rest, start
+
+
+def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state, rest,
+        start: int, train_step, train_iter, mesh, ckpt: checkpoint.Checkpointer,
+        fingerprint: dict, evaluate_fn: Callable[[Any], dict], flops_per_token: float,
+        header: str = "", quiet: bool = False, stop_at: int | None = None,
+        to_device: Callable | None = None) -> dict:
+  """The training loop shared by pre-training and fine-tuning.
+
+  Logs every `log_every` steps (reading step N's metrics after step N+1 is dispatched),
+  evaluates every `eval_every` steps and at the end, checkpoints every `ckpt_every` steps and
+  always at the last step reached (also on SIGTERM/SIGINT).
+  """
+  pidx = jax.process_index()
+  to_device = to_device or (lambda b: to_global(b, mesh))
   writer = metrics.MetricWriter(workdir, enabled=pidx == 0)
-  progress = metrics.Progress(cfg.train.steps, start, enabled=not quiet and pidx == 0)
-  log = progress.log if not quiet else (lambda _: None)
-  flops_per_token = accounting.train_flops_per_token(cfg.model, cfg.data.seq_len)
+  progress = metrics.Progress(train_cfg.steps, start, enabled=not quiet and pidx == 0)
+  log = progress.log if not quiet and pidx == 0 else (lambda _: None)
   n_dev = len(mesh.devices.flat)
-  log(f"lost_jax: {cfg.name} | {accounting.count_params(cfg.model)['total'] / 1e6:.2f}M params"
-      f" | mesh {dict(mesh.shape)} | steps {start}->{cfg.train.steps} | workdir {workdir}")
-
+  end = train_cfg.steps if stop_at is None else min(stop_at, train_cfg.steps)
+  log(f"{header} | mesh {dict(mesh.shape)} | steps {start}->{end} of {train_cfg.steps} | "
+      f"workdir {workdir}")
+  logger = _StepLogger(train_cfg, writer, log, progress, flops_per_token, n_dev)
   last_eval: dict = {}
-  pending = None          # (step, device metrics, dispatch time): read one step late.
-  window_t, window_tokens = time.time(), 0.0
+  pending = None          # (step, device metrics): read one step late
   step = start
   with _StopFlag() as stop:
-    while step < cfg.train.steps and not stop.stop:
-      batch = to_global(next(train_iter), mesh)
+    while step < end and not stop.stop:
+      batch = to_device(next(train_iter))
       state, step_metrics = train_step(state, rest, batch)
       step += 1
       if pending is not None:
-        window_tokens, window_t = _log_step(pending, cfg, writer, log, progress, window_t,
-                                            window_tokens, flops_per_token, n_dev)
+        logger(*pending)
       pending = (step, step_metrics)
-      if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-        last_eval = evaluate(eval_step, state["params"], rest, eval_batches, mesh)
+      if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+        last_eval = evaluate_fn(state)
         writer.write(step, last_eval)
-        log(f"eval step {step}: loss {last_eval['eval_loss']:.4f} | "
-            f"perplexity {last_eval['eval_ppl']:.2f} | {int(last_eval['eval_tokens'])} tokens")
+        log(f"eval step {step}: " + " | ".join(_fmt(k, v) for k, v in last_eval.items()))
       ckpt.save(step, state, rest, train_iter, fingerprint)
     if pending is not None:
-      _log_step(pending, cfg, writer, log, progress, window_t, window_tokens,
-                flops_per_token, n_dev)
-    # Always a final checkpoint (also on SIGTERM/SIGINT) at the step reached.
+      logger(*pending)
     if ckpt.latest_step() != step:
       ckpt.save(step, state, rest, train_iter, fingerprint, force=True)
   ckpt.wait()
@@ -271,8 +303,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   progress.close()
   writer.close()
   if pidx == 0:
-    _plot_run(workdir, cfg.name)
+    _plot_run(workdir, name)
   return {"step": step, **last_eval}
+
+
+_LABELS = {"eval_loss": "loss", "eval_ppl": "perplexity", "eval_tokens": "tokens",
+           "eval_accuracy": "exact-match accuracy"}
+
+
+def _fmt(key: str, value) -> str:
+  label = _LABELS.get(key, key)
+  if key.endswith("tokens"):
+    return f"{label} {int(value)}"
+  return f"{label} {value:.4f}" if isinstance(value, float) else f"{label} {value}"
 
 
 def _eval_batches(cfg) -> int:
@@ -282,30 +325,35 @@ def _eval_batches(cfg) -> int:
   return cfg.train.eval_batches
 
 
-def _log_step(pending, cfg, writer, log, progress, window_t, window_tokens, flops_per_token,
-              n_dev):
-  step, dev_metrics = pending
-  m = jax.device_get(dev_metrics)        # the next step is already dispatched
-  window_tokens += float(m["tokens"])
-  progress.update(step)
-  if step % cfg.train.log_every and step != cfg.train.steps:
-    return window_tokens, window_t
-  now = time.time()
-  elapsed = max(now - window_t, 1e-9)
-  tok_s = window_tokens / elapsed
-  steps_in_window = cfg.train.log_every if step % cfg.train.log_every == 0 else (
-      step % cfg.train.log_every)
-  scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-             "tokens_per_s": tok_s, "step_time": elapsed / max(steps_in_window, 1)}
-  if cfg.train.peak_flops > 0:
-    scalars["mfu"] = tok_s * flops_per_token / (cfg.train.peak_flops * n_dev)
-  writer.write(step, scalars)
-  mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
-  log(f"step {step}/{cfg.train.steps} | loss {float(m['loss']):.4f} | lr {float(m['lr']):.2e}"
-      f" | gnorm {float(m['grad_norm']):.3f} | {tok_s:,.0f} tok/s | "
-      f"{scalars['step_time'] * 1e3:.0f} ms/step{mfu} | ETA "
-      f"{progress.eta(step, cfg.train.steps)}")
-  return 0.0, now
+class _StepLogger:
+  """Turns one step's device metrics into a log line, metrics.jsonl row and TB scalars."""
+
+  def __init__(self, train_cfg, writer, log, progress, flops_per_token, n_dev):
+    self.cfg, self.writer, self.log, self.progress = train_cfg, writer, log, progress
+    self.flops_per_token, self.n_dev = flops_per_token, n_dev
+    self.window_t, self.window_tokens, self.window_steps = time.time(), 0.0, 0
+
+  def __call__(self, step: int, dev_metrics) -> None:
+    m = jax.device_get(dev_metrics)
+    self.window_tokens += float(m["tokens"])
+    self.window_steps += 1
+    self.progress.update(step)
+    if step % self.cfg.log_every and step != self.cfg.steps:
+      return
+    now = time.time()
+    elapsed = max(now - self.window_t, 1e-9)
+    tok_s = self.window_tokens / elapsed
+    scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps}
+    if self.cfg.peak_flops > 0:
+      scalars["mfu"] = tok_s * self.flops_per_token / (self.cfg.peak_flops * self.n_dev)
+    self.writer.write(step, scalars)
+    mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+    self.log(f"step {step}/{self.cfg.steps} | loss {float(m['loss']):.4f} | "
+             f"lr {float(m['lr']):.2e} | gnorm {float(m['grad_norm']):.3f} | "
+             f"{tok_s:,.0f} tok/s | {scalars['step_time'] * 1e3:.0f} ms/step{mfu} | "
+             f"ETA {self.progress.eta(step, self.cfg.steps)}")
+    self.window_t, self.window_tokens, self.window_steps = now, 0.0, 0
 
 
 def _plot_run(workdir: str, name: str) -> None:

@@ -1,0 +1,329 @@
+"""Parameter, FLOP and training-memory accounting from configs alone (pure Python, no JAX).
+
+`python -m lost_jax.accounting --config=configs/pretrain.py:llama_1b,lost [--compare]`
+prints a table; the functions below are what the trainer (MFU) and the tests use.
+
+Conventions, stated once:
+- FLOPs count multiply-adds as 2 and only matrix products (elementwise ops, norms, RoPE,
+  softmax and the embedding gather are free). Attention is counted as full, not causal:
+  QK^T and AV cost 2 * 2 * seq_len * (H * hd) per token per layer, as in PaLM / MaxText
+  (train = 6N + attention). Training = 3 x forward (forward + backward).
+- SLTrain's layer materialises its dense kernel A @ B^T * alpha/r + S once per forward and then
+  runs a dense matmul, so it is counted as 2nm per token; the merge (2nmr per layer per step)
+  is amortised over the batch and is not a per-token cost.
+- Memory is for one replica holding the whole model (no sharding), in bytes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lost_jax import configs
+
+# train.precision -> (bytes per parameter / gradient / optimizer-state entry, bytes per
+# activation entry). Mirrors lost_jax.train.PRECISIONS (mixed: f32 params, bf16 compute).
+PRECISION_BYTES = {"mixed": (4, 2), "pure_bf16": (2, 2), "float32": (4, 4)}
+INDEX_BYTES = 4          # StaticIndices are int32.
+FLOAT32_BYTES = 4        # softmax probabilities and logits are always float32.
+
+
+def sltrain_nnz(n: int, m: int, density: float) -> int:
+  """Size of SLTrain's fixed support in an [n, m] kernel (as layers.sltrain_support)."""
+  return max(1, round(density * n * m))
+
+
+def _check_kind(kind: str):
+  if kind not in configs.LINEAR_KINDS:
+    raise ValueError(f"linear kind {kind!r} is unknown. Fix: use one of {configs.LINEAR_KINDS}.")
+
+
+def linear_params(kind: str, n: int, m: int, lin: ml_collections.ConfigDict) -> int:
+  """Trainable parameters of one n -> m projection of `kind` (static indices excluded)."""
+  _check_kind(kind)
+  if kind == "dense":
+    return n * m
+  low_rank = lin.rank * (n + m)
+  if kind == "lost":
+    return low_rank + configs.lost_keep(n, lin.sparsity) * m
+  if kind == "sltrain":
+    return low_rank + sltrain_nnz(n, m, lin.density)
+  return low_rank                                   # low_rank, cola
+
+
+def linear_static_indices(kind: str, n: int, m: int, lin: ml_collections.ConfigDict) -> int:
+  """int32 index entries of one projection: LOST's k channels, SLTrain's nnz support."""
+  _check_kind(kind)
+  if kind == "lost":
+    return configs.lost_keep(n, lin.sparsity)
+  if kind == "sltrain":
+    return sltrain_nnz(n, m, lin.density)
+  return 0
+
+
+def linear_flops(kind: str, n: int, m: int, lin: ml_collections.ConfigDict) -> int:
+  """Forward FLOPs per token of one n -> m projection (SLTrain: dense 2nm, see module doc)."""
+  _check_kind(kind)
+  if kind in ("dense", "sltrain"):
+    return 2 * n * m
+  low_rank = 2 * lin.rank * (n + m)
+  if kind == "lost":
+    return low_rank + 2 * configs.lost_keep(n, lin.sparsity) * m
+  return low_rank                                   # low_rank, cola
+
+
+def count_params(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """Parameter counts of `lost_jax.Llama(model)`: RMSNorm scales only, no biases, untied head."""
+  lin, d, v = model.linear, model.d_model, model.vocab_size
+  shapes = configs.projection_shapes(model)
+  proj_per_layer = sum(linear_params(lin.kind, n, m, lin) for _, n, m in shapes)
+  norms_per_layer = 2 * d                           # attn_norm.scale, mlp_norm.scale
+  counts = dict(
+      embeddings=v * d,
+      projections=model.n_layers * proj_per_layer,
+      layers=model.n_layers * (proj_per_layer + norms_per_layer),
+      final_norm=d,
+      lm_head=d * v,
+  )
+  counts["total"] = (counts["embeddings"] + counts["layers"] + counts["final_norm"]
+                     + counts["lm_head"])
+  counts["trainable"] = counts["total"]             # indices are StaticIndices, not nnx.Param
+  counts["static_indices"] = model.n_layers * sum(
+      linear_static_indices(lin.kind, n, m, lin) for _, n, m in shapes)
+  return counts
+
+
+def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> int:
+  """Forward FLOPs per token: projections + full (non-causal) attention + LM head."""
+  lin = model.linear
+  proj = sum(linear_flops(lin.kind, n, m, lin) for _, n, m in configs.projection_shapes(model))
+  q_dim = model.n_heads * (model.d_model // model.n_heads)
+  attn = 2 * 2 * seq_len * q_dim                    # QK^T and AV
+  return model.n_layers * (proj + attn) + 2 * model.d_model * model.vocab_size
+
+
+def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> int:
+  """Forward + backward FLOPs per token (3 x forward)."""
+  return 3 * forward_flops_per_token(model, seq_len)
+
+
+def _activation(lin: ml_collections.ConfigDict) -> str:
+  # As layers.make_linear: CoLA always uses SiLU between its factors.
+  return "silu" if lin.kind == "cola" else lin.activation
+
+
+def linear_activation_entries(kind: str, n: int, m: int, lin: ml_collections.ConfigDict) -> int:
+  """Entries per token a projection saves for backward beyond its input x (counted by the block).
+
+  LOST: z = x @ A (r), act(z) (r more when act is SiLU) and the gathered x[..., I] (k);
+  low_rank / CoLA: z (r) and act(z) when SiLU; dense and SLTrain: nothing per token.
+  """
+  _check_kind(kind)
+  if kind in ("dense", "sltrain"):
+    return 0
+  factor = lin.rank * (2 if _activation(lin) == "silu" else 1)
+  if kind == "lost":
+    return factor + configs.lost_keep(n, lin.sparsity)
+  return factor
+
+
+def block_activation_bytes_per_token(model: ml_collections.ConfigDict, seq_len: int,
+                                     compute_bytes: int) -> int:
+  """Bytes one block saves for backward per token, without remat.
+
+  c * (4D + 2(H hd) + 2(G hd) + 3F + extras) + H * seq_len * (4 + c):
+  the two norm inputs and outputs (4D), q and k after RoPE and v (H hd + 2 G hd), the attention
+  output feeding o (H hd), gate and up outputs and their product feeding down (3F), the
+  factored layers' extras (`linear_activation_entries`), and the softmax probabilities per
+  query (float32 for the softmax backward plus the compute-dtype copy feeding AV; one copy
+  when computing in float32).
+  """
+  lin, d, f = model.linear, model.d_model, model.ffn_dim
+  hd = d // model.n_heads
+  q_dim, kv_dim = model.n_heads * hd, model.n_kv_heads * hd
+  extras = sum(linear_activation_entries(lin.kind, n, m, lin)
+               for _, n, m in configs.projection_shapes(model))
+  entries = 4 * d + 2 * q_dim + 2 * kv_dim + 3 * f + extras
+  probs_bytes = FLOAT32_BYTES + (compute_bytes if compute_bytes < FLOAT32_BYTES else 0)
+  return compute_bytes * entries + model.n_heads * seq_len * probs_bytes
+
+
+def block_activation_bytes_per_step(model: ml_collections.ConfigDict,
+                                    compute_bytes: int) -> int:
+  """Batch-independent bytes one block saves: SLTrain's materialised compute-dtype kernels."""
+  lin = model.linear
+  if lin.kind != "sltrain":
+    return 0
+  return compute_bytes * sum(n * m for _, n, m in configs.projection_shapes(model))
+
+
+def head_activation_bytes_per_token(model: ml_collections.ConfigDict, compute_bytes: int) -> int:
+  """Final norm input and output (2D, compute dtype) + float32 logits and softmax (2V)."""
+  return compute_bytes * 2 * model.d_model + FLOAT32_BYTES * 2 * model.vocab_size
+
+
+def activation_bytes(model: ml_collections.ConfigDict, seqs: int, seq_len: int,
+                     compute_bytes: int) -> int:
+  """Peak saved activations of one forward/backward pass over [seqs, seq_len] tokens.
+
+  Without remat every block keeps its activations. With remat (model.remat) only each block's
+  input (c * D per token) is kept, plus one block's activations while it is recomputed.
+  """
+  tokens = seqs * seq_len
+  block = (block_activation_bytes_per_token(model, seq_len, compute_bytes) * tokens
+           + block_activation_bytes_per_step(model, compute_bytes))
+  if model.remat:
+    blocks = model.n_layers * compute_bytes * model.d_model * tokens + block
+  else:
+    blocks = model.n_layers * block
+  return blocks + head_activation_bytes_per_token(model, compute_bytes) * tokens
+
+
+def optimizer_state_entries(cfg: ml_collections.ConfigDict) -> int:
+  """Optimizer-state entries (each stored in the parameter dtype) of a run config.
+
+  AdamW: two moments per trainable parameter. GaLore (optax.contrib.galore on every dense block
+  kernel [n, m], AdamW elsewhere), with r' = min(galore_rank, n, m): two moments of the
+  projected gradient, r' * min(n, m) each, plus the projector r' * max(n, m). The SVD workspace
+  of a projector refresh and the step counters are not counted.
+  """
+  counts = count_params(cfg.model)
+  if cfg.train.optimizer == "adamw":
+    return 2 * counts["trainable"]
+  if cfg.train.optimizer != "galore":
+    raise ValueError(f"config.train.optimizer={cfg.train.optimizer!r} is unknown. "
+                     "Fix: use 'adamw' or 'galore'.")
+  if cfg.model.linear.kind != "dense":
+    raise ValueError("config.train.optimizer='galore' projects dense gradients. Fix: set "
+                     "model.linear.kind='dense'.")
+  galore, kernels = 0, 0
+  for _, n, m in configs.projection_shapes(cfg.model):
+    r = min(cfg.train.galore_rank, n, m)
+    galore += 2 * r * min(n, m) + r * max(n, m)
+    kernels += n * m
+  n_layers = cfg.model.n_layers
+  return n_layers * galore + 2 * (counts["trainable"] - n_layers * kernels)
+
+
+def _precision_bytes(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  if cfg.train.precision not in PRECISION_BYTES:
+    raise ValueError(f"config.train.precision={cfg.train.precision!r} is unknown. "
+                     f"Fix: use one of {tuple(PRECISION_BYTES)}.")
+  return PRECISION_BYTES[cfg.train.precision]
+
+
+def memory_estimate(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Training memory in bytes of a run config: weights, gradients, optimizer, activations.
+
+  weights = parameters in the train.precision dtype + int32 static indices; gradients and
+  optimizer states share the parameter dtype; activations (`activation_bytes`) are for one
+  pass of train.batch_size / train.microbatches sequences of data.seq_len tokens.
+  """
+  param_bytes, compute_bytes = _precision_bytes(cfg)
+  counts = count_params(cfg.model)
+  seqs = cfg.train.batch_size // cfg.train.microbatches
+  mem = dict(
+      weights=param_bytes * counts["total"] + INDEX_BYTES * counts["static_indices"],
+      gradients=param_bytes * counts["trainable"],
+      optimizer=param_bytes * optimizer_state_entries(cfg),
+      activations=activation_bytes(cfg.model, seqs, cfg.data.seq_len, compute_bytes),
+  )
+  mem["total"] = sum(mem.values())
+  return mem
+
+
+def report(cfg: ml_collections.ConfigDict) -> dict:
+  """Params, FLOPs per token and memory of a run config, in one dict."""
+  lin = cfg.model.linear
+  return dict(
+      name=cfg.name,
+      kind=lin.kind,
+      rank=lin.rank if lin.kind != "dense" else 0,
+      optimizer=cfg.train.optimizer,
+      params=count_params(cfg.model),
+      forward_flops_per_token=forward_flops_per_token(cfg.model, cfg.data.seq_len),
+      train_flops_per_token=train_flops_per_token(cfg.model, cfg.data.seq_len),
+      tokens_per_pass=(cfg.train.batch_size // cfg.train.microbatches) * cfg.data.seq_len,
+      memory=memory_estimate(cfg),
+  )
+
+
+# Run settings that `compare(..., like=cfg)` copies so every row is measured the same way.
+_SHARED = (("train", "batch_size"), ("train", "microbatches"), ("train", "precision"),
+           ("data", "seq_len"), ("model", "remat"))
+
+
+def compare(size: str, like: ml_collections.ConfigDict | None = None) -> list[dict]:
+  """`report` of every method in configs.METHODS at `size` (with `like`'s batch/precision)."""
+  rows = []
+  for method in configs.METHODS:
+    cfg = configs.pretrain_config(size, method)
+    if like is not None:
+      for group, field in _SHARED:
+        cfg[group][field] = like[group][field]
+    rows.append(dict(method=method, **report(cfg)))
+  return rows
+
+
+_GIB = 2 ** 30
+_COLUMNS = (  # header, width, row -> text
+    ("run", 22, lambda r: r["name"]),
+    ("linear", 8, lambda r: r["kind"]),
+    ("rank", 5, lambda r: str(r["rank"])),
+    ("optimizer", 9, lambda r: r["optimizer"]),
+    ("params M", 9, lambda r: f"{r['params']['total'] / 1e6:.2f}"),
+    ("proj M", 8, lambda r: f"{r['params']['projections'] / 1e6:.2f}"),
+    ("fwd GF/tok", 10, lambda r: f"{r['forward_flops_per_token'] / 1e9:.3f}"),
+    ("weights", 8, lambda r: f"{r['memory']['weights'] / _GIB:.2f}"),
+    ("grads", 7, lambda r: f"{r['memory']['gradients'] / _GIB:.2f}"),
+    ("opt state", 9, lambda r: f"{r['memory']['optimizer'] / _GIB:.2f}"),
+    ("activ", 8, lambda r: f"{r['memory']['activations'] / _GIB:.2f}"),
+    ("total GiB", 9, lambda r: f"{r['memory']['total'] / _GIB:.2f}"),
+)
+
+
+def format_table(rows: list[dict], cfg: ml_collections.ConfigDict) -> str:
+  """Fixed-width text table of `report` rows, with the shared run settings in a header line."""
+  t = cfg.train
+  lines = [f"precision={t.precision} | activations for {t.batch_size // t.microbatches} "
+           f"sequences x {cfg.data.seq_len} tokens per pass | remat={cfg.model.remat} | "
+           f"memory in GiB, one replica, no sharding"]
+  lines.append("  ".join(h.rjust(w) if i > 3 else h.ljust(w)
+                         for i, (h, w, _) in enumerate(_COLUMNS)))
+  for row in rows:
+    lines.append("  ".join(fn(row).rjust(w) if i > 3 else fn(row).ljust(w)
+                           for i, (_, w, fn) in enumerate(_COLUMNS)))
+  return "\n".join(lines)
+
+
+def _main(argv, config_flag, compare_flag):
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cfg = config_flag.value
+  if compare_flag.value:
+    size = cfg.name.partition(",")[0]
+    print(format_table(compare(size, like=cfg), cfg))
+    return
+  r = report(cfg)
+  p = r["params"]
+  print(format_table([r], cfg))
+  print(f"params: embeddings {p['embeddings']:,} | layers {p['layers']:,} (projections "
+        f"{p['projections']:,}) | final_norm {p['final_norm']:,} | lm_head {p['lm_head']:,} | "
+        f"total {p['total']:,} | static int32 indices {p['static_indices']:,}")
+  print(f"FLOPs/token: forward {r['forward_flops_per_token']:,} | train "
+        f"{r['train_flops_per_token']:,} (3 x forward; attention counted as full)")
+
+
+def run():
+  """Define the flags (only here, so importing this module defines none) and run."""
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Run config, e.g. configs/pretrain.py:llama_1b,lost.", lock_config=True)
+  compare_flag = flags.DEFINE_bool("compare", False, "One row per method at the config's size.")
+  flags.mark_flags_as_required(["config"])
+  app.run(lambda argv: _main(argv, config_flag, compare_flag))
+
+
+if __name__ == "__main__":
+  run()

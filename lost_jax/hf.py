@@ -1,0 +1,334 @@
+"""Hugging Face LLaMA checkpoints <-> lost_jax `Llama` (safetensors; torch is not needed).
+
+HF `nn.Linear` weights are [out, in]; lost_jax kernels are [in, out], so projections are
+transposed both ways. HF LLaMA's q/k projections use the same rotate-half RoPE as
+`model.apply_rope`, so no head permutation is needed (tests/test_hf.py checks logits against
+transformers). Tied embeddings are read by copying the embedding into the untied `lm_head`;
+exports are always untied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lost_jax import configs as configs_lib
+from lost_jax import layers as layers_lib
+from lost_jax import sharding as sharding_lib
+from lost_jax.model import Llama
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def tensor_map(n_layers: int) -> dict[str, tuple[tuple[str | int, ...], bool]]:
+  """HF tensor name -> (lost_jax attribute path, transposed?) for a dense Llama."""
+  names = {
+      "model.embed_tokens.weight": (("embed", "embedding"), False),
+      "model.norm.weight": (("final_norm", "scale"), False),
+      "lm_head.weight": (("lm_head", "kernel"), True),
+  }
+  for i in range(n_layers):
+    p = f"model.layers.{i}."
+    names[p + "input_layernorm.weight"] = (("layers", i, "attn_norm", "scale"), False)
+    names[p + "post_attention_layernorm.weight"] = (("layers", i, "mlp_norm", "scale"), False)
+    for ours, theirs in _ATTN.items():
+      names[f"{p}self_attn.{theirs}.weight"] = (("layers", i, "attn", ours, "kernel"), True)
+    for ours, theirs in _MLP.items():
+      names[f"{p}mlp.{theirs}.weight"] = (("layers", i, "mlp", ours, "kernel"), True)
+  return names
+
+
+def linear_paths(n_layers: int) -> list[tuple[str | int, ...]]:
+  """Attribute paths of every q/k/v/o/gate/up/down projection."""
+  return ([("layers", i, "attn", name) for i in range(n_layers) for name in _ATTN]
+          + [("layers", i, "mlp", name) for i in range(n_layers) for name in _MLP])
+
+
+def _get(module: Any, path: tuple[str | int, ...]) -> Any:
+  for p in path:
+    module = module[p] if isinstance(p, int) else getattr(module, p)
+  return module
+
+
+def _path_str(path) -> str:
+  return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def _refuse(where: str, field: str, value: Any, why: str, fix: str):
+  raise ValueError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
+                   f"Fix: {fix}")
+
+
+def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bool]:
+  """(lost_jax model config, tie_word_embeddings) from a parsed HF LLaMA config.json."""
+  if hf.get("model_type", "llama") != "llama":
+    _refuse(where, "model_type", hf["model_type"], "is not a LLaMA",
+            "convert a LlamaForCausalLM checkpoint")
+  act = hf.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    _refuse(where, "hidden_act", act, "is not SiLU (SwiGLU)", "use a silu checkpoint")
+  for field in ("attention_bias", "mlp_bias"):
+    if hf.get(field, False):
+      _refuse(where, field, hf[field], "adds biases", "use a bias-free LLaMA checkpoint")
+  # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
+  rope = hf.get("rope_parameters") or {}
+  for field, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope)):
+    if value and value.get("rope_type", value.get("type", "default")) != "default":
+      _refuse(where, field, value, "rescales RoPE",
+              "use a checkpoint with plain RoPE (rope_type 'default')")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  head_dim = hf.get("head_dim")
+  if head_dim is not None and head_dim * heads != d:
+    _refuse(where, "head_dim", head_dim, f"differs from hidden_size / num_attention_heads = "
+            f"{d}/{heads}", "use a checkpoint with head_dim * heads == hidden_size")
+
+  # Start from a preset so any field this file does not set keeps the library default.
+  cfg = configs_lib.model_config("quickstart")
+  cfg.vocab_size = hf["vocab_size"]
+  cfg.d_model = d
+  cfg.ffn_dim = hf["intermediate_size"]
+  cfg.n_layers = hf["num_hidden_layers"]
+  cfg.n_heads = heads
+  cfg.n_kv_heads = hf.get("num_key_value_heads") or heads
+  cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  cfg.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+  cfg.init_std = float(hf.get("initializer_range", 0.02))
+  cfg.linear = configs_lib.linear_config("dense")
+  configs_lib.validate_model(cfg)
+  return cfg, bool(hf.get("tie_word_embeddings", False))
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_hf_config(path: str) -> ml_collections.ConfigDict:
+  """lost_jax model config (linear.kind='dense') from a HF LLaMA directory's config.json."""
+  cfg, _ = _config_from_hf(_read_json(os.path.join(path, CONFIG_FILE)),
+                           os.path.join(path, CONFIG_FILE))
+  return cfg
+
+
+def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
+              overrides: dict | None = None) -> dict:
+  """config.json contents of a LlamaForCausalLM equal to a dense lost_jax model config."""
+  hf = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.ffn_dim,
+      "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.d_model // cfg.n_heads,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps,
+      # transformers 5 also reads these legacy keys; older versions read nothing else.
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "mlp_bias": False,
+      "tie_word_embeddings": False,
+      "initializer_range": cfg.init_std,
+      "max_position_embeddings": 2048,   # lost_jax's RoPE has no limit; override as needed.
+      "torch_dtype": dtype,
+      "dtype": dtype,
+  }
+  hf.update(overrides or {})
+  _config_from_hf(hf, "hf_config(overrides=...)")   # an override must stay representable.
+  return hf
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """Tensor name -> safetensors file holding it (single file or sharded index)."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    return {name: os.path.join(path, file)
+            for name, file in _read_json(index)["weight_map"].items()}
+  single = os.path.join(path, WEIGHTS_FILE)
+  if os.path.exists(single):
+    with safe_open(single, framework="flax") as f:
+      return {name: single for name in f.keys()}
+  raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
+                          "HF model with save_pretrained(..., safe_serialization=True); "
+                          "pytorch_model.bin is not read.")
+
+
+def _check_names(available: set[str], expected: set[str], path: str, cfg):
+  missing, unexpected = sorted(expected - available), sorted(available - expected)
+  shape = f"a {cfg.n_layers}-layer LLaMA per {CONFIG_FILE}"
+  if missing:
+    raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
+                     f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
+                     f"its {CONFIG_FILE}.")
+  if unexpected:
+    raise ValueError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
+                     f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
+                     f"matches its {CONFIG_FILE}.")
+
+
+def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                  mesh: jax.sharding.Mesh | None = None) -> Llama:
+  """A dense lost_jax Llama holding a HF LLaMA checkpoint (f32/bf16/f16 safetensors)."""
+  cfg, tied = _config_from_hf(_read_json(os.path.join(path, CONFIG_FILE)),
+                              os.path.join(path, CONFIG_FILE))
+  cfg.dtype, cfg.param_dtype = dtype, param_dtype
+  names = tensor_map(cfg.n_layers)
+  if tied:   # HF ignores a stored lm_head.weight when tied; so do we.
+    names.pop("lm_head.weight")
+  files = _tensor_files(path)
+  # Older checkpoints store the RoPE frequency buffer; it is recomputed from rope_theta.
+  files = {k: v for k, v in files.items()
+           if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+  _check_names(set(files), set(names), path, cfg)
+
+  # Abstract build: no random full-size initialisation; every value comes from the file.
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  by_file: dict[str, list[str]] = {}
+  for name, file in files.items():
+    by_file.setdefault(file, []).append(name)
+  for file, file_names in sorted(by_file.items()):
+    with safe_open(file, framework="flax") as f:
+      for name in file_names:
+        attr, transpose = names[name]
+        var = _get(model, attr)
+        want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+        got = f.get_slice(name)
+        if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
+          raise ValueError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
+                           f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
+                           f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
+                           f"checkpoint matches its {CONFIG_FILE}.")
+        x = f.get_tensor(name)
+        _set(var, x.T if transpose else x, mesh)
+  if tied:
+    _set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)
+  for p, var in nnx.to_flat_state(nnx.state(model)):
+    if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+      raise ValueError(f"lost_jax parameter {_path_str(p)} has no HF tensor in tensor_map. Fix: "
+                       "extend lost_jax.hf.tensor_map for the new parameter.")
+  return model
+
+
+def _set(var: nnx.Variable, x: jax.Array, mesh: jax.sharding.Mesh | None):
+  x = jnp.asarray(x, var.get_value().dtype)
+  if mesh is not None:
+    spec = sharding_lib.logical_to_spec(var.get_metadata().get("axes"), x.shape, mesh)
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  var.set_value(x)
+
+
+# ---------------------------------------------------------------------------- densify
+
+
+def _is_identity(layer) -> bool:
+  return layer.act is layers_lib.ACTIVATIONS["identity"]
+
+
+def _matmul_t(a_NxR: jax.Array, b_MxR: jax.Array) -> jax.Array:
+  return jnp.matmul(a_NxR.astype(jnp.float32), b_MxR.astype(jnp.float32).T,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def dense_kernel(layer: nnx.Module) -> jax.Array:
+  """The float32 kernel [n, m] with x @ kernel == layer(x); errors if the layer is nonlinear."""
+  if isinstance(layer, layers_lib.DenseLinear):
+    return layer.kernel[...].astype(jnp.float32)
+  n, m = layer.in_features, layer.out_features
+  name = type(layer).__name__
+  if isinstance(layer, (layers_lib.LOSTLinear, layers_lib.LowRankLinear)) and not _is_identity(
+      layer):
+    raise ValueError(f"{name} has a nonlinear activation between its factors (silu: LOST/CoLA), "
+                     "so no dense kernel reproduces it and it cannot be exported as a LLaMA. "
+                     "Fix: train with model.linear.activation='identity' to export.")
+  if isinstance(layer, layers_lib.LowRankLinear):
+    return _matmul_t(layer.a[...], layer.b[...])
+  if isinstance(layer, layers_lib.LOSTLinear):
+    # x[..., I] @ V == x @ S with S's rows I set to V (add keeps repeated indices exact).
+    sparse = jnp.zeros((n, m), jnp.float32).at[layer.indices[...]].add(
+        layer.values[...].astype(jnp.float32))
+    return layer.gamma * _matmul_t(layer.a[...], layer.b[...]) + (1.0 - layer.gamma) * sparse
+  if isinstance(layer, layers_lib.SLTrainLinear):
+    sparse = jnp.zeros((n * m,), jnp.float32).at[layer.indices[...]].add(
+        layer.values[...].astype(jnp.float32)).reshape(n, m)
+    return layer.scale * _matmul_t(layer.a[...], layer.b[...]) + sparse
+  raise TypeError(f"dense_kernel does not know {name}. Fix: merge it into a DenseLinear first.")
+
+
+def densify(model: Llama) -> Llama:
+  """Replace every projection by the DenseLinear with its exact kernel, in place; returns model."""
+  for path in linear_paths(model.cfg.n_layers):
+    layer = _get(model, path)
+    if isinstance(layer, layers_lib.DenseLinear):
+      continue
+    try:
+      kernel = dense_kernel(layer)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{_path_str(path)}: {e}") from None
+    param_dtype = layer.a.get_value().dtype
+    axes = (layer.a.get_metadata()["axes"][0], layer.b.get_metadata()["axes"][0])
+    dense = nnx.eval_shape(lambda: layers_lib.DenseLinear(
+        layer.in_features, layer.out_features, dtype=layer.dtype, param_dtype=param_dtype,
+        axes=axes, rngs=nnx.Rngs(0)))
+    dense.kernel.set_value(kernel.astype(param_dtype))
+    setattr(_get(model, path[:-1]), path[-1], dense)
+  cfg = model.cfg.copy_and_resolve_references()
+  cfg.linear.kind = "dense"
+  model.cfg = cfg
+  return model
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
+                  config_overrides: dict | None = None) -> None:
+  """Write config.json + model.safetensors loadable by LlamaForCausalLM.from_pretrained."""
+  if dtype not in _DTYPES.values():
+    raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES.values())}.")
+  cfg = model.cfg
+  for p in linear_paths(cfg.n_layers):
+    layer = _get(model, p)
+    if not isinstance(layer, layers_lib.DenseLinear):
+      raise ValueError(f"{_path_str(p)} is a {type(layer).__name__}; a HF LLaMA stores dense "
+                       "weights. Fix: call lost_jax.hf.densify(model) first (exact only for "
+                       "identity activations) or merge LoRA adapters into the base kernels.")
+  names = tensor_map(cfg.n_layers)
+  covered = {attr for attr, _ in names.values()}
+  for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if tuple(p) not in covered:
+      raise ValueError(f"parameter {_path_str(p)} has no place in a HF LLaMA checkpoint. Fix: "
+                       "merge adapters into the base kernels (or drop them) before export.")
+  tensors = {}
+  for name, (attr, transpose) in names.items():
+    x = np.asarray(jax.device_get(_get(model, attr)[...].astype(dtype)))
+    tensors[name] = np.ascontiguousarray(x.T if transpose else x)
+  config = hf_config(cfg, dtype, config_overrides)
+  os.makedirs(path, exist_ok=True)
+  # The "format" tag is what save_pretrained writes; older transformers check it.
+  save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2)
