@@ -1,6 +1,6 @@
 """Command line: `python -m lost_jax.main pretrain|finetune --config=... --workdir=...`."""
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).",
@@ -13,6 +13,8 @@ COMMANDS = ("pretrain", "finetune")
 
 
 def main(argv):
+  # Orbax and grain log every save at INFO; the run's own progress goes to stdout.
+  logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
   if argv[1] == "pretrain":

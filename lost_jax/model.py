@@ -73,6 +73,26 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   return out.reshape(b, length, h, hd)
 
 
+def remat_call(fn, block, x):
+  """jax.checkpoint of fn(block, x) on the block's split state.
+
+  nnx.remat fails under a plain jax.grad that differentiates only part of the state (frozen
+  base kernels arrive as non-differentiated tracers: "Cannot mutate Param from a different
+  trace level"); a pure checkpoint works with both jax.grad and nnx.grad. Mutable state
+  (dropout RNG counters) is returned and written back.
+  """
+  graphdef, state = nnx.split(block)
+
+  def pure(state, y):
+    blk = nnx.merge(graphdef, state)
+    out = fn(blk, y)
+    return out, nnx.state(blk, nnx.RngState)
+
+  out, rng_state = jax.checkpoint(pure)(state, x)
+  nnx.update(block, rng_state)
+  return out
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, param_dtype: Any):
     self.eps = eps
@@ -167,10 +187,8 @@ class Llama(nnx.Module):
     # The residual stream stays in the compute dtype; blocks normalise in float32.
     x = self.embed(tokens_BxL, self.dtype)
     for block in self.layers:
-      if self.cfg.remat:
-        x = nnx.remat(lambda blk, y: blk(y, positions_BxL, segment_ids_BxL))(block, x)
-      else:
-        x = block(x, positions_BxL, segment_ids_BxL)
+      run = lambda blk, y: blk(y, positions_BxL, segment_ids_BxL)
+      x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
     h = self.final_norm(x).astype(self.dtype)
     return jnp.einsum("bld,dv->blv", h, self.lm_head.kernel[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)

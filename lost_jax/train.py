@@ -293,7 +293,8 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
         last_eval = evaluate_fn(state)
         writer.write(step, last_eval)
         log(f"eval step {step}: " + " | ".join(_fmt(k, v) for k, v in last_eval.items()))
-      ckpt.save(step, state, rest, train_iter, fingerprint)
+      if step % train_cfg.ckpt_every == 0:
+        ckpt.save(step, state, rest, train_iter, fingerprint)
     if pending is not None:
       logger(*pending)
     if ckpt.latest_step() != step:

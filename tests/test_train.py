@@ -126,3 +126,10 @@ def test_same_losses_on_one_device_and_on_8_device_meshes():
   ref = result.pop("(1, 1, 1)")
   for shape, losses in result.items():
     np.testing.assert_allclose(losses, ref, rtol=2e-5, err_msg=shape)
+
+
+def test_remat_gives_the_same_losses():
+  batch = fixed_batch(8, 16, 256)
+  plain, _ = run_steps(tiny_config("lost"), batch, 3)
+  remat, _ = run_steps(tiny_config("lost", remat=True), batch, 3)
+  np.testing.assert_allclose(plain, remat, rtol=1e-5)

@@ -1,0 +1,190 @@
+"""Instruction fine-tuning data: Alpaca-style records, left-padded batches, a built-in task.
+
+Records are {"instruction", "input", "output"}. The prompt is rendered with the Alpaca
+template; prompt tokens carry loss weight 0, output tokens (and EOS) weight 1. Rows are LEFT
+padded so every row's output tokens sit in a suffix of the sequence: SparseLoRA computes that
+suffix densely and the context before it sparsely.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import random
+
+import grain
+import numpy as np
+
+PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
+          "further context. Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:\n")
+KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+
+
+def render_prompt(record: dict) -> str:
+  template = PROMPT if record.get("input") else PROMPT_NO_INPUT
+  return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int):
+  """(prompt ids, output ids + EOS) with the prompt cut to max_prompt_len, total to max_len."""
+  prompt = tokenizer.encode(render_prompt(record))[:max_prompt_len]
+  if tokenizer.bos_id >= 0:
+    prompt = [tokenizer.bos_id] + prompt[:max_prompt_len - 1]
+  output = tokenizer.encode(record["output"]) + [tokenizer.eos_id]
+  return prompt, output[:max(0, max_len - len(prompt))]
+
+
+def left_padded_example(prompt: list[int], output: list[int], seq_len: int,
+                        pad_id: int) -> dict[str, np.ndarray]:
+  """One row [seq_len]: next-token inputs/targets left-padded, weight 1 on output targets."""
+  seq = (prompt + output)[:seq_len + 1]
+  n = len(seq) - 1                        # number of (input, target) pairs
+  pad = seq_len - n
+  ex = {k: np.zeros((seq_len,), np.int32) for k in KEYS[:4]}
+  ex["inputs"][:] = pad_id
+  ex["targets"][:] = pad_id
+  ex["inputs"][pad:] = seq[:-1]
+  ex["targets"][pad:] = seq[1:]
+  ex["positions"][pad:] = np.arange(n)
+  ex["segment_ids"][pad:] = 1
+  weights = np.zeros((seq_len,), np.float32)
+  weights[pad + max(0, len(prompt) - 1):] = 1.0   # targets that are output tokens
+  ex["weights"] = weights
+  return ex
+
+
+def dense_suffix_len(weights_BxL: np.ndarray, bucket: int) -> int:
+  """Length of the suffix holding every weighted (output) token, rounded up to `bucket`."""
+  length = weights_BxL.shape[1]
+  cols = np.flatnonzero(np.asarray(weights_BxL).any(axis=0))
+  need = length - int(cols[0]) if cols.size else 0
+  return min(length, bucket * math.ceil(need / bucket)) if need else bucket
+
+
+def _open(path: str):
+  return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+
+
+def load_records(path: str, field: str = "config.data.train_file") -> list[dict]:
+  """Records from a JSON list or JSONL(.gz) file, each with instruction/output (input optional)."""
+  if not path or not os.path.exists(path):
+    raise ValueError(f"{field}={path!r} does not exist. Fix: point it at a JSON or JSONL file "
+                     "of {instruction, input, output} records, or use the built-in task "
+                     "(config.data.task='arithmetic').")
+  try:
+    with _open(path) as f:
+      text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+      records = json.loads(stripped)
+    else:
+      records = [json.loads(line) for line in text.splitlines() if line.strip()]
+  except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{field}={path!r} is not valid JSON/JSONL ({err}). Fix: one record per "
+                     "line, or a JSON list of records.") from err
+  bad = [i for i, r in enumerate(records)
+         if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
+  if not records or bad:
+    raise ValueError(f"{field}={path!r}: " + ("no records" if not records else
+                     f"record {bad[0]} lacks 'instruction' or 'output'") +
+                     ". Fix: records need 'instruction' and 'output' ('input' optional).")
+  return records
+
+
+_NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim")
+_ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "marbles")
+
+
+def arithmetic_records(count: int, seed: int, max_value: int = 20) -> list[dict]:
+  """Generated word problems with a numeric answer: the built-in fine-tuning task."""
+  rng = random.Random(seed)
+  out = []
+  for _ in range(count):
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, max_value), rng.randint(1, max_value)
+    op = rng.choice(("plus", "minus", "times"))
+    if op == "plus":
+      question, answer = f"{name} has {a} {item} and gets {b} more.", a + b
+    elif op == "minus":
+      a, b = max(a, b), min(a, b)
+      question, answer = f"{name} has {a} {item} and gives away {b}.", a - b
+    else:
+      a, b = a % 10 + 1, b % 10 + 1
+      question, answer = f"{name} has {a} bags with {b} {item} in each bag.", a * b
+    out.append({"instruction": "Answer with a number.",
+                "input": f"{question} How many {item} does {name} have now?",
+                "output": str(answer)})
+  return out
+
+
+def task_records(data_cfg, split: str) -> list[dict]:
+  """The configured train or eval records (built-in task or files)."""
+  if data_cfg.task == "arithmetic":
+    count = data_cfg.train_size if split == "train" else data_cfg.eval_size
+    return arithmetic_records(count, seed=data_cfg.seed + (0 if split == "train" else 1))
+  if split == "train":
+    return load_records(data_cfg.train_file, "config.data.train_file")
+  if data_cfg.eval_file:
+    return load_records(data_cfg.eval_file, "config.data.eval_file")
+  records = load_records(data_cfg.train_file, "config.data.train_file")
+  return records[-data_cfg.eval_size:]
+
+
+class _Encode(grain.transforms.Map):
+  def __init__(self, tokenizer, data_cfg):
+    self.tokenizer, self.cfg = tokenizer, data_cfg
+
+  def map(self, record):
+    prompt, output = encode_record(record, self.tokenizer, self.cfg.max_prompt_len,
+                                   self.cfg.seq_len + 1)
+    return left_padded_example(prompt, output, self.cfg.seq_len, self.tokenizer.pad_id)
+
+
+def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
+                        process_index: int = 0, process_count: int = 1):
+  """Endless shuffled batches of left-padded rows; a checkpointable grain iterator."""
+  records = task_records(data_cfg, "train")[process_index::process_count]
+  if len(records) < batch_size:
+    raise ValueError(f"config.data: {len(records)} training records for batch size "
+                     f"{batch_size}. Fix: more records or a smaller config.train.batch_size.")
+  ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+        .map(_Encode(tokenizer, data_cfg)).batch(batch_size, drop_remainder=True))
+  return iter(ds.to_iter_dataset())
+
+
+def make_eval_batches(data_cfg, tokenizer, batch_size: int) -> list[dict]:
+  """Every eval record as left-padded loss batches (the last one padded with weight 0)."""
+  enc = _Encode(tokenizer, data_cfg)
+  rows = [enc.map(r) for r in task_records(data_cfg, "eval")]
+  blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  rows += [blank] * (-len(rows) % batch_size)
+  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in KEYS}
+          for i in range(0, len(rows), batch_size)]
+
+
+def prompt_batch(records: list[dict], tokenizer, prompt_len: int):
+  """Left-padded prompt ids [B, prompt_len] and mask, for greedy decoding."""
+  ids = np.full((len(records), prompt_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(records), prompt_len), np.int32)
+  for i, r in enumerate(records):
+    prompt, _ = encode_record(r, tokenizer, prompt_len, prompt_len)
+    ids[i, prompt_len - len(prompt):] = prompt
+    mask[i, prompt_len - len(prompt):] = 1
+  return ids, mask
+
+
+def exact_match(generated_ids: np.ndarray, records: list[dict], tokenizer) -> float:
+  """Fraction of records whose decoded answer (up to EOS) equals the reference output."""
+  hits = 0
+  for row, record in zip(generated_ids, records):
+    row = list(row)
+    if tokenizer.eos_id in row:
+      row = row[:row.index(tokenizer.eos_id)]
+    hits += tokenizer.decode(row).strip() == record["output"].strip()
+  return hits / max(1, len(records))

@@ -1,0 +1,134 @@
+"""LoRA adapters on a frozen Llama: `LoRAParam`, `LoRALinear`, `apply_lora`, `merge_lora`.
+
+y = x @ kernel + (alpha / r) * dropout(x) @ lora_a @ lora_b, kernel [n, m] frozen,
+lora_a [n, r] ~ U(+-1/sqrt(n)) (PyTorch/PEFT kaiming-uniform with a = sqrt(5)), lora_b [r, m] = 0.
+The base kernel keeps the state path and type of `DenseLinear.kernel` (an nnx.Param), so base
+checkpoints load unchanged; adapters are `LoRAParam`, an nnx.Param subclass, so
+`nnx.state(model, LoRAParam)` / `nnx.DiffState(0, LoRAParam)` select the adapters only and
+`nnx.All(nnx.Param, nnx.Not(LoRAParam))` selects the frozen rest.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lost_jax.layers import DenseLinear, init_kernel
+
+ATTN_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+
+
+class LoRAParam(nnx.Param):
+  """LoRA adapter factor: the only parameters a LoRA / SparseLoRA step differentiates."""
+
+
+def _axes(var: nnx.Variable) -> tuple:
+  return tuple(var.get_metadata().get("axes") or (None, None))
+
+
+class LoRALinear(nnx.Module):
+  """y = x @ kernel (frozen) + scale * dropout(x) @ lora_a @ lora_b; scale = alpha / rank."""
+
+  def __init__(self, base: DenseLinear, *, rank: int, alpha: float, dropout: float = 0.0,
+               rngs: nnx.Rngs):
+    n, m = base.in_features, base.out_features
+    if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
+      raise ValueError(f"LoRA rank={rank} is impossible for a {n}x{m} projection. "
+                       f"Fix: choose a rank in 1..{min(n, m)}.")
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"LoRA dropout={dropout} is outside [0, 1). Fix: use e.g. 0.0 or 0.05.")
+    self.in_features, self.out_features = n, m
+    self.dtype = base.dtype
+    self.rank = rank
+    self.scale = float(alpha) / rank
+    self.kernel = base.kernel               # same Variable: the frozen base weight.
+    in_axis, out_axis = _axes(base.kernel)
+    pdt = base.kernel[...].dtype
+    self.lora_a = LoRAParam(init_kernel(rngs.params(), n, rank, "kaiming").astype(pdt),
+                            axes=(in_axis, "rank"))
+    self.lora_b = LoRAParam(jnp.zeros((rank, m), pdt), axes=("rank", out_axis))
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def base(self, x_BxN: jax.Array) -> jax.Array:
+    """Frozen projection x @ kernel [..., m]."""
+    kernel = self.kernel[...]
+    if self.dtype is not None:
+      x_BxN, kernel = x_BxN.astype(self.dtype), kernel.astype(self.dtype)
+    return x_BxN @ kernel
+
+  def delta(self, x_BxN: jax.Array) -> jax.Array:
+    """Adapter branch scale * dropout(x) @ a @ b [..., m] (always dense over all channels)."""
+    a, b = self.lora_a[...], self.lora_b[...]
+    if self.dtype is not None:
+      x_BxN, a, b = x_BxN.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype)
+    if self.dropout is not None:
+      x_BxN = self.dropout(x_BxN)
+    return self.scale * ((x_BxN @ a) @ b)
+
+  def __call__(self, x_BxN: jax.Array) -> jax.Array:
+    return self.base(x_BxN) + self.delta(x_BxN)
+
+
+def _owner(block, target: str):
+  if target in ATTN_TARGETS:
+    return block.attn
+  if target in MLP_TARGETS:
+    return block.mlp
+  raise ValueError(f"LoRA target {target!r} is unknown. "
+                   f"Fix: use names from {ATTN_TARGETS + MLP_TARGETS}.")
+
+
+def apply_lora(model, targets: Sequence[str] = ATTN_TARGETS, rank: int = 32,
+               alpha: float = 64.0, dropout: float = 0.0, *, rngs: nnx.Rngs):
+  """Wrap the target projections of every block in LoRALinear, in place; returns model."""
+  targets = tuple(targets)
+  if not targets or len(set(targets)) != len(targets):
+    raise ValueError(f"LoRA targets={targets} must be non-empty and distinct.")
+  for block in model.layers:
+    for t in targets:
+      owner = _owner(block, t)
+      base = getattr(owner, t)
+      if not isinstance(base, DenseLinear):
+        raise ValueError(f"LoRA on {t!r} needs a DenseLinear base, found "
+                         f"{type(base).__name__}. Fix: fine-tune a dense model "
+                         "(model.linear.kind='dense'), or merge LOST factors first.")
+      setattr(owner, t, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
+  return model
+
+
+def merged_kernel(lin: LoRALinear) -> jax.Array:
+  """kernel + scale * a @ b, summed in float32 and stored in the kernel's dtype [n, m]."""
+  k = lin.kernel[...]
+  delta = lin.lora_a[...].astype(jnp.float32) @ lin.lora_b[...].astype(jnp.float32)
+  return (k.astype(jnp.float32) + lin.scale * delta).astype(k.dtype)
+
+
+def _dense_from(kernel: jax.Array, lin: LoRALinear) -> DenseLinear:
+  # Built abstractly so no throw-away random kernel is materialised, then given the real one.
+  dense = nnx.eval_shape(lambda: DenseLinear(lin.in_features, lin.out_features,
+                                             dtype=lin.dtype, param_dtype=kernel.dtype,
+                                             axes=_axes(lin.kernel), rngs=nnx.Rngs(0)))
+  dense.kernel = nnx.Param(kernel, axes=_axes(lin.kernel))
+  return dense
+
+
+def merge_lora(model):
+  """Fold every adapter into its base kernel and restore plain DenseLinear, in place."""
+  for block in model.layers:
+    for t in ATTN_TARGETS + MLP_TARGETS:
+      owner = _owner(block, t)
+      lin = getattr(owner, t)
+      if isinstance(lin, LoRALinear):
+        setattr(owner, t, _dense_from(merged_kernel(lin), lin))
+  return model
+
+
+def lora_targets(model) -> tuple[str, ...]:
+  """Names of the projections carrying adapters (the same in every block)."""
+  block = model.layers[0]
+  return tuple(t for t in ATTN_TARGETS + MLP_TARGETS
+               if isinstance(getattr(_owner(block, t), t), LoRALinear))

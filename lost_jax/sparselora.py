@@ -1,0 +1,574 @@
+"""SparseLoRA: contextual channel sparsity of the frozen base projections during LoRA training.
+
+Per layer and step, an index set of base channels is chosen for the whole micro-batch, from a
+rank-8 SVD estimator of the frozen kernels (`mode='svd'`) or, for accuracy studies only, from
+the true activations (`mode='oracle'`). Context tokens (the sparse prefix of a left-padded
+batch) use only those channels of the base kernels, forward and backward; the dense suffix
+(every token with a loss) and the LoRA branch stay dense (SparseLoRA, arXiv 2506.16500).
+
+Semantics (what "restricted" means everywhere below and in the tests): for sparse tokens each
+base kernel is replaced by a masked copy — gate/up/q/k/v keep only the selected OUTPUT
+columns, down/o only the selected INPUT rows — while LoRA adapters are unchanged. The gather
+path computes exactly that with smaller matmuls (`jnp.take` of kernel columns/rows); q/k/v
+outputs are scattered back to full width (zeros elsewhere, as in the reference), the dense
+LoRA delta is added, then RoPE and attention run dense over all tokens and all head dims.
+
+Channel scores:
+- FFN: x_bar = mean of the normed hidden state over the valid sparse-prefix tokens of each
+  sequence [B, D]; score_j = || silu(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j ||_2 over the batch.
+- attention (all valid sparse-prefix tokens, no averaging): per-column norms ||y[:, c]||_2
+  of y = x P Q (computed exactly through the r x r Gram matrix of x P, so [N, m] estimates are
+  never materialised). kv channel (kv head j, dim d):
+    qk_score(j, d) = ||k(j, d)|| * sqrt(sum_{h in group j} ||q(h, d)||^2),  v_score = ||v(j, d)||
+  (group j = query heads j*G .. j*G+G-1, G = H / KV; G = 1 is the paper's per-channel rule).
+  Keeping (j, d) keeps q column (h, d) and o input row (h, d) for every h in group j (q from
+  the qk choice, o from the v choice), k_kv = int(KV*hd*(1-s)) and k_q = G * k_kv.
+  Deliberate difference from the reference code: its GQA arithmetic averages q over
+  `view(G, KV*hd)` (query heads of DIFFERENT kv groups), maps kv channel c to query columns
+  c*G + r, and indexes o's H*hd input with kv-sized v indices. We use the mapping above;
+  tests/test_sparselora.py pins it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lost_jax.layers import DenseLinear
+from lost_jax.lora import LoRALinear
+from lost_jax.model import apply_rope, attention, remat_call, rope_tables
+
+EST_MODULES = ("gate", "up", "q", "k", "v")
+MODES = ("svd", "oracle")
+Linear = DenseLinear | LoRALinear
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline SVD estimator.
+
+
+def svd_estimator(kernel_NxM: jax.Array, rank: int = 8) -> tuple[jax.Array, jax.Array]:
+  """Float32 factors (P [n, r] = U_r sqrt(s_r), Q [r, m] = sqrt(s_r) V_r^T), K ~= P @ Q."""
+  n, m = kernel_NxM.shape
+  if not 1 <= rank <= min(n, m):
+    raise ValueError(f"estimator rank={rank} is impossible for a {n}x{m} kernel. "
+                     f"Fix: use a rank in 1..{min(n, m)} (the paper uses 8).")
+  u, s, vt = jnp.linalg.svd(kernel_NxM.astype(jnp.float32), full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+
+
+def layer_key(i: int) -> str:
+  return f"layer_{i}"
+
+
+def _proj(block, name: str) -> Linear:
+  return getattr(block.mlp if name in ("gate", "up", "down") else block.attn, name)
+
+
+def _base_kernel(lin) -> jax.Array:
+  if not isinstance(lin, (DenseLinear, LoRALinear)):
+    raise ValueError(f"SparseLoRA needs dense base projections, found {type(lin).__name__}. "
+                     "Fix: fine-tune a model with model.linear.kind='dense'.")
+  return lin.kernel[...]
+
+
+def build_estimators(model, rank: int = 8, layers: Sequence[int] | None = None) -> dict:
+  """{'layer_i': {m: {'p': [n, r], 'q': [r, m']}} for m in gate, up, q, k, v} (float32)."""
+  layers = range(len(model.layers)) if layers is None else layers
+  est = {}
+  for i in layers:
+    block = model.layers[i]
+    est[layer_key(i)] = {}
+    for name in EST_MODULES:
+      p, q = svd_estimator(_base_kernel(_proj(block, name)), rank)
+      est[layer_key(i)][name] = {"p": p, "q": q}
+  return est
+
+
+def estimator_mismatch(kernel_NxM: jax.Array, p_NxR: jax.Array, q_RxM: jax.Array) -> float:
+  """Relative error of P^T K Q^T against diag(s)^2: ~1e-6 iff (P, Q) is this kernel's SVD."""
+  k = kernel_NxM.astype(jnp.float32)
+  s = jnp.sum(p_NxR * p_NxR, axis=0)                    # P^T P = diag(s)
+  got = p_NxR.T @ k @ q_RxM.T                            # = diag(s)^2 for the true factors
+  return float(jnp.linalg.norm(got - jnp.diag(s * s)) / jnp.linalg.norm(s * s))
+
+
+def save_estimators(path: str, est: dict) -> None:
+  """Store estimator factors as one .npz (keys 'layer_i/module/p|q' plus a JSON header)."""
+  arrays = {}
+  for lk, mods in est.items():
+    for name, f in mods.items():
+      for which in ("p", "q"):
+        arrays[f"{lk}/{name}/{which}"] = np.asarray(f[which], np.float32)
+  ranks = {a.shape[1] for k, a in arrays.items() if k.endswith("/p")}
+  header = {"format": "sparselora_estimators/1", "rank": sorted(ranks)}
+  with open(path, "wb") as fh:
+    np.savez(fh, __header__=np.asarray(json.dumps(header)), **arrays)
+
+
+def load_estimators(path: str, model=None, rank: int | None = None,
+                    verify: bool = True, tol: float = 1e-3) -> dict:
+  """Reload `save_estimators` output; with `model`, check shapes (and factors if verify)."""
+  with np.load(path) as data:
+    header = json.loads(str(data["__header__"]))
+    est: dict = {}
+    for key in data.files:
+      if key == "__header__":
+        continue
+      lk, name, which = key.split("/")
+      est.setdefault(lk, {}).setdefault(name, {})[which] = jnp.asarray(data[key])
+  if header.get("format") != "sparselora_estimators/1":
+    raise ValueError(f"{path}: not a SparseLoRA estimator file (header {header}).")
+  if rank is not None and header["rank"] != [rank]:
+    raise ValueError(f"{path}: estimator rank {header['rank']} != requested {rank}. "
+                     "Fix: rebuild with build_estimators(model, rank).")
+  if model is not None:
+    for lk, mods in est.items():
+      i = int(lk.split("_")[1])
+      if i >= len(model.layers):
+        raise ValueError(f"{path}: has {lk} but the model has {len(model.layers)} layers. "
+                         "Fix: rebuild the estimators for this model.")
+      for name, f in mods.items():
+        kernel = _base_kernel(_proj(model.layers[i], name))
+        n, m = kernel.shape
+        if f["p"].shape[0] != n or f["q"].shape[1] != m:
+          raise ValueError(f"{path}: {lk}/{name} factors {f['p'].shape} x {f['q'].shape} do "
+                           f"not fit the {n}x{m} kernel. Fix: rebuild the estimators.")
+        if verify:
+          err = estimator_mismatch(kernel, f["p"], f["q"])
+          if err > tol:
+            raise ValueError(f"{path}: {lk}/{name} factors are not the SVD of this model's "
+                             f"kernel (mismatch {err:.2e} > {tol}). Fix: rebuild the "
+                             "estimators from the base checkpoint being fine-tuned.")
+  return est
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel scores and selection (pure; k static).
+
+
+def keep_count(n: int, sparsity: float) -> int:
+  """Channels kept, int(n * (1 - sparsity)) (robust to float rounding), at least 1."""
+  return max(1, int(math.floor(n * (1.0 - sparsity) + 1e-6)))
+
+
+def top_k_indices(score_N: jax.Array, k: int) -> jax.Array:
+  """Indices of the k largest scores, sorted ascending, int32 [k]."""
+  _, idx = jax.lax.top_k(score_N, k)
+  return jnp.sort(idx).astype(jnp.int32)
+
+
+def _weights(mask_BxL: jax.Array | None, x_BxLxD: jax.Array) -> jax.Array:
+  if mask_BxL is None:
+    return jnp.ones(x_BxLxD.shape[:2], jnp.float32)
+  return mask_BxL.astype(jnp.float32)
+
+
+def masked_mean(x_BxLxD: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
+  """Mean over the masked-in positions of each sequence, float32 [B, D] (0 if none)."""
+  w = _weights(mask_BxL, x_BxLxD)
+  total = jnp.einsum("bld,bl->bd", x_BxLxD.astype(jnp.float32), w)
+  return total / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
+
+
+def column_norms(y_BxLxM: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
+  """||y[:, :, c]||_2 over masked-in tokens, float32 [M]."""
+  w = _weights(mask_BxL, y_BxLxM)
+  y = y_BxLxM.astype(jnp.float32)
+  return jnp.sqrt(jnp.einsum("blm,bl->m", y * y, w))
+
+
+def low_rank_column_norms(x_BxLxD: jax.Array, mask_BxL: jax.Array | None, p_DxR: jax.Array,
+                          q_RxM: jax.Array) -> jax.Array:
+  """column_norms(x @ P @ Q) via the r x r Gram matrix of x @ P, float32 [M]."""
+  w = _weights(mask_BxL, x_BxLxD)
+  z = jnp.einsum("bld,dr->blr", x_BxLxD.astype(jnp.float32), p_DxR)
+  gram = jnp.einsum("blr,bls,bl->rs", z, z, w)
+  sq = jnp.sum((gram @ q_RxM) * q_RxM, axis=0)
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def ffn_scores(x_BxLxD: jax.Array, mask_BxL: jax.Array | None, est_gate: dict,
+               est_up: dict) -> jax.Array:
+  """score_j = ||silu(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j||_2 over the batch, [F]."""
+  x_bar = masked_mean(x_BxLxD, mask_BxL)
+  g = (x_bar @ est_gate["p"]) @ est_gate["q"]
+  u = (x_bar @ est_up["p"]) @ est_up["q"]
+  act = jax.nn.silu(g) * u
+  return jnp.sqrt(jnp.sum(act * act, axis=0))
+
+
+def qk_scores(qnorm_Q: jax.Array, knorm_C: jax.Array, n_heads: int,
+              n_kv_heads: int) -> jax.Array:
+  """kv-channel score ||k(j,d)|| * sqrt(sum_{h in group j} ||q(h,d)||^2), [KV*hd]."""
+  hd = knorm_C.shape[0] // n_kv_heads
+  g = n_heads // n_kv_heads
+  q_group = jnp.sqrt(jnp.sum(jnp.square(qnorm_Q.reshape(n_kv_heads, g, hd)), axis=1))
+  return (q_group * knorm_C.reshape(n_kv_heads, hd)).reshape(-1)
+
+
+def query_columns(kv_idx_K: jax.Array, n_heads: int, n_kv_heads: int,
+                  head_dim: int) -> jax.Array:
+  """kv channels (j, d) -> sorted columns (h, d) of every query head h in group j, [K * G]."""
+  g = n_heads // n_kv_heads
+  j, d = kv_idx_K // head_dim, kv_idx_K % head_dim
+  heads = j[None, :] * g + jnp.arange(g, dtype=kv_idx_K.dtype)[:, None]   # [G, K]
+  return jnp.sort((heads * head_dim + d[None, :]).reshape(-1)).astype(jnp.int32)
+
+
+class AttnIndices(NamedTuple):
+  """Kept columns of q [k*G], k [k], v [k] and kept input rows of o [k*G] (int32)."""
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  o: jax.Array
+
+
+def select_attention(qnorm_Q: jax.Array, knorm_C: jax.Array, vnorm_C: jax.Array,
+                     sparsity: float, n_heads: int, n_kv_heads: int) -> AttnIndices:
+  """Top-k kv channels by qk and by v score, expanded to q columns / o rows per GQA group."""
+  c = knorm_C.shape[0]
+  hd = c // n_kv_heads
+  k = keep_count(c, sparsity)
+  kv_qk = top_k_indices(qk_scores(qnorm_Q, knorm_C, n_heads, n_kv_heads), k)
+  kv_v = top_k_indices(vnorm_C, k)
+  return AttnIndices(q=query_columns(kv_qk, n_heads, n_kv_heads, hd), k=kv_qk, v=kv_v,
+                     o=query_columns(kv_v, n_heads, n_kv_heads, hd))
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted projections. `gather` computes only the kept slices; `mask` computes densely and
+# zeroes the dropped channels (the oracle path, and a cross-check of the gather path).
+
+
+def _kernel(lin: Linear) -> jax.Array:
+  k = lin.kernel[...]
+  return k if lin.dtype is None else k.astype(lin.dtype)
+
+
+def _x(lin: Linear, x: jax.Array) -> jax.Array:
+  return x if lin.dtype is None else x.astype(lin.dtype)
+
+
+def _delta(lin: Linear, x: jax.Array) -> jax.Array | None:
+  return lin.delta(x) if isinstance(lin, LoRALinear) else None
+
+
+def _base(lin: Linear, x: jax.Array) -> jax.Array:
+  return _x(lin, x) @ _kernel(lin)
+
+
+def _scatter(y_BxLxK: jax.Array, idx_K: jax.Array, m: int) -> jax.Array:
+  out = jnp.zeros(y_BxLxK.shape[:-1] + (m,), y_BxLxK.dtype)
+  return out.at[..., idx_K].set(y_BxLxK, indices_are_sorted=True, unique_indices=True)
+
+
+def _channel_mask(idx_K: jax.Array, m: int, dtype) -> jax.Array:
+  return jnp.zeros((m,), dtype).at[idx_K].set(1)
+
+
+def out_cols(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str = "gather"
+             ) -> jax.Array:
+  """Base restricted to output columns idx (others 0) + dense LoRA delta, [B, L, m]."""
+  m = lin.out_features
+  if how == "gather":
+    y = _scatter(_x(lin, x_BxLxN) @ jnp.take(_kernel(lin), idx_K, axis=1), idx_K, m)
+  else:
+    y = _base(lin, x_BxLxN)
+    y = y * _channel_mask(idx_K, m, y.dtype)
+  d = _delta(lin, x_BxLxN)
+  return y if d is None else y + d
+
+
+def in_rows(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str = "gather"
+            ) -> jax.Array:
+  """Base restricted to input rows idx + dense LoRA delta on the full input, [B, L, m]."""
+  if how == "gather":
+    y = jnp.take(_x(lin, x_BxLxN), idx_K, axis=-1) @ jnp.take(_kernel(lin), idx_K, axis=0)
+  else:
+    x = _x(lin, x_BxLxN)
+    y = (x * _channel_mask(idx_K, lin.in_features, x.dtype)) @ _kernel(lin)
+  d = _delta(lin, x_BxLxN)
+  return y if d is None else y + d
+
+
+def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather"
+                   ) -> jax.Array:
+  """down(silu(gate(x)) * up(x)) with base channels restricted to idx, [B, L, D]."""
+  gate, up, down = mlp.gate, mlp.up, mlp.down
+  if how == "gather" and not isinstance(gate, LoRALinear) and not isinstance(up, LoRALinear):
+    # No adapter feeds the intermediate: it is exactly zero off idx, so stay compact.
+    g = _x(gate, x_BxLxD) @ jnp.take(_kernel(gate), idx_K, axis=1)
+    u = _x(up, x_BxLxD) @ jnp.take(_kernel(up), idx_K, axis=1)
+    act = jax.nn.silu(g) * u
+    y = _x(down, act) @ jnp.take(_kernel(down), idx_K, axis=0)
+    if isinstance(down, LoRALinear):
+      y = y + down.delta(_scatter(act, idx_K, down.in_features))
+    return y
+  act = jax.nn.silu(out_cols(gate, x_BxLxD, idx_K, how)) * out_cols(up, x_BxLxD, idx_K, how)
+  return in_rows(down, act, idx_K, how)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan (static) and the forward pass.
+
+
+def parse_layers(spec: str | Sequence[int]) -> tuple[int, ...]:
+  """'13-29,31' -> (13, ..., 29, 31); a sequence of ints passes through."""
+  if not isinstance(spec, str):
+    return tuple(int(i) for i in spec)
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    lo, _, hi = part.partition("-")
+    out.extend(range(int(lo), int(hi or lo) + 1))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityPlan:
+  """Per-layer FFN / attention sparsity (0 = dense, no estimator) and mode; hashable, static."""
+  ffn: tuple[float, ...]
+  attn: tuple[float, ...]
+  mode: str = "svd"
+
+  def __post_init__(self):
+    object.__setattr__(self, "ffn", tuple(float(s) for s in self.ffn))
+    object.__setattr__(self, "attn", tuple(float(s) for s in self.attn))
+    if len(self.ffn) != len(self.attn):
+      raise ValueError(f"SparsityPlan: {len(self.ffn)} ffn vs {len(self.attn)} attn entries. "
+                       "Fix: give one sparsity per layer for both.")
+    bad = [s for s in self.ffn + self.attn if not 0.0 <= s < 1.0]
+    if bad:
+      raise ValueError(f"SparsityPlan: sparsities {bad} are outside [0, 1). "
+                       "Fix: use the fraction of channels dropped, e.g. 0.9.")
+    if self.mode not in MODES:
+      raise ValueError(f"SparsityPlan: mode={self.mode!r} is unknown. Fix: one of {MODES}.")
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.ffn)
+
+  @classmethod
+  def dense(cls, n_layers: int) -> "SparsityPlan":
+    return cls((0.0,) * n_layers, (0.0,) * n_layers)
+
+  @classmethod
+  def from_layers(cls, n_layers: int, ffn: float = 0.0, ffn_layers="",
+                  attn: float = 0.0, attn_layers="", mode: str = "svd") -> "SparsityPlan":
+    """One FFN and one attention sparsity on the listed layers ('13-29' or ints), 0 elsewhere."""
+    def per_layer(value, spec):
+      layers = set(parse_layers(spec))
+      if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"SparsityPlan: layers {sorted(layers)} exceed 0..{n_layers - 1}.")
+      return tuple(value if i in layers else 0.0 for i in range(n_layers))
+    return cls(per_layer(ffn, ffn_layers), per_layer(attn, attn_layers), mode)
+
+  def estimator_layers(self) -> tuple[int, ...]:
+    """Layers whose FFN or attention is sparse (the only ones needing estimators)."""
+    return tuple(i for i in range(self.n_layers) if self.ffn[i] > 0 or self.attn[i] > 0)
+
+
+def bucket_len(n: int, length: int, bucket: int) -> int:
+  """n rounded up to a multiple of bucket, capped at length (static shape buckets)."""
+  if bucket < 1:
+    raise ValueError(f"bucket={bucket} must be >= 1.")
+  return min(length, -(-int(n) // bucket) * bucket)
+
+
+def dense_suffix_len(loss_mask_BxL: np.ndarray, bucket: int = 64) -> int:
+  """Host-side static dense length: covers every position with a loss, bucketed."""
+  loss_mask = np.asarray(loss_mask_BxL, bool)
+  length = loss_mask.shape[1]
+  cols = np.flatnonzero(loss_mask.any(axis=0))
+  if cols.size == 0:
+    return 0
+  return bucket_len(length - int(cols[0]), length, bucket)
+
+
+def _split(x_BxLxD: jax.Array, n_sparse: int):
+  return x_BxLxD[:, :n_sparse], x_BxLxD[:, n_sparse:]
+
+
+def _join(sparse, dense):
+  parts = [p for p in (sparse, dense) if p is not None and p.shape[1]]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+  f = mlp.gate.out_features
+  k = keep_count(f, sparsity)
+  x = jax.lax.stop_gradient(x_BxLxD)
+  if mode == "svd":
+    return top_k_indices(ffn_scores(x, mask_BxL, est_layer["gate"], est_layer["up"]), k)
+  act = jax.nn.silu(mlp.gate(x)) * mlp.up(x)
+  return top_k_indices(column_norms(act, mask_BxL), k)
+
+
+def _attn_indices(attn, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+  x = jax.lax.stop_gradient(x_BxLxD)
+  if mode == "svd":
+    norms = [low_rank_column_norms(x, mask_BxL, est_layer[n]["p"], est_layer[n]["q"])
+             for n in ("q", "k", "v")]
+  else:
+    norms = [column_norms(getattr(attn, n)(x), mask_BxL) for n in ("q", "k", "v")]
+  return select_attention(*norms, sparsity, attn.n_heads, attn.n_kv_heads)
+
+
+def sparse_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array | None, n_sparse: int,
+               how: str = "gather") -> jax.Array:
+  """MLP with tokens [:n_sparse] restricted to idx and the rest dense, [B, L, D]."""
+  if idx_K is None or n_sparse == 0:
+    return mlp(x_BxLxD)
+  xs, xd = _split(x_BxLxD, n_sparse)
+  return _join(restricted_mlp(mlp, xs, idx_K, how), mlp(xd) if xd.shape[1] else None)
+
+
+def sparse_attention(attn, x_BxLxD: jax.Array, idx: AttnIndices | None, n_sparse: int,
+                     positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
+                     how: str = "gather") -> jax.Array:
+  """Attention whose q/k/v/o base channels are restricted on tokens [:n_sparse], [B, L, D]."""
+  if idx is None or n_sparse == 0:
+    return attn(x_BxLxD, positions_BxL, segment_ids_BxL)
+  b, length, _ = x_BxLxD.shape
+  hd = attn.head_dim
+  xs, xd = _split(x_BxLxD, n_sparse)
+  has_dense = xd.shape[1] > 0
+
+  def proj(lin, cols):
+    return _join(out_cols(lin, xs, cols, how), lin(xd) if has_dense else None)
+
+  q = proj(attn.q, idx.q).reshape(b, length, attn.n_heads, hd)
+  k = proj(attn.k, idx.k).reshape(b, length, attn.n_kv_heads, hd)
+  v = proj(attn.v, idx.v).reshape(b, length, attn.n_kv_heads, hd)
+  cos, sin = rope_tables(positions_BxL, hd, attn.rope_theta)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  out = attention(q, k, v, segment_ids_BxL).reshape(b, length, attn.n_heads * hd)
+  outs, outd = _split(out, n_sparse)
+  return _join(in_rows(attn.o, outs, idx.o, how), attn.o(outd) if has_dense else None)
+
+
+def _layer_est(estimators, i: int, modules):
+  if estimators is None or layer_key(i) not in estimators:
+    raise ValueError(f"SparseLoRA: layer {i} is sparse but has no estimator. Fix: "
+                     "build_estimators(model, layers=plan.estimator_layers()) or load them.")
+  est = estimators[layer_key(i)]
+  missing = [m for m in modules if m not in est]
+  if missing:
+    raise ValueError(f"SparseLoRA: layer {i} estimator lacks {missing}.")
+  return est
+
+
+def sparse_block(block, x_BxLxD: jax.Array, *, layer: int, estimators, plan: SparsityPlan,
+                 n_sparse: int, positions_BxL, segment_ids_BxL, valid_BxL, how: str = "gather"):
+  """One decoder block; returns (x [B, L, D], {'attn': AttnIndices|None, 'ffn': idx|None})."""
+  mask_s = valid_BxL[:, :n_sparse]
+  h = block.attn_norm(x_BxLxD).astype(block.dtype)
+  attn_idx = None
+  if plan.attn[layer] > 0 and n_sparse > 0:
+    est = _layer_est(estimators, layer, ("q", "k", "v")) if plan.mode == "svd" else None
+    attn_idx = _attn_indices(block.attn, h[:, :n_sparse], mask_s, est, plan.attn[layer],
+                             plan.mode)
+  a = sparse_attention(block.attn, h, attn_idx, n_sparse, positions_BxL, segment_ids_BxL, how)
+  x = x_BxLxD + a.astype(x_BxLxD.dtype)
+  h = block.mlp_norm(x).astype(block.dtype)
+  ffn_idx = None
+  if plan.ffn[layer] > 0 and n_sparse > 0:
+    est = _layer_est(estimators, layer, ("gate", "up")) if plan.mode == "svd" else None
+    ffn_idx = _ffn_indices(block.mlp, h[:, :n_sparse], mask_s, est, plan.ffn[layer],
+                           plan.mode)
+  x = x + sparse_mlp(block.mlp, h, ffn_idx, n_sparse, how).astype(x.dtype)
+  return x, {"attn": attn_idx, "ffn": ffn_idx}
+
+
+def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
+            dense_len: int, positions_BxL: jax.Array | None = None,
+            segment_ids_BxL: jax.Array | None = None, valid_BxL: jax.Array | None = None,
+            return_indices: bool = False):
+  """SparseLoRA Llama forward: float32 logits [B, L, V] (and per-layer indices if asked).
+
+  plan and dense_len are static (python); tokens [:L - dense_len] are the sparse context.
+  valid marks real tokens for the estimator (default: segment_ids > 0, else all).
+  """
+  b, length = tokens_BxL.shape
+  if plan.n_layers != len(model.layers):
+    raise ValueError(f"SparsityPlan has {plan.n_layers} layers, the model "
+                     f"{len(model.layers)}. Fix: build the plan with n_layers={len(model.layers)}.")
+  if not isinstance(dense_len, int) or not 0 <= dense_len <= length:
+    raise ValueError(f"dense_len={dense_len!r} must be a python int in 0..{length} "
+                     "(static). Fix: dense_suffix_len(loss_mask, bucket).")
+  n_sparse = length - dense_len
+  if positions_BxL is None:
+    positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+  if valid_BxL is None:
+    valid_BxL = (segment_ids_BxL > 0 if segment_ids_BxL is not None
+                 else jnp.ones((b, length), bool))
+  x = model.embed(tokens_BxL, model.dtype)
+  how = "mask" if plan.mode == "oracle" else "gather"
+
+  def layer_fn(i):                # the layer number must stay a python int under remat
+    def run(blk, y):
+      return sparse_block(blk, y, layer=i, estimators=estimators, plan=plan,
+                          n_sparse=n_sparse, positions_BxL=positions_BxL,
+                          segment_ids_BxL=segment_ids_BxL, valid_BxL=valid_BxL, how=how)
+    return functools.partial(remat_call, run) if model.cfg.remat else run
+
+  all_idx = []
+  for i, block in enumerate(model.layers):
+    x, idx = layer_fn(i)(block, x)
+    all_idx.append(idx)
+  h = model.final_norm(x).astype(model.dtype)
+  logits = jnp.einsum("bld,dv->blv", h, model.lm_head.kernel[...].astype(model.dtype),
+                      preferred_element_type=jnp.float32)
+  return (logits, all_idx) if return_indices else logits
+
+
+class Estimator(nnx.Variable):
+  """Frozen SVD estimator factor: saved with the model, never trained."""
+
+
+class SparseLoRALlama(nnx.Module):
+  """Llama (with LoRA applied) + its estimators + a static plan; __call__ = `forward`."""
+
+  def __init__(self, model, estimators: dict | None, plan: SparsityPlan):
+    self.model = model
+    self.plan = plan
+    est = {} if estimators is None else estimators
+    self.estimators = nnx.data(jax.tree.map(Estimator, est))
+
+  def __call__(self, tokens_BxL: jax.Array, dense_len: int, positions_BxL=None,
+               segment_ids_BxL=None, valid_BxL=None) -> jax.Array:
+    est = jax.tree.map(lambda v: v[...], self.estimators,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return forward(self.model, tokens_BxL, est, self.plan, dense_len, positions_BxL,
+                   segment_ids_BxL, valid_BxL)
+
+
+def config() -> ml_collections.ConfigDict:
+  """Default SparseLoRA settings (paper: estimator rank 8, LoRA r=32 alpha=64 on q,k,v,o)."""
+  return ml_collections.ConfigDict(dict(
+      estimator_rank=8,
+      mode="svd",             # svd | oracle (accuracy studies only)
+      ffn_sparsity=0.0,
+      ffn_layers="",          # e.g. "13-29"
+      attn_sparsity=0.0,
+      attn_layers="",         # e.g. "17-19,21-23,25-29"
+      dense_bucket=64,        # dense suffix length rounded up to this (few compiled shapes)
+      start_frac=0.05,        # sparsity on after this fraction of steps (dense before)
+      lora=dict(rank=32, alpha=64.0, dropout=0.0, targets=("q", "k", "v", "o")),
+  ))
+
+
+def plan_from_config(cfg, n_layers: int) -> SparsityPlan:
+  """SparsityPlan from `config()` fields."""
+  return SparsityPlan.from_layers(n_layers, cfg.ffn_sparsity, cfg.ffn_layers,
+                                  cfg.attn_sparsity, cfg.attn_layers, cfg.mode)

@@ -1,0 +1,68 @@
+"""experiments/memory.py: AOT-compiled step memory of a tiny model, two methods."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lost_jax import accounting  # pylint: disable=wrong-import-position
+
+# A 2-layer model with a large vocab, so LOST's smaller projections show in the arguments.
+TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.ffn_dim": 192,
+        "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 4,
+        "model.linear.rank": 8, "data.seq_len": 32, "train.batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def rows():
+  return memory.run(["quickstart"], ["full_rank", "lost"], microbatch=4, overrides=TINY,
+                    log=lambda _: None)
+
+
+def test_arguments_are_exactly_state_indices_and_batch(rows):
+  for r in rows:
+    cfg = memory.measurement_config("quickstart", r["method"], microbatch=4, overrides=TINY)
+    n = accounting.count_params(cfg.model)
+    assert r["params_bytes"] == 4 * n["total"]                        # float32 master weights
+    assert r["opt_state_bytes"] >= 2 * 4 * n["trainable"]             # two Adam moments
+    assert r["static_bytes"] == 4 * n["static_indices"]
+    assert r["batch_bytes"] == 8 * 32 * 4 * 5
+    held = r["params_bytes"] + r["opt_state_bytes"] + r["static_bytes"] + r["batch_bytes"]
+    assert held <= r["argument"] <= held + 4096, (r["method"], held, r["argument"])
+    # Donation: the new state reuses the old state's buffers.
+    assert r["alias"] >= r["params_bytes"] + r["opt_state_bytes"]
+    assert r["total"] == r["argument"] + r["temp"] + r["output"] - r["alias"]
+    # Temporaries hold at least the float32 accumulation buffer and one pass's gradients.
+    assert r["temp"] >= 2 * r["params_bytes"]
+
+
+def test_rows_compare_methods(rows):
+  full, lost = rows
+  assert (full["method"], lost["method"]) == ("full_rank", "lost")
+  assert (full["microbatch"], full["microbatches"]) == (4, 2)
+  assert full["ratio"] == 1.0
+  assert lost["static_bytes"] > 0 == full["static_bytes"]
+  assert lost["params_bytes"] < full["params_bytes"]
+  assert lost["argument"] < full["argument"]
+  assert lost["ratio"] == pytest.approx(lost["total"] / full["total"])
+  assert lost["estimate_ratio"] == pytest.approx(lost["estimate"]["total"]
+                                                 / full["estimate"]["total"])
+
+
+def test_report_files(rows, tmp_path):
+  md, png = tmp_path / "memory.md", tmp_path / "memory.png"
+  memory.write_markdown(rows, str(md), "python -m experiments.memory --sizes=quickstart")
+  memory.plot(rows, str(png))
+  text = md.read_text()
+  assert "| quickstart | lost |" in text and "--sizes=quickstart" in text
+  assert f"LOST total = {rows[1]['ratio']:.2f} x full-rank" in text
+  assert png.stat().st_size > 10_000
+
+
+def test_bad_microbatch_is_rejected():
+  with pytest.raises(ValueError, match="does not divide"):
+    memory.measurement_config("quickstart", "lost", microbatch=5, overrides=TINY)
