@@ -45,6 +45,7 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
       init="kaiming",         # initializer of the full-rank weight LOST decomposes.
       sparse_init="complement",
       complement_rank=0,      # 0: every remaining SVD component (the paper's reading).
+      factor_init="svd",      # LOST factors: svd (the method) | random (ablation).
       density=0.03,           # SLTrain element-wise density delta.
       alpha=32.0,             # SLTrain low-rank scale alpha / rank.
   ))
@@ -190,6 +191,9 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"use one of {ACTIVATIONS}")
   if lin.init not in INITS:
     _fail("model.linear.init", f"unknown init {lin.init!r}", f"use one of {INITS}")
+  if lin.factor_init not in ("svd", "random"):
+    _fail("model.linear.factor_init", f"unknown factor_init {lin.factor_init!r}",
+          "use 'svd' or 'random'")
   if lin.sparse_init not in SPARSE_INITS:
     _fail("model.linear.sparse_init", f"unknown sparse_init {lin.sparse_init!r}",
           f"use one of {SPARSE_INITS}")

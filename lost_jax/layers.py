@@ -69,7 +69,8 @@ class LOSTLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank: int, sparsity: float,
                gamma: float = 0.7, activation: str = "silu", init: str = "kaiming",
                sparse_init: str = "complement", complement_rank: int | None = None,
-               dtype: Any = None, param_dtype: Any = jnp.float32, init_std: float = 0.02,
+               factor_init: str = "svd", dtype: Any = None, param_dtype: Any = jnp.float32,
+               init_std: float = 0.02,
                axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
     if not 0.0 <= gamma <= 1.0:
       raise ValueError(f"LOST gamma={gamma} is outside [0, 1]. Fix: model.linear.gamma=0.7.")
@@ -82,9 +83,16 @@ class LOSTLinear(nnx.Module):
     key = rngs.params() if sparse_init == "random_channels" else None
     f = lost_split(kernel, rank, sparsity, complement_rank=complement_rank,
                    sparse_init=sparse_init, key=key)
+    a, b = f.a, f.b
+    if factor_init == "random":   # ablation: random factors, same shapes, CoLA's scale
+      std = _factor_std(in_features, out_features, rank)
+      a = std * jax.random.normal(rngs.params(), a.shape)
+      b = std * jax.random.normal(rngs.params(), b.shape)
+    elif factor_init != "svd":
+      raise ValueError(f"factor_init={factor_init!r} is unknown. Fix: 'svd' or 'random'.")
     in_axis, out_axis = axes
-    self.a = nnx.Param(f.a.astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param(f.b.astype(param_dtype), axes=(out_axis, "rank"))
+    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
     self.indices = StaticIndices(f.indices)
     self.values = nnx.Param(f.values.astype(param_dtype), axes=(None, out_axis))
 
@@ -178,8 +186,8 @@ def make_linear(lin, n: int, m: int, *, axes, dtype, param_dtype, init_std: floa
   if lin.kind == "lost":
     return LOSTLinear(n, m, rank=lin.rank, sparsity=lin.sparsity, gamma=lin.gamma,
                       activation=lin.activation, init=lin.init, sparse_init=lin.sparse_init,
-                      complement_rank=lin.complement_rank or None, init_std=init_std,
-                      **common)
+                      complement_rank=lin.complement_rank or None,
+                      factor_init=lin.factor_init, init_std=init_std, **common)
   if lin.kind in ("low_rank", "cola"):
     activation = "silu" if lin.kind == "cola" else lin.activation
     return LowRankLinear(n, m, rank=lin.rank, activation=activation, **common)

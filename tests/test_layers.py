@@ -400,3 +400,17 @@ def test_indices_are_never_params(kind):
   assert "indices" not in names
   for leaf in jax.tree.leaves(nnx.state(layer, nnx.Param)):
     assert jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def test_random_factor_init_ablation_keeps_the_sparse_part():
+  """factor_init='random' replaces only A, B; indices and values still come from the SVD."""
+  svd = lost_jax.LOSTLinear(48, 40, rank=6, sparsity=0.1, rngs=nnx.Rngs(3))
+  rnd = lost_jax.LOSTLinear(48, 40, rank=6, sparsity=0.1, factor_init="random",
+                            rngs=nnx.Rngs(3))
+  np.testing.assert_array_equal(np.asarray(svd.indices[...]), np.asarray(rnd.indices[...]))
+  np.testing.assert_allclose(np.asarray(svd.values[...]), np.asarray(rnd.values[...]))
+  assert rnd.a.shape == svd.a.shape and rnd.b.shape == svd.b.shape
+  prod = np.asarray(rnd.a[...]) @ np.asarray(rnd.b[...]).T
+  truncation = np.asarray(svd.a[...]) @ np.asarray(svd.b[...]).T
+  assert not np.allclose(prod, truncation, atol=1e-3)
+  np.testing.assert_allclose(np.std(np.asarray(rnd.a[...])), (6 * 88) ** -0.25, rtol=0.2)
