@@ -60,20 +60,23 @@ class Checkpointer:
 
   def save(self, step: int, state, rest, data_iter, fingerprint: dict, *,
            force: bool = False) -> bool:
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), rest=ocp.args.StandardSave(rest),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint}))
+    # rest=None: frozen state that the run rebuilds itself (a fine-tune's base model).
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=grain.checkpoint.CheckpointSave(data_iter),
+                 meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint}))
+    if rest is not None:
+      items["rest"] = ocp.args.StandardSave(rest)
+    args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state, abstract_rest, data_iter):
     """Restore into arrays with the shardings of the abstract trees; data_iter is set in place."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        rest=ocp.args.StandardRestore(abstract_rest),
-        data=grain.checkpoint.CheckpointRestore(data_iter))
-    out = self.manager.restore(step, args=args)
-    return out["state"], out["rest"]
+    items = dict(state=ocp.args.StandardRestore(abstract_state),
+                 data=grain.checkpoint.CheckpointRestore(data_iter))
+    if abstract_rest is not None:
+      items["rest"] = ocp.args.StandardRestore(abstract_rest)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], (out["rest"] if abstract_rest is not None else None)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -59,14 +59,6 @@ def left_padded_example(prompt: list[int], output: list[int], seq_len: int,
   return ex
 
 
-def dense_suffix_len(weights_BxL: np.ndarray, bucket: int) -> int:
-  """Length of the suffix holding every weighted (output) token, rounded up to `bucket`."""
-  length = weights_BxL.shape[1]
-  cols = np.flatnonzero(np.asarray(weights_BxL).any(axis=0))
-  need = length - int(cols[0]) if cols.size else 0
-  return min(length, bucket * math.ceil(need / bucket)) if need else bucket
-
-
 def _open(path: str):
   return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
 

@@ -39,7 +39,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+from lost_jax.configs import parse_layer_sparsity
 import numpy as np
 from flax import nnx
 
@@ -553,22 +553,10 @@ class SparseLoRALlama(nnx.Module):
                    segment_ids_BxL, valid_BxL)
 
 
-def config() -> ml_collections.ConfigDict:
-  """Default SparseLoRA settings (paper: estimator rank 8, LoRA r=32 alpha=64 on q,k,v,o)."""
-  return ml_collections.ConfigDict(dict(
-      estimator_rank=8,
-      mode="svd",             # svd | oracle (accuracy studies only)
-      ffn_sparsity=0.0,
-      ffn_layers="",          # e.g. "13-29"
-      attn_sparsity=0.0,
-      attn_layers="",         # e.g. "17-19,21-23,25-29"
-      dense_bucket=64,        # dense suffix length rounded up to this (few compiled shapes)
-      start_frac=0.05,        # sparsity on after this fraction of steps (dense before)
-      lora=dict(rank=32, alpha=64.0, dropout=0.0, targets=("q", "k", "v", "o")),
-  ))
-
-
-def plan_from_config(cfg, n_layers: int) -> SparsityPlan:
-  """SparsityPlan from `config()` fields."""
-  return SparsityPlan.from_layers(n_layers, cfg.ffn_sparsity, cfg.ffn_layers,
-                                  cfg.attn_sparsity, cfg.attn_layers, cfg.mode)
+def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:
+  """SparsityPlan from a fine-tuning config's `sparse` group ('<fraction>@<layers>;...')."""
+  if not sparse_cfg.enabled:
+    return SparsityPlan.dense(n_layers)
+  return SparsityPlan(parse_layer_sparsity(sparse_cfg.ffn, n_layers, "sparse.ffn"),
+                      parse_layer_sparsity(sparse_cfg.attn, n_layers, "sparse.attn"),
+                      sparse_cfg.get("mode", "svd"))

@@ -95,21 +95,30 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
                abstract_rest, init_fn)
 
 
-def batch_nll(graphdef, params, rest, batch):
-  """Summed token NLL of a batch and its weight sum (float32 scalars)."""
+def batch_nll(graphdef, params, rest, batch, dense_len: int | None = None):
+  """Summed token NLL of a batch and its weight sum (float32 scalars).
+
+  `dense_len` (static) is passed to SparseLoRA models: the length of the dense suffix.
+  """
   model = nnx.merge(graphdef, params, rest)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  if dense_len is None:
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  else:
+    logits = model(batch["inputs"], dense_len, batch["positions"], batch["segment_ids"])
   return optim.cross_entropy(logits, batch["targets"], batch["weights"])
 
 
 def make_train_step(setup: Setup, microbatches: int):
-  """(state, rest, batch) -> (state, metrics), jitted once with donated state."""
+  """(state, rest, batch[, dense_len]) -> (state, metrics), jitted with donated state.
+
+  The optional static `dense_len` (SparseLoRA) compiles one step per dense-suffix bucket.
+  """
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
 
-  def grads_of(params, rest, batch):
+  def grads_of(params, rest, batch, dense_len):
     if microbatches == 1:
       (nll, weight), grads = jax.value_and_grad(
-          lambda p: batch_nll(graphdef, p, rest, batch), has_aux=True)(params)
+          lambda p: batch_nll(graphdef, p, rest, batch, dense_len), has_aux=True)(params)
       return grads, nll, weight
     # Gradient accumulation: equal token weighting across micro-batches.
     split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
@@ -117,16 +126,16 @@ def make_train_step(setup: Setup, microbatches: int):
     def body(carry, mb):
       g_acc, nll_acc, w_acc = carry
       (nll, weight), g = jax.value_and_grad(
-          lambda p: batch_nll(graphdef, p, rest, mb), has_aux=True)(params)
+          lambda p: batch_nll(graphdef, p, rest, mb, dense_len), has_aux=True)(params)
       return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + weight), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (grads, nll, weight), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split)
     return grads, nll, weight
 
-  def step_fn(state, rest, batch):
+  def step_fn(state, rest, batch, dense_len=None):
     params = state["params"]
-    grads, nll, weight = grads_of(params, rest, batch)
+    grads, nll, weight = grads_of(params, rest, batch, dense_len)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -140,15 +149,16 @@ def make_train_step(setup: Setup, microbatches: int):
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.rest_shardings,
                                         sharding.batch_sharding(setup.mesh)),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), static_argnums=(3,))
 
 
 def make_eval_step(setup: Setup):
-  """(params, rest, batch) -> (nll sum, weight sum)."""
-  def eval_fn(params, rest, batch):
-    return batch_nll(setup.graphdef, params, rest, batch)
+  """(params, rest, batch[, dense_len]) -> (nll sum, weight sum)."""
+  def eval_fn(params, rest, batch, dense_len=None):
+    return batch_nll(setup.graphdef, params, rest, batch, dense_len)
   return jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.rest_shardings,
-                                        sharding.batch_sharding(setup.mesh)))
+                                        sharding.batch_sharding(setup.mesh)),
+                 static_argnums=(3,))
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -261,12 +271,13 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
         start: int, train_step, train_iter, mesh, ckpt: checkpoint.Checkpointer,
         fingerprint: dict, evaluate_fn: Callable[[Any], dict], flops_per_token: float,
         header: str = "", quiet: bool = False, stop_at: int | None = None,
-        to_device: Callable | None = None) -> dict:
+        to_device: Callable | None = None, save_rest: bool = True) -> dict:
   """The training loop shared by pre-training and fine-tuning.
 
   Logs every `log_every` steps (reading step N's metrics after step N+1 is dispatched),
   evaluates every `eval_every` steps and at the end, checkpoints every `ckpt_every` steps and
-  always at the last step reached (also on SIGTERM/SIGINT).
+  always at the last step reached (also on SIGTERM/SIGINT). `save_rest=False` leaves the
+  frozen `rest` out of checkpoints (a fine-tune rebuilds its base model from its source).
   """
   pidx = jax.process_index()
   to_device = to_device or (lambda b: to_global(b, mesh))
@@ -278,6 +289,7 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
   log(f"{header} | mesh {dict(mesh.shape)} | steps {start}->{end} of {train_cfg.steps} | "
       f"workdir {workdir}")
   logger = _StepLogger(train_cfg, writer, log, progress, flops_per_token, n_dev)
+  saved_rest = rest if save_rest else None
   last_eval: dict = {}
   pending = None          # (step, device metrics): read one step late
   step = start
@@ -294,11 +306,11 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
         writer.write(step, last_eval)
         log(f"eval step {step}: " + " | ".join(_fmt(k, v) for k, v in last_eval.items()))
       if step % train_cfg.ckpt_every == 0:
-        ckpt.save(step, state, rest, train_iter, fingerprint)
+        ckpt.save(step, state, saved_rest, train_iter, fingerprint)
     if pending is not None:
       logger(*pending)
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, rest, train_iter, fingerprint, force=True)
+      ckpt.save(step, state, saved_rest, train_iter, fingerprint, force=True)
   ckpt.wait()
   ckpt.close()
   progress.close()

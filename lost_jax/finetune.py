@@ -1,0 +1,233 @@
+"""LoRA / SparseLoRA fine-tuning: base model loading, the sparse train step, eval with decoding.
+
+Shares the pre-training machinery: optimizer (`optim`), mesh and sharding rules, the training
+loop (`train.fit`: logging, eval cadence, Orbax checkpoints with the grain iterator, resume).
+Only LoRA parameters are trained and checkpointed; the frozen base comes from `init.source`
+and the SVD estimators are cached in `<workdir>/estimators.npz`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lost_jax import (accounting, checkpoint, configs, hf, instruct, optim, sharding,
+                      sparselora, tokenizer, train)
+from lost_jax.generate import greedy_generate
+from lost_jax.lora import LoRAParam, apply_lora
+from lost_jax.model import Llama
+
+INIT_SOURCES = ("hf", "pretrain", "random")
+
+
+def load_base(cfg: ml_collections.ConfigDict) -> Llama:
+  """The frozen base model named by cfg.init; cfg.model is updated to its shape."""
+  src, path = cfg.init.source, cfg.init.path
+  dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
+  if src not in INIT_SOURCES:
+    raise ValueError(f"config.init.source={src!r} is unknown. Fix: one of {INIT_SOURCES}.")
+  if src != "random" and not os.path.isdir(path):
+    raise ValueError(f"config.init.path={path!r} is not a directory. Fix: a Hugging Face "
+                     "LLaMA directory (init.source=hf) or a lost_jax pre-training workdir "
+                     "(init.source=pretrain).")
+  if src == "hf":
+    model = hf.load_hf_llama(path, dtype=dtype, param_dtype=param_dtype)
+    cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
+    return model
+  if src == "pretrain":
+    return _load_pretrained(cfg, path, dtype, param_dtype)
+  cfg.model.dtype, cfg.model.param_dtype = dtype, param_dtype
+  return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+
+
+def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
+  """Parameters of the latest checkpoint of a lost_jax pre-training workdir."""
+  with open(os.path.join(path, "config.json")) as f:
+    run = json.load(f)
+  model_cfg = ml_collections.ConfigDict(run["model"])
+  if model_cfg.linear.kind != "dense":
+    raise ValueError(f"config.init.path={path!r} holds a {model_cfg.linear.kind!r} model; LoRA "
+                     "and SparseLoRA need dense base kernels. Fix: pre-train with method "
+                     "full_rank, or densify an identity-activation model (lost_jax.hf.densify).")
+  model_cfg.dtype, model_cfg.param_dtype = dtype, param_dtype
+  cfg.model = model_cfg
+  model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+  mgr = ocp.CheckpointManager(os.path.join(path, "checkpoints"),
+                              item_names=("state", "rest", "data", "meta"))
+  step = mgr.latest_step()
+  if step is None:
+    raise ValueError(f"config.init.path={path!r} has no checkpoint. Fix: point at a finished "
+                     "pre-training workdir.")
+  saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  params = nnx.state(model, nnx.Param)
+  params.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, param_dtype),
+                                           saved["state"]["params"]))
+  nnx.update(model, params)
+  return model
+
+
+def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
+  """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
+  model = load_base(cfg)
+  plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
+  targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
+  apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+             dropout=cfg.lora.dropout, rngs=nnx.Rngs(cfg.seed + 1))
+  layers = plan.estimator_layers()
+  estimators = None
+  if layers:
+    path = os.path.join(workdir, "estimators.npz")
+    if os.path.exists(path):
+      estimators = sparselora.load_estimators(path, model, cfg.sparse.estimator_rank)
+    else:
+      estimators = sparselora.build_estimators(model, cfg.sparse.estimator_rank, layers)
+      if jax.process_index() == 0:
+        sparselora.save_estimators(path, estimators)
+  return sparselora.SparseLoRALlama(model, estimators, plan), plan
+
+
+def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
+  """Setup + state for training only the LoRAParam variables of `module`."""
+  graphdef, lora_state, rest_state = nnx.split(module, LoRAParam, ...)
+  params = nnx.as_pure(lora_state)
+  moment_dtype = jnp.dtype(cfg.model.param_dtype)
+  tx = optim.make_optimizer(cfg.train, params, moment_dtype=moment_dtype)
+  repl = sharding.replicated(mesh)
+  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh))
+  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh))
+  abstract_opt = jax.eval_shape(tx.init, params)
+  state_sh = {"params": param_sh,
+              "opt_state": sharding.opt_state_shardings(tx, abstract_opt, param_sh, mesh),
+              "step": repl, "rng": repl}
+
+  def init(params):
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key(cfg.seed)}
+
+  init_fn = jax.jit(init, out_shardings=state_sh)
+  abstract_state = jax.eval_shape(init, params)
+  setup = train.Setup(graphdef, tx, optim.lr_schedule(cfg.train), mesh, state_sh, rest_sh,
+                      abstract_state, None, init_fn)
+  rest = jax.device_put(nnx.as_pure(rest_state), rest_sh)
+  return setup, jax.device_put(params, param_sh), rest
+
+
+@dataclasses.dataclass
+class _SparseSchedule:
+  """Host-side choice of the static dense-suffix length for each step."""
+  seq_len: int
+  bucket: int
+  start_step: int
+  enabled: bool
+
+  def dense_len(self, weights_BxL: np.ndarray, step: int) -> int:
+    if not self.enabled or step < self.start_step:
+      return self.seq_len            # fully dense: no estimator, no sparse compute
+    return max(1, sparselora.dense_suffix_len(weights_BxL, self.bucket))
+
+
+def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                          quiet: bool = False, stop_at: int | None = None) -> dict:
+  """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  train.apply_precision(cfg)
+  if cfg.mesh.distributed:
+    jax.distributed.initialize()
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.train.batch_size, mesh)
+  nproc, pidx = jax.process_count(), jax.process_index()
+  local_batch = cfg.train.batch_size // nproc
+  os.makedirs(workdir, exist_ok=True)
+
+  module, plan = sparse_model(cfg, workdir)
+  configs.validate_model(cfg.model)
+  tok = _tokenizer(cfg)
+  fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
+                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json())}
+  ckpt = train.open_workdir(workdir, cfg, fingerprint)
+  train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
+                                            process_index=pidx, process_count=nproc)
+  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
+  eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
+
+  setup, params, rest = _setup(module, cfg, mesh)
+  start = ckpt.latest_step()
+  if start is None:
+    state, start = setup.init_fn(params), 0
+  else:
+    state, _ = ckpt.restore(
+        start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+        None, train_iter)
+  step_fn = train.make_train_step(setup, cfg.train.microbatches)
+  eval_step = train.make_eval_step(setup)
+  sched = _SparseSchedule(cfg.data.seq_len, cfg.sparse.bucket,
+                          int(cfg.sparse.start_frac * cfg.train.steps),
+                          bool(cfg.sparse.enabled and plan.estimator_layers()))
+  counter = {"step": start}
+
+  def to_device(batch):
+    dense_len = sched.dense_len(batch["weights"], counter["step"])
+    counter["step"] += 1
+    return train.to_global(batch, mesh), dense_len
+
+  def train_step(state, rest, batch_and_len):
+    batch, dense_len = batch_and_len
+    return step_fn(state, rest, batch, dense_len)
+
+  def evaluate_fn(state):
+    nll, weight = 0.0, 0.0
+    for batch in eval_batches:
+      dense_len = sched.dense_len(batch["weights"], sched.start_step)
+      n, w = eval_step(state["params"], rest, train.to_global(batch, mesh), dense_len)
+      nll, weight = nll + float(n), weight + float(w)
+    out = {"eval_loss": nll / max(weight, 1.0), "eval_tokens": weight}
+    if eval_records:
+      out["eval_accuracy"] = accuracy(setup.graphdef, state["params"], rest, eval_records, tok,
+                                      cfg.data.max_prompt_len, cfg.data.max_new_tokens)
+    return out
+
+  n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  sparse_layers = len(plan.estimator_layers()) if sched.enabled else 0
+  header = (f"lost_jax finetune {cfg.name} | {n_lora / 1e6:.3f}M LoRA params | "
+            f"{sparse_layers} sparse layers from step {sched.start_step}")
+  return train.fit(cfg.train, workdir, cfg.name, state=state, rest=rest, start=start,
+                   train_step=train_step, train_iter=train_iter, mesh=mesh, ckpt=ckpt,
+                   fingerprint=fingerprint, evaluate_fn=evaluate_fn,
+                   flops_per_token=accounting.train_flops_per_token(cfg.model,
+                                                                    cfg.data.seq_len),
+                   header=header, quiet=quiet, stop_at=stop_at, to_device=to_device,
+                   save_rest=False)
+
+
+def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
+             batch_size: int = 32) -> float:
+  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model."""
+  model = nnx.merge(graphdef, params, rest).model
+  generated = []
+  for i in range(0, len(records), batch_size):
+    chunk = records[i:i + batch_size]
+    ids, mask = instruct.prompt_batch(chunk, tok, prompt_len)
+    generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
+                                                max_new_tokens=max_new)))
+  return instruct.exact_match(np.concatenate(generated), records, tok)
+
+
+def _tokenizer(cfg) -> tokenizer.Tokenizer:
+  """data.tokenizer if set; else the HF directory's tokenizer.model; else the stdlib model."""
+  if not cfg.data.tokenizer and cfg.init.source == "hf":
+    candidate = os.path.join(cfg.init.path, "tokenizer.model")
+    if os.path.exists(candidate):
+      cfg.data.tokenizer = candidate
+  if not cfg.data.tokenizer and cfg.init.source == "pretrain":
+    with open(os.path.join(cfg.init.path, "config.json")) as f:
+      cfg.data.tokenizer = json.load(f)["data"]["tokenizer"]
+  return tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
