@@ -64,7 +64,7 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state),
                  data=grain.checkpoint.CheckpointSave(data_iter),
                  meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint}))
-    if rest is not None:
+    if rest is not None and jax.tree.leaves(rest):   # dense models have no static indices
       items["rest"] = ocp.args.StandardSave(rest)
     args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, force=force)
@@ -73,10 +73,11 @@ class Checkpointer:
     """Restore into arrays with the shardings of the abstract trees; data_iter is set in place."""
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  data=grain.checkpoint.CheckpointRestore(data_iter))
-    if abstract_rest is not None:
+    has_rest = abstract_rest is not None and jax.tree.leaves(abstract_rest)
+    if has_rest:
       items["rest"] = ocp.args.StandardRestore(abstract_rest)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return out["state"], (out["rest"] if abstract_rest is not None else None)
+    return out["state"], (out["rest"] if has_rest else abstract_rest)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -240,7 +240,7 @@ FINETUNE_PRESETS = {
 }
 # Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md).
 _TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
-                 "code": (1024, 512), "arithmetic": (96, 64)}
+                 "code": (1024, 512), "arithmetic": (64, 56)}
 
 
 def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, ...]:
@@ -279,8 +279,10 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.name = preset
   cfg.seed = 0
   cfg.init = ml_collections.ConfigDict(dict(
-      source="random" if quick else "hf",   # hf: HF LLaMA dir | pretrain: lost_jax workdir
-      path="",                              # | random: fresh dense model (tests, CPU demo)
+      # hf: HF LLaMA dir | pretrain: lost_jax pre-training workdir of a dense model |
+      # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
+      source="pretrain" if quick else "hf",
+      path="",
   ))
   cfg.model = model_config("quickstart")
   cfg.model.update(shape)
@@ -297,6 +299,7 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",
       train_file="", eval_file="",
+      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain
       tokenizer="",            # SentencePiece model; "" = built-in stdlib model (quickstart)
       seq_len=seq_len, max_prompt_len=prompt_len,
       train_size=4000, eval_size=128, seed=0,

@@ -37,7 +37,9 @@ def load_base(cfg: ml_collections.ConfigDict) -> Llama:
   if src != "random" and not os.path.isdir(path):
     raise ValueError(f"config.init.path={path!r} is not a directory. Fix: a Hugging Face "
                      "LLaMA directory (init.source=hf) or a lost_jax pre-training workdir "
-                     "(init.source=pretrain).")
+                     "(init.source=pretrain), e.g. after `python -m lost_jax.main pretrain "
+                     "--config=configs/pretrain.py:quickstart,full_rank --workdir=/tmp/qs_fr`: "
+                     "--config.init.path=/tmp/qs_fr.")
   if src == "hf":
     model = hf.load_hf_llama(path, dtype=dtype, param_dtype=param_dtype)
     cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
@@ -69,7 +71,7 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mgr.close()
   params = nnx.state(model, nnx.Param)
-  params.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, param_dtype),
+  nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: jnp.asarray(x, param_dtype),
                                            saved["state"]["params"]))
   nnx.update(model, params)
   return model
@@ -192,7 +194,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     out = {"eval_loss": nll / max(weight, 1.0), "eval_tokens": weight}
     if eval_records:
       out["eval_accuracy"] = accuracy(setup.graphdef, state["params"], rest, eval_records, tok,
-                                      cfg.data.max_prompt_len, cfg.data.max_new_tokens)
+                                      cfg.data.max_prompt_len, cfg.data.max_new_tokens,
+                                      cfg.data.template)
     return out
 
   n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -209,13 +212,13 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
 
 def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
-             batch_size: int = 32) -> float:
+             template: str = "alpaca", batch_size: int = 32) -> float:
   """Exact-match accuracy of greedy (KV-cache) answers of the adapted model."""
   model = nnx.merge(graphdef, params, rest).model
   generated = []
   for i in range(0, len(records), batch_size):
     chunk = records[i:i + batch_size]
-    ids, mask = instruct.prompt_batch(chunk, tok, prompt_len)
+    ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
     generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
                                                 max_new_tokens=max_new)))
   return instruct.exact_match(np.concatenate(generated), records, tok)

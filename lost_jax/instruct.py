@@ -23,17 +23,25 @@ PROMPT = ("Below is an instruction that describes a task, paired with an input t
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n"
                    "### Instruction:\n{instruction}\n\n### Response:\n")
+# A short template for small built-in tasks, where Alpaca's preamble would dominate.
+PLAIN = "{instruction}\n{input}\nAnswer: "
+TEMPLATES = ("alpaca", "plain")
 KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
-def render_prompt(record: dict) -> str:
-  template = PROMPT if record.get("input") else PROMPT_NO_INPUT
-  return template.format(instruction=record["instruction"], input=record.get("input", ""))
+def render_prompt(record: dict, template: str = "alpaca") -> str:
+  if template == "plain":
+    return PLAIN.format(instruction=record["instruction"], input=record.get("input", ""))
+  if template != "alpaca":
+    raise ValueError(f"config.data.template={template!r} is unknown. Fix: one of {TEMPLATES}.")
+  text = PROMPT if record.get("input") else PROMPT_NO_INPUT
+  return text.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
-def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int):
+def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int,
+                  template: str = "alpaca"):
   """(prompt ids, output ids + EOS) with the prompt cut to max_prompt_len, total to max_len."""
-  prompt = tokenizer.encode(render_prompt(record))[:max_prompt_len]
+  prompt = tokenizer.encode(render_prompt(record, template))[:max_prompt_len]
   if tokenizer.bos_id >= 0:
     prompt = [tokenizer.bos_id] + prompt[:max_prompt_len - 1]
   output = tokenizer.encode(record["output"]) + [tokenizer.eos_id]
@@ -134,7 +142,7 @@ class _Encode(grain.transforms.Map):
 
   def map(self, record):
     prompt, output = encode_record(record, self.tokenizer, self.cfg.max_prompt_len,
-                                   self.cfg.seq_len + 1)
+                                   self.cfg.seq_len + 1, self.cfg.template)
     return left_padded_example(prompt, output, self.cfg.seq_len, self.tokenizer.pad_id)
 
 
@@ -160,12 +168,12 @@ def make_eval_batches(data_cfg, tokenizer, batch_size: int) -> list[dict]:
           for i in range(0, len(rows), batch_size)]
 
 
-def prompt_batch(records: list[dict], tokenizer, prompt_len: int):
+def prompt_batch(records: list[dict], tokenizer, prompt_len: int, template: str = "alpaca"):
   """Left-padded prompt ids [B, prompt_len] and mask, for greedy decoding."""
   ids = np.full((len(records), prompt_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(records), prompt_len), np.int32)
   for i, r in enumerate(records):
-    prompt, _ = encode_record(r, tokenizer, prompt_len, prompt_len)
+    prompt, _ = encode_record(r, tokenizer, prompt_len, prompt_len, template)
     ids[i, prompt_len - len(prompt):] = prompt
     mask[i, prompt_len - len(prompt):] = 1
   return ids, mask

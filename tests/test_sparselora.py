@@ -451,12 +451,14 @@ def test_dense_suffix_len_and_buckets():
   assert sl.dense_suffix_len(lm, 1) == 106
   assert sl.dense_suffix_len(np.zeros((2, 8), bool), 64) == 0
   assert sl.bucket_len(300, 256, 64) == 256
-  cfg = sl.config()
-  cfg.ffn_sparsity, cfg.ffn_layers, cfg.attn_sparsity, cfg.attn_layers = 0.9, "1-2", 0.5, "3"
+  cfg = configs.finetune_config("quickstart").sparse
+  cfg.ffn, cfg.attn = "0.9@1-2", "0.5@3"
   plan = sl.plan_from_config(cfg, 4)
   assert plan.ffn == (0.0, 0.9, 0.9, 0.0) and plan.attn == (0.0, 0.0, 0.0, 0.5)
   assert plan.estimator_layers() == (1, 2, 3) and hash(plan) == hash(sl.SparsityPlan(
       plan.ffn, plan.attn))
+  cfg.enabled = False
+  assert sl.plan_from_config(cfg, 4) == sl.SparsityPlan.dense(4)
   with pytest.raises(ValueError, match="exceed"):
     sl.SparsityPlan.from_layers(4, 0.5, "2-4")
   with pytest.raises(ValueError, match=r"\[0, 1\)"):

@@ -1,0 +1,100 @@
+"""Instruction data: left-padded layout, prompt masking, records, exact match."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from lost_jax import instruct
+
+
+class FakeTokenizer:
+  """Characters -> ids 10.. (printable ASCII and newline); pad 0, eos 1, bos 3."""
+  pad_id, eos_id, bos_id = 0, 1, 3
+
+  def encode(self, text):
+    return [10 + ord(c) for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i - 10) for i in ids)
+
+
+def test_left_padded_example_layout_by_hand():
+  ex = instruct.left_padded_example([3, 11, 12], [20, 21, 1], seq_len=8, pad_id=0)
+  # sequence 3 11 12 20 21 1 -> 5 (input, target) pairs, 3 pads on the left
+  np.testing.assert_array_equal(ex["inputs"], [0, 0, 0, 3, 11, 12, 20, 21])
+  np.testing.assert_array_equal(ex["targets"], [0, 0, 0, 11, 12, 20, 21, 1])
+  np.testing.assert_array_equal(ex["positions"], [0, 0, 0, 0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(ex["segment_ids"], [0, 0, 0, 1, 1, 1, 1, 1])
+  # loss only where the target is an output token: 20, 21, EOS
+  np.testing.assert_array_equal(ex["weights"], [0, 0, 0, 0, 0, 1, 1, 1])
+
+
+def test_truncation_keeps_prompt_head_and_caps_the_length():
+  tok = FakeTokenizer()
+  record = {"instruction": "x" * 30, "input": "", "output": "123456789"}
+  prompt, output = instruct.encode_record(record, tok, max_prompt_len=10, max_len=14)
+  assert len(prompt) == 10 and prompt[0] == tok.bos_id
+  assert prompt[1:] == tok.encode(instruct.render_prompt(record))[:9]
+  assert len(prompt) + len(output) == 14 and output == tok.encode("1234")
+
+
+def test_templates():
+  rec = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+  alpaca = instruct.render_prompt(rec)
+  assert "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n" in alpaca
+  no_input = instruct.render_prompt({"instruction": "Add.", "output": "5"})
+  assert "### Input" not in no_input and no_input.endswith("### Response:\n")
+  assert instruct.render_prompt(rec, "plain") == "Add.\n2 and 3\nAnswer: "
+  with pytest.raises(ValueError, match="template"):
+    instruct.render_prompt(rec, "chatml")
+
+
+def test_arithmetic_records_are_correct_and_deterministic():
+  recs = instruct.arithmetic_records(300, seed=5)
+  assert recs == instruct.arithmetic_records(300, seed=5)
+  assert recs != instruct.arithmetic_records(300, seed=6)
+  import re
+  for r in recs:
+    nums = [int(n) for n in re.findall(r"\d+", r["input"])]
+    a, b = nums[0], nums[1]
+    assert int(r["output"]) in (a + b, a - b, a * b)
+    if "more" in r["input"]:
+      assert int(r["output"]) == a + b
+    elif "gives away" in r["input"]:
+      assert int(r["output"]) == a - b >= 0
+    else:
+      assert int(r["output"]) == a * b
+
+
+def test_load_records_json_jsonl_gz_and_errors(tmp_path):
+  recs = [{"instruction": "i", "input": "", "output": "o"}] * 3
+  (tmp_path / "a.json").write_text(json.dumps(recs))
+  with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+    f.write("\n".join(json.dumps(r) for r in recs))
+  assert instruct.load_records(str(tmp_path / "a.json")) == recs
+  assert instruct.load_records(str(tmp_path / "a.jsonl.gz")) == recs
+  with pytest.raises(ValueError, match="does not exist"):
+    instruct.load_records(str(tmp_path / "missing.json"))
+  (tmp_path / "bad.json").write_text('[{"instruction": "i"}]')
+  with pytest.raises(ValueError, match="lacks 'instruction' or 'output'"):
+    instruct.load_records(str(tmp_path / "bad.json"))
+  (tmp_path / "broken.jsonl").write_text('{"instruction": ')
+  with pytest.raises(ValueError, match="not valid JSON"):
+    instruct.load_records(str(tmp_path / "broken.jsonl"))
+  (tmp_path / "empty.json").write_text("[]")
+  with pytest.raises(ValueError, match="no records"):
+    instruct.load_records(str(tmp_path / "empty.json"))
+
+
+def test_prompt_batch_and_exact_match():
+  tok = FakeTokenizer()
+  recs = [{"instruction": "a", "input": "", "output": "12"},
+          {"instruction": "bb", "input": "", "output": "7"}]
+  ids, mask = instruct.prompt_batch(recs, tok, prompt_len=64, template="plain")
+  for r, row, m in zip(recs, ids, mask):
+    want = [tok.bos_id] + tok.encode(instruct.render_prompt(r, "plain"))
+    assert row[m.astype(bool)].tolist() == want and m[-1] == 1 and m[0] == 0
+  gen = np.array([tok.encode("12") + [tok.eos_id, 99], tok.encode("8") + [tok.eos_id] * 3])
+  assert instruct.exact_match(gen, recs, tok) == 0.5
