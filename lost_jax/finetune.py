@@ -140,12 +140,7 @@ class _SparseSchedule:
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                           quiet: bool = False, stop_at: int | None = None) -> dict:
   """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`."""
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  train.apply_precision(cfg)
-  if cfg.mesh.distributed:
-    jax.distributed.initialize()
-  mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.train.batch_size, mesh)
+  cfg, mesh = train.start_run(cfg)
   nproc, pidx = jax.process_count(), jax.process_index()
   local_batch = cfg.train.batch_size // nproc
   os.makedirs(workdir, exist_ok=True)

@@ -85,9 +85,7 @@ class LOSTLinear(nnx.Module):
                    sparse_init=sparse_init, key=key)
     a, b = f.a, f.b
     if factor_init == "random":   # ablation: random factors, same shapes, CoLA's scale
-      std = _factor_std(in_features, out_features, rank)
-      a = std * jax.random.normal(rngs.params(), a.shape)
-      b = std * jax.random.normal(rngs.params(), b.shape)
+      a, b = random_factors(rngs, in_features, out_features, rank)
     elif factor_init != "svd":
       raise ValueError(f"factor_init={factor_init!r} is unknown. Fix: 'svd' or 'random'.")
     in_axis, out_axis = axes
@@ -103,9 +101,11 @@ class LOSTLinear(nnx.Module):
     return self.gamma * low_rank + (1.0 - self.gamma) * sparse
 
 
-def _factor_std(n: int, m: int, rank: int) -> float:
-  # CoLA's init: each factor ~ N(0, (r (n + m))^(-1/2)) keeps the product's scale near dense.
-  return (rank * (n + m)) ** -0.25
+def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array, jax.Array]:
+  """CoLA's init: a [n, r], b [m, r] ~ N(0, (r (n + m))^(-1/2)) each (float32)."""
+  std = (rank * (n + m)) ** -0.25
+  return (std * jax.random.normal(rngs.params(), (n, rank)),
+          std * jax.random.normal(rngs.params(), (m, rank)))
 
 
 def _check_rank(n: int, m: int, rank: int, kind: str):
@@ -125,12 +125,10 @@ class LowRankLinear(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.act = _activation(activation)
     self.dtype = dtype
-    std = _factor_std(in_features, out_features, rank)
+    a, b = random_factors(rngs, in_features, out_features, rank)
     in_axis, out_axis = axes
-    self.a = nnx.Param((std * jax.random.normal(rngs.params(), (in_features, rank)))
-                       .astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param((std * jax.random.normal(rngs.params(), (out_features, rank)))
-                       .astype(param_dtype), axes=(out_axis, "rank"))
+    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     x, a, b = _cast(self.dtype, x_BxN, self.a[...], self.b[...])
@@ -156,12 +154,10 @@ class SLTrainLinear(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.scale = float(alpha) / rank
     self.dtype = dtype
-    std = _factor_std(in_features, out_features, rank)
+    a, b = random_factors(rngs, in_features, out_features, rank)
     in_axis, out_axis = axes
-    self.a = nnx.Param((std * jax.random.normal(rngs.params(), (in_features, rank)))
-                       .astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param((std * jax.random.normal(rngs.params(), (out_features, rank)))
-                       .astype(param_dtype), axes=(out_axis, "rank"))
+    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
+    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
     self.indices = StaticIndices(sltrain_support(rngs.params(), in_features, out_features,
                                                  density))
     bound = 1.0 / math.sqrt(in_features)

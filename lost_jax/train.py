@@ -208,13 +208,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   `stop_at` ends this invocation after that step (with a checkpoint), as a preemption would;
   re-running resumes exactly.
   """
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  apply_precision(cfg)
+  cfg, mesh = start_run(cfg)
   validate(cfg)
-  if cfg.mesh.distributed:
-    jax.distributed.initialize()
-  mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.train.batch_size, mesh)
   nproc, pidx = jax.process_count(), jax.process_index()
   local_batch = cfg.train.batch_size // nproc
 
@@ -239,6 +234,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
              evaluate_fn=lambda st: evaluate(eval_step, st["params"], rest, eval_batches, mesh),
              flops_per_token=accounting.train_flops_per_token(cfg.model, cfg.data.seq_len),
              header=header, quiet=quiet, stop_at=stop_at)
+
+
+def start_run(cfg: ml_collections.ConfigDict):
+  """A private copy of the config with dtypes resolved, and the mesh (multi-host if asked)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  apply_precision(cfg)
+  if cfg.mesh.distributed:
+    jax.distributed.initialize()
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.train.batch_size, mesh)
+  return cfg, mesh
 
 
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,
