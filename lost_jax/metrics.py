@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import tqdm
@@ -17,8 +18,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # imported lazily: optional at library import
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = _summary_writer_cls()(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -32,6 +32,23 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer_cls():
+  """tensorboardX.SummaryWriter, imported without torch.
+
+  tensorboardX try-imports torch (seconds of start-up) only to accept torch tensors; we log
+  floats, so torch is hidden from that one import when it is not loaded already.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None        # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -71,10 +88,12 @@ class Progress:
 def plot_curves(rows_by_name: dict[str, list[dict]], key: str, path: str, *,
                 ylabel: str, title: str, logy: bool = False) -> None:
   """One line per run of `key` vs step, saved as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  # A figure on its own Agg canvas: no pyplot state, no global backend switch (notebooks).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6.4, 4.2))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
   for name, rows in rows_by_name.items():
     pts = [(r["step"], r[key]) for r in rows if key in r]
     if pts:
@@ -88,4 +107,3 @@ def plot_curves(rows_by_name: dict[str, list[dict]], key: str, path: str, *,
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
