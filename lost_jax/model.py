@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from lost_jax import configs as configs_lib
-from lost_jax.layers import DenseLinear, make_linear
+from lost_jax.layers import DenseLinear, make_linear, matmul
 
 
 def as_dtype(name: str | Any):
@@ -59,18 +59,40 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
 
 
 def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
-              segment_ids_BxL: jax.Array | None) -> jax.Array:
-  """Causal GQA attention (query head h uses kv head h // (H / G)); softmax in f32; [B,L,H,K]."""
+              segment_ids_BxL: jax.Array | None, q_block: int = 128) -> jax.Array:
+  """Causal GQA attention (query head h uses kv head h // (H / G)); softmax in f32; [B,L,H,K].
+
+  Queries run in blocks of q_block positions, each against the keys up to its last position
+  only: the fully masked (future) key blocks are never computed, ~(n+1)/2n of the L x L
+  scores for n blocks. Heads sharing a kv head are stacked into one [G, R*q_block, K] matmul
+  operand so every matmul is a plain (batched) A @ B^T or A @ B. The softmax is normalised
+  after the PV matmul, whose value operand carries a column of ones that yields the row sums:
+  the only [q, keys]-sized reduction left is the max, and the backward needs none.
+  """
   b, length, h, hd = q_BxLxHxK.shape
   g = k_BxLxGxK.shape[2]
-  q = q_BxLxHxK.reshape(b, length, g, h // g, hd)
-  scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k_BxLxGxK,
-                      preferred_element_type=jnp.float32) * (hd ** -0.5)
-  mask = attention_mask(segment_ids_BxL, length)[:, :, None]          # [B,1,1,L,L]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxLxGxK.dtype)
-  out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_BxLxGxK)
-  return out.reshape(b, length, h, hd)
+  r = h // g
+  q = q_BxLxHxK.reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)     # [B,G,R,L,K]
+  k = k_BxLxGxK.transpose(0, 2, 1, 3)                                     # [B,G,L,K]
+  v = v_BxLxGxK.transpose(0, 2, 1, 3)
+  v1 = jnp.concatenate([v, jnp.ones((b, g, length, 1), v.dtype)], axis=-1)  # [B,G,L,K+1]
+  outs = []
+  for start in range(0, length, q_block):
+    stop = min(length, start + q_block)
+    n = stop - start
+    q_blk = q[:, :, :, start:stop].reshape(b, g, r * n, hd)
+    scores = jnp.einsum("bgqk,bgsk->bgqs", q_blk, k[:, :, :stop],
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    seg = None if segment_ids_BxL is None else segment_ids_BxL[:, :stop]
+    mask = attention_mask(seg, stop, start, n)[:, :, None]              # [B,1,1,n,stop]
+    scores = jnp.where(mask, scores.reshape(b, g, r, n, stop), jnp.finfo(jnp.float32).min)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - row_max).astype(v.dtype).reshape(b, g, r * n, stop)
+    out1 = jnp.einsum("bgqs,bgsk->bgqk", weights, v1[:, :, :stop])       # [B,G,R*n,K+1]
+    out = out1[..., :hd].astype(jnp.float32) / out1[..., hd:].astype(jnp.float32)
+    outs.append(out.astype(v.dtype).reshape(b, g, r, n, hd))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)    # [B,G,R,L,K]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
 
 
 def remat_call(fn, block, x):
@@ -190,5 +212,5 @@ class Llama(nnx.Module):
       run = lambda blk, y: blk(y, positions_BxL, segment_ids_BxL)
       x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
     h = self.final_norm(x).astype(self.dtype)
-    return jnp.einsum("bld,dv->blv", h, self.lm_head.kernel[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
+    return matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32)

@@ -9,7 +9,7 @@ batch) use only those channels of the base kernels, forward and backward; the de
 Semantics (what "restricted" means everywhere below and in the tests): for sparse tokens each
 base kernel is replaced by a masked copy — gate/up/q/k/v keep only the selected OUTPUT
 columns, down/o only the selected INPUT rows — while LoRA adapters are unchanged. The gather
-path computes exactly that with smaller matmuls (`jnp.take` of kernel columns/rows); q/k/v
+path computes exactly that with smaller matmuls (gathered kernel columns/rows); q/k/v
 outputs are scattered back to full width (zeros elsewhere, as in the reference), the dense
 LoRA delta is added, then RoPE and attention run dense over all tokens and all head dims.
 
@@ -268,38 +268,90 @@ def _base(lin: Linear, x: jax.Array) -> jax.Array:
   return _x(lin, x) @ _kernel(lin)
 
 
+def _take_cols(a_XxN: jax.Array, idx_K: jax.Array) -> jax.Array:
+  """a[..., idx] [..., K]: as take_along_axis, XLA:CPU writes the result row-major in place,
+  where jnp.take(axis=-1) gathers whole columns and transposes them (~2x slower matmuls)."""
+  return jnp.take_along_axis(a_XxN, jnp.broadcast_to(idx_K, a_XxN.shape[:-1] + idx_K.shape),
+                             axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _scatter(y_BxLxK: jax.Array, idx_K: jax.Array, m: int) -> jax.Array:
-  out = jnp.zeros(y_BxLxK.shape[:-1] + (m,), y_BxLxK.dtype)
-  return out.at[..., idx_K].set(y_BxLxK, indices_are_sorted=True, unique_indices=True)
+  """Columns idx of a zero [..., m] array set to y (idx sorted, unique)."""
+  # As a gather of [y | 0] by each output column's source (k = the zero column): XLA:CPU's
+  # scatter is several times slower, and so is the scatter-add that is a gather's transpose;
+  # the custom vjp keeps both directions gathers.
+  k = idx_K.shape[0]
+  src_M = jnp.full((m,), k, jnp.int32).at[idx_K].set(jnp.arange(k, dtype=jnp.int32))
+  padded = jnp.concatenate([y_BxLxK, jnp.zeros(y_BxLxK.shape[:-1] + (1,), y_BxLxK.dtype)], -1)
+  return _take_cols(padded, src_M)
+
+
+def _scatter_fwd(y_BxLxK, idx_K, m):
+  return _scatter(y_BxLxK, idx_K, m), idx_K
+
+
+def _scatter_bwd(m, idx_K, g_BxLxM):
+  del m
+  return _take_cols(g_BxLxM, idx_K), None
+
+
+_scatter.defvjp(_scatter_fwd, _scatter_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather(x_BxLxN: jax.Array, idx_K: jax.Array, n: int) -> jax.Array:
+  """x[..., idx] for sorted unique idx; its transpose is `_scatter`, not a scatter-add."""
+  del n
+  return _take_cols(x_BxLxN, idx_K)
+
+
+def _gather_fwd(x_BxLxN, idx_K, n):
+  return _gather(x_BxLxN, idx_K, n), idx_K
+
+
+def _gather_bwd(n, idx_K, g_BxLxK):
+  return _scatter(g_BxLxK, idx_K, n), None
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def _channel_mask(idx_K: jax.Array, m: int, dtype) -> jax.Array:
   return jnp.zeros((m,), dtype).at[idx_K].set(1)
 
 
+def _out_cols_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
+  m = lin.out_features
+  if how == "gather":
+    return _scatter(_x(lin, x_BxLxN) @ _take_cols(_kernel(lin), idx_K), idx_K, m)
+  y = _base(lin, x_BxLxN)
+  return y * _channel_mask(idx_K, m, y.dtype)
+
+
+def _in_rows_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
+  if how == "gather":
+    x = _gather(_x(lin, x_BxLxN), idx_K, lin.in_features)
+    return x @ jnp.take(_kernel(lin), idx_K, axis=0)
+  x = _x(lin, x_BxLxN)
+  return (x * _channel_mask(idx_K, lin.in_features, x.dtype)) @ _kernel(lin)
+
+
+def _plus_delta(y: jax.Array, lin: Linear, x: jax.Array) -> jax.Array:
+  d = _delta(lin, x)
+  return y if d is None else y + d
+
+
 def out_cols(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str = "gather"
              ) -> jax.Array:
   """Base restricted to output columns idx (others 0) + dense LoRA delta, [B, L, m]."""
-  m = lin.out_features
-  if how == "gather":
-    y = _scatter(_x(lin, x_BxLxN) @ jnp.take(_kernel(lin), idx_K, axis=1), idx_K, m)
-  else:
-    y = _base(lin, x_BxLxN)
-    y = y * _channel_mask(idx_K, m, y.dtype)
-  d = _delta(lin, x_BxLxN)
-  return y if d is None else y + d
+  return _plus_delta(_out_cols_base(lin, x_BxLxN, idx_K, how), lin, x_BxLxN)
 
 
 def in_rows(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str = "gather"
             ) -> jax.Array:
   """Base restricted to input rows idx + dense LoRA delta on the full input, [B, L, m]."""
-  if how == "gather":
-    y = jnp.take(_x(lin, x_BxLxN), idx_K, axis=-1) @ jnp.take(_kernel(lin), idx_K, axis=0)
-  else:
-    x = _x(lin, x_BxLxN)
-    y = (x * _channel_mask(idx_K, lin.in_features, x.dtype)) @ _kernel(lin)
-  d = _delta(lin, x_BxLxN)
-  return y if d is None else y + d
+  return _plus_delta(_in_rows_base(lin, x_BxLxN, idx_K, how), lin, x_BxLxN)
 
 
 def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather"
@@ -308,8 +360,8 @@ def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather
   gate, up, down = mlp.gate, mlp.up, mlp.down
   if how == "gather" and not isinstance(gate, LoRALinear) and not isinstance(up, LoRALinear):
     # No adapter feeds the intermediate: it is exactly zero off idx, so stay compact.
-    g = _x(gate, x_BxLxD) @ jnp.take(_kernel(gate), idx_K, axis=1)
-    u = _x(up, x_BxLxD) @ jnp.take(_kernel(up), idx_K, axis=1)
+    g = _x(gate, x_BxLxD) @ _take_cols(_kernel(gate), idx_K)
+    u = _x(up, x_BxLxD) @ _take_cols(_kernel(up), idx_K)
     act = jax.nn.silu(g) * u
     y = _x(down, act) @ jnp.take(_kernel(down), idx_K, axis=0)
     if isinstance(down, LoRALinear):
@@ -444,8 +496,14 @@ def sparse_attention(attn, x_BxLxD: jax.Array, idx: AttnIndices | None, n_sparse
   xs, xd = _split(x_BxLxD, n_sparse)
   has_dense = xd.shape[1] > 0
 
+  def dense_base(lin, x):
+    return lin.base(x) if isinstance(lin, LoRALinear) else lin(x)
+
+  # Base restricted on the context, full on the suffix; each LoRA delta runs once over all
+  # tokens (one adapter matmul chain per projection, not one per token group).
   def proj(lin, cols):
-    return _join(out_cols(lin, xs, cols, how), lin(xd) if has_dense else None)
+    y = _join(_out_cols_base(lin, xs, cols, how), dense_base(lin, xd) if has_dense else None)
+    return _plus_delta(y, lin, x_BxLxD)
 
   q = proj(attn.q, idx.q).reshape(b, length, attn.n_heads, hd)
   k = proj(attn.k, idx.k).reshape(b, length, attn.n_kv_heads, hd)
@@ -454,7 +512,9 @@ def sparse_attention(attn, x_BxLxD: jax.Array, idx: AttnIndices | None, n_sparse
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   out = attention(q, k, v, segment_ids_BxL).reshape(b, length, attn.n_heads * hd)
   outs, outd = _split(out, n_sparse)
-  return _join(in_rows(attn.o, outs, idx.o, how), attn.o(outd) if has_dense else None)
+  y = _join(_in_rows_base(attn.o, outs, idx.o, how),
+            dense_base(attn.o, outd) if has_dense else None)
+  return _plus_delta(y, attn.o, out)
 
 
 def _layer_est(estimators, i: int, modules):

@@ -1,0 +1,460 @@
+"""Dense LoRA vs SparseLoRA train-step time, following the paper's speed protocol.
+
+A LLaMA3-8B-shaped model (GQA, 32 layers) scaled down to fit a CPU, LoRA r=32 alpha=64 on
+q, k, v, o with the base frozen; each step is forward + backward + AdamW on the LoRA
+parameters only. Synthetic batches of sequence / output length 512 / 128 (Math), batch 1,
+sparsity on from step 0 at the LLaMA3-8B Math config (FFN 0.99 on layers 3-30, attention 0.75
+on 14-19, 21-23, 25-29). Both variants live in one process, share the frozen weights and the
+attention implementation, and alternate step by step (ABBA order) after a warm-up, so load
+from other processes hits both alike. Also reported: the model FLOP ratio (`step_flops`) and
+the estimator's share of the sparse step (estimator + top-k selection of every sparse layer,
+jitted alone on the same hidden states).
+
+  python -m experiments.bench_sparselora                  # CPU -> docs/benchmarks/sparselora.md
+  python -m experiments.bench_sparselora --d_model=4096 --ffn_dim=14336 --n_heads=32 \
+      --n_kv_heads=8 --vocab_size=128256 --dtype=bfloat16 --exact_svd --out_md=''  # real 8B
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lost_jax import configs, optim
+from lost_jax import sparselora as sl
+from lost_jax.lora import LoRAParam, apply_lora
+from lost_jax.model import Llama
+
+MATH_FFN = (0.99, "3-30")
+MATH_ATTN = (0.75, "14-19,21-23,25-29")
+LORA_TARGETS = ("q", "k", "v", "o")
+
+
+def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3584,
+                       n_heads: int = 8, n_kv_heads: int = 2, vocab_size: int = 32000,
+                       dtype: str = "float32") -> ml_collections.ConfigDict:
+  """LLaMA3-8B-shaped model config (head dim d_model / n_heads, rope theta 5e5), dense."""
+  cfg = configs.model_config("quickstart")
+  cfg.update(dict(vocab_size=vocab_size, d_model=d_model, ffn_dim=ffn_dim, n_layers=n_layers,
+                  n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=500_000.0,
+                  norm_eps=1e-5, dtype=dtype, param_dtype="float32", remat=False))
+  configs.validate_model(cfg)
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs of one train step.
+
+
+def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: int,
+               seq_len: int, dense_len: int, lora_rank: int, estimator_rank: int = 8,
+               lora_targets=LORA_TARGETS) -> dict[str, int]:
+  """Matmul FLOPs of one LoRA / SparseLoRA train step (forward + backward), by part.
+
+  Conventions (2 FLOPs per multiply-add): a frozen base projection costs forward + input
+  gradient = 2x its forward; on the first seq_len - dense_len (context) tokens of a sparse
+  layer only the kept output columns (q, k, v, gate, up) or input rows (o, down) count. LoRA
+  branches are dense on every token: forward + input gradient + two weight gradients = 3x.
+  The attention core (QK^T and PV) counts the causal pairs L(L+1)/2 per head, 3x for the
+  backward. The LM head runs on every token (forward + input gradient). The estimator is
+  forward only: the context mean (FFN) or x @ P, its Gram matrix and the column norms
+  through Q (attention), for every layer with a non-zero sparsity.
+  """
+  d, f, h, kv = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads
+  hd = d // h
+  n_tok = batch * seq_len
+  n_dense = batch * dense_len
+  n_ctx = n_tok - n_dense
+  r, e = lora_rank, estimator_rank
+  shapes = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}
+  base = lora = est = 0
+  for i in range(cfg.n_layers):
+    s_attn, s_ffn = plan.attn[i], plan.ffn[i]
+    kept_kv = sl.keep_count(kv * hd, s_attn) if s_attn > 0 else kv * hd
+    kept = {"q": kept_kv * (h // kv), "k": kept_kv, "v": kept_kv, "o": kept_kv * (h // kv),
+            "gate": sl.keep_count(f, s_ffn) if s_ffn > 0 else f}
+    kept["up"] = kept["down"] = kept["gate"]
+    for name, (n, m) in shapes.items():
+      full = n * m
+      part = kept[name] * (m if name in ("o", "down") else n)
+      base += 2 * 2 * (n_dense * full + n_ctx * part)
+    if s_ffn > 0:
+      est += 2 * n_ctx * d + 2 * (2 * batch * d * e + 2 * batch * e * f)
+    if s_attn > 0:
+      for name in ("q", "k", "v"):
+        m = shapes[name][1]
+        est += 2 * n_ctx * d * e + 2 * n_ctx * e * e + 2 * e * e * m + 2 * e * m
+  for name in lora_targets:
+    n, m = shapes[name]
+    lora += cfg.n_layers * 3 * 2 * n_tok * r * (n + m)
+  pairs = batch * seq_len * (seq_len + 1) // 2
+  attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
+  head = 2 * 2 * n_tok * d * cfg.vocab_size
+  return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
+          "total": base + lora + attention + head + est}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, estimators, batch and steps.
+
+
+def build_lora_model(cfg: ml_collections.ConfigDict, lora_rank: int, lora_alpha: float,
+                     seed: int = 0) -> Llama:
+  """Random dense Llama built by one jitted init (no eager per-kernel ops) + LoRA adapters."""
+  model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))()
+  apply_lora(model, LORA_TARGETS, rank=lora_rank, alpha=lora_alpha, rngs=nnx.Rngs(seed + 1))
+  # B = 0 at init would make the first gradients of A zero; any values cost the same.
+  state = nnx.state(model, LoRAParam)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      tree, [x + 1e-3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  return model
+
+
+def fast_estimators(model: Llama, layers, rank: int = 8, iters: int = 4, seed: int = 0
+                    ) -> dict:
+  """Rank-r factors (P = U sqrt(s), Q = sqrt(s) V^T) by jitted subspace iteration.
+
+  The same layout as `sparselora.build_estimators`; its exact CPU SVDs take about a minute
+  per kernel here. Timing does not depend on the factors' values (only on which channels
+  are kept, and every choice costs the same), so approximate top singular vectors suffice.
+  """
+  @jax.jit
+  def factors(kernel, key):
+    k = kernel.astype(jnp.float32)
+    y = k @ jax.random.normal(key, (k.shape[1], 2 * rank), jnp.float32)
+    for _ in range(iters):
+      basis, _ = jnp.linalg.qr(y)
+      y = k @ (k.T @ basis)
+    basis, _ = jnp.linalg.qr(y)                               # [n, 2r] spans top space
+    u, s, vt = jnp.linalg.svd(basis.T @ k, full_matrices=False)  # small [2r, m] SVD
+    root = jnp.sqrt(s[:rank])
+    return (basis @ u[:, :rank]) * root[None, :], root[:, None] * vt[:rank]
+
+  est, key = {}, jax.random.key(seed)
+  for i in layers:
+    block = model.layers[i]
+    est[sl.layer_key(i)] = {}
+    for name in sl.EST_MODULES:
+      owner = block.mlp if name in ("gate", "up") else block.attn
+      key, sub = jax.random.split(key)
+      p, q = factors(getattr(owner, name).kernel[...], sub)
+      est[sl.layer_key(i)][name] = {"p": p, "q": q}
+  return est
+
+
+def synthetic_batch(batch: int, seq_len: int, out_len: int, vocab: int, seed: int = 0
+                    ) -> dict[str, jax.Array]:
+  """Random tokens; the last out_len positions of each row carry the loss (output tokens)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+  weights = np.zeros((batch, seq_len), np.float32)
+  weights[:, seq_len - out_len:] = 1.0
+  return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+          "weights": jnp.asarray(weights)}
+
+
+def make_train_step(graphdef, forward: Callable, tx: optax.GradientTransformation):
+  """Jitted (lora, opt_state, rest, est, batch) -> (lora, opt_state, loss); donates state."""
+  def step(lora, opt_state, rest, est, batch):
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p, rest)
+      nll, weight = optim.cross_entropy(forward(model, batch["inputs"], est),
+                                        batch["targets"], batch["weights"])
+      return nll / jnp.maximum(weight, 1.0)
+    loss, grads = jax.value_and_grad(loss_fn)(lora)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def layer_inputs(model: Llama, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Normed inputs of every block's attention and MLP, [n_layers, B, L, D] each."""
+  @nnx.jit
+  def run(model, tokens):
+    b, length = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+    x = model.embed(tokens, model.dtype)
+    h_attn, h_mlp = [], []
+    for block in model.layers:
+      h_attn.append(block.attn_norm(x).astype(block.dtype))
+      x = x + block.attn(h_attn[-1], pos, None).astype(x.dtype)
+      h_mlp.append(block.mlp_norm(x).astype(block.dtype))
+      x = x + block.mlp(h_mlp[-1]).astype(x.dtype)
+    return jnp.stack(h_attn), jnp.stack(h_mlp)
+  return run(model, tokens_BxL)
+
+
+def _groups(plan: sl.SparsityPlan) -> dict[tuple[float, float], list[int]]:
+  groups: dict[tuple[float, float], list[int]] = {}
+  for i in plan.estimator_layers():
+    groups.setdefault((plan.attn[i], plan.ffn[i]), []).append(i)
+  return groups
+
+
+def selection_inputs(plan: sl.SparsityPlan, est: dict, h_attn, h_mlp, n_ctx: int) -> list:
+  """Per (attention, FFN) sparsity group: stacked estimators and context hidden states."""
+  out = []
+  for layers in _groups(plan).values():
+    ids = np.asarray(layers)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[est[sl.layer_key(i)] for i in layers])
+    out.append((stacked, h_attn[ids, :, :n_ctx], h_mlp[ids, :, :n_ctx]))
+  return out
+
+
+def make_selection(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan):
+  """Jitted estimator + top-k selection of every sparse layer, on `selection_inputs`.
+
+  Layers of a group run one after the other in a lax.scan, as in the step where each layer
+  waits for the previous one: an unrolled loop over independent layers lets XLA fuse the
+  layers' reductions side by side, which this CPU backend compiles into far slower loops
+  than the step ever runs.
+  """
+  def one_layer(s_attn, s_ffn, e, x_attn, x_mlp):
+    out = []
+    if s_attn > 0:
+      norms = [sl.low_rank_column_norms(x_attn, None, e[m]["p"], e[m]["q"]) for m in "qkv"]
+      out.append(sl.select_attention(*norms, s_attn, cfg.n_heads, cfg.n_kv_heads))
+    if s_ffn > 0:
+      score = sl.ffn_scores(x_mlp, None, e["gate"], e["up"])
+      out.append(sl.top_k_indices(score, sl.keep_count(cfg.ffn_dim, s_ffn)))
+    return out
+
+  def select(inputs):
+    out = []
+    for (s_attn, s_ffn), xs in zip(_groups(plan), inputs):
+      body = lambda c, x, sa=s_attn, sf=s_ffn: (c, one_layer(sa, sf, *x))
+      out.append(jax.lax.scan(body, 0, xs)[1])
+    return out
+  return jax.jit(select)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark.
+
+
+@dataclasses.dataclass
+class Timing:
+  """Per-step seconds of one variant (timed steps only)."""
+  seconds: list[float]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.seconds)
+
+  def quantiles(self) -> tuple[float, float]:
+    q = np.quantile(self.seconds, [0.25, 0.75])
+    return float(q[0]), float(q[1])
+
+
+def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: int = 1,
+                  seq_len: int = 512, out_len: int = 128, bucket: int = 64,
+                  lora_rank: int = 32, lora_alpha: float = 64.0, estimator_rank: int = 8,
+                  warmup: int = 10, steps: int = 30, exact_svd: bool = False, seed: int = 0,
+                  log: Callable[[str], None] = print) -> dict:
+  """Interleaved dense-LoRA / SparseLoRA train steps; returns timings, FLOPs, settings."""
+  if not 0 < out_len <= seq_len:
+    raise ValueError(f"out_len={out_len} must be in 1..seq_len={seq_len}.")
+  t0 = time.perf_counter()
+  model = build_lora_model(cfg, lora_rank, lora_alpha, seed)
+  layers = plan.estimator_layers()
+  est = (sl.build_estimators(model, estimator_rank, layers) if exact_svd
+         else fast_estimators(model, layers, estimator_rank, seed=seed))
+  log(f"model + {len(layers)} layers of estimators built in {time.perf_counter() - t0:.1f} s")
+  data = synthetic_batch(batch, seq_len, out_len, cfg.vocab_size, seed)
+  dense_len = sl.dense_suffix_len(np.asarray(data["weights"]), bucket)
+  n_ctx = seq_len - dense_len
+
+  graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
+  tx = optax.adamw(1e-4)
+  variants = {
+      "lora": make_train_step(graphdef, lambda m, t, e: m(t), tx),
+      "sparselora": make_train_step(
+          graphdef, lambda m, t, e: sl.forward(m, t, e, plan, dense_len), tx),
+  }
+  state = {name: (jax.tree.map(jnp.copy, lora), tx.init(lora)) for name in variants}
+  select = make_selection(cfg, plan)
+  sel_inputs = selection_inputs(plan, est, *layer_inputs(model, data["inputs"]), n_ctx)
+  del model
+
+  def run(name):
+    t = time.perf_counter()
+    if name == "estimator":
+      jax.block_until_ready(select(sel_inputs))
+    else:
+      params, opt_state, loss = variants[name](*state[name], rest, est, data)
+      state[name] = (params, opt_state)
+      jax.block_until_ready((params, opt_state, loss))   # the AdamW update may end last
+    return time.perf_counter() - t
+
+  names = ("lora", "sparselora", "estimator")
+  for name in names:                                   # compile
+    log(f"compiled + first {name} step: {run(name):.1f} s")
+  times = {name: [] for name in names}
+  for i in range(warmup + steps):
+    order = names if i % 2 == 0 else names[1::-1] + names[2:]
+    for name in order:
+      dt = run(name)
+      if i >= warmup:
+        times[name].append(dt)
+    if i >= warmup:
+      log(f"step {i - warmup + 1}/{steps}: lora {times['lora'][-1]:.3f} s, sparselora "
+          f"{times['sparselora'][-1]:.3f} s, estimator {times['estimator'][-1] * 1e3:.1f} ms")
+  kw = dict(batch=batch, seq_len=seq_len, dense_len=dense_len, lora_rank=lora_rank,
+            estimator_rank=estimator_rank)
+  return {
+      "timings": {name: Timing(t) for name, t in times.items()},
+      "flops": {"lora": step_flops(cfg, sl.SparsityPlan.dense(cfg.n_layers), **kw),
+                "sparselora": step_flops(cfg, plan, **kw)},
+      "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
+                       lora_rank=lora_rank, lora_alpha=lora_alpha, warmup=warmup, steps=steps,
+                       estimator_rank=estimator_rank, exact_svd=exact_svd,
+                       sparse_layers=len(layers)),
+  }
+
+
+def summary(result: dict) -> dict[str, float]:
+  """Speedup (ratio of medians, median of per-step ratios), FLOP ratio, estimator share."""
+  t = result["timings"]
+  pair = np.asarray(t["lora"].seconds) / np.asarray(t["sparselora"].seconds)
+  f = result["flops"]
+  return {"speedup": t["lora"].median / t["sparselora"].median,
+          "pair_speedup": float(np.median(pair)),
+          "pair_speedup_q25": float(np.quantile(pair, 0.25)),
+          "pair_speedup_q75": float(np.quantile(pair, 0.75)),
+          "flop_ratio": f["lora"]["total"] / f["sparselora"]["total"],
+          "flop_fraction": f["sparselora"]["total"] / f["lora"]["total"],
+          "estimator_share": t["estimator"].median / t["sparselora"].median,
+          "estimator_flop_share": f["sparselora"]["estimator"] / f["sparselora"]["total"]}
+
+
+def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command: str) -> str:
+  """Markdown: settings, step-time table, FLOPs by part, headline ratios."""
+  t, f, s = result["timings"], result["flops"], result["settings"]
+  m = summary(result)
+  dev = jax.devices()[0]
+  lines = [
+      "# SparseLoRA vs LoRA train-step time",
+      "",
+      f"Command: `{command}`",
+      "",
+      f"Device: {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores, "
+      f"{platform.processor() or platform.machine()}) | jax {jax.__version__} | "
+      f"compute dtype {cfg.dtype}, params float32",
+      "",
+      f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, FFN {cfg.ffn_dim}, "
+      f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads of dim {cfg.d_model // cfg.n_heads}, "
+      f"vocab {cfg.vocab_size} (LLaMA3-8B shape, scaled down). LoRA r={s['lora_rank']} "
+      f"alpha={s['lora_alpha']:g} on q, k, v, o; base frozen; AdamW on LoRA only.",
+      "",
+      f"Protocol: synthetic batch {s['batch']} x {s['seq_len']} tokens, last {s['out_len']} "
+      f"with loss (dense suffix {s['dense_len']} tokens, context {s['seq_len'] - s['dense_len']}"
+      f" sparse); sparsity {plan_text}, on from step 0; {s['warmup']} warm-up + {s['steps']} "
+      "timed steps per variant, interleaved ABBA in one process; estimator + selection of all "
+      f"{s['sparse_layers']} sparse layers timed alone (jitted) on the same hidden states.",
+      "",
+      "| variant | median step (s) | IQR (s) | min - max (s) | model GFLOP / step |",
+      "|---|---|---|---|---|",
+  ]
+  for name in ("lora", "sparselora"):
+    lo, hi = t[name].quantiles()
+    lines.append(f"| {name} | {t[name].median:.3f} | {lo:.3f} - {hi:.3f} | "
+                 f"{min(t[name].seconds):.3f} - {max(t[name].seconds):.3f} | "
+                 f"{f[name]['total'] / 1e9:.1f} |")
+  lo, hi = t["estimator"].quantiles()
+  lines.append(f"| estimator + selection | {t['estimator'].median * 1e3:.2f} ms | "
+               f"{lo * 1e3:.2f} - {hi * 1e3:.2f} ms | {min(t['estimator'].seconds) * 1e3:.2f} - "
+               f"{max(t['estimator'].seconds) * 1e3:.2f} ms | "
+               f"{f['sparselora']['estimator'] / 1e9:.3f} |")
+  lines += [
+      "",
+      f"- Wall-clock speedup (ratio of medians): **{m['speedup']:.2f}x**; median of per-step "
+      f"ratios {m['pair_speedup']:.2f}x (IQR {m['pair_speedup_q25']:.2f} - "
+      f"{m['pair_speedup_q75']:.2f}).",
+      f"- FLOP ratio LoRA / SparseLoRA: **{m['flop_ratio']:.2f}x** (SparseLoRA = "
+      f"{m['flop_fraction']:.0%} of LoRA's FLOPs).",
+      f"- Estimator + selection: **{m['estimator_share']:.2%}** of the SparseLoRA step time "
+      f"({m['estimator_flop_share']:.3%} of its FLOPs).",
+      "",
+      "Model FLOPs by part (GFLOP per step, forward + backward; `step_flops`):",
+      "",
+      "| variant | base projections | LoRA | attention core | LM head | estimator | total |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for name in ("lora", "sparselora"):
+    g = {k: v / 1e9 for k, v in f[name].items()}
+    lines.append(f"| {name} | {g['base']:.1f} | {g['lora']:.1f} | {g['attention']:.1f} | "
+                 f"{g['head']:.1f} | {g['estimator']:.3f} | {g['total']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer("n_layers", 32, "Decoder blocks.")
+  flags.DEFINE_integer("d_model", 1024, "Hidden size (LLaMA3-8B: 4096).")
+  flags.DEFINE_integer("ffn_dim", 3584, "MLP intermediate size (LLaMA3-8B: 14336).")
+  flags.DEFINE_integer("n_heads", 8, "Query heads (LLaMA3-8B: 32).")
+  flags.DEFINE_integer("n_kv_heads", 2, "Key/value heads (LLaMA3-8B: 8).")
+  flags.DEFINE_integer("vocab_size", 32000, "Vocabulary (LLaMA3-8B: 128256).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params f32).")
+  flags.DEFINE_integer("batch", 1, "Sequences per step.")
+  flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
+  flags.DEFINE_integer("out_len", 128, "Output (loss) tokens at the end of each sequence.")
+  flags.DEFINE_integer("bucket", 64, "Dense-suffix length is rounded up to this.")
+  flags.DEFINE_float("ffn_sparsity", MATH_FFN[0], "FFN sparsity on --ffn_layers.")
+  flags.DEFINE_string("ffn_layers", MATH_FFN[1], "Layers with sparse FFN, e.g. '3-30'.")
+  flags.DEFINE_float("attn_sparsity", MATH_ATTN[0], "Attention sparsity on --attn_layers.")
+  flags.DEFINE_string("attn_layers", MATH_ATTN[1], "Layers with sparse attention.")
+  flags.DEFINE_integer("lora_rank", 32, "LoRA rank.")
+  flags.DEFINE_float("lora_alpha", 64.0, "LoRA alpha.")
+  flags.DEFINE_integer("estimator_rank", 8, "SVD estimator rank.")
+  flags.DEFINE_bool("exact_svd", False, "Exact SVD estimators (slow on CPU) instead of "
+                    "subspace iteration; timing is the same either way.")
+  flags.DEFINE_integer("warmup", 10, "Warm-up steps per variant.")
+  flags.DEFINE_integer("steps", 30, "Timed steps per variant.")
+  flags.DEFINE_integer("seed", 0, "Seed of weights and batch.")
+  flags.DEFINE_string("out_md", "docs/benchmarks/sparselora.md",
+                      "Write the markdown report here ('' = print only).")
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  fl = flags.FLAGS
+  cfg = bench_model_config(fl.n_layers, fl.d_model, fl.ffn_dim, fl.n_heads, fl.n_kv_heads,
+                           fl.vocab_size, fl.dtype)
+  plan = sl.SparsityPlan.from_layers(cfg.n_layers, fl.ffn_sparsity, fl.ffn_layers,
+                                     fl.attn_sparsity, fl.attn_layers)
+  plan_text = (f"FFN {fl.ffn_sparsity:g} on layers {fl.ffn_layers}, attention "
+               f"{fl.attn_sparsity:g} on {fl.attn_layers}")
+  result = run_benchmark(cfg, plan, batch=fl.batch, seq_len=fl.seq_len, out_len=fl.out_len,
+                         bucket=fl.bucket, lora_rank=fl.lora_rank, lora_alpha=fl.lora_alpha,
+                         estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,
+                         exact_svd=fl.exact_svd, seed=fl.seed)
+  command = "python -m experiments.bench_sparselora " + " ".join(sys.argv[1:])
+  text = report(result, cfg, plan_text, command.strip())
+  print(text)
+  if fl.out_md:
+    os.makedirs(os.path.dirname(fl.out_md) or ".", exist_ok=True)
+    with open(fl.out_md, "w") as fh:
+      fh.write(text)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(_main)

@@ -1,0 +1,480 @@
+"""Ahead-of-time memory of one training step for every size x method (XLA memory_analysis).
+
+The real train step (`lost_jax.train.make_train_step`) is lowered on abstract inputs
+(`jax.ShapeDtypeStruct` with shardings) and compiled: no parameter is ever allocated, so a 7B
+step compiles on a small machine. Each row reports XLA's buffer sizes for one device holding
+the whole model (data parallel): arguments (= parameters + optimizer state + static indices +
+the batch), temporaries (= gradients, the accumulation buffer, activations of one micro-batch,
+optimizer workspace), outputs and the outputs aliased to donated arguments, beside the
+closed-form estimate of `lost_jax.accounting.memory_estimate`.
+
+  python -m experiments.memory --sizes=llama_1b --methods=full_rank,lost --remat
+  python -m experiments.memory --platform=tpu --topology=v5p:2x2x1   # needs libtpu
+  # docs/benchmarks/memory.md:
+  python -m experiments.memory --sweep_sizes=llama_1b,llama_7b \\
+      --remat_check_sizes=llama_1b,llama_7b --out_md=docs/benchmarks/memory.md \\
+      --out_png=docs/benchmarks/memory.png
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lost_jax import accounting, configs, sharding, train
+
+# Per-device micro-batch (sequences of 256 tokens) per size. The global batch stays the
+# paper's 512 sequences, reached by gradient accumulation over 512 / micro-batch passes.
+DEFAULT_MICROBATCH = {"quickstart": 4, "llama_60m": 32, "llama_130m": 32, "llama_350m": 32,
+                      "llama_1b": 8, "llama_7b": 4}
+PLATFORMS = ("cpu", "tpu")
+TARGET = 0.55    # the issue's bound on LOST's total / full-rank's total at 1B and 7B.
+GIB = 2 ** 30
+
+
+def measurement_config(size: str, method: str, *, precision: str = "mixed",
+                       microbatch: int | None = None, remat: bool = False,
+                       overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The `<size>,<method>` preset set up for one measurement: precision, micro-batch, remat."""
+  cfg = configs.pretrain_config(size, method)
+  if overrides:
+    cfg.update_from_flattened_dict(overrides)
+  cfg.model.remat = remat
+  cfg.train.precision = precision
+  micro = microbatch or DEFAULT_MICROBATCH.get(size, cfg.train.batch_size)
+  if micro < 1 or cfg.train.batch_size % micro:
+    raise ValueError(f"micro-batch {micro} does not divide the global batch "
+                     f"{cfg.train.batch_size}. Fix: pick a divisor, e.g. 8, 16 or 32.")
+  cfg.train.microbatches = cfg.train.batch_size // micro
+  train.apply_precision(cfg)
+  train.validate(cfg)
+  return cfg
+
+
+def target_devices(platform: str, topology: str = "v5p:2x2x1") -> list:
+  """One device to compile for: the host CPU, or one chip of a deviceless TPU topology."""
+  if platform == "cpu":
+    return jax.devices("cpu")[:1]
+  if platform == "tpu":
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    try:
+      topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(f"no TPU compiler for topology {topology!r} ({e}). Fix: "
+                         "pip install 'libtpu==0.0.42.*' (jax[tpu]'s pin for jax 0.10.2) "
+                         "or pass --platform=cpu.") from e
+    return list(topo.devices)[:1]
+  raise ValueError(f"platform={platform!r} is unknown. Fix: use one of {PLATFORMS}.")
+
+
+_DOT = re.compile(r"= (\w+)\[[^\]]*\](?:\{[^}]*\})? dot\(")
+
+
+def _dot_dtypes(hlo_text: str) -> dict[str, int]:
+  """Count of dot instructions per result dtype in an HLO module's text."""
+  return dict(collections.Counter(_DOT.findall(hlo_text)))
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict):
+  """(state, rest, batch) as ShapeDtypeStructs carrying the step's input shardings."""
+  def with_shardings(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+  state = with_shardings(setup.abstract_state, setup.state_shardings)
+  rest = with_shardings(setup.abstract_rest, setup.rest_shardings)
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  batch_sharding = sharding.batch_sharding(setup.mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
+                                   sharding=batch_sharding) for k in train.BATCH_KEYS}
+  return state, rest, batch
+
+
+def measure(cfg: ml_collections.ConfigDict, devices: list) -> dict:
+  """Compile cfg's train step for `devices` and return XLA's memory numbers (bytes)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  t0 = time.time()
+  setup = train.make_setup(cfg, mesh)
+  state, rest, batch = abstract_inputs(setup, cfg)
+  step = train.make_train_step(setup, cfg.train.microbatches)
+  lowered = step.lower(state, rest, batch)
+  compiled = lowered.compile()
+  stats = compiled.memory_analysis()
+  out = dict(
+      argument=stats.argument_size_in_bytes,
+      temp=stats.temp_size_in_bytes,
+      output=stats.output_size_in_bytes,
+      alias=stats.alias_size_in_bytes,
+      xla_peak=stats.peak_memory_in_bytes,
+      # What the arguments hold, from the abstract inputs themselves (exact).
+      params_bytes=_nbytes(state["params"]),
+      opt_state_bytes=_nbytes(state["opt_state"]),
+      static_bytes=_nbytes(rest),
+      batch_bytes=_nbytes(batch),
+      compile_s=time.time() - t0,
+      # Matmul result dtypes before and after XLA's passes: a backend may widen bf16 dots.
+      dots_before=_dot_dtypes(lowered.as_text(dialect="hlo")),
+      dots_after=_dot_dtypes(compiled.as_text()),
+  )
+  out["sum"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+  return out
+
+
+def device_total(row: dict, platform: str) -> int:
+  """Peak bytes on the device: the buffer sum on CPU, the compiler's peak on TPU.
+
+  XLA:CPU's `peak_memory_in_bytes` leaves temporaries out (it equals argument + output - alias
+  in this jax version), so the CPU total is argument + temp + output - alias, an upper bound.
+  The TPU compiler's peak comes from its heap simulation and is what HBM must hold.
+  """
+  return row["xla_peak"] if platform == "tpu" else row["sum"]
+
+
+def run(sizes: Iterable[str], methods: Iterable[str], *, precision: str = "mixed",
+        microbatch: int | None = None, remat: bool = False, platform: str = "cpu",
+        topology: str = "v5p:2x2x1", overrides: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print) -> list[dict]:
+  """Measure every (size, method); rows carry XLA's bytes, the estimate and x full-rank."""
+  devices = target_devices(platform, topology)
+  rows = []
+  for size in sizes:
+    for method in methods:
+      cfg = measurement_config(size, method, precision=precision, microbatch=microbatch,
+                               remat=remat, overrides=overrides)
+      row = dict(size=size, method=method, platform=platform, device=str(devices[0].device_kind),
+                 precision=precision, remat=bool(cfg.model.remat),
+                 microbatch=cfg.train.batch_size // cfg.train.microbatches,
+                 microbatches=cfg.train.microbatches, global_batch=cfg.train.batch_size,
+                 seq_len=cfg.data.seq_len,
+                 params=accounting.count_params(cfg.model)["total"],
+                 estimate=accounting.memory_estimate(cfg))
+      row.update(measure(cfg, devices))
+      row["total"] = device_total(row, platform)
+      rows.append(row)
+      log(f"{size:>11} {method:>9} | micro-batch {row['microbatch']} x {row['microbatches']} | "
+          f"remat {row['remat']} | args {row['argument'] / GIB:7.2f} GiB | temp "
+          f"{row['temp'] / GIB:7.2f} GiB | total {row['total'] / GIB:7.2f} GiB | estimate "
+          f"{row['estimate']['total'] / GIB:7.2f} GiB | compiled in {row['compile_s']:.0f} s")
+  add_ratios(rows)
+  return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """x full-rank of the measured and estimated totals, within each size (needs full_rank)."""
+  base = {r["size"]: r for r in rows if r["method"] == "full_rank"}
+  for r in rows:
+    b = base.get(r["size"])
+    r["ratio"] = r["total"] / b["total"] if b else float("nan")
+    r["estimate_ratio"] = (r["estimate"]["total"] / b["estimate"]["total"]
+                           if b else float("nan"))
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """One markdown row per measurement; memory in GiB."""
+  head = ("| size | method | params (M) | micro-batch x passes | remat | arguments | temp | "
+          "output - alias | **total** | **x full-rank** | estimate total | estimate "
+          "x full-rank | estimate (W / G / O / A) |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    e = r["estimate"]
+    lines.append(
+        f"| {r['size']} | {r['method']} | {r['params'] / 1e6:.1f} | "
+        f"{r['microbatch']} x {r['microbatches']} | {'yes' if r['remat'] else 'no'} | "
+        f"{_gib(r['argument'])} | {_gib(r['temp'])} | {_gib(r['output'] - r['alias'])} | "
+        f"**{_gib(r['total'])}** | **{r['ratio']:.2f}** | {_gib(e['total'])} | "
+        f"{r['estimate_ratio']:.2f} | {_gib(e['weights'])} / {_gib(e['gradients'])} / "
+        f"{_gib(e['optimizer'])} / {_gib(e['activations'])} |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+  """Stacked bars per method (arguments, then everything else) in one panel per size."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sizes = list(dict.fromkeys(r["size"] for r in rows))
+  fig, axes = plt.subplots(1, len(sizes), figsize=(max(3.2 * len(sizes) + 1, 9), 4),
+                           squeeze=False)
+  for ax, size in zip(axes[0], sizes):
+    sub = [r for r in rows if r["size"] == size]
+    x = np.arange(len(sub))
+    args = np.array([r["argument"] for r in sub]) / GIB
+    rest = np.array([r["total"] for r in sub]) / GIB - args
+    ax.bar(x, args, color="#4C72B0", label="arguments: weights + optimizer state")
+    ax.bar(x, rest, bottom=args, color="#DD8452",
+           label="temporaries: gradients + activations + workspace")
+    ax.scatter(x, [r["estimate"]["total"] / GIB for r in sub], marker="_", s=300, c="k",
+               zorder=3, label="accounting estimate")
+    ax.set_xticks(x, [r["method"] for r in sub], rotation=45, ha="right")
+    ax.set_title(size)
+    ax.set_ylabel("GiB per device" if ax is axes[0][0] else "")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper center", ncol=3, frameon=False)
+  if title:
+    fig.suptitle(title, y=0.02, fontsize=8)
+  fig.tight_layout(rect=(0, 0.04, 1, 0.9))
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+  """Per size: LOST's total and arguments (weights + optimizer state) as a multiple of full-rank."""
+  out = []
+  for r in rows:
+    if r["method"] != "lost" or math.isnan(r["ratio"]):
+      continue
+    full = next(b for b in rows if b["size"] == r["size"] and b["method"] == "full_rank")
+    out.append(f"{r['size']}: LOST total = {r['ratio']:.2f} x full-rank ({_gib(r['total'])} vs "
+               f"{_gib(full['total'])} GiB; accounting estimate {r['estimate_ratio']:.2f} x); "
+               f"arguments alone {r['argument'] / full['argument']:.2f} x")
+  return out
+
+
+def sweep(sizes: Iterable[str], microbatches: Iterable[int], *,
+          methods: Iterable[str] = ("full_rank", "lost"), known: Iterable[dict] = (),
+          **kwargs) -> list[dict]:
+  """`run` at every micro-batch size; rows already in `known` with the same setting are reused."""
+  known = list(known)
+  out = []
+  for size in sizes:
+    for micro in microbatches:
+      have = {r["method"]: r for r in known if r["size"] == size and r["microbatch"] == micro}
+      todo = [m for m in methods if m not in have]
+      new = run([size], todo, microbatch=micro, **kwargs) if todo else []
+      rows = [have.get(m) or next(r for r in new if r["method"] == m) for m in methods]
+      add_ratios(rows)
+      out.extend(dict(r) for r in rows)
+  return out
+
+
+def per_sequence_fit(rows: list[dict], size: str, method: str) -> tuple[float, float] | None:
+  """Least-squares (bytes at 0 sequences, bytes per sequence) of temp vs micro-batch."""
+  pts = [(r["microbatch"], r["temp"]) for r in rows if r["size"] == size and r["method"] == method]
+  if len(pts) < 2:
+    return None
+  x, y = np.array(pts, dtype=np.float64).T
+  slope, intercept = np.polyfit(x, y, 1)
+  return float(intercept), float(slope)
+
+
+def sweep_table(rows: list[dict]) -> str:
+  """LOST vs full-rank totals per micro-batch size."""
+  lines = ["| size | micro-batch x passes | full-rank total | LOST total | **LOST x full-rank** | "
+           "estimate x full-rank |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["method"] != "lost":
+      continue
+    full = r["total"] / r["ratio"]
+    lines.append(f"| {r['size']} | {r['microbatch']} x {r['microbatches']} | {_gib(full)} | "
+                 f"{_gib(r['total'])} | **{r['ratio']:.2f}** | {r['estimate_ratio']:.2f} |")
+  return "\n".join(lines)
+
+
+def fit_lines(rows: list[dict]) -> list[str]:
+  """What the temporaries are made of: a batch-independent part and a per-sequence part."""
+  out = []
+  for size in dict.fromkeys(r["size"] for r in rows):
+    for method in dict.fromkeys(r["method"] for r in rows if r["size"] == size):
+      fit = per_sequence_fit(rows, size, method)
+      if fit is None:
+        continue
+      r = next(r for r in rows if r["size"] == size and r["method"] == method)
+      est_per_seq = r["estimate"]["activations"] / r["microbatch"]
+      out.append(f"{size} {method}: temp = {_gib(fit[0])} GiB + {fit[1] / GIB:.3f} GiB per "
+                 f"sequence of the micro-batch (batch-independent part = "
+                 f"{fit[0] / r['params_bytes']:.1f} x the float32 weights; the accounting's "
+                 f"activations: {est_per_seq / GIB:.3f} GiB per sequence)")
+  return out
+
+
+def remat_table(rows: list[dict]) -> str:
+  """Temporaries and totals without and with model.remat, measured and estimated."""
+  key = lambda r: (r["size"], r["method"], r["microbatch"])
+  on = {key(r): r for r in rows if r["remat"]}
+  off = list({key(r): r for r in rows if not r["remat"] and key(r) in on}.values())
+  lines = ["| size | method | micro-batch | temp, no remat | temp, remat | total, no remat | "
+           "total, remat | estimate activations, no remat | estimate activations, remat |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for a in off:
+    b = on[key(a)]
+    lines.append(f"| {a['size']} | {a['method']} | {a['microbatch']} | {_gib(a['temp'])} | "
+                 f"{_gib(b['temp'])} | {_gib(a['total'])} | {_gib(b['total'])} | "
+                 f"{_gib(a['estimate']['activations'])} | {_gib(b['estimate']['activations'])} |")
+  return "\n".join(lines)
+
+
+def dot_line(row: dict) -> str:
+  """How the compiler changed matmul dtypes in one measured step."""
+  fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+  return (f"{row['size']} {row['method']} on {row['platform']}: dot instructions by result "
+          f"dtype before optimisation: {fmt(row['dots_before'])}; after: "
+          f"{fmt(row['dots_after'])}")
+
+
+def target_lines(rows: list[dict], swept: list[dict], target: float = TARGET) -> list[str]:
+  """Is LOST's total <= target x full-rank at 1B and 7B, and at which micro-batch sizes?"""
+  out = []
+  for size in ("llama_1b", "llama_7b"):
+    main = next((r for r in rows if r["size"] == size and r["method"] == "lost"), None)
+    if main is None or math.isnan(main["ratio"]):
+      continue
+    verdict = "met" if main["ratio"] <= target else "not met"
+    line = (f"{size}: target LOST <= {target} x full-rank {verdict} at the default micro-batch "
+            f"{main['microbatch']} ({main['ratio']:.2f} x)")
+    pts = sorted((r["microbatch"], r["ratio"]) for r in swept
+                 if r["size"] == size and r["method"] == "lost")
+    if pts:
+      ok = [m for m, ratio in pts if ratio <= target]
+      line += ("; in the sweep " + ", ".join(f"{m}: {ratio:.2f}" for m, ratio in pts)
+               + (f" -> met for micro-batch <= {max(ok)}" if ok else " -> met at none"))
+    out.append(line)
+  return out
+
+
+NOTES = """## How the numbers are made
+
+- **What is compiled**: the real `lost_jax.train.make_train_step` (jit, state donated): a
+  `lax.scan` over micro-batches that accumulates float32 gradients, then global-norm clipping
+  and the AdamW update (GaLore on block kernels for `galore`). Inputs are `jax.ShapeDtypeStruct`s
+  carrying the step's shardings, so nothing is allocated; one device holds the whole model.
+- **Batch**: the paper's global batch of 512 sequences x 256 tokens is one argument of the step
+  and is consumed in micro-batches (`micro-batch x passes`); only one micro-batch's
+  activations are alive at a time. The micro-batch is a free choice (`--microbatch`): the
+  defaults (32 sequences up to 350M, 8 at 1B, 4 at 7B) are ours, not published numbers.
+- **arguments** = float32 weights + optimizer state + int32 static indices + the batch (the test
+  checks this to the byte against the abstract inputs). **temp** = everything else the step
+  allocates: the float32 gradient accumulator, one micro-batch's gradients, the activations
+  saved for the backward pass, and the optimizer's workspace. **total** = arguments + temp +
+  output - alias (donated outputs reuse their inputs). XLA:CPU's own `peak_memory_in_bytes`
+  equals arguments + output - alias in this jax version (temporaries left out), so it is not
+  used on CPU; with `--platform=tpu` the TPU compiler's peak (its heap simulation) is the total.
+- **estimate** = `lost_jax.accounting.memory_estimate`: weights (W) + one set of gradients (G)
+  + optimizer states (O) + activations of one micro-batch (A, bf16 with float32 softmax and
+  logits). It is the paper's accounting; it has no accumulation buffer and no workspace.
+
+## Caveats of compiling for the CPU
+
+- XLA:CPU computes matmuls in float32: the dot counts below show every bf16 dot of the
+  traced step rewritten to f32. Activations saved around those dots are then float32, so the
+  per-sequence part of `temp` is about twice what a bf16 accelerator keeps (see the fitted
+  per-sequence bytes against the accounting's).
+- XLA:CPU realises no saving from rematerialisation (the remat table): judge `model.remat` by
+  the accounting estimate, or compile for an accelerator (`--platform=tpu`, deviceless, needs
+  `pip install 'libtpu==0.0.42.*'`, jax[tpu]'s pin for jax 0.10.2; the TPU compiler also
+  rematerialises on its own when a step exceeds the chip's HBM, so pick a topology with
+  enough HBM, e.g. `--topology=v5p:2x2x1` with about 95 GB per chip).
+- The batch-independent part of `temp` (the fit's intercept) is gradient-sized buffers: the
+  float32 accumulator, the current micro-batch's gradients and optimizer workspace. The paper
+  counts one set of gradients.
+"""
+
+
+def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] | None = None,
+                   remat_rows: list[dict] | None = None, image: str = "") -> None:
+  """The measured tables, how they were made (command, jax version, device) and notes."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  swept = swept or []
+  parts = ["# Training-step memory, compiled ahead of time\n",
+           f"Command: `{command}`\n", _settings_line(rows) + ". Memory in GiB per device.\n",
+           f"![memory per method]({image})\n" if image else "",
+           markdown_table(rows) + "\n",
+           "\n".join(f"- {line}" for line in summary_lines(rows) + target_lines(rows, swept))
+           + "\n"]
+  if swept:
+    parts += ["## LOST vs full-rank by micro-batch size\n", sweep_table(swept) + "\n",
+              "\n".join(f"- {line}" for line in fit_lines(swept)) + "\n"]
+  if remat_rows:
+    parts += ["## Rematerialisation (`--remat`)\n",
+              remat_table(rows + swept + remat_rows) + "\n"]
+  dot_rows = [next(r for r in rows if r["method"] == m) for m in ("full_rank", "lost")
+              if any(r["method"] == m for r in rows)] or rows[:1]
+  parts += [NOTES, "Matmul dtypes in the compiled step (smallest size measured):\n",
+            "\n".join(f"- {dot_line(r)}" for r in dot_rows) + "\n"]
+  with open(path, "w") as fh:
+    fh.write("\n".join(parts))
+
+
+def _settings_line(rows: list[dict]) -> str:
+  r = rows[0]
+  return (f"jax {jax.__version__} | {r['platform']} ({r['device']}) | precision {r['precision']}"
+          f" | global batch {r['global_batch']} x {r['seq_len']} tokens")
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  if f.platform == "tpu":
+    # Compile for TPU without one: keep the CPU as jax's runtime backend and silence
+    # libtpu's search for TPU workers and a metadata server.
+    jax.config.update("jax_platforms", "cpu")
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_WORKER_ID", "0")):
+      os.environ.setdefault(key, value)
+  kwargs = dict(precision=f.precision, platform=f.platform, topology=f.topology)
+  micro = f.microbatch or None
+  rows = run(f.sizes, f.methods, microbatch=micro, remat=f.remat, **kwargs)
+  print(markdown_table(rows))
+  swept, remat_rows = [], []
+  if f.sweep_sizes:
+    swept = sweep(f.sweep_sizes, [int(m) for m in f.sweep_microbatches], known=rows,
+                  remat=f.remat, **kwargs)
+    print(sweep_table(swept))
+    print("\n".join(fit_lines(swept)))
+  if f.remat_check_sizes:
+    remat_rows = run(f.remat_check_sizes, ["full_rank", "lost"], microbatch=micro,
+                     remat=not f.remat, **kwargs)
+    print(remat_table(rows + remat_rows))
+  print("\n".join(summary_lines(rows) + target_lines(rows, swept)))
+  if f.out_md:
+    command = "python -m experiments.memory " + " ".join(sys.argv[1:])
+    image = os.path.relpath(f.out_png, os.path.dirname(f.out_md) or ".") if f.out_png else ""
+    write_markdown(rows, f.out_md, command, swept, remat_rows, image)
+  if f.out_png:
+    plot(rows, f.out_png, title=_settings_line(rows))
+
+
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_list("sizes", list(configs.SIZES[1:]), "Model sizes (configs.SIZES).")
+  flags.DEFINE_list("methods", list(configs.METHODS), "Methods (configs.METHODS).")
+  flags.DEFINE_enum("precision", "mixed", list(train.PRECISIONS), "train.precision.")
+  flags.DEFINE_integer("microbatch", 0, "Sequences per device per pass; 0: DEFAULT_MICROBATCH "
+                       "per size (32 up to 350M, 8 at 1B, 4 at 7B).")
+  flags.DEFINE_bool("remat", False, "model.remat: recompute each block in the backward pass.")
+  flags.DEFINE_enum("platform", "cpu", list(PLATFORMS), "Compile for the host CPU, or "
+                    "deviceless for one TPU chip (needs the libtpu package).")
+  flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for (--platform=tpu); "
+                      "one chip of it is used (a v5p chip has about 95 GB of HBM).")
+  flags.DEFINE_list("sweep_sizes", [], "Also measure full_rank and lost at these sizes for "
+                    "every --sweep_microbatches (micro-batch sensitivity).")
+  flags.DEFINE_list("sweep_microbatches", ["1", "2", "4", "8", "16"], "Micro-batch sizes of "
+                    "the sweep.")
+  flags.DEFINE_list("remat_check_sizes", [], "Also measure full_rank and lost at these sizes "
+                    "with the opposite --remat setting.")
+  flags.DEFINE_string("out_md", "", "Write the markdown report here ('' = print only).")
+  flags.DEFINE_string("out_png", "", "Write the stacked bar plot here ('' = none).")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(_main)

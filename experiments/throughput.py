@@ -1,0 +1,417 @@
+"""Training throughput and MFU of full-rank and every low-rank method on this device.
+
+  python experiments/throughput.py --config=configs/pretrain.py:llama_60m,lost \
+      --precisions=float32,mixed --batch=8 --out_md=docs/benchmarks/throughput.md
+
+In one process: (1) the device's own matmul peak, measured with a large jitted matmul in each
+run's compute dtype (float32; bf16 inputs with float32 accumulation for `mixed`, which is how
+the projections compute); (2) the real train step (`lost_jax.train.make_train_step`: forward,
+backward, clipping, AdamW) of full-rank and each low-rank method at the same model dims, on a
+fixed synthetic batch of `--batch` sequences of `--seq_len` tokens. Variants are interleaved
+round by round and medians reported, so a change in background load hits every variant alike.
+
+MFU = tokens/s x accounting.train_flops_per_token / peak of the same compute dtype. The
+FLOP-predicted speedup of a method is full-rank's train FLOPs/token over the method's; the
+realised speedup is its tokens/s over full-rank's; "realised / predicted" is their ratio.
+`--size` may replace `--config`; the method named in `--config` is ignored (`--methods` lists
+what runs) and `--config.*` overrides apply to every method.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import ml_collections  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from experiments import common  # pylint: disable=wrong-import-position
+from lost_jax import accounting, configs, train  # pylint: disable=wrong-import-position
+
+METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
+REFERENCE = "full_rank"
+# Targets of the issue (llama_60m dims, seq 256, float32, this CPU).
+MFU_TARGET = 0.75           # full-rank MFU vs the measured peak
+SPEEDUP_TARGET = 0.85       # LOST's realised / FLOP-predicted speedup over full-rank
+LOAD_LIMIT = 2.5            # 1-minute load average below which the machine counts as quiet
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+  """Model FLOP utilisation: achieved model FLOP/s over the peak FLOP/s."""
+  return tokens_per_s * flops_per_token / peak_flops
+
+
+def step_stats(step_times_s: Iterable[float], tokens_per_step: int, flops_per_token: float,
+               peak_flops: float) -> dict[str, float]:
+  """Median step time, tokens/s, achieved FLOP/s and MFU of a list of timed steps."""
+  step = statistics.median(step_times_s)
+  tok_s = tokens_per_step / step
+  return dict(step_s=step, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token,
+              mfu=mfu(tok_s, flops_per_token, peak_flops))
+
+
+def speedup(reference: dict, row: dict) -> dict[str, float]:
+  """FLOP-predicted and realised speedup of `row` over `reference`, and their ratio.
+
+  Each dict needs 'train_flops_per_token' and 'tokens_per_s'.
+  """
+  predicted = reference["train_flops_per_token"] / row["train_flops_per_token"]
+  realised = row["tokens_per_s"] / reference["tokens_per_s"]
+  return dict(predicted=predicted, realised=realised, fraction=realised / predicted)
+
+
+def logits_share(model: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Share of forward (= train) FLOPs/token spent in the vocab projection (2 d V)."""
+  return 2 * model.d_model * model.vocab_size / accounting.forward_flops_per_token(model,
+                                                                                   seq_len)
+
+
+# ----------------------------------------------------------------------------- measuring
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_flops(dtype: str, n: int = 2048, repeats: int = 5,
+                 accumulate: str | None = "float32") -> float:
+  """FLOP/s of a jitted [n, n] @ [n, n] matmul with inputs in `dtype` (median of repeats).
+
+  `accumulate` is the dot's preferred_element_type (None: the input dtype).
+  """
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a_NxN = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b_NxN = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+  acc = None if accumulate is None else jnp.dtype(accumulate)
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=acc))
+  jax.block_until_ready(matmul(a_NxN, b_NxN))
+  return 2 * n ** 3 / _median_time(lambda: matmul(a_NxN, b_NxN), repeats)
+
+
+def peak_flops(precision: str, sizes: Iterable[int] = (1024, 2048), repeats: int = 5) -> float:
+  """The device's matmul peak in a run's compute dtype: best over `sizes` of matmul_flops.
+
+  float32: float32 dots; mixed / pure_bf16: bfloat16 inputs, float32 accumulation.
+  """
+  compute = train.PRECISIONS[precision][0]
+  return max(matmul_flops(compute, n, repeats) for n in sizes)
+
+
+def bench_config(size: str, method: str, precision: str, batch: int, seq_len: int,
+                 overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`<size>,<method>` preset (baseline ranks matched to LOST's) for one throughput row."""
+  over = dict(overrides or {})
+  over.update({"train.batch_size": batch, "train.microbatches": 1,
+               "data.seq_len": seq_len, "train.precision": precision})
+  cfg = common.method_config(size, method, over)
+  cfg.name = f"{size},{method}"
+  check = ml_collections.ConfigDict(cfg.to_dict())
+  train.apply_precision(check)
+  train.validate(check)
+  return cfg
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+  """One packed-layout batch of random tokens (one document per row, every token weighted)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+              positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                        (batch, seq_len)).copy(),
+              segment_ids=np.ones((batch, seq_len), np.int32),
+              weights=np.ones((batch, seq_len), np.float32))
+
+
+class StepRunner:
+  """A compiled train step with its own state and a fixed batch; `run(n)` times n steps."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, seed: int = 0):
+    cfg, mesh = train.start_run(cfg)
+    self.cfg = cfg
+    setup = train.make_setup(cfg, mesh)
+    self.step = train.make_train_step(setup, 1)
+    self.state, self.rest = setup.init_fn(jax.random.key(seed))
+    self.batch = train.to_global(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
+                                                 cfg.model.vocab_size, seed), mesh)
+    t0 = time.perf_counter()
+    self.run(1)   # compiles
+    self.compile_s = time.perf_counter() - t0
+    self.loss = float("nan")
+
+  def run(self, n: int) -> list[float]:
+    """Wall seconds of each of n steps (each waits for its own result)."""
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self.state, out = self.step(self.state, self.rest, self.batch)
+      self.loss = float(jax.block_until_ready(out)["loss"])
+      times.append(time.perf_counter() - t0)
+    return times
+
+
+def interleave(runners: dict[str, Callable[[int], list[float]]], rounds: int,
+               steps_per_round: int, warmup: int = 1,
+               log: Callable[[str], None] = print) -> dict[str, list[float]]:
+  """Run every runner `warmup` steps, then `rounds` x (each runner `steps_per_round` steps)."""
+  for run in runners.values():
+    run(warmup)
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for r in range(rounds):
+    for name, run in runners.items():
+      times[name] += run(steps_per_round)
+    log(f"round {r + 1}/{rounds}: " + ", ".join(
+        f"{n} {1e3 * statistics.median(t):.0f} ms" for n, t in times.items()))
+  return times
+
+
+def load_average() -> float:
+  """1-minute load average of this host."""
+  return os.getloadavg()[0]
+
+
+def wait_for_quiet(limit: float, max_wait_s: float, poll_s: float = 60.0,
+                   log: Callable[[str], None] = print) -> tuple[bool, float]:
+  """Poll the load average until it is below `limit` or `max_wait_s` passed: (quiet?, load)."""
+  deadline = time.time() + max_wait_s
+  while True:
+    load = load_average()
+    if load < limit:
+      return True, load
+    if time.time() >= deadline:
+      return False, load
+    log(f"load average {load:.2f} >= {limit}; waiting")
+    time.sleep(min(poll_s, max(1.0, deadline - time.time())))
+
+
+def run(size: str, methods: Iterable[str] = METHODS,
+        precisions: Iterable[str] = ("float32", "mixed"), *, batch: int = 8,
+        seq_len: int = 256, rounds: int = 5, steps_per_round: int = 2, warmup: int = 1,
+        peak_sizes: Iterable[int] = (1024, 2048), overrides: dict[str, Any] | None = None,
+        extra_runners: dict[tuple[str, str], Callable[[int], list[float]]] | None = None,
+        extra_flops: dict[tuple[str, str], float] | None = None,
+        log: Callable[[str], None] = print) -> dict:
+  """Measure every (precision, method) train step, interleaved; rows with MFU and speedups.
+
+  `extra_runners` (e.g. the PyTorch baseline) are keyed (precision, name) and timed in the
+  same rounds; their FLOPs/token come from `extra_flops` (default: full-rank's).
+  """
+  methods, precisions = list(methods), list(precisions)
+  if REFERENCE not in methods:
+    raise ValueError(f"methods={methods} lack {REFERENCE!r}, the speedup reference. "
+                     f"Fix: add it to --methods.")
+  load_before = load_average()
+  peaks = {p: peak_flops(p, peak_sizes) for p in precisions}
+  log("peak FLOP/s: " + ", ".join(f"{p} {v / 1e9:.1f} G" for p, v in peaks.items()))
+  cfgs, runners, compile_s = {}, {}, {}
+  for p in precisions:
+    for method in methods:
+      cfg = bench_config(size, method, p, batch, seq_len, overrides)
+      runner = StepRunner(cfg)
+      cfgs[(p, method)], runners[(p, method)] = runner.cfg, runner.run
+      compile_s[(p, method)] = runner.compile_s
+      log(f"built {p} {method}: compile + first step {runner.compile_s:.1f} s")
+  for key, fn in (extra_runners or {}).items():
+    runners[key] = fn
+  named = {f"{p}/{m}": fn for (p, m), fn in runners.items()}
+  times = interleave(named, rounds, steps_per_round, warmup, log)
+  rows = []
+  for (p, m) in runners:
+    ref_cfg = cfgs[(p, REFERENCE)]
+    if (p, m) in cfgs:
+      cfg = cfgs[(p, m)]
+      flops = accounting.train_flops_per_token(cfg.model, seq_len)
+      kind, rank = cfg.model.linear.kind, cfg.model.linear.rank
+    else:
+      flops = (extra_flops or {}).get((p, m),
+                                      accounting.train_flops_per_token(ref_cfg.model, seq_len))
+      kind, rank = "dense", 0
+    row = dict(precision=p, method=m, kind=kind, rank=rank if kind != "dense" else 0,
+               train_flops_per_token=flops, step_times_s=times[f"{p}/{m}"],
+               compile_s=compile_s.get((p, m), float("nan")),
+               **step_stats(times[f"{p}/{m}"], batch * seq_len, flops, peaks[p]))
+    rows.append(row)
+  for p in precisions:
+    ref = next(r for r in rows if r["precision"] == p and r["method"] == REFERENCE)
+    for r in rows:
+      if r["precision"] == p:
+        r["speedup"] = speedup(ref, r)
+  model = cfgs[(precisions[0], REFERENCE)].model
+  return dict(size=size, batch=batch, seq_len=seq_len, rounds=rounds,
+              steps_per_round=steps_per_round, peaks=peaks, rows=rows,
+              logits_share={m: logits_share(cfgs[(precisions[0], m)].model, seq_len)
+                            for m in methods},
+              model=dict(d_model=model.d_model, ffn_dim=model.ffn_dim,
+                         n_layers=model.n_layers, n_heads=model.n_heads,
+                         vocab_size=model.vocab_size),
+              load_before=load_before, load_after=load_average())
+
+
+# ----------------------------------------------------------------------------- report
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (or the platform string elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+  return platform.processor() or platform.machine()
+
+
+def targets(result: dict) -> list[tuple[str, float, float, bool]]:
+  """(description, value, target, met) for the issue's float32 targets, where measured."""
+  out = []
+  for r in result["rows"]:
+    if r["precision"] != "float32":
+      continue
+    if r["method"] == REFERENCE:
+      out.append(("full-rank float32 MFU vs measured float32 peak", r["mfu"], MFU_TARGET,
+                  r["mfu"] >= MFU_TARGET))
+    if r["method"] == "lost":
+      frac = r["speedup"]["fraction"]
+      out.append(("LOST float32 realised / FLOP-predicted speedup", frac, SPEEDUP_TARGET,
+                  frac >= SPEEDUP_TARGET))
+  return out
+
+
+def report(result: dict, command: str, notes: str = "") -> str:
+  """Markdown: setup, peaks, the table, logits share, targets."""
+  m = result["model"]
+  tokens = result["batch"] * result["seq_len"]
+  quiet = max(result["load_before"], result["load_after"]) < LOAD_LIMIT
+  parts = [
+      "# Training throughput and MFU (CPU)\n",
+      f"Command: `{command}`\n",
+      f"Device: {cpu_model()}, {os.cpu_count()} cores; {common.environment()}.\n",
+      f"Model: {result['size']} dims (d_model {m['d_model']}, ffn {m['ffn_dim']}, "
+      f"{m['n_layers']} layers, {m['n_heads']} heads, vocab {m['vocab_size']}, untied head). "
+      f"Per step: {result['batch']} sequences x {result['seq_len']} tokens = {tokens} tokens "
+      f"(one micro-batch), synthetic tokens, the real train step (forward, backward, "
+      f"clipping, AdamW). Baseline ranks match LOST's projection parameters. Each variant: "
+      f"one warm-up step, then {result['rounds']} interleaved rounds of "
+      f"{result['steps_per_round']} steps; medians reported.\n",
+      f"Load average (1 min) before / after: {result['load_before']:.2f} / "
+      f"{result['load_after']:.2f} on {os.cpu_count()} cores"
+      + ("." if quiet else f" -- measured UNDER LOAD (above {LOAD_LIMIT}): other jobs shared "
+         "the cores, so absolute numbers are low and noisy; ratios are interleaved.") + "\n",
+      "## Measured matmul peak\n",
+      "Jitted square matmul, best of sizes " + "; ".join(
+          f"{p}: {v / 1e9:.1f} GFLOP/s" for p, v in result["peaks"].items())
+      + ". `mixed` means bfloat16 inputs with float32 accumulation "
+      "(`preferred_element_type=float32`), as the projections compute.\n",
+      "## Throughput\n",
+  ]
+  header = ["precision", "method", "linear (rank)", "train GFLOP/token", "step ms",
+            "tokens/s", "GFLOP/s", "MFU", "predicted speedup", "realised speedup",
+            "realised / predicted"]
+  rows = []
+  for r in result["rows"]:
+    s = r["speedup"]
+    rows.append([r["precision"], r["method"],
+                 r["kind"] + (f" ({r['rank']})" if r["rank"] else ""),
+                 f"{r['train_flops_per_token'] / 1e9:.3f}", f"{1e3 * r['step_s']:.0f}",
+                 f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
+                 f"{r['mfu']:.1%}", f"{s['predicted']:.2f}x", f"{s['realised']:.2f}x",
+                 f"{s['fraction']:.0%}"])
+  parts.append(common.markdown_table(header, rows) + "\n")
+  parts.append("Vocab projection (LM head, 2 x d_model x vocab per token) share of train "
+               "FLOPs: " + ", ".join(f"{k} {v:.0%}" for k, v in result["logits_share"].items())
+               + ". It is dense in every method, so it bounds every low-rank speedup.\n")
+  parts.append("## Targets (float32)\n")
+  for desc, value, target, met in targets(result):
+    parts.append(f"- {desc}: {value:.0%} (target >= {target:.0%}): "
+                 f"{'met' if met else 'NOT met'}.")
+  if notes:
+    parts.append("\n## Notes\n\n" + notes.strip() + "\n")
+  return "\n".join(parts) + "\n"
+
+
+def _main(argv, flag_values):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  f = flag_values
+  size = f.size or common.config_arg(f["config"]).partition(",")[0].strip() or "llama_60m"
+  if size not in configs.SIZES:
+    raise app.UsageError(f"unknown size {size!r}; choose from {configs.SIZES}")
+  bad = [m for m in f.methods if m not in METHODS]
+  if bad:
+    raise app.UsageError(f"methods {bad} cannot be timed here; choose from {METHODS}")
+  quiet, load = wait_for_quiet(f.max_load, 60 * f.wait_minutes)
+  print(f"load average {load:.2f}: " + ("quiet" if quiet else "still busy, measuring anyway"))
+  extra, extra_flops = {}, {}
+  if f.torch:
+    from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
+    for p in f.precisions:
+      cfg = bench_config(size, REFERENCE, p, f.batch, f.seq_len,
+                         config_flags.get_override_values(f["config"]))
+      extra[(p, "torch_full_rank")] = torch_baseline.make_runner(cfg)
+      extra_flops[(p, "torch_full_rank")] = accounting.train_flops_per_token(cfg.model,
+                                                                              f.seq_len)
+  result = run(size, f.methods, f.precisions, batch=f.batch, seq_len=f.seq_len,
+               rounds=f.rounds, steps_per_round=f.steps_per_round,
+               overrides=config_flags.get_override_values(f["config"]),
+               extra_runners=extra, extra_flops=extra_flops)
+  text = report(result, common.command_line(), notes=_read(f.notes))
+  print(text)
+  if f.out_md:
+    os.makedirs(os.path.dirname(f.out_md) or ".", exist_ok=True)
+    with open(f.out_md, "w") as fh:
+      fh.write(text)
+  if f.out_json:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(f.out_json, "w") as fh:
+      json.dump(result, fh, indent=2, default=float)
+
+
+def _read(path: str) -> str:
+  if not path:
+    return ""
+  with open(path) as f:
+    return f.read()
+
+
+def define_flags():
+  """Flags of this script (only when run as a program, so importing it defines none)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:llama_60m,lost",
+                                  "configs/pretrain.py:<size>[,method]; the size sets the "
+                                  "dims, --config.* overrides apply to every method.",
+                                  lock_config=True)
+  flags.DEFINE_string("size", "", "Size preset; replaces the size named in --config.")
+  flags.DEFINE_list("methods", list(METHODS), "Methods to time (full_rank is the reference).")
+  flags.DEFINE_list("precisions", ["float32", "mixed"], "train.precision values to time.")
+  flags.DEFINE_integer("batch", 8, "Sequences per step (one micro-batch).")
+  flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+  flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+  flags.DEFINE_integer("steps_per_round", 2, "Timed steps of each variant per round.")
+  flags.DEFINE_float("max_load", LOAD_LIMIT, "Wait for the 1-min load average to drop below.")
+  flags.DEFINE_float("wait_minutes", 0.0, "Longest wait for a quiet machine.")
+  flags.DEFINE_bool("torch", False, "Also time experiments/torch_baseline.py (full rank).")
+  flags.DEFINE_string("out_md", "", "Write the markdown report here.")
+  flags.DEFINE_string("out_json", "", "Write the raw result here.")
+  flags.DEFINE_string("notes", "", "A markdown file appended to the report as Notes.")
+  return flags.FLAGS
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _flags = define_flags()
+  app.run(lambda argv: _main(argv, _flags))
