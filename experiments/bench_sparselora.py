@@ -291,6 +291,8 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
   sel_inputs = selection_inputs(plan, est, *layer_inputs(model, data["inputs"]), n_ctx)
   del model
 
+  losses = {}
+
   def run(name):
     t = time.perf_counter()
     if name == "estimator":
@@ -299,6 +301,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
       params, opt_state, loss = variants[name](*state[name], rest, est, data)
       state[name] = (params, opt_state)
       jax.block_until_ready((params, opt_state, loss))   # the AdamW update may end last
+      losses[name] = loss
     return time.perf_counter() - t
 
   names = ("lora", "sparselora", "estimator")
@@ -318,6 +321,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
             estimator_rank=estimator_rank)
   return {
       "timings": {name: Timing(t) for name, t in times.items()},
+      "losses": {name: float(v) for name, v in losses.items()},
       "flops": {"lora": step_flops(cfg, sl.SparsityPlan.dense(cfg.n_layers), **kw),
                 "sparselora": step_flops(cfg, plan, **kw)},
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
