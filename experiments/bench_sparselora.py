@@ -60,7 +60,7 @@ def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3
 
 def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: int,
                seq_len: int, dense_len: int, lora_rank: int, estimator_rank: int = 8,
-               lora_targets=LORA_TARGETS) -> dict[str, int]:
+               logits_len: int | None = None, lora_targets=LORA_TARGETS) -> dict[str, int]:
   """Matmul FLOPs of one LoRA / SparseLoRA train step (forward + backward), by part.
 
   Conventions (2 FLOPs per multiply-add): a frozen base projection costs forward + input
@@ -68,7 +68,8 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
   layer only the kept output columns (q, k, v, gate, up) or input rows (o, down) count. LoRA
   branches are dense on every token: forward + input gradient + two weight gradients = 3x.
   The attention core (QK^T and PV) counts the causal pairs L(L+1)/2 per head, 3x for the
-  backward. The LM head runs on every token (forward + input gradient). The estimator is
+  backward. The LM head (forward + input gradient) runs on the last logits_len positions of
+  each sequence (default: all; the loss only needs the output tokens). The estimator is
   forward only: the context mean (FFN) or x @ P, its Gram matrix and the column norms
   through Q (attention), for every layer with a non-zero sparsity.
   """
@@ -102,7 +103,8 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
     lora += cfg.n_layers * 3 * 2 * n_tok * r * (n + m)
   pairs = batch * seq_len * (seq_len + 1) // 2
   attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
-  head = 2 * 2 * n_tok * d * cfg.vocab_size
+  logits_len = seq_len if logits_len is None else logits_len
+  head = 2 * 2 * batch * logits_len * d * cfg.vocab_size
   return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
           "total": base + lora + attention + head + est}
 
@@ -168,13 +170,18 @@ def synthetic_batch(batch: int, seq_len: int, out_len: int, vocab: int, seed: in
           "weights": jnp.asarray(weights)}
 
 
-def make_train_step(graphdef, forward: Callable, tx: optax.GradientTransformation):
-  """Jitted (lora, opt_state, rest, est, batch) -> (lora, opt_state, loss); donates state."""
+def make_train_step(graphdef, forward: Callable, tx: optax.GradientTransformation,
+                    logits_from: int = 0):
+  """Jitted (lora, opt_state, rest, est, batch) -> (lora, opt_state, loss); donates state.
+
+  forward(model, tokens, est) returns logits of positions >= logits_from.
+  """
   def step(lora, opt_state, rest, est, batch):
     def loss_fn(p):
       model = nnx.merge(graphdef, p, rest)
       nll, weight = optim.cross_entropy(forward(model, batch["inputs"], est),
-                                        batch["targets"], batch["weights"])
+                                        batch["targets"][:, logits_from:],
+                                        batch["weights"][:, logits_from:])
       return nll / jnp.maximum(weight, 1.0)
     loss, grads = jax.value_and_grad(loss_fn)(lora)
     updates, opt_state = tx.update(grads, opt_state, lora)
@@ -265,8 +272,13 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
                   seq_len: int = 512, out_len: int = 128, bucket: int = 64,
                   lora_rank: int = 32, lora_alpha: float = 64.0, estimator_rank: int = 8,
                   warmup: int = 10, steps: int = 30, exact_svd: bool = False, seed: int = 0,
-                  log: Callable[[str], None] = print) -> dict:
-  """Interleaved dense-LoRA / SparseLoRA train steps; returns timings, FLOPs, settings."""
+                  full_logits: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Interleaved dense-LoRA / SparseLoRA train steps; returns timings, FLOPs, settings.
+
+  Unless full_logits, both variants run the LM head on the dense suffix only (it holds every
+  loss token; the context's logits would be multiplied by zero weights). Dense LoRA then runs
+  through `sparselora.forward` with an all-dense plan, i.e. the blocks' own __call__.
+  """
   if not 0 < out_len <= seq_len:
     raise ValueError(f"out_len={out_len} must be in 1..seq_len={seq_len}.")
   t0 = time.perf_counter()
@@ -281,11 +293,16 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
 
   graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
   tx = optax.adamw(1e-4)
-  variants = {
-      "lora": make_train_step(graphdef, lambda m, t, e: m(t), tx),
-      "sparselora": make_train_step(
-          graphdef, lambda m, t, e: sl.forward(m, t, e, plan, dense_len), tx),
-  }
+  if full_logits:
+    head_from = 0
+    dense_fwd = lambda m, t, e: m(t)
+  else:
+    head_from = n_ctx
+    all_dense = sl.SparsityPlan.dense(cfg.n_layers)
+    dense_fwd = lambda m, t, e: sl.forward(m, t, None, all_dense, seq_len, logits_from=head_from)
+  sparse_fwd = lambda m, t, e: sl.forward(m, t, e, plan, dense_len, logits_from=head_from)
+  variants = {"lora": make_train_step(graphdef, dense_fwd, tx, head_from),
+              "sparselora": make_train_step(graphdef, sparse_fwd, tx, head_from)}
   state = {name: (jax.tree.map(jnp.copy, lora), tx.init(lora)) for name in variants}
   select = make_selection(cfg, plan)
   sel_inputs = selection_inputs(plan, est, *layer_inputs(model, data["inputs"]), n_ctx)
@@ -318,7 +335,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
       log(f"step {i - warmup + 1}/{steps}: lora {times['lora'][-1]:.3f} s, sparselora "
           f"{times['sparselora'][-1]:.3f} s, estimator {times['estimator'][-1] * 1e3:.1f} ms")
   kw = dict(batch=batch, seq_len=seq_len, dense_len=dense_len, lora_rank=lora_rank,
-            estimator_rank=estimator_rank)
+            estimator_rank=estimator_rank, logits_len=seq_len - head_from)
   return {
       "timings": {name: Timing(t) for name, t in times.items()},
       "losses": {name: float(v) for name, v in losses.items()},
@@ -327,7 +344,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
                        lora_rank=lora_rank, lora_alpha=lora_alpha, warmup=warmup, steps=steps,
                        estimator_rank=estimator_rank, exact_svd=exact_svd,
-                       sparse_layers=len(layers)),
+                       sparse_layers=len(layers), logits_len=seq_len - head_from),
   }
 
 
@@ -369,7 +386,10 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
       f"with loss (dense suffix {s['dense_len']} tokens, context {s['seq_len'] - s['dense_len']}"
       f" sparse); sparsity {plan_text}, on from step 0; {s['warmup']} warm-up + {s['steps']} "
       "timed steps per variant, interleaved ABBA in one process; estimator + selection of all "
-      f"{s['sparse_layers']} sparse layers timed alone (jitted) on the same hidden states.",
+      f"{s['sparse_layers']} sparse layers timed alone (jitted) on the same hidden states. "
+      + ("LM head on every token (as HF computes it)." if s["logits_len"] == s["seq_len"] else
+         f"Both variants run the LM head on the last {s['logits_len']} positions only (every "
+         "loss token; context logits would get zero weight)."),
       "",
       "| variant | median step (s) | IQR (s) | min - max (s) | model GFLOP / step |",
       "|---|---|---|---|---|",
@@ -428,6 +448,8 @@ def define_flags():
   flags.DEFINE_integer("estimator_rank", 8, "SVD estimator rank.")
   flags.DEFINE_bool("exact_svd", False, "Exact SVD estimators (slow on CPU) instead of "
                     "subspace iteration; timing is the same either way.")
+  flags.DEFINE_bool("full_logits", False, "LM head on every token instead of the dense "
+                    "(loss) suffix only, in both variants.")
   flags.DEFINE_integer("warmup", 10, "Warm-up steps per variant.")
   flags.DEFINE_integer("steps", 30, "Timed steps per variant.")
   flags.DEFINE_integer("seed", 0, "Seed of weights and batch.")
@@ -448,7 +470,7 @@ def _main(argv):
   result = run_benchmark(cfg, plan, batch=fl.batch, seq_len=fl.seq_len, out_len=fl.out_len,
                          bucket=fl.bucket, lora_rank=fl.lora_rank, lora_alpha=fl.lora_alpha,
                          estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,
-                         exact_svd=fl.exact_svd, seed=fl.seed)
+                         exact_svd=fl.exact_svd, seed=fl.seed, full_logits=fl.full_logits)
   command = "python -m experiments.bench_sparselora " + " ".join(sys.argv[1:])
   text = report(result, cfg, plan_text, command.strip())
   print(text)

@@ -72,7 +72,9 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   b, length, h, hd = q_BxLxHxK.shape
   g = k_BxLxGxK.shape[2]
   r = h // g
-  q = q_BxLxHxK.reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)     # [B,G,R,L,K]
+  # Scaling q (L x H x K values) is cheaper than scaling the scores (L x L x H).
+  q = q_BxLxHxK * jnp.asarray(hd ** -0.5, q_BxLxHxK.dtype)
+  q = q.reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)             # [B,G,R,L,K]
   k = k_BxLxGxK.transpose(0, 2, 1, 3)                                     # [B,G,L,K]
   v = v_BxLxGxK.transpose(0, 2, 1, 3)
   v1 = jnp.concatenate([v, jnp.ones((b, g, length, 1), v.dtype)], axis=-1)  # [B,G,L,K+1]
@@ -82,10 +84,12 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
     n = stop - start
     q_blk = q[:, :, :, start:stop].reshape(b, g, r * n, hd)
     scores = jnp.einsum("bgqk,bgsk->bgqs", q_blk, k[:, :, :stop],
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+                        preferred_element_type=jnp.float32).reshape(b, g, r, n, stop)
     seg = None if segment_ids_BxL is None else segment_ids_BxL[:, :stop]
     mask = attention_mask(seg, stop, start, n)[:, :, None]              # [B,1,1,n,stop]
-    scores = jnp.where(mask, scores.reshape(b, g, r, n, stop), jnp.finfo(jnp.float32).min)
+    # An additive mask: its gradient is the identity (exp() already zeroes masked entries),
+    # where a select would cost one more [q, keys]-sized pass in the backward.
+    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - row_max).astype(v.dtype).reshape(b, g, r * n, stop)
     out1 = jnp.einsum("bgqs,bgsk->bgqk", weights, v1[:, :, :stop])       # [B,G,R*n,K+1]

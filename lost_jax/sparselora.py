@@ -553,11 +553,13 @@ def sparse_block(block, x_BxLxD: jax.Array, *, layer: int, estimators, plan: Spa
 def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
             dense_len: int, positions_BxL: jax.Array | None = None,
             segment_ids_BxL: jax.Array | None = None, valid_BxL: jax.Array | None = None,
-            return_indices: bool = False):
-  """SparseLoRA Llama forward: float32 logits [B, L, V] (and per-layer indices if asked).
+            return_indices: bool = False, logits_from: int = 0):
+  """SparseLoRA Llama forward: float32 logits [B, L - logits_from, V] (+ indices if asked).
 
   plan and dense_len are static (python); tokens [:L - dense_len] are the sparse context.
   valid marks real tokens for the estimator (default: segment_ids > 0, else all).
+  logits_from (static) skips the LM head on earlier positions: with L - dense_len, only the
+  dense suffix, which holds every loss position, pays for the [D, V] matmul.
   """
   b, length = tokens_BxL.shape
   if plan.n_layers != len(model.layers):
@@ -566,6 +568,8 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   if not isinstance(dense_len, int) or not 0 <= dense_len <= length:
     raise ValueError(f"dense_len={dense_len!r} must be a python int in 0..{length} "
                      "(static). Fix: dense_suffix_len(loss_mask, bucket).")
+  if not isinstance(logits_from, int) or not 0 <= logits_from < length:
+    raise ValueError(f"logits_from={logits_from!r} must be a python int in 0..{length - 1}.")
   n_sparse = length - dense_len
   if positions_BxL is None:
     positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
@@ -586,7 +590,7 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   for i, block in enumerate(model.layers):
     x, idx = layer_fn(i)(block, x)
     all_idx.append(idx)
-  h = model.final_norm(x).astype(model.dtype)
+  h = model.final_norm(x[:, logits_from:]).astype(model.dtype)
   logits = jnp.einsum("bld,dv->blv", h, model.lm_head.kernel[...].astype(model.dtype),
                       preferred_element_type=jnp.float32)
   return (logits, all_idx) if return_indices else logits

@@ -58,3 +58,22 @@ def test_tiny_benchmark_runs_and_reports():
   text = bench.report(result, cfg, "FFN 0.75 on 1, attention 0.5 on 1", "cmd --x")
   assert "`cmd --x`" in text and "| sparselora |" in text and "Wall-clock speedup" in text
   assert f"{metrics['flop_ratio']:.2f}x" in text
+
+
+def test_dense_path_and_logits_from_match_the_model():
+  # The benchmark's dense LoRA runs sparselora.forward with an all-dense plan and the LM head
+  # on the loss suffix only: it must equal the model's own logits on those positions.
+  import jax  # pylint: disable=g-import-not-at-top
+  cfg = bench.bench_model_config(n_layers=2, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
+                                 vocab_size=64)
+  model = bench.build_lora_model(cfg, lora_rank=4, lora_alpha=8.0)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  full = np.asarray(model(tokens))
+  dense = sl.forward(model, tokens, None, sl.SparsityPlan.dense(2), 16, logits_from=12)
+  np.testing.assert_allclose(np.asarray(dense), full[:, 12:], rtol=1e-5, atol=1e-5)
+  plan = sl.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
+  est = bench.fast_estimators(model, plan.estimator_layers(), rank=2)
+  whole = sl.forward(model, tokens, est, plan, 4)
+  tail = sl.forward(model, tokens, est, plan, 4, logits_from=12)
+  np.testing.assert_allclose(np.asarray(tail), np.asarray(whole)[:, 12:], rtol=1e-5,
+                             atol=1e-5)
