@@ -325,6 +325,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
   for name in names:                                   # compile
     log(f"compiled + first {name} step: {run(name):.1f} s")
   times = {name: [] for name in names}
+  load = []                                            # 1-min load average while timing
   for i in range(warmup + steps):
     order = names if i % 2 == 0 else names[1::-1] + names[2:]
     for name in order:
@@ -332,6 +333,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
       if i >= warmup:
         times[name].append(dt)
     if i >= warmup:
+      load.append(os.getloadavg()[0])
       log(f"step {i - warmup + 1}/{steps}: lora {times['lora'][-1]:.3f} s, sparselora "
           f"{times['sparselora'][-1]:.3f} s, estimator {times['estimator'][-1] * 1e3:.1f} ms")
   kw = dict(batch=batch, seq_len=seq_len, dense_len=dense_len, lora_rank=lora_rank,
@@ -339,6 +341,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
   return {
       "timings": {name: Timing(t) for name, t in times.items()},
       "losses": {name: float(v) for name, v in losses.items()},
+      "load": load,
       "flops": {"lora": step_flops(cfg, sl.SparsityPlan.dense(cfg.n_layers), **kw),
                 "sparselora": step_flops(cfg, plan, **kw)},
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
@@ -375,7 +378,8 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
       "",
       f"Device: {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores, "
       f"{platform.processor() or platform.machine()}) | jax {jax.__version__} | "
-      f"compute dtype {cfg.dtype}, params float32",
+      f"compute dtype {cfg.dtype}, params float32 | 1-min load average while timing "
+      f"{min(result['load']):.1f} - {max(result['load']):.1f}",
       "",
       f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, FFN {cfg.ffn_dim}, "
       f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads of dim {cfg.d_model // cfg.n_heads}, "
@@ -423,6 +427,12 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
     g = {k: v / 1e9 for k, v in f[name].items()}
     lines.append(f"| {name} | {g['base']:.1f} | {g['lora']:.1f} | {g['attention']:.1f} | "
                  f"{g['head']:.1f} | {g['estimator']:.3f} | {g['total']:.1f} |")
+  lines += ["", "Timed steps (s) in run order, with the 1-min load average of the 2 cores:", "",
+            "| step | lora | sparselora | ratio | estimator (ms) | load |",
+            "|---|---|---|---|---|---|"]
+  for i, (a, b, e, ld) in enumerate(zip(t["lora"].seconds, t["sparselora"].seconds,
+                                        t["estimator"].seconds, result["load"])):
+    lines.append(f"| {i + 1} | {a:.3f} | {b:.3f} | {a / b:.2f} | {e * 1e3:.1f} | {ld:.1f} |")
   return "\n".join(lines) + "\n"
 
 
