@@ -130,15 +130,9 @@ def _main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
-  size, _, method = common.config_arg(f["config"]).partition(",")
-  if method:
-    raise app.UsageError(f"--config names a size only (got {method!r}); the variants come "
-                         "from --ablations.")
-  bad = [v for v in f.ablations if v not in ABLATIONS]
-  if bad:
-    raise app.UsageError(f"unknown ablations {bad}; choose from {tuple(ABLATIONS)}")
-  rows = run(size.strip() or "quickstart", f.ablations, name=f.name,
-             workdir_root=f.workdir_root,
+  size = common.size_from_config(f["config"], "ablations")
+  common.check_names(f.ablations, ABLATIONS, "ablations")
+  rows = run(size, f.ablations, name=f.name, workdir_root=f.workdir_root,
              overrides=config_flags.get_override_values(f["config"]), out_dir=f.out_dir,
              command=common.command_line(), quiet=f.quiet)
   print(common.ranking_text([(r["variant"], r["eval_ppl"]) for r in rows], REFERENCE))
@@ -147,22 +141,9 @@ def _main(argv, flag_values):
 def define_flags():
   """Flags of this script (only when run as a program, so importing it defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quickstart",
-                                  "configs/pretrain.py:<size>; --config.* overrides apply "
-                                  "to every variant.", lock_config=True)
   flags.DEFINE_list("ablations", list(ABLATIONS), "Variants to run (ABLATIONS).")
-  flags.DEFINE_string("name", None, "Name of the ablation: docs file names and workdirs.")
-  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Runs go to "
-                      "<workdir_root>/<name>/<variant>.")
-  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.png/.json are written.")
-  flags.DEFINE_bool("quiet", False, "No per-step progress lines.")
-  flags.mark_flags_as_required(["name"])
-  return flags.FLAGS
+  return common.define_run_flags("variant")
 
 
 if __name__ == "__main__":
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
-  _flags = define_flags()
-  logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
-  app.run(lambda argv: _main(argv, _flags))
+  common.run_main(define_flags, _main)

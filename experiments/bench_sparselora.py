@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lost_jax import configs, optim
+from lost_jax import configs, optim, xla_setup
 from lost_jax import sparselora as sl
 from lost_jax.lora import LoRAParam, apply_lora
 from lost_jax.model import Llama
@@ -379,7 +379,9 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
       f"Device: {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores, "
       f"{platform.processor() or platform.machine()}) | jax {jax.__version__} | "
       f"compute dtype {cfg.dtype}, params float32 | 1-min load average while timing "
-      f"{min(result['load']):.1f} - {max(result['load']):.1f}",
+      f"{min(result['load']):.1f} - {max(result['load']):.1f}"
+      + (f" | XLA_FLAGS `{os.environ['XLA_FLAGS']}` (lost_jax.xla_setup)"
+         if os.environ.get("XLA_FLAGS") else ""),
       "",
       f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, FFN {cfg.ffn_dim}, "
       f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads of dim {cfg.d_model // cfg.n_heads}, "
@@ -491,6 +493,7 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+  xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
   app.run(_main)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 
-from lost_jax import accounting, configs, metrics, train
+from lost_jax import accounting, configs, metrics, train, xla_setup
 
 # Baselines whose rank is re-derived so their projection parameters match LOST's.
 MATCHED_KINDS = ("low_rank", "cola", "sltrain")
@@ -25,6 +25,52 @@ REQUEST_FILE = "experiment.json"  # the config a workdir was started with
 def config_arg(config_flag) -> str:
   """The text after ':' of a `--config=file.py:<arg>` flag (ml_collections config flag)."""
   return config_flag.config_filename.partition(":")[2]
+
+
+def size_from_config(config_flag, what: str) -> str:
+  """The size of `--config=configs/pretrain.py:<size>` (default quickstart); a method there is
+  a usage error, since `--<what>` lists what runs."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  size, _, method = config_arg(config_flag).partition(",")
+  if method:
+    raise app.UsageError(f"--config names a size only (got {method!r}); the {what} come "
+                         f"from --{what}.")
+  return size.strip() or "quickstart"
+
+
+def check_names(names: Iterable[str], allowed: Iterable[str], what: str) -> None:
+  """UsageError naming every entry of `names` that is not in `allowed`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  allowed = tuple(allowed)
+  bad = [n for n in names if n not in allowed]
+  if bad:
+    raise app.UsageError(f"unknown {what} {bad}; choose from {allowed}")
+
+
+def define_run_flags(what: str):
+  """Flags shared by the training experiments (--config, --name, --workdir_root, --out_dir,
+  --quiet); `what` names one run ("method", "variant")."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quickstart",
+                                  "configs/pretrain.py:<size>; --config.* overrides apply "
+                                  f"to every {what}.", lock_config=True)
+  flags.DEFINE_string("name", None, "Name of the experiment: docs file names and workdirs.")
+  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Runs go to "
+                      f"<workdir_root>/<name>/<{what}>.")
+  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.png/.json are written.")
+  flags.DEFINE_bool("quiet", False, "No per-step progress lines.")
+  flags.mark_flags_as_required(["name"])
+  return flags.FLAGS
+
+
+def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None]) -> None:
+  """`if __name__ == "__main__"` of an experiment: XLA defaults, flags, quiet logs, app.run."""
+  xla_setup.configure()   # before the first JAX computation
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  flag_values = define_flags()
+  logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
+  app.run(lambda argv: main(argv, flag_values))
 
 
 def parse_value(old: Any, text: str) -> Any:
@@ -166,8 +212,10 @@ def command_line(argv: list[str] | None = None) -> str:
 def environment() -> str:
   """One line naming the software and hardware a result was measured on."""
   dev = jax.devices()[0]
+  flags = os.environ.get("XLA_FLAGS", "").strip()
   return (f"jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {os.cpu_count()} "
-          f"host cores, Python {platform.python_version()}")
+          f"host cores, Python {platform.python_version()}"
+          + (f", XLA_FLAGS `{flags}`" if flags else ""))
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -169,14 +169,8 @@ def _main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
-  size, _, method = common.config_arg(f["config"]).partition(",")
-  if method:
-    raise app.UsageError(f"--config names a size only (got method {method!r}); the methods "
-                         "come from --methods.")
-  size = size.strip() or "quickstart"
-  bad = [m for m in f.methods if m not in configs.METHODS]
-  if bad:
-    raise app.UsageError(f"unknown methods {bad}; choose from {configs.METHODS}")
+  size = common.size_from_config(f["config"], "methods")
+  common.check_names(f.methods, configs.METHODS, "methods")
   rows = run(size, f.methods, name=f.name, workdir_root=f.workdir_root,
              overrides=config_flags.get_override_values(f["config"]),
              method_overrides=common.parse_method_overrides(f.per_method, f.methods),
@@ -188,25 +182,12 @@ def _main(argv, flag_values):
 def define_flags():
   """Flags of this script (only when run as a program, so importing it defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quickstart",
-                                  "configs/pretrain.py:<size>; --config.* overrides apply "
-                                  "to every method.", lock_config=True)
   flags.DEFINE_list("methods", list(configs.METHODS), "Methods to train (configs.METHODS).")
-  flags.DEFINE_string("name", None, "Name of the comparison: docs file names and workdirs.")
-  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Runs go to "
-                      "<workdir_root>/<name>/<method>.")
-  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.png/.json are written.")
   flags.DEFINE_multi_string("per_method", [], "method:key=value, a field for one method only "
                             "(applied last), e.g. galore:train.lr=4e-3. Repeatable.")
   flags.DEFINE_bool("memory", True, "Also compile each step for XLA's memory analysis.")
-  flags.DEFINE_bool("quiet", False, "No per-step progress lines.")
-  flags.mark_flags_as_required(["name"])
-  return flags.FLAGS
+  return common.define_run_flags("method")
 
 
 if __name__ == "__main__":
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
-  _flags = define_flags()
-  logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
-  app.run(lambda argv: _main(argv, _flags))
+  common.run_main(define_flags, _main)

@@ -35,10 +35,11 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from experiments import common  # pylint: disable=wrong-import-position
-from lost_jax import accounting, configs, train  # pylint: disable=wrong-import-position
+from lost_jax import accounting, configs, train, xla_setup  # pylint: disable=wrong-import-position
 
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
 REFERENCE = "full_rank"
+TORCH_METHODS = ("full_rank", "lost")   # what experiments/torch_baseline.py implements
 # Targets of the issue (llama_60m dims, seq 256, float32, this CPU).
 MFU_TARGET = 0.75           # full-rank MFU vs the measured peak
 SPEEDUP_TARGET = 0.85       # LOST's realised / FLOP-predicted speedup over full-rank
@@ -146,10 +147,10 @@ class StepRunner:
     self.state, self.rest = setup.init_fn(jax.random.key(seed))
     self.batch = train.to_global(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
                                                  cfg.model.vocab_size, seed), mesh)
+    self.loss = float("nan")
     t0 = time.perf_counter()
     self.run(1)   # compiles
     self.compile_s = time.perf_counter() - t0
-    self.loss = float("nan")
 
   def run(self, n: int) -> list[float]:
     """Wall seconds of each of n steps (each waits for its own result)."""
@@ -237,7 +238,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
     else:
       flops = (extra_flops or {}).get((p, m),
                                       accounting.train_flops_per_token(ref_cfg.model, seq_len))
-      kind, rank = "dense", 0
+      kind, rank = "torch.compile", 0
     row = dict(precision=p, method=m, kind=kind, rank=rank if kind != "dense" else 0,
                train_flops_per_token=flops, step_times_s=times[f"{p}/{m}"],
                compile_s=compile_s.get((p, m), float("nan")),
@@ -359,11 +360,12 @@ def _main(argv, flag_values):
   if f.torch:
     from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
     for p in f.precisions:
-      cfg = bench_config(size, REFERENCE, p, f.batch, f.seq_len,
-                         config_flags.get_override_values(f["config"]))
-      extra[(p, "torch_full_rank")] = torch_baseline.make_runner(cfg)
-      extra_flops[(p, "torch_full_rank")] = accounting.train_flops_per_token(cfg.model,
-                                                                              f.seq_len)
+      for method in [m for m in TORCH_METHODS if m in f.methods]:
+        cfg = bench_config(size, method, p, f.batch, f.seq_len,
+                           config_flags.get_override_values(f["config"]))
+        extra[(p, f"torch_{method}")] = torch_baseline.make_runner(cfg)
+        extra_flops[(p, f"torch_{method}")] = accounting.train_flops_per_token(cfg.model,
+                                                                                f.seq_len)
   result = run(size, f.methods, f.precisions, batch=f.batch, seq_len=f.seq_len,
                rounds=f.rounds, steps_per_round=f.steps_per_round,
                overrides=config_flags.get_override_values(f["config"]),
@@ -404,7 +406,8 @@ def define_flags():
   flags.DEFINE_integer("steps_per_round", 2, "Timed steps of each variant per round.")
   flags.DEFINE_float("max_load", LOAD_LIMIT, "Wait for the 1-min load average to drop below.")
   flags.DEFINE_float("wait_minutes", 0.0, "Longest wait for a quiet machine.")
-  flags.DEFINE_bool("torch", False, "Also time experiments/torch_baseline.py (full rank).")
+  flags.DEFINE_bool("torch", False, "Also time experiments/torch_baseline.py (its full_rank "
+                    "and lost, where --methods has them).")
   flags.DEFINE_string("out_md", "", "Write the markdown report here.")
   flags.DEFINE_string("out_json", "", "Write the raw result here.")
   flags.DEFINE_string("notes", "", "A markdown file appended to the report as Notes.")
@@ -412,6 +415,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
+  xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = define_flags()
   app.run(lambda argv: _main(argv, _flags))

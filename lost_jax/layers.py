@@ -50,49 +50,69 @@ def _cast(dtype, *arrays):
 
 def matmul(x_BxN: jax.Array, w_NxM: jax.Array, dtype: Any = None,
            out_dtype: Any = None) -> jax.Array:
-  """x @ w [..., M] in the compute `dtype`; 16-bit operands accumulate in float32.
+  """x @ w [..., M] in the compute `dtype` (None: promotion), result cast to `out_dtype`.
 
-  float32 (or None: plain promotion) is an ordinary matmul. For bf16/f16 the forward and both
-  backward matmuls take 16-bit operands with float32 accumulation: XLA:CPU runs those about
-  twice as fast as float32 dots (plain bf16 dots are slower), and JAX's own transpose of a
-  `preferred_element_type=float32` dot would upcast the backward to float32 dots. The result
-  is cast to `out_dtype` (default: `dtype`); its cotangent is cast back to `dtype`.
+  One custom VJP spells out the three matmuls of forward and backward, for two reasons:
+  - bf16/f16 operands accumulate in float32 in all three. XLA:CPU runs such dots about twice
+    as fast as float32 ones (plain bf16 dots are slower), while JAX's own transpose of a
+    `preferred_element_type=float32` dot upcasts the backward to float32 dots.
+  - On CPU the weight gradient transposes x [T, N] explicitly (`_transposed_tokens`): left
+    to itself XLA:CPU fuses a transpose of the wider cotangent [T, M] into its producer, a
+    slow strided write (~25% of a llama_60m float32 train step), or upcasts bf16 to float32.
+  The cotangent of the result is cast back to the compute dtype; the weight gradient stays
+  float32 until it is cast to the weight's own dtype.
   """
-  if dtype is None or jnp.dtype(dtype).itemsize >= 4:
-    x, w = _cast(dtype, x_BxN, w_NxM)
-    y = x @ w
-    return y if out_dtype is None else y.astype(out_dtype)
-  dtype = jnp.dtype(dtype)
-  return _f32_accumulated_matmul(x_BxN, w_NxM, dtype,
-                                 dtype if out_dtype is None else jnp.dtype(out_dtype))
+  dtype = jnp.result_type(x_BxN, w_NxM) if dtype is None else jnp.dtype(dtype)
+  out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
+  return _matmul(x_BxN, w_NxM, dtype, out_dtype)
 
 
-def _dot_f32(a, b, a_dim: int, b_dim: int):
-  return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+def _dot(a, b, a_dim: int, b_dim: int, dtype):
+  acc = jnp.float32 if dtype.itemsize < 4 else None
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a_dim,), (b_dim,)), ((), ())),
+                             preferred_element_type=acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _f32_accumulated_matmul(x_BxN, w_NxM, dtype, out_dtype):
-  y = _dot_f32(x_BxN.astype(dtype), w_NxM.astype(dtype), x_BxN.ndim - 1, 0)
-  return y.astype(out_dtype)
+def _matmul(x_BxN, w_NxM, dtype, out_dtype):
+  return _dot(x_BxN, w_NxM, x_BxN.ndim - 1, 0, dtype).astype(out_dtype)
 
 
-def _f32_accumulated_matmul_fwd(x_BxN, w_NxM, dtype, out_dtype):
-  return _f32_accumulated_matmul(x_BxN, w_NxM, dtype, out_dtype), (x_BxN, w_NxM)
+def _matmul_fwd(x_BxN, w_NxM, dtype, out_dtype):
+  return _matmul(x_BxN, w_NxM, dtype, out_dtype), (x_BxN, w_NxM)
 
 
-def _f32_accumulated_matmul_bwd(dtype, out_dtype, residuals, g_BxM):  # pylint: disable=unused-argument
+def _matmul_bwd(dtype, out_dtype, residuals, g_BxM):  # pylint: disable=unused-argument
   x_BxN, w_NxM = residuals
   g = g_BxM.astype(dtype)
-  dx = _dot_f32(g, w_NxM.astype(dtype), g.ndim - 1, 1).astype(x_BxN.dtype)
-  # The weight gradient stays float32 until cast to the parameter's dtype (no bf16 rounding).
-  x_TxN = x_BxN.astype(dtype).reshape(-1, x_BxN.shape[-1])
-  dw = _dot_f32(x_TxN, g.reshape(-1, g.shape[-1]), 0, 0).astype(w_NxM.dtype)
-  return dx, dw
+  dx = _dot(g, w_NxM, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
+  g_TxM = g.reshape(-1, g.shape[-1])
+  if jax.default_backend() == "cpu":
+    dw = _dot(_transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
+    # A caller's transpose of w (b.T) would otherwise fold into this dot as a contraction
+    # over dim 0 of both operands, which XLA:CPU cannot run in bf16 (UNIMPLEMENTED).
+    dw = jax.lax.optimization_barrier(dw)
+  else:
+    dw = _dot(x_BxN.reshape(-1, x_BxN.shape[-1]), g_TxM, 0, 0, dtype)
+  return dx, dw.astype(w_NxM.dtype)
 
 
-_f32_accumulated_matmul.defvjp(_f32_accumulated_matmul_fwd, _f32_accumulated_matmul_bwd)
+def _transposed_tokens(x_BxN: jax.Array) -> jax.Array:
+  """x [..., N] -> [N, T] as a materialised copy (XLA:CPU).
+
+  A 2-D transpose would be folded into the dot as a contraction over dim 0, which XLA:CPU runs
+  as an upcast float32 dot for bf16; moving the last axis of the N-D array to the front is not
+  folded, and the barrier keeps XLA from fusing the transpose into the cotangent's producer.
+  """
+  n = x_BxN.shape[-1]
+  if x_BxN.ndim >= 3:
+    x_NxT = jnp.moveaxis(x_BxN, -1, 0).reshape(n, -1)
+  else:
+    x_NxT = x_BxN.reshape(-1, n).T
+  return jax.lax.optimization_barrier(x_NxT)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class DenseLinear(nnx.Module):
@@ -146,10 +166,13 @@ class LOSTLinear(nnx.Module):
     # to a's columns (its backward is then a matmul, not a scatter), and the values are
     # appended to b.T's rows, so the branches are summed inside the second matmul. The extra
     # 2nk FLOPs/token are small; separate skinny gather/k-wide matmuls ran far below peak.
+    # z stays float32: in bf16 the [.., r + k] elementwise math round-trips bf16 <-> f32 at
+    # every op on CPU (~20% of a mixed-precision LOST step).
     rank = self.a.shape[-1]
     onehot_NxK = jax.nn.one_hot(self.indices[...], self.in_features, dtype=self.a.dtype,
                                 axis=0)
-    z = matmul(x_BxN, jnp.concatenate([self.a[...], onehot_NxK], axis=1), self.dtype)
+    z = matmul(x_BxN, jnp.concatenate([self.a[...], onehot_NxK], axis=1), self.dtype,
+               out_dtype=jnp.float32)
     h = jnp.concatenate([self.gamma * self.act(z[..., :rank]),
                          (1.0 - self.gamma) * z[..., rank:]], axis=-1)
     return matmul(h, jnp.concatenate([self.b[...].T, self.values[...]], axis=0), self.dtype)
@@ -185,7 +208,7 @@ class LowRankLinear(nnx.Module):
     self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
-    h = self.act(matmul(x_BxN, self.a[...], self.dtype))
+    h = self.act(matmul(x_BxN, self.a[...], self.dtype, out_dtype=jnp.float32))  # as LOST
     return matmul(h, self.b[...].T, self.dtype)
 
 

@@ -10,6 +10,7 @@ checkpoints load unchanged; adapters are `LoRAParam`, an nnx.Param subclass, so
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -28,6 +29,45 @@ class LoRAParam(nnx.Param):
 
 def _axes(var: nnx.Variable) -> tuple:
   return tuple(var.get_metadata().get("axes") or (None, None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x_BxN: jax.Array, a_NxR: jax.Array, b_RxM: jax.Array, scale: float
+               ) -> jax.Array:
+  """scale * x @ a @ b [..., m], with a backward that only ever transposes [.., r] tensors.
+
+  The scale multiplies the rank-r intermediate. For the factor gradients XLA:CPU would
+  otherwise materialise x^T [n, T] and the cotangent's transpose [m, T] with slow strided
+  copies (~5% of a LoRA step at 512 tokens); here the weight gradients are computed as
+  (u^T @ x)^T and u^T @ g from the small [T, r] intermediates.
+  """
+  return ((x_BxN @ a_NxR) * scale) @ b_RxM
+
+
+def _lora_delta_fwd(x_BxN, a_NxR, b_RxM, scale):
+  us = (x_BxN @ a_NxR) * scale
+  return us @ b_RxM, (x_BxN, a_NxR, b_RxM, us)
+
+
+def _small_t(u_TxR: jax.Array) -> jax.Array:
+  """[T, r] -> [r, T] as its own copy (a barrier keeps XLA from folding it into the dot)."""
+  return jax.lax.optimization_barrier(u_TxR.T)
+
+
+def _lora_delta_bwd(scale, residuals, g_BxM):
+  x_BxN, a_NxR, b_RxM, us_BxR = residuals
+  n, r, m = a_NxR.shape[0], a_NxR.shape[1], b_RxM.shape[1]
+  x_TxN, g_TxM = x_BxN.reshape(-1, n), g_BxM.reshape(-1, m).astype(b_RxM.dtype)
+  us_TxR = us_BxR.reshape(-1, r)
+  du_TxR = jax.lax.dot_general(g_TxM, b_RxM, (((1,), (1,)), ((), ()))) * scale
+  db_RxM = _small_t(us_TxR) @ g_TxM
+  da_RxN = jax.lax.optimization_barrier(_small_t(du_TxR) @ x_TxN)
+  dx = jax.lax.dot_general(du_TxR, a_NxR, (((1,), (1,)), ((), ())))
+  return (dx.reshape(x_BxN.shape).astype(x_BxN.dtype), da_RxN.T.astype(a_NxR.dtype),
+          db_RxM.astype(b_RxM.dtype))
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class LoRALinear(nnx.Module):
@@ -67,7 +107,7 @@ class LoRALinear(nnx.Module):
       x_BxN, a, b = x_BxN.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype)
     if self.dropout is not None:
       x_BxN = self.dropout(x_BxN)
-    return self.scale * ((x_BxN @ a) @ b)
+    return lora_delta(x_BxN, a, b, self.scale)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     return self.base(x_BxN) + self.delta(x_BxN)

@@ -17,6 +17,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
+  from lost_jax import xla_setup
+  xla_setup.configure()   # before the first JAX computation
   if argv[1] == "pretrain":
     from lost_jax import train
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

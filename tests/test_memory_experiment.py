@@ -66,3 +66,18 @@ def test_report_files(rows, tmp_path):
 def test_bad_microbatch_is_rejected():
   with pytest.raises(ValueError, match="does not divide"):
     memory.measurement_config("quickstart", "lost", microbatch=5, overrides=TINY)
+
+
+def test_target_lines_read_micro_batches_and_remat():
+  row = lambda size, mb, ratio, remat=False: dict(size=size, method="lost", microbatch=mb,
+                                                  ratio=ratio, remat=remat)
+  rows = [row("llama_1b", 8, 0.60), row("llama_7b", 4, 0.51)]
+  swept = [row("llama_1b", 1, 0.50), row("llama_1b", 16, 0.70)]
+  remat = [row("llama_1b", 8, 0.53, remat=True), row("llama_1b", 1, 0.40, remat=True)]
+  one_b, seven_b = memory.target_lines(rows, swept, 0.55, remat_rows=remat)
+  assert one_b.startswith("llama_1b: target LOST <= 0.55 x full-rank not met at the default "
+                          "micro-batch 8 (0.60 x)")
+  assert "by micro-batch 1: 0.50, 8: 0.60, 16: 0.70 -> met up to micro-batch 1" in one_b
+  assert one_b.endswith("with model.remat at micro-batch 8: 0.53 x -> met")
+  assert seven_b == ("llama_7b: target LOST <= 0.55 x full-rank met at the default "
+                     "micro-batch 4 (0.51 x)")

@@ -1,0 +1,207 @@
+"""A plain PyTorch (CPU, torch.compile) LLaMA train step at lost_jax's dims: full-rank or LOST.
+
+The reference point for `experiments/throughput.py --torch`: the same architecture as
+`lost_jax.model.Llama` (pre-norm RMSNorm, rotate-half RoPE, SwiGLU,
+causal attention via scaled_dot_product_attention, untied head), float32 cross-entropy,
+global-norm clipping and AdamW; projections are `nn.Linear` (full_rank) or the LOST layer
+gamma * silu(x A) B^T + (1 - gamma) * x[..., I] S with lost_jax's rank and kept-channel count
+(timing does not depend on the factors' values, so they are random here). `mixed` runs the forward under
+`torch.autocast("cpu", torch.bfloat16)` with float32 parameters and optimizer state, the
+usual PyTorch mixed precision. Written plainly, as a PyTorch user would; nothing is tuned.
+
+  python experiments/torch_baseline.py --size=llama_60m --method=lost --precision=mixed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import ml_collections
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+  def __init__(self, dim: int, eps: float):
+    super().__init__()
+    self.eps = eps
+    self.weight = nn.Parameter(torch.ones(dim))
+
+  def forward(self, x):
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+  x1, x2 = x.chunk(2, dim=-1)
+  return torch.cat([-x2, x1], dim=-1)
+
+
+class LOSTLinear(nn.Module):
+  """gamma * silu(x @ a) @ b.T + (1 - gamma) * x[..., idx] @ values."""
+
+  def __init__(self, n: int, m: int, rank: int, keep: int, gamma: float):
+    super().__init__()
+    self.gamma = gamma
+    self.a = nn.Parameter(torch.randn(n, rank) / n ** 0.5)
+    self.b = nn.Parameter(torch.randn(m, rank) / rank ** 0.5)
+    self.values = nn.Parameter(torch.randn(keep, m) / keep ** 0.5)
+    self.register_buffer("idx", torch.randperm(n)[:keep].sort().values)
+
+  def forward(self, x):
+    low = F.linear(F.silu(x @ self.a.to(x.dtype)), self.b.to(x.dtype))
+    return self.gamma * low + (1.0 - self.gamma) * (x[..., self.idx] @ self.values.to(x.dtype))
+
+
+def make_linear(m: ml_collections.ConfigDict, n: int, out: int) -> nn.Module:
+  """nn.Linear for dense configs, LOSTLinear for model.linear.kind == 'lost'."""
+  lin = m.linear
+  if lin.kind == "dense":
+    return nn.Linear(n, out, bias=False)
+  if lin.kind != "lost":
+    raise ValueError(f"torch baseline has no {lin.kind!r} layer: use full_rank or lost.")
+  keep = max(1, math.ceil(lin.sparsity * n - 1e-9))
+  return LOSTLinear(n, out, lin.rank, keep, lin.gamma)
+
+
+class Block(nn.Module):
+  def __init__(self, m: ml_collections.ConfigDict):
+    super().__init__()
+    d, f = m.d_model, m.ffn_dim
+    self.n_heads, self.head_dim = m.n_heads, d // m.n_heads
+    self.attn_norm, self.mlp_norm = RMSNorm(d, m.norm_eps), RMSNorm(d, m.norm_eps)
+    self.q, self.k, self.v, self.o = (make_linear(m, d, d) for _ in range(4))
+    self.gate, self.up = make_linear(m, d, f), make_linear(m, d, f)
+    self.down = make_linear(m, f, d)
+
+  def forward(self, x, cos, sin):
+    b, length, d = x.shape
+    h = self.attn_norm(x).to(x.dtype)
+    shape = (b, length, self.n_heads, self.head_dim)
+    q, k, v = (p(h).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    x = x + self.o(att.transpose(1, 2).reshape(b, length, d))
+    h = self.mlp_norm(x).to(x.dtype)
+    return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+  """tokens [B, L] -> float32 logits [B, L, V]."""
+
+  def __init__(self, m: ml_collections.ConfigDict):
+    super().__init__()
+    self.m = m
+    self.embed = nn.Embedding(m.vocab_size, m.d_model)
+    self.layers = nn.ModuleList(Block(m) for _ in range(m.n_layers))
+    self.final_norm = RMSNorm(m.d_model, m.norm_eps)
+    self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+    for p in self.parameters():
+      if p.dim() == 2:
+        nn.init.normal_(p, std=m.init_std)
+
+  def forward(self, tokens):
+    length, hd = tokens.shape[1], self.m.d_model // self.m.n_heads
+    inv = 1.0 / (self.m.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    ang = torch.arange(length).float()[:, None] * inv[None]
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos(), ang.sin()
+    x = self.embed(tokens)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    x = x.to(dtype)
+    for block in self.layers:
+      x = block(x, cos, sin)
+    return self.lm_head(self.final_norm(x).to(dtype)).float()
+
+
+def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0,
+                compile_model: bool = True) -> Callable[[int], list[float]]:
+  """run(n) -> wall seconds of n train steps of a torch model shaped like cfg (dense or LOST).
+
+  cfg: a lost_jax run config (model dims, train.batch_size, data.seq_len, train.precision
+  float32 | mixed, train.lr / b1 / b2 / eps / weight_decay / clip_norm). Compiles on creation.
+  """
+  if cfg.train.precision not in ("float32", "mixed"):
+    raise ValueError(f"torch baseline precision {cfg.train.precision!r}: use float32 or mixed.")
+  torch.manual_seed(seed)
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = Llama(cfg.model)
+  t = cfg.train
+  opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
+                          weight_decay=t.weight_decay)
+  mixed = cfg.train.precision == "mixed"
+  rng = np.random.default_rng(seed)
+  tokens = torch.from_numpy(rng.integers(0, cfg.model.vocab_size,
+                                         (t.batch_size, cfg.data.seq_len + 1)).astype(np.int64))
+  inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+  def loss_fn(inputs, targets):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    with ctx:
+      logits = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+  loss_c = torch.compile(loss_fn) if compile_model else loss_fn
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_c(inputs, targets)
+    loss.backward()
+    if t.clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+    opt.step()
+    return float(loss.detach())
+
+  def run(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      run.loss = step()
+      times.append(time.perf_counter() - t0)
+    return times
+
+  run.loss = float("nan")
+  run(1)   # compiles
+  return run
+
+
+def _main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from lost_jax import accounting, configs  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("size", "llama_60m", "Size preset.")
+  flags.DEFINE_string("method", "full_rank", "full_rank | lost")
+  flags.DEFINE_string("precision", "float32", "float32 | mixed")
+  flags.DEFINE_integer("batch", 8, "Sequences per step.")
+  flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+  flags.DEFINE_integer("steps", 6, "Timed steps after one warm-up.")
+  fl = flags.FLAGS
+
+  def main(argv):
+    del argv
+    cfg = configs.pretrain_config(fl.size, fl.method)
+    cfg.train.batch_size, cfg.data.seq_len, cfg.train.precision = (fl.batch, fl.seq_len,
+                                                                    fl.precision)
+    run = make_runner(cfg)
+    run(1)
+    step = statistics.median(run(fl.steps))
+    tok_s = fl.batch * fl.seq_len / step
+    flops = accounting.train_flops_per_token(cfg.model, fl.seq_len)
+    print(f"torch {torch.__version__} {fl.size} {fl.method} {fl.precision}: {step * 1e3:.0f} ms/step, "
+          f"{tok_s:,.0f} tokens/s, {tok_s * flops / 1e9:.1f} GFLOP/s, loss {run.loss:.3f}")
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _main()

@@ -1,0 +1,116 @@
+"""experiments/throughput.py: MFU / speedup arithmetic, and a tiny end-to-end smoke run."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import throughput as tp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lost_jax import accounting, configs, layers  # pylint: disable=wrong-import-position
+
+TINY = {"model.vocab_size": 128, "model.d_model": 32, "model.ffn_dim": 64,
+        "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,
+        "model.linear.rank": 4}
+
+
+def test_mfu_and_step_stats():
+  # 1000 tokens in a median step of 0.5 s at 1e6 FLOPs/token against a 4e9 FLOP/s peak.
+  stats = tp.step_stats([0.7, 0.5, 0.4], tokens_per_step=1000, flops_per_token=1e6,
+                        peak_flops=4e9)
+  assert stats["step_s"] == 0.5
+  assert stats["tokens_per_s"] == pytest.approx(2000.0)
+  assert stats["flops_per_s"] == pytest.approx(2e9)
+  assert stats["mfu"] == pytest.approx(0.5)
+  assert tp.mfu(2000.0, 1e6, 4e9) == pytest.approx(0.5)
+
+
+def test_speedup_predicted_realised_fraction():
+  ref = {"train_flops_per_token": 300.0, "tokens_per_s": 100.0}
+  row = {"train_flops_per_token": 200.0, "tokens_per_s": 120.0}
+  s = tp.speedup(ref, row)
+  assert s["predicted"] == pytest.approx(1.5)      # 300 / 200 FLOPs
+  assert s["realised"] == pytest.approx(1.2)       # 120 / 100 tokens/s
+  assert s["fraction"] == pytest.approx(0.8)
+  assert tp.speedup(ref, ref) == {"predicted": 1.0, "realised": 1.0, "fraction": 1.0}
+
+
+def test_logits_share_is_head_over_forward_flops():
+  model = configs.pretrain_config("llama_60m", "full_rank").model
+  d, v, n_layers, f = 512, 32000, 8, 1376
+  proj = 4 * 2 * d * d + 3 * 2 * d * f
+  attn = 2 * 2 * 256 * d
+  expected = 2 * d * v / (n_layers * (proj + attn) + 2 * d * v)
+  assert tp.logits_share(model, 256) == pytest.approx(expected)
+  lost = configs.pretrain_config("llama_60m", "lost").model
+  assert tp.logits_share(lost, 256) > tp.logits_share(model, 256)
+
+
+def test_targets_read_float32_rows_only():
+  rows = [dict(precision="float32", method="full_rank", mfu=0.8,
+               speedup={"fraction": 1.0}),
+          dict(precision="float32", method="lost", mfu=0.5, speedup={"fraction": 0.7}),
+          dict(precision="mixed", method="lost", mfu=0.1, speedup={"fraction": 0.1})]
+  out = tp.targets({"rows": rows})
+  assert [(v, met) for _, v, _, met in out] == [(0.8, True), (0.7, False)]
+
+
+def test_bench_config_matches_ranks_and_sets_the_step():
+  cfg = tp.bench_config("llama_60m", "cola", "float32", 8, 256)
+  assert (cfg.train.batch_size, cfg.train.microbatches, cfg.data.seq_len,
+          cfg.train.precision) == (8, 1, 256, "float32")
+  lost = configs.pretrain_config("llama_60m", "lost").model.linear
+  assert cfg.model.linear.rank == configs.matched_rank(cfg.model, "cola", lost.rank,
+                                                       lost.sparsity, lost.density)
+
+
+def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32():
+  """layers.matmul in bf16: f32 weight gradient, all three products close to float32's."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((24, 16)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+
+  def loss(x, w, dtype):
+    return jnp.sum(layers.matmul(x, w, dtype).astype(jnp.float32) * c)
+
+  y16 = layers.matmul(x, w, jnp.bfloat16)
+  assert y16.dtype == jnp.bfloat16
+  g16 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
+  g32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)
+  assert g16[1].dtype == jnp.float32 and g16[0].dtype == jnp.float32
+  # float64 references: dx = c @ w.T, dw = x^T c (bf16 operands: ~2^-8 relative error).
+  x2, c2 = np.asarray(x, np.float64).reshape(-1, 24), np.asarray(c, np.float64).reshape(-1, 16)
+  dw_ref, dx_ref = x2.T @ c2, (c2 @ np.asarray(w, np.float64).T).reshape(2, 5, 24)
+  for got32, got16, ref in ((g32[1], g16[1], dw_ref), (g32[0], g16[0], dx_ref)):
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(got32), ref, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(got16), ref, atol=2e-2 * scale)
+    assert np.abs(np.asarray(got16) - ref).max() > 1e-6 * scale   # really rounded to bf16
+
+
+def test_tiny_run_end_to_end():
+  result = tp.run("quickstart", ("full_rank", "lost"), ("float32",), batch=2, seq_len=16,
+                  rounds=2, steps_per_round=1, warmup=0, peak_sizes=(64,), overrides=TINY,
+                  log=lambda _: None)
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"full_rank", "lost"} and result["peaks"]["float32"] > 0
+  for method, r in rows.items():
+    assert len(r["step_times_s"]) == 2
+    cfg = tp.bench_config("quickstart", method, "float32", 2, 16, TINY)
+    assert r["train_flops_per_token"] == accounting.train_flops_per_token(cfg.model, 16)
+    assert r["tokens_per_s"] == pytest.approx(32 / r["step_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / result["peaks"]["float32"])
+  ref, lost = rows["full_rank"], rows["lost"]
+  assert ref["speedup"]["realised"] == pytest.approx(1.0)
+  assert lost["speedup"]["predicted"] == pytest.approx(
+      ref["train_flops_per_token"] / lost["train_flops_per_token"])
+  assert lost["speedup"]["realised"] == pytest.approx(lost["tokens_per_s"] / ref["tokens_per_s"])
+  text = tp.report(result, "python experiments/throughput.py ...")
+  assert "| float32 | lost | lost (4) |" in text
+  assert "LOST float32 realised / FLOP-predicted speedup" in text
