@@ -69,12 +69,13 @@ def test_bench_config_matches_ranks_and_sets_the_step():
                                                        lost.sparsity, lost.density)
 
 
-def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32():
+@pytest.mark.parametrize("n,m", [(24, 16), (16, 24)])   # transposes g, resp. x, on CPU
+def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32(n, m):
   """layers.matmul in bf16: f32 weight gradient, all three products close to float32's."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((24, 16)), jnp.float32)
-  c = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((n, m)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((2, 5, m)), jnp.float32)
 
   def loss(x, w, dtype):
     return jnp.sum(layers.matmul(x, w, dtype).astype(jnp.float32) * c)
@@ -85,8 +86,8 @@ def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32():
   g32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)
   assert g16[1].dtype == jnp.float32 and g16[0].dtype == jnp.float32
   # float64 references: dx = c @ w.T, dw = x^T c (bf16 operands: ~2^-8 relative error).
-  x2, c2 = np.asarray(x, np.float64).reshape(-1, 24), np.asarray(c, np.float64).reshape(-1, 16)
-  dw_ref, dx_ref = x2.T @ c2, (c2 @ np.asarray(w, np.float64).T).reshape(2, 5, 24)
+  x2, c2 = np.asarray(x, np.float64).reshape(-1, n), np.asarray(c, np.float64).reshape(-1, m)
+  dw_ref, dx_ref = x2.T @ c2, (c2 @ np.asarray(w, np.float64).T).reshape(2, 5, n)
   for got32, got16, ref in ((g32[1], g16[1], dw_ref), (g32[0], g16[0], dx_ref)):
     scale = np.abs(ref).max()
     np.testing.assert_allclose(np.asarray(got32), ref, atol=1e-5 * scale)
