@@ -224,10 +224,15 @@ def run(size: str, methods: Iterable[str] = METHODS,
       cfgs[(p, method)], runners[(p, method)] = runner.cfg, runner.run
       compile_s[(p, method)] = runner.compile_s
       log(f"built {p} {method}: compile + first step {runner.compile_s:.1f} s")
-  for key, fn in (extra_runners or {}).items():
-    runners[key] = fn
-  named = {f"{p}/{m}": fn for (p, m), fn in runners.items()}
-  times = interleave(named, rounds, steps_per_round, warmup, log)
+  times = interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
+                     steps_per_round, warmup, log)
+  if extra_runners:
+    # Other runtimes get their own rounds: alternating torch's and XLA's thread pools step by
+    # step slowed the JAX steps by up to 25% on 2 cores (threads still spinning from the
+    # previous step), so the two are interleaved only among themselves.
+    runners.update(extra_runners)
+    times.update(interleave({f"{p}/{m}": fn for (p, m), fn in extra_runners.items()},
+                            rounds, steps_per_round, warmup, log))
   rows = []
   for (p, m) in runners:
     ref_cfg = cfgs[(p, REFERENCE)]
@@ -290,6 +295,17 @@ def targets(result: dict) -> list[tuple[str, float, float, bool]]:
   return out
 
 
+def versus_torch(result: dict) -> list[tuple[str, str, float, float, float]]:
+  """(precision, method, lost_jax step s, torch step s, torch / lost_jax) where both ran."""
+  steps = {(r["precision"], r["method"]): r["step_s"] for r in result["rows"]}
+  out = []
+  for (p, m), torch_s in steps.items():
+    ours = steps.get((p, m.removeprefix("torch_"))) if m.startswith("torch_") else None
+    if ours is not None:
+      out.append((p, m.removeprefix("torch_"), ours, torch_s, torch_s / ours))
+  return out
+
+
 def report(result: dict, command: str, notes: str = "") -> str:
   """Markdown: setup, peaks, the table, logits share, targets."""
   m = result["model"]
@@ -333,10 +349,20 @@ def report(result: dict, command: str, notes: str = "") -> str:
   parts.append("Vocab projection (LM head, 2 x d_model x vocab per token) share of train "
                "FLOPs: " + ", ".join(f"{k} {v:.0%}" for k, v in result["logits_share"].items())
                + ". It is dense in every method, so it bounds every low-rank speedup.\n")
+  vs = versus_torch(result)
+  if vs:
+    parts.append("## lost_jax vs PyTorch (`experiments/torch_baseline.py`, torch.compile)\n")
+    parts.append(common.markdown_table(
+        ["precision", "method", "lost_jax step ms", "torch step ms", "lost_jax speed / torch"],
+        [[p, m, f"{1e3 * j:.0f}", f"{1e3 * t:.0f}", f"{ratio:.2f}x"]
+         for p, m, j, t, ratio in vs]) + "\n")
   parts.append("## Targets (float32)\n")
   for desc, value, target, met in targets(result):
     parts.append(f"- {desc}: {value:.0%} (target >= {target:.0%}): "
                  f"{'met' if met else 'NOT met'}.")
+  for p, m, _, _, ratio in vs:
+    parts.append(f"- lost_jax {m} {p} at least as fast as PyTorch: {ratio:.2f}x: "
+                 f"{'met' if ratio >= 1.0 else 'NOT met'}.")
   if notes:
     parts.append("\n## Notes\n\n" + notes.strip() + "\n")
   return "\n".join(parts) + "\n"

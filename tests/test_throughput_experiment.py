@@ -96,10 +96,12 @@ def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32(n, 
 
 
 def test_tiny_run_end_to_end():
+  fake_torch = lambda n: [0.5] * n    # a stand-in for torch_baseline.make_runner(cfg)
   result = tp.run("quickstart", ("full_rank", "lost"), ("float32",), batch=2, seq_len=16,
                   rounds=2, steps_per_round=1, warmup=0, peak_sizes=(64,), overrides=TINY,
-                  log=lambda _: None)
+                  extra_runners={("float32", "torch_lost"): fake_torch}, log=lambda _: None)
   rows = {r["method"]: r for r in result["rows"]}
+  assert rows.pop("torch_lost")["step_times_s"] == [0.5, 0.5]
   assert set(rows) == {"full_rank", "lost"} and result["peaks"]["float32"] > 0
   for method, r in rows.items():
     assert len(r["step_times_s"]) == 2
@@ -115,3 +117,15 @@ def test_tiny_run_end_to_end():
   text = tp.report(result, "python experiments/throughput.py ...")
   assert "| float32 | lost | lost (4) |" in text
   assert "LOST float32 realised / FLOP-predicted speedup" in text
+  assert "| float32 | lost | " in text.split("lost_jax vs PyTorch")[1]
+  assert "lost_jax lost float32 at least as fast as PyTorch" in text
+
+
+def test_versus_torch_pairs_rows_by_precision_and_method():
+  rows = [dict(precision="float32", method="full_rank", step_s=2.0),
+          dict(precision="float32", method="torch_full_rank", step_s=3.0),
+          dict(precision="mixed", method="lost", step_s=1.0),
+          dict(precision="mixed", method="torch_lost", step_s=0.8),
+          dict(precision="mixed", method="torch_full_rank", step_s=1.1)]  # no JAX row: skipped
+  got = tp.versus_torch({"rows": rows})
+  assert got == [("float32", "full_rank", 2.0, 3.0, 1.5), ("mixed", "lost", 1.0, 0.8, 0.8)]
