@@ -306,7 +306,7 @@ def versus_torch(result: dict) -> list[tuple[str, str, float, float, float]]:
   return out
 
 
-def report(result: dict, command: str, notes: str = "") -> str:
+def report(result: dict, command: str, notes: str = "", image: str = "") -> str:
   """Markdown: setup, peaks, the table, logits share, targets."""
   m = result["model"]
   tokens = result["batch"] * result["seq_len"]
@@ -346,6 +346,8 @@ def report(result: dict, command: str, notes: str = "") -> str:
                  f"{r['mfu']:.1%}", f"{s['predicted']:.2f}x", f"{s['realised']:.2f}x",
                  f"{s['fraction']:.0%}"])
   parts.append(common.markdown_table(header, rows) + "\n")
+  if image:
+    parts.append(f"![tokens/s per method and precision]({image})\n")
   parts.append("Vocab projection (LM head, 2 x d_model x vocab per token) share of train "
                "FLOPs: " + ", ".join(f"{k} {v:.0%}" for k, v in result["logits_share"].items())
                + ". It is dense in every method, so it bounds every low-rank speedup.\n")
@@ -368,12 +370,69 @@ def report(result: dict, command: str, notes: str = "") -> str:
   return "\n".join(parts) + "\n"
 
 
+def plot(result: dict, path: str) -> None:
+  """Grouped bars: tokens/s of every method (x) per precision (one bar each), labelled MFU."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  precisions = list(dict.fromkeys(r["precision"] for r in result["rows"]))
+  methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+  by = {(r["precision"], r["method"]): r for r in result["rows"]}
+  fig = Figure(figsize=(8.0, 4.2))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  width = 0.8 / len(precisions)
+  for j, p in enumerate(precisions):
+    xs = [i + (j - (len(precisions) - 1) / 2) * width for i, m in enumerate(methods)
+          if (p, m) in by]
+    rows = [by[(p, m)] for m in methods if (p, m) in by]
+    bars = ax.bar(xs, [r["tokens_per_s"] for r in rows], width, label=p)
+    ax.bar_label(bars, [f"{r['mfu']:.0%}" for r in rows], fontsize=7)
+  ax.set_xticks(range(len(methods)), [m.replace("torch_", "torch\n") for m in methods],
+                fontsize=8)
+  ax.set_ylabel("tokens / s (bar label: MFU)")
+  ax.set_title(f"{result['size']} dims, {result['batch']} x {result['seq_len']} tokens per step")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def write_outputs(result: dict, out_md: str = "", out_json: str = "", out_png: str = ""
+                  ) -> str:
+  """The report (returned) and the files asked for: markdown, raw JSON, plot.
+
+  `result` carries its own "command" and "notes", so a saved JSON re-renders (--from_json).
+  """
+  for path in (out_md, out_json, out_png):
+    if path:
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  image = ""
+  if out_png:
+    plot(result, out_png)
+    image = os.path.relpath(out_png, os.path.dirname(out_md) or ".") if out_md else out_png
+  text = report(result, result["command"], notes=result.get("notes", ""), image=image)
+  if out_md:
+    with open(out_md, "w") as fh:
+      fh.write(text)
+  if out_json:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(out_json, "w") as fh:
+      json.dump(result, fh, indent=2, default=float)
+  return text
+
+
 def _main(argv, flag_values):
   from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
+  if f.from_json:   # re-render a saved measurement (report, plot) without timing anything
+    import json  # pylint: disable=g-import-not-at-top
+    with open(f.from_json) as fh:
+      result = json.load(fh)
+    print(write_outputs(result, f.out_md, "", f.out_png))
+    return
   size = f.size or common.config_arg(f["config"]).partition(",")[0].strip() or "llama_60m"
   if size not in configs.SIZES:
     raise app.UsageError(f"unknown size {size!r}; choose from {configs.SIZES}")
@@ -396,16 +455,8 @@ def _main(argv, flag_values):
                rounds=f.rounds, steps_per_round=f.steps_per_round,
                overrides=config_flags.get_override_values(f["config"]),
                extra_runners=extra, extra_flops=extra_flops)
-  text = report(result, common.command_line(), notes=_read(f.notes))
-  print(text)
-  if f.out_md:
-    os.makedirs(os.path.dirname(f.out_md) or ".", exist_ok=True)
-    with open(f.out_md, "w") as fh:
-      fh.write(text)
-  if f.out_json:
-    import json  # pylint: disable=g-import-not-at-top
-    with open(f.out_json, "w") as fh:
-      json.dump(result, fh, indent=2, default=float)
+  result.update(command=common.command_line(), notes=_read(f.notes))
+  print(write_outputs(result, f.out_md, f.out_json, f.out_png))
 
 
 def _read(path: str) -> str:
@@ -436,6 +487,9 @@ def define_flags():
                     "and lost, where --methods has them).")
   flags.DEFINE_string("out_md", "", "Write the markdown report here.")
   flags.DEFINE_string("out_json", "", "Write the raw result here.")
+  flags.DEFINE_string("out_png", "", "Write a tokens/s bar chart here (linked from --out_md).")
+  flags.DEFINE_string("from_json", "", "Re-render --out_md / --out_png from a saved --out_json "
+                      "result instead of measuring.")
   flags.DEFINE_string("notes", "", "A markdown file appended to the report as Notes.")
   return flags.FLAGS
 

@@ -1,5 +1,6 @@
 """experiments/throughput.py: MFU / speedup arithmetic, and a tiny end-to-end smoke run."""
 
+import json
 import os
 import sys
 
@@ -95,7 +96,7 @@ def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32(n, 
     assert np.abs(np.asarray(got16) - ref).max() > 1e-6 * scale   # really rounded to bf16
 
 
-def test_tiny_run_end_to_end():
+def test_tiny_run_end_to_end(tmp_path):
   fake_torch = lambda n: [0.5] * n    # a stand-in for torch_baseline.make_runner(cfg)
   result = tp.run("quickstart", ("full_rank", "lost"), ("float32",), batch=2, seq_len=16,
                   rounds=2, steps_per_round=1, warmup=0, peak_sizes=(64,), overrides=TINY,
@@ -119,6 +120,15 @@ def test_tiny_run_end_to_end():
   assert "LOST float32 realised / FLOP-predicted speedup" in text
   assert "| float32 | lost | " in text.split("lost_jax vs PyTorch")[1]
   assert "lost_jax lost float32 at least as fast as PyTorch" in text
+  # Files, and a re-render from the saved JSON alone gives the same report.
+  result.update(command="python experiments/throughput.py --tiny", notes="a note")
+  md, js, png = (str(tmp_path / n) for n in ("t.md", "t.json", "plots/t.png"))
+  text = tp.write_outputs(result, md, js, png)
+  assert os.path.getsize(png) > 0 and "![tokens/s per method and precision](plots/t.png)" in text
+  assert "Command: `python experiments/throughput.py --tiny`" in text and "a note" in text
+  with open(js) as fh:
+    again = tp.write_outputs(json.load(fh), str(tmp_path / "again.md"), out_png=png)
+  assert again == text
 
 
 def test_versus_torch_pairs_rows_by_precision_and_method():
