@@ -1,7 +1,8 @@
 """Training throughput and MFU of full-rank and every low-rank method on this device.
 
   python experiments/throughput.py --config=configs/pretrain.py:llama_60m,lost \
-      --precisions=float32,mixed --batch=8 --out_md=docs/benchmarks/throughput.md
+      --precisions=float32,mixed --batch=8 --torch --out_md=docs/benchmarks/throughput.md \
+      --out_json=docs/benchmarks/throughput.json --out_png=docs/benchmarks/throughput.png
 
 In one process: (1) the device's own matmul peak, measured with a large jitted matmul in each
 run's compute dtype (float32; bf16 inputs with float32 accumulation for `mixed`, which is how
@@ -14,7 +15,9 @@ MFU = tokens/s x accounting.train_flops_per_token / peak of the same compute dty
 FLOP-predicted speedup of a method is full-rank's train FLOPs/token over the method's; the
 realised speedup is its tokens/s over full-rank's; "realised / predicted" is their ratio.
 `--size` may replace `--config`; the method named in `--config` is ignored (`--methods` lists
-what runs) and `--config.*` overrides apply to every method.
+what runs) and `--config.*` overrides apply to every method. `--torch` adds
+`experiments/torch_baseline.py` (full_rank and lost in PyTorch, torch.compile), timed in its
+own interleaved rounds; `--from_json` re-renders a saved result without measuring.
 """
 
 from __future__ import annotations
