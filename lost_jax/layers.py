@@ -57,7 +57,7 @@ def matmul(x_BxN: jax.Array, w_NxM: jax.Array, dtype: Any = None,
     as fast as float32 ones (plain bf16 dots are slower), while JAX's own transpose of a
     `preferred_element_type=float32` dot upcasts the backward to float32 dots.
   - On CPU the weight gradient transposes the narrower of x [T, N] and the cotangent [T, M]
-    explicitly (`_transposed_tokens`; x^T g or (g^T x)^T): left
+    explicitly (`transposed_tokens`; x^T g or (g^T x)^T): left
     to itself XLA:CPU fuses a transpose of the wider cotangent [T, M] into its producer, a
     slow strided write (~25% of a llama_60m float32 train step), or upcasts bf16 to float32.
   The cotangent of the result is cast back to the compute dtype; the weight gradient stays
@@ -92,9 +92,9 @@ def _matmul_bwd(dtype, out_dtype, residuals, g_BxM):  # pylint: disable=unused-a
     # Transpose the narrower of x [T, N] and g [T, M] (LOST's first matmul: g is [T, r + k]).
     if g_TxM.shape[-1] < x_BxN.shape[-1]:
       x_TxN = x_BxN.astype(dtype).reshape(-1, x_BxN.shape[-1])
-      dw = jax.lax.optimization_barrier(_dot(_transposed_tokens(g), x_TxN, 1, 0, dtype)).T
+      dw = jax.lax.optimization_barrier(_dot(transposed_tokens(g), x_TxN, 1, 0, dtype)).T
     else:
-      dw = _dot(_transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
+      dw = _dot(transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
     # A caller's transpose of w (b.T) would otherwise fold into this dot as a contraction
     # over dim 0 of both operands, which XLA:CPU cannot run in bf16 (UNIMPLEMENTED).
     dw = jax.lax.optimization_barrier(dw)
@@ -103,8 +103,8 @@ def _matmul_bwd(dtype, out_dtype, residuals, g_BxM):  # pylint: disable=unused-a
   return dx, dw.astype(w_NxM.dtype)
 
 
-def _transposed_tokens(x_BxN: jax.Array) -> jax.Array:
-  """x [..., N] -> [N, T] as a materialised copy (XLA:CPU).
+def transposed_tokens(x_BxN: jax.Array) -> jax.Array:
+  """x [..., N] -> [N, T] as a materialised copy (XLA:CPU; also LoRA's [T, r] transposes).
 
   A 2-D transpose would be folded into the dot as a contraction over dim 0, which XLA:CPU runs
   as an upcast float32 dot for bf16; moving the last axis of the N-D array to the front is not

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.layers import DenseLinear, init_kernel
+from lost_jax.layers import DenseLinear, init_kernel, transposed_tokens
 
 ATTN_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
@@ -49,19 +49,14 @@ def _lora_delta_fwd(x_BxN, a_NxR, b_RxM, scale):
   return us @ b_RxM, (x_BxN, a_NxR, b_RxM, us)
 
 
-def _small_t(u_TxR: jax.Array) -> jax.Array:
-  """[T, r] -> [r, T] as its own copy (a barrier keeps XLA from folding it into the dot)."""
-  return jax.lax.optimization_barrier(u_TxR.T)
-
-
 def _lora_delta_bwd(scale, residuals, g_BxM):
   x_BxN, a_NxR, b_RxM, us_BxR = residuals
   n, r, m = a_NxR.shape[0], a_NxR.shape[1], b_RxM.shape[1]
   x_TxN, g_TxM = x_BxN.reshape(-1, n), g_BxM.reshape(-1, m).astype(b_RxM.dtype)
   us_TxR = us_BxR.reshape(-1, r)
   du_TxR = jax.lax.dot_general(g_TxM, b_RxM, (((1,), (1,)), ((), ()))) * scale
-  db_RxM = _small_t(us_TxR) @ g_TxM
-  da_RxN = jax.lax.optimization_barrier(_small_t(du_TxR) @ x_TxN)
+  db_RxM = transposed_tokens(us_TxR) @ g_TxM
+  da_RxN = jax.lax.optimization_barrier(transposed_tokens(du_TxR) @ x_TxN)
   dx = jax.lax.dot_general(du_TxR, a_NxR, (((1,), (1,)), ((), ())))
   return (dx.reshape(x_BxN.shape).astype(x_BxN.dtype), da_RxN.T.astype(a_NxR.dtype),
           db_RxM.astype(b_RxM.dtype))
