@@ -1,15 +1,9 @@
 """experiments/bench_sparselora.py: FLOP count against a hand count, and a tiny timed run."""
 
-import os
-import sys
-
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from experiments import bench_sparselora as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lost_jax import sparselora as sl  # pylint: disable=wrong-import-position
+from experiments import bench_sparselora as bench
+from lost_jax import sparselora as sl
 
 
 def test_step_flops_matches_hand_count():

@@ -2,16 +2,10 @@
 
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import ablate_lost, common, compare_methods
 from lost_jax import metrics
 

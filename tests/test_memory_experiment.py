@@ -1,15 +1,9 @@
 """experiments/memory.py: AOT-compiled step memory of a tiny model, two methods."""
 
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from experiments import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lost_jax import accounting  # pylint: disable=wrong-import-position
+from experiments import memory
+from lost_jax import accounting
 
 # A 2-layer model with a large vocab, so LOST's smaller projections show in the arguments.
 TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.ffn_dim": 192,

@@ -2,18 +2,14 @@
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from experiments import throughput as tp  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lost_jax import accounting, configs, layers  # pylint: disable=wrong-import-position
+from experiments import throughput as tp
+from lost_jax import accounting, configs, layers
 
 TINY = {"model.vocab_size": 128, "model.d_model": 32, "model.ffn_dim": 64,
         "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,

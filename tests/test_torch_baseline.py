@@ -1,18 +1,13 @@
 """experiments/torch_baseline.py: the LOST layer's formula and a tiny train step per method."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from experiments import throughput, torch_baseline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import throughput, torch_baseline  # pylint: disable=wrong-import-position
 
 TINY = {"model.vocab_size": 64, "model.d_model": 32, "model.ffn_dim": 48,
         "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,
