@@ -132,7 +132,7 @@ def method_config(size: str, method: str, overrides: dict[str, Any] | None = Non
   if lin.kind in MATCHED_KINDS:
     lin.rank = configs.matched_rank(cfg.model, lin.kind, lost.model.linear.rank,
                                     lost.model.linear.sparsity, lin.density)
-  if cfg.train.optimizer == "galore" and "train.galore_rank" not in overrides:
+  if cfg.train.optimizer.startswith("galore") and "train.galore_rank" not in overrides:
     cfg.train.galore_rank = lost.model.linear.rank
   for key, text in (method_overrides or {}).items():
     _set_text(cfg, key, text)

@@ -1,12 +1,19 @@
-"""Learning-rate schedule and optimizers (AdamW, GaLore) over an nnx.State of parameters."""
+"""Learning-rate schedule and optimizers (AdamW, GaLore, 8-bit variants) over an nnx.State."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+
+from lost_jax import quant
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
+MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised, as bitsandbytes' min_8bit_size.
 
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -38,25 +45,109 @@ def galore_labels(params: nnx.State):
                       else "adam", _paths(params))
 
 
+class ScaleByAdam8bitState(NamedTuple):
+  """Adam moments, block-quantised: mu and nu hold uint8 codes (param shape) for tensors of at
+  least MIN_8BIT_SIZE values, else the unquantised moment; *_scale hold float32 block scales
+  [*shape[:-1], n_blocks] (a float32 scalar 1 for unquantised moments)."""
+  count: jax.Array
+  mu: optax.Updates
+  mu_scale: optax.Updates
+  nu: optax.Updates
+  nu_scale: optax.Updates
+
+
+def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                       min_8bit_size: int = MIN_8BIT_SIZE,
+                       block: int = quant.STATE_BLOCK, mu_dtype=None
+                       ) -> optax.GradientTransformation:
+  """optax.scale_by_adam with 8-bit block-wise moments (dequantise, update, requantise per step).
+
+  mu is stored under the signed dynamic map; the second moment is stored as sqrt(nu) under the
+  unsigned dynamic map: the square root halves nu's dynamic range (which reaches 1e-14 of the
+  block max for rarely-seen embedding rows), and sqrt(nu) is what divides the update, so its
+  relative error is the update's. Small moments (< min_8bit_size values) stay in mu_dtype.
+  """
+  signed_book = quant.dynamic_codebook(signed=True)
+  unsigned_book = quant.dynamic_codebook(signed=False)
+
+  def quantised(p) -> bool:
+    return p.ndim >= 1 and p.size >= min_8bit_size
+
+  def init_fn(params):
+    def zeros(p, book):   # (codes, scales) of a zero moment; code 0 is not the value 0.
+      if quantised(p):
+        return quant.quantize_blockwise(jnp.zeros(p.shape, jnp.float32), book, block)
+      return jnp.zeros(p.shape, mu_dtype or p.dtype), jnp.ones((), jnp.float32)
+
+    mu = jax.tree.map(lambda p: zeros(p, signed_book)[0], params)
+    mu_s = jax.tree.map(lambda p: zeros(p, signed_book)[1], params)
+    nu = jax.tree.map(lambda p: zeros(p, unsigned_book)[0], params)
+    nu_s = jax.tree.map(lambda p: zeros(p, unsigned_book)[1], params)
+    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, mu_s, nu, nu_s)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+
+    def one(g, mu, mu_s, nu, nu_s):
+      q = mu.dtype == jnp.uint8
+      g32 = g.astype(jnp.float32)
+      m = quant.dequantize_blockwise(mu, mu_s, signed_book, block) if q else mu
+      v = jnp.square(quant.dequantize_blockwise(nu, nu_s, unsigned_book, block)) if q else nu
+      m = b1 * m.astype(jnp.float32) + (1 - b1) * g32
+      v = b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g32)
+      u = ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
+      if q:
+        return (u, *quant.quantize_blockwise(m, signed_book, block),
+                *quant.quantize_blockwise(jnp.sqrt(v), unsigned_book, block))
+      return u, m.astype(mu.dtype), mu_s, v.astype(nu.dtype), nu_s
+
+    leaves, treedef = jax.tree.flatten(updates)
+    rest = [treedef.flatten_up_to(t) for t in state[1:]]
+    out = [one(*args) for args in zip(leaves, *rest)]
+    u, mu, mu_s, nu, nu_s = (treedef.unflatten(list(col)) for col in zip(*out))
+    return u, ScaleByAdam8bitState(count, mu, mu_s, nu, nu_s)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 1e-4, mask=None, mu_dtype=None
+               ) -> optax.GradientTransformation:
+  """optax.adamw with `scale_by_adam_8bit` moments."""
+  return optax.chain(scale_by_adam_8bit(b1, b2, eps, mu_dtype=mu_dtype),
+                     optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
                    moment_dtype=None) -> optax.GradientTransformation:
-  """Global-norm clipping + AdamW (or GaLore on block kernels, AdamW elsewhere)."""
+  """Global-norm clipping + AdamW (or GaLore on block kernels, AdamW elsewhere).
+
+  The '8bit' variants store Adam's moments block-quantised (`scale_by_adam_8bit`); for GaLore
+  both the projected moments and the AdamW moments of the other parameters.
+  """
+  if train.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.train.optimizer={train.optimizer!r} is unknown. "
+                     f"Fix: use one of {OPTIMIZERS}.")
   schedule = lr_schedule(train)
   mask = decay_mask(params, train.decay_norms_and_embeddings)
-  adamw = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                      weight_decay=train.weight_decay, mask=mask, mu_dtype=moment_dtype)
-  if train.optimizer == "adamw":
+  eight_bit = train.optimizer.endswith("8bit")
+  make_adamw = adamw_8bit if eight_bit else optax.adamw
+  adamw = make_adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
+                     weight_decay=train.weight_decay, mask=mask, mu_dtype=moment_dtype)
+  if train.optimizer in ("adamw", "adamw8bit"):
     opt = adamw
-  elif train.optimizer == "galore":
+  else:
+    make_adam = scale_by_adam_8bit if eight_bit else optax.scale_by_adam
     galore = optax.contrib.galore(
         schedule, rank=train.galore_rank, update_proj_gap=train.galore_update_freq,
         scale=train.galore_scale, weight_decay=train.weight_decay,
-        base_optimizer=optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps,
-                                           mu_dtype=moment_dtype))
+        base_optimizer=make_adam(b1=train.b1, b2=train.b2, eps=train.eps,
+                                 mu_dtype=moment_dtype))
     opt = optax.partition({"galore": galore, "adam": adamw}, galore_labels(params))
-  else:
-    raise ValueError(f"config.train.optimizer={train.optimizer!r} is unknown. "
-                     "Fix: use 'adamw' or 'galore'.")
   if train.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(train.clip_norm), opt)
   return opt

@@ -102,8 +102,15 @@ def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh: jax.shard
   repl = replicated(mesh)
 
   def like_param(leaf, s):
-    same = hasattr(leaf, "shape") and _fits(leaf.shape, s.spec, mesh)
-    return s if same else repl
+    if not hasattr(leaf, "shape"):
+      return repl
+    if _fits(leaf.shape, s.spec, mesh):
+      return s
+    # 8-bit moments' block scales [*shape[:-1], n_blocks]: shard the leading axes only.
+    lead = P(*s.spec[:-1], None)
+    if len(s.spec) == len(leaf.shape) and _fits(leaf.shape, lead, mesh):
+      return NamedSharding(mesh, lead)
+    return repl
 
   try:
     return optax.tree_map_params(tx, like_param, abstract_opt_state, param_shardings,

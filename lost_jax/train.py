@@ -45,8 +45,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.batch_size < 1 or t.batch_size % t.microbatches:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not a positive multiple of "
                      f"train.microbatches={t.microbatches}. Fix: make it one.")
-  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
-    raise ValueError("config.train.optimizer='galore' projects dense gradients. Fix: set "
+  if t.optimizer.startswith("galore") and cfg.model.linear.kind != "dense":
+    raise ValueError(f"config.train.optimizer={t.optimizer!r} projects dense gradients. Fix: set "
                      "model.linear.kind='dense' (the galore method preset does).")
   if cfg.data.seq_len < 2:
     raise ValueError(f"config.data.seq_len={cfg.data.seq_len} < 2. Fix: e.g. 256.")

@@ -39,9 +39,11 @@ def final_params(workdir):
   return step, jax.tree.leaves(out["state"]["params"])
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_is_exact(tmp_path, optimizer):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   cfg = small_run_config(steps=8)
+  cfg.train.optimizer = optimizer      # 8-bit: uint8 codes + float32 scales round-trip exactly
   train.train_and_evaluate(cfg, straight, quiet=True)
   first = train.train_and_evaluate(cfg, resumed, quiet=True, stop_at=4)
   assert first["step"] == 4

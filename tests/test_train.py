@@ -114,15 +114,19 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_same_losses_on_one_device_and_on_8_device_meshes():
+def run_on_8_cpu_devices(script: str) -> dict:
+  """Run `script` (formatted with tests=<this folder>) on 8 fake CPU devices; its RESULT json."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  script = _MESH_SCRIPT.format(tests=os.path.dirname(__file__))
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", script.format(tests=os.path.dirname(__file__))],
+                        env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json
-  result = json.loads(proc.stdout.split("RESULT")[-1])
+  return json.loads(proc.stdout.split("RESULT")[-1])
+
+
+def test_same_losses_on_one_device_and_on_8_device_meshes():
+  result = run_on_8_cpu_devices(_MESH_SCRIPT)
   ref = result.pop("(1, 1, 1)")
   for shape, losses in result.items():
     np.testing.assert_allclose(losses, ref, rtol=2e-5, err_msg=shape)
