@@ -16,6 +16,8 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from lost_jax import configs
@@ -178,30 +180,92 @@ def activation_bytes(model: ml_collections.ConfigDict, seqs: int, seq_len: int,
   return blocks + head_activation_bytes_per_token(model, compute_bytes) * tokens
 
 
+def linear_param_shapes(kind: str, n: int, m: int, lin: ml_collections.ConfigDict
+                        ) -> list[tuple[int, ...]]:
+  """Shapes of the trainable parameters of one n -> m projection (as layers.make_linear)."""
+  _check_kind(kind)
+  if kind == "dense":
+    return [(n, m)]
+  factors = [(n, lin.rank), (m, lin.rank)]
+  if kind == "lost":
+    return factors + [(configs.lost_keep(n, lin.sparsity), m)]
+  if kind == "sltrain":
+    return factors + [(sltrain_nnz(n, m, lin.density),)]
+  return factors                                    # low_rank, cola
+
+
+def param_shapes(model: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
+  """Shapes of every trainable parameter of `Llama(model)`: embedding, blocks, norm, head."""
+  lin, d = model.linear, model.d_model
+  block = [(d,), (d,)]
+  for _, n, m in configs.projection_shapes(model):
+    block += linear_param_shapes(lin.kind, n, m, lin)
+  return [(model.vocab_size, d)] + block * model.n_layers + [(d,), (d, model.vocab_size)]
+
+
+def _galore_shapes(cfg: ml_collections.ConfigDict):
+  """(projected-moment shape, projector entries) of every GaLore-projected block kernel [n, m].
+
+  As optax.contrib.galore: r' = min(galore_rank, n, m); moments [r', m] when n >= m, else
+  [n, r']; the projector holds r' * max(n, m) entries.
+  """
+  out = []
+  for _, n, m in configs.projection_shapes(cfg.model):
+    r = min(cfg.train.galore_rank, n, m)
+    out.append(((r, m) if n >= m else (n, r), r * max(n, m)))
+  return out * cfg.model.n_layers
+
+
+def _check_optimizer(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.train.optimizer not in configs.OPTIMIZERS:
+    raise ValueError(f"config.train.optimizer={cfg.train.optimizer!r} is unknown. "
+                     f"Fix: use one of {configs.OPTIMIZERS}.")
+  if cfg.train.optimizer.startswith("galore") and cfg.model.linear.kind != "dense":
+    raise ValueError(f"config.train.optimizer={cfg.train.optimizer!r} projects dense "
+                     "gradients. Fix: set model.linear.kind='dense'.")
+
+
+def _adam_moments_and_rest(cfg: ml_collections.ConfigDict):
+  """(shapes each holding two Adam moments, other float entries: GaLore projectors)."""
+  _check_optimizer(cfg)
+  shapes = param_shapes(cfg.model)
+  if not cfg.train.optimizer.startswith("galore"):
+    return shapes, 0
+  galore = _galore_shapes(cfg)
+  kernels = [(n, m) for _, n, m in configs.projection_shapes(cfg.model)] * cfg.model.n_layers
+  for kernel in kernels:
+    shapes.remove(kernel)
+  return shapes + [moment for moment, _ in galore], sum(p for _, p in galore)
+
+
 def optimizer_state_entries(cfg: ml_collections.ConfigDict) -> int:
-  """Optimizer-state entries (each stored in the parameter dtype) of a run config.
+  """Optimizer-state entries (values, whatever their storage) of a run config.
 
   AdamW: two moments per trainable parameter. GaLore (optax.contrib.galore on every dense block
   kernel [n, m], AdamW elsewhere), with r' = min(galore_rank, n, m): two moments of the
   projected gradient, r' * min(n, m) each, plus the projector r' * max(n, m). The SVD workspace
   of a projector refresh and the step counters are not counted.
   """
-  counts = count_params(cfg.model)
-  if cfg.train.optimizer == "adamw":
-    return 2 * counts["trainable"]
-  if cfg.train.optimizer != "galore":
-    raise ValueError(f"config.train.optimizer={cfg.train.optimizer!r} is unknown. "
-                     "Fix: use 'adamw' or 'galore'.")
-  if cfg.model.linear.kind != "dense":
-    raise ValueError("config.train.optimizer='galore' projects dense gradients. Fix: set "
-                     "model.linear.kind='dense'.")
-  galore, kernels = 0, 0
-  for _, n, m in configs.projection_shapes(cfg.model):
-    r = min(cfg.train.galore_rank, n, m)
-    galore += 2 * r * min(n, m) + r * max(n, m)
-    kernels += n * m
-  n_layers = cfg.model.n_layers
-  return n_layers * galore + 2 * (counts["trainable"] - n_layers * kernels)
+  moments, rest = _adam_moments_and_rest(cfg)
+  return 2 * sum(math.prod(s) for s in moments) + rest
+
+
+def eight_bit_moment_bytes(shape: tuple[int, ...], float_bytes: int) -> int:
+  """Bytes of one Adam moment under optim.scale_by_adam_8bit: 1 byte per value + a float32
+  scale per 256 values of the last axis, or float_bytes per value under MIN_8BIT_SIZE values."""
+  if len(shape) >= 1 and math.prod(shape) >= configs.MIN_8BIT_SIZE:
+    rows = math.prod(shape[:-1])
+    return math.prod(shape) + 4 * rows * math.ceil(shape[-1] / configs.STATE_BLOCK)
+  return float_bytes * math.prod(shape)
+
+
+def optimizer_state_bytes(cfg: ml_collections.ConfigDict) -> int:
+  """Optimizer-state bytes: entries in the parameter dtype, or 8-bit moments ('*8bit')."""
+  param_bytes, _ = _precision_bytes(cfg)
+  moments, rest = _adam_moments_and_rest(cfg)
+  if not cfg.train.optimizer.endswith("8bit"):
+    return param_bytes * optimizer_state_entries(cfg)
+  return 2 * sum(eight_bit_moment_bytes(s, param_bytes) for s in moments) + param_bytes * rest
 
 
 def _precision_bytes(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -215,7 +279,7 @@ def memory_estimate(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   """Training memory in bytes of a run config: weights, gradients, optimizer, activations.
 
   weights = parameters in the train.precision dtype + int32 static indices; gradients and
-  optimizer states share the parameter dtype; activations (`activation_bytes`) are for one
+  optimizer states share the parameter dtype (8-bit optimizers: `optimizer_state_bytes`); activations (`activation_bytes`) are for one
   pass of train.batch_size / train.microbatches sequences of data.seq_len tokens.
   """
   param_bytes, compute_bytes = _precision_bytes(cfg)
@@ -224,7 +288,7 @@ def memory_estimate(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   mem = dict(
       weights=param_bytes * counts["total"] + INDEX_BYTES * counts["static_indices"],
       gradients=param_bytes * counts["trainable"],
-      optimizer=param_bytes * optimizer_state_entries(cfg),
+      optimizer=optimizer_state_bytes(cfg),
       activations=activation_bytes(cfg.model, seqs, cfg.data.seq_len, compute_bytes),
   )
   mem["total"] = sum(mem.values())
@@ -253,13 +317,16 @@ _SHARED = (("train", "batch_size"), ("train", "microbatches"), ("train", "precis
 
 
 def compare(size: str, like: ml_collections.ConfigDict | None = None) -> list[dict]:
-  """`report` of every method in configs.METHODS at `size` (with `like`'s batch/precision)."""
+  """`report` of every method in configs.METHODS at `size` (with `like`'s batch/precision and,
+  when like's optimizer is 8-bit, every method's optimizer in its 8-bit variant)."""
   rows = []
   for method in configs.METHODS:
     cfg = configs.pretrain_config(size, method)
     if like is not None:
       for group, field in _SHARED:
         cfg[group][field] = like[group][field]
+      if like.train.optimizer.endswith("8bit"):          # 8-bit states for every method
+        cfg.train.optimizer += "8bit"
     rows.append(dict(method=method, **report(cfg)))
   return rows
 
@@ -269,7 +336,7 @@ _COLUMNS = (  # header, width, row -> text
     ("run", 22, lambda r: r["name"]),
     ("linear", 8, lambda r: r["kind"]),
     ("rank", 5, lambda r: str(r["rank"])),
-    ("optimizer", 9, lambda r: r["optimizer"]),
+    ("optimizer", 10, lambda r: r["optimizer"]),
     ("params M", 9, lambda r: f"{r['params']['total'] / 1e6:.2f}"),
     ("proj M", 8, lambda r: f"{r['params']['projections'] / 1e6:.2f}"),
     ("fwd GF/tok", 10, lambda r: f"{r['forward_flops_per_token'] / 1e9:.3f}"),
@@ -300,11 +367,15 @@ def _main(argv, config_flag, compare_flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cfg = config_flag.value
+  try:
+    rows = compare(cfg.name.partition(",")[0], like=cfg) if compare_flag.value else [report(cfg)]
+  except ValueError as e:       # a bad setting: one line naming it and the fix, exit status 2
+    print(f"error: {e}")
+    raise SystemExit(2) from None
   if compare_flag.value:
-    size = cfg.name.partition(",")[0]
-    print(format_table(compare(size, like=cfg), cfg))
+    print(format_table(rows, cfg))
     return
-  r = report(cfg)
+  r = rows[0]
   p = r["params"]
   print(format_table([r], cfg))
   print(f"params: embeddings {p['embeddings']:,} | layers {p['layers']:,} (projections "

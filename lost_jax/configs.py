@@ -16,6 +16,9 @@ LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
 INITS = ("kaiming", "normal")
 SPARSE_INITS = ("complement", "weight", "random_channels")
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
+STATE_BLOCK = 256        # 8-bit optimizer moments: values per float32 scale (as bitsandbytes).
+MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised (bitsandbytes' min_8bit_size).
 
 # size: d_model, ffn_dim, n_layers, n_heads, steps, LOST rank, peak lr (CoLA's published set).
 _SIZES = {

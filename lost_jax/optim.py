@@ -11,9 +11,7 @@ import optax
 from flax import nnx
 
 from lost_jax import quant
-
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
-MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised, as bitsandbytes' min_8bit_size.
+from lost_jax.configs import MIN_8BIT_SIZE, OPTIMIZERS
 
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:

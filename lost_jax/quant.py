@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STATE_BLOCK = 256        # values per scale for 8-bit optimizer moments (as bitsandbytes).
+from lost_jax.configs import STATE_BLOCK
+
 NF4_BLOCK = 64           # values per scale for NF4 weights (as QLoRA).
 
 # The 16 NF4 levels (QLoRA appendix E): quantiles of N(0, 1) normalised to [-1, 1], with an exact
@@ -92,11 +93,3 @@ def dequantize_blockwise(codes: jax.Array, scales: jax.Array, codebook: np.ndarr
   values = jnp.asarray(codebook, jnp.float32)[codes.astype(jnp.int32)]
   vb = _blocks(values, block) * scales[..., None]
   return vb.reshape(*codes.shape[:-1], -1)[..., :n]
-
-
-def blockwise_state_bytes(shape: tuple[int, ...], block: int = STATE_BLOCK) -> int:
-  """Bytes of one 8-bit quantised array: 1 per value + a float32 scale per block of the last axis."""
-  if not shape:
-    return 4
-  rows = math.prod(shape[:-1])
-  return math.prod(shape) + 4 * rows * math.ceil(shape[-1] / block)

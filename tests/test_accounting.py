@@ -245,3 +245,27 @@ def test_cli_single_run():
   assert "llama_60m,lost" in out and "params:" in out
   total = accounting.count_params(configs.pretrain_config("llama_60m", "lost").model)["total"]
   assert f"total {total:,}" in out
+
+
+@pytest.mark.parametrize("method", configs.METHODS)
+def test_8bit_state_bytes_equal_allocated(method):
+  cfg = configs.pretrain_config("quickstart", method)
+  cfg.train.optimizer = "galore8bit" if method == "galore" else "adamw8bit"
+  model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  state = jax.eval_shape(optim.make_optimizer(cfg.train, params).init, params)
+  # Scalars (step counters, the unused scale of an unquantised moment) are not counted.
+  allocated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim)
+  assert allocated == accounting.optimizer_state_bytes(cfg)
+  assert accounting.optimizer_state_entries(cfg) == accounting.optimizer_state_entries(
+      configs.pretrain_config("quickstart", method))
+
+
+def test_8bit_moment_bytes_by_hand():
+  assert accounting.eight_bit_moment_bytes((2048, 5461), 4) == 2048 * 5461 + 4 * 2048 * 22
+  assert accounting.eight_bit_moment_bytes((2048,), 4) == 4 * 2048       # < 4096: float32
+  cfg = configs.pretrain_config("llama_1b", "full_rank")
+  full = accounting.optimizer_state_bytes(cfg)
+  cfg.train.optimizer = "adamw8bit"
+  eight = accounting.optimizer_state_bytes(cfg)
+  assert 0.25 < eight / full < 0.26        # 1 byte + 4/256 per value vs 4 bytes
