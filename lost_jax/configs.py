@@ -310,6 +310,7 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
       source="pretrain" if quick else "hf",
       path="",
+      quantize="none",         # none | nf4: block projections stored 4-bit (QLoRA's NF4)
   ))
   cfg.model = model_config("quickstart")
   cfg.model.update(shape)

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lost_jax import (accounting, checkpoint, configs, hf, instruct, optim, sharding,
+from lost_jax import (accounting, checkpoint, configs, hf, instruct, optim, quant, sharding,
                       sparselora, tokenizer, train)
 from lost_jax.generate import greedy_generate
 from lost_jax.lora import LoRAParam, apply_lora
@@ -80,6 +80,9 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
 def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
   """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
   model = load_base(cfg)
+  # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
+  # the base the forward actually computes with (and that load_estimators checks against).
+  quant.quantize_base(model, cfg.init.get("quantize", "none"))
   plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,

@@ -19,6 +19,7 @@ Codes keep the array's own shape (NF4: the last axis halved by packing) and scal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -93,3 +94,96 @@ def dequantize_blockwise(codes: jax.Array, scales: jax.Array, codebook: np.ndarr
   values = jnp.asarray(codebook, jnp.float32)[codes.astype(jnp.int32)]
   vb = _blocks(values, block) * scales[..., None]
   return vb.reshape(*codes.shape[:-1], -1)[..., :n]
+
+
+def nf4_quantize(w_NxM: jax.Array, block: int = NF4_BLOCK):
+  """w [n, m] -> (codes uint8 [n, nb * block / 2], two NF4 indices per byte, low nibble first;
+  scales float32 [n, nb]), nb = ceil(m / block); the tail block is zero-padded."""
+  wb = _blocks(w_NxM.astype(jnp.float32), block)
+  absmax = jnp.max(jnp.abs(wb), axis=-1)
+  scales = jnp.where(absmax > 0, absmax, 1.0)
+  idx = _nearest(wb / scales[..., None], NF4_LEVELS).reshape(w_NxM.shape[0], -1)
+  codes = (idx[:, 0::2] | (idx[:, 1::2] << 4)).astype(jnp.uint8)
+  return codes, scales
+
+
+def nf4_unpack(codes: jax.Array) -> jax.Array:
+  """Packed uint8 [..., p] -> NF4 indices int32 [..., 2p]."""
+  c = codes.astype(jnp.int32)
+  return jnp.stack([c & 15, c >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+  """A frozen kernel [n, m] in NF4: `kernel[...]` (an nnx.Param holding this) dequantises it.
+
+  codes uint8 [n, nb * block / 2] and scales float32 [n, nb] are the pytree leaves (both shard
+  on n like the kernel); m, dtype (of the dequantised kernel) and block are static.
+  """
+  codes: jax.Array
+  scales: jax.Array
+  m: int = dataclasses.field(metadata=dict(static=True))
+  dtype: str = dataclasses.field(metadata=dict(static=True))
+  block: int = dataclasses.field(default=NF4_BLOCK, metadata=dict(static=True))
+
+  @classmethod
+  def from_kernel(cls, w_NxM: jax.Array, block: int = NF4_BLOCK) -> "NF4Weight":
+    codes, scales = nf4_quantize(w_NxM, block)
+    return cls(codes, scales, w_NxM.shape[1], jnp.dtype(w_NxM.dtype).name, block)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.codes.shape[0], self.m)
+
+  @property
+  def ndim(self) -> int:
+    return 2
+
+  def dequantize(self) -> jax.Array:
+    """The whole kernel [n, m] in `dtype`."""
+    levels = jnp.asarray(NF4_LEVELS)[nf4_unpack(self.codes)]
+    w = levels.reshape(*self.scales.shape, self.block) * self.scales[..., None]
+    return w.reshape(self.codes.shape[0], -1)[:, :self.m].astype(self.dtype)
+
+  def __getitem__(self, index) -> jax.Array:
+    return self.dequantize()[index]
+
+  def take_cols(self, idx_K: jax.Array) -> jax.Array:
+    """kernel[:, idx] [n, K], dequantising only those columns."""
+    nib = (self.codes[:, idx_K // 2].astype(jnp.int32) >> (4 * (idx_K % 2))) & 15
+    w = jnp.asarray(NF4_LEVELS)[nib] * self.scales[:, idx_K // self.block]
+    return w.astype(self.dtype)
+
+  def take_rows(self, idx_K: jax.Array) -> jax.Array:
+    """kernel[idx, :] [K, m], dequantising only those rows."""
+    sub = NF4Weight(self.codes[idx_K], self.scales[idx_K], self.m, self.dtype, self.block)
+    return sub.dequantize()
+
+
+def nf4_bytes(n: int, m: int, block: int = NF4_BLOCK) -> int:
+  """Bytes of an NF4 kernel [n, m]: half a byte per (padded) value + a float32 scale per block."""
+  nb = math.ceil(m / block)
+  return n * nb * (block // 2 + 4)
+
+
+BASE_QUANTIZE = ("none", "nf4")
+
+
+def quantize_base(model, how: str = "nf4"):
+  """Store every block projection kernel of a frozen Llama as NF4, in place; returns model.
+
+  Embedding and LM head stay in their dtype (as QLoRA). Call before `lora.apply_lora` (the
+  adapters share the kernel variable, so they see the same NF4 value).
+  """
+  from flax import nnx
+  from lost_jax.layers import DenseLinear
+  if how not in BASE_QUANTIZE:
+    raise ValueError(f"config.init.quantize={how!r} is unknown. Fix: use one of "
+                     f"{BASE_QUANTIZE}.")
+  if how == "none":
+    return model
+  for _, node in nnx.iter_graph(model.layers):
+    if isinstance(node, DenseLinear) and not isinstance(node.kernel.get_value(), NF4Weight):
+      node.kernel.set_value(NF4Weight.from_kernel(node.kernel.get_value()))
+  return model

@@ -69,8 +69,12 @@ def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh) -> P:
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh):
   """NamedShardings for an nnx.State (or its abstract shape) from each variable's `axes`."""
   def one(var):
+    # Each array inside the value (one, or e.g. an NF4 kernel's codes and scales) is sharded
+    # by the variable's logical axes on its own shape.
     axes = var.get_metadata().get("axes")
-    return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh)))
+    return var.replace(jax.tree.map(
+        lambda leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh)),
+        var.get_value()))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -43,6 +43,7 @@ from lost_jax.configs import parse_layer_sparsity
 import numpy as np
 from flax import nnx
 
+from lost_jax import quant
 from lost_jax.layers import DenseLinear
 from lost_jax.lora import LoRALinear
 from lost_jax.model import apply_rope, attention, remat_call, rope_tables
@@ -256,6 +257,22 @@ def _kernel(lin: Linear) -> jax.Array:
   return k if lin.dtype is None else k.astype(lin.dtype)
 
 
+def _kernel_cols(lin: Linear, idx_K: jax.Array) -> jax.Array:
+  """kernel[:, idx] [n, K]; a 4-bit base (quant.NF4Weight) dequantises only those columns."""
+  k = lin.kernel.get_value()
+  if isinstance(k, quant.NF4Weight):
+    return k.take_cols(idx_K).astype(lin.dtype or k.dtype)
+  return _take_cols(_kernel(lin), idx_K)
+
+
+def _kernel_rows(lin: Linear, idx_K: jax.Array) -> jax.Array:
+  """kernel[idx, :] [K, m]; a 4-bit base dequantises only those rows."""
+  k = lin.kernel.get_value()
+  if isinstance(k, quant.NF4Weight):
+    return k.take_rows(idx_K).astype(lin.dtype or k.dtype)
+  return jnp.take(_kernel(lin), idx_K, axis=0)
+
+
 def _x(lin: Linear, x: jax.Array) -> jax.Array:
   return x if lin.dtype is None else x.astype(lin.dtype)
 
@@ -324,7 +341,7 @@ def _channel_mask(idx_K: jax.Array, m: int, dtype) -> jax.Array:
 def _out_cols_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
   m = lin.out_features
   if how == "gather":
-    return _scatter(_x(lin, x_BxLxN) @ _take_cols(_kernel(lin), idx_K), idx_K, m)
+    return _scatter(_x(lin, x_BxLxN) @ _kernel_cols(lin, idx_K), idx_K, m)
   y = _base(lin, x_BxLxN)
   return y * _channel_mask(idx_K, m, y.dtype)
 
@@ -332,7 +349,7 @@ def _out_cols_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) 
 def _in_rows_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
   if how == "gather":
     x = _gather(_x(lin, x_BxLxN), idx_K, lin.in_features)
-    return x @ jnp.take(_kernel(lin), idx_K, axis=0)
+    return x @ _kernel_rows(lin, idx_K)
   x = _x(lin, x_BxLxN)
   return (x * _channel_mask(idx_K, lin.in_features, x.dtype)) @ _kernel(lin)
 
@@ -360,10 +377,10 @@ def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather
   gate, up, down = mlp.gate, mlp.up, mlp.down
   if how == "gather" and not isinstance(gate, LoRALinear) and not isinstance(up, LoRALinear):
     # No adapter feeds the intermediate: it is exactly zero off idx, so stay compact.
-    g = _x(gate, x_BxLxD) @ _take_cols(_kernel(gate), idx_K)
-    u = _x(up, x_BxLxD) @ _take_cols(_kernel(up), idx_K)
+    g = _x(gate, x_BxLxD) @ _kernel_cols(gate, idx_K)
+    u = _x(up, x_BxLxD) @ _kernel_cols(up, idx_K)
     act = jax.nn.silu(g) * u
-    y = _x(down, act) @ jnp.take(_kernel(down), idx_K, axis=0)
+    y = _x(down, act) @ _kernel_rows(down, idx_K)
     if isinstance(down, LoRALinear):
       y = y + down.delta(_scatter(act, idx_K, down.in_features))
     return y

@@ -156,3 +156,89 @@ def test_8bit_states_shard_like_parameters_and_match_one_device():
   assert codes == param == "P('tensor', 'fsdp')", (codes, param)
   assert scales == "P('tensor', None)", scales    # [512, 1]: leading axis only
   np.testing.assert_allclose(result["(1, 2, 4)"], result["(1, 1, 1)"], rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------- NF4
+
+
+def test_nf4_levels_are_normal_quantiles():
+  """QLoRA's construction: 8 positive and 7 negative N(0,1) quantiles + 0, scaled to [-1, 1]."""
+  from scipy.stats import norm
+  offset = 1 - 0.5 * (1 / 32 + 1 / 30)
+  pos = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+  neg = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+  levels = np.sort(np.concatenate([pos, [0.0], neg]))
+  np.testing.assert_allclose(quant.NF4_LEVELS, levels / levels.max(), atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [256, 200])       # 200: a zero-padded tail block
+def test_nf4_round_trip_packing_and_selection_against_numpy(m):
+  rng = np.random.default_rng(3)
+  w = (rng.standard_normal((48, m)) * 0.02).astype(np.float32)
+  q = quant.NF4Weight.from_kernel(jnp.asarray(w, jnp.bfloat16))
+  nb = -(-m // 64)
+  assert q.codes.shape == (48, nb * 32) and q.codes.dtype == jnp.uint8
+  assert q.scales.shape == (48, nb) and q.shape == (48, m)
+  wb = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64)
+  ref_idx, ref_scale, ref = np_quantize(wb, quant.NF4_LEVELS.astype(np.float64), 64)
+  # Packing: low nibble = even column, high nibble = odd column.
+  packed = np.asarray(q.codes).astype(np.int64)
+  idx = np.zeros((48, nb * 64), np.int64)
+  idx[:, 0::2], idx[:, 1::2] = packed & 15, packed >> 4
+  np.testing.assert_array_equal(idx[:, :m], ref_idx)
+  np.testing.assert_allclose(np.asarray(q.scales), ref_scale, rtol=1e-7)
+  deq = np.asarray(q[...], np.float64)
+  assert q[...].dtype == jnp.bfloat16
+  np.testing.assert_allclose(deq, ref, rtol=8e-3, atol=1e-9)     # bf16 output rounding
+  # Per block: error at most half the widest NF4 gap (0.304 / 2) x absmax, plus bf16 rounding.
+  err = np.abs(deq - wb)
+  bound = np.repeat(ref_scale, 64, -1)[:, :m] * (np.diff(quant.NF4_LEVELS).max() / 2 + 8e-3)
+  assert (err <= bound).all()
+  print("NF4 mean |error| / block absmax:", (err / np.repeat(ref_scale, 64, -1)[:, :m]).mean())
+  cols = jnp.asarray([0, 1, 63, 64, 127, m - 1], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(q.take_cols(cols), np.float32),
+                                np.asarray(q[...], np.float32)[:, np.asarray(cols)])
+  rows = jnp.asarray([0, 5, 47], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(q.take_rows(rows), np.float32),
+                                np.asarray(q[...], np.float32)[np.asarray(rows)])
+
+
+def _nf4_and_dequantised_twins(targets):
+  """(NF4-base model, the same model with plain kernels = the dequantised NF4), same LoRA."""
+  from flax import nnx
+  from test_sparselora import randomize_lora, tiny_cfg
+  from lost_jax.lora import apply_lora
+  from lost_jax.model import Llama
+  nf4 = quant.quantize_base(Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0)))
+  plain = Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0))
+  for name in ("q", "k", "v", "o", "gate", "up", "down"):
+    part = "attn" if name in "qkvo" else "mlp"
+    a, b = (getattr(getattr(m.layers[0], part), name).kernel for m in (nf4, plain))
+    assert isinstance(a.get_value(), quant.NF4Weight)
+    b.set_value(a[...])
+  for m in (nf4, plain):
+    apply_lora(m, targets, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    randomize_lora(m, seed=2)
+  return nf4, plain
+
+
+def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
+  from test_sparselora import B, D, F, H, L, rand
+  from lost_jax import sparselora as sl
+  nf4, plain = _nf4_and_dequantised_twins(("q", "v", "o", "down"))
+  x = jnp.asarray(rand(B, L, D, seed=5))
+  idx = jnp.asarray(np.sort(np.random.default_rng(0).choice(F, 24, replace=False)), jnp.int32)
+  got = sl.sparse_mlp(nf4.layers[0].mlp, x, idx, 6)
+  np.testing.assert_allclose(got, sl.sparse_mlp(plain.layers[0].mlp, x, idx, 6), rtol=1e-5,
+                             atol=1e-6)
+  norms = [jnp.abs(jnp.asarray(rand(n, seed=s))) for n, s in ((D, 13), (D // 2, 14), (D // 2, 15))]
+  aidx = sl.select_attention(*norms, 0.5, H, 2)
+  pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+  got = sl.sparse_attention(nf4.layers[0].attn, x, aidx, 6, pos, None)
+  want = sl.sparse_attention(plain.layers[0].attn, x, aidx, 6, pos, None)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # All tokens sparse: the gather path dequantises only the kept rows / columns, never a whole
+  # [D, F] / [F, D] kernel.
+  jaxpr = str(jax.make_jaxpr(lambda xx: sl.sparse_mlp(nf4.layers[0].mlp, xx, idx, L))(x))
+  assert f"f32[{D},{F}]" not in jaxpr and f"f32[{F},{D}]" not in jaxpr
+  assert f"f32[{D},24]" in jaxpr and f"f32[24,{D}]" in jaxpr
