@@ -10,6 +10,8 @@ closed-form estimate of `lost_jax.accounting.memory_estimate`.
 
   python -m experiments.memory --sizes=llama_1b --methods=full_rank,lost --remat
   python -m experiments.memory --platform=tpu --topology=v5p:2x2x1   # needs libtpu
+  # docs/benchmarks/memory_low_bit.md (8-bit states at 1B/7B, 8B SparseLoRA on an NF4 base):
+  python -m experiments.memory --low_bit_md=docs/benchmarks/memory_low_bit.md
   # docs/benchmarks/memory.md:
   python -m experiments.memory --sweep_sizes=llama_1b,llama_7b \\
       --remat_check_sizes=llama_1b,llama_7b --out_md=docs/benchmarks/memory.md \\
@@ -44,11 +46,15 @@ GIB = 2 ** 30
 
 def measurement_config(size: str, method: str, *, precision: str = "mixed",
                        microbatch: int | None = None, remat: bool = False,
-                       overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The `<size>,<method>` preset set up for one measurement: precision, micro-batch, remat."""
+                       overrides: dict[str, Any] | None = None,
+                       eight_bit: bool = False) -> ml_collections.ConfigDict:
+  """The `<size>,<method>` preset set up for one measurement: precision, micro-batch, remat,
+  and (eight_bit) the 8-bit variant of the method's optimizer (adamw8bit / galore8bit)."""
   cfg = configs.pretrain_config(size, method)
   if overrides:
     cfg.update_from_flattened_dict(overrides)
+  if eight_bit and not cfg.train.optimizer.endswith("8bit"):
+    cfg.train.optimizer += "8bit"
   cfg.model.remat = remat
   cfg.train.precision = precision
   micro = microbatch or DEFAULT_MICROBATCH.get(size, cfg.train.batch_size)
@@ -89,13 +95,14 @@ def _nbytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict):
+def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict, abstract_rest=None):
   """(state, rest, batch) as ShapeDtypeStructs carrying the step's input shardings."""
   def with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
   state = with_shardings(setup.abstract_state, setup.state_shardings)
-  rest = with_shardings(setup.abstract_rest, setup.rest_shardings)
+  rest = with_shardings(setup.abstract_rest if abstract_rest is None else abstract_rest,
+                        setup.rest_shardings)
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   batch_sharding = sharding.batch_sharding(setup.mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
@@ -109,8 +116,15 @@ def measure(cfg: ml_collections.ConfigDict, devices: list) -> dict:
   t0 = time.time()
   setup = train.make_setup(cfg, mesh)
   state, rest, batch = abstract_inputs(setup, cfg)
+  return compiled_memory(setup, cfg, (state, rest, batch), t0)
+
+
+def compiled_memory(setup: train.Setup, cfg: ml_collections.ConfigDict, inputs: tuple,
+                    t0: float, *static) -> dict:
+  """Compile the train step on abstract (state, rest, batch) [+ static args]: XLA's bytes."""
+  state, rest, batch = inputs
   step = train.make_train_step(setup, cfg.train.microbatches)
-  lowered = step.lower(state, rest, batch)
+  lowered = step.lower(state, rest, batch, *static)
   compiled = lowered.compile()
   stats = compiled.memory_analysis()
   out = dict(
@@ -146,15 +160,16 @@ def device_total(row: dict, platform: str) -> int:
 def run(sizes: Iterable[str], methods: Iterable[str], *, precision: str = "mixed",
         microbatch: int | None = None, remat: bool = False, platform: str = "cpu",
         topology: str = "v5p:2x2x1", overrides: dict[str, Any] | None = None,
-        log: Callable[[str], None] = print) -> list[dict]:
+        eight_bit: bool = False, log: Callable[[str], None] = print) -> list[dict]:
   """Measure every (size, method); rows carry XLA's bytes, the estimate and x full-rank."""
   devices = target_devices(platform, topology)
   rows = []
   for size in sizes:
     for method in methods:
       cfg = measurement_config(size, method, precision=precision, microbatch=microbatch,
-                               remat=remat, overrides=overrides)
-      row = dict(size=size, method=method, platform=platform, device=str(devices[0].device_kind),
+                               remat=remat, overrides=overrides, eight_bit=eight_bit)
+      row = dict(size=size, method=method, optimizer=cfg.train.optimizer,
+                 platform=platform, device=str(devices[0].device_kind),
                  precision=precision, remat=bool(cfg.model.remat),
                  microbatch=cfg.train.batch_size // cfg.train.microbatches,
                  microbatches=cfg.train.microbatches, global_batch=cfg.train.batch_size,
@@ -170,6 +185,37 @@ def run(sizes: Iterable[str], methods: Iterable[str], *, precision: str = "mixed
           f"{row['estimate']['total'] / GIB:7.2f} GiB | compiled in {row['compile_s']:.0f} s")
   add_ratios(rows)
   return rows
+
+
+FINETUNE_PRESET = "llama3_8b_math"
+
+
+def finetune_memory_config(preset: str, quantize: str, seqs_per_pass: int = 1
+                           ) -> ml_collections.ConfigDict:
+  """A SparseLoRA fine-tune preset on a random base (shapes only), bf16 throughout
+  (train.precision pure_bf16: base, adapters and moments), one pass of `seqs_per_pass`."""
+  cfg = configs.finetune_config(preset)
+  cfg.init.source, cfg.init.quantize = "random", quantize
+  cfg.train.precision = "pure_bf16"
+  cfg.train.batch_size, cfg.train.microbatches = seqs_per_pass, 1
+  return cfg
+
+
+def measure_finetune(cfg: ml_collections.ConfigDict, devices: list) -> dict:
+  """Compile cfg's SparseLoRA train step (dense suffix = the answer part) from abstract state."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lost_jax import finetune  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  t0 = time.time()
+  module = nnx.eval_shape(lambda: finetune.sparse_model(cfg, None)[0])
+  setup, _, abstract_rest = finetune.lora_setup(module, cfg, mesh)
+  state, rest, batch = abstract_inputs(setup, cfg, abstract_rest)
+  dense_len = cfg.data.seq_len - cfg.data.max_prompt_len
+  out = compiled_memory(setup, cfg, (state, rest, batch), t0, dense_len)
+  out.update(preset=cfg.name, quantize=cfg.init.quantize, dense_len=dense_len,
+             seq_len=cfg.data.seq_len, seqs=cfg.train.batch_size,
+             lora_rank=cfg.lora.rank, targets=cfg.lora.targets)
+  return out
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -426,6 +472,76 @@ def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] 
     fh.write("\n".join(parts))
 
 
+def low_bit_table(rows32: list[dict], rows8: list[dict]) -> str:
+  """32-bit vs 8-bit optimizer states per (size, method): state bytes, arguments, totals."""
+  lines = ["| size | method | micro-batch x passes | optimizer | optimizer state | arguments | "
+           "temp | **total** | state x 32-bit | **total x 32-bit** | estimate: state / total |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r8 in rows8:
+    r32 = next(r for r in rows32 if (r["size"], r["method"]) == (r8["size"], r8["method"]))
+    for r in (r32, r8):
+      ratio = r is r8
+      lines.append(
+          f"| {r['size']} | {r['method']} | {r['microbatch']} x {r['microbatches']} | "
+          f"{r['optimizer']} | {_gib(r['opt_state_bytes'])} | {_gib(r['argument'])} | "
+          f"{_gib(r['temp'])} | **{_gib(r['total'])}** | "
+          + (f"{r8['opt_state_bytes'] / r32['opt_state_bytes']:.2f} | "
+             f"**{r8['total'] / r32['total']:.2f}** | " if ratio else "1.00 | 1.00 | ")
+          + f"{_gib(r['estimate']['optimizer'])} / {_gib(r['estimate']['total'])} |")
+  return "\n".join(lines)
+
+
+def finetune_table(rows: list[dict]) -> str:
+  """SparseLoRA fine-tune step: unquantised vs NF4 base."""
+  lines = ["| preset | base | frozen base + estimators (rest) | LoRA params + optimizer | "
+           "arguments | temp | **total** | **x bf16 base** |", "|---|---|---|---|---|---|---|---|"]
+  ref = next((r for r in rows if r["quantize"] == "none"), rows[0])
+  for r in rows:
+    lines.append(f"| {r['preset']} | {'bf16' if r['quantize'] == 'none' else r['quantize']} | "
+                 f"{_gib(r['static_bytes'])} | "
+                 f"{_gib(r['params_bytes'] + r['opt_state_bytes'])} | {_gib(r['argument'])} | "
+                 f"{_gib(r['temp'])} | **{_gib(r['sum'])}** | **{r['sum'] / ref['sum']:.2f}** |")
+  return "\n".join(lines)
+
+
+LOW_BIT_NOTES = """- **8-bit states** (`train.optimizer=adamw8bit`, `galore8bit`): each Adam moment of at
+  least 4096 values is stored as uint8 codes (one byte per value) plus a float32 scale per
+  256 values of the last axis (the second moment as sqrt(nu)); smaller moments stay in the
+  parameter dtype. The step dequantises, updates and requantises inside the compiled step, so
+  its temporaries include float32 copies of the moments being updated.
+- **4-bit base** (`init.quantize=nf4`): every block projection kernel is stored as NF4 (two
+  codes per byte) plus a float32 scale per 64 values (4.5 bits per weight; no double
+  quantisation of the scales); embedding, LM head and norms stay bf16. The 'rest' column is
+  all frozen arguments: base weights plus the rank-8 SVD estimators.
+- Both tables are XLA:CPU buffer sums (arguments + temp + output - alias) of one step for
+  one device; XLA:CPU computes matmuls in float32 (see the main memory page), so temporaries
+  are larger than on a bf16 accelerator.
+"""
+
+
+def write_low_bit_markdown(path: str, command: str, rows32: list[dict], rows8: list[dict],
+                           ft_rows: list[dict]) -> None:
+  """The 8-bit-state and 4-bit-base memory page."""
+  parts = ["# Memory with 8-bit optimizer states and a 4-bit frozen base\n",
+           f"Command: `{command}`\n"]
+  if rows8:
+    parts += [_settings_line(rows8) + ". Memory in GiB per device.\n",
+              "## Pre-training: 32-bit vs 8-bit AdamW states\n", low_bit_table(rows32, rows8)
+              + "\n"]
+  if ft_rows:
+    r = ft_rows[0]
+    parts += ["## SparseLoRA fine-tune: bf16 vs NF4 base\n",
+              f"jax {jax.__version__} | {r['preset']} shape, random base | precision pure_bf16 "
+              f"(base, LoRA and moments bf16) | LoRA r={r['lora_rank']} on {r['targets']} | "
+              f"{r['seqs']} sequence of {r['seq_len']} tokens, dense suffix {r['dense_len']} | "
+              "SparseLoRA as the preset (estimators built from the base). Memory in GiB.\n",
+              finetune_table(ft_rows) + "\n"]
+  parts += ["## Notes\n", LOW_BIT_NOTES]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as fh:
+    fh.write("\n".join(parts))
+
+
 def _settings_line(rows: list[dict]) -> str:
   r = rows[0]
   return (f"jax {jax.__version__} | {r['platform']} ({r['device']}) | precision {r['precision']}"
@@ -445,6 +561,26 @@ def _main(argv):
       os.environ.setdefault(key, value)
   kwargs = dict(precision=f.precision, platform=f.platform, topology=f.topology)
   micro = f.microbatch or None
+  if f.low_bit_md:    # only the 8-bit-state / 4-bit-base page
+    rows32 = run(f.low_bit_sizes, ["full_rank", "lost"], microbatch=micro, remat=f.remat,
+                 **kwargs)
+    rows8 = run(f.low_bit_sizes, ["full_rank", "lost"], microbatch=micro, remat=f.remat,
+                eight_bit=True, **kwargs)
+    ft_rows = []
+    for quantize in ("none", "nf4") if f.finetune_preset else ():
+      cfg = finetune_memory_config(f.finetune_preset, quantize)
+      ft_rows.append(measure_finetune(cfg, target_devices(f.platform, f.topology)))
+      ft_rows[-1]["sum"] = (ft_rows[-1]["argument"] + ft_rows[-1]["temp"]
+                            + ft_rows[-1]["output"] - ft_rows[-1]["alias"])
+      print(f"fine-tune {f.finetune_preset} base {quantize}: total "
+            f"{_gib(ft_rows[-1]['sum'])} GiB")
+    if rows8:
+      print(low_bit_table(rows32, rows8))
+    if ft_rows:
+      print(finetune_table(ft_rows))
+    write_low_bit_markdown(f.low_bit_md, "python -m experiments.memory " + " ".join(
+        sys.argv[1:]), rows32, rows8, ft_rows)
+    return
   rows = run(f.sizes, f.methods, microbatch=micro, remat=f.remat, **kwargs)
   print(markdown_table(rows))
   swept, remat_rows = [], []
@@ -484,6 +620,14 @@ def define_flags():
                     "the sweep.")
   flags.DEFINE_list("remat_check_sizes", [], "Also measure full_rank and lost at these sizes "
                     "with the opposite --remat setting.")
+  flags.DEFINE_string("low_bit_md", "", "Instead of the main tables: measure full_rank and "
+                      "lost at --low_bit_sizes with 32-bit and 8-bit optimizer states and the "
+                      "--finetune_preset SparseLoRA step with a bf16 and an NF4 base; write "
+                      "this markdown page.")
+  flags.DEFINE_list("low_bit_sizes", ["llama_1b", "llama_7b"], "Sizes of the 8-bit-state rows "
+                    "of --low_bit_md ('' for none).")
+  flags.DEFINE_string("finetune_preset", FINETUNE_PRESET, "Fine-tuning preset whose shape the "
+                      "4-bit-base rows of --low_bit_md compile ('' for none).")
   flags.DEFINE_string("out_md", "", "Write the markdown report here ('' = print only).")
   flags.DEFINE_string("out_png", "", "Write the stacked bar plot here ('' = none).")
 

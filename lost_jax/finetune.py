@@ -77,8 +77,9 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   return model
 
 
-def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
-  """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
+def sparse_model(cfg: ml_collections.ConfigDict, workdir: str | None):
+  """Base + LoRA adapters + (cached in workdir, if one is given) estimators wrapped as a
+  SparseLoRALlama."""
   model = load_base(cfg)
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
@@ -90,18 +91,26 @@ def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
   layers = plan.estimator_layers()
   estimators = None
   if layers:
-    path = os.path.join(workdir, "estimators.npz")
-    if os.path.exists(path):
+    path = os.path.join(workdir, "estimators.npz") if workdir else None
+    if path and os.path.exists(path):
       estimators = sparselora.load_estimators(path, model, cfg.sparse.estimator_rank)
     else:
       estimators = sparselora.build_estimators(model, cfg.sparse.estimator_rank, layers)
-      if jax.process_index() == 0:
+      if path and jax.process_index() == 0:
         sparselora.save_estimators(path, estimators)
   return sparselora.SparseLoRALlama(model, estimators, plan), plan
 
 
 def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   """Setup + state for training only the LoRAParam variables of `module`."""
+  setup, params, rest = lora_setup(module, cfg, mesh)
+  return (setup, jax.device_put(params, setup.state_shardings["params"]),
+          jax.device_put(rest, setup.rest_shardings))
+
+
+def lora_setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
+  """Setup for training only the LoRAParam variables of `module` (which may be abstract,
+  from nnx.eval_shape), with its LoRA parameters and frozen rest as pure trees, not placed."""
   graphdef, lora_state, rest_state = nnx.split(module, LoRAParam, ...)
   params = nnx.as_pure(lora_state)
   moment_dtype = jnp.dtype(cfg.model.param_dtype)
@@ -122,8 +131,7 @@ def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   abstract_state = jax.eval_shape(init, params)
   setup = train.Setup(graphdef, tx, optim.lr_schedule(cfg.train), mesh, state_sh, rest_sh,
                       abstract_state, None, init_fn)
-  rest = jax.device_put(nnx.as_pure(rest_state), rest_sh)
-  return setup, jax.device_put(params, param_sh), rest
+  return setup, params, nnx.as_pure(rest_state)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -56,31 +57,33 @@ class ScaleByAdam8bitState(NamedTuple):
 
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                        min_8bit_size: int = MIN_8BIT_SIZE,
-                       block: int = quant.STATE_BLOCK, mu_dtype=None
-                       ) -> optax.GradientTransformation:
+                       block: int = quant.STATE_BLOCK, mu_dtype=None,
+                       chunk_values: int = 2 ** 20) -> optax.GradientTransformation:
   """optax.scale_by_adam with 8-bit block-wise moments (dequantise, update, requantise per step).
 
   mu is stored under the signed dynamic map; the second moment is stored as sqrt(nu) under the
   unsigned dynamic map: the square root halves nu's dynamic range (which reaches 1e-14 of the
   block max for rarely-seen embedding rows), and sqrt(nu) is what divides the update, so its
   relative error is the update's. Small moments (< min_8bit_size values) stay in mu_dtype.
+  Tensors are updated in chunks of about `chunk_values` values (whole leading rows; 0: whole
+  tensors at once), which bounds the step's float32 workspace.
   """
-  signed_book = quant.dynamic_codebook(signed=True)
-  unsigned_book = quant.dynamic_codebook(signed=False)
 
   def quantised(p) -> bool:
     return p.ndim >= 1 and p.size >= min_8bit_size
 
   def init_fn(params):
-    def zeros(p, book):   # (codes, scales) of a zero moment; code 0 is not the value 0.
+    def zeros(p, signed):   # (codes, scales) of a zero moment: the index of 0.0, scales 1.
       if quantised(p):
-        return quant.quantize_blockwise(jnp.zeros(p.shape, jnp.float32), book, block)
+        zero = int(np.flatnonzero(quant.dynamic_codebook(signed) == 0.0)[0])
+        return (jnp.full(p.shape, zero, jnp.uint8),
+                jnp.ones((*p.shape[:-1], -(-p.shape[-1] // block)), jnp.float32))
       return jnp.zeros(p.shape, mu_dtype or p.dtype), jnp.ones((), jnp.float32)
 
-    mu = jax.tree.map(lambda p: zeros(p, signed_book)[0], params)
-    mu_s = jax.tree.map(lambda p: zeros(p, signed_book)[1], params)
-    nu = jax.tree.map(lambda p: zeros(p, unsigned_book)[0], params)
-    nu_s = jax.tree.map(lambda p: zeros(p, unsigned_book)[1], params)
+    mu = jax.tree.map(lambda p: zeros(p, True)[0], params)
+    mu_s = jax.tree.map(lambda p: zeros(p, True)[1], params)
+    nu = jax.tree.map(lambda p: zeros(p, False)[0], params)
+    nu_s = jax.tree.map(lambda p: zeros(p, False)[1], params)
     return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, mu_s, nu, nu_s)
 
   def update_fn(updates, state, params=None):
@@ -89,22 +92,39 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     c1 = 1 - b1 ** count.astype(jnp.float32)
     c2 = 1 - b2 ** count.astype(jnp.float32)
 
-    def one(g, mu, mu_s, nu, nu_s):
+    def moments(g, mu, mu_s, nu, nu_s):
+      """New float32 (m, v): elementwise in the stored moments and the gradient."""
       q = mu.dtype == jnp.uint8
       g32 = g.astype(jnp.float32)
-      m = quant.dequantize_blockwise(mu, mu_s, signed_book, block) if q else mu
-      v = jnp.square(quant.dequantize_blockwise(nu, nu_s, unsigned_book, block)) if q else nu
-      m = b1 * m.astype(jnp.float32) + (1 - b1) * g32
-      v = b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g32)
-      u = ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
-      if q:
-        return (u, *quant.quantize_blockwise(m, signed_book, block),
-                *quant.quantize_blockwise(jnp.sqrt(v), unsigned_book, block))
-      return u, m.astype(mu.dtype), mu_s, v.astype(nu.dtype), nu_s
+      m = quant.dequantize_blockwise(mu, mu_s, True, block) if q else mu
+      v = jnp.square(quant.dequantize_blockwise(nu, nu_s, False, block)) if q else nu
+      return (b1 * m.astype(jnp.float32) + (1 - b1) * g32,
+              b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g32))
+
+    def adam(g, m, v):
+      return ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
+
+    def one(*args):
+      g, mu, mu_s, nu, nu_s = args
+      m, v = moments(*args)
+      if mu.dtype != jnp.uint8:
+        return adam(g, m, v), m.astype(mu.dtype), mu_s, v.astype(nu.dtype), nu_s
+      return (adam(g, m, v), *quant.quantize_blockwise(m, True, block),
+              *quant.quantize_blockwise(jnp.sqrt(v), False, block))
+
+    def chunked(*args):
+      # A quantised tensor is updated rows_per_chunk leading rows at a time (lax.map): the
+      # float32 workspace of dequantise-update-requantise (XLA:CPU keeps ~16 bytes per value
+      # alive) is then bounded by one chunk instead of the whole tensor.
+      g = args[0]
+      rows = max(1, chunk_values // max(1, g.size // g.shape[0]))
+      if args[1].dtype != jnp.uint8 or g.ndim < 2 or not chunk_values or rows >= g.shape[0]:
+        return one(*args)
+      return jax.lax.map(lambda a: one(*a), args, batch_size=rows)
 
     leaves, treedef = jax.tree.flatten(updates)
     rest = [treedef.flatten_up_to(t) for t in state[1:]]
-    out = [one(*args) for args in zip(leaves, *rest)]
+    out = [chunked(*args) for args in zip(leaves, *rest)]
     u, mu, mu_s, nu, nu_s = (treedef.unflatten(list(col)) for col in zip(*out))
     return u, ScaleByAdam8bitState(count, mu, mu_s, nu, nu_s)
 

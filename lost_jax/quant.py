@@ -39,14 +39,19 @@ NF4_LEVELS = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 
+def _dynamic_layout(signed: bool) -> tuple[int, int]:
+  """(fraction bits F, decades E) of the 8-bit dynamic map."""
+  return (6, 7) if signed else (7, 8)
+
+
 def dynamic_codebook(signed: bool) -> np.ndarray:
   """Sorted float32 code book of the 8-bit dynamic map: 255 values (signed) or 256 (unsigned).
 
-  Exponent e = 0..E-1 gets 2^(F-e) fractions 0.1 + 0.9 * j / 2^(F-e), j = 1..2^(F-e), scaled by
+  Decade e = 0..E-1 gets 2^(F-e) fractions 0.1 + 0.9 * j / 2^(F-e), j = 1..2^(F-e), scaled by
   10^-e (F = 6, E = 7 signed, mirrored to negatives; F = 7, E = 8 unsigned: the sign bit becomes
   one more fraction bit), plus an exact 0. The largest code is exactly 1 (a block's absmax).
   """
-  frac_bits, n_exp = (6, 7) if signed else (7, 8)
+  frac_bits, n_exp = _dynamic_layout(signed)
   pos = []
   for e in range(n_exp):
     n = 2 ** (frac_bits - e)
@@ -72,27 +77,81 @@ def _nearest(x_norm: jax.Array, codebook: np.ndarray) -> jax.Array:
   return jnp.searchsorted(mid, x_norm.astype(jnp.float32), side="left").astype(jnp.int32)
 
 
-def quantize_blockwise(x: jax.Array, codebook: np.ndarray, block: int = STATE_BLOCK):
+def _dynamic_index(y: jax.Array, signed: bool) -> jax.Array:
+  """Nearest `dynamic_codebook(signed)` index of every y in [-1, 1], elementwise (int32).
+
+  Arithmetic instead of a search, so XLA fuses it into one loop with no per-value workspace
+  (a binary search keeps ~24 bytes per value alive). The decade e is found by comparing |y|
+  with 10^-k; inside a decade the codes are evenly spaced, so rounding the fraction is the
+  nearest code (j = 0 is the next decade's top code, the same value). Below half the smallest
+  code, 0.
+  """
+  frac_bits, n_exp = _dynamic_layout(signed)
+  a = jnp.abs(y).astype(jnp.float32)
+  e = sum((a <= np.float32(10.0 ** -k)).astype(jnp.int32) for k in range(1, n_exp))
+  n = jnp.left_shift(1, frac_bits - e)                              # codes in decade e
+  f = a * jnp.power(np.float32(10.0), e.astype(jnp.float32))        # in (0.1, 1]
+  j = jnp.clip(jnp.round((f - 0.1) / 0.9 * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
+  # Codes below decade e: sum over e' > e of 2^(F-e') = 2^(F-e) - 2^(F-E+1).
+  pos = n - 2 ** (frac_bits - n_exp + 1) + j - 1                    # -1 only below the book
+  smallest = 10.0 ** -(n_exp - 1) * (0.1 + 0.9 / 2 ** (frac_bits - n_exp + 1))
+  pos = jnp.where(a < np.float32(smallest / 2), -1, jnp.maximum(pos, 0))
+  if not signed:
+    return pos + 1
+  zero = 2 ** (frac_bits + 1) - 1                                   # index of 0.0 (127)
+  return jnp.where(y < 0, zero - 1 - pos, zero + 1 + pos)
+
+
+def _dynamic_value(index: jax.Array, signed: bool) -> jax.Array:
+  """`dynamic_codebook(signed)[index]`, elementwise (inverse of `_dynamic_index`; float32).
+
+  Arithmetic rather than a table lookup, so XLA fuses it into its consumer (XLA:CPU
+  materialises a gather's result)."""
+  frac_bits, n_exp = _dynamic_layout(signed)
+  zero = 2 ** (frac_bits + 1) - 1 if signed else 0
+  pos = jnp.abs(index - zero) - 1                                   # -1 for the zero code
+  low = 2 ** (frac_bits - n_exp + 1)
+  width = 32 - jax.lax.clz(jnp.maximum(pos, 0) + low)               # bit length = F - e + 1
+  e = frac_bits + 1 - width
+  n = jnp.left_shift(1, frac_bits - e)
+  j = pos - (n - low) + 1
+  mag = (0.1 + 0.9 * j.astype(jnp.float32) / n.astype(jnp.float32)) * jnp.power(
+      np.float32(0.1), e.astype(jnp.float32))
+  value = jnp.where(pos < 0, 0.0, mag)
+  return jnp.where(index < zero, -value, value) if signed else value
+
+
+def quantize_blockwise(x: jax.Array, signed: bool, block: int = STATE_BLOCK):
   """x [..., n] -> (codes uint8 [..., n], scales float32 [..., ceil(n / block)]).
 
   Each block is divided by its absmax (scale; 1 for an all-zero block) and every value is
-  replaced by the index of the nearest code-book value.
+  replaced by the index of the nearest value of `dynamic_codebook(signed)` (signed=False
+  needs x >= 0).
   """
+  scales = block_scales(x, block)
+  return block_codes(x, scales, signed, block), scales
+
+
+def block_scales(x: jax.Array, block: int = STATE_BLOCK) -> jax.Array:
+  """Absmax of every block of the last axis (1 for an all-zero block), float32 [..., nb]."""
+  absmax = jnp.max(jnp.abs(_blocks(x.astype(jnp.float32), block)), axis=-1)
+  return jnp.where(absmax > 0, absmax, 1.0)
+
+
+def block_codes(x: jax.Array, scales: jax.Array, signed: bool, block: int = STATE_BLOCK
+                ) -> jax.Array:
+  """uint8 dynamic-map codes [..., n] of x [..., n] under the block scales [..., nb]."""
   n = x.shape[-1]
   xb = _blocks(x.astype(jnp.float32), block)
-  absmax = jnp.max(jnp.abs(xb), axis=-1)
-  scales = jnp.where(absmax > 0, absmax, 1.0)
-  codes = _nearest(xb / scales[..., None], codebook).astype(jnp.uint8)
-  codes = codes.reshape(*x.shape[:-1], -1)[..., :n]
-  return codes, scales
+  codes = _dynamic_index(xb / scales[..., None], signed).astype(jnp.uint8)
+  return codes.reshape(*x.shape[:-1], -1)[..., :n]
 
 
-def dequantize_blockwise(codes: jax.Array, scales: jax.Array, codebook: np.ndarray,
+def dequantize_blockwise(codes: jax.Array, scales: jax.Array, signed: bool,
                          block: int = STATE_BLOCK) -> jax.Array:
   """(codes uint8 [..., n], scales float32 [..., nb]) -> float32 [..., n]."""
   n = codes.shape[-1]
-  values = jnp.asarray(codebook, jnp.float32)[codes.astype(jnp.int32)]
-  vb = _blocks(values, block) * scales[..., None]
+  vb = _blocks(_dynamic_value(codes.astype(jnp.int32), signed), block) * scales[..., None]
   return vb.reshape(*codes.shape[:-1], -1)[..., :n]
 
 
