@@ -46,6 +46,12 @@ def test_sparselora_matches_dense_lora_eval_loss(pretrained, tmp_path):
   assert 0.0 <= sparse["eval_accuracy"] <= 1.0
   assert abs(sparse["eval_loss"] - dense["eval_loss"]) <= 0.02 * dense["eval_loss"], (
       sparse["eval_loss"], dense["eval_loss"])
+  # A 4-bit (NF4) base reaches the unquantised base's eval loss within 3%.
+  cfg = ft_config(pretrained, True)
+  cfg.init.quantize = "nf4"
+  nf4 = finetune.finetune_and_evaluate(cfg, str(tmp_path / "q"), quiet=True)
+  assert abs(nf4["eval_loss"] - sparse["eval_loss"]) <= 0.03 * sparse["eval_loss"], (
+      nf4["eval_loss"], sparse["eval_loss"])
   # the estimators were built once and stored beside the run
   assert os.path.exists(tmp_path / "s" / "estimators.npz")
   assert not os.path.exists(tmp_path / "d" / "estimators.npz")

@@ -75,3 +75,22 @@ def test_target_lines_read_micro_batches_and_remat():
   assert one_b.endswith("with model.remat at micro-batch 8: 0.53 x -> met")
   assert seven_b == ("llama_7b: target LOST <= 0.55 x full-rank met at the default "
                      "micro-batch 4 (0.51 x)")
+
+
+def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
+  rows8 = memory.run(["quickstart"], ["full_rank"], microbatch=4, overrides=TINY,
+                     eight_bit=True, log=lambda _: None)
+  r = rows8[0]
+  cfg = memory.measurement_config("quickstart", "full_rank", microbatch=4, overrides=TINY,
+                                  eight_bit=True)
+  assert r["optimizer"] == cfg.train.optimizer == "adamw8bit"
+  # Beyond the accounting: float32 scalars only (step counters, the unused scale of each
+  # unquantised moment: 5 norm scales x 2 moments).
+  assert 0 <= r["opt_state_bytes"] - accounting.optimizer_state_bytes(cfg) <= 4 * (2 * 5 + 4)
+  rows32 = memory.run(["quickstart"], ["full_rank"], microbatch=4, overrides=TINY,
+                      log=lambda _: None)
+  assert r["opt_state_bytes"] < 0.5 * rows32[0]["opt_state_bytes"]
+  path = tmp_path / "low_bit.md"
+  memory.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
+  text = path.read_text()
+  assert "adamw8bit" in text and "Command: `cmd`" in text
