@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from lost_jax import configs as configs_lib
 from lost_jax import layers as layers_lib
 from lost_jax import sharding as sharding_lib
+from lost_jax.errors import UserError
 from lost_jax.model import Llama
 
 CONFIG_FILE = "config.json"
@@ -72,8 +73,8 @@ def _path_str(path) -> str:
 
 
 def _refuse(where: str, field: str, value: Any, why: str, fix: str):
-  raise ValueError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
-                   f"Fix: {fix}")
+  raise UserError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
+                  f"Fix: {fix}")
 
 
 def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bool]:
@@ -172,7 +173,7 @@ def _tensor_files(path: str) -> dict[str, str]:
   if os.path.exists(single):
     with safe_open(single, framework="flax") as f:
       return {name: single for name in f.keys()}
-  raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
+  raise UserError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
                           "HF model with save_pretrained(..., safe_serialization=True); "
                           "pytorch_model.bin is not read.")
 
