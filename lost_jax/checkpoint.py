@@ -9,7 +9,6 @@ deleted.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -118,7 +117,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  # any unreadable part
         failed.append((step, _reason(e)))
       if failed and failed[-1][0] == step:
-        _collect_abandoned_reads()
+        _silence_abandoned_reads()
         continue
       for bad, reason in failed:
         log(f"checkpoint step {bad} is damaged ({reason}); moved it to "
@@ -130,8 +129,10 @@ class Checkpointer:
       raise UserError(
           f"no checkpoint in {self.directory} can be restored: " +
           "; ".join(f"step {s}: {r}" for s, r in failed) +
-          ". Fix: move the damaged step directories out of it to start again from step 0, or "
-          "use a new --workdir.")
+          ". Fix: if the settings changed since they were written (train.optimizer, or "
+          "train.clip_norm switched on or off), use the ones that wrote them; if the files are "
+          "damaged, move those step directories out to start again from step 0, or use a new "
+          "--workdir.")
     return None
 
   def _move_aside(self, step: int) -> str:
@@ -163,23 +164,40 @@ def _reason(e: BaseException) -> str:
   return one_line(f"{type(e).__name__}: {e}", 300)
 
 
-def _collect_abandoned_reads() -> None:
-  """Free the sibling reads a failed restore left behind, without their tracebacks.
+def _silence_abandoned_reads() -> None:
+  """Keep the reads a failed restore abandoned from printing a traceback each, later.
 
-  Orbax abandons the other array reads of a failed restore as coroutines; when Python
-  collects them it prints an 'Exception ignored in <coroutine ...>' traceback for each.
+  Orbax leaves the other array reads of a failed restore running: each that fails afterwards
+  prints 'Exception ignored in <coroutine ...>', and each that completes after orbax closed its
+  event loop makes tensorstore print `RuntimeError: Event loop is closed` with a traceback.
+  From the first failed restore on, those two (and only those) are dropped.
   """
-  old = sys.unraisablehook
+  if getattr(sys.unraisablehook, "lost_jax_filter", False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    if "orbax" not in repr(getattr(unraisable.object, "cr_code", "")):
-      old(unraisable)
+  def unraisable_hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "orbax" not in code.co_filename:
+      previous_unraisable(unraisable)
 
-  sys.unraisablehook = hook
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = old
+  def except_hook(kind, value, tb):
+    if not _is_closed_loop_callback(value, tb):
+      previous_except(kind, value, tb)
+
+  unraisable_hook.lost_jax_filter = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def _is_closed_loop_callback(value, tb) -> bool:
+  """A RuntimeError('Event loop is closed') raised by asyncio's call_soon_threadsafe."""
+  if not isinstance(value, RuntimeError) or str(value) != "Event loop is closed":
+    return False
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _print_on_main(line: str) -> None:

@@ -18,6 +18,11 @@ LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
 INITS = ("kaiming", "normal")
 SPARSE_INITS = ("complement", "weight", "random_channels")
+PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
+    "mixed": ("bfloat16", "float32"),
+    "pure_bf16": ("bfloat16", "bfloat16"),
+    "float32": ("float32", "float32"),
+}
 
 # size: d_model, ffn_dim, n_layers, n_heads, steps, LOST rank, peak lr (CoLA's published set).
 _SIZES = {
@@ -205,6 +210,9 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.microbatches:
     _fail("train.batch_size", f"{t.batch_size} is not a multiple of train.microbatches="
           f"{t.microbatches}", "make batch_size a multiple of microbatches")
+  if t.precision not in PRECISIONS:
+    _fail("train.precision", f"unknown precision {t.precision!r}",
+          f"use one of {tuple(PRECISIONS)}")
   if t.optimizer not in ("adamw", "galore"):
     _fail("train.optimizer", f"unknown optimizer {t.optimizer!r}", "use 'adamw' or 'galore'")
   _in_range("train.lr", t.lr, 0.0, _INF, "a positive peak learning rate such as 3e-3",
@@ -334,6 +342,20 @@ def parse_layer_sparsity(spec: str, n_layers: int | None, field: str) -> tuple[f
     for i in idx:
       out[i] = value
   return tuple(out)
+
+
+def validate_pretrain(cfg: ml_collections.ConfigDict) -> None:
+  """Every pre-training setting that can be checked before JAX starts or data is read."""
+  validate_model(cfg.model)
+  validate_train(cfg.train)
+  t = cfg.train
+  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
+    _fail("train.optimizer", "'galore' projects dense gradients",
+          "set model.linear.kind='dense' (the galore method preset does)")
+  _in_range("data.seq_len", cfg.data.seq_len, 2, _INF, "e.g. 256", integer=True)
+  _in_range("train.eval_batches", t.eval_batches, 1, _INF, "e.g. 8", integer=True)
+  _in_range("train.eval_tokens", t.eval_tokens, 0, _INF, "0 (eval_batches only) or a token "
+            "budget for evaluation", integer=True)
 
 
 def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = None) -> None:

@@ -77,7 +77,12 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     _exit_with(f"command {' '.join(argv[1:])!r} is unknown. Fix: "
                f"lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
-  from lost_jax import xla_setup
+  from lost_jax import configs, xla_setup
+  try:   # every setting that can be checked without JAX, before it is even imported
+    (configs.validate_pretrain if argv[1] == "pretrain" else
+     configs.validate_finetune)(_CONFIG.value)
+  except errors.UserError as e:
+    _exit_with(str(e), e.exit_code)
   xla_setup.configure()   # before the first JAX computation
   try:
     if argv[1] == "pretrain":

@@ -21,11 +21,7 @@ from lost_jax import (accounting, checkpoint, configs, data, metrics, optim, sha
 from lost_jax.errors import TrainingDiverged, UserError
 from lost_jax.model import Llama
 
-PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
-    "mixed": ("bfloat16", "float32"),
-    "pure_bf16": ("bfloat16", "bfloat16"),
-    "float32": ("float32", "float32"),
-}
+PRECISIONS = configs.PRECISIONS   # train.precision -> (compute dtype, parameter dtype)
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
@@ -39,19 +35,7 @@ def apply_precision(cfg: ml_collections.ConfigDict) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Every config check that can run before data is read or anything is compiled."""
-  configs.validate_model(cfg.model)
-  configs.validate_train(cfg.train)
-  t = cfg.train
-  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
-    raise UserError("config.train.optimizer='galore' projects dense gradients. Fix: set "
-                    "model.linear.kind='dense' (the galore method preset does).")
-  if cfg.data.seq_len < 2:
-    raise UserError(f"config.data.seq_len={cfg.data.seq_len} < 2. Fix: e.g. 256.")
-  if t.eval_batches < 1:
-    raise UserError(f"config.train.eval_batches={t.eval_batches} < 1. Fix: e.g. 8.")
-  if t.eval_tokens < 0:
-    raise UserError(f"config.train.eval_tokens={t.eval_tokens} < 0. Fix: 0 (use "
-                    "eval_batches only) or a token budget for evaluation.")
+  configs.validate_pretrain(cfg)
 
 
 @dataclasses.dataclass
@@ -258,6 +242,8 @@ def start_run(cfg: ml_collections.ConfigDict):
 
 def make_workdir(workdir: str) -> None:
   """Create the run's directory, or refuse (one clear error) a path that cannot be one."""
+  if not workdir:
+    raise UserError("--workdir is empty. Fix: pass --workdir=<directory of this run>.")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is an existing file, not a directory. Fix: give a "
                     "new directory path (re-using a run's directory resumes that run).")
@@ -359,8 +345,8 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
         f"training diverged: steps {step - logger.streak + 1}..{step} had a non-finite loss "
         f"or gradient norm ({logger.streak} in a row, config.train.max_skipped_steps="
         f"{max_skipped}); they were skipped and nothing after them was saved. Last good "
-        f"checkpoint: {where}. Fix: lower config.train.lr or set config.train.clip_norm "
-        "(e.g. 1.0), then re-run the command to resume from the last good checkpoint.")
+        f"checkpoint: {where}. Fix: re-run the command with a lower config.train.lr to resume "
+        "from it (or start a new --workdir with config.train.clip_norm > 0).")
   if pidx == 0:
     _plot_run(workdir, name)
   return {"step": step, **last_eval}
@@ -382,8 +368,8 @@ def _save_finite(ckpt: checkpoint.Checkpointer, step: int, state, rest, train_it
     last = ckpt.latest_step()
     raise TrainingDiverged(
         f"training diverged: the state after step {step} holds NaN or Inf values and was not "
-        f"saved. Last good checkpoint: step {last}. Fix: lower config.train.lr or set "
-        "config.train.clip_norm (e.g. 1.0), then re-run the command to resume from it.")
+        f"saved. Last good checkpoint: step {last}. Fix: re-run the command with a lower "
+        "config.train.lr to resume from it.")
   ckpt.save(step, state, rest, train_iter, fingerprint, force=force)
 
 
