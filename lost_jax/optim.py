@@ -13,6 +13,7 @@ from flax import nnx
 
 from lost_jax import quant
 from lost_jax.configs import MIN_8BIT_SIZE, OPTIMIZERS
+from lost_jax.errors import UserError
 
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -148,7 +149,7 @@ def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
   both the projected moments and the AdamW moments of the other parameters.
   """
   if train.optimizer not in OPTIMIZERS:
-    raise ValueError(f"config.train.optimizer={train.optimizer!r} is unknown. "
+    raise UserError(f"config.train.optimizer={train.optimizer!r} is unknown. "
                      f"Fix: use one of {OPTIMIZERS}.")
   schedule = lr_schedule(train)
   mask = decay_mask(params, train.decay_norms_and_embeddings)
