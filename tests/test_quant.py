@@ -232,7 +232,7 @@ def _nf4_and_dequantised_twins(targets):
 
 
 def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
-  from test_sparselora import B, D, F, H, L, rand
+  from test_sparselora import B, D, F, L, rand
   from lost_jax import sparselora as sl
   nf4, plain = _nf4_and_dequantised_twins(("q", "v", "o", "down"))
   x = jnp.asarray(rand(B, L, D, seed=5))
@@ -240,12 +240,12 @@ def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   got = sl.sparse_mlp(nf4.layers[0].mlp, x, idx, 6)
   np.testing.assert_allclose(got, sl.sparse_mlp(plain.layers[0].mlp, x, idx, 6), rtol=1e-5,
                              atol=1e-6)
-  norms = [jnp.abs(jnp.asarray(rand(n, seed=s))) for n, s in ((D, 13), (D // 2, 14), (D // 2, 15))]
-  aidx = sl.select_attention(*norms, 0.5, H, 2)
-  pos = jnp.broadcast_to(jnp.arange(L), (B, L))
-  got = sl.sparse_attention(nf4.layers[0].attn, x, aidx, 6, pos, None)
-  want = sl.sparse_attention(plain.layers[0].attn, x, aidx, 6, pos, None)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The whole SparseLoRA forward (FFN and attention sparse in layer 0, estimators from each
+  # model's own kernels: the dequantised ones for NF4).
+  plan = sl.SparsityPlan.from_layers(1, ffn=0.5, ffn_layers="0", attn=0.5, attn_layers="0")
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (B, L)), jnp.int32)
+  logits = [sl.forward(m, tokens, sl.build_estimators(m, 4, [0]), plan, 4) for m in (nf4, plain)]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
   # All tokens sparse: the gather path dequantises only the kept rows / columns, never a whole
   # [D, F] / [F, D] kernel.
   jaxpr = str(jax.make_jaxpr(lambda xx: sl.sparse_mlp(nf4.layers[0].mlp, xx, idx, L))(x))
