@@ -268,6 +268,30 @@ def optimizer_state_bytes(cfg: ml_collections.ConfigDict) -> int:
   return 2 * sum(eight_bit_moment_bytes(s, param_bytes) for s in moments) + param_bytes * rest
 
 
+NF4_BLOCK = 64            # values per float32 scale of an NF4 base kernel (lost_jax.quant)
+
+
+def nf4_kernel_bytes(n: int, m: int) -> int:
+  """An NF4 kernel [n, m]: half a byte per (padded) value + a float32 scale per 64 values."""
+  blocks = math.ceil(m / NF4_BLOCK)
+  return n * blocks * (NF4_BLOCK // 2 + 4)
+
+
+def base_weight_bytes(model: ml_collections.ConfigDict, quantize: str = "none",
+                      param_bytes: int = 2) -> int:
+  """Frozen base of a fine-tune: every parameter in param_bytes, or (quantize='nf4') the block
+  projections in NF4 and embedding, head and norms in param_bytes (init.quantize)."""
+  counts = count_params(model)
+  if quantize == "none":
+    return param_bytes * counts["total"]
+  if quantize != "nf4":
+    raise ValueError(f"config.init.quantize={quantize!r} is unknown. Fix: use 'none' or 'nf4'.")
+  shapes = configs.projection_shapes(model)
+  kernels = model.n_layers * sum(nf4_kernel_bytes(n, m) for _, n, m in shapes)
+  rest = counts["total"] - model.n_layers * sum(n * m for _, n, m in shapes)
+  return kernels + param_bytes * rest
+
+
 def _precision_bytes(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   if cfg.train.precision not in PRECISION_BYTES:
     raise ValueError(f"config.train.precision={cfg.train.precision!r} is unknown. "
@@ -367,6 +391,14 @@ def _main(argv, config_flag, compare_flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cfg = config_flag.value
+  if "init" in cfg:          # a fine-tuning config: the frozen base, unquantised vs NF4
+    model = cfg.model
+    bf16, nf4 = base_weight_bytes(model, "none"), base_weight_bytes(model, "nf4")
+    print(f"{cfg.name}: frozen base {count_params(model)['total'] / 1e9:.2f}B parameters | "
+          f"bf16 {bf16 / _GIB:.2f} GiB | init.quantize=nf4 {nf4 / _GIB:.2f} GiB "
+          f"({nf4 / bf16:.2f}x; block projections 4.5 bits per weight, embedding, head and "
+          "norms bf16)")
+    return
   try:
     rows = compare(cfg.name.partition(",")[0], like=cfg) if compare_flag.value else [report(cfg)]
   except ValueError as e:       # a bad setting: one line naming it and the fix, exit status 2
