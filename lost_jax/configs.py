@@ -65,6 +65,20 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
   ))
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_scaling_config(type: str = "default", factor: float = 1.0,  # pylint: disable=redefined-builtin
+                        low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                        original_max_position_embeddings: int = 8192
+                        ) -> ml_collections.ConfigDict:
+  """RoPE rescaling as HF's rope_scaling: default (none) | linear | llama3 (LLaMA 3.1/3.2)."""
+  return ml_collections.ConfigDict(dict(
+      type=type, factor=float(factor), low_freq_factor=float(low_freq_factor),
+      high_freq_factor=float(high_freq_factor),
+      original_max_position_embeddings=int(original_max_position_embeddings)))
+
+
 def model_config(size: str) -> ml_collections.ConfigDict:
   s = _SIZES[size]
   return ml_collections.ConfigDict(dict(
@@ -75,6 +89,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       n_heads=s["n_heads"],
       n_kv_heads=s["n_heads"],
       rope_theta=10_000.0,
+      rope_scaling=rope_scaling_config(),
       norm_eps=1e-6,
       init_std=0.02,
       dtype="bfloat16",       # compute dtype; norms, softmax and logits run in float32.
@@ -207,6 +222,15 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if (model.d_model // model.n_heads) % 2:
     _fail("model.n_heads", f"head dim {model.d_model // model.n_heads} is odd", "RoPE needs an "
           "even head dim; change d_model or n_heads")
+  rope = model.get("rope_scaling")
+  if rope is not None:
+    if rope.type not in ROPE_TYPES:
+      _fail("model.rope_scaling.type", f"unknown type {rope.type!r}", f"use one of {ROPE_TYPES}")
+    if rope.type != "default" and rope.factor <= 0:
+      _fail("model.rope_scaling.factor", f"{rope.factor} is not positive", "use e.g. 8.0")
+    if rope.type == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+      _fail("model.rope_scaling.high_freq_factor", f"{rope.high_freq_factor} <= "
+            f"low_freq_factor={rope.low_freq_factor}", "LLaMA 3.1 uses 4.0 and 1.0")
   lin = model.linear
   if lin.kind not in LINEAR_KINDS:
     _fail("model.linear.kind", f"unknown kind {lin.kind!r}", f"use one of {LINEAR_KINDS}")

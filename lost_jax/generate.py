@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.model import Llama, apply_rope, rms_norm, rope_tables
+from lost_jax.model import Llama, apply_rope, rms_norm, rope_scaling_of, rope_tables
 
 
 def _attend(q_BxTxHxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxTxS):
@@ -30,7 +30,7 @@ def _forward_cached(model: Llama, tokens_BxT, positions_BxT, start: int | jax.Ar
   b, t = tokens_BxT.shape
   hd = cfg.d_model // cfg.n_heads
   slots = cache[0][0].shape[1]
-  cos, sin = rope_tables(positions_BxT, hd, cfg.rope_theta)
+  cos, sin = rope_tables(positions_BxT, hd, cfg.rope_theta, rope_scaling_of(cfg))
   q_slot = start + jnp.arange(t)
   mask = (q_slot[:, None] >= jnp.arange(slots)[None, :])[None] & valid_BxS[:, None, :]
   x = model.embed(tokens_BxT, model.dtype)

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from lost_jax import configs as configs_lib
 from lost_jax import layers as layers_lib
 from lost_jax import sharding as sharding_lib
-from lost_jax.model import Llama
+from lost_jax.model import Llama, rope_scaling_of
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,10 +89,21 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
       _refuse(where, field, hf[field], "adds biases", "use a bias-free LLaMA checkpoint")
   # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
   rope = hf.get("rope_parameters") or {}
+  scaling = configs_lib.rope_scaling_config()
   for field, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope)):
-    if value and value.get("rope_type", value.get("type", "default")) != "default":
-      _refuse(where, field, value, "rescales RoPE",
-              "use a checkpoint with plain RoPE (rope_type 'default')")
+    kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+    if kind == "default":
+      continue
+    if kind not in configs_lib.ROPE_TYPES:
+      _refuse(where, field, value, "rescales RoPE in a way lost_jax does not implement",
+              f"use a checkpoint whose rope_type is one of {configs_lib.ROPE_TYPES}")
+    try:
+      scaling = configs_lib.rope_scaling_config(
+          kind, value["factor"], **({k: value[k] for k in (
+              "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+              if kind == "llama3" else {}))
+    except KeyError as e:
+      _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim")
   if head_dim is not None and head_dim * heads != d:
@@ -108,6 +119,7 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
   cfg.n_heads = heads
   cfg.n_kv_heads = hf.get("num_key_value_heads") or heads
   cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  cfg.rope_scaling = scaling
   cfg.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
   cfg.init_std = float(hf.get("initializer_range", 0.02))
   cfg.linear = configs_lib.linear_config("dense")
@@ -144,7 +156,7 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
       "rms_norm_eps": cfg.norm_eps,
       # transformers 5 also reads these legacy keys; older versions read nothing else.
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
+      "rope_scaling": _hf_rope_scaling(cfg),
       "attention_bias": False,
       "attention_dropout": 0.0,
       "mlp_bias": False,
@@ -157,6 +169,18 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
   hf.update(overrides or {})
   _config_from_hf(hf, "hf_config(overrides=...)")   # an override must stay representable.
   return hf
+
+
+def _hf_rope_scaling(cfg: ml_collections.ConfigDict) -> dict | None:
+  """HF's rope_scaling dict of a model config (None without rescaling)."""
+  rope = rope_scaling_of(cfg)
+  if rope.type == "default":
+    return None
+  out = {"rope_type": rope.type, "factor": rope.factor}
+  if rope.type == "llama3":
+    out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+               original_max_position_embeddings=rope.original_max_position_embeddings)
+  return out
 
 
 # ---------------------------------------------------------------------------- import

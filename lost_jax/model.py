@@ -8,7 +8,8 @@ SparseLoRA path reuses.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,53 @@ def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   return x * scale_D.astype(jnp.float32)
 
 
-def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
-  """cos, sin [B, L, 1, head_dim] for HF-style rotate-half RoPE (float32)."""
+class RopeScaling(NamedTuple):
+  """RoPE frequency rescaling (HF `rope_scaling`); hashable, so it stays static under jit."""
+  type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0             # llama3 only
+  high_freq_factor: float = 4.0            # llama3 only
+  original_max_position_embeddings: int = 8192   # llama3 only
+
+
+def rope_scaling_of(cfg: ml_collections.ConfigDict) -> RopeScaling:
+  """The model config's `rope_scaling` group (absent in older configs: no scaling)."""
+  group = cfg.get("rope_scaling")
+  return RopeScaling(**group.to_dict()) if group is not None else RopeScaling()
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
+                  ) -> jax.Array:
+  """Per-pair angular frequencies [head_dim / 2] (float32), rescaled as HF's rope types do.
+
+  linear: every frequency / factor. llama3 (LLaMA 3.1/3.2): wavelengths longer than
+  original_max / low_freq_factor are divided by factor, shorter than original_max /
+  high_freq_factor kept, and those between interpolated smoothly.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling.type == "default":
+    return inv_freq
+  if scaling.type == "linear":
+    return inv_freq / scaling.factor
+  if scaling.type != "llama3":
+    raise ValueError(f"config.model.rope_scaling.type={scaling.type!r} is unknown. Fix: one "
+                     f"of {configs_lib.ROPE_TYPES}.")
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((old_len / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = RopeScaling()):
+  """cos, sin [B, L, 1, head_dim] for HF-style rotate-half RoPE (float32)."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq     # [B, L, hd/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   return jnp.cos(angles), jnp.sin(angles)
@@ -142,6 +187,7 @@ class Attention(nnx.Module):
     d, h, g = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
     self.n_heads, self.n_kv_heads, self.head_dim = h, g, d // h
     self.rope_theta = cfg.rope_theta
+    self.rope_scaling = rope_scaling_of(cfg)
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
               init_std=cfg.init_std, rngs=rngs)
     hd = self.head_dim
@@ -156,7 +202,7 @@ class Attention(nnx.Module):
     q = self.q(x_BxLxD).reshape(b, length, self.n_heads, hd)
     k = self.k(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
     v = self.v(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta)
+    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta, self.rope_scaling)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attention(q, k, v, segment_ids_BxL)
     return self.o(out.reshape(b, length, self.n_heads * hd))

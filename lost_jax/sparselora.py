@@ -508,7 +508,7 @@ def sparse_attention(attn, x_BxLxD: jax.Array, idx: AttnIndices | None, n_sparse
   q = proj(attn.q, idx.q).reshape(b, length, attn.n_heads, hd)
   k = proj(attn.k, idx.k).reshape(b, length, attn.n_kv_heads, hd)
   v = proj(attn.v, idx.v).reshape(b, length, attn.n_kv_heads, hd)
-  cos, sin = rope_tables(positions_BxL, hd, attn.rope_theta)
+  cos, sin = rope_tables(positions_BxL, hd, attn.rope_theta, attn.rope_scaling)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   out = attention(q, k, v, segment_ids_BxL).reshape(b, length, attn.n_heads * hd)
   outs, outd = _split(out, n_sparse)
