@@ -25,7 +25,7 @@ Protocol (the same for every method; written at the top of the generated documen
 
 Order: the full_rank and LOST sweeps and their seeded runs come first, then the controls
 (bracketing LOST's chosen rate), CoLA, GaLore, low_rank and SLTrain, then the extra seeds at
-the sweep budget. Every finished run is stored as `<results_dir>/<key>.json` keyed by its full
+the sweep budget, then a check of the shared rate (0.5x and 2x for full_rank and LOST). Every finished run is stored as `<results_dir>/<key>.json` keyed by its full
 config and the code version (experiments/runs.py): re-running resumes a half-finished sweep,
 reuses only results of the same code and regenerates the documents after every run.
 """
@@ -49,6 +49,7 @@ from lost_jax import train  # pylint: disable=wrong-import-position
 
 LR_BASE = 1e-2          # ladder: lr_i = LR_BASE * 2**i (contains GaLore's published 0.01)
 MAX_EXTENSIONS = 3      # grid points added past an edge before the sweep gives up
+SHARED_SHIFTS = (-1, 1)  # the shared-lr check: 0.5 x and 2 x the protocol's shared lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +124,13 @@ D256 = Protocol(
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """One run: entry, ladder index of the block lr, seed, steps."""
+  """One run: entry, ladder index of the block lr, seed, steps; shared_shift k != 0 trains
+  the embedding / head / norms at 2^k x the protocol's shared lr (the sensitivity check)."""
   entry: str
   lr_index: int
   seed: int
   steps: int
+  shared_shift: int = 0
 
 
 def lr_of(index: int) -> float:
@@ -153,7 +156,10 @@ def protocol_config(proto: Protocol, method: str, fields: dict, *, lr: float, se
 def spec_config(proto: Protocol, spec: Spec) -> ml_collections.ConfigDict:
   """The validated run config of `spec` under `proto`."""
   e = ENTRIES[spec.entry]
-  return protocol_config(proto, e.method, dict(e.fields), lr=lr_of(spec.lr_index),
+  fields = dict(e.fields)
+  if spec.shared_shift:
+    fields["train.shared_lr"] = dict(proto.overrides)["train.shared_lr"] * 2.0 ** spec.shared_shift
+  return protocol_config(proto, e.method, fields, lr=lr_of(spec.lr_index),
                          seed=spec.seed, steps=spec.steps, name=spec.entry)
 
 
@@ -210,7 +216,8 @@ def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) 
   """The runs of the first unfinished stage, in the order to run them.
 
   Stages: sweeps of full_rank and LOST; their seeded runs at the final budget; sweeps of the
-  rest; their seeded runs at the final budget; the extra seeds at the sweep budget.
+  rest; their seeded runs at the final budget; the extra seeds at the sweep budget; the
+  shared-lr check (full_rank and LOST at their chosen block lr, shared lr x 0.5 and x 2).
   """
   entries = tuple(entries)
   first = [e for e in FIRST if e in entries]
@@ -228,11 +235,21 @@ def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) 
         out += [s for s in (Spec(e, best, seed, steps) for seed in seeds) if get(s) is None]
     return out
 
+  def shared_check(names):
+    out = []
+    for e in names:
+      best = sweep_state(proto, e, get)[2]
+      if best is not None:
+        out += [s for s in (Spec(e, best, proto.seeds[0], proto.sweep_steps, k)
+                            for k in SHARED_SHIFTS) if get(s) is None]
+    return out
+
   stages = [lambda: sweeps(first),
             lambda: seeded(first, proto.final_steps, proto.seeds),
             lambda: sweeps(rest),
             lambda: seeded(rest, proto.final_steps, proto.seeds),
-            lambda: seeded(first + rest, proto.sweep_steps, proto.seeds[1:])]
+            lambda: seeded(first + rest, proto.sweep_steps, proto.seeds[1:]),
+            lambda: shared_check(first)]
   for stage in stages:
     todo = stage()
     if todo:
@@ -383,6 +400,30 @@ def sweep_table(proto: Protocol, get: Lookup) -> str:
                                + ["chosen block lr"], table)
 
 
+def shared_table(proto: Protocol, get: Lookup) -> str:
+  """full_rank and LOST at their chosen block lr with the shared lr halved / kept / doubled."""
+  base = dict(proto.overrides)["train.shared_lr"]
+  shifts = sorted(set(SHARED_SHIFTS) | {0})
+  table = []
+  for e in FIRST:
+    best = sweep_state(proto, e, get)[2]
+    if best is None:
+      table.append([e] + ["pending"] * len(shifts))
+      continue
+    res = {k: get(Spec(e, best, proto.seeds[0], proto.sweep_steps, k)) for k in shifts}
+    done = {k: _ppl(r) for k, r in res.items() if r is not None}
+    top = min(done, key=done.get) if len(done) == len(shifts) else None
+    table.append([e] + [("pending" if k not in done else
+                         f"**{done[k]:.2f}**" if k == top else f"{done[k]:.2f}")
+                        for k in shifts])
+  text = (f"Final validation perplexity at the sweep budget (seed {proto.seeds[0]}) at each "
+          "method's chosen block lr, with the embedding / head / norm learning rate scaled; "
+          f"the protocol uses {base:g} for every method. A protocol value far from both "
+          "methods' best would have favoured one of them.\n\n")
+  return text + common.markdown_table(
+      ["method"] + [f"shared lr {base * 2.0 ** k:g}" for k in shifts], table)
+
+
 def _curves(results: list[dict]) -> list[list[tuple[int, float]]]:
   return [[(s, p) for s, _, p in r["eval_curve"]] for r in results]
 
@@ -461,7 +502,8 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
       "only on documents outside that split (tokenizer.training_document_ids). Perplexity "
       "is exp of the token-weighted mean loss.",
       f"- One peak learning rate for the embedding, LM head and norm scales of every method: "
-      f"train.shared_lr = {SHARED_LR:g}. Only the block (q/k/v/o/gate/up/down) learning rate "
+      f"train.shared_lr = {dict(proto.overrides)['train.shared_lr']:g} (not tuned per method; the last stage checks 0.5x and 2x "
+      "for full_rank and LOST). Only the block (q/k/v/o/gate/up/down) learning rate "
       "differs between methods.",
       f"- Sweep: block lr on the ladder 1e-2 x 2^i, seed {proto.seeds[0]}, "
       f"{proto.sweep_steps} steps ({proto.tokens(proto.sweep_steps):,} tokens); >= 4 values "
@@ -500,6 +542,7 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
                                                                    r["results"]],
                                    eval_ppl=[x["eval_ppl"] for x in r["results"]])
                            for e, r in rows[steps].items()}
+  parts += ["## Shared learning-rate check\n", shared_table(proto, get) + "\n"]
   parts.append("Methods: " + "; ".join(f"{e}: {x.what}" for e, x in ENTRIES.items()) + ".\n")
   md = "\n".join(parts)
   with open(base + ".md", "w") as f:

@@ -132,12 +132,14 @@ def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------ the sweep plan
 def _lookup(optimum: dict[str, int]):
-  """A fake store: perplexity (i - optimum)^2 + 10 + 0.01 seed once `finish`ed."""
+  """A fake store: perplexity (i - optimum)^2 + 10 + 0.01 seed + 0.5 |shared shift| once
+  `finish`ed."""
   done = {}
 
   def finish(specs):
     for s in specs:
-      done[s] = {"eval_ppl": (s.lr_index - optimum[s.entry]) ** 2 + 10.0 + 0.01 * s.seed}
+      done[s] = {"eval_ppl": (s.lr_index - optimum[s.entry]) ** 2 + 10.0 + 0.01 * s.seed
+                 + 0.5 * abs(s.shared_shift)}
   return done.get, finish, done
 
 
@@ -189,13 +191,17 @@ def test_plan_order_first_pair_then_controls_around_lost_then_seeds():
       compare_methods.Spec("lost", 0, s, final) for s in (0, 1, 2)]
   controls = {s.lr_index for s in stages[3] if s.entry == "lost_gamma1"}
   assert controls == {-1, 0, 1}                                          # around LOST's 0
-  assert all(s.steps == final for s in stages[-2]) and all(
-      s.steps == sweep and s.seed in (1, 2) for s in stages[-1])
+  assert all(s.steps == final for s in stages[-3]) and all(
+      s.steps == sweep and s.seed in (1, 2) for s in stages[-2])
+  assert stages[-1] == [compare_methods.Spec("full_rank", -3, 0, sweep, k) for k in (-1, 1)] + [
+      compare_methods.Spec("lost", 0, 0, sweep, k) for k in (-1, 1)]
+  shared = [compare_methods.spec_config(TINY_PROTO, s).train.shared_lr for s in stages[-1]]
+  assert shared == [1.25e-3, 5e-3] * 2
   n_grid = {e: len(compare_methods.sweep_state(TINY_PROTO, e, get)[0])
             for e in compare_methods.ENTRIES}
   assert all(n >= 4 for e, n in n_grid.items() if e in ("full_rank", "lost", "cola"))
   assert all(n >= 3 for n in n_grid.values())
-  assert len(done) == sum(n_grid.values()) + len(compare_methods.ENTRIES) * 5
+  assert len(done) == sum(n_grid.values()) + len(compare_methods.ENTRIES) * 5 + 4
 
 
 def _table_rows(md: str) -> dict[str, list[str]]:
@@ -231,6 +237,8 @@ def test_report_spreads_and_ranking(tmp_path):
   assert ("lost_gamma1 10.01 ± 0.01 (n=3) vs LOST 10.01 ± 0.01 (n=3), +0.0%, ranges "
           "overlap") in md
   assert _table_rows(md)["full_rank"][-1] == "0.0025"    # the chosen rate, 1e-2 x 2^-2
+  shared = _table_rows(md[md.index("## Shared learning-rate check"):])
+  assert shared["lost"][1:] == ["10.50", "**10.00**", "10.50"]
   assert (tmp_path / "r_6steps.png").stat().st_size > 0
 
 
