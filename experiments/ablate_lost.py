@@ -76,6 +76,7 @@ def run(proto: compare_methods.Protocol, variants: Iterable[str], *, lr: float, 
     for variant in variants:
       cfg = variant_config(proto, variant, lr, seed)
       result = runs.run(cfg, workdir_root, results_dir=results_dir, quiet=quiet)
+      common.drop_checkpoints(workdir_root, result["key"])
       out.setdefault(variant, []).append(result)
       log(f"[{name}] {variant} seed {seed}: final validation perplexity "
           f"{result['eval_ppl']:.3f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 from typing import Any, Callable, Iterable
@@ -61,6 +62,12 @@ def method_config(size: str, method: str,
   if cfg.train.optimizer == "galore" and "train.galore_rank" not in overrides:
     cfg.train.galore_rank = lost.model.linear.rank
   return cfg
+
+
+def drop_checkpoints(workdir_root: str, key: str) -> None:
+  """Delete the checkpoints of a finished run (its result and metrics stay): a sweep of many
+  runs would otherwise keep two full training states per run."""
+  shutil.rmtree(os.path.join(workdir_root, key, "checkpoints"), ignore_errors=True)
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -286,6 +286,7 @@ def sweep(proto: Protocol, *, name: str, results_dir: str, workdir_root: str, ou
       log(f"[{name}] run {done + 1}: {spec.entry} lr {lr_of(spec.lr_index):.3g} seed "
           f"{spec.seed} steps {spec.steps} ({len(todo) - n} left in this stage)")
       result = runs.run(cfg, workdir_root, results_dir=results_dir, quiet=quiet)
+      common.drop_checkpoints(workdir_root, result["key"])
       log(f"[{name}] {spec.entry} lr {lr_of(spec.lr_index):.3g} seed {spec.seed} steps "
           f"{spec.steps}: validation perplexity {result['eval_ppl']:.3f} "
           f"({result['wall_s'] / 60:.1f} min) -> {result['key']}.json")

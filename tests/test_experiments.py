@@ -255,6 +255,7 @@ def test_sweep_resumes_and_reports_pending(tmp_path):
   table = _table_rows(md)
   for r in stored:
     assert f"{r['eval_ppl']:.2f}" in table[r["name"].split(",")[1]]
+  assert not list((tmp_path / "w").glob("*/checkpoints"))     # finished runs keep no state
   # Resuming trains the next run of the plan, not the finished ones again.
   assert compare_methods.sweep(TINY_PROTO, max_runs=1, **kw) == 1
   assert len(list((tmp_path / "res").glob("*.json"))) == 3
