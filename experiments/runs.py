@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from lost_jax import accounting, metrics, train
+from lost_jax import accounting, errors, metrics, train
 
 REQUEST_FILE = "experiment.json"  # the config and code version a workdir was started with
 
@@ -134,6 +135,18 @@ def summarize(rows: list[dict], steps: int) -> dict:
   return out
 
 
+def diverged_summary(rows: list[dict], message: str) -> dict:
+  """The result of a run stopped by non-finite steps: infinite loss and perplexity, the
+  curves up to the stop and the reason."""
+  speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+  return dict(eval_loss=math.inf, eval_ppl=math.inf, eval_tokens=0.0,
+              tokens_per_s=statistics.median(speeds) if speeds else math.nan,
+              eval_curve=[[r["step"], r["eval_loss"], r["eval_ppl"]] for r in rows
+                          if "eval_ppl" in r],
+              loss_curve=[[r["step"], r["loss"]] for r in rows if "loss" in r],
+              diverged=" ".join(message.split()))
+
+
 def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str | None = None,
         quiet: bool = True,
         measure: Callable[[ml_collections.ConfigDict], dict] | None = None) -> dict:
@@ -161,11 +174,15 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
   else:
     _write_json(request, want)
   t0 = time.time()
-  train.train_and_evaluate(cfg, workdir, quiet=quiet)
+  try:
+    train.train_and_evaluate(cfg, workdir, quiet=quiet)
+    summary = summarize(latest_rows(workdir), cfg.train.steps)
+  except errors.TrainingDiverged as e:   # a result too: this lr is too high for this method
+    summary = diverged_summary(latest_rows(workdir), str(e))
   result = dict(name=cfg.name, key=key, steps=cfg.train.steps, seed=cfg.seed,
                 params=accounting.count_params(cfg.model), wall_s=time.time() - t0,
                 finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                **want, **summarize(latest_rows(workdir), cfg.train.steps))
+                **want, **summary)
   if measure is not None:
     result.update(measure(cfg))
   _write_json(os.path.join(results_dir, key + ".json"), result)

@@ -292,3 +292,12 @@ def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
   mean = lambda v: sum(r["eval_ppl"] for r in out[v]) / 2
   assert table["gamma=0.5"][5] == f"{100 * (mean('gamma=0.5') / mean('lost') - 1):+.1f}%"
   assert table["lost"][5] == "+0.0%" and table["gamma=0.9"][3] == "pending"
+
+
+def test_a_diverged_run_is_a_result_not_a_crash(tmp_path):
+  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("full_rank", 120, 0, 3))
+  cfg.train.max_skipped_steps = 1       # lr 1e-2 x 2^120 ~ 1e34: the first step at peak lr overflows
+  kw = dict(results_dir=str(tmp_path / "res"))
+  result = runs.run(cfg, str(tmp_path / "w"), **kw)
+  assert result["eval_ppl"] == math.inf and "training diverged" in result["diverged"]
+  assert runs.run(cfg, str(tmp_path / "w"), **kw)["eval_ppl"] == math.inf   # stored, reused

@@ -88,6 +88,6 @@ def test_shared_lr_under_galore_scales_only_the_unprojected_parameters():
   for u0, u1, block in zip(base, shared, jax.tree.leaves(optim.block_labels(params))):
     np.testing.assert_allclose(u1, u0 if block else u0 * (5e-4 / cfg.train.lr), rtol=1e-6)
   assert any(float(jnp.abs(u).max()) > 0 for u in base)
-  with pytest.raises(ValueError, match="shared_lr"):
-    cfg.train.shared_lr = -1.0
-    optim.make_optimizer(cfg.train, params)
+  cfg.train.shared_lr = -1.0
+  with pytest.raises(ValueError, match=r"config\.train\.shared_lr: -1\.0 .*Fix"):
+    configs.validate_train(cfg.train)
