@@ -477,8 +477,8 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
   first = spec_config(proto, Spec("lost", 0, proto.seeds[0], proto.final_steps))
   version = version or runs.code_version()
   n_done, todo = finished_and_pending(proto, get)
-  status = (f"**Status: {n_done} runs finished; "
-            + (f"{len(todo)} runs left in the current stage (next: "
+  status = (f"**Status: {n_done} run(s) finished; "
+            + (f"{len(todo)} run(s) left in the current stage (including "
                + ", ".join(f"{s.entry} lr {lr_of(s.lr_index):.3g} seed {s.seed} "
                            f"{s.steps} steps" for s in todo[:3])
                + (", ..." if len(todo) > 3 else "") + "), later stages follow; "
