@@ -156,8 +156,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
 
 
 def _garbage_metadata(step_dir):
-  with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
-    f.write("garbage{{{")
+  """The run's meta item (read first, by check_compatible) and the state's tree metadata."""
+  for path in (("meta", "metadata"), ("state", "_METADATA")):
+    with open(os.path.join(step_dir, *path), "w") as f:
+      f.write("garbage{{{")
 
 
 def _truncate_a_data_file(step_dir):
@@ -184,7 +186,7 @@ def test_damaged_checkpoints_are_moved_aside_and_an_intact_one_resumes(straight,
   assert proc.returncode == 0, proc.stderr[-3000:]
   damaged = [line for line in out if line.startswith("checkpoint step")]
   assert len(damaged) == 3
-  for line, step, why in zip(damaged, (30, 29, 28), ("Error", "OUT_OF_RANGE", "state")):
+  for line, step, why in zip(damaged, (30, 29, 28), ("JSONDecodeError", "OUT_OF_RANGE", "state")):
     assert line.startswith(f"checkpoint step {step} is damaged (") and why in line, line
     assert line.endswith(f"moved it to {workdir}/checkpoints_damaged/{step} and resumed from "
                          "step 27")
