@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lost_jax import checkpoint, configs, metrics, sharding, tokenizer, train
+from lost_jax import checkpoint, configs, errors, metrics, sharding, tokenizer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]
@@ -117,6 +117,38 @@ def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
   changed = [not np.array_equal(np.asarray(x), y) for x, y in
              zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"]))]
   assert all(changed)
+
+
+def test_a_non_finite_state_is_never_saved():
+  class Recorder:   # stands in for the Checkpointer: records what would be saved
+
+    def __init__(self):
+      self.saved = []
+
+    def wait(self):
+      pass
+
+    def latest_step(self):
+      return 4
+
+    def save(self, step, *args, **kwargs):
+      self.saved.append(step)
+
+  ckpt = Recorder()
+  finite = {"params": {"w": jnp.ones((2, 3))}, "opt_state": (jnp.zeros(3), jnp.int32(5))}
+  train._save_finite(ckpt, 5, finite, None, None, {})
+  assert ckpt.saved == [5]
+  for bad in (jnp.nan, jnp.inf):
+    broken = {"params": {"w": jnp.ones((2, 3)).at[1, 2].set(bad)},
+              "opt_state": (jnp.zeros(3), jnp.int32(5))}
+    with pytest.raises(errors.TrainingDiverged, match=r"after step 6 .* Last good checkpoint: "
+                       r"step 4"):
+      train._save_finite(ckpt, 6, broken, None, None, {})
+  broken = {"params": finite["params"], "opt_state": (jnp.zeros(3).at[0].set(jnp.nan),
+                                                      jnp.int32(5))}
+  with pytest.raises(errors.TrainingDiverged):
+    train._save_finite(ckpt, 7, broken, None, None, {})
+  assert ckpt.saved == [5]
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
