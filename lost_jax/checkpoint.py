@@ -25,8 +25,13 @@ from lost_jax.errors import UserError, one_line
 
 # Fields that must match for a checkpoint to be restored into a run.
 def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
-  """The settings that decide parameter shapes and meaning (model config + tokenizer vocab)."""
-  return {"model": json.loads(cfg.model.to_json()), "seq_len": cfg.data.seq_len,
+  """The settings that decide parameter shapes and meaning (model config + tokenizer vocab).
+
+  model.perf is left out: a checkpoint written with one attention kernel or matmul backward
+  (e.g. on a GPU) resumes with another (e.g. on a CPU).
+  """
+  model = {k: v for k, v in json.loads(cfg.model.to_json()).items() if k != "perf"}
+  return {"model": model, "seq_len": cfg.data.seq_len,
           "tokenizer_vocab": int(vocab_size)}
 
 

@@ -18,6 +18,12 @@ LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
 INITS = ("kaiming", "normal")
 SPARSE_INITS = ("complement", "weight", "random_channels")
+# Performance settings (`model.perf`): each 'auto' is resolved once, from the platform the
+# step is compiled for, by `resolve_perf`; the model's math only reads the resolved names.
+MATMUL_BACKWARDS = ("xla", "cpu_transposed")
+ATTENTIONS = ("blocked", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+PLATFORMS = ("cpu", "gpu", "tpu")
 PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
     "mixed": ("bfloat16", "float32"),
     "pure_bf16": ("bfloat16", "bfloat16"),
@@ -58,6 +64,46 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
   ))
 
 
+def perf_config() -> ml_collections.ConfigDict:
+  """Performance choices; they change speed and memory, never the parameters or the result."""
+  return ml_collections.ConfigDict(dict(
+      # xla: the plain transposed dots | cpu_transposed: explicit transposes of the narrower
+      # operand + optimisation barriers (faster on XLA:CPU). auto: cpu_transposed on CPU only.
+      matmul_backward="auto",
+      # blocked: causal blocks in XLA ops (model.attention) | dot_product_attention:
+      # jax.nn.dot_product_attention (cuDNN flash attention on GPU). auto: blocked on CPU.
+      attention="auto",
+      attention_impl="auto",  # dot_product_attention's implementation: auto | xla | cudnn
+  ))
+
+
+def resolve_perf(model: ml_collections.ConfigDict, platform: str) -> None:
+  """Replace every 'auto' in model.perf by the choice for the compile target, in place."""
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform={platform!r} is unknown. Fix: one of {PLATFORMS}.")
+  if "perf" not in model:    # configs saved before model.perf existed
+    with model.unlocked():
+      model.perf = perf_config()
+  perf = model.perf
+  if perf.matmul_backward == "auto":
+    perf.matmul_backward = "cpu_transposed" if platform == "cpu" else "xla"
+  if perf.attention == "auto":
+    perf.attention = "blocked" if platform == "cpu" else "dot_product_attention"
+
+
+def with_resolved_perf(model: ml_collections.ConfigDict,
+                       platform: str | None = None) -> ml_collections.ConfigDict:
+  """model itself if nothing is 'auto', else a copy resolved for `platform` (default: the
+  platform of jax's default device, read once when the model is built)."""
+  perf = model.get("perf")
+  if perf is not None and "auto" not in (perf.matmul_backward, perf.attention):
+    return model
+  import jax  # pylint: disable=g-import-not-at-top
+  out = ml_collections.ConfigDict(model.to_dict())
+  resolve_perf(out, platform or jax.devices()[0].platform)
+  return out
+
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -89,6 +135,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat=False,
       linear=linear_config(),
+      perf=perf_config(),
   ))
 
 
@@ -270,6 +317,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if (model.d_model // model.n_heads) % 2:
     _fail("model.n_heads", f"head dim {model.d_model // model.n_heads} is odd", "RoPE needs an "
           "even head dim; change d_model or n_heads")
+  perf = model.get("perf")
+  if perf is not None:
+    for field, value, allowed in (
+        ("matmul_backward", perf.matmul_backward, ("auto",) + MATMUL_BACKWARDS),
+        ("attention", perf.attention, ("auto",) + ATTENTIONS),
+        ("attention_impl", perf.attention_impl, ATTENTION_IMPLS)):
+      if value not in allowed:
+        _fail(f"model.perf.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
   rope = model.get("rope_scaling")
   if rope is not None:
     if rope.type not in ROPE_TYPES:

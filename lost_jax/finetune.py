@@ -108,7 +108,7 @@ def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
   return sparselora.SparseLoRALlama(model, estimators, plan), plan
 
 
-def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
+def lora_setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   """Setup + state for training only the LoRAParam variables of `module`."""
   graphdef, lora_state, rest_state = nnx.split(module, LoRAParam, ...)
   params = nnx.as_pure(lora_state)
@@ -136,16 +136,16 @@ def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
 
 @dataclasses.dataclass
 class _SparseSchedule:
-  """Host-side choice of the static dense-suffix length for each step."""
+  """Host-side choice of each step's static lengths (sparselora.StepLengths)."""
   seq_len: int
   bucket: int
   start_step: int
   enabled: bool
 
-  def dense_len(self, weights_BxL: np.ndarray, step: int) -> int:
-    if not self.enabled or step < self.start_step:
-      return self.seq_len            # fully dense: no estimator, no sparse compute
-    return max(1, sparselora.dense_suffix_len(weights_BxL, self.bucket))
+  def dense_len(self, weights_BxL: np.ndarray, step: int) -> sparselora.StepLengths:
+    # Before start_step (or without sparsity) every token is dense: no estimator runs.
+    sparse = self.enabled and step >= self.start_step
+    return sparselora.step_lengths(weights_BxL, self.bucket, sparse)
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -168,7 +168,7 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
-  setup, params, rest = _setup(module, cfg, mesh)
+  setup, params, rest = lora_setup(module, cfg, mesh)
   found = ckpt.restore_latest(
       checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings), None,
       train_iter)

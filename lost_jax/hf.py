@@ -317,7 +317,7 @@ def densify(model: Llama) -> Llama:
     axes = (layer.a.get_metadata()["axes"][0], layer.b.get_metadata()["axes"][0])
     dense = nnx.eval_shape(lambda: layers_lib.DenseLinear(
         layer.in_features, layer.out_features, dtype=layer.dtype, param_dtype=param_dtype,
-        axes=axes, rngs=nnx.Rngs(0)))
+        axes=axes, backward=layer.backward, rngs=nnx.Rngs(0)))
     dense.kernel.set_value(kernel.astype(param_dtype))
     setattr(_get(model, path[:-1]), path[-1], dense)
   cfg = model.cfg.copy_and_resolve_references()

@@ -84,14 +84,17 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
 def batch_nll(graphdef, params, rest, batch, dense_len: int | None = None):
   """Summed token NLL of a batch and its weight sum (float32 scalars).
 
-  `dense_len` (static) is passed to SparseLoRA models: the length of the dense suffix.
+  `dense_len` (static) is passed to SparseLoRA models (`sparselora.StepLengths`: dense and
+  logits suffixes). A model may return logits of the last positions only (every position
+  with a loss): targets and weights are cut to match.
   """
   model = nnx.merge(graphdef, params, rest)
   if dense_len is None:
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   else:
     logits = model(batch["inputs"], dense_len, batch["positions"], batch["segment_ids"])
-  return optim.cross_entropy(logits, batch["targets"], batch["weights"])
+  n = logits.shape[1]
+  return optim.cross_entropy(logits, batch["targets"][:, -n:], batch["weights"][:, -n:])
 
 
 def make_train_step(setup: Setup, microbatches: int):
