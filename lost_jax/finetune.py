@@ -104,12 +104,15 @@ def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   moment_dtype = jnp.dtype(cfg.model.param_dtype)
   tx = optim.make_optimizer(cfg.train, params, moment_dtype=moment_dtype)
   repl = sharding.replicated(mesh)
-  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh))
-  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh))
+  notes: list[str] = []
+  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh, notes))
+  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh, notes))
   abstract_opt = jax.eval_shape(tx.init, params)
   state_sh = {"params": param_sh,
-              "opt_state": sharding.opt_state_shardings(tx, abstract_opt, param_sh, mesh),
+              "opt_state": sharding.opt_state_shardings(abstract_opt, param_sh, params, mesh,
+                                                        notes),
               "step": repl, "rng": repl}
+  sharding.warn_unsharded(notes)
 
   def init(params):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),

@@ -17,6 +17,7 @@ from flax import nnx
 
 from lost_jax import configs as configs_lib
 from lost_jax.layers import DenseLinear, make_linear, matmul
+from lost_jax.sharding import constrain_batch, constrain_logical
 
 
 def as_dtype(name: str | Any):
@@ -134,7 +135,8 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(table.astype(param_dtype), axes=("vocab", "embed"))
 
   def __call__(self, tokens_BxL: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+    table = constrain_logical(self.embedding[...], ("vocab", None))   # gather the fsdp shards
+    return jnp.take(table, tokens_BxL, axis=0).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -211,10 +213,10 @@ class Llama(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     # The residual stream stays in the compute dtype; blocks normalise in float32.
-    x = self.embed(tokens_BxL, self.dtype)
+    x = constrain_batch(self.embed(tokens_BxL, self.dtype))
     for block in self.layers:
       run = lambda blk, y: blk(y, positions_BxL, segment_ids_BxL)
-      x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
+      x = constrain_batch(remat_call(run, block, x) if self.cfg.remat else run(block, x))
     h = self.final_norm(x).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
     return matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32)

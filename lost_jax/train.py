@@ -83,13 +83,15 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
     return state, nnx.as_pure(rest)
 
   abstract_state, abstract_rest = jax.eval_shape(init, jax.random.key(0))
-  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh))
+  notes: list[str] = []
+  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh, notes))
   repl = sharding.replicated(mesh)
-  opt_shardings = sharding.opt_state_shardings(tx, abstract_state["opt_state"],
-                                               param_shardings, mesh)
+  opt_shardings = sharding.opt_state_shardings(abstract_state["opt_state"], param_shardings,
+                                               abstract_state["params"], mesh, notes)
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": repl, "rng": repl}
-  rest_shardings = nnx.as_pure(sharding.state_shardings(abs_rest, mesh))
+  rest_shardings = nnx.as_pure(sharding.state_shardings(abs_rest, mesh, notes))
+  sharding.warn_unsharded(notes)
   init_fn = jax.jit(init, out_shardings=(state_shardings, rest_shardings))
   return Setup(graphdef, tx, schedule, mesh, state_shardings, rest_shardings, abstract_state,
                abstract_rest, init_fn)
@@ -120,10 +122,15 @@ def make_train_step(setup: Setup, microbatches: int):
       (nll, weight), grads = jax.value_and_grad(
           lambda p: batch_nll(graphdef, p, rest, batch, dense_len), has_aux=True)(params)
       return grads, nll, weight
-    # Gradient accumulation: equal token weighting across micro-batches.
-    split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+    # Gradient accumulation: equal token weighting across micro-batches. Micro-batch j takes
+    # rows j, j + mb, j + 2 mb, ...: [B] -> [B/mb, mb] keeps the batch sharding on the row
+    # axis, so every device scans over its own rows and no device gathers the batch.
+    split = jax.tree.map(lambda x: sharding.constrain_batch(
+        x.reshape(-1, microbatches, *x.shape[1:])), batch)
+    split = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), split)
 
     def body(carry, mb):
+      mb = jax.tree.map(sharding.constrain_batch, mb)
       g_acc, nll_acc, w_acc = carry
       (nll, weight), g = jax.value_and_grad(
           lambda p: batch_nll(graphdef, p, rest, mb, dense_len), has_aux=True)(params)
@@ -135,7 +142,8 @@ def make_train_step(setup: Setup, microbatches: int):
 
   def step_fn(state, rest, batch, dense_len=None):
     params = state["params"]
-    grads, nll, weight = grads_of(params, rest, batch, dense_len)
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):   # activation constraints
+      grads, nll, weight = grads_of(params, rest, batch, dense_len)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -155,7 +163,8 @@ def make_train_step(setup: Setup, microbatches: int):
 def make_eval_step(setup: Setup):
   """(params, rest, batch[, dense_len]) -> (nll sum, weight sum)."""
   def eval_fn(params, rest, batch, dense_len=None):
-    return batch_nll(setup.graphdef, params, rest, batch, dense_len)
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return batch_nll(setup.graphdef, params, rest, batch, dense_len)
   return jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.rest_shardings,
                                         sharding.batch_sharding(setup.mesh)),
                  static_argnums=(3,))
@@ -243,7 +252,7 @@ def start_run(cfg: ml_collections.ConfigDict):
   if cfg.mesh.distributed:
     jax.distributed.initialize()
   mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.train.batch_size, mesh)
+  sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.microbatches)
   return cfg, mesh
 
 
