@@ -137,7 +137,8 @@ class _SparseSchedule:
   def dense_len(self, weights_BxL: np.ndarray, step: int) -> int:
     if not self.enabled or step < self.start_step:
       return self.seq_len            # fully dense: no estimator, no sparse compute
-    return max(1, sparselora.dense_suffix_len(weights_BxL, self.bucket))
+    # Every process must compile the same step: agree on the longest suffix any one needs.
+    return train.agree_max(max(1, sparselora.dense_suffix_len(weights_BxL, self.bucket)))
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -156,7 +157,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   ckpt = train.open_workdir(workdir, cfg, fingerprint)
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)
-  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
+  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch, process_index=pidx,
+                                            process_count=nproc)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
   setup, params, rest = _setup(module, cfg, mesh)

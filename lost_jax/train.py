@@ -188,13 +188,27 @@ def evaluate(eval_step, params, rest, batches, mesh) -> dict:
 
 
 class _StopFlag:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+  """When to leave the loop, save a checkpoint and exit cleanly after SIGTERM/SIGINT.
+
+  One process: the signal sets a flag. Several: every process must stop at the same step,
+  so JAX's preemption service (which owns SIGTERM there) propagates the notice to all of them
+  and `reached(step)` is true on every process at the same step.
+  """
 
   def __init__(self):
     self.stop = False
     self._old = {}
+    self.multiprocess = jax.process_count() > 1
+
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.stop = self.stop or multihost_utils.reached_preemption_sync_point(step)
+    return self.stop
 
   def __enter__(self):
+    if self.multiprocess:
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -250,10 +264,34 @@ def start_run(cfg: ml_collections.ConfigDict):
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   apply_precision(cfg)
   if cfg.mesh.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.microbatches)
   return cfg, mesh
+
+
+def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize with the config's coordinator / process count / id, where set
+  ("" / -1: JAX detects the cluster). CPU processes exchange collectives through gloo."""
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if mesh_cfg.coordinator_address:
+    kwargs["coordinator_address"] = mesh_cfg.coordinator_address
+  if mesh_cfg.num_processes >= 0:
+    kwargs["num_processes"] = int(mesh_cfg.num_processes)
+  if mesh_cfg.process_id >= 0:
+    kwargs["process_id"] = int(mesh_cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def agree_max(value: int) -> int:
+  """The largest `value` over all processes (host ints that decide a compiled shape)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,
@@ -309,7 +347,7 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
   pending = None          # (step, device metrics): read one step late
   step = start
   with _StopFlag() as stop:
-    while step < end and not stop.stop:
+    while step < end and not stop.reached(step):
       batch = to_device(next(train_iter))
       state, step_metrics = train_step(state, rest, batch)
       step += 1
