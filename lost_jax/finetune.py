@@ -153,7 +153,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   configs.validate_model(cfg.model)
   tok = _tokenizer(cfg)
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
-                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json())}
+                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
+                 "sparse": json.loads(cfg.sparse.to_json())}
   ckpt = train.open_workdir(workdir, cfg, fingerprint)
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)
