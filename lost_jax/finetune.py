@@ -28,8 +28,13 @@ from lost_jax.model import Llama
 INIT_SOURCES = ("hf", "pretrain", "random")
 
 
-def load_base(cfg: ml_collections.ConfigDict) -> Llama:
-  """The frozen base model named by cfg.init; cfg.model is updated to its shape."""
+def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Llama:
+  """The frozen base model named by cfg.init; cfg.model is updated to its shape.
+
+  A Hugging Face base with a mesh is read slice by slice straight into the mesh shardings
+  (each process reads only what its devices hold), in bfloat16 under `mixed` precision
+  (frozen weights need no float32 master copy).
+  """
   src, path = cfg.init.source, cfg.init.path
   dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
   if src not in INIT_SOURCES:
@@ -41,7 +46,8 @@ def load_base(cfg: ml_collections.ConfigDict) -> Llama:
                      "--config=configs/pretrain.py:quickstart,full_rank --workdir=/tmp/qs_fr`: "
                      "--config.init.path=/tmp/qs_fr.")
   if src == "hf":
-    model = hf.load_hf_llama(path, dtype=dtype, param_dtype=param_dtype)
+    base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
+    model = hf.load_hf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
     cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
     return model
   if src == "pretrain":
@@ -77,13 +83,15 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   return model
 
 
-def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
+def sparse_model(cfg: ml_collections.ConfigDict, workdir: str,
+                 mesh: jax.sharding.Mesh | None = None):
   """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
-  model = load_base(cfg)
+  model = load_base(cfg, mesh)
   plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-             dropout=cfg.lora.dropout, rngs=nnx.Rngs(cfg.seed + 1))
+             dropout=cfg.lora.dropout, param_dtype=train.PRECISIONS[cfg.train.precision][1],
+             rngs=nnx.Rngs(cfg.seed + 1))
   layers = plan.estimator_layers()
   estimators = None
   if layers:
@@ -149,7 +157,7 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   local_batch = cfg.train.batch_size // nproc
   os.makedirs(workdir, exist_ok=True)
 
-  module, plan = sparse_model(cfg, workdir)
+  module, plan = sparse_model(cfg, workdir, mesh)
   configs.validate_model(cfg.model)
   tok = _tokenizer(cfg)
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),

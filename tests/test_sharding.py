@@ -131,3 +131,51 @@ def test_compiled_step_with_accumulation_divides_the_work_over_8_devices():
   assert big and all("fsdp" in g[2] for g in big), [g for g in big if "fsdp" not in g[2]]
   assert all(g[2] == "P()" for g in out["galore"] if g[1] == [])
   assert "belongs to no parameter" in out["orphan"]
+
+
+_LOAD_SCRIPT = r"""
+import json
+import jax, numpy as np
+from flax import nnx
+from lost_jax import configs, finetune, hf, sharding
+from lost_jax.model import Llama
+cfg = configs.model_config("quickstart")
+cfg.update(vocab_size=256, d_model=64, ffn_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+           dtype="float32")
+hf.save_hf_llama(Llama(cfg, rngs=nnx.Rngs(5)), {path!r}, dtype="float32")
+whole = hf.load_hf_llama({path!r})                     # no mesh: read whole, one device
+mesh_cfg = configs.pretrain_config("quickstart", "full_rank").mesh
+mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 4, 2
+mesh = sharding.make_mesh(mesh_cfg)
+ft = configs.finetune_config("quickstart")
+ft.init.source, ft.init.path = "hf", {path!r}
+ft.train.precision = "mixed"
+sliced = finetune.load_base(ft, mesh)                  # mixed: bf16 frozen base on the mesh
+out = {{}}
+for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(whole, nnx.Param)),
+                          nnx.to_flat_state(nnx.state(sliced, nnx.Param))):
+  a, b = a.get_value(), b.get_value()
+  out["/".join(map(str, p))] = dict(
+      spec=str(b.sharding.spec), dtype=str(b.dtype), shard=list(b.sharding.shard_shape(b.shape)),
+      max_err=float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))),
+      max_abs=float(np.max(np.abs(np.asarray(a, np.float32)))))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_base_loads_slice_by_slice_into_the_mesh_shardings(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT.format(path=str(tmp_path))],
+                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  up, o = out["layers/0/mlp/up/kernel"], out["layers/0/attn/o/kernel"]
+  assert up["spec"] == "P('fsdp', 'tensor')" and up["shard"] == [16, 48], up   # [64, 96]
+  assert o["spec"] == "P('tensor', 'fsdp')" and o["shard"] == [32, 16], o      # transposed
+  assert out["embed/embedding"]["spec"] == "P('tensor', 'fsdp')"
+  for name, r in out.items():
+    assert r["dtype"] == "bfloat16", (name, r)
+    # The float32 file's values, rounded once to bf16 (relative error <= 2^-8).
+    assert r["max_err"] <= r["max_abs"] * 2 ** -8, (name, r)
+    assert r["max_err"] > 0 or r["max_abs"] == 0 or name.endswith("scale"), (name, r)
