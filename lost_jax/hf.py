@@ -24,7 +24,8 @@ from safetensors.numpy import save_file
 from lost_jax import configs as configs_lib
 from lost_jax import layers as layers_lib
 from lost_jax import sharding as sharding_lib
-from lost_jax.model import Llama
+from lost_jax.errors import UserError
+from lost_jax.model import Llama, rope_scaling_of
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,8 +73,8 @@ def _path_str(path) -> str:
 
 
 def _refuse(where: str, field: str, value: Any, why: str, fix: str):
-  raise ValueError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
-                   f"Fix: {fix}")
+  raise UserError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
+                  f"Fix: {fix}")
 
 
 def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bool]:
@@ -89,10 +90,21 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
       _refuse(where, field, hf[field], "adds biases", "use a bias-free LLaMA checkpoint")
   # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
   rope = hf.get("rope_parameters") or {}
+  scaling = configs_lib.rope_scaling_config()
   for field, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope)):
-    if value and value.get("rope_type", value.get("type", "default")) != "default":
-      _refuse(where, field, value, "rescales RoPE",
-              "use a checkpoint with plain RoPE (rope_type 'default')")
+    kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+    if kind == "default":
+      continue
+    if kind not in configs_lib.ROPE_TYPES:
+      _refuse(where, field, value, "rescales RoPE in a way lost_jax does not implement",
+              f"use a checkpoint whose rope_type is one of {configs_lib.ROPE_TYPES}")
+    try:
+      scaling = configs_lib.rope_scaling_config(
+          kind, value["factor"], **({k: value[k] for k in (
+              "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+              if kind == "llama3" else {}))
+    except KeyError as e:
+      _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim")
   if head_dim is not None and head_dim * heads != d:
@@ -108,6 +120,7 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
   cfg.n_heads = heads
   cfg.n_kv_heads = hf.get("num_key_value_heads") or heads
   cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  cfg.rope_scaling = scaling
   cfg.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
   cfg.init_std = float(hf.get("initializer_range", 0.02))
   cfg.linear = configs_lib.linear_config("dense")
@@ -144,7 +157,7 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
       "rms_norm_eps": cfg.norm_eps,
       # transformers 5 also reads these legacy keys; older versions read nothing else.
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
+      "rope_scaling": _hf_rope_scaling(cfg),
       "attention_bias": False,
       "attention_dropout": 0.0,
       "mlp_bias": False,
@@ -157,6 +170,18 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
   hf.update(overrides or {})
   _config_from_hf(hf, "hf_config(overrides=...)")   # an override must stay representable.
   return hf
+
+
+def _hf_rope_scaling(cfg: ml_collections.ConfigDict) -> dict | None:
+  """HF's rope_scaling dict of a model config (None without rescaling)."""
+  rope = rope_scaling_of(cfg)
+  if rope.type == "default":
+    return None
+  out = {"rope_type": rope.type, "factor": rope.factor}
+  if rope.type == "llama3":
+    out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+               original_max_position_embeddings=rope.original_max_position_embeddings)
+  return out
 
 
 # ---------------------------------------------------------------------------- import
@@ -172,7 +197,7 @@ def _tensor_files(path: str) -> dict[str, str]:
   if os.path.exists(single):
     with safe_open(single, framework="flax") as f:
       return {name: single for name in f.keys()}
-  raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
+  raise UserError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
                           "HF model with save_pretrained(..., safe_serialization=True); "
                           "pytorch_model.bin is not read.")
 
@@ -181,13 +206,13 @@ def _check_names(available: set[str], expected: set[str], path: str, cfg):
   missing, unexpected = sorted(expected - available), sorted(available - expected)
   shape = f"a {cfg.n_layers}-layer LLaMA per {CONFIG_FILE}"
   if missing:
-    raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
-                     f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
-                     f"its {CONFIG_FILE}.")
+    raise UserError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
+                    f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
+                    f"its {CONFIG_FILE}.")
   if unexpected:
-    raise ValueError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
-                     f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
-                     f"matches its {CONFIG_FILE}.")
+    raise UserError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
+                    f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
+                    f"matches its {CONFIG_FILE}.")
 
 
 def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
@@ -218,10 +243,10 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
         want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
         got = f.get_slice(name)
         if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
-          raise ValueError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
-                           f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
-                           f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
-                           f"checkpoint matches its {CONFIG_FILE}.")
+          raise UserError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
+                          f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
+                          f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
+                          f"checkpoint matches its {CONFIG_FILE}.")
         if mesh is not None:
           var.set_value(_sharded_read(got, var, transpose, mesh))
           continue
@@ -314,7 +339,7 @@ def densify(model: Llama) -> Llama:
     axes = (layer.a.get_metadata()["axes"][0], layer.b.get_metadata()["axes"][0])
     dense = nnx.eval_shape(lambda: layers_lib.DenseLinear(
         layer.in_features, layer.out_features, dtype=layer.dtype, param_dtype=param_dtype,
-        axes=axes, rngs=nnx.Rngs(0)))
+        axes=axes, backward=layer.backward, rngs=nnx.Rngs(0)))
     dense.kernel.set_value(kernel.astype(param_dtype))
     setattr(_get(model, path[:-1]), path[-1], dense)
   cfg = model.cfg.copy_and_resolve_references()

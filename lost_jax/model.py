@@ -2,13 +2,20 @@
 
 Pre-norm RMSNorm, RoPE (HF rotate-half convention), SwiGLU, causal GQA attention that honours
 packed-sequence segment ids, untied LM head. Norms, softmax and logits run in float32.
-The math is in small pure functions (`rms_norm`, `apply_rope`, `attention`) that the
-SparseLoRA path reuses.
+
+This is the only decoder forward: training, decoding (`generate`, through a `Cache`) and
+SparseLoRA (`sparselora`, through per-layer channel plans) all run `Llama.__call__`. What they
+need is passed in: LoRA deltas ride inside the projections (`lora.LoRALinear`), a channel
+plan decides how each block's projections run (`DenseChannels` is the default), a KV cache
+with slot positions, and `logits_from`, the first position whose logits are wanted.
+Performance choices (matmul backward, attention kernel) are read from `cfg.perf`, resolved
+once from the compile target (`configs.resolve_perf`); the math never asks for the backend.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +38,53 @@ def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   return x * scale_D.astype(jnp.float32)
 
 
-def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
-  """cos, sin [B, L, 1, head_dim] for HF-style rotate-half RoPE (float32)."""
+class RopeScaling(NamedTuple):
+  """RoPE frequency rescaling (HF `rope_scaling`); hashable, so it stays static under jit."""
+  type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0             # llama3 only
+  high_freq_factor: float = 4.0            # llama3 only
+  original_max_position_embeddings: int = 8192   # llama3 only
+
+
+def rope_scaling_of(cfg: ml_collections.ConfigDict) -> RopeScaling:
+  """The model config's `rope_scaling` group (absent in older configs: no scaling)."""
+  group = cfg.get("rope_scaling")
+  return RopeScaling(**group.to_dict()) if group is not None else RopeScaling()
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
+                  ) -> jax.Array:
+  """Per-pair angular frequencies [head_dim / 2] (float32), rescaled as HF's rope types do.
+
+  linear: every frequency / factor. llama3 (LLaMA 3.1/3.2): wavelengths longer than
+  original_max / low_freq_factor are divided by factor, shorter than original_max /
+  high_freq_factor kept, and those between interpolated smoothly.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling.type == "default":
+    return inv_freq
+  if scaling.type == "linear":
+    return inv_freq / scaling.factor
+  if scaling.type != "llama3":
+    raise ValueError(f"config.model.rope_scaling.type={scaling.type!r} is unknown. Fix: one "
+                     f"of {configs_lib.ROPE_TYPES}.")
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((old_len / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = RopeScaling()):
+  """cos, sin [B, L, 1, head_dim] for HF-style rotate-half RoPE (float32)."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq     # [B, L, hd/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   return jnp.cos(angles), jnp.sin(angles)
@@ -100,6 +151,87 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
 
 
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                          segment_ids_BxL: jax.Array | None,
+                          implementation: str | None = None) -> jax.Array:
+  """Causal GQA attention through `jax.nn.dot_product_attention` (fused kernels), [B,L,H,K].
+
+  implementation None lets jax choose; 'cudnn' is GPU flash attention, 'xla' runs anywhere.
+  Packed segments become a [B, 1, L, L] mask (which the cuDNN kernel may refuse).
+  """
+  mask = None
+  if segment_ids_BxL is not None:
+    mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+                                      is_causal=True, implementation=implementation)
+
+
+def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
+  """The attention kernel named by perf.attention (resolved), [B, L, H, K]."""
+  if perf.attention == "blocked":
+    return attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+  if perf.attention == "dot_product_attention":
+    impl = None if perf.attention_impl == "auto" else perf.attention_impl
+    return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl)
+  raise ValueError(f"model.perf.attention={perf.attention!r} is unresolved or unknown. "
+                   f"Fix: one of {configs_lib.ATTENTIONS} (configs.resolve_perf).")
+
+
+def cache_attention(q_BxTxHxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxTxS) -> jax.Array:
+  """Attention of T new queries over an S-slot cache (GQA), softmax in float32, [B,T,H,K]."""
+  b, t, h, hd = q_BxTxHxK.shape
+  g = k_cache_BxSxGxK.shape[2]
+  q = q_BxTxHxK.reshape(b, t, g, h // g, hd)
+  scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_cache_BxSxGxK,
+                      preferred_element_type=jnp.float32) * (hd ** -0.5)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_BxSxGxK.dtype)
+  return jnp.einsum("bgrts,bsgk->btgrk", probs, v_cache_BxSxGxK).reshape(b, t, h, hd)
+
+
+class LayerCache(NamedTuple):
+  """One layer's keys and values [B, S, G, K]; the T new tokens go to slots [start, start+T)."""
+  k: jax.Array
+  v: jax.Array
+  start: int | jax.Array
+  valid: jax.Array           # [B, S] bool: slots holding real tokens (left padding is False)
+
+
+class Cache(NamedTuple):
+  """KV cache of every layer: kv = ((k, v), ...) [B, S, G, K] each; start and valid as above."""
+  kv: tuple
+  start: int | jax.Array
+  valid: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg, batch: int, slots: int, valid_BxS: jax.Array, dtype) -> "Cache":
+    shape = (batch, slots, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)
+    kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+               for _ in range(cfg.n_layers))
+    return cls(kv, 0, valid_BxS)
+
+
+def dense_projection(name: str, lin, x_BxLxN: jax.Array) -> jax.Array:
+  """A projection run as itself (base + LoRA delta on every channel and token)."""
+  del name
+  return lin(x_BxLxN)
+
+
+class DenseChannels:
+  """Channel plan of a dense layer: every projection on every channel (the default)."""
+
+  def attention_projection(self, attn, h_BxLxD: jax.Array):
+    """(name, linear, x) -> y used for q, k, v and o of this layer, given its normed input."""
+    del attn, h_BxLxD
+    return dense_projection
+
+  def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
+    return mlp(h_BxLxD)
+
+
+DENSE = DenseChannels()
+
+
 def remat_call(fn, block, x):
   """jax.checkpoint of fn(block, x) on the block's split state.
 
@@ -144,30 +276,47 @@ class Attention(nnx.Module):
     d, h, g = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
     self.n_heads, self.n_kv_heads, self.head_dim = h, g, d // h
     self.rope_theta = cfg.rope_theta
+    self.perf = cfg.perf
+    self.rope_scaling = rope_scaling_of(cfg)
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-              init_std=cfg.init_std, rngs=rngs)
+              init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
     hd = self.head_dim
     self.q = make_linear(cfg.linear, d, h * hd, axes=("embed", "heads"), **kw)
     self.k = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.v = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.o = make_linear(cfg.linear, h * hd, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
+               cache: LayerCache | None = None):
+    """[B, L, D] -> [B, L, D]; with a cache, (y, LayerCache with this step's keys written)."""
     b, length, _ = x_BxLxD.shape
     hd = self.head_dim
-    q = self.q(x_BxLxD).reshape(b, length, self.n_heads, hd)
-    k = self.k(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    v = self.v(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta)
+    proj = channels.attention_projection(self, x_BxLxD)
+    q = proj("q", self.q, x_BxLxD).reshape(b, length, self.n_heads, hd)
+    k = proj("k", self.k, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    v = proj("v", self.v, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta, self.rope_scaling)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q, k, v, segment_ids_BxL)
-    return self.o(out.reshape(b, length, self.n_heads * hd))
+    if cache is None:
+      out = attention_core(self.perf, q, k, v, segment_ids_BxL)
+    else:
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                  cache.start, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                  cache.start, 1)
+      slots = k_all.shape[1]
+      q_slot = cache.start + jnp.arange(length)
+      mask = (q_slot[:, None] >= jnp.arange(slots)[None, :])[None] & cache.valid[:, None, :]
+      out = cache_attention(q, k_all, v_all, mask)
+      cache = cache._replace(k=k_all, v=v_all)
+    y = proj("o", self.o, out.reshape(b, length, self.n_heads * hd))
+    return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-              init_std=cfg.init_std, rngs=rngs)
+              init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
     d, f = cfg.d_model, cfg.ffn_dim
     self.gate = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
     self.up = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
@@ -186,11 +335,17 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
+               cache: LayerCache | None = None):
+    """[B, L, D] -> [B, L, D] (and the updated LayerCache when one is given)."""
     h = self.attn_norm(x_BxLxD).astype(self.dtype)
-    x = x_BxLxD + self.attn(h, positions_BxL, segment_ids_BxL).astype(x_BxLxD.dtype)
+    a = self.attn(h, positions_BxL, segment_ids_BxL, channels=channels, cache=cache)
+    if cache is not None:
+      a, cache = a
+    x = x_BxLxD + a.astype(x_BxLxD.dtype)
     h = self.mlp_norm(x).astype(self.dtype)
-    return x + self.mlp(h).astype(x.dtype)
+    x = x + channels.mlp(self.mlp, h).astype(x.dtype)
+    return x if cache is None else (x, cache)
 
 
 class Llama(nnx.Module):
@@ -198,6 +353,7 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     configs_lib.validate_model(cfg)
+    cfg = configs_lib.with_resolved_perf(cfg)
     self.cfg = cfg
     self.dtype = as_dtype(cfg.dtype)
     pdt = as_dtype(cfg.param_dtype)
@@ -206,17 +362,39 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.lm_head = DenseLinear(cfg.d_model, cfg.vocab_size, dtype=self.dtype, param_dtype=pdt,
-                               init_std=cfg.init_std, axes=("embed", "vocab"), rngs=rngs)
+                               init_std=cfg.init_std, axes=("embed", "vocab"),
+                               backward=cfg.perf.matmul_backward, rngs=rngs)
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxL: jax.Array | None = None, *, logits_from: int = 0,
+               channels=None, cache: Cache | None = None):
+    """Float32 logits [B, L - logits_from, V]; with a cache, (logits, updated Cache).
+
+    logits_from (static): the LM head runs on positions >= logits_from only (training needs
+    the loss positions, decoding the last one). channels: one plan per layer (default dense).
+    """
+    b, length = tokens_BxL.shape
+    if not isinstance(logits_from, int) or not 0 <= logits_from < length:
+      raise ValueError(f"logits_from={logits_from!r} must be a python int in 0..{length - 1}.")
+    if channels is not None and len(channels) != len(self.layers):
+      raise ValueError(f"{len(channels)} channel plans for {len(self.layers)} layers.")
     if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+      positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
     # The residual stream stays in the compute dtype; blocks normalise in float32.
     x = constrain_batch(self.embed(tokens_BxL, self.dtype))
-    for block in self.layers:
-      run = lambda blk, y: blk(y, positions_BxL, segment_ids_BxL)
-      x = constrain_batch(remat_call(run, block, x) if self.cfg.remat else run(block, x))
-    h = self.final_norm(x).astype(self.dtype)
+    new_kv = []
+    for i, block in enumerate(self.layers):
+      ch = DENSE if channels is None else channels[i]
+      lc = None if cache is None else LayerCache(*cache.kv[i], cache.start, cache.valid)
+      run = lambda blk, y, ch=ch, lc=lc: blk(y, positions_BxL, segment_ids_BxL, channels=ch,
+                                             cache=lc)
+      x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
+      if cache is not None:
+        x, lc = x
+        new_kv.append((lc.k, lc.v))
+      x = constrain_batch(x)       # the residual stream stays split by batch
+    h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
-    return matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32)
+    logits = matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32,
+                    backward=self.cfg.perf.matmul_backward)
+    return logits if cache is None else (logits, cache._replace(kv=tuple(new_kv)))

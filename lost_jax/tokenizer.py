@@ -15,6 +15,7 @@ import tempfile
 import sentencepiece as spm
 
 from lost_jax import data as _data
+from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
 _RECIPE = 1
@@ -89,7 +90,7 @@ def train_stdlib_model(vocab_size: int) -> bytes:
         # One thread: the result depends on the thread count, and every host must agree.
         num_threads=1, minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(
+    raise UserError(
         f"config.model.vocab_size: cannot train a {vocab_size}-piece tokenizer on the stdlib "
         f"corpus ({e}). Fix: use a vocab size such as 4096 or 32000, or set "
         "config.data.tokenizer to a SentencePiece .model file") from e
@@ -130,7 +131,7 @@ def stdlib_tokenizer(vocab_size: int) -> Tokenizer:
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Raise one clear ValueError when the tokenizer and the model disagree on the vocab size."""
   if tokenizer.vocab_size != model_vocab_size:
-    raise ValueError(
+    raise UserError(
         f"config.model.vocab_size={model_vocab_size} but the tokenizer "
         f"(config.data.tokenizer={tokenizer.name!r}) has {tokenizer.vocab_size} pieces. Fix: "
         f"set config.model.vocab_size={tokenizer.vocab_size}, or set config.data.tokenizer "
@@ -147,15 +148,15 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   else:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-      raise ValueError(f"config.data.tokenizer: {path!r} does not exist. Fix: give the path of "
-                       "a SentencePiece .model file, or '' to train one on the stdlib corpus")
+      raise UserError(f"config.data.tokenizer: {path!r} does not exist. Fix: give the path of "
+                      "a SentencePiece .model file, or '' to train one on the stdlib corpus")
     with open(path, "rb") as f:
       proto = f.read()
     try:
       tok = Tokenizer(proto, data_cfg.tokenizer, path)
     except RuntimeError as e:
-      raise ValueError(f"config.data.tokenizer: {path!r} is not a SentencePiece model ({e}). "
-                       "Fix: give a .model file (e.g. T5's spiece.model or LLaMA's "
-                       "tokenizer.model)") from e
+      raise UserError(f"config.data.tokenizer: {path!r} is not a SentencePiece model ({e}). "
+                      "Fix: give a .model file (e.g. T5's spiece.model or LLaMA's "
+                      "tokenizer.model)") from e
   check_vocab(tok, vocab_size)
   return tok

@@ -2,7 +2,7 @@
 
 argv[1] is a JSON job: kind (pretrain | finetune), workdir, steps, stop_at, nproc, pid, port.
 Prints RESULT{...} with the run's return value and, for fine-tuning, the dense-suffix lengths
-this process's own rows asked for beside the ones every process agreed on.
+this process's own rows asked for beside the (dense, logits) lengths every process agreed on.
 """
 
 import json
@@ -56,7 +56,7 @@ def main(job: dict) -> None:
     sparselora.dense_suffix_len = recording
     agreed = []
     agree = train.agree_max
-    train.agree_max = lambda v: agreed.append(agree(v)) or agreed[-1]
+    train.agree_max = lambda v: agreed.append(list(agree(v))) or agreed[-1]
     out = finetune.finetune_and_evaluate(cfg, job["workdir"], quiet=True,
                                          stop_at=job.get("stop_at"))
     extra = dict(asked=asked, agreed=agreed)

@@ -75,8 +75,9 @@ def test_load_hf_config_reads_both_transformers_layouts(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),   # lacks its frequency bands
     ("attention_bias", True),
     ("mlp_bias", True),
     ("head_dim", 32),
@@ -87,6 +88,53 @@ def test_load_hf_config_refuses_what_llama_cannot_represent(tmp_path, field, val
   path = write_config(tmp_path, hf_dict(**{field: value}))
   with pytest.raises(ValueError, match=f"{field}=.*cannot represent"):
     hf.load_hf_config(path)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}])
+def test_rope_scaling_reads_both_layouts_and_round_trips_to_config_json(tmp_path, rope):
+  v4 = hf.load_hf_config(write_config(tmp_path / "v4", hf_dict(rope_scaling=rope)))
+  v5 = hf_dict(rope_parameters={**rope, "rope_theta": 50_000.0})
+  del v5["rope_theta"], v5["rope_scaling"]
+  v5 = hf.load_hf_config(write_config(tmp_path / "v5", v5))
+  for cfg in (v4, v5):
+    assert cfg.rope_scaling.type == rope["rope_type"] and cfg.rope_scaling.factor == rope["factor"]
+    assert cfg.rope_theta == 50_000.0
+  assert hf.hf_config(v4)["rope_scaling"] == rope
+
+
+def _np_llama3_inv_freq(hd, theta, factor, low, high, old_len):
+  """Meta's reference (llama-models apply_scaling), per frequency in a Python loop."""
+  out = []
+  for i in range(0, hd, 2):
+    f = 1.0 / theta ** (i / hd)
+    wavelen = 2 * np.pi / f
+    if wavelen < old_len / high:
+      out.append(f)
+    elif wavelen > old_len / low:
+      out.append(f / factor)
+    else:
+      smooth = (old_len / wavelen - low) / (high - low)
+      out.append((1 - smooth) * f / factor + smooth * f)
+  return np.array(out)
+
+
+def test_rope_inv_freq_matches_numpy_rederivation():
+  from lost_jax.model import RopeScaling, rope_inv_freq
+  hd, theta = 128, 500_000.0
+  got = np.asarray(rope_inv_freq(hd, theta, RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)))
+  want = _np_llama3_inv_freq(hd, theta, 8.0, 1.0, 4.0, 8192)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  plain = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+  # All three bands occur: kept, divided by the factor, interpolated.
+  assert (np.isclose(got, plain, rtol=1e-5).sum() > 0 and
+          np.isclose(got, plain / 8, rtol=1e-5).sum() > 0 and
+          (~np.isclose(got, plain, rtol=1e-5) & ~np.isclose(got, plain / 8, rtol=1e-5)).sum() > 0)
+  np.testing.assert_allclose(np.asarray(rope_inv_freq(hd, theta, RopeScaling("linear", 4.0))),
+                             plain / 4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- lost_jax round trip (no torch)
@@ -162,7 +210,7 @@ def test_missing_and_unexpected_tensors_are_named(exported):
 
 
 def test_missing_weights_file_is_explained(tmp_path):
-  with pytest.raises(FileNotFoundError, match="safe_serialization=True"):
+  with pytest.raises(ValueError, match="safe_serialization=True"):
     hf.load_hf_llama(write_config(tmp_path, hf_dict()))
 
 
@@ -330,4 +378,37 @@ def test_densified_lost_model_runs_identically_in_transformers(tmp_path):
   before = logits(model)
   hf.save_hf_llama(hf.densify(model), tmp_path, dtype="float32")
   diff = np.abs(hf_logits(hf_from_pretrained(str(tmp_path))) - before).max()
+  assert diff < 1e-4
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_rope_scaling_logits_match_transformers_past_original_context(tmp_path, rope):
+  """Tied embeddings, GQA, 96 positions > original_max_position_embeddings=64; import and
+  export both agree with transformers."""
+  torch, transformers = _torch()
+  torch.manual_seed(2)
+  config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS,
+      num_attention_heads=HEADS, num_key_value_heads=KV, rope_theta=50_000.0,
+      rope_scaling=dict(rope), rms_norm_eps=1e-5, initializer_range=0.15,
+      max_position_embeddings=512, tie_word_embeddings=True)
+  ref_model = transformers.LlamaForCausalLM(config).eval()
+  tokens = np.random.RandomState(3).randint(0, VOCAB, (2, 96))
+  ref = hf_logits(ref_model, tokens)
+  ref_model.save_pretrained(tmp_path / "src", safe_serialization=True)
+  model = hf.load_hf_llama(str(tmp_path / "src"))
+  assert model.cfg.rope_scaling.type == rope["rope_type"]
+  diff = np.abs(logits(model, tokens) - ref).max()
+  print(f"{rope['rope_type']} RoPE import: max |logits - transformers| = {diff:.3g}")
+  assert diff < 1e-4
+  # Without the rescaling the late positions differ: the test has teeth.
+  plain = hf.load_hf_llama(str(tmp_path / "src"))
+  for block in plain.layers:
+    block.attn.rope_scaling = type(block.attn.rope_scaling)()
+  assert np.abs(logits(plain, tokens) - ref)[:, 64:].max() > 1e-2
+  hf.save_hf_llama(model, tmp_path / "out", dtype="float32")
+  back = hf_from_pretrained(str(tmp_path / "out"))
+  diff = np.abs(hf_logits(back, tokens) - ref).max()
+  print(f"{rope['rope_type']} RoPE export reloaded by transformers: max |diff| = {diff:.3g}")
   assert diff < 1e-4

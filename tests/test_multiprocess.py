@@ -88,7 +88,7 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   #    both compile the agreed (max) length, and the metric is the 1-process one.
   (one,), two = _finish(ft_ref), _finish(ft_mp)
   assert any(x != y for x, y in zip(two[0]["asked"], two[1]["asked"])), two
-  assert two[0]["agreed"] == two[1]["agreed"] == [max(x, y) for x, y in
+  assert two[0]["agreed"] == two[1]["agreed"] == [[max(x, y)] * 2 for x, y in
                                                   zip(two[0]["asked"], two[1]["asked"])]
   assert two[0]["out"] == two[1]["out"]
   np.testing.assert_allclose(two[0]["out"]["eval_loss"], one["out"]["eval_loss"], rtol=1e-6)
