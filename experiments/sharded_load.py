@@ -8,8 +8,11 @@ had before loading:
   whole onto one device: what fine-tuning did before);
 - `sliced, N devices`: `finetune.load_base`'s path: `hf.load_hf_llama(..., mesh=fsdp N)` in
   bfloat16 (the frozen base under `mixed`), each device's slice read straight into its shard.
-Fake CPU devices live in host memory, so every row still holds the whole model once; the
-difference is the transient copies. On a real host each process would read only its slices.
+Fake CPU devices live in host memory, and safetensors memory-maps the files (pages read
+count in the resident set), so in one process every row holds the whole model about twice
+whatever the device count: the figures show the transient float32 copies of the old path, not
+the per-host saving. With several processes each one reads (and maps) only its devices'
+slices. Repeated runs vary by a few tenths of a GiB.
 
   python -m experiments.sharded_load --size=llama_1b --n_layers=8 --dir=/tmp/hf_1b
 """
