@@ -388,7 +388,9 @@ class Llama(nnx.Module):
       lc = None if cache is None else LayerCache(*cache.kv[i], cache.start, cache.valid)
       run = lambda blk, y, ch=ch, lc=lc: blk(y, positions_BxL, segment_ids_BxL, channels=ch,
                                              cache=lc)
-      x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
+      # Decoding has no backward pass to save memory for: remat is for training only.
+      remat = self.cfg.remat and cache is None
+      x = remat_call(run, block, x) if remat else run(block, x)
       if cache is not None:
         x, lc = x
         new_kv.append((lc.k, lc.v))

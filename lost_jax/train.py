@@ -475,8 +475,9 @@ class _StepLogger:
     elapsed = max(now - self.window_t, 1e-9)
     tok_s = self.window_tokens / elapsed
     scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps,
-               "skipped_steps": self.skipped}
+               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps}
+    if self.skipped:
+      scalars["skipped_steps"] = self.skipped
     if self.cfg.peak_flops > 0:
       scalars["mfu"] = tok_s * self.flops_per_token / (self.cfg.peak_flops * self.n_dev)
     self.writer.write(step, scalars)
