@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 
 if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os.environ.get(
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
   args = p.parse_args(argv)
   rows = run(args.size, args.methods.split(","), microbatches=args.microbatches)
   if args.out_md:
-    command = "python -m experiments.sharding_check " + " ".join(argv)
+    command = "python -m experiments.sharding_check " + shlex.join(argv)
     with open(args.out_md, "a") as f:
       f.write(markdown(rows, command, args.title) + "\n")
 

@@ -271,6 +271,11 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
   ("" / -1: JAX detects the cluster). CPU processes exchange collectives through gloo."""
   if jax.distributed.is_initialized():
     return
+  n, i = int(mesh_cfg.num_processes), int(mesh_cfg.process_id)
+  if n == 0 or n < -1 or i < -1 or (n >= 0 and i >= n):
+    raise UserError(f"config.mesh.num_processes={n}, process_id={i}: the id must be in "
+                    "0..num_processes-1. Fix: e.g. --config.mesh.num_processes=2 "
+                    "--config.mesh.process_id=0 (and 1 for the other), or -1 to detect both.")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if mesh_cfg.coordinator_address:

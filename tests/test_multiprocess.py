@@ -96,3 +96,14 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   np.testing.assert_allclose([l for _, l in _losses(str(tmp_path / "ft_mp"))],
                              [l for _, l in _losses(str(tmp_path / "ft_ref"))], rtol=1e-6)
   print("finetune eval 1 process:", one["out"], "2 processes:", two[0]["out"])
+
+
+def test_process_ids_outside_the_process_count_are_refused():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs, train  # pylint: disable=g-import-not-at-top
+  from lost_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  mesh = configs.pretrain_config("quickstart", "lost").mesh
+  mesh.update(dict(distributed=True, coordinator_address="127.0.0.1:1", num_processes=2,
+                   process_id=2))
+  with pytest.raises(UserError, match="process_id=2"):
+    train.initialize_distributed(mesh)
