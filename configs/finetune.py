@@ -3,7 +3,7 @@
 Published SparseLoRA configs: llama2_7b_csr, llama2_7b_math, llama2_13b_csr, llama3_8b_csr,
 llama3_8b_math, llama3_8b_glue, llama31_8b_code (start from a Hugging Face LLaMA directory:
 `--config.init.path=/path/to/hf_dir --config.data.train_file=math10k.json`), and `quickstart`
-(CPU: the built-in arithmetic task). Sparsity per layer is written '<fraction>@<layers>',
+X. Sparsity per layer is written '<fraction>@<layers>',
 e.g. `--config.sparse.ffn='0.9@13-29'`; `--config.sparse.enabled=False` gives dense LoRA.
 """
 

