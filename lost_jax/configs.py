@@ -180,13 +180,6 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       peak_flops=0.0,         # per device; 0 disables MFU in logs.
   ))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
-  if preset.startswith("smollm2"):
-    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
-    # runs; float32 compute (bf16 matmuls are slow on CPU).
-    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
-                         train_size=4000, eval_size=500))
-    cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
-                          accuracy_examples=500, ckpt_every=40))
   return cfg
 
 
