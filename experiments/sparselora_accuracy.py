@@ -140,7 +140,6 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
     return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
   names = ["zero_shot", "lora", "sparselora", *ABLATIONS]
-  base = None
   lora_t = [results[n]["step_time"] for n in results if n.startswith("lora_s")]
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
@@ -154,8 +153,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss", "{:.4f}"),
                  cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
                  rel_f, rel_t])
-  del base
-  lines = [f"# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
+  lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
            f"Command: `{command}`", "",
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
            f"`{cfg.data.task}`, template `{cfg.data.template}`, {cfg.train.steps} steps x batch "
@@ -194,30 +192,45 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, "sparselora_smollm2")
+  common._write_json(stem + ".json", {"runs": results, "overlap": ov})  # pylint: disable=protected-access
+  with open(stem + ".md", "w") as f:
+    f.write(report(results, ov, cfg, common.command_line(), seeds))
+  plot(results, stem + ".png")
+  return stem + ".md"
+
+
 def main(argv, flags):
   del argv
   cfg0 = flags.config
   root = flags.workdir_root
   specs = run_specs(flags.seeds)
-  only = [s for s in flags.runs.split(",") if s] or list(specs)
+  only = [] if flags.report_only else ([s for s in flags.runs.split(",") if s] or list(specs))
   common.check_names(only, specs, "runs")
-  results = {}
+
+  def finished() -> dict:
+    out = {}
+    for name in specs:
+      path = os.path.join(root, name, common.RESULT_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          out[name] = json.load(f)
+    return out
+
   for name in specs:
-    wd = os.path.join(root, name)
     if name in only:
-      results[name] = one_run(apply(cfg0, specs[name]), wd)
-    elif os.path.exists(os.path.join(wd, common.RESULT_FILE)):
-      with open(os.path.join(wd, common.RESULT_FILE)) as f:
-        results[name] = json.load(f)
-    print(f"{name}: {results.get(name)}", flush=True)
-  ov = overlap(apply(cfg0, {}), os.path.join(root, "sparselora_s0")) if flags.overlap else {}
-  os.makedirs(flags.out_dir, exist_ok=True)
-  stem = os.path.join(flags.out_dir, "sparselora_smollm2")
-  common._write_json(stem + ".json", {"runs": results, "overlap": ov})  # pylint: disable=protected-access
-  with open(stem + ".md", "w") as f:
-    f.write(report(results, ov, cfg0, common.command_line(), flags.seeds))
-  plot(results, stem + ".png")
-  print(f"wrote {stem}.md", flush=True)
+      result = one_run(apply(cfg0, specs[name]), os.path.join(root, name))
+      print(f"{name}: {result}", flush=True)
+      # The report is rewritten after every run: a half-finished sweep is readable.
+      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir)
+  ov_dir = os.path.join(root, "sparselora_s0")
+  ov = {}
+  if flags.overlap and (not flags.report_only or os.path.exists(
+      os.path.join(ov_dir, "overlap.json"))):
+    ov = overlap(apply(cfg0, {"seed": 0}), ov_dir)
+  print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir)}", flush=True)
 
 
 def define_flags():
@@ -233,6 +246,7 @@ def define_flags():
   flags.DEFINE_string("runs", "", "Comma list of runs to do now (default all); the others are "
                       "reported if finished.")
   flags.DEFINE_bool("overlap", True, "Measure the estimator/oracle channel overlap.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the report from the finished runs.")
   return flags.FLAGS
 
 
