@@ -4,9 +4,11 @@ A LLaMA3-8B-shaped model (GQA, 32 layers) scaled down to fit a CPU, LoRA r=32 al
 q, k, v, o with the base frozen; each step is forward + backward + AdamW on the LoRA
 parameters only. Synthetic batches of sequence / output length 512 / 128 (Math), batch 1,
 sparsity on from step 0 at the LLaMA3-8B Math config (FFN 0.99 on layers 3-30, attention 0.75
-on 14-19, 21-23, 25-29). Both variants live in one process, share the frozen weights and the
-attention implementation, and alternate step by step (ABBA order) after a warm-up, so load
-from other processes hits both alike. Also reported: the model FLOP ratio (`step_flops`) and
+on 14-19, 21-23, 25-29). Both variants are the library's own fine-tuning step, the one
+`python -m lost_jax.main finetune` runs (`train.make_train_step` on `finetune.lora_setup` of a
+`sparselora.SparseLoRALlama`, with `sparselora.step_lengths`): LoRA is that step with every
+token dense. They live in one process, share the frozen weights, and alternate step by step
+(ABBA order) after a warm-up, so load from other processes hits both alike. Also reported: the model FLOP ratio (`step_flops`) and
 the estimator's share of the sparse step (estimator + top-k selection of every sparse layer,
 jitted alone on the same hidden states).
 
@@ -29,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from lost_jax import configs, optim, xla_setup
+from lost_jax import configs, finetune, sharding, train, xla_setup
+from lost_jax import model as model_lib
 from lost_jax import sparselora as sl
 from lost_jax.lora import LoRAParam, apply_lora
 from lost_jax.model import Llama
@@ -161,49 +163,52 @@ def fast_estimators(model: Llama, layers, rank: int = 8, iters: int = 4, seed: i
 
 def synthetic_batch(batch: int, seq_len: int, out_len: int, vocab: int, seed: int = 0
                     ) -> dict[str, jax.Array]:
-  """Random tokens; the last out_len positions of each row carry the loss (output tokens)."""
+  """Random tokens in the fine-tuning batch layout (one unpadded segment per row); the last
+  out_len positions of each row carry the loss (output tokens)."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
   weights = np.zeros((batch, seq_len), np.float32)
   weights[:, seq_len - out_len:] = 1.0
-  return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-          "weights": jnp.asarray(weights)}
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
+          "segment_ids": np.ones((batch, seq_len), np.int32), "weights": weights}
 
 
-def make_train_step(graphdef, forward: Callable, tx: optax.GradientTransformation,
-                    logits_from: int = 0):
-  """Jitted (lora, opt_state, rest, est, batch) -> (lora, opt_state, loss); donates state.
+class _RecordInputs(model_lib.DenseChannels):
+  """A dense channel plan that keeps each block's normed attention and MLP inputs."""
 
-  forward(model, tokens, est) returns logits of positions >= logits_from.
-  """
-  def step(lora, opt_state, rest, est, batch):
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p, rest)
-      nll, weight = optim.cross_entropy(forward(model, batch["inputs"], est),
-                                        batch["targets"][:, logits_from:],
-                                        batch["weights"][:, logits_from:])
-      return nll / jnp.maximum(weight, 1.0)
-    loss, grads = jax.value_and_grad(loss_fn)(lora)
-    updates, opt_state = tx.update(grads, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+  def __init__(self):
+    self.h_attn = self.h_mlp = None
+
+  def attention_projection(self, attn, h_BxLxD):
+    self.h_attn = h_BxLxD
+    return super().attention_projection(attn, h_BxLxD)
+
+  def mlp(self, mlp, h_BxLxD):
+    self.h_mlp = h_BxLxD
+    return super().mlp(mlp, h_BxLxD)
 
 
 def layer_inputs(model: Llama, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Normed inputs of every block's attention and MLP, [n_layers, B, L, D] each."""
   @nnx.jit
   def run(model, tokens):
-    b, length = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(length), (b, length))
-    x = model.embed(tokens, model.dtype)
-    h_attn, h_mlp = [], []
-    for block in model.layers:
-      h_attn.append(block.attn_norm(x).astype(block.dtype))
-      x = x + block.attn(h_attn[-1], pos, None).astype(x.dtype)
-      h_mlp.append(block.mlp_norm(x).astype(block.dtype))
-      x = x + block.mlp(h_mlp[-1]).astype(x.dtype)
-    return jnp.stack(h_attn), jnp.stack(h_mlp)
+    rec = [_RecordInputs() for _ in model.layers]
+    model(tokens, logits_from=tokens.shape[1] - 1, channels=rec)
+    return jnp.stack([r.h_attn for r in rec]), jnp.stack([r.h_mlp for r in rec])
   return run(model, tokens_BxL)
+
+
+def finetune_run_config(cfg: ml_collections.ConfigDict, lora_rank: int, lora_alpha: float,
+                        seed: int = 0) -> ml_collections.ConfigDict:
+  """A fine-tuning run config (llama3_8b_math's training settings) around model cfg."""
+  run = configs.finetune_config("llama3_8b_math")
+  run.model = cfg
+  run.seed = seed
+  run.lora.update(dict(targets=",".join(LORA_TARGETS), rank=lora_rank, alpha=lora_alpha))
+  run.train.update(dict(batch_size=1, microbatches=1, lr=1e-4))
+  run.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  return run
 
 
 def _groups(plan: sl.SparsityPlan) -> dict[tuple[float, float], list[int]]:
@@ -273,11 +278,10 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
                   lora_rank: int = 32, lora_alpha: float = 64.0, estimator_rank: int = 8,
                   warmup: int = 10, steps: int = 30, exact_svd: bool = False, seed: int = 0,
                   full_logits: bool = False, log: Callable[[str], None] = print) -> dict:
-  """Interleaved dense-LoRA / SparseLoRA train steps; returns timings, FLOPs, settings.
+  """Interleaved dense-LoRA / SparseLoRA fine-tuning steps; returns timings, FLOPs, settings.
 
-  Unless full_logits, both variants run the LM head on the dense suffix only (it holds every
-  loss token; the context's logits would be multiplied by zero weights). Dense LoRA then runs
-  through `sparselora.forward` with an all-dense plan, i.e. the blocks' own __call__.
+  Unless full_logits, both variants run the LM head on the loss suffix only (as the finetune
+  step does; the context's logits would be multiplied by zero weights).
   """
   if not 0 < out_len <= seq_len:
     raise ValueError(f"out_len={out_len} must be in 1..seq_len={seq_len}.")
@@ -288,25 +292,24 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
          else fast_estimators(model, layers, estimator_rank, seed=seed))
   log(f"model + {len(layers)} layers of estimators built in {time.perf_counter() - t0:.1f} s")
   data = synthetic_batch(batch, seq_len, out_len, cfg.vocab_size, seed)
-  dense_len = sl.dense_suffix_len(np.asarray(data["weights"]), bucket)
-  n_ctx = seq_len - dense_len
 
-  graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
-  tx = optax.adamw(1e-4)
+  module = sl.SparseLoRALlama(model, est, plan)
+  run_cfg = finetune_run_config(cfg, lora_rank, lora_alpha, seed)
+  mesh = sharding.make_mesh(run_cfg.mesh, jax.devices()[:1])
+  setup, params, rest = finetune.lora_setup(module, run_cfg, mesh)
+  step = train.make_train_step(setup, run_cfg.train.microbatches)
+  # The finetune loop's host-side lengths; LoRA = the same step with every token dense.
+  sparse_len = sl.step_lengths(np.asarray(data["weights"]), bucket, sparse=True)
   if full_logits:
-    head_from = 0
-    dense_fwd = lambda m, t, e: m(t)
-  else:
-    head_from = n_ctx
-    all_dense = sl.SparsityPlan.dense(cfg.n_layers)
-    dense_fwd = lambda m, t, e: sl.forward(m, t, None, all_dense, seq_len, logits_from=head_from)
-  sparse_fwd = lambda m, t, e: sl.forward(m, t, e, plan, dense_len, logits_from=head_from)
-  variants = {"lora": make_train_step(graphdef, dense_fwd, tx, head_from),
-              "sparselora": make_train_step(graphdef, sparse_fwd, tx, head_from)}
-  state = {name: (jax.tree.map(jnp.copy, lora), tx.init(lora)) for name in variants}
+    sparse_len = sparse_len._replace(logits_len=seq_len)
+  lengths = {"lora": sparse_len._replace(dense_len=seq_len), "sparselora": sparse_len}
+  dense_len, head_from = sparse_len.dense_len, seq_len - sparse_len.logits_len
+  n_ctx = seq_len - dense_len
+  state = {name: setup.init_fn(jax.tree.map(jnp.copy, params)) for name in lengths}
+  data = train.to_global(data, mesh)
   select = make_selection(cfg, plan)
   sel_inputs = selection_inputs(plan, est, *layer_inputs(model, data["inputs"]), n_ctx)
-  del model
+  del model, module
 
   losses = {}
 
@@ -315,10 +318,9 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
     if name == "estimator":
       jax.block_until_ready(select(sel_inputs))
     else:
-      params, opt_state, loss = variants[name](*state[name], rest, est, data)
-      state[name] = (params, opt_state)
-      jax.block_until_ready((params, opt_state, loss))   # the AdamW update may end last
-      losses[name] = loss
+      state[name], out = step(state[name], rest, data, lengths[name])
+      jax.block_until_ready((state[name], out))   # the AdamW update may end last
+      losses[name] = out["loss"]
     return time.perf_counter() - t
 
   names = ("lora", "sparselora", "estimator")

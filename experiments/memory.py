@@ -154,7 +154,10 @@ def run(sizes: Iterable[str], methods: Iterable[str], *, precision: str = "mixed
     for method in methods:
       cfg = measurement_config(size, method, precision=precision, microbatch=microbatch,
                                remat=remat, overrides=overrides)
+      # The step as it would run on the target: its attention kernel and matmul backward.
+      configs.resolve_perf(cfg.model, platform)
       row = dict(size=size, method=method, platform=platform, device=str(devices[0].device_kind),
+                 perf=dict(cfg.model.perf),
                  precision=precision, remat=bool(cfg.model.remat),
                  microbatch=cfg.train.batch_size // cfg.train.microbatches,
                  microbatches=cfg.train.microbatches, global_batch=cfg.train.batch_size,
@@ -186,11 +189,16 @@ def _gib(x: float) -> str:
   return f"{x / GIB:.2f}"
 
 
+def total_label(platform: str) -> str:
+  """What the total column is on this platform (see device_total)."""
+  return ("compiler peak" if platform == "tpu" else "arguments + temp + output - alias")
+
+
 def markdown_table(rows: list[dict]) -> str:
   """One markdown row per measurement; memory in GiB."""
   head = ("| size | method | params (M) | micro-batch x passes | remat | arguments | temp | "
-          "output - alias | **total** | **x full-rank** | estimate total | estimate "
-          "x full-rank | estimate (W / G / O / A) |")
+          f"output - alias | **total = {total_label(rows[0]['platform'])}** | "
+          "**x full-rank** | estimate total | estimate x full-rank | estimate (W / G / O / A) |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     e = r["estimate"]
@@ -374,7 +382,12 @@ NOTES = """## How the numbers are made
   saved for the backward pass, and the optimizer's workspace. **total** = arguments + temp +
   output - alias (donated outputs reuse their inputs). XLA:CPU's own `peak_memory_in_bytes`
   equals arguments + output - alias in this jax version (temporaries left out), so it is not
-  used on CPU; with `--platform=tpu` the TPU compiler's peak (its heap simulation) is the total.
+  used on CPU; with `--platform=tpu` the total is the TPU compiler's peak (its heap
+  simulation, `memory_analysis().peak_memory_in_bytes`), which can be below arguments + temp
+  + output - alias because buffers with disjoint lifetimes share memory.
+- **model.perf**: the step is traced with the performance settings resolved for the target
+  platform (`configs.resolve_perf`): on TPU the plain XLA matmul backward and
+  `jax.nn.dot_product_attention`, on CPU the transposed backward and blocked attention.
 - **estimate** = `lost_jax.accounting.memory_estimate`: weights (W) + one set of gradients (G)
   + optimizer states (O) + activations of one micro-batch (A, bf16 with float32 softmax and
   logits). It is the paper's accounting; it has no accumulation buffer and no workspace.
@@ -428,8 +441,12 @@ def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] 
 
 def _settings_line(rows: list[dict]) -> str:
   r = rows[0]
+  perf = r.get("perf") or {}
   return (f"jax {jax.__version__} | {r['platform']} ({r['device']}) | precision {r['precision']}"
-          f" | global batch {r['global_batch']} x {r['seq_len']} tokens")
+          f" | global batch {r['global_batch']} x {r['seq_len']} tokens | model.perf resolved "
+          f"for {r['platform']}: matmul backward {perf.get('matmul_backward')}, attention "
+          f"{perf.get('attention')} (implementation {perf.get('attention_impl')}) | total = "
+          f"{total_label(r['platform'])}")
 
 
 def _main(argv):

@@ -1,12 +1,30 @@
-"""lost_jax: LOST low-rank + channel-sparse pre-training and SparseLoRA fine-tuning in JAX/Flax."""
+"""lost_jax: LOST low-rank + channel-sparse pre-training and SparseLoRA fine-tuning in JAX/Flax.
 
-from lost_jax.layers import (DenseLinear, LOSTLinear, LowRankLinear, SLTrainLinear,
-                             StaticIndices, make_linear)
-from lost_jax.lost import LostFactors, lost_split
-from lost_jax.model import Llama
+Names and submodules load on first use, so the command line checks its settings (and prints
+a bad one's error) before JAX is imported.
+"""
 
-__all__ = [
-    "DenseLinear", "LOSTLinear", "LowRankLinear", "SLTrainLinear", "StaticIndices",
-    "make_linear", "LostFactors", "lost_split", "Llama",
-]
+import importlib
+
+_EXPORTS = {
+    "DenseLinear": "layers", "LOSTLinear": "layers", "LowRankLinear": "layers",
+    "SLTrainLinear": "layers", "StaticIndices": "layers", "make_linear": "layers",
+    "LostFactors": "lost", "lost_split": "lost", "Llama": "model",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"lost_jax.{_EXPORTS[name]}"), name)
+  try:
+    return importlib.import_module(f"lost_jax.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"lost_jax.{name}":
+      raise
+    raise AttributeError(f"module 'lost_jax' has no attribute {name!r}") from None
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

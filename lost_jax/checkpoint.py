@@ -2,23 +2,36 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, and deletes old
 steps only after a newer one is finished, so a crash or kill never loses a finished checkpoint.
+A checkpoint damaged later (a truncated or missing file) is moved aside to
+`<workdir>/checkpoints_damaged/` once an older one restores (`restore_latest`); nothing is
+deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from lost_jax.errors import UserError, one_line
 
 # Fields that must match for a checkpoint to be restored into a run.
 def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
-  """The settings that decide parameter shapes and meaning (model config + tokenizer vocab)."""
-  return {"model": json.loads(cfg.model.to_json()), "seq_len": cfg.data.seq_len,
+  """The settings that decide parameter shapes and meaning (model config + tokenizer vocab).
+
+  model.perf is left out: a checkpoint written with one attention kernel or matmul backward
+  (e.g. on a GPU) resumes with another (e.g. on a CPU).
+  """
+  model = {k: v for k, v in json.loads(cfg.model.to_json()).items() if k != "perf"}
+  return {"model": model, "seq_len": cfg.data.seq_len,
           "tokenizer_vocab": int(vocab_size)}
 
 
@@ -45,18 +58,31 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def check_compatible(self, fingerprint: dict) -> None:
-    """Refuse (before anything is compiled or overwritten) a workdir of another model config."""
-    step = self.latest_step()
-    if step is None:
-      return
+  def _meta(self, step: int) -> dict:
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    diffs = _diff(meta["meta"]["fingerprint"], fingerprint)
-    if diffs:
-      raise ValueError(
-          f"workdir {os.path.dirname(self.directory)} holds checkpoints (step {step}) of a "
-          "different model config:\n  " + "\n  ".join(diffs[:10]) +
-          "\nFix: use a new --workdir, or the config that wrote these checkpoints.")
+    meta = meta["meta"]
+    if not isinstance(meta, dict) or meta.get("step") != step or "fingerprint" not in meta:
+      raise ValueError(f"its meta item does not describe step {step}")
+    return meta
+
+  def check_compatible(self, fingerprint: dict) -> None:
+    """Refuse (before anything is compiled or overwritten) a workdir of another model config.
+
+    Checked against the newest checkpoint whose metadata reads; a damaged one is left for
+    `restore_latest` to report.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self._meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      diffs = _diff(meta["fingerprint"], fingerprint)
+      if diffs:
+        raise UserError(
+            f"workdir {os.path.dirname(self.directory)} holds checkpoints (step {step}) of a "
+            "different model config: " + "; ".join(diffs[:10]) +
+            ". Fix: use a new --workdir, or the config that wrote these checkpoints.")
+      return
 
   def save(self, step: int, state, rest, data_iter, fingerprint: dict, *,
            force: bool = False) -> bool:
@@ -71,6 +97,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, abstract_rest, data_iter):
     """Restore into arrays with the shardings of the abstract trees; data_iter is set in place."""
+    self._meta(step)
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  data=grain.checkpoint.CheckpointRestore(data_iter))
     has_rest = abstract_rest is not None and jax.tree.leaves(abstract_rest)
@@ -79,11 +106,108 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], (out["rest"] if has_rest else abstract_rest)
 
+  def restore_latest(self, abstract_state, abstract_rest, data_iter,
+                     log: Callable[[str], None] | None = None):
+    """(step, state, rest) of the newest checkpoint that restores, or None when there is none.
+
+    A newer checkpoint that fails to restore is reported in one line each and, once an older
+    one has restored, moved to `<workdir>/checkpoints_damaged/`. When none restores nothing
+    is moved and a UserError lists why each failed.
+    """
+    log = log or _print_on_main
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, rest = self.restore(step, abstract_state, abstract_rest, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable part
+        failed.append((step, _reason(e)))
+      if failed and failed[-1][0] == step:
+        _silence_abandoned_reads()
+        continue
+      for bad, reason in failed:
+        log(f"checkpoint step {bad} is damaged ({reason}); moved it to "
+            f"{self._move_aside(bad)} and resumed from step {step}")
+      if failed:
+        self.manager.reload()
+      return step, state, rest
+    if failed:
+      raise UserError(
+          f"no checkpoint in {self.directory} can be restored: " +
+          "; ".join(f"step {s}: {r}" for s, r in failed) +
+          ". Fix: if the settings changed since they were written (train.optimizer, or "
+          "train.clip_norm switched on or off), use the ones that wrote them; if the files are "
+          "damaged, move those step directories out to start again from step 0, or use a new "
+          "--workdir.")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Move step's directory to <workdir>/checkpoints_damaged/<step>[.n] (never deleted)."""
+    aside_root = self.directory + "_damaged"
+    target = os.path.join(aside_root, str(step))
+    n = 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(aside_root, f"{step}.{n}")
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lost_jax checkpoint {step} moved aside")
+    return target
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _reason(e: BaseException) -> str:
+  """The root cause of a failed restore (e.g. tensorstore's OUT_OF_RANGE), on one line."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return one_line(f"{type(e).__name__}: {e}", 300)
+
+
+def _silence_abandoned_reads() -> None:
+  """Keep the reads a failed restore abandoned from printing a traceback each, later.
+
+  Orbax leaves the other array reads of a failed restore running: each that fails afterwards
+  prints 'Exception ignored in <coroutine ...>', and each that completes after orbax closed its
+  event loop makes tensorstore print `RuntimeError: Event loop is closed` with a traceback.
+  From the first failed restore on, those two (and only those) are dropped.
+  """
+  if getattr(sys.unraisablehook, "lost_jax_filter", False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable_hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "orbax" not in code.co_filename:
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, value, tb):
+    if not _is_closed_loop_callback(value, tb):
+      previous_except(kind, value, tb)
+
+  unraisable_hook.lost_jax_filter = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def _is_closed_loop_callback(value, tb) -> bool:
+  """A RuntimeError('Event loop is closed') raised by asyncio's call_soon_threadsafe."""
+  if not isinstance(value, RuntimeError) or str(value) != "Event loop is closed":
+    return False
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _print_on_main(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def abstract_with_shardings(tree, shardings):

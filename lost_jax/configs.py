@@ -10,12 +10,25 @@ import math
 
 import ml_collections
 
+from lost_jax.errors import UserError
+
 SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
 LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
 INITS = ("kaiming", "normal")
 SPARSE_INITS = ("complement", "weight", "random_channels")
+# Performance settings (`model.perf`): each 'auto' is resolved once, from the platform the
+# step is compiled for, by `resolve_perf`; the model's math only reads the resolved names.
+MATMUL_BACKWARDS = ("xla", "cpu_transposed")
+ATTENTIONS = ("blocked", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+PLATFORMS = ("cpu", "gpu", "tpu")
+PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
+    "mixed": ("bfloat16", "float32"),
+    "pure_bf16": ("bfloat16", "bfloat16"),
+    "float32": ("float32", "float32"),
+}
 
 # size: d_model, ffn_dim, n_layers, n_heads, steps, LOST rank, peak lr (CoLA's published set).
 _SIZES = {
@@ -51,6 +64,46 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
   ))
 
 
+def perf_config() -> ml_collections.ConfigDict:
+  """Performance choices; they change speed and memory, never the parameters or the result."""
+  return ml_collections.ConfigDict(dict(
+      # xla: the plain transposed dots | cpu_transposed: explicit transposes of the narrower
+      # operand + optimisation barriers (faster on XLA:CPU). auto: cpu_transposed on CPU only.
+      matmul_backward="auto",
+      # blocked: causal blocks in XLA ops (model.attention) | dot_product_attention:
+      # jax.nn.dot_product_attention (cuDNN flash attention on GPU). auto: blocked on CPU.
+      attention="auto",
+      attention_impl="auto",  # dot_product_attention's implementation: auto | xla | cudnn
+  ))
+
+
+def resolve_perf(model: ml_collections.ConfigDict, platform: str) -> None:
+  """Replace every 'auto' in model.perf by the choice for the compile target, in place."""
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform={platform!r} is unknown. Fix: one of {PLATFORMS}.")
+  if "perf" not in model:    # configs saved before model.perf existed
+    with model.unlocked():
+      model.perf = perf_config()
+  perf = model.perf
+  if perf.matmul_backward == "auto":
+    perf.matmul_backward = "cpu_transposed" if platform == "cpu" else "xla"
+  if perf.attention == "auto":
+    perf.attention = "blocked" if platform == "cpu" else "dot_product_attention"
+
+
+def with_resolved_perf(model: ml_collections.ConfigDict,
+                       platform: str | None = None) -> ml_collections.ConfigDict:
+  """model itself if nothing is 'auto', else a copy resolved for `platform` (default: the
+  platform of jax's default device, read once when the model is built)."""
+  perf = model.get("perf")
+  if perf is not None and "auto" not in (perf.matmul_backward, perf.attention):
+    return model
+  import jax  # pylint: disable=g-import-not-at-top
+  out = ml_collections.ConfigDict(model.to_dict())
+  resolve_perf(out, platform or jax.devices()[0].platform)
+  return out
+
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -82,6 +135,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat=False,
       linear=linear_config(),
+      perf=perf_config(),
   ))
 
 
@@ -132,9 +186,11 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
 def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
   """The full run config of a `<size>,<method>` preset."""
   if size not in _SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+    raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown size {size!r}. "
+                    f"Fix: choose one of {SIZES}")
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown method "
+                    f"{method!r}. Fix: choose one of {METHODS}")
   s = _SIZES[size]
   cfg = ml_collections.ConfigDict()
   cfg.name = f"{size},{method}"
@@ -177,18 +233,81 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       log_every=10 if quick else 50,
       ckpt_every=100 if quick else 1000,
       keep_checkpoints=2,
+      max_skipped_steps=10,   # consecutive non-finite steps (skipped) that stop the run.
       peak_flops=0.0,         # per device; 0 disables MFU in logs.
   ))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
   return cfg
 
 
+_INF = math.inf
+
+
 def _fail(field: str, msg: str, fix: str):
-  raise ValueError(f"config.{field}: {msg}. Fix: {fix}")
+  raise UserError(f"config.{field}: {msg}. Fix: {fix}")
+
+
+def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: bool = False,
+              hi_open: bool = False, integer: bool = False) -> None:
+  """Refuse `value` outside the interval lo..hi (open ends as asked), NaN, or a non-integer."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and integer:
+    ok = float(value).is_integer()
+  if ok:
+    ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+  if not ok:
+    span = (f"{'(' if lo_open else '['}{lo:g}, "
+            f"{hi:g}{')' if hi_open or hi == _INF else ']'}")
+    _fail(field, f"{value!r} is not {'an integer' if integer else 'a number'} in {span}", fix)
+
+
+
+def validate_train(t: ml_collections.ConfigDict) -> None:
+  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning."""
+  _in_range("train.steps", t.steps, 1, _INF, "a positive step count", integer=True)
+  _in_range("train.microbatches", t.microbatches, 1, _INF, "1, or the number of gradient "
+            "accumulation passes", integer=True)
+  _in_range("train.batch_size", t.batch_size, 1, _INF, "a positive batch size in sequences",
+            integer=True)
+  if t.batch_size % t.microbatches:
+    _fail("train.batch_size", f"{t.batch_size} is not a multiple of train.microbatches="
+          f"{t.microbatches}", "make batch_size a multiple of microbatches")
+  if t.precision not in PRECISIONS:
+    _fail("train.precision", f"unknown precision {t.precision!r}",
+          f"use one of {tuple(PRECISIONS)}")
+  if t.optimizer not in ("adamw", "galore"):
+    _fail("train.optimizer", f"unknown optimizer {t.optimizer!r}", "use 'adamw' or 'galore'")
+  _in_range("train.lr", t.lr, 0.0, _INF, "a positive peak learning rate such as 3e-3",
+            lo_open=True)
+  _in_range("train.warmup_frac", t.warmup_frac, 0.0, 1.0, "a fraction of steps such as 0.1")
+  _in_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, "a fraction of lr such as 0.1")
+  _in_range("train.b1", t.b1, 0.0, 1.0, "e.g. 0.9", hi_open=True)
+  _in_range("train.b2", t.b2, 0.0, 1.0, "e.g. 0.999", hi_open=True)
+  _in_range("train.eps", t.eps, 0.0, _INF, "e.g. 1e-8", lo_open=True)
+  _in_range("train.weight_decay", t.weight_decay, 0.0, _INF, "0 (none) or e.g. 0.1")
+  _in_range("train.clip_norm", t.clip_norm, 0.0, _INF, "0 (no clipping) or e.g. 1.0")
+  for name in ("eval_every", "ckpt_every", "log_every", "keep_checkpoints"):
+    _in_range(f"train.{name}", t[name], 1, _INF, "a positive integer", integer=True)
+  _in_range("train.eval_batches", t.eval_batches, 0, _INF, "a count of batches",
+            integer=True)
+  _in_range("train.max_skipped_steps", t.get("max_skipped_steps", 1), 1, _INF,
+            "the number of consecutive non-finite steps that stops the run, e.g. 10",
+            integer=True)
+  _in_range("train.peak_flops", t.peak_flops, 0.0, _INF, "0 (no MFU) or the device's peak "
+            "FLOP/s")
+  if t.optimizer == "galore":
+    _in_range("train.galore_rank", t.galore_rank, 1, _INF, "a positive rank", integer=True)
+    _in_range("train.galore_update_freq", t.galore_update_freq, 1, _INF, "e.g. 200",
+              integer=True)
+    _in_range("train.galore_scale", t.galore_scale, 0.0, _INF, "e.g. 0.25", lo_open=True)
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
-  """Raise one clear ValueError for an impossible model config, before anything is built."""
+  """Raise one clear UserError for an impossible model config, before anything is built."""
+  for name in ("vocab_size", "d_model", "ffn_dim", "n_layers", "n_heads", "n_kv_heads"):
+    _in_range(f"model.{name}", model[name], 1, _INF, "a positive integer", integer=True)
+  for name in ("rope_theta", "norm_eps", "init_std"):
+    _in_range(f"model.{name}", model[name], 0.0, _INF, "a positive number", lo_open=True)
   if model.d_model % model.n_heads:
     _fail("model.n_heads", f"{model.n_heads} heads do not divide d_model={model.d_model}",
           "pick n_heads dividing d_model")
@@ -198,6 +317,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if (model.d_model // model.n_heads) % 2:
     _fail("model.n_heads", f"head dim {model.d_model // model.n_heads} is odd", "RoPE needs an "
           "even head dim; change d_model or n_heads")
+  perf = model.get("perf")
+  if perf is not None:
+    for field, value, allowed in (
+        ("matmul_backward", perf.matmul_backward, ("auto",) + MATMUL_BACKWARDS),
+        ("attention", perf.attention, ("auto",) + ATTENTIONS),
+        ("attention_impl", perf.attention_impl, ATTENTION_IMPLS)):
+      if value not in allowed:
+        _fail(f"model.perf.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
   rope = model.get("rope_scaling")
   if rope is not None:
     if rope.type not in ROPE_TYPES:
@@ -286,9 +413,12 @@ def smollm2_gguf_path() -> str:
                       "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, ...]:
-  """'0.9@13-29;0.5@31' -> per-layer sparsity (0 = dense) for n_layers layers."""
-  out = [0.0] * n_layers
+def parse_layer_sparsity(spec: str, n_layers: int | None, field: str) -> tuple[float, ...]:
+  """'0.9@13-29;0.5@31' -> per-layer sparsity (0 = dense) for n_layers layers.
+
+  n_layers=None checks only the syntax and values (the model's depth is not known yet).
+  """
+  out = [0.0] * (n_layers or 0)
   for part in filter(None, (p.strip() for p in spec.split(";"))):
     value, _, layers = part.partition("@")
     try:
@@ -301,6 +431,8 @@ def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, .
       _fail(field, f"cannot parse {part!r}", "write e.g. '0.9@13-29;0.5@31'")
     if not 0.0 <= value < 1.0:
       _fail(field, f"sparsity {value} is outside [0, 1)", "keep a fraction of channels < 1")
+    if n_layers is None:
+      continue
     bad = [i for i in idx if not 0 <= i < n_layers]
     if bad:
       _fail(field, f"layer {bad[0]} does not exist in a {n_layers}-layer model",
@@ -310,11 +442,67 @@ def parse_layer_sparsity(spec: str, n_layers: int, field: str) -> tuple[float, .
   return tuple(out)
 
 
+def validate_pretrain(cfg: ml_collections.ConfigDict) -> None:
+  """Every pre-training setting that can be checked before JAX starts or data is read."""
+  validate_model(cfg.model)
+  validate_train(cfg.train)
+  t = cfg.train
+  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
+    _fail("train.optimizer", "'galore' projects dense gradients",
+          "set model.linear.kind='dense' (the galore method preset does)")
+  _in_range("data.seq_len", cfg.data.seq_len, 2, _INF, "e.g. 256", integer=True)
+  _in_range("train.eval_batches", t.eval_batches, 1, _INF, "e.g. 8", integer=True)
+  _in_range("train.eval_tokens", t.eval_tokens, 0, _INF, "0 (eval_batches only) or a token "
+            "budget for evaluation", integer=True)
+
+
+def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = None) -> None:
+  """Fine-tuning settings (train, LoRA, sparsity, data lengths), before the base is loaded.
+
+  With `n_layers` (known once the base is loaded) the layer ranges and ranks are checked
+  against the model's shape too.
+  """
+  validate_train(cfg.train)
+  lora = cfg.lora
+  targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
+  names = [name for name, _, _ in projection_shapes(cfg.model)]
+  unknown = [t for t in targets if t not in names]
+  if not targets or unknown or len(set(targets)) != len(targets):
+    _fail("lora.targets", f"{lora.targets!r} is not a non-empty list of distinct projections",
+          f"a comma-separated subset of {','.join(names)}, e.g. 'q,k,v,o'")
+  _in_range("lora.rank", lora.rank, 1, _INF, "a positive rank such as 8", integer=True)
+  _in_range("lora.alpha", lora.alpha, 0.0, _INF, "e.g. 2 x lora.rank", lo_open=True)
+  _in_range("lora.dropout", lora.dropout, 0.0, 1.0, "e.g. 0.0 or 0.05", hi_open=True)
+  sp = cfg.sparse
+  if not isinstance(sp.enabled, bool):
+    _fail("sparse.enabled", f"{sp.enabled!r} is not a bool", "True or False")
+  for field in ("ffn", "attn"):
+    parse_layer_sparsity(sp[field], n_layers, f"sparse.{field}")
+  _in_range("sparse.estimator_rank", sp.estimator_rank, 1, _INF, "e.g. 8", integer=True)
+  _in_range("sparse.start_frac", sp.start_frac, 0.0, 1.0, "a fraction of steps such as 0.05")
+  _in_range("sparse.bucket", sp.bucket, 1, _INF, "e.g. 16 or 64", integer=True)
+  d = cfg.data
+  _in_range("data.seq_len", d.seq_len, 2, _INF, "e.g. 512", integer=True)
+  _in_range("data.max_prompt_len", d.max_prompt_len, 1, d.seq_len - 1,
+            f"a prompt length below data.seq_len={d.seq_len}", integer=True)
+  _in_range("data.max_new_tokens", d.max_new_tokens, 1, _INF, "e.g. 64", integer=True)
+  _in_range("train.accuracy_examples", cfg.train.accuracy_examples, 0, _INF,
+            "0 (no accuracy) or a count of eval examples", integer=True)
+  if n_layers is None:
+    return
+  smallest = min(min(n, m) for name, n, m in projection_shapes(cfg.model) if name in targets)
+  _in_range("lora.rank", lora.rank, 1, smallest, f"at most {smallest}, the smallest targeted "
+            "projection's dimension", integer=True)
+  smallest_all = min(min(n, m) for _, n, m in projection_shapes(cfg.model))
+  _in_range("sparse.estimator_rank", sp.estimator_rank, 1, smallest_all,
+            f"at most {smallest_all}, the smallest projection's dimension", integer=True)
+
+
 def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   """LoRA / SparseLoRA fine-tuning run config of a published (or CPU) preset."""
   if preset not in FINETUNE_PRESETS:
-    raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of "
-                     f"{tuple(FINETUNE_PRESETS)}")
+    raise UserError(f"--config=configs/finetune.py:<preset>: unknown preset {preset!r}. "
+                    f"Fix: choose one of {tuple(FINETUNE_PRESETS)}")
   shape, ffn, attn, task = FINETUNE_PRESETS[preset]
   quick = preset == "quickstart"
   seq_len, prompt_len = _TASK_LENGTHS[task]
@@ -361,7 +549,7 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       eps=1e-8, weight_decay=0.0, decay_norms_and_embeddings=True, clip_norm=1.0,
       precision="float32" if quick else "mixed", eval_every=50 if quick else 200,
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
-      keep_checkpoints=2, peak_flops=0.0))
+      keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
   if preset.startswith("smollm2"):
     # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short

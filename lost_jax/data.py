@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
+from lost_jax.errors import UserError
+
 KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 SOURCES = ("stdlib", "files", "tfds")
 
@@ -43,7 +45,7 @@ _STDLIB_SKIP_ANY = ("tests", "idle_test", "__pycache__")
 
 
 def _fail(field: str, msg: str, fix: str):
-  raise ValueError(f"config.data.{field}: {msg}. Fix: {fix}")
+  raise UserError(f"config.data.{field}: {msg}. Fix: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from flax import nnx
 
 from lost_jax import (accounting, checkpoint, configs, gguf, hf, instruct, metrics, optim,
                       sharding, sparselora, tokenizer, train)
+from lost_jax.errors import UserError
 from lost_jax.generate import greedy_generate
 from lost_jax.lora import LoRAParam, apply_lora
 from lost_jax.model import Llama
@@ -62,16 +63,16 @@ def base_kind(cfg: ml_collections.ConfigDict) -> str:
   """init.source resolved against what init.path holds; one ValueError naming the fix."""
   src, path = cfg.init.source, cfg.init.path
   if src not in INIT_SOURCES:
-    raise ValueError(f"config.init.source={src!r} is unknown. Fix: one of {INIT_SOURCES}.")
+    raise UserError(f"config.init.source={src!r} is unknown. Fix: one of {INIT_SOURCES}.")
   if src == "random":
     return src
   kind = detect_base(path) if path else None
   if kind is None:
-    raise ValueError(f"config.init.path={path!r} is none of the bases fine-tuning reads. Fix: "
-                     f"give {_BASE_HELP}.")
+    raise UserError(f"config.init.path={path!r} is none of the bases fine-tuning reads. Fix: "
+                    f"give {_BASE_HELP}.")
   if src not in ("auto", kind):
-    raise ValueError(f"config.init.source={src!r} but config.init.path={path!r} holds a "
-                     f"{kind!r} base. Fix: set --config.init.source={kind} (or auto).")
+    raise UserError(f"config.init.source={src!r} but config.init.path={path!r} holds a "
+                    f"{kind!r} base. Fix: set --config.init.source={kind} (or auto).")
   return kind
 
 
@@ -92,13 +93,22 @@ def load_base(cfg: ml_collections.ConfigDict) -> Llama:
 
 def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   """Parameters of the latest checkpoint of a lost_jax pre-training workdir."""
-  with open(os.path.join(path, "config.json")) as f:
-    run = json.load(f)
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      run = json.load(f)
+    run["model"]["linear"]["kind"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    hint = (" Its config.json looks like a Hugging Face one: set --config.init.source=hf."
+            if os.path.exists(os.path.join(path, "config.json")) else "")
+    raise UserError(f"config.init.path={path!r} is not a lost_jax pre-training workdir (its "
+                    f"config.json is missing or has no model group: {type(e).__name__}).{hint} "
+                    "Fix: point init.path at a pre-training --workdir, or set init.source to "
+                    "what is there.") from e
   model_cfg = ml_collections.ConfigDict(run["model"])
   if model_cfg.linear.kind != "dense":
-    raise ValueError(f"config.init.path={path!r} holds a {model_cfg.linear.kind!r} model; LoRA "
-                     "and SparseLoRA need dense base kernels. Fix: pre-train with method "
-                     "full_rank, or densify an identity-activation model (lost_jax.hf.densify).")
+    raise UserError(f"config.init.path={path!r} holds a {model_cfg.linear.kind!r} model; LoRA "
+                    "and SparseLoRA need dense base kernels. Fix: pre-train with method "
+                    "full_rank, or densify an identity-activation model (lost_jax.hf.densify).")
   model_cfg.dtype, model_cfg.param_dtype = dtype, param_dtype
   cfg.model = model_cfg
   model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
@@ -106,8 +116,8 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
                               item_names=("state", "rest", "data", "meta"))
   step = mgr.latest_step()
   if step is None:
-    raise ValueError(f"config.init.path={path!r} has no checkpoint. Fix: point at a finished "
-                     "pre-training workdir.")
+    raise UserError(f"config.init.path={path!r} has no checkpoint. Fix: point at a finished "
+                    "pre-training workdir.")
   saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mgr.close()
   params = nnx.state(model, nnx.Param)
@@ -120,6 +130,7 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
 def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
   """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
   model = load_base(cfg)
+  configs.validate_finetune(cfg, cfg.model.n_layers)   # ranks and layers against the base
   plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
@@ -137,7 +148,7 @@ def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
   return sparselora.SparseLoRALlama(model, estimators, plan), plan
 
 
-def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
+def lora_setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   """Setup + state for training only the LoRAParam variables of `module`."""
   graphdef, lora_state, rest_state = nnx.split(module, LoRAParam, ...)
   params = nnx.as_pure(lora_state)
@@ -165,19 +176,20 @@ def _setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
 
 @dataclasses.dataclass
 class _SparseSchedule:
-  """Host-side choice of the static dense-suffix length for each step."""
+  """Host-side choice of each step's static lengths (sparselora.StepLengths)."""
   seq_len: int
   bucket: int
   start_step: int
   enabled: bool
   dense_outputs: bool = True
 
-  def dense_len(self, weights_BxL: np.ndarray, step: int) -> int:
-    if not self.enabled or step < self.start_step:
-      return self.seq_len            # fully dense: no estimator, no sparse compute
-    if not self.dense_outputs:       # ablation: output tokens sparse too (all but the last)
-      return 1
-    return max(1, sparselora.dense_suffix_len(weights_BxL, self.bucket))
+  def dense_len(self, weights_BxL: np.ndarray, step: int) -> sparselora.StepLengths:
+    # Before start_step (or without sparsity) every token is dense: no estimator runs.
+    sparse = self.enabled and step >= self.start_step
+    lengths = sparselora.step_lengths(weights_BxL, self.bucket, sparse)
+    if sparse and not self.dense_outputs:   # ablation: output tokens sparse too (but the last)
+      return lengths._replace(dense_len=1)
+    return lengths
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -186,7 +198,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   cfg, mesh = train.start_run(cfg)
   nproc, pidx = jax.process_count(), jax.process_index()
   local_batch = cfg.train.batch_size // nproc
-  os.makedirs(workdir, exist_ok=True)
+  configs.validate_finetune(cfg)
+  train.make_workdir(workdir)
 
   module, plan = sparse_model(cfg, workdir)
   configs.validate_model(cfg.model)
@@ -199,14 +212,14 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
-  setup, params, rest = _setup(module, cfg, mesh)
-  start = ckpt.latest_step()
-  if start is None:
+  setup, params, rest = lora_setup(module, cfg, mesh)
+  found = ckpt.restore_latest(
+      checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings), None,
+      train_iter)
+  if found is None:
     state, start = setup.init_fn(params), 0
   else:
-    state, _ = ckpt.restore(
-        start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
-        None, train_iter)
+    start, state, _ = found
   step_fn = train.make_train_step(setup, cfg.train.microbatches)
   eval_step = train.make_eval_step(setup)
   sched = _SparseSchedule(cfg.data.seq_len, cfg.sparse.bucket,
@@ -278,9 +291,9 @@ def _tokenizer(cfg) -> tokenizer.Tokenizer:
       found = [f for f in (tokenizer.TOKENIZER_JSON, tokenizer.SENTENCEPIECE_MODEL)
                if os.path.exists(os.path.join(cfg.init.path, f))]
       if not found:
-        raise ValueError(f"config.init.path={cfg.init.path!r} has neither "
-                         f"{tokenizer.TOKENIZER_JSON} nor {tokenizer.SENTENCEPIECE_MODEL}. Fix: "
-                         "set config.data.tokenizer to the base model's tokenizer file.")
+        raise UserError(f"config.init.path={cfg.init.path!r} has neither "
+                        f"{tokenizer.TOKENIZER_JSON} nor {tokenizer.SENTENCEPIECE_MODEL}. Fix: "
+                        "set config.data.tokenizer to the base model's tokenizer file.")
       cfg.data.tokenizer = os.path.join(cfg.init.path, found[0])
     elif kind == "gguf":
       cfg.data.tokenizer = cfg.init.path

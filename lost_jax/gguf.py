@@ -17,6 +17,7 @@ from flax import nnx
 from lost_jax import configs as configs_lib
 from lost_jax import hf as hf_lib
 from lost_jax import tokenizer as tokenizer_lib
+from lost_jax.errors import UserError
 from lost_jax.model import Llama
 
 _ATTN = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"}
@@ -34,8 +35,8 @@ def _reader(path: str):
   try:
     return gguf.GGUFReader(path)
   except (ValueError, OSError) as e:
-    raise ValueError(f"config.init.path={path!r} is not a readable GGUF file ({e}). Fix: give a "
-                     "llama.cpp .gguf model file") from e
+    raise UserError(f"config.init.path={path!r} is not a readable GGUF file ({e}). Fix: give a "
+                    "llama.cpp .gguf model file") from e
 
 
 def metadata(reader) -> dict:
@@ -45,7 +46,7 @@ def metadata(reader) -> dict:
 
 
 def _refuse(path: str, what: str, fix: str):
-  raise ValueError(f"config.init.path={path!r}: {what}; lost_jax cannot represent it. Fix: {fix}")
+  raise UserError(f"config.init.path={path!r}: {what}; lost_jax cannot represent it. Fix: {fix}")
 
 
 # ---------------------------------------------------------------------------- config
@@ -137,9 +138,9 @@ def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "fl
   missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
   if missing or unexpected:
     name = (missing or unexpected)[0]
-    raise ValueError(f"config.init.path={path!r}: tensor {name!r} is "
-                     f"{'missing' if missing else 'unexpected'} for a {cfg.n_layers}-layer "
-                     "LLaMA per its metadata. Fix: check the file is a complete llama GGUF.")
+    raise UserError(f"config.init.path={path!r}: tensor {name!r} is "
+                    f"{'missing' if missing else 'unexpected'} for a {cfg.n_layers}-layer "
+                    "LLaMA per its metadata. Fix: check the file is a complete llama GGUF.")
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   head_dim = cfg.d_model // cfg.n_heads
   for name, (attr, transpose) in names.items():
@@ -151,8 +152,8 @@ def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "fl
     var = hf_lib._get(model, attr)
     want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
     if x.shape != want:
-      raise ValueError(f"config.init.path={path!r}: tensor {name!r} is {x.shape} but the "
-                       f"metadata implies {want} (head_dim {head_dim}). Fix: check the file.")
+      raise UserError(f"config.init.path={path!r}: tensor {name!r} is {x.shape} but the "
+                      f"metadata implies {want} (head_dim {head_dim}). Fix: check the file.")
     hf_lib._set(var, x.T if transpose else x, mesh)
   if tied:
     hf_lib._set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from lost_jax import configs as configs_lib
 from lost_jax import layers as layers_lib
 from lost_jax import sharding as sharding_lib
+from lost_jax.errors import UserError
 from lost_jax.model import Llama, rope_scaling_of
 
 CONFIG_FILE = "config.json"
@@ -72,8 +73,8 @@ def _path_str(path) -> str:
 
 
 def _refuse(where: str, field: str, value: Any, why: str, fix: str):
-  raise ValueError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
-                   f"Fix: {fix}")
+  raise UserError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
+                  f"Fix: {fix}")
 
 
 def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bool]:
@@ -196,7 +197,7 @@ def _tensor_files(path: str) -> dict[str, str]:
   if os.path.exists(single):
     with safe_open(single, framework="flax") as f:
       return {name: single for name in f.keys()}
-  raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
+  raise UserError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
                           "HF model with save_pretrained(..., safe_serialization=True); "
                           "pytorch_model.bin is not read.")
 
@@ -205,13 +206,13 @@ def _check_names(available: set[str], expected: set[str], path: str, cfg):
   missing, unexpected = sorted(expected - available), sorted(available - expected)
   shape = f"a {cfg.n_layers}-layer LLaMA per {CONFIG_FILE}"
   if missing:
-    raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
-                     f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
-                     f"its {CONFIG_FILE}.")
+    raise UserError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
+                    f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
+                    f"its {CONFIG_FILE}.")
   if unexpected:
-    raise ValueError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
-                     f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
-                     f"matches its {CONFIG_FILE}.")
+    raise UserError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
+                    f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
+                    f"matches its {CONFIG_FILE}.")
 
 
 def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
@@ -242,10 +243,10 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
         want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
         got = f.get_slice(name)
         if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
-          raise ValueError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
-                           f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
-                           f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
-                           f"checkpoint matches its {CONFIG_FILE}.")
+          raise UserError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
+                          f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
+                          f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
+                          f"checkpoint matches its {CONFIG_FILE}.")
         x = f.get_tensor(name)
         _set(var, x.T if transpose else x, mesh)
   if tied:
@@ -316,7 +317,7 @@ def densify(model: Llama) -> Llama:
     axes = (layer.a.get_metadata()["axes"][0], layer.b.get_metadata()["axes"][0])
     dense = nnx.eval_shape(lambda: layers_lib.DenseLinear(
         layer.in_features, layer.out_features, dtype=layer.dtype, param_dtype=param_dtype,
-        axes=axes, rngs=nnx.Rngs(0)))
+        axes=axes, backward=layer.backward, rngs=nnx.Rngs(0)))
     dense.kernel.set_value(kernel.astype(param_dtype))
     setattr(_get(model, path[:-1]), path[-1], dense)
   cfg = model.cfg.copy_and_resolve_references()

@@ -18,6 +18,8 @@ import re
 import grain
 import numpy as np
 
+from lost_jax.errors import UserError
+
 PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
           "further context. Write a response that appropriately completes the request.\n\n"
           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -42,7 +44,7 @@ def render_prompt(record: dict, template: str = "alpaca") -> str:
   if template == "chatml":
     return CHATML.format(instruction=record["instruction"], input=record.get("input", ""))
   if template != "alpaca":
-    raise ValueError(f"config.data.template={template!r} is unknown. Fix: one of {TEMPLATES}.")
+    raise UserError(f"config.data.template={template!r} is unknown. Fix: one of {TEMPLATES}.")
   text = PROMPT if record.get("input") else PROMPT_NO_INPUT
   return text.format(instruction=record["instruction"], input=record.get("input", ""))
 
@@ -83,9 +85,9 @@ def _open(path: str):
 def load_records(path: str, field: str = "config.data.train_file") -> list[dict]:
   """Records from a JSON list or JSONL(.gz) file, each with instruction/output (input optional)."""
   if not path or not os.path.exists(path):
-    raise ValueError(f"{field}={path!r} does not exist. Fix: point it at a JSON or JSONL file "
-                     "of {instruction, input, output} records, or use the built-in task "
-                     "(config.data.task='arithmetic').")
+    raise UserError(f"{field}={path!r} does not exist. Fix: point it at a JSON or JSONL file "
+                    "of {instruction, input, output} records, or use the built-in task "
+                    "(config.data.task='arithmetic').")
   try:
     with _open(path) as f:
       text = f.read()
@@ -95,14 +97,14 @@ def load_records(path: str, field: str = "config.data.train_file") -> list[dict]
     else:
       records = [json.loads(line) for line in text.splitlines() if line.strip()]
   except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{field}={path!r} is not valid JSON/JSONL ({err}). Fix: one record per "
-                     "line, or a JSON list of records.") from err
+    raise UserError(f"{field}={path!r} is not valid JSON/JSONL ({err}). Fix: one record per "
+                    "line, or a JSON list of records.") from err
   bad = [i for i, r in enumerate(records)
          if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
   if not records or bad:
-    raise ValueError(f"{field}={path!r}: " + ("no records" if not records else
-                     f"record {bad[0]} lacks 'instruction' or 'output'") +
-                     ". Fix: records need 'instruction' and 'output' ('input' optional).")
+    raise UserError(f"{field}={path!r}: " + ("no records" if not records else
+                    f"record {bad[0]} lacks 'instruction' or 'output'") +
+                    ". Fix: records need 'instruction' and 'output' ('input' optional).")
   return records
 
 
@@ -231,8 +233,8 @@ def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
   """Endless shuffled batches of left-padded rows; a checkpointable grain iterator."""
   records = task_records(data_cfg, "train")[process_index::process_count]
   if len(records) < batch_size:
-    raise ValueError(f"config.data: {len(records)} training records for batch size "
-                     f"{batch_size}. Fix: more records or a smaller config.train.batch_size.")
+    raise UserError(f"config.data: {len(records)} training records for batch size "
+                    f"{batch_size}. Fix: more records or a smaller config.train.batch_size.")
   ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
         .map(_Encode(tokenizer, data_cfg)).batch(batch_size, drop_remainder=True))
   return iter(ds.to_iter_dataset())

@@ -49,23 +49,28 @@ def _cast(dtype, *arrays):
 
 
 def matmul(x_BxN: jax.Array, w_NxM: jax.Array, dtype: Any = None,
-           out_dtype: Any = None) -> jax.Array:
+           out_dtype: Any = None, backward: str = "xla") -> jax.Array:
   """x @ w [..., M] in the compute `dtype` (None: promotion), result cast to `out_dtype`.
 
   One custom VJP spells out the three matmuls of forward and backward, for two reasons:
   - bf16/f16 operands accumulate in float32 in all three. XLA:CPU runs such dots about twice
     as fast as float32 ones (plain bf16 dots are slower), while JAX's own transpose of a
     `preferred_element_type=float32` dot upcasts the backward to float32 dots.
-  - On CPU the weight gradient transposes the narrower of x [T, N] and the cotangent [T, M]
-    explicitly (`transposed_tokens`; x^T g or (g^T x)^T): left
-    to itself XLA:CPU fuses a transpose of the wider cotangent [T, M] into its producer, a
-    slow strided write (~25% of a llama_60m float32 train step), or upcasts bf16 to float32.
+  - backward='cpu_transposed' (model.perf.matmul_backward, chosen for XLA:CPU targets): the
+    weight gradient transposes the narrower of x [T, N] and the cotangent [T, M] explicitly
+    (`transposed_tokens`; x^T g or (g^T x)^T) behind optimisation barriers: left to itself
+    XLA:CPU fuses a transpose of the wider cotangent [T, M] into its producer, a slow strided
+    write (~25% of a llama_60m float32 train step), or upcasts bf16 to float32.
+    backward='xla' (GPU, TPU) is the plain contraction over tokens, no barriers.
   The cotangent of the result is cast back to the compute dtype; the weight gradient stays
   float32 until it is cast to the weight's own dtype.
   """
+  if backward not in ("xla", "cpu_transposed"):
+    raise ValueError(f"matmul backward={backward!r} is unknown. Fix: 'xla' or "
+                     "'cpu_transposed' (model.perf.matmul_backward, resolved).")
   dtype = jnp.result_type(x_BxN, w_NxM) if dtype is None else jnp.dtype(dtype)
   out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
-  return _matmul(x_BxN, w_NxM, dtype, out_dtype)
+  return _matmul(x_BxN, w_NxM, dtype, out_dtype, backward)
 
 
 def _dot(a, b, a_dim: int, b_dim: int, dtype):
@@ -74,21 +79,22 @@ def _dot(a, b, a_dim: int, b_dim: int, dtype):
                              preferred_element_type=acc)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x_BxN, w_NxM, dtype, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(x_BxN, w_NxM, dtype, out_dtype, backward):
+  del backward
   return _dot(x_BxN, w_NxM, x_BxN.ndim - 1, 0, dtype).astype(out_dtype)
 
 
-def _matmul_fwd(x_BxN, w_NxM, dtype, out_dtype):
-  return _matmul(x_BxN, w_NxM, dtype, out_dtype), (x_BxN, w_NxM)
+def _matmul_fwd(x_BxN, w_NxM, dtype, out_dtype, backward):
+  return _matmul(x_BxN, w_NxM, dtype, out_dtype, backward), (x_BxN, w_NxM)
 
 
-def _matmul_bwd(dtype, out_dtype, residuals, g_BxM):  # pylint: disable=unused-argument
+def _matmul_bwd(dtype, out_dtype, backward, residuals, g_BxM):  # pylint: disable=unused-argument
   x_BxN, w_NxM = residuals
   g = g_BxM.astype(dtype)
   dx = _dot(g, w_NxM, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
   g_TxM = g.reshape(-1, g.shape[-1])
-  if jax.default_backend() == "cpu":
+  if backward == "cpu_transposed":
     # Transpose the narrower of x [T, N] and g [T, M] (LOST's first matmul: g is [T, r + k]).
     if g_TxM.shape[-1] < x_BxN.shape[-1]:
       x_TxN = x_BxN.astype(dtype).reshape(-1, x_BxN.shape[-1])
@@ -126,14 +132,16 @@ class DenseLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, dtype: Any = None,
                param_dtype: Any = jnp.float32, init_std: float = 0.02,
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
+               rngs: nnx.Rngs):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
+    self.backward = backward
     kernel = init_kernel(rngs.params(), in_features, out_features, "normal", init_std)
     self.kernel = nnx.Param(kernel.astype(param_dtype), axes=axes)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
-    return matmul(x_BxN, self.kernel[...], self.dtype)
+    return matmul(x_BxN, self.kernel[...], self.dtype, backward=self.backward)
 
 
 class LOSTLinear(nnx.Module):
@@ -144,7 +152,8 @@ class LOSTLinear(nnx.Module):
                sparse_init: str = "complement", complement_rank: int | None = None,
                factor_init: str = "svd", dtype: Any = None, param_dtype: Any = jnp.float32,
                init_std: float = 0.02,
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
+               rngs: nnx.Rngs):
     if not 0.0 <= gamma <= 1.0:
       raise ValueError(f"LOST gamma={gamma} is outside [0, 1]. Fix: model.linear.gamma=0.7.")
     check_lost_shapes(in_features, out_features, rank, sparsity, complement_rank)
@@ -152,6 +161,7 @@ class LOSTLinear(nnx.Module):
     self.gamma = float(gamma)
     self.act = _activation(activation)
     self.dtype = dtype
+    self.backward = backward
     kernel = init_kernel(rngs.params(), in_features, out_features, init, init_std)
     key = rngs.params() if sparse_init == "random_channels" else None
     f = lost_split(kernel, rank, sparsity, complement_rank=complement_rank,
@@ -178,10 +188,11 @@ class LOSTLinear(nnx.Module):
     onehot_NxK = jax.nn.one_hot(self.indices[...], self.in_features, dtype=self.a.dtype,
                                 axis=0)
     z = matmul(x_BxN, jnp.concatenate([self.a[...], onehot_NxK], axis=1), self.dtype,
-               out_dtype=jnp.float32)
+               out_dtype=jnp.float32, backward=self.backward)
     h = jnp.concatenate([self.gamma * self.act(z[..., :rank]),
                          (1.0 - self.gamma) * z[..., rank:]], axis=-1)
-    return matmul(h, jnp.concatenate([self.b[...].T, self.values[...]], axis=0), self.dtype)
+    return matmul(h, jnp.concatenate([self.b[...].T, self.values[...]], axis=0), self.dtype,
+                  backward=self.backward)
 
 
 def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -203,19 +214,22 @@ class LowRankLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank: int,
                activation: str = "identity", dtype: Any = None,
                param_dtype: Any = jnp.float32,
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
+               rngs: nnx.Rngs):
     _check_rank(in_features, out_features, rank, "low-rank")
     self.in_features, self.out_features = in_features, out_features
     self.act = _activation(activation)
     self.dtype = dtype
+    self.backward = backward
     a, b = random_factors(rngs, in_features, out_features, rank)
     in_axis, out_axis = axes
     self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
     self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
-    h = self.act(matmul(x_BxN, self.a[...], self.dtype, out_dtype=jnp.float32))  # as LOST
-    return matmul(h, self.b[...].T, self.dtype)
+    h = self.act(matmul(x_BxN, self.a[...], self.dtype, out_dtype=jnp.float32,
+                        backward=self.backward))  # as LOST
+    return matmul(h, self.b[...].T, self.dtype, backward=self.backward)
 
 
 def sltrain_support(key: jax.Array, n: int, m: int, density: float) -> jax.Array:
@@ -229,7 +243,8 @@ class SLTrainLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, density: float = 0.03,
                alpha: float = 32.0, dtype: Any = None, param_dtype: Any = jnp.float32,
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
+               rngs: nnx.Rngs):
     _check_rank(in_features, out_features, rank, "SLTrain")
     if not 0.0 < density <= 1.0:
       raise ValueError(f"SLTrain density={density} is outside (0, 1]. "
@@ -237,6 +252,7 @@ class SLTrainLinear(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.scale = float(alpha) / rank
     self.dtype = dtype
+    self.backward = backward
     a, b = random_factors(rngs, in_features, out_features, rank)
     in_axis, out_axis = axes
     self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
@@ -253,13 +269,13 @@ class SLTrainLinear(nnx.Module):
     # The support is static, so the scatter has a fixed shape; grads reach values by gather.
     sparse = jnp.zeros((n * m,), values.dtype).at[self.indices[...]].set(
         values, indices_are_sorted=True, unique_indices=True).reshape(n, m)
-    return matmul(x_BxN, self.scale * (a @ b.T) + sparse, self.dtype)
+    return matmul(x_BxN, self.scale * (a @ b.T) + sparse, self.dtype, backward=self.backward)
 
 
 def make_linear(lin, n: int, m: int, *, axes, dtype, param_dtype, init_std: float,
-                rngs: nnx.Rngs) -> nnx.Module:
+                backward: str = "xla", rngs: nnx.Rngs) -> nnx.Module:
   """Build the projection chosen by `lin.kind` (a `model.linear` ConfigDict)."""
-  common = dict(dtype=dtype, param_dtype=param_dtype, axes=axes, rngs=rngs)
+  common = dict(dtype=dtype, param_dtype=param_dtype, axes=axes, backward=backward, rngs=rngs)
   if lin.kind == "dense":
     return DenseLinear(n, m, init_std=init_std, **common)
   if lin.kind == "lost":

@@ -31,16 +31,23 @@ def _axes(var: nnx.Variable) -> tuple:
   return tuple(var.get_metadata().get("axes") or (None, None))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(x_BxN: jax.Array, a_NxR: jax.Array, b_RxM: jax.Array, scale: float
-               ) -> jax.Array:
-  """scale * x @ a @ b [..., m], with a backward that only ever transposes [.., r] tensors.
+def lora_delta(x_BxN: jax.Array, a_NxR: jax.Array, b_RxM: jax.Array, scale: float,
+               backward: str = "xla") -> jax.Array:
+  """scale * x @ a @ b [..., m]; the scale multiplies the rank-r intermediate.
 
-  The scale multiplies the rank-r intermediate. For the factor gradients XLA:CPU would
-  otherwise materialise x^T [n, T] and the cotangent's transpose [m, T] with slow strided
-  copies (~5% of a LoRA step at 512 tokens); here the weight gradients are computed as
-  (u^T @ x)^T and u^T @ g from the small [T, r] intermediates.
+  backward='xla' leaves the backward to XLA. backward='cpu_transposed' (XLA:CPU targets)
+  computes the factor gradients as (u^T @ x)^T and u^T @ g from the small [T, r]
+  intermediates, transposed behind optimisation barriers: XLA:CPU would otherwise
+  materialise x^T [n, T] and the cotangent's transpose [m, T] with slow strided copies
+  (~5% of a LoRA step at 512 tokens).
   """
+  if backward == "cpu_transposed":
+    return _lora_delta_cpu(x_BxN, a_NxR, b_RxM, scale)
+  return ((x_BxN @ a_NxR) * scale) @ b_RxM
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_delta_cpu(x_BxN, a_NxR, b_RxM, scale):
   return ((x_BxN @ a_NxR) * scale) @ b_RxM
 
 
@@ -62,7 +69,7 @@ def _lora_delta_bwd(scale, residuals, g_BxM):
           db_RxM.astype(b_RxM.dtype))
 
 
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+_lora_delta_cpu.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class LoRALinear(nnx.Module):
@@ -78,6 +85,7 @@ class LoRALinear(nnx.Module):
       raise ValueError(f"LoRA dropout={dropout} is outside [0, 1). Fix: use e.g. 0.0 or 0.05.")
     self.in_features, self.out_features = n, m
     self.dtype = base.dtype
+    self.backward = base.backward
     self.rank = rank
     self.scale = float(alpha) / rank
     self.kernel = base.kernel               # same Variable: the frozen base weight.
@@ -102,7 +110,7 @@ class LoRALinear(nnx.Module):
       x_BxN, a, b = x_BxN.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype)
     if self.dropout is not None:
       x_BxN = self.dropout(x_BxN)
-    return lora_delta(x_BxN, a, b, self.scale)
+    return lora_delta(x_BxN, a, b, self.scale, self.backward)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     return self.base(x_BxN) + self.delta(x_BxN)
@@ -146,7 +154,8 @@ def _dense_from(kernel: jax.Array, lin: LoRALinear) -> DenseLinear:
   # Built abstractly so no throw-away random kernel is materialised, then given the real one.
   dense = nnx.eval_shape(lambda: DenseLinear(lin.in_features, lin.out_features,
                                              dtype=lin.dtype, param_dtype=kernel.dtype,
-                                             axes=_axes(lin.kernel), rngs=nnx.Rngs(0)))
+                                             axes=_axes(lin.kernel), backward=lin.backward,
+                                             rngs=nnx.Rngs(0)))
   dense.kernel = nnx.Param(kernel, axes=_axes(lin.kernel))
   return dense
 

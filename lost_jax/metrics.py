@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,8 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for key, value in scalars.items():
-      self._tb.add_scalar(key, float(value), int(step))
+      if math.isfinite(float(value)):   # a skipped step's NaN loss stays in metrics.jsonl only
+        self._tb.add_scalar(key, float(value), int(step))
 
   def close(self) -> None:
     if self._tb is not None:

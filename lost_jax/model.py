@@ -2,8 +2,14 @@
 
 Pre-norm RMSNorm, RoPE (HF rotate-half convention), SwiGLU, causal GQA attention that honours
 packed-sequence segment ids, untied LM head. Norms, softmax and logits run in float32.
-The math is in small pure functions (`rms_norm`, `apply_rope`, `attention`) that the
-SparseLoRA path reuses.
+
+This is the only decoder forward: training, decoding (`generate`, through a `Cache`) and
+SparseLoRA (`sparselora`, through per-layer channel plans) all run `Llama.__call__`. What they
+need is passed in: LoRA deltas ride inside the projections (`lora.LoRALinear`), a channel
+plan decides how each block's projections run (`DenseChannels` is the default), a KV cache
+with slot positions, and `logits_from`, the first position whose logits are wanted.
+Performance choices (matmul backward, attention kernel) are read from `cfg.perf`, resolved
+once from the compile target (`configs.resolve_perf`); the math never asks for the backend.
 """
 
 from __future__ import annotations
@@ -144,6 +150,87 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
 
 
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                          segment_ids_BxL: jax.Array | None,
+                          implementation: str | None = None) -> jax.Array:
+  """Causal GQA attention through `jax.nn.dot_product_attention` (fused kernels), [B,L,H,K].
+
+  implementation None lets jax choose; 'cudnn' is GPU flash attention, 'xla' runs anywhere.
+  Packed segments become a [B, 1, L, L] mask (which the cuDNN kernel may refuse).
+  """
+  mask = None
+  if segment_ids_BxL is not None:
+    mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+                                      is_causal=True, implementation=implementation)
+
+
+def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
+  """The attention kernel named by perf.attention (resolved), [B, L, H, K]."""
+  if perf.attention == "blocked":
+    return attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+  if perf.attention == "dot_product_attention":
+    impl = None if perf.attention_impl == "auto" else perf.attention_impl
+    return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl)
+  raise ValueError(f"model.perf.attention={perf.attention!r} is unresolved or unknown. "
+                   f"Fix: one of {configs_lib.ATTENTIONS} (configs.resolve_perf).")
+
+
+def cache_attention(q_BxTxHxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxTxS) -> jax.Array:
+  """Attention of T new queries over an S-slot cache (GQA), softmax in float32, [B,T,H,K]."""
+  b, t, h, hd = q_BxTxHxK.shape
+  g = k_cache_BxSxGxK.shape[2]
+  q = q_BxTxHxK.reshape(b, t, g, h // g, hd)
+  scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_cache_BxSxGxK,
+                      preferred_element_type=jnp.float32) * (hd ** -0.5)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_BxSxGxK.dtype)
+  return jnp.einsum("bgrts,bsgk->btgrk", probs, v_cache_BxSxGxK).reshape(b, t, h, hd)
+
+
+class LayerCache(NamedTuple):
+  """One layer's keys and values [B, S, G, K]; the T new tokens go to slots [start, start+T)."""
+  k: jax.Array
+  v: jax.Array
+  start: int | jax.Array
+  valid: jax.Array           # [B, S] bool: slots holding real tokens (left padding is False)
+
+
+class Cache(NamedTuple):
+  """KV cache of every layer: kv = ((k, v), ...) [B, S, G, K] each; start and valid as above."""
+  kv: tuple
+  start: int | jax.Array
+  valid: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg, batch: int, slots: int, valid_BxS: jax.Array, dtype) -> "Cache":
+    shape = (batch, slots, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)
+    kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+               for _ in range(cfg.n_layers))
+    return cls(kv, 0, valid_BxS)
+
+
+def dense_projection(name: str, lin, x_BxLxN: jax.Array) -> jax.Array:
+  """A projection run as itself (base + LoRA delta on every channel and token)."""
+  del name
+  return lin(x_BxLxN)
+
+
+class DenseChannels:
+  """Channel plan of a dense layer: every projection on every channel (the default)."""
+
+  def attention_projection(self, attn, h_BxLxD: jax.Array):
+    """(name, linear, x) -> y used for q, k, v and o of this layer, given its normed input."""
+    del attn, h_BxLxD
+    return dense_projection
+
+  def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
+    return mlp(h_BxLxD)
+
+
+DENSE = DenseChannels()
+
+
 def remat_call(fn, block, x):
   """jax.checkpoint of fn(block, x) on the block's split state.
 
@@ -187,31 +274,47 @@ class Attention(nnx.Module):
     d, h, g = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
     self.n_heads, self.n_kv_heads, self.head_dim = h, g, d // h
     self.rope_theta = cfg.rope_theta
+    self.perf = cfg.perf
     self.rope_scaling = rope_scaling_of(cfg)
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-              init_std=cfg.init_std, rngs=rngs)
+              init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
     hd = self.head_dim
     self.q = make_linear(cfg.linear, d, h * hd, axes=("embed", "heads"), **kw)
     self.k = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.v = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.o = make_linear(cfg.linear, h * hd, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
+               cache: LayerCache | None = None):
+    """[B, L, D] -> [B, L, D]; with a cache, (y, LayerCache with this step's keys written)."""
     b, length, _ = x_BxLxD.shape
     hd = self.head_dim
-    q = self.q(x_BxLxD).reshape(b, length, self.n_heads, hd)
-    k = self.k(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    v = self.v(x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    proj = channels.attention_projection(self, x_BxLxD)
+    q = proj("q", self.q, x_BxLxD).reshape(b, length, self.n_heads, hd)
+    k = proj("k", self.k, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
+    v = proj("v", self.v, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
     cos, sin = rope_tables(positions_BxL, hd, self.rope_theta, self.rope_scaling)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q, k, v, segment_ids_BxL)
-    return self.o(out.reshape(b, length, self.n_heads * hd))
+    if cache is None:
+      out = attention_core(self.perf, q, k, v, segment_ids_BxL)
+    else:
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                  cache.start, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                  cache.start, 1)
+      slots = k_all.shape[1]
+      q_slot = cache.start + jnp.arange(length)
+      mask = (q_slot[:, None] >= jnp.arange(slots)[None, :])[None] & cache.valid[:, None, :]
+      out = cache_attention(q, k_all, v_all, mask)
+      cache = cache._replace(k=k_all, v=v_all)
+    y = proj("o", self.o, out.reshape(b, length, self.n_heads * hd))
+    return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-              init_std=cfg.init_std, rngs=rngs)
+              init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
     d, f = cfg.d_model, cfg.ffn_dim
     self.gate = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
     self.up = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
@@ -230,11 +333,17 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
+               cache: LayerCache | None = None):
+    """[B, L, D] -> [B, L, D] (and the updated LayerCache when one is given)."""
     h = self.attn_norm(x_BxLxD).astype(self.dtype)
-    x = x_BxLxD + self.attn(h, positions_BxL, segment_ids_BxL).astype(x_BxLxD.dtype)
+    a = self.attn(h, positions_BxL, segment_ids_BxL, channels=channels, cache=cache)
+    if cache is not None:
+      a, cache = a
+    x = x_BxLxD + a.astype(x_BxLxD.dtype)
     h = self.mlp_norm(x).astype(self.dtype)
-    return x + self.mlp(h).astype(x.dtype)
+    x = x + channels.mlp(self.mlp, h).astype(x.dtype)
+    return x if cache is None else (x, cache)
 
 
 class Llama(nnx.Module):
@@ -242,6 +351,7 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     configs_lib.validate_model(cfg)
+    cfg = configs_lib.with_resolved_perf(cfg)
     self.cfg = cfg
     self.dtype = as_dtype(cfg.dtype)
     pdt = as_dtype(cfg.param_dtype)
@@ -250,17 +360,38 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.lm_head = DenseLinear(cfg.d_model, cfg.vocab_size, dtype=self.dtype, param_dtype=pdt,
-                               init_std=cfg.init_std, axes=("embed", "vocab"), rngs=rngs)
+                               init_std=cfg.init_std, axes=("embed", "vocab"),
+                               backward=cfg.perf.matmul_backward, rngs=rngs)
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxL: jax.Array | None = None, *, logits_from: int = 0,
+               channels=None, cache: Cache | None = None):
+    """Float32 logits [B, L - logits_from, V]; with a cache, (logits, updated Cache).
+
+    logits_from (static): the LM head runs on positions >= logits_from only (training needs
+    the loss positions, decoding the last one). channels: one plan per layer (default dense).
+    """
+    b, length = tokens_BxL.shape
+    if not isinstance(logits_from, int) or not 0 <= logits_from < length:
+      raise ValueError(f"logits_from={logits_from!r} must be a python int in 0..{length - 1}.")
+    if channels is not None and len(channels) != len(self.layers):
+      raise ValueError(f"{len(channels)} channel plans for {len(self.layers)} layers.")
     if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+      positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
     # The residual stream stays in the compute dtype; blocks normalise in float32.
     x = self.embed(tokens_BxL, self.dtype)
-    for block in self.layers:
-      run = lambda blk, y: blk(y, positions_BxL, segment_ids_BxL)
+    new_kv = []
+    for i, block in enumerate(self.layers):
+      ch = DENSE if channels is None else channels[i]
+      lc = None if cache is None else LayerCache(*cache.kv[i], cache.start, cache.valid)
+      run = lambda blk, y, ch=ch, lc=lc: blk(y, positions_BxL, segment_ids_BxL, channels=ch,
+                                             cache=lc)
       x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
-    h = self.final_norm(x).astype(self.dtype)
+      if cache is not None:
+        x, lc = x
+        new_kv.append((lc.k, lc.v))
+    h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
-    return matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32)
+    logits = matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32,
+                    backward=self.cfg.perf.matmul_backward)
+    return logits if cache is None else (logits, cache._replace(kv=tuple(new_kv)))

@@ -8,6 +8,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lost_jax.errors import UserError
+
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to train.lr over warmup_frac of steps, cosine decay to min_lr_ratio * lr."""
@@ -55,8 +57,8 @@ def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
                                            mu_dtype=moment_dtype))
     opt = optax.partition({"galore": galore, "adam": adamw}, galore_labels(params))
   else:
-    raise ValueError(f"config.train.optimizer={train.optimizer!r} is unknown. "
-                     "Fix: use 'adamw' or 'galore'.")
+    raise UserError(f"config.train.optimizer={train.optimizer!r} is unknown. "
+                    "Fix: use 'adamw' or 'galore'.")
   if train.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(train.clip_norm), opt)
   return opt

@@ -10,6 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lost_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis. Anything unlisted ('rank', 'norm', None) is replicated.
@@ -27,19 +29,19 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   """Resolve (data, fsdp, tensor) with at most one -1 (fill) against the device count."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive with "
-                     "at most one -1 (fill). Fix: e.g. --config.mesh.data=-1 "
-                     "--config.mesh.fsdp=1 --config.mesh.tensor=1.")
+    raise UserError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive with "
+                    "at most one -1 (fill). Fix: e.g. --config.mesh.data=-1 "
+                    "--config.mesh.fsdp=1 --config.mesh.tensor=1.")
   known = math.prod(s for s in sizes if s != -1)
   if num_devices % known:
-    raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs a multiple of {known} "
-                     f"devices but {num_devices} are present. Fix: choose mesh sizes whose "
-                     f"product divides {num_devices}.")
+    raise UserError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs a multiple of {known} "
+                    f"devices but {num_devices} are present. Fix: choose mesh sizes whose "
+                    f"product divides {num_devices}.")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of "
-                     f"{num_devices} devices. Fix: make the product equal the device count, or "
-                     "set one axis to -1.")
+    raise UserError(f"config.mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of "
+                    f"{num_devices} devices. Fix: make the product equal the device count, or "
+                    "set one axis to -1.")
   return tuple(sizes)
 
 
@@ -86,8 +88,8 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
-    raise ValueError(f"config.train.batch_size={batch_size} does not split over the "
-                     f"{shards} data x fsdp shards of the mesh. Fix: use a multiple of {shards}.")
+    raise UserError(f"config.train.batch_size={batch_size} does not split over the "
+                    f"{shards} data x fsdp shards of the mesh. Fix: use a multiple of {shards}.")
 
 
 def _fits(shape, spec: P, mesh: jax.sharding.Mesh) -> bool:

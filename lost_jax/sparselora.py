@@ -45,7 +45,7 @@ from flax import nnx
 
 from lost_jax.layers import DenseLinear
 from lost_jax.lora import LoRALinear
-from lost_jax.model import apply_rope, attention, remat_call, rope_tables
+from lost_jax.model import dense_projection
 
 EST_MODULES = ("gate", "up", "q", "k", "v")
 MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
@@ -503,36 +503,62 @@ def sparse_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array | None, n_sparse: int,
   return _join(restricted_mlp(mlp, xs, idx_K, how), mlp(xd) if xd.shape[1] else None)
 
 
-def sparse_attention(attn, x_BxLxD: jax.Array, idx: AttnIndices | None, n_sparse: int,
-                     positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-                     how: str = "gather") -> jax.Array:
-  """Attention whose q/k/v/o base channels are restricted on tokens [:n_sparse], [B, L, D]."""
-  if idx is None or n_sparse == 0:
-    return attn(x_BxLxD, positions_BxL, segment_ids_BxL)
-  b, length, _ = x_BxLxD.shape
-  hd = attn.head_dim
-  xs, xd = _split(x_BxLxD, n_sparse)
-  has_dense = xd.shape[1] > 0
+def _dense_base(lin: Linear, x: jax.Array) -> jax.Array:
+  return lin.base(x) if isinstance(lin, LoRALinear) else lin(x)
 
-  def dense_base(lin, x):
-    return lin.base(x) if isinstance(lin, LoRALinear) else lin(x)
 
-  # Base restricted on the context, full on the suffix; each LoRA delta runs once over all
-  # tokens (one adapter matmul chain per projection, not one per token group).
-  def proj(lin, cols):
-    y = _join(_out_cols_base(lin, xs, cols, how), dense_base(lin, xd) if has_dense else None)
-    return _plus_delta(y, lin, x_BxLxD)
+def restricted_projection(name: str, lin: Linear, x_BxLxN: jax.Array, idx: AttnIndices,
+                          n_sparse: int, how: str = "gather") -> jax.Array:
+  """q/k/v (kept output columns) or o (kept input rows) restricted on tokens [:n_sparse].
 
-  q = proj(attn.q, idx.q).reshape(b, length, attn.n_heads, hd)
-  k = proj(attn.k, idx.k).reshape(b, length, attn.n_kv_heads, hd)
-  v = proj(attn.v, idx.v).reshape(b, length, attn.n_kv_heads, hd)
-  cos, sin = rope_tables(positions_BxL, hd, attn.rope_theta, attn.rope_scaling)
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  out = attention(q, k, v, segment_ids_BxL).reshape(b, length, attn.n_heads * hd)
-  outs, outd = _split(out, n_sparse)
-  y = _join(_in_rows_base(attn.o, outs, idx.o, how),
-            dense_base(attn.o, outd) if has_dense else None)
-  return _plus_delta(y, attn.o, out)
+  The base runs restricted on the context and full on the suffix; the LoRA delta runs once
+  over all tokens (one adapter matmul chain per projection, not one per token group).
+  """
+  xs, xd = _split(x_BxLxN, n_sparse)
+  if name == "o":
+    sparse = _in_rows_base(lin, xs, idx.o, how)
+  else:
+    sparse = _out_cols_base(lin, xs, getattr(idx, name), how)
+  y = _join(sparse, _dense_base(lin, xd) if xd.shape[1] else None)
+  return _plus_delta(y, lin, x_BxLxN)
+
+
+class LayerChannels:
+  """One layer's SparseLoRA channel plan for `model.Llama`'s forward (see model.DenseChannels).
+
+  Selects the layer's channels from its normed inputs (estimator or oracle) and restricts the
+  base projections on the first n_sparse tokens; the chosen indices are kept in `indices`.
+  """
+
+  def __init__(self, *, layer: int, plan: SparsityPlan, estimators: dict | None,
+               n_sparse: int, valid_BxL: jax.Array, how: str):
+    self.layer, self.plan, self.estimators = layer, plan, estimators
+    self.n_sparse, self.valid_BxL, self.how = n_sparse, valid_BxL, how
+    self.indices: dict = {"attn": None, "ffn": None}
+
+  def _sparse(self, which: str) -> bool:
+    return getattr(self.plan, which)[self.layer] > 0 and self.n_sparse > 0
+
+  def attention_projection(self, attn, h_BxLxD: jax.Array):
+    if not self._sparse("attn"):
+      return dense_projection
+    est = (_layer_est(self.estimators, self.layer, ("q", "k", "v"))
+           if self.plan.mode == "svd" else None)
+    idx = _attn_indices(attn, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
+                        est, self.plan.attn[self.layer], self.plan.mode)
+    self.indices["attn"] = idx
+    return functools.partial(restricted_projection, idx=idx, n_sparse=self.n_sparse,
+                             how=self.how)
+
+  def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
+    if not self._sparse("ffn"):
+      return mlp(h_BxLxD)
+    est = (_layer_est(self.estimators, self.layer, ("gate", "up"))
+           if self.plan.mode == "svd" else None)
+    idx = _ffn_indices(mlp, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
+                       est, self.plan.ffn[self.layer], self.plan.mode)
+    self.indices["ffn"] = idx
+    return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how)
 
 
 def _layer_est(estimators, i: int, modules):
@@ -546,26 +572,21 @@ def _layer_est(estimators, i: int, modules):
   return est
 
 
-def sparse_block(block, x_BxLxD: jax.Array, *, layer: int, estimators, plan: SparsityPlan,
-                 n_sparse: int, positions_BxL, segment_ids_BxL, valid_BxL, how: str = "gather"):
-  """One decoder block; returns (x [B, L, D], {'attn': AttnIndices|None, 'ffn': idx|None})."""
-  mask_s = valid_BxL[:, :n_sparse]
-  h = block.attn_norm(x_BxLxD).astype(block.dtype)
-  attn_idx = None
-  if plan.attn[layer] > 0 and n_sparse > 0:
-    est = _layer_est(estimators, layer, ("q", "k", "v")) if plan.mode == "svd" else None
-    attn_idx = _attn_indices(block.attn, h[:, :n_sparse], mask_s, est, plan.attn[layer],
-                             plan.mode)
-  a = sparse_attention(block.attn, h, attn_idx, n_sparse, positions_BxL, segment_ids_BxL, how)
-  x = x_BxLxD + a.astype(x_BxLxD.dtype)
-  h = block.mlp_norm(x).astype(block.dtype)
-  ffn_idx = None
-  if plan.ffn[layer] > 0 and n_sparse > 0:
-    est = _layer_est(estimators, layer, ("gate", "up")) if plan.mode == "svd" else None
-    ffn_idx = _ffn_indices(block.mlp, h[:, :n_sparse], mask_s, est, plan.ffn[layer],
-                           plan.mode)
-  x = x + sparse_mlp(block.mlp, h, ffn_idx, n_sparse, how).astype(x.dtype)
-  return x, {"attn": attn_idx, "ffn": ffn_idx}
+class StepLengths(NamedTuple):
+  """Static lengths of one fine-tuning step: the dense suffix (its context before it runs
+  sparse) and the suffix whose logits are computed (every loss position)."""
+  dense_len: int
+  logits_len: int
+
+
+def step_lengths(weights_BxL: np.ndarray, bucket: int, sparse: bool) -> StepLengths:
+  """Host-side StepLengths of a batch: suffixes covering every loss position, bucketed.
+
+  sparse=False (dense LoRA, or before SparseLoRA starts) keeps every token dense.
+  """
+  length = np.shape(weights_BxL)[1]
+  logits_len = max(1, dense_suffix_len(weights_BxL, bucket))
+  return StepLengths(logits_len if sparse else length, logits_len)
 
 
 def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
@@ -574,10 +595,11 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
             return_indices: bool = False, logits_from: int = 0):
   """SparseLoRA Llama forward: float32 logits [B, L - logits_from, V] (+ indices if asked).
 
-  plan and dense_len are static (python); tokens [:L - dense_len] are the sparse context.
-  valid marks real tokens for the estimator (default: segment_ids > 0, else all).
-  logits_from (static) skips the LM head on earlier positions: with L - dense_len, only the
-  dense suffix, which holds every loss position, pays for the [D, V] matmul.
+  `model(...)` with one `LayerChannels` per layer. plan and dense_len are static (python);
+  tokens [:L - dense_len] are the sparse context. valid marks real tokens for the estimator
+  (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
+  positions: with L - dense_len, only the dense suffix, which holds every loss position,
+  pays for the [D, V] matmul.
   """
   b, length = tokens_BxL.shape
   if plan.n_layers != len(model.layers):
@@ -586,32 +608,19 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   if not isinstance(dense_len, int) or not 0 <= dense_len <= length:
     raise ValueError(f"dense_len={dense_len!r} must be a python int in 0..{length} "
                      "(static). Fix: dense_suffix_len(loss_mask, bucket).")
-  if not isinstance(logits_from, int) or not 0 <= logits_from < length:
-    raise ValueError(f"logits_from={logits_from!r} must be a python int in 0..{length - 1}.")
-  n_sparse = length - dense_len
-  if positions_BxL is None:
-    positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+  if return_indices and model.cfg.remat:
+    raise ValueError("return_indices needs model.remat=False (indices chosen inside a "
+                     "rematerialised block cannot leave it). Fix: set model.remat=False.")
   if valid_BxL is None:
     valid_BxL = (segment_ids_BxL > 0 if segment_ids_BxL is not None
                  else jnp.ones((b, length), bool))
-  x = model.embed(tokens_BxL, model.dtype)
   how = "mask" if plan.mode == "oracle" else "gather"
-
-  def layer_fn(i):                # the layer number must stay a python int under remat
-    def run(blk, y):
-      return sparse_block(blk, y, layer=i, estimators=estimators, plan=plan,
-                          n_sparse=n_sparse, positions_BxL=positions_BxL,
-                          segment_ids_BxL=segment_ids_BxL, valid_BxL=valid_BxL, how=how)
-    return functools.partial(remat_call, run) if model.cfg.remat else run
-
-  all_idx = []
-  for i, block in enumerate(model.layers):
-    x, idx = layer_fn(i)(block, x)
-    all_idx.append(idx)
-  h = model.final_norm(x[:, logits_from:]).astype(model.dtype)
-  logits = jnp.einsum("bld,dv->blv", h, model.lm_head.kernel[...].astype(model.dtype),
-                      preferred_element_type=jnp.float32)
-  return (logits, all_idx) if return_indices else logits
+  channels = [LayerChannels(layer=i, plan=plan, estimators=estimators,
+                            n_sparse=length - dense_len, valid_BxL=valid_BxL, how=how)
+              for i in range(plan.n_layers)]
+  logits = model(tokens_BxL, positions_BxL, segment_ids_BxL, logits_from=logits_from,
+                 channels=channels)
+  return (logits, [ch.indices for ch in channels]) if return_indices else logits
 
 
 class Estimator(nnx.Variable):
@@ -627,12 +636,16 @@ class SparseLoRALlama(nnx.Module):
     est = {} if estimators is None else estimators
     self.estimators = nnx.data(jax.tree.map(Estimator, est))
 
-  def __call__(self, tokens_BxL: jax.Array, dense_len: int, positions_BxL=None,
+  def __call__(self, tokens_BxL: jax.Array, lengths: int | StepLengths, positions_BxL=None,
                segment_ids_BxL=None, valid_BxL=None) -> jax.Array:
+    """Logits [B, logits_len, V] of the last logits_len positions (all for an int dense_len)."""
+    if not isinstance(lengths, StepLengths):
+      lengths = StepLengths(lengths, tokens_BxL.shape[1])
     est = jax.tree.map(lambda v: v[...], self.estimators,
                        is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return forward(self.model, tokens_BxL, est, self.plan, dense_len, positions_BxL,
-                   segment_ids_BxL, valid_BxL)
+    return forward(self.model, tokens_BxL, est, self.plan, lengths.dense_len, positions_BxL,
+                   segment_ids_BxL, valid_BxL,
+                   logits_from=tokens_BxL.shape[1] - lengths.logits_len)
 
 
 def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:

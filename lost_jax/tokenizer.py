@@ -22,6 +22,7 @@ import tempfile
 import sentencepiece as spm
 
 from lost_jax import data as _data
+from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
 _RECIPE = 1
@@ -146,8 +147,8 @@ def load_tokenizer_json(path: str, name: str = "") -> HFTokenizer:
   try:
     tok = tokenizers.Tokenizer.from_str(text)
   except Exception as e:  # the library raises a bare Exception for a malformed file
-    raise ValueError(f"config.data.tokenizer: {path!r} is not a HF tokenizer.json ({e}). Fix: "
-                     "give the tokenizer.json saved with the model") from e
+    raise UserError(f"config.data.tokenizer: {path!r} is not a HF tokenizer.json ({e}). Fix: "
+                    "give the tokenizer.json saved with the model") from e
   folder = os.path.dirname(path)
   tcfg, mcfg = {}, {}
   for fname, into in ((TOKENIZER_CONFIG, tcfg), ("config.json", mcfg)):
@@ -177,9 +178,9 @@ def load_sentencepiece(path: str, name: str = "") -> SentencePieceTokenizer:
   try:
     return SentencePieceTokenizer(proto, name, path)
   except RuntimeError as e:
-    raise ValueError(f"config.data.tokenizer: {path!r} is not a SentencePiece model ({e}). "
-                     "Fix: give a .model file (e.g. T5's spiece.model or LLaMA's "
-                     "tokenizer.model) or a HF tokenizer.json") from e
+    raise UserError(f"config.data.tokenizer: {path!r} is not a SentencePiece model ({e}). "
+                    "Fix: give a .model file (e.g. T5's spiece.model or LLaMA's "
+                    "tokenizer.model) or a HF tokenizer.json") from e
 
 
 def from_path(path: str, name: str = "") -> Tokenizer | None:
@@ -233,7 +234,7 @@ def train_stdlib_model(vocab_size: int) -> bytes:
         # One thread: the result depends on the thread count, and every host must agree.
         num_threads=1, minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(
+    raise UserError(
         f"config.model.vocab_size: cannot train a {vocab_size}-piece tokenizer on the stdlib "
         f"corpus ({e}). Fix: use a vocab size such as 4096 or 32000, or set "
         "config.data.tokenizer to a SentencePiece .model file") from e
@@ -277,7 +278,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   # long as every id the tokenizer emits has a row.
   hf_padded = isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size < model_vocab_size
   if tokenizer.vocab_size != model_vocab_size and not hf_padded:
-    raise ValueError(
+    raise UserError(
         f"config.model.vocab_size={model_vocab_size} but the tokenizer "
         f"(config.data.tokenizer={tokenizer.name!r}) has {tokenizer.vocab_size} pieces. Fix: "
         f"set config.model.vocab_size={tokenizer.vocab_size}, or set config.data.tokenizer "
@@ -295,13 +296,13 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   else:
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-      raise ValueError(f"config.data.tokenizer: {path!r} does not exist. Fix: give the path of "
-                       "a SentencePiece .model file or a HF tokenizer.json, or '' to train one "
-                       "on the stdlib corpus")
+      raise UserError(f"config.data.tokenizer: {path!r} does not exist. Fix: give the path of "
+                      "a SentencePiece .model file or a HF tokenizer.json, or '' to train one "
+                      "on the stdlib corpus")
     tok = from_path(path, data_cfg.tokenizer)
     if tok is None:
-      raise ValueError(f"config.data.tokenizer: directory {path!r} has neither "
-                       f"{TOKENIZER_JSON} nor {SENTENCEPIECE_MODEL}. Fix: give the tokenizer "
-                       "file itself")
+      raise UserError(f"config.data.tokenizer: directory {path!r} has neither "
+                      f"{TOKENIZER_JSON} nor {SENTENCEPIECE_MODEL}. Fix: give the tokenizer "
+                      "file itself")
   check_vocab(tok, vocab_size)
   return tok

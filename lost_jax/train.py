@@ -18,38 +18,24 @@ from flax import nnx
 
 from lost_jax import (accounting, checkpoint, configs, data, metrics, optim, sharding,
                       tokenizer)
+from lost_jax.errors import TrainingDiverged, UserError
 from lost_jax.model import Llama
 
-PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
-    "mixed": ("bfloat16", "float32"),
-    "pure_bf16": ("bfloat16", "bfloat16"),
-    "float32": ("float32", "float32"),
-}
+PRECISIONS = configs.PRECISIONS   # train.precision -> (compute dtype, parameter dtype)
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def apply_precision(cfg: ml_collections.ConfigDict) -> None:
   """train.precision is the one switch for dtypes: it sets model.dtype and model.param_dtype."""
   if cfg.train.precision not in PRECISIONS:
-    raise ValueError(f"config.train.precision={cfg.train.precision!r} is unknown. "
-                     f"Fix: use one of {tuple(PRECISIONS)}.")
+    raise UserError(f"config.train.precision={cfg.train.precision!r} is unknown. "
+                    f"Fix: use one of {tuple(PRECISIONS)}.")
   cfg.model.dtype, cfg.model.param_dtype = PRECISIONS[cfg.train.precision]
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Every config check that can run before data is read or anything is compiled."""
-  configs.validate_model(cfg.model)
-  t = cfg.train
-  if t.steps < 1:
-    raise ValueError(f"config.train.steps={t.steps} < 1. Fix: a positive step count.")
-  if t.batch_size < 1 or t.batch_size % t.microbatches:
-    raise ValueError(f"config.train.batch_size={t.batch_size} is not a positive multiple of "
-                     f"train.microbatches={t.microbatches}. Fix: make it one.")
-  if t.optimizer == "galore" and cfg.model.linear.kind != "dense":
-    raise ValueError("config.train.optimizer='galore' projects dense gradients. Fix: set "
-                     "model.linear.kind='dense' (the galore method preset does).")
-  if cfg.data.seq_len < 2:
-    raise ValueError(f"config.data.seq_len={cfg.data.seq_len} < 2. Fix: e.g. 256.")
+  configs.validate_pretrain(cfg)
 
 
 @dataclasses.dataclass
@@ -98,14 +84,17 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
 def batch_nll(graphdef, params, rest, batch, dense_len: int | None = None):
   """Summed token NLL of a batch and its weight sum (float32 scalars).
 
-  `dense_len` (static) is passed to SparseLoRA models: the length of the dense suffix.
+  `dense_len` (static) is passed to SparseLoRA models (`sparselora.StepLengths`: dense and
+  logits suffixes). A model may return logits of the last positions only (every position
+  with a loss): targets and weights are cut to match.
   """
   model = nnx.merge(graphdef, params, rest)
   if dense_len is None:
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   else:
     logits = model(batch["inputs"], dense_len, batch["positions"], batch["segment_ids"])
-  return optim.cross_entropy(logits, batch["targets"], batch["weights"])
+  n = logits.shape[1]
+  return optim.cross_entropy(logits, batch["targets"][:, -n:], batch["weights"][:, -n:])
 
 
 def make_train_step(setup: Setup, microbatches: int):
@@ -140,10 +129,17 @@ def make_train_step(setup: Setup, microbatches: int):
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+    loss, grad_norm = nll / denom, optax.tree.norm(grads)
+    # A step with a non-finite loss or gradient is not applied: parameters and optimizer state
+    # stay exactly as they were (the loop counts such steps and stops after too many).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = {"params": jax.tree.map(keep, new_params, params),
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+                 "step": state["step"] + 1,
                  "rng": jax.random.fold_in(state["rng"], state["step"])}
-    out = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
-           "lr": schedule(state["step"]), "tokens": weight}
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+           "tokens": weight, "skipped": ~finite}
     return new_state, out
 
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.rest_shardings,
@@ -247,10 +243,26 @@ def start_run(cfg: ml_collections.ConfigDict):
   return cfg, mesh
 
 
+def make_workdir(workdir: str) -> None:
+  """Create the run's directory, or refuse (one clear error) a path that cannot be one."""
+  if not workdir:
+    raise UserError("--workdir is empty. Fix: pass --workdir=<directory of this run>.")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is an existing file, not a directory. Fix: give a "
+                    "new directory path (re-using a run's directory resumes that run).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(13, "Permission denied", workdir)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} cannot be created or written ({e.strerror}). Fix: "
+                    "give a writable directory path.") from e
+
+
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,
                  fingerprint: dict) -> checkpoint.Checkpointer:
   """Check the workdir's checkpoints fit this config, then record the resolved config."""
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
                                  keep=cfg.train.keep_checkpoints)
   ckpt.check_compatible(fingerprint)
@@ -261,15 +273,15 @@ def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,
 
 
 def init_or_restore(setup: Setup, ckpt: checkpoint.Checkpointer, train_iter, key):
-  """Fresh sharded state at step 0, or the latest checkpoint (iterator restored in place)."""
-  start = ckpt.latest_step()
-  if start is None:
-    state, rest = setup.init_fn(key)
-    return state, rest, 0
-  state, rest = ckpt.restore(
-      start, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+  """Fresh sharded state at step 0, or the newest intact checkpoint (iterator set in place)."""
+  found = ckpt.restore_latest(
+      checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
       checkpoint.abstract_with_shardings(setup.abstract_rest, setup.rest_shardings),
       train_iter)
+  if found is None:
+    state, rest = setup.init_fn(key)
+    return state, rest, 0
+  start, state, rest = found
   return state, rest, start
 
 
@@ -295,6 +307,7 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
   log(f"{header} | mesh {dict(mesh.shape)} | steps {start}->{end} of {train_cfg.steps} | "
       f"workdir {workdir}")
   logger = _StepLogger(train_cfg, writer, log, progress, flops_per_token, n_dev)
+  max_skipped = train_cfg.get("max_skipped_steps", 10)
   saved_rest = rest if save_rest else None
   last_eval: dict = {}
   pending = None          # (step, device metrics): read one step late
@@ -307,23 +320,60 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
       if pending is not None:
         logger(*pending)
       pending = (step, step_metrics)
+      if step % train_cfg.ckpt_every == 0:   # a checkpoint step: read its metrics now
+        logger(*pending)
+        pending = None
+      if logger.streak >= max_skipped:
+        break
       if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
         last_eval = evaluate_fn(state)
         writer.write(step, last_eval)
         log(f"eval step {step}: " + " | ".join(_fmt(k, v) for k, v in last_eval.items()))
-      if step % train_cfg.ckpt_every == 0:
-        ckpt.save(step, state, saved_rest, train_iter, fingerprint)
+      if step % train_cfg.ckpt_every == 0 and logger.streak == 0:
+        _save_finite(ckpt, step, state, saved_rest, train_iter, fingerprint)
     if pending is not None:
       logger(*pending)
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, saved_rest, train_iter, fingerprint, force=True)
+    diverged = logger.streak >= max_skipped
+    if not diverged and ckpt.latest_step() != step:
+      _save_finite(ckpt, step, state, saved_rest, train_iter, fingerprint, force=True)
   ckpt.wait()
+  last_good = ckpt.latest_step()
   ckpt.close()
   progress.close()
   writer.close()
+  if diverged:
+    where = (f"step {last_good} ({os.path.join(ckpt.directory, str(last_good))})"
+             if last_good is not None else "none (re-running starts from step 0)")
+    raise TrainingDiverged(
+        f"training diverged: steps {step - logger.streak + 1}..{step} had a non-finite loss "
+        f"or gradient norm ({logger.streak} in a row, config.train.max_skipped_steps="
+        f"{max_skipped}); they were skipped and nothing after them was saved. Last good "
+        f"checkpoint: {where}. Fix: re-run the command with a lower config.train.lr to resume "
+        "from it (or start a new --workdir with config.train.clip_norm > 0).")
   if pidx == 0:
     _plot_run(workdir, name)
   return {"step": step, **last_eval}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (one replicated bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _save_finite(ckpt: checkpoint.Checkpointer, step: int, state, rest, train_iter,
+                 fingerprint: dict, force: bool = False) -> None:
+  """Save, unless parameters or optimizer state hold a NaN/Inf (never written to disk)."""
+  if not bool(_all_finite((state["params"], state["opt_state"]))):
+    ckpt.wait()
+    last = ckpt.latest_step()
+    raise TrainingDiverged(
+        f"training diverged: the state after step {step} holds NaN or Inf values and was not "
+        f"saved. Last good checkpoint: step {last}. Fix: re-run the command with a lower "
+        "config.train.lr to resume from it.")
+  ckpt.save(step, state, rest, train_iter, fingerprint, force=force)
 
 
 _LABELS = {"eval_loss": "loss", "eval_ppl": "perplexity", "eval_tokens": "tokens",
@@ -351,23 +401,34 @@ class _StepLogger:
     self.cfg, self.writer, self.log, self.progress = train_cfg, writer, log, progress
     self.flops_per_token, self.n_dev = flops_per_token, n_dev
     self.window_t, self.window_tokens, self.window_steps = time.time(), 0.0, 0
+    self.streak, self.skipped = 0, 0    # consecutive and total non-finite (skipped) steps
 
   def __call__(self, step: int, dev_metrics) -> None:
     m = jax.device_get(dev_metrics)
     self.window_tokens += float(m["tokens"])
     self.window_steps += 1
     self.progress.update(step)
+    if m.get("skipped", False):
+      self.streak += 1
+      self.skipped += 1
+      self.log(f"step {step}: loss {float(m['loss']):.4g}, grad norm "
+               f"{float(m['grad_norm']):.4g}: not finite, update skipped ({self.streak} in a "
+               f"row, {self.skipped} in all)")
+    else:
+      self.streak = 0
     if step % self.cfg.log_every and step != self.cfg.steps:
       return
     now = time.time()
     elapsed = max(now - self.window_t, 1e-9)
     tok_s = self.window_tokens / elapsed
     scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps}
+               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps,
+               "skipped_steps": self.skipped}
     if self.cfg.peak_flops > 0:
       scalars["mfu"] = tok_s * self.flops_per_token / (self.cfg.peak_flops * self.n_dev)
     self.writer.write(step, scalars)
     mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+    mfu += f" | skipped {self.skipped}" if self.skipped else ""
     self.log(f"step {step}/{self.cfg.steps} | loss {float(m['loss']):.4f} | "
              f"lr {float(m['lr']):.2e} | gnorm {float(m['grad_norm']):.3f} | "
              f"{tok_s:,.0f} tok/s | {scalars['step_time'] * 1e3:.0f} ms/step{mfu} | "

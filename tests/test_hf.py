@@ -210,7 +210,7 @@ def test_missing_and_unexpected_tensors_are_named(exported):
 
 
 def test_missing_weights_file_is_explained(tmp_path):
-  with pytest.raises(FileNotFoundError, match="safe_serialization=True"):
+  with pytest.raises(ValueError, match="safe_serialization=True"):
     hf.load_hf_llama(write_config(tmp_path, hf_dict()))
 
 

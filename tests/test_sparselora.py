@@ -302,6 +302,22 @@ def test_sparse_mlp_matches_masked_kernels(targets):
     np.testing.assert_allclose(a, b, **TOL)
 
 
+class FixedAttnChannels:
+  """A channel plan with given attention indices (what sparselora.LayerChannels selects)."""
+
+  def __init__(self, idx, n_sparse, how):
+    self.idx, self.n_sparse, self.how = idx, n_sparse, how
+
+  def attention_projection(self, attn, h):
+    return functools.partial(sl.restricted_projection, idx=self.idx, n_sparse=self.n_sparse,
+                             how=self.how)
+
+
+def sparse_attention(attn, x, idx, n_sparse, pos, seg, how):
+  """The model's own attention forward with q/k/v/o restricted on tokens [:n_sparse]."""
+  return attn(x, pos, seg, channels=FixedAttnChannels(idx, n_sparse, how))
+
+
 @pytest.mark.parametrize("g", [4, 2])
 def test_sparse_attention_matches_masked_kernels(g):
   model = lora_model(n_kv_heads=g, targets=("q", "v", "o"), n_layers=1)
@@ -313,7 +329,7 @@ def test_sparse_attention_matches_masked_kernels(g):
   idx = sl.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.5, H, g)
   want = np_attention(attn, x.astype(np.float64), n_sparse, idx)
   for how in ("gather", "mask"):
-    got = sl.sparse_attention(attn, jnp.asarray(x), idx, n_sparse, jnp.asarray(pos), None, how)
+    got = sparse_attention(attn, jnp.asarray(x), idx, n_sparse, jnp.asarray(pos), None, how)
     np.testing.assert_allclose(got, want, **TOL)
   dense = np_attention(attn, x.astype(np.float64), n_sparse, None)
   assert np.abs(np.asarray(got) - dense).max() > 1e-3           # sparsity really acted
@@ -321,7 +337,7 @@ def test_sparse_attention_matches_masked_kernels(g):
   # Gradients: gather path vs the masked (dense-then-mask) path.
   w = jnp.asarray(rand(B, L, D, seed=16))
   def loss(how, a, xx):
-    return jnp.sum(sl.sparse_attention(a, xx, idx, n_sparse, jnp.asarray(pos), None, how) * w)
+    return jnp.sum(sparse_attention(a, xx, idx, n_sparse, jnp.asarray(pos), None, how) * w)
   diff = nnx.DiffState(0, LoRAParam)
   g1 = nnx.jit(nnx.grad(functools.partial(loss, "gather"), argnums=(diff, 1)))(
       attn, jnp.asarray(x))

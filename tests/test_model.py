@@ -1,0 +1,166 @@
+"""The decoder forward's performance settings (model.perf): each option against NumPy."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lost_jax import checkpoint, configs, layers, lora, model as model_lib
+
+B, L, H, G, K = 2, 12, 4, 2, 8
+
+
+def np_causal_gqa(q, k, v, seg):
+  """float64 causal GQA attention with a packed-segment mask; q [B,L,H,K], k/v [B,L,G,K]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  b, length, h, hd = q.shape
+  allowed = np.tril(np.ones((length, length), bool))[None]
+  if seg is not None:
+    allowed = allowed & (seg[:, :, None] == seg[:, None, :])
+  out = np.zeros_like(q)
+  for hh in range(h):
+    j = hh // (h // k.shape[2])
+    s = np.einsum("bqk,bsk->bqs", q[:, :, hh], k[:, :, j]) / np.sqrt(hd)
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out[:, :, hh] = np.einsum("bqs,bsk->bqk", p / p.sum(-1, keepdims=True), v[:, :, j])
+  return out
+
+
+def qkv(seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (B, L, H, K)), jax.random.normal(ks[1], (B, L, G, K)),
+          jax.random.normal(ks[2], (B, L, G, K)))
+
+
+SEG = np.array([[1] * 5 + [2] * 7, [1] * L])
+KERNELS = {
+    "blocked": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=4),
+    "dot_product_attention": lambda q, k, v, s: model_lib.dot_product_attention(
+        q, k, v, s, implementation="xla"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KERNELS))
+@pytest.mark.parametrize("seg", [None, SEG])
+def test_attention_kernel_matches_numpy_and_blocked_gradients(kind, seg):
+  q, k, v = qkv()
+  s = None if seg is None else jnp.asarray(seg)
+  got = KERNELS[kind](q, k, v, s)
+  np.testing.assert_allclose(got, np_causal_gqa(q, k, v, seg), rtol=2e-5, atol=2e-5)
+  # Gradients of every option equal those of the plain-jnp masked-softmax reference.
+  w = jax.random.normal(jax.random.key(9), (B, L, H, K))
+
+  def reference(q, k, v):
+    mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
+    if s is not None:
+      mask = mask & (s[:, None, :, None] == s[:, None, None, :])
+    qg = q.reshape(B, L, G, H // G, K)
+    sc = jnp.einsum("blgrk,bsgk->bgrls", qg, k) / np.sqrt(K)
+    sc = jnp.where(mask[:, :, None], sc, -jnp.inf)
+    out = jnp.einsum("bgrls,bsgk->blgrk", jax.nn.softmax(sc, -1), v)
+    return out.reshape(B, L, H, K)
+
+  g_got = jax.grad(lambda *a: jnp.sum(KERNELS[kind](*a, s) * w), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_got, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_backward_options_match_numpy(backward, dtype):
+  rng = np.random.default_rng(0)
+  x, w, g = rng.normal(size=(2, 6, 16)), rng.normal(size=(16, 5)), rng.normal(size=(2, 6, 5))
+  f = lambda x, w: jnp.sum(layers.matmul(x, w, dtype, jnp.float32, backward) * g)
+  dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(x, jnp.float32),
+                                                jnp.asarray(w, jnp.float32))
+  tol = 1e-5 if dtype == "float32" else 3e-2       # bf16 operands, float32 accumulation
+  np.testing.assert_allclose(dx, g @ w.T, rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(dw, np.einsum("btn,btm->nm", x, g), rtol=tol, atol=tol * 8)
+
+
+@pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
+def test_lora_delta_backward_options_match_numpy(backward):
+  rng = np.random.default_rng(1)
+  x, a, b, g = (rng.normal(size=s) for s in ((3, 7, 16), (16, 4), (4, 9), (3, 7, 9)))
+  f = lambda x, a, b: jnp.sum(lora.lora_delta(x, a, b, 0.5, backward) * g)
+  got = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*(jnp.asarray(v, jnp.float32) for v in (x, a, b)))
+  gu = 0.5 * g @ b.T                                    # d loss / d (x a)
+  want = (gu @ a.T, np.einsum("btn,btr->nr", x, gu),
+          np.einsum("btr,btm->rm", 0.5 * x @ a, g))
+  for got_i, want_i in zip(got, want):
+    np.testing.assert_allclose(got_i, want_i, rtol=1e-4, atol=1e-4)
+
+
+def tiny_model(matmul_backward, attention, remat=False):
+  cfg = configs.model_config("quickstart")
+  cfg.update(dict(vocab_size=64, d_model=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                  dtype="float32", remat=remat))
+  cfg.perf.update(dict(matmul_backward=matmul_backward, attention=attention,
+                       attention_impl="xla"))
+  return model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def test_model_options_give_the_same_logits_and_gradients():
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, 64)
+  seg = jnp.asarray(SEG)
+  results = []
+  for backward in configs.MATMUL_BACKWARDS:
+    for attention in configs.ATTENTIONS:
+      model = tiny_model(backward, attention)
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(tokens, None, seg, logits_from=3)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      results.append((logits, jax.tree.leaves(grads)))
+  assert results[0][0].shape == (B, L - 3, 64)
+  for logits, grads in results[1:]:
+    np.testing.assert_allclose(logits, results[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, results[0][1]):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_logits_from_equals_the_tail_of_all_logits():
+  model = tiny_model("xla", "blocked")
+  tokens = jax.random.randint(jax.random.key(2), (B, L), 0, 64)
+  np.testing.assert_allclose(model(tokens, logits_from=7), model(tokens)[:, 7:], rtol=1e-6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="logits_from"):
+    model(tokens, logits_from=L)
+
+
+def test_auto_is_resolved_from_the_target_platform():
+  for platform, want in (("cpu", ("cpu_transposed", "blocked")),
+                         ("gpu", ("xla", "dot_product_attention")),
+                         ("tpu", ("xla", "dot_product_attention"))):
+    cfg = configs.model_config("quickstart")
+    configs.resolve_perf(cfg, platform)
+    assert (cfg.perf.matmul_backward, cfg.perf.attention) == want
+  cfg = configs.model_config("quickstart")
+  cfg.perf.attention = "blocked"
+  configs.resolve_perf(cfg, "tpu")                     # an explicit choice is kept
+  assert cfg.perf.attention == "blocked"
+  # Built without a resolution, the model resolves 'auto' once for the default device.
+  model = model_lib.Llama(configs.model_config("quickstart"), rngs=nnx.Rngs(0))
+  want = "cpu_transposed" if jax.devices()[0].platform == "cpu" else "xla"
+  assert model.cfg.perf.matmul_backward == want
+  assert model.layers[0].attn.q.backward == want
+  with pytest.raises(ValueError, match="model.perf.attention"):
+    bad = configs.model_config("quickstart")
+    bad.perf.attention = "flash"
+    configs.validate_model(bad)
+
+
+def test_no_backend_sniffing_in_the_math_and_perf_not_in_checkpoint_fingerprint():
+  for module in (layers, lora, model_lib):
+    assert "default_backend" not in inspect.getsource(module)
+  cfg = configs.pretrain_config("quickstart", "full_rank")
+  a = checkpoint.model_fingerprint(cfg, 4096)
+  cfg.model.perf.attention = "dot_product_attention"
+  assert checkpoint.model_fingerprint(cfg, 4096) == a

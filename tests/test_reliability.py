@@ -1,0 +1,406 @@
+"""Reliability through the command line: divergence, damaged checkpoints, SIGTERM, bad inputs.
+
+Every run is a `python -m lost_jax.main` subprocess on a tiny dense model (1 layer, d=32,
+seq 32), so what is checked is what a user sees: exit status, output lines, files on disk.
+"""
+
+import asyncio
+import concurrent.futures
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lost_jax import checkpoint, configs, metrics, sharding, tokenizer, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]
+FINETUNE = ["finetune", f"--config={ROOT}/configs/finetune.py:quickstart",
+            "--config.init.source=random"]
+TINY = ["--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.ffn_dim=64",
+        "--config.train.batch_size=2", "--config.data.seq_len=32",
+        "--config.train.precision=float32", "--config.train.eval_batches=1",
+        "--config.train.log_every=1"]
+# Constant learning rate (after step 0): train.steps then changes nothing but where a run ends.
+CONSTANT_LR = ["--config.train.warmup_frac=0", "--config.train.min_lr_ratio=1.0"]
+STEPS = 30
+STRAIGHT = TINY + CONSTANT_LR + [f"--config.train.steps={STEPS}", "--config.train.ckpt_every=1",
+                                 "--config.train.keep_checkpoints=4",
+                                 f"--config.train.eval_every={STEPS}"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep +
+       os.environ.get("PYTHONPATH", "")}
+
+
+def cli(*args, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "lost_jax.main", *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def lines_of(proc) -> list[str]:
+  """Output lines a user reads: stdout and stderr, tqdm's redrawn progress bars left out."""
+  text = (proc.stdout + proc.stderr).replace("\r", "\n")
+  return [line for line in text.splitlines() if line.strip() and "%|" not in line]
+
+
+def steps_on_disk(workdir) -> list[int]:
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def saved_state(workdir, step):
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_names=("state", "rest", "data", "meta"))
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  return out["state"]
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(str(workdir)) if "loss" in r}
+
+
+def assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves((a["params"], a["opt_state"])),
+                  jax.tree.leaves((b["params"], b["opt_state"])), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted 30-step run, checkpointed every step (the last 4 kept)."""
+  tokenizer.stdlib_tokenizer(4096)   # trained once here, not by concurrent subprocesses
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *STRAIGHT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert steps_on_disk(workdir) == [27, 28, 29, 30]
+  return workdir
+
+
+# ------------------------------------------------------------------------------ non-finite
+
+
+def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
+  cfg = configs.pretrain_config("quickstart", "full_rank")
+  cfg.model.update(dict(vocab_size=64, d_model=32, ffn_dim=64, n_layers=1, n_heads=4,
+                        n_kv_heads=4))
+  cfg.train.update(dict(precision="float32", warmup_frac=0.0, steps=10))
+  train.apply_precision(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  setup = train.make_setup(cfg, mesh)
+  state, rest = setup.init_fn(jax.random.key(0))
+  step_fn = train.make_train_step(setup, 1)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 64, (16, 9)).astype(np.int32)
+  good = dict(inputs=toks[:, :-1], targets=toks[:, 1:],
+              positions=np.tile(np.arange(8, dtype=np.int32), (16, 1)),
+              segment_ids=np.ones((16, 8), np.int32), weights=np.ones((16, 8), np.float32))
+  bad = {**good, "weights": np.where(np.arange(8) == 3, np.nan, 1.0).astype(np.float32)[None]
+         .repeat(16, 0)}
+  state, m = step_fn(state, rest, train.to_global(good, mesh))   # one real step: Adam moments
+  assert not bool(m["skipped"])
+  before = jax.tree.map(np.array, {k: state[k] for k in ("params", "opt_state", "step")})
+  state, m = step_fn(state, rest, train.to_global(bad, mesh))
+  assert bool(m["skipped"]) and not np.isfinite(float(m["loss"]))
+  assert_same_state(before, state)                 # bit-identical, Adam's count included
+  assert int(state["step"]) == int(before["step"]) + 1   # the batch is consumed, not applied
+  state, m = step_fn(state, rest, train.to_global(good, mesh))
+  assert not bool(m["skipped"]) and np.isfinite(float(m["loss"]))
+  changed = [not np.array_equal(np.asarray(x), y) for x, y in
+             zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"]))]
+  assert all(changed)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
+  workdir = tmp_path / "diverge"
+  diverge = [*TINY, "--config.train.lr=1e6", "--config.train.clip_norm=0",
+             "--config.train.steps=30", "--config.train.ckpt_every=1",
+             "--config.train.keep_checkpoints=1", "--config.train.max_skipped_steps=3"]
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *diverge)
+  out = lines_of(proc)
+  print("\n".join(out))
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  last = out[-1]
+  m = re.match(r"error: training diverged: steps (\d+)\.\.(\d+) had a non-finite loss .*"
+               r"config\.train\.max_skipped_steps=3\).*Last good checkpoint: step (\d+) \((.*)\)"
+               r"\. Fix: re-run the command with a lower config\.train\.lr", last)
+  assert m, last
+  first_bad, stop, good = int(m[1]), int(m[2]), int(m[3])
+  assert good == first_bad - 1 and stop - first_bad + 1 >= 3 and stop < 30
+  assert m[4] == str(workdir / "checkpoints" / str(good))
+  # keep_checkpoints=1 rotated every finite save away but the last; nothing after it was saved.
+  assert steps_on_disk(workdir) == [good]
+  state = saved_state(workdir, good)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["opt_state"]))
+  skipped = [line for line in out if "not finite, update skipped" in line]
+  assert len(skipped) == stop - first_bad + 1
+  assert max(r.get("skipped_steps", 0) for r in metrics.read_metrics(str(workdir))) >= 3
+  # The run resumes from it with a sane learning rate.
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *diverge[:-6], "--config.train.clip_norm=0",
+             "--config.train.steps=4", "--config.train.lr=1e-3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"steps {good}->4 of 4" in proc.stdout and "done: step 4" in proc.stdout
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+
+
+def _garbage_metadata(step_dir):
+  with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+    f.write("garbage{{{")
+
+
+def _truncate_a_data_file(step_dir):
+  data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  largest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+  os.truncate(largest, 10)
+
+
+def _delete_item_directory(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+def test_damaged_checkpoints_are_moved_aside_and_an_intact_one_resumes(straight, tmp_path):
+  workdir = tmp_path / "damaged"
+  shutil.copytree(straight, workdir)
+  expected = saved_state(straight, STEPS)
+  ckpts = workdir / "checkpoints"
+  _garbage_metadata(ckpts / "30")
+  _truncate_a_data_file(ckpts / "29")
+  _delete_item_directory(ckpts / "28")
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *STRAIGHT)
+  out = lines_of(proc)
+  print("\n".join(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  damaged = [line for line in out if line.startswith("checkpoint step")]
+  assert len(damaged) == 3
+  for line, step, why in zip(damaged, (30, 29, 28), ("Error", "OUT_OF_RANGE", "state")):
+    assert line.startswith(f"checkpoint step {step} is damaged (") and why in line, line
+    assert line.endswith(f"moved it to {workdir}/checkpoints_damaged/{step} and resumed from "
+                         "step 27")
+  assert sorted(os.listdir(workdir / "checkpoints_damaged")) == ["28", "29", "30"]
+  assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+  assert "steps 27->30 of 30" in proc.stdout
+  assert_same_state(saved_state(workdir, STEPS), expected)   # resumed exactly from step 27
+  assert {s: v for s, v in losses(workdir).items() if s > 27} == {
+      s: v for s, v in losses(straight).items() if s > 27}
+
+
+def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(straight, tmp_path):
+  workdir = tmp_path / "all_damaged"
+  os.makedirs(workdir / "checkpoints")
+  for step in (29, 30):
+    shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+  _truncate_a_data_file(workdir / "checkpoints" / "30")
+  _delete_item_directory(workdir / "checkpoints" / "29")
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *STRAIGHT)
+  out = lines_of(proc)
+  print("\n".join(out))
+  assert proc.returncode == 2
+  assert len(out) == 1 and out[0].startswith("error: no checkpoint in "), out
+  assert "step 30: ValueError: OUT_OF_RANGE" in out[0] and "step 29: KeyError" in out[0]
+  assert steps_on_disk(workdir) == [29, 30]
+  assert not (workdir / "checkpoints_damaged").exists()
+
+
+def test_reads_abandoned_by_a_failed_restore_print_nothing_other_errors_still_do(
+    monkeypatch, capsys):
+  monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  checkpoint._silence_abandoned_reads()
+  loop = asyncio.new_event_loop()
+  loop.close()
+  with pytest.raises(RuntimeError, match="Event loop is closed") as closed:
+    loop.call_soon_threadsafe(print)   # what a late tensorstore read does
+  sys.excepthook(RuntimeError, closed.value, closed.value.__traceback__)
+  assert capsys.readouterr().err == ""
+  try:
+    raise RuntimeError("Event loop is closed")   # the same text from elsewhere is kept
+  except RuntimeError as e:
+    sys.excepthook(RuntimeError, e, e.__traceback__)
+  assert "Event loop is closed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_saves_exits_0_and_the_resume_is_exact(straight, tmp_path):
+  workdir = tmp_path / "preempted"
+  # Checkpoints only at the end: the one found afterwards is the one SIGTERM wrote.
+  long_run = [a for a in STRAIGHT if not a.startswith(("--config.train.steps",
+                                                       "--config.train.ckpt_every",
+                                                       "--config.train.eval_every"))]
+  long_run += ["--config.train.steps=100000", "--config.train.ckpt_every=100000",
+               "--config.train.eval_every=100000"]
+  with open(tmp_path / "stderr.txt", "w") as err:
+    proc = subprocess.Popen([sys.executable, "-m", "lost_jax.main", *PRETRAIN,
+                             f"--workdir={workdir}", *long_run], stdout=subprocess.PIPE,
+                            stderr=err, text=True, cwd=ROOT, env=ENV)
+    seen = []
+    for line in proc.stdout:
+      seen.append(line)
+      if line.startswith("step 2/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+    rest, _ = proc.communicate(timeout=300)
+  out = "".join(seen) + rest
+  assert proc.returncode == 0, open(tmp_path / "stderr.txt").read()[-3000:]
+  stopped = int(re.search(r"done: step (\d+)", out)[1])
+  assert 2 <= stopped < STEPS - 1, out
+  assert steps_on_disk(workdir) == [stopped]
+  proc = cli(*PRETRAIN, f"--workdir={workdir}", *STRAIGHT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"steps {stopped}->{STEPS} of {STEPS}" in proc.stdout
+  assert losses(workdir) == losses(straight)
+  assert_same_state(saved_state(workdir, STEPS), saved_state(straight, STEPS))
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def _bad_files(tmp):
+  """Data, tokenizer and workdir paths for the bad-input table."""
+  os.makedirs(tmp / "data", exist_ok=True)
+  (tmp / "data" / "empty.jsonl").write_text("")
+  (tmp / "data" / "garbage.jsonl").write_bytes(b"\xff\xfe\x00garbage {{{\n" * 50)
+  full = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 40}).encode() + b"\n"
+                                for i in range(200)))
+  (tmp / "data" / "truncated.jsonl.gz").write_bytes(full[:len(full) // 2])
+  (tmp / "garbage.model").write_bytes(b"this is not a sentencepiece model")
+  (tmp / "a_file").write_text("not a directory")
+  os.makedirs(tmp / "hf_like", exist_ok=True)
+  (tmp / "hf_like" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+
+# (name, command-line arguments after the command's preset, text the one line must contain)
+BAD_INPUTS = [
+    ("unknown size", ["pretrain", f"--config={ROOT}/configs/pretrain.py:tiny,lost"],
+     "unknown size 'tiny'"),
+    ("unknown method", ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,adam"],
+     "unknown method 'adam'"),
+    ("unknown fine-tune preset", ["finetune", f"--config={ROOT}/configs/finetune.py:llama9"],
+     "unknown preset 'llama9'"),
+    ("missing config file", ["pretrain", f"--config={ROOT}/configs/nope.py"], "--config="),
+    ("unknown setting", PRETRAIN + ["--config.train.learning_rate=1e-3"],
+     "--config.train.learning_rate"),
+    ("unparsable value", PRETRAIN + ["--config.train.lr=fast"], "--config.train.lr"),
+    ("unknown command", ["pretrian", f"--config={ROOT}/configs/pretrain.py"], "pretrian"),
+    ("negative lr", PRETRAIN + ["--config.train.lr=-1.0"], "config.train.lr"),
+    ("nan lr", PRETRAIN + ["--config.train.lr=nan"], "config.train.lr"),
+    ("warmup > 1", PRETRAIN + ["--config.train.warmup_frac=1.5"], "config.train.warmup_frac"),
+    ("negative clip", PRETRAIN + ["--config.train.clip_norm=-1.0"], "config.train.clip_norm"),
+    ("negative weight decay", PRETRAIN + ["--config.train.weight_decay=-0.1"],
+     "config.train.weight_decay"),
+    ("b2 = 1", PRETRAIN + ["--config.train.b2=1.0"], "config.train.b2"),
+    ("eval every 0", PRETRAIN + ["--config.train.eval_every=0"], "config.train.eval_every"),
+    ("ckpt every 0", PRETRAIN + ["--config.train.ckpt_every=0"], "config.train.ckpt_every"),
+    ("keep 0 checkpoints", PRETRAIN + ["--config.train.keep_checkpoints=0"],
+     "config.train.keep_checkpoints"),
+    ("max skipped 0", PRETRAIN + ["--config.train.max_skipped_steps=0"],
+     "config.train.max_skipped_steps"),
+    ("zero steps", PRETRAIN + ["--config.train.steps=0"], "config.train.steps"),
+    ("batch not a multiple of micro-batches", PRETRAIN + ["--config.train.microbatches=3"],
+     "config.train.batch_size"),
+    ("zero micro-batches", PRETRAIN + ["--config.train.microbatches=0"],
+     "config.train.microbatches"),
+    ("unknown precision", PRETRAIN + ["--config.train.precision=fp8"],
+     "config.train.precision"),
+    ("unknown optimizer", PRETRAIN + ["--config.train.optimizer=sgd"],
+     "config.train.optimizer"),
+    ("impossible mesh", PRETRAIN + ["--config.mesh.data=3"], "config.mesh"),
+    ("heads do not divide d_model", PRETRAIN + ["--config.model.n_heads=3"],
+     "config.model.n_heads"),
+    ("impossible LOST rank", ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,lost",
+                              "--config.model.linear.rank=1000"], "config.model.linear.rank"),
+    ("LOST sparsity > 1", ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,lost",
+                           "--config.model.linear.sparsity=1.5"],
+     "config.model.linear.sparsity"),
+    ("LOST gamma > 1", ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,lost",
+                        "--config.model.linear.gamma=2.0"], "config.model.linear.gamma"),
+    ("SLTrain density 0", ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,sltrain",
+                           "--config.model.linear.density=0.0"],
+     "config.model.linear.density"),
+    ("sequence length 1", PRETRAIN + ["--config.data.seq_len=1"], "config.data.seq_len"),
+    ("unknown data source", PRETRAIN + ["--config.data.source=s3"], "config.data.source"),
+    ("no data files match", PRETRAIN + ["--config.data.source=files",
+                                        "--config.data.files={tmp}/data/missing-*.jsonl"],
+     "config.data.files"),
+    ("empty data file", PRETRAIN + ["--config.data.source=files",
+                                    "--config.data.files={tmp}/data/empty.jsonl"],
+     "config.data.files"),
+    ("garbage data file", PRETRAIN + ["--config.data.source=files",
+                                      "--config.data.files={tmp}/data/garbage.jsonl"],
+     "config.data.files"),
+    ("truncated gzip data file", PRETRAIN + ["--config.data.source=files",
+                                             "--config.data.files={tmp}/data/truncated.jsonl.gz"],
+     "config.data.files"),
+    ("missing tokenizer", PRETRAIN + ["--config.data.tokenizer={tmp}/none.model"],
+     "config.data.tokenizer"),
+    ("garbage tokenizer", PRETRAIN + ["--config.data.tokenizer={tmp}/garbage.model"],
+     "config.data.tokenizer"),
+    ("workdir is a file", PRETRAIN + ["--workdir={tmp}/a_file"], "--workdir"),
+    ("workdir inside a file", PRETRAIN + ["--workdir={tmp}/a_file/run"], "--workdir"),
+    ("missing workdir flag", PRETRAIN + ["--workdir="], "--workdir"),
+    ("workdir of another model", PRETRAIN + ["--workdir={straight}",
+                                             "--config.model.d_model=64"], "model.d_model"),
+    ("LoRA rank 0", FINETUNE + ["--config.lora.rank=0"], "config.lora.rank"),
+    ("LoRA rank too large", FINETUNE + ["--config.lora.rank=4096"], "config.lora.rank"),
+    ("LoRA alpha 0", FINETUNE + ["--config.lora.alpha=0.0"], "config.lora.alpha"),
+    ("LoRA dropout 1", FINETUNE + ["--config.lora.dropout=1.0"], "config.lora.dropout"),
+    ("unknown LoRA target", FINETUNE + ["--config.lora.targets=q,x"], "config.lora.targets"),
+    ("FFN sparsity 1.5", FINETUNE + ["--config.sparse.ffn=1.5@1-3"], "config.sparse.ffn"),
+    ("unparsable attention sparsity", FINETUNE + ["--config.sparse.attn=half@2"],
+     "config.sparse.attn"),
+    ("sparse layer beyond the model", FINETUNE + ["--config.sparse.attn=0.5@9"],
+     "config.sparse.attn"),
+    ("estimator rank 0", FINETUNE + ["--config.sparse.estimator_rank=0"],
+     "config.sparse.estimator_rank"),
+    ("sparse bucket 0", FINETUNE + ["--config.sparse.bucket=0"], "config.sparse.bucket"),
+    ("sparse start > 1", FINETUNE + ["--config.sparse.start_frac=2.0"],
+     "config.sparse.start_frac"),
+    ("prompt longer than a row", FINETUNE + ["--config.data.max_prompt_len=64"],
+     "config.data.max_prompt_len"),
+    ("missing fine-tune base", FINETUNE + ["--config.init.source=pretrain",
+                                           "--config.init.path={tmp}/no_such_run"],
+     "config.init.path"),
+    ("HF-like directory as a pre-training base", FINETUNE + ["--config.init.source=pretrain",
+                                                            "--config.init.path={tmp}/hf_like"],
+     "config.init"),
+    ("unknown base source", FINETUNE + ["--config.init.source=s3"], "config.init.source"),
+]
+
+
+def _bad_input_run(args, tmp, straight):
+  args = [a.format(tmp=tmp, straight=straight) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp}/run_{abs(hash(tuple(args)))}")
+  return cli(*args, timeout=300)
+
+
+def test_every_bad_input_is_one_line_with_exit_status_2(straight, tmp_path):
+  _bad_files(tmp_path)
+  before = steps_on_disk(straight)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    procs = list(pool.map(lambda case: _bad_input_run(case[1], tmp_path, straight),
+                          BAD_INPUTS))
+  report, failures = [], []
+  for (name, _, expected), proc in zip(BAD_INPUTS, procs):
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    report.append(f"{name}: {' | '.join(out)}")
+    if not (proc.returncode == 2 and len(out) == 1 and out[0].startswith("error: ") and
+            expected in out[0] and "Fix:" in out[0]):
+      failures.append(f"{name} (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}")
+  print("\n".join(report))
+  assert not failures, "\n\n".join(failures)
+  assert len(BAD_INPUTS) >= 30
+  assert steps_on_disk(straight) == before      # the refused run touched nothing
