@@ -67,14 +67,17 @@ def flops_per_step(cfg) -> dict:
   plan = sparselora.plan_from_config(cfg.sparse, model_cfg.n_layers)
   tok = tokenizer.from_path(cfg.init.path)
   batch = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[0]
+  # The LM head runs on the loss suffix only (sparselora.step_lengths), LoRA or not.
+  suffix = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
   if not cfg.sparse.enabled:
     dense = cfg.data.seq_len
   elif not cfg.sparse.get("dense_outputs", True):
     dense = 1
   else:
-    dense = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
+    dense = suffix
   return step_flops(model_cfg, plan, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                    dense_len=dense, lora_rank=cfg.lora.rank, estimator_rank=8)
+                    dense_len=dense, lora_rank=cfg.lora.rank, estimator_rank=8,
+                    logits_len=suffix)
 
 
 def one_run(cfg, workdir: str) -> dict:
