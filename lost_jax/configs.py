@@ -163,6 +163,17 @@ def matched_rank(model: ml_collections.ConfigDict, kind: str, lost_rank: int,
   return max(1, round(target / sum(n + m for _, n, m in shapes)))
 
 
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh sizes (one may be -1: fill) and the multi-process runtime (jax.distributed)."""
+  return ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      distributed=False,      # True: jax.distributed.initialize before the mesh is built.
+      coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
+      num_processes=-1,       # -1: detect.
+      process_id=-1,          # -1: detect.
+  ))
+
+
 def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="stdlib",        # stdlib | files | tfds
@@ -236,7 +247,7 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       max_skipped_steps=10,   # consecutive non-finite steps (skipped) that stop the run.
       peak_flops=0.0,         # per device; 0 disables MFU in logs.
   ))
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  cfg.mesh = mesh_config()
   return cfg
 
 
@@ -550,7 +561,7 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       precision="float32" if quick else "mixed", eval_every=50 if quick else 200,
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
       keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  cfg.mesh = mesh_config()
   if preset.startswith("smollm2"):
     # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
     # runs; float32 compute (bf16 matmuls are slow on CPU).

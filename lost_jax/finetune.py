@@ -76,13 +76,21 @@ def base_kind(cfg: ml_collections.ConfigDict) -> str:
   return kind
 
 
-def load_base(cfg: ml_collections.ConfigDict) -> Llama:
-  """The frozen base model named by cfg.init; cfg.model is updated to its shape."""
+def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Llama:
+  """The frozen base model named by cfg.init; cfg.model is updated to its shape.
+
+  A Hugging Face base with a mesh is read slice by slice straight into the mesh shardings
+  (each process reads only what its devices hold), in bfloat16 under `mixed` precision
+  (frozen weights need no float32 master copy). A GGUF base is dequantised on the host.
+  """
   kind, path = base_kind(cfg), cfg.init.path
   dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
+  base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
   if kind in ("hf", "gguf"):
-    load = hf.load_hf_llama if kind == "hf" else gguf.load_gguf_llama
-    model = load(path, dtype=dtype, param_dtype=param_dtype)
+    if kind == "hf":
+      model = hf.load_hf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
+    else:
+      model = gguf.load_gguf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
     cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
     return model
   if kind == "pretrain":
@@ -127,14 +135,16 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   return model
 
 
-def sparse_model(cfg: ml_collections.ConfigDict, workdir: str):
+def sparse_model(cfg: ml_collections.ConfigDict, workdir: str,
+                 mesh: jax.sharding.Mesh | None = None):
   """Base + LoRA adapters + (cached) estimators wrapped as a SparseLoRALlama."""
-  model = load_base(cfg)
+  model = load_base(cfg, mesh)
   configs.validate_finetune(cfg, cfg.model.n_layers)   # ranks and layers against the base
   plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-             dropout=cfg.lora.dropout, rngs=nnx.Rngs(cfg.seed + 1))
+             dropout=cfg.lora.dropout, param_dtype=train.PRECISIONS[cfg.train.precision][1],
+             rngs=nnx.Rngs(cfg.seed + 1))
   layers = plan.estimator_layers()
   estimators = None
   if layers:
@@ -155,12 +165,15 @@ def lora_setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dict, dict]:
   moment_dtype = jnp.dtype(cfg.model.param_dtype)
   tx = optim.make_optimizer(cfg.train, params, moment_dtype=moment_dtype)
   repl = sharding.replicated(mesh)
-  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh))
-  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh))
+  notes: list[str] = []
+  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh, notes))
+  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh, notes))
   abstract_opt = jax.eval_shape(tx.init, params)
   state_sh = {"params": param_sh,
-              "opt_state": sharding.opt_state_shardings(tx, abstract_opt, param_sh, mesh),
+              "opt_state": sharding.opt_state_shardings(abstract_opt, param_sh, params, mesh,
+                                                        notes),
               "step": repl, "rng": repl}
+  sharding.warn_unsharded(notes)
 
   def init(params):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
@@ -186,10 +199,11 @@ class _SparseSchedule:
   def dense_len(self, weights_BxL: np.ndarray, step: int) -> sparselora.StepLengths:
     # Before start_step (or without sparsity) every token is dense: no estimator runs.
     sparse = self.enabled and step >= self.start_step
-    lengths = sparselora.step_lengths(weights_BxL, self.bucket, sparse)
+    local = sparselora.step_lengths(weights_BxL, self.bucket, sparse)
     if sparse and not self.dense_outputs:   # ablation: output tokens sparse too (but the last)
-      return lengths._replace(dense_len=1)
-    return lengths
+      local = local._replace(dense_len=1)
+    # Every process must compile the same step: the longest suffixes any process needs.
+    return sparselora.StepLengths(*train.agree_max(local))
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -201,15 +215,17 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   configs.validate_finetune(cfg)
   train.make_workdir(workdir)
 
-  module, plan = sparse_model(cfg, workdir)
+  module, plan = sparse_model(cfg, workdir, mesh)
   configs.validate_model(cfg.model)
   tok = _tokenizer(cfg)
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
-                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json())}
+                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
+                 "sparse": json.loads(cfg.sparse.to_json())}
   ckpt = train.open_workdir(workdir, cfg, fingerprint)
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)
-  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
+  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch, process_index=pidx,
+                                            process_count=nproc)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
   setup, params, rest = lora_setup(module, cfg, mesh)

@@ -18,6 +18,7 @@ import re
 import grain
 import numpy as np
 
+from lost_jax import data
 from lost_jax.errors import UserError
 
 PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
@@ -230,24 +231,34 @@ class _Encode(grain.transforms.Map):
 
 def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
                         process_index: int = 0, process_count: int = 1):
-  """Endless shuffled batches of left-padded rows; a checkpointable grain iterator."""
-  records = task_records(data_cfg, "train")[process_index::process_count]
-  if len(records) < batch_size:
+  """Endless shuffled batches of left-padded rows; a checkpointable grain iterator.
+
+  Every process builds the same global batches (batch_size * process_count rows) and keeps
+  its own rows, so the batches do not depend on the process count.
+  """
+  records = task_records(data_cfg, "train")
+  global_batch = batch_size * process_count
+  if len(records) < global_batch:
     raise UserError(f"config.data: {len(records)} training records for batch size "
-                    f"{batch_size}. Fix: more records or a smaller config.train.batch_size.")
+                    f"{global_batch}. Fix: more records or a smaller config.train.batch_size.")
   ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
-        .map(_Encode(tokenizer, data_cfg)).batch(batch_size, drop_remainder=True))
+        .map(_Encode(tokenizer, data_cfg)).batch(global_batch, drop_remainder=True)
+        .map(data.ProcessRows(process_index, process_count)))
   return iter(ds.to_iter_dataset())
 
 
-def make_eval_batches(data_cfg, tokenizer, batch_size: int) -> list[dict]:
-  """Every eval record as left-padded loss batches (the last one padded with weight 0)."""
+def make_eval_batches(data_cfg, tokenizer, batch_size: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[dict]:
+  """Every eval record as left-padded loss batches (the last one padded with weight 0):
+  global batches of batch_size * process_count rows, of which this process keeps its own."""
   enc = _Encode(tokenizer, data_cfg)
   rows = [enc.map(r) for r in task_records(data_cfg, "eval")]
   blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
-  rows += [blank] * (-len(rows) % batch_size)
-  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in KEYS}
-          for i in range(0, len(rows), batch_size)]
+  global_batch = batch_size * process_count
+  rows += [blank] * (-len(rows) % global_batch)
+  rows_of = data.ProcessRows(process_index, process_count)
+  return [rows_of({k: np.stack([r[k] for r in rows[i:i + global_batch]]) for k in KEYS})
+          for i in range(0, len(rows), global_batch)]
 
 
 def prompt_batch(records: list[dict], tokenizer, prompt_len: int, template: str = "alpaca"):
