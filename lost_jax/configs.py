@@ -273,9 +273,11 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
 
 
 
-def validate_train(t: ml_collections.ConfigDict) -> None:
-  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning."""
-  _in_range("train.steps", t.steps, 1, _INF, "a positive step count", integer=True)
+def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
+  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning
+  (fine-tuning allows 0 steps: a zero-shot evaluation of the base)."""
+  _in_range("train.steps", t.steps, min_steps, _INF, "a positive step count" if min_steps
+            else "a step count (0: evaluate the base zero-shot)", integer=True)
   _in_range("train.microbatches", t.microbatches, 1, _INF, "1, or the number of gradient "
             "accumulation passes", integer=True)
   _in_range("train.batch_size", t.batch_size, 1, _INF, "a positive batch size in sequences",
@@ -473,7 +475,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   With `n_layers` (known once the base is loaded) the layer ranges and ranks are checked
   against the model's shape too.
   """
-  validate_train(cfg.train)
+  validate_train(cfg.train, min_steps=0)
   lora = cfg.lora
   targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
   names = [name for name, _, _ in projection_shapes(cfg.model)]
