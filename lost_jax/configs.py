@@ -13,6 +13,9 @@ import ml_collections
 from lost_jax.errors import UserError
 
 SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+# Presets that reuse a size's model with another published step count: the LOST paper's 7B
+# run stopped at 40K of the 150K steps (LOST.md). name -> (size, steps).
+STEP_PRESETS = {"llama_7b_40k": ("llama_7b", 40_000)}
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
 LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
@@ -44,6 +47,17 @@ _SIZES = {
                      rank=512, lr=2e-3),
     "llama_7b": dict(d_model=4096, ffn_dim=11008, n_layers=32, n_heads=32, steps=150_000,
                      rank=1024, lr=1e-3),
+}
+# GaLore's published recipe (jiaweizzhao/GaLore scripts/benchmark_c4/llama_*.sh): lr 0.01 for
+# every parameter group, galore_scale 0.25, projection gap 200 (7B: lr 0.005, gap 500);
+# rank 128 / 256 / 256 / 1024 / 1024 for 60M..7B.
+_GALORE = {
+    "quickstart": dict(lr=1e-2, rank=32, update_freq=200),
+    "llama_60m": dict(lr=1e-2, rank=128, update_freq=200),
+    "llama_130m": dict(lr=1e-2, rank=256, update_freq=200),
+    "llama_350m": dict(lr=1e-2, rank=256, update_freq=200),
+    "llama_1b": dict(lr=1e-2, rank=1024, update_freq=200),
+    "llama_7b": dict(lr=5e-3, rank=1024, update_freq=500),
 }
 
 
@@ -185,7 +199,10 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
       eval_split="validation",
       tokenizer="",           # SentencePiece .model path; "" trains one on the stdlib corpus.
       seq_len=seq_len,
-      packing=True,           # False: anchors' layout (truncate, EOS, pad; no packing).
+      # False: the anchors' layout (each document truncated to seq_len, EOS, padded; no
+      # packing). Use packing=False to compare perplexities with published (GaLore / SLTrain /
+      # CoLA / LOST) numbers; packed rows score more context per token, so they are lower.
+      packing=True,
       add_eos=True,
       eval_fraction=0.05,     # stdlib/files: documents held out for validation, by hash.
       shuffle_seed=0,
@@ -196,15 +213,18 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
 
 def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
   """The full run config of a `<size>,<method>` preset."""
-  if size not in _SIZES:
+  if size not in _SIZES and size not in STEP_PRESETS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown size {size!r}. "
-                    f"Fix: choose one of {SIZES}")
+                    f"Fix: choose one of {SIZES + tuple(STEP_PRESETS)}")
   if method not in METHODS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown method "
                     f"{method!r}. Fix: choose one of {METHODS}")
-  s = _SIZES[size]
+  preset = size
+  size, steps = STEP_PRESETS.get(preset) or (preset, _SIZES[preset]["steps"])
+  s = dict(_SIZES[size], steps=steps)
+  galore = _GALORE[size]
   cfg = ml_collections.ConfigDict()
-  cfg.name = f"{size},{method}"
+  cfg.name = f"{preset},{method}"
   cfg.seed = 0
   cfg.model = model_config(size)
   lin = cfg.model.linear
@@ -225,7 +245,11 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       batch_size=16 if quick else 512,   # global batch in sequences.
       microbatches=1,         # gradient accumulation: batch_size / microbatches per pass.
       optimizer="galore" if method == "galore" else "adamw",
-      lr=s["lr"] if method != "full_rank" and method != "galore" else min(s["lr"], 1e-3),
+      # Block (q/k/v/o/gate/up/down) learning rate; GaLore's follows its recipe.
+      lr={"full_rank": min(s["lr"], 1e-3), "galore": galore["lr"]}.get(method, s["lr"]),
+      # Peak lr of the embedding, LM head and norm scales; 0: the same as lr. A method
+      # comparison sets one value for every method (experiments/compare_methods.py).
+      shared_lr=0.0,
       warmup_frac=0.1,
       min_lr_ratio=0.1,
       b1=0.9,
@@ -235,8 +259,8 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       decay_norms_and_embeddings=True,   # False masks norm scales and embeddings from decay.
       clip_norm=1.0,
       precision="mixed",      # mixed: f32 params/state, bf16 compute | pure_bf16 | float32
-      galore_rank=s["rank"],
-      galore_update_freq=200,
+      galore_rank=galore["rank"],
+      galore_update_freq=galore["update_freq"],
       galore_scale=0.25,
       eval_every=50 if quick else 1000,
       eval_batches=8 if quick else 300,  # 300 x 512 x 256 ~ 39M tokens cap; see eval_tokens.
@@ -292,6 +316,8 @@ def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
     _fail("train.optimizer", f"unknown optimizer {t.optimizer!r}", "use 'adamw' or 'galore'")
   _in_range("train.lr", t.lr, 0.0, _INF, "a positive peak learning rate such as 3e-3",
             lo_open=True)
+  _in_range("train.shared_lr", t.get("shared_lr", 0.0), 0.0, _INF, "0 (the embedding, head "
+            "and norms train at train.lr) or their own peak learning rate")
   _in_range("train.warmup_frac", t.warmup_frac, 0.0, 1.0, "a fraction of steps such as 0.1")
   _in_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, "a fraction of lr such as 0.1")
   _in_range("train.b1", t.b1, 0.0, 1.0, "e.g. 0.9", hi_open=True)

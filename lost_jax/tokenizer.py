@@ -7,7 +7,9 @@ byte-level BPE a LLaMA-architecture GGUF file describes in its `tokenizer.ggml.*
 
 With `config.data.tokenizer = ""` a BPE SentencePiece model of the requested vocab size is
 trained once on a ~4 MB sample of the Python standard library (about a second) and cached in
-`$LOST_JAX_CACHE` (default `~/.cache/lost_jax`), keyed by vocab size and Python version.
+`$LOST_JAX_CACHE` (default `~/.cache/lost_jax`), keyed by vocab size, Python version and the
+held-out fraction: the sample is drawn from the training split only, so the tokenizer never
+sees a validation document (`config.data.eval_fraction`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lost_jax import data as _data
 from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
-_RECIPE = 1
+_RECIPE = 2
 _SAMPLE_CHARS = 4_000_000
 # Ids of the trained model follow T5's order for pad/eos/unk; bos exists but the data
 # pipeline never inserts it (the anchors train without BOS).
@@ -204,28 +206,37 @@ def cache_dir() -> str:
   return os.path.expanduser(os.environ.get("LOST_JAX_CACHE") or "~/.cache/lost_jax")
 
 
-def stdlib_model_path(vocab_size: int) -> str:
+def stdlib_model_path(vocab_size: int, heldout: float = 0.05) -> str:
   py = platform.python_version()
-  return os.path.join(cache_dir(), f"stdlib_bpe_v{vocab_size}_py{py}_r{_RECIPE}.model")
+  return os.path.join(cache_dir(), f"stdlib_bpe_v{vocab_size}_py{py}_r{_RECIPE}"
+                      f"_heldout{heldout:g}.model")
 
 
-def _training_lines() -> list[str]:
-  """Non-blank lines of every k-th stdlib document, ~_SAMPLE_CHARS in all, in a fixed order."""
-  ids = _data.stdlib_document_ids()
-  texts = [_data.read_stdlib_document(i) for i in ids]
-  stride = max(1, sum(map(len, texts)) // _SAMPLE_CHARS)
+def training_document_ids(heldout: float) -> list[str]:
+  """Ids of the stdlib documents the tokenizer is trained on: every k-th document of the
+  training split at eval_fraction `heldout`, ~_SAMPLE_CHARS in all, in a fixed order."""
+  ids = _data.stdlib_split(heldout, "train")
+  stride = max(1, sum(len(_data.read_stdlib_document(i)) for i in ids) // _SAMPLE_CHARS)
+  return ids[::stride]
+
+
+def _training_lines(heldout: float) -> list[str]:
+  """Non-blank lines of the tokenizer's training documents."""
   lines = []
-  for text in texts[::stride]:
+  for doc_id in training_document_ids(heldout):
+    text = _data.read_stdlib_document(doc_id)
     lines += [line for line in text.split("\n") if line.strip()]
   return lines
 
 
-def train_stdlib_model(vocab_size: int) -> bytes:
-  """Serialized BPE SentencePiece model of `vocab_size` pieces trained on the stdlib sample."""
+def train_stdlib_model(vocab_size: int, heldout: float = 0.05) -> bytes:
+  """Serialized BPE SentencePiece model of `vocab_size` pieces trained on the stdlib sample
+  (documents outside the validation split at eval_fraction `heldout`)."""
   out = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_lines()), model_writer=out, vocab_size=vocab_size,
+        sentence_iterator=iter(_training_lines(heldout)), model_writer=out,
+        vocab_size=vocab_size,
         model_type="bpe", pad_id=_PAD, eos_id=_EOS, unk_id=_UNK, bos_id=_BOS,
         character_coverage=0.9995, split_digits=True, max_sentence_length=8192,
         # Keep code's layout: no whitespace folding or normalization, newline as a piece.
@@ -257,9 +268,10 @@ def _write_atomic(path: str, payload: bytes) -> None:
     raise
 
 
-def stdlib_tokenizer(vocab_size: int) -> Tokenizer:
-  """The cached stdlib tokenizer of `vocab_size` pieces, trained on first use."""
-  path = stdlib_model_path(vocab_size)
+def stdlib_tokenizer(vocab_size: int, heldout: float = 0.05) -> Tokenizer:
+  """The cached stdlib tokenizer of `vocab_size` pieces, trained on first use on documents
+  outside the validation split at eval_fraction `heldout`."""
+  path = stdlib_model_path(vocab_size, heldout)
   if os.path.exists(path):
     with open(path, "rb") as f:
       proto = f.read()
@@ -267,7 +279,7 @@ def stdlib_tokenizer(vocab_size: int) -> Tokenizer:
       return SentencePieceTokenizer(proto, "", path)
     except RuntimeError:
       pass  # Unreadable cache entry (written by something else): train it again.
-  proto = train_stdlib_model(vocab_size)
+  proto = train_stdlib_model(vocab_size, heldout)
   _write_atomic(path, proto)
   return SentencePieceTokenizer(proto, "", path)
 
@@ -292,7 +304,11 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   (config.model.vocab_size)."""
   path = data_cfg.tokenizer
   if not path:
-    tok = stdlib_tokenizer(vocab_size)
+    # Only a stdlib validation split can overlap the stdlib sample; other sources hold out
+    # their own documents, and the default split keeps one tokenizer for them all.
+    stdlib = data_cfg.get("source") == "stdlib"
+    heldout = data_cfg.get("eval_fraction", 0.05) if stdlib else 0.05
+    tok = stdlib_tokenizer(vocab_size, heldout)
   else:
     path = os.path.expanduser(path)
     if not os.path.exists(path):

@@ -405,3 +405,12 @@ def test_vocab_mismatch_is_one_clear_error(tok):
   cfg.tokenizer = "/nonexistent/spiece.model"
   with pytest.raises(ValueError, match=r"config\.data\.tokenizer.*Fix"):
     tokenizer_lib.load_tokenizer(cfg, VOCAB)
+
+
+@pytest.mark.parametrize("heldout", [0.05, 0.2])
+def test_stdlib_tokenizer_never_sees_a_validation_document(heldout):
+  trained_on = tokenizer_lib.training_document_ids(heldout)
+  evals = data.stdlib_split(heldout, "eval")
+  assert trained_on and evals and not set(trained_on) & set(evals)
+  assert tokenizer_lib.stdlib_model_path(100, heldout) != tokenizer_lib.stdlib_model_path(
+      100, heldout / 2)
