@@ -1,13 +1,14 @@
-"""LOST's ablations: factor init, sparse-part init, gamma, activation, element-wise sparsity.
+"""LOST's ablations at LOST's tuned learning rate, 2 seeds, under the comparison's protocol.
 
-  python experiments/ablate_lost.py --config=configs/pretrain.py:quickstart --name=my_ablation \
-      [--ablations=lost,gamma=0.5,...] [--config.train.steps=100 ...]
+  nice -n 19 python experiments/ablate_lost.py [--name=ablate_d256] [--lr=0]
 
-Every variant is the `<size>,lost` preset (or `<size>,sltrain` for the element-wise row) with
-the `--config.*` overrides re-applied, then the variant's own fields (ABLATIONS). The
-SLTrain row's rank matches LOST's projection parameters (experiments.common.method_config).
-Runs go to `<workdir_root>/<name>/<variant>` (resumable; finished variants are skipped);
-writes `<out_dir>/<name>.md`, `.png` (validation perplexity vs step) and `.json`.
+Every variant is LOST under experiments/compare_methods.D256 (same model, data, batch,
+schedule, shared lr, evaluation) at the sweep budget, with the block learning rate chosen by
+LOST's sweep in compare_methods (or --lr), seeds 0 and 1, then the variant's own fields
+(ABLATIONS): gamma, sparsity rho, activation, channel choice (complement / weight / random),
+factor init and the initializer of the decomposed weight. Runs are cached by full config and
+code version (experiments/runs.py), so LOST's own row and the variants shared with the
+comparison's controls are not trained twice. Writes `<out_dir>/<name>.md`, `.png`, `.json`.
 """
 
 from __future__ import annotations
@@ -22,103 +23,112 @@ if __package__ in (None, ""):  # run as a file: make the repo root (`experiments
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments import common  # pylint: disable=wrong-import-position
-from lost_jax import train  # pylint: disable=wrong-import-position
+from experiments import common, compare_methods, runs  # pylint: disable=wrong-import-position
 
-# variant -> (method preset, fields set on it, what the row tests). "lost" is the reference.
-ABLATIONS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "lost": ("lost", {}, "LOST as specified: SVD factors, S from the SVD complement, "
-             "gamma 0.7, SiLU"),
-    "factor_init=random": ("lost", {"model.linear.factor_init": "random"},
+# variant -> (fields set on LOST, what the row tests). "lost" is the reference.
+ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "lost": ({}, "LOST as specified: SVD factors, S from the SVD complement, rho 0.01, "
+             "gamma 0.7, SiLU, kaiming"),
+    "gamma=0.3": ({"model.linear.gamma": 0.3}, "mixing weight of the low-rank branch"),
+    "gamma=0.5": ({"model.linear.gamma": 0.5}, "mixing weight of the low-rank branch"),
+    "gamma=0.9": ({"model.linear.gamma": 0.9}, "mixing weight of the low-rank branch"),
+    "gamma=1": ({"model.linear.gamma": 1.0}, "no sparse branch (SVD-initialised low-rank "
+                "with SiLU)"),
+    "sparsity=0.03": ({"model.linear.sparsity": 0.03}, "rho: 3% of input channels kept"),
+    "sparsity=0.1": ({"model.linear.sparsity": 0.1}, "rho: 10% of input channels kept"),
+    "activation=identity": ({"model.linear.activation": "identity"},
+                            "no SiLU between the factors"),
+    "sparse_init=weight": ({"model.linear.sparse_init": "weight"},
+                           "channels by complement norm, S = rows of the full initial weight "
+                           "(the port's reading)"),
+    "sparse_init=random_channels": ({"model.linear.sparse_init": "random_channels"},
+                                    "channels drawn at random (same key stream), S = rows of "
+                                    "the initial weight"),
+    "factor_init=random": ({"model.linear.factor_init": "random"},
                            "random factors of the same shapes (CoLA's scale) instead of "
                            "the top-r SVD; S unchanged"),
-    "sparse_init=weight": ("lost", {"model.linear.sparse_init": "weight"},
-                           "S = rows of the full initial weight (the port's reading)"),
-    "sparse_init=random_channels": ("lost", {"model.linear.sparse_init": "random_channels"},
-                                    "channels drawn at random, S = rows of the initial weight"),
-    "init=normal": ("lost", {"model.linear.init": "normal"},
+    "init=normal": ({"model.linear.init": "normal"},
                     "the decomposed full-rank weight drawn N(0, init_std) (LLaMA's init, the "
                     "port's) instead of kaiming U(+-1/sqrt(n))"),
-    "gamma=0.3": ("lost", {"model.linear.gamma": 0.3}, "mixing weight of the low-rank branch"),
-    "gamma=0.5": ("lost", {"model.linear.gamma": 0.5}, "mixing weight of the low-rank branch"),
-    "gamma=0.9": ("lost", {"model.linear.gamma": 0.9}, "mixing weight of the low-rank branch"),
-    "activation=identity": ("lost", {"model.linear.activation": "identity"},
-                            "no SiLU between the factors"),
-    "b2=0.999": ("lost", {"train.b2": 0.999}, "Adam b2 of the baselines' presets instead of "
-                 "LOST's 0.95 (an optimizer control, not a layer ablation)"),
-    "sltrain": ("sltrain", {}, "SLTrain: element-wise random sparse support + low-rank, "
-                "matched parameters, its own defaults (identity, alpha/r scaling)"),
 }
 REFERENCE = "lost"
+SEEDS = (0, 1)
 
 
-def variant_config(size: str, variant: str,
-                   overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The run config of one ablation variant (validated)."""
+def variant_config(proto: compare_methods.Protocol, variant: str, lr: float,
+                   seed: int) -> ml_collections.ConfigDict:
+  """The run config of one ablation variant (validated): LOST's comparison config at `lr`,
+  `seed` and the sweep budget, then the variant's fields."""
   if variant not in ABLATIONS:
     raise ValueError(f"unknown ablation {variant!r}. Fix: use one of {tuple(ABLATIONS)}.")
-  method, fields, _ = ABLATIONS[variant]
-  cfg = common.method_config(size, method, overrides)
-  cfg.update_from_flattened_dict(fields)
-  cfg.name = f"{size},{variant}"
-  check = ml_collections.ConfigDict(cfg.to_dict())
-  train.apply_precision(check)
-  train.validate(check)
-  return cfg
+  return compare_methods.protocol_config(proto, "lost", ABLATIONS[variant][0], lr=lr,
+                                         seed=seed, steps=proto.sweep_steps, name=variant)
 
 
-def run(size: str, variants: Iterable[str], *, name: str, workdir_root: str,
-        overrides: dict[str, Any] | None = None, out_dir: str = "docs/results",
-        command: str = "", quiet: bool = True,
-        log: Callable[[str], None] = print) -> list[dict]:
-  """Train (or reuse) every variant, then write `<out_dir>/<name>.{md,png,json}`."""
-  cfgs = {v: variant_config(size, v, overrides) for v in variants}
-  rows = []
-  for variant, cfg in cfgs.items():
-    workdir = os.path.join(workdir_root, name, variant.replace("=", "_"))
-    log(f"[{name}] {variant} -> {workdir}")
-    result = common.run(cfg, workdir, quiet=quiet)
-    rows.append(dict(variant=variant, config=cfg.to_dict(), **result))
-    log(f"[{name}] {variant}: final validation perplexity {result['eval_ppl']:.2f}")
+def run(proto: compare_methods.Protocol, variants: Iterable[str], *, lr: float, name: str,
+        results_dir: str, workdir_root: str, out_dir: str = "docs/results",
+        seeds: Iterable[int] = SEEDS, command: str = "", quiet: bool = True,
+        log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+  """Train (or reuse) every variant x seed, then write `<out_dir>/<name>.{md,png,json}`."""
+  variants, seeds = list(variants), list(seeds)
+  out: dict[str, list[dict]] = {}
+  for seed in seeds:            # seed 0 of every variant first: a first complete picture
+    for variant in variants:
+      cfg = variant_config(proto, variant, lr, seed)
+      result = runs.run(cfg, workdir_root, results_dir=results_dir, quiet=quiet)
+      common.drop_checkpoints(workdir_root, result["key"])
+      out.setdefault(variant, []).append(result)
+      log(f"[{name}] {variant} seed {seed}: final validation perplexity "
+          f"{result['eval_ppl']:.3f}")
+      write(proto, out, lr=lr, name=name, out_dir=out_dir, command=command, seeds=seeds)
+  return out
+
+
+def write(proto, results: dict[str, list[dict]], *, lr: float, name: str, out_dir: str,
+          command: str, seeds: list[int]) -> None:
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, name)
-  common.plot_eval_ppl({r["variant"]: r["workdir"] for r in rows}, base + ".png",
-                       title=f"{name}: validation perplexity")
+  common.plot_bands({v: [[(s, p) for s, _, p in r["eval_curve"]] for r in rs]
+                     for v, rs in results.items()}, base + ".png",
+                    f"{name}: validation perplexity (mean, min-max over seeds)")
   with open(base + ".md", "w") as f:
-    f.write(report(rows, cfgs, name, command))
+    f.write(report(proto, results, lr=lr, name=name, command=command, seeds=seeds))
   with open(base + ".json", "w") as f:
-    json.dump([{k: v for k, v in r.items() if k != "workdir"} for r in rows], f, indent=1)
-  return rows
+    json.dump({v: [dict(seed=r["seed"], eval_ppl=r["eval_ppl"], key=r["key"]) for r in rs]
+               for v, rs in results.items()}, f, indent=1)
 
 
-def report(rows: list[dict], cfgs: dict[str, ml_collections.ConfigDict], name: str,
-           command: str) -> str:
+def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, command: str,
+           seeds: list[int]) -> str:
   """The markdown document of an ablation."""
-  ref = next((r["eval_ppl"] for r in rows if r["variant"] == REFERENCE), None)
+  stats = {v: common.mean_spread([r["eval_ppl"] for r in rs]) for v, rs in results.items()}
+  ref = stats.get(REFERENCE)
   table = []
-  for r in rows:
-    lin = cfgs[r["variant"]].model.linear
-    delta = f"{100 * (r['eval_ppl'] / ref - 1):+.1f}%" if ref else "-"
-    table.append([r["variant"], ABLATIONS[r["variant"]][2], f"{lin.kind} r={lin.rank}",
-                  f"{r['params']['projections'] / 1e6:.3f}", f"{r['eval_loss']:.4f}",
-                  f"**{r['eval_ppl']:.2f}**", delta, f"{r['tokens_per_s']:,.0f}"])
-  header = ["variant", "what changes", "layer", "projection params (M)", "final val loss",
-            "final val ppl", "vs LOST", "train tokens/s (median)"]
-  first = next(iter(cfgs.values()))
-  t = first.train
-  text = common.ranking_text([(r["variant"], r["eval_ppl"]) for r in rows],
-                             reference=REFERENCE, reference_label="LOST as specified")
+  for v in ABLATIONS:
+    if v not in stats:
+      table.append([v, ABLATIONS[v][1], "", "pending", "", "", ""])
+      continue
+    s = stats[v]
+    p = results[v][0]["params"]
+    ms = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
+    delta = f"{100 * (s['mean'] / ref['mean'] - 1):+.1f}%" if ref else "-"
+    table.append([v, ABLATIONS[v][1], f"{s['n']} of {len(seeds)}", f"**{ms}**",
+                  f"{s['min']:.2f} – {s['max']:.2f}", delta,
+                  f"{p['projections'] / 1e6:.3f}"])
+  header = ["variant", "what changes", "seeds", "val ppl mean ± std", "min – max",
+            "vs LOST (mean)", "projection params (M)"]
+  first = variant_config(proto, REFERENCE, lr, seeds[0])
   parts = [
-      f"# {name}: LOST ablations\n",
+      f"# {name}: LOST ablations at LOST's tuned learning rate\n",
       f"Command (from the repository root):\n\n```\n{command}\n```\n",
-      common.setup_line(first, rows[0]["eval_tokens"]) + "\n",
-      f"Every row uses the LOST optimizer settings (adamw, lr {t.lr:g}, b1 {t.b1:g}, "
-      f"b2 {t.b2:g}) and LOST's rank {first.model.linear.rank}, except where the row says "
-      "otherwise (the SLTrain row uses its preset, b2 0.999, at the matched rank).\n",
-      f"Measured on {common.environment()}.\n",
+      f"Protocol: experiments/compare_methods.py (D256): {compare_methods.shared_setup(first)} "
+      f"{proto.sweep_steps} steps ({proto.tokens(proto.sweep_steps):,} tokens); block "
+      f"learning rate {lr:g} (LOST's chosen rate in the comparison's sweep), shared "
+      f"learning rate {first.train.shared_lr:g}; seeds {', '.join(map(str, seeds))}.\n",
+      f"Measured on {common.environment()}. Code version: "
+      f"`{json.dumps(runs.code_version(), sort_keys=True)}`.\n",
       common.markdown_table(header, table) + "\n",
-      text + " Single seed: no seed-to-seed spread was measured, so small gaps are not "
-      "established differences.\n",
+      "A gap smaller than the seeds' min-max range is not an established difference.\n",
       f"![validation perplexity vs step]({name}.png)\n",
   ]
   return "\n".join(parts)
@@ -126,23 +136,36 @@ def report(rows: list[dict], cfgs: dict[str, ml_collections.ConfigDict], name: s
 
 def _main(argv, flag_values):
   from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
-  size = common.size_from_config(f["config"], "ablations")
   common.check_names(f.ablations, ABLATIONS, "ablations")
-  rows = run(size, f.ablations, name=f.name, workdir_root=f.workdir_root,
-             overrides=config_flags.get_override_values(f["config"]), out_dir=f.out_dir,
-             command=common.command_line(), quiet=f.quiet)
-  print(common.ranking_text([(r["variant"], r["eval_ppl"]) for r in rows], REFERENCE))
+  proto = compare_methods.D256
+  results_dir = f.results_dir or f.compare_results_dir
+  lr = f.lr or compare_methods.tuned_lr(proto, f.compare_results_dir)
+  if lr is None:
+    print(f"error: LOST's learning-rate sweep in {f.compare_results_dir} has not finished. "
+          "Fix: run experiments/compare_methods.py first, or give --lr.", file=sys.stderr)
+    sys.exit(2)
+  run(proto, f.ablations, lr=lr, name=f.name, results_dir=results_dir,
+      workdir_root=os.path.join(f.workdir_root, f.name), out_dir=f.out_dir,
+      command=common.command_line(), quiet=f.quiet)
 
 
 def define_flags():
   """Flags of this script (only when run as a program, so importing it defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_list("ablations", list(ABLATIONS), "Variants to run (ABLATIONS).")
-  return common.define_run_flags("variant")
+  flags.DEFINE_string("name", "ablate_d256", "Name of the ablation: document file names.")
+  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.json/.png are written.")
+  flags.DEFINE_string("results_dir", "", "Finished runs as <key>.json (default: the "
+                      "comparison's, <out_dir>/compare_d256_runs, so shared runs are reused).")
+  flags.DEFINE_string("compare_results_dir", "docs/results/compare_d256_runs",
+                      "The comparison's runs, read for LOST's chosen learning rate.")
+  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Checkpoints of runs in progress.")
+  flags.DEFINE_float("lr", 0.0, "Block learning rate (0: LOST's chosen rate of the sweep).")
+  flags.DEFINE_bool("quiet", True, "No per-step progress lines.")
+  return flags.FLAGS
 
 
 if __name__ == "__main__":

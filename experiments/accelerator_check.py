@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
 
 import jax
-import numpy as np
 
 from experiments import bench_sparselora as bench
 from experiments import throughput

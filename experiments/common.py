@@ -1,41 +1,27 @@
-"""Helpers shared by the experiment scripts: per-method configs, resumable runs, reports."""
+"""Helpers shared by the experiment scripts: per-method configs, command lines, reports."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
-import time
 from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 
-from lost_jax import accounting, configs, metrics, train, xla_setup
+from lost_jax import configs, xla_setup
 
 # Baselines whose rank is re-derived so their projection parameters match LOST's.
 MATCHED_KINDS = ("low_rank", "cola", "sltrain")
-RESULT_FILE = "result.json"      # written once a run has finished and been evaluated
-REQUEST_FILE = "experiment.json"  # the config a workdir was started with
 
 
 def config_arg(config_flag) -> str:
   """The text after ':' of a `--config=file.py:<arg>` flag (ml_collections config flag)."""
   return config_flag.config_filename.partition(":")[2]
-
-
-def size_from_config(config_flag, what: str) -> str:
-  """The size of `--config=configs/pretrain.py:<size>` (default quickstart); a method there is
-  a usage error, since `--<what>` lists what runs."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  size, _, method = config_arg(config_flag).partition(",")
-  if method:
-    raise app.UsageError(f"--config names a size only (got {method!r}); the {what} come "
-                         f"from --{what}.")
-  return size.strip() or "quickstart"
 
 
 def check_names(names: Iterable[str], allowed: Iterable[str], what: str) -> None:
@@ -47,23 +33,6 @@ def check_names(names: Iterable[str], allowed: Iterable[str], what: str) -> None
     raise app.UsageError(f"unknown {what} {bad}; choose from {allowed}")
 
 
-def define_run_flags(what: str):
-  """Flags shared by the training experiments (--config, --name, --workdir_root, --out_dir,
-  --quiet); `what` names one run ("method", "variant")."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quickstart",
-                                  "configs/pretrain.py:<size>; --config.* overrides apply "
-                                  f"to every {what}.", lock_config=True)
-  flags.DEFINE_string("name", None, "Name of the experiment: docs file names and workdirs.")
-  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Runs go to "
-                      f"<workdir_root>/<name>/<{what}>.")
-  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.png/.json are written.")
-  flags.DEFINE_bool("quiet", False, "No per-step progress lines.")
-  flags.mark_flags_as_required(["name"])
-  return flags.FLAGS
-
-
 def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None]) -> None:
   """`if __name__ == "__main__"` of an experiment: XLA defaults, flags, quiet logs, app.run."""
   xla_setup.configure()   # before the first JAX computation
@@ -73,55 +42,13 @@ def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None])
   app.run(lambda argv: main(argv, flag_values))
 
 
-def parse_value(old: Any, text: str) -> Any:
-  """`text` converted to the type of the config field it replaces (`old`)."""
-  if isinstance(old, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"{text!r} is not a boolean. Fix: write true or false.")
-    return text.lower() in ("true", "1")
-  if isinstance(old, int):
-    return int(text)
-  if isinstance(old, float):
-    return float(text)
-  return text
-
-
-def parse_method_overrides(specs: Iterable[str],
-                           methods: Iterable[str]) -> dict[str, dict[str, str]]:
-  """['galore:train.lr=4e-3', ...] -> {'galore': {'train.lr': '4e-3'}} (values still text)."""
-  methods = tuple(methods)
-  out: dict[str, dict[str, str]] = {}
-  for spec in specs:
-    head, eq, value = spec.partition("=")
-    method, colon, key = head.partition(":")
-    if not (eq and colon and key):
-      raise ValueError(f"{spec!r} is not 'method:key=value'. Fix: e.g. galore:train.lr=4e-3.")
-    if method not in methods:
-      raise ValueError(f"{spec!r} names method {method!r}, which is not run. Fix: use one "
-                       f"of {methods}.")
-    out.setdefault(method, {})[key] = value
-  return out
-
-
-def _set_text(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
-  *groups, field = key.split(".")
-  node = cfg
-  for g in groups:
-    node = node[g]
-  if field not in node:
-    raise ValueError(f"config has no field {key!r}. Fix: check the name in "
-                     "lost_jax/configs.py.")
-  node[field] = parse_value(node[field], text)
-
-
-def method_config(size: str, method: str, overrides: dict[str, Any] | None = None,
-                  method_overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
-  """The `<size>,<method>` preset with `overrides` (typed, flat) then `method_overrides` (text).
+def method_config(size: str, method: str,
+                  overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The `<size>,<method>` preset with `overrides` (typed, flat).
 
   `model.linear.rank` is LOST's rank: low_rank / cola / sltrain get the rank whose projection
   parameters match LOST's on the final (overridden) model shape (configs.matched_rank), and
-  GaLore's projection rank is LOST's unless `train.galore_rank` is overridden. A per-method
-  override is applied last and wins over both rules.
+  GaLore's projection rank is LOST's unless `train.galore_rank` is overridden.
   """
   overrides = dict(overrides or {})
   lost = configs.pretrain_config(size, "lost")
@@ -134,73 +61,13 @@ def method_config(size: str, method: str, overrides: dict[str, Any] | None = Non
                                     lost.model.linear.sparsity, lin.density)
   if cfg.train.optimizer.startswith("galore") and "train.galore_rank" not in overrides:
     cfg.train.galore_rank = lost.model.linear.rank
-  for key, text in (method_overrides or {}).items():
-    _set_text(cfg, key, text)
   return cfg
 
 
-def _jsonable(cfg: ml_collections.ConfigDict) -> dict:
-  return json.loads(cfg.to_json_best_effort())
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)   # a crash never leaves a half-written result behind
-
-
-def latest_rows(workdir: str) -> list[dict]:
-  """metrics.jsonl rows, keeping the last row per (step, kind) after a resumed run repeats one."""
-  by_key = {}
-  for row in metrics.read_metrics(workdir):
-    by_key[(row["step"], "eval_ppl" in row)] = row
-  return [by_key[k] for k in sorted(by_key)]
-
-
-def summarize(rows: list[dict], steps: int) -> dict:
-  """Final eval metrics (the eval at `steps`) and the median logged training throughput."""
-  final = [r for r in rows if "eval_ppl" in r and r["step"] == steps]
-  if not final:
-    raise RuntimeError(f"no evaluation at the final step {steps} in metrics.jsonl")
-  speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-  out = {k: final[-1][k] for k in ("eval_loss", "eval_ppl", "eval_tokens")}
-  # Median: the first logged window of each invocation also contains compilation.
-  out["tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
-  return out
-
-
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = True,
-        measure: Callable[[ml_collections.ConfigDict], dict] | None = None) -> dict:
-  """Train + evaluate `cfg` in `workdir`, or return the stored result of a finished run.
-
-  Resumable: an interrupted run continues from its last checkpoint. A workdir started with a
-  different config is refused rather than mixed. `measure(cfg)` adds fields (e.g. memory) to
-  the stored result.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  want = _jsonable(cfg)
-  request = os.path.join(workdir, REQUEST_FILE)
-  if os.path.exists(request):
-    with open(request) as f:
-      if json.load(f) != want:
-        raise ValueError(f"{workdir} was started with a different config. Fix: choose another "
-                         f"--workdir_root or --name, or delete {workdir}.")
-  else:
-    _write_json(request, want)
-  result_path = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
-  t0 = time.time()
-  train.train_and_evaluate(cfg, workdir, quiet=quiet)
-  result = dict(name=cfg.name, workdir=workdir, steps=cfg.train.steps,
-                params=accounting.count_params(cfg.model), wall_s=time.time() - t0,
-                **summarize(latest_rows(workdir), cfg.train.steps))
-  if measure is not None:
-    result.update(measure(cfg))
-  _write_json(result_path, result)
-  return result
+def drop_checkpoints(workdir_root: str, key: str) -> None:
+  """Delete the checkpoints of a finished run (its result and metrics stay): a sweep of many
+  runs would otherwise keep two full training states per run."""
+  shutil.rmtree(os.path.join(workdir_root, key, "checkpoints"), ignore_errors=True)
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -225,57 +92,49 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
-def ranking(names_values: list[tuple[str, float]]) -> list[tuple[str, float]]:
-  """(name, value) pairs sorted best (lowest) first; stable for ties."""
-  return sorted(names_values, key=lambda nv: nv[1])
+def mean_spread(values: list[float]) -> dict:
+  """n, mean, sample standard deviation (0 for one value), min and max."""
+  return dict(n=len(values), mean=statistics.fmean(values),
+              std=statistics.stdev(values) if len(values) > 1 else 0.0,
+              min=min(values), max=max(values))
 
 
-def setup_line(cfg: ml_collections.ConfigDict, eval_tokens: float) -> str:
-  """The settings every method shares, in one paragraph."""
-  m, d, t = cfg.model, cfg.data, cfg.train
-  tokens = t.steps * t.batch_size * d.seq_len
-  return (f"Model: LLaMA, d_model {m.d_model}, ffn {m.ffn_dim}, {m.n_layers} layers, "
-          f"{m.n_heads} heads, vocab {m.vocab_size}, untied head. Data: `{d.source}` corpus, "
-          f"seq_len {d.seq_len}, packing={d.packing}. Training: {t.steps} steps x "
-          f"{t.batch_size} sequences x {d.seq_len} = {tokens:,} tokens, warmup "
-          f"{t.warmup_frac:.0%}, cosine to {t.min_lr_ratio:g} x peak, clip {t.clip_norm:g}, "
-          f"weight decay {t.weight_decay:g}, precision {t.precision}, seed {cfg.seed}. "
-          f"Validation: "
-          f"{int(eval_tokens):,} held-out tokens, exact token-weighted perplexity, every "
-          f"{t.eval_every} steps and at the end.")
+def band(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
+  """(step, mean, min, max) at every step present in all `curves` ((step, value) lists)."""
+  common_steps = set.intersection(*(set(s for s, _ in c) for c in curves))
+  by_step = [dict(c) for c in curves]
+  return [(s, statistics.fmean(d[s] for d in by_step), min(d[s] for d in by_step),
+           max(d[s] for d in by_step)) for s in sorted(common_steps)]
 
 
-def ranking_text(pairs: list[tuple[str, float]], reference: str | None = None,
-                 reference_label: str | None = None) -> str:
-  """'Ranking by final validation perplexity: 1. a (x), ...' and each run's gap to `reference`."""
-  order = ranking(pairs)
-  text = ("Ranking by final validation perplexity (lower is better): "
-          + ", ".join(f"{i}. {n} ({v:.2f})" for i, (n, v) in enumerate(order, 1)) + ".")
-  ref = dict(order).get(reference)
-  if ref:
-    text += f" Relative to {reference_label or reference}: " + ", ".join(
-        f"{n} {100 * (v / ref - 1):+.1f}%" for n, v in order if n != reference) + "."
-  return text
-
-
-def plot_eval_ppl(workdirs: dict[str, str], path: str, title: str) -> None:
-  """Validation perplexity vs step, one line per run (log scale), legend beside the axes."""
+def plot_bands(series: dict[str, list[list[tuple[int, float]]]], path: str, title: str,
+               xlabel: str = "step", ylabel: str = "validation perplexity",
+               log_x: bool = False) -> None:
+  """One line per name: the mean over its curves, shaded between their min and max (log y)."""
   # pylint: disable=g-import-not-at-top
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(8.0, 4.2))
   FigureCanvasAgg(fig)
   ax = fig.subplots()
-  for i, (name, workdir) in enumerate(workdirs.items()):
-    pts = [(r["step"], r["eval_ppl"]) for r in latest_rows(workdir) if "eval_ppl" in r]
-    if pts:  # the default colour cycle has 10 colours: later runs get dashed lines
-      ax.plot(*zip(*pts), marker="o", ms=3, label=name, ls="-" if i < 10 else "--")
-  ax.set_xlabel("step")
-  ax.set_ylabel("validation perplexity")
+  for i, (name, curves) in enumerate(series.items()):
+    pts = band(curves) if curves else []
+    if not pts:
+      continue
+    x, mean, lo, hi = zip(*pts)
+    line, = ax.plot(x, mean, marker="o", ms=3, ls="-" if i < 10 else "--",
+                    label=f"{name} (n={len(curves)})")
+    if len(curves) > 1:
+      ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_yscale("log")
+  if log_x:
+    ax.set_xscale("log", base=2)
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)

@@ -23,16 +23,42 @@ from jax.experimental import multihost_utils
 
 from lost_jax.errors import UserError, one_line
 
-# Fields that must match for a checkpoint to be restored into a run.
-def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
-  """The settings that decide parameter shapes and meaning (model config + tokenizer vocab).
+# Fingerprint entries a resumed run may change (the differences are printed); every other
+# entry must match the checkpoint's.
+MAY_CHANGE = ("schedule",)
+# Data settings that do not change which examples a run sees.
+_DATA_FREE = ("worker_count", "tfds_data_dir")
 
-  model.perf is left out: a checkpoint written with one attention kernel or matmul backward
-  (e.g. on a GPU) resumes with another (e.g. on a CPU).
+
+def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
+  """The settings that decide what a run (and so a resumed run) means.
+
+  Must match on resume: model config, tokenizer vocab, sequence length, global batch, data
+  source and files (all of config.data but worker_count / tfds_data_dir), seed and, for
+  fine-tuning, the sparsity schedule (added by the caller). May change: the rest of
+  config.train (learning rate, step count, ...), listed as `schedule`.
   """
-  model = {k: v for k, v in json.loads(cfg.model.to_json()).items() if k != "perf"}
-  return {"model": model, "seq_len": cfg.data.seq_len,
-          "tokenizer_vocab": int(vocab_size)}
+  train_cfg = cfg.train.to_dict()
+  # model.perf is left out: a checkpoint written with one attention kernel or matmul backward
+  # (e.g. on a GPU) resumes with another (e.g. on a CPU).
+  model = {k: v for k, v in cfg.model.to_dict().items() if k != "perf"}
+  fingerprint = {
+      "model": model, "seq_len": cfg.data.seq_len,
+      "tokenizer_vocab": int(vocab_size), "global_batch": int(train_cfg.pop("batch_size")),
+      "data": {k: v for k, v in cfg.data.to_dict().items() if k not in _DATA_FREE},
+      "seed": cfg.get("seed"), "schedule": train_cfg}
+  return json.loads(json.dumps(fingerprint))   # as the checkpoint's JSON will read back
+
+
+def compare_fingerprints(saved: dict, run: dict) -> tuple[list[str], list[str]]:
+  """(differences that forbid a resume, differences a resume may have).
+
+  Entries a checkpoint of an older version does not record are not compared.
+  """
+  refused, allowed = [], []
+  for key in sorted(set(saved) & set(run)):
+    (allowed if key in MAY_CHANGE else refused).extend(_diff(saved[key], run[key], key))
+  return refused, allowed
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -76,12 +102,16 @@ class Checkpointer:
         meta = self._meta(step)
       except Exception:  # pylint: disable=broad-except
         continue
-      diffs = _diff(meta["fingerprint"], fingerprint)
+      diffs, allowed = compare_fingerprints(meta["fingerprint"], fingerprint)
       if diffs:
         raise UserError(
             f"workdir {os.path.dirname(self.directory)} holds checkpoints (step {step}) of a "
-            "different model config: " + "; ".join(diffs[:10]) +
-            ". Fix: use a new --workdir, or the config that wrote these checkpoints.")
+            "run with different settings: " + "; ".join(diffs[:20]) +
+            ". Fix: use a new --workdir, or the config that wrote these checkpoints "
+            "(learning rate and step count may change on resume).")
+      if allowed and jax.process_index() == 0:
+        print(f"resuming step {step} with changed settings:\n  " + "\n  ".join(allowed),
+              flush=True)
       return
 
   def save(self, step: int, state, rest, data_iter, fingerprint: dict, *,

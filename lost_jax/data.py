@@ -506,22 +506,47 @@ def _mix_seeds(seed: int, shuffle_seed: int) -> list[int]:
   return [int(s) for s in np.random.SeedSequence([seed, shuffle_seed]).generate_state(2)]
 
 
+class ProcessRows:
+  """Process i's rows [i * n, (i + 1) * n) of a global batch dict of [n * count, ...] arrays."""
+
+  def __init__(self, process_index: int, process_count: int):
+    self.index, self.count = process_index, process_count
+
+  def __call__(self, batch: dict) -> dict:
+    n = len(next(iter(batch.values()))) // self.count
+    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+
+def global_batches(data_cfg) -> bool:
+  """True where every process reads the same global batches and keeps its own rows (random
+  access sources: the batches do not depend on the process count); file streams shard by file."""
+  return data_cfg.source != "files"
+
+
 def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
                         process_index: int = 0, process_count: int = 1
                         ) -> grain.DatasetIterator:
-  """Endless shuffled batches of this process's shard: dict of [batch_size, seq_len] arrays.
+  """Endless shuffled batches of this process's rows: dict of [batch_size, seq_len] arrays.
 
+  stdlib/tfds: every process builds the same global batch of batch_size * process_count rows
+  and keeps rows [i * batch_size, (i + 1) * batch_size), so the batches (and a checkpointed
+  iterator) do not depend on the process count. files: each process streams its own files.
   The iterator's `get_state`/`set_state` resume it exactly (save it with
   `grain.checkpoint.CheckpointSave`). Source errors raise ValueError here, before training.
   """
   _check(data_cfg, tokenizer, batch_size, process_index, process_count)
   doc_seed, row_seed = _mix_seeds(seed, data_cfg.shuffle_seed)
-  texts = _source_texts(data_cfg, "train", process_index, process_count, seed=doc_seed)
+  split = (process_index, process_count)
+  if global_batches(data_cfg):
+    split, batch_size = (0, 1), batch_size * process_count
+  texts = _source_texts(data_cfg, "train", *split, seed=doc_seed)
   # Rows are shuffled too: a long document (a stdlib module spans hundreds of rows) would
   # otherwise fill whole batches with consecutive chunks of itself.
   ds = grain.experimental.WindowShuffleIterDataset(
       _layout(texts, data_cfg, tokenizer), window_size=data_cfg.shuffle_window, seed=row_seed)
   ds = ds.batch(batch_size, drop_remainder=True)
+  if split != (process_index, process_count):
+    ds = ds.map(ProcessRows(process_index, process_count))
   if data_cfg.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
   return iter(ds)
@@ -543,6 +568,10 @@ def make_eval_batches(data_cfg, tokenizer, batch_size: int, num_batches: int, *,
     _fail("eval_fraction", "is 0, so there is no validation split",
           "use e.g. 0.05" + (" or set config.data.eval_files" if data_cfg.source == "files"
                              else ""))
+  rows_of = None
+  if global_batches(data_cfg) and process_count > 1:   # global batches, this process's rows
+    rows_of = ProcessRows(process_index, process_count)
+    batch_size, process_index, process_count = batch_size * process_count, 0, 1
   texts = _source_texts(data_cfg, "eval", process_index, process_count, seed=None)
   examples = iter(_layout(texts, data_cfg, tokenizer))
   pad_row = padding_example(data_cfg.seq_len, tokenizer.pad_id)
@@ -561,4 +590,4 @@ def make_eval_batches(data_cfg, tokenizer, batch_size: int, num_batches: int, *,
     if process_count > 1:
       batches += [{k: np.stack([pad_row[k]] * batch_size) for k in KEYS}
                   for _ in range(num_batches - len(batches))]
-  return batches
+  return batches if rows_of is None else [rows_of(b) for b in batches]

@@ -19,33 +19,81 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lost_jax import (accounting, checkpoint, configs, hf, instruct, optim, quant, sharding,
-                      sparselora, tokenizer, train)
+from lost_jax import (accounting, checkpoint, configs, gguf, hf, instruct, metrics, optim,
+                      quant, sharding, sparselora, tokenizer, train)
 from lost_jax.errors import UserError
 from lost_jax.generate import greedy_generate
 from lost_jax.lora import LoRAParam, apply_lora
 from lost_jax.model import Llama
 
-INIT_SOURCES = ("hf", "pretrain", "random")
+INIT_SOURCES = ("auto", "hf", "gguf", "pretrain", "random")
 
 
-def load_base(cfg: ml_collections.ConfigDict) -> Llama:
-  """The frozen base model named by cfg.init; cfg.model is updated to its shape."""
+def detect_base(path: str) -> str | None:
+  """What init.path holds: 'gguf' (a GGUF file), 'hf' (a directory with a HF config.json and
+  safetensors), 'pretrain' (a lost_jax workdir: its config.json has model and train groups),
+  or None."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      return "gguf" if f.read(4) == b"GGUF" else None
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config):
+    return None
+  try:
+    with open(config) as f:
+      run = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  if isinstance(run, dict) and "model" in run and "train" in run:
+    return "pretrain"
+  if isinstance(run, dict) and ("model_type" in run or "architectures" in run) and any(
+      os.path.exists(os.path.join(path, f)) for f in (hf.WEIGHTS_FILE, hf.INDEX_FILE)):
+    return "hf"
+  return None
+
+
+_BASE_HELP = ("a Hugging Face LLaMA directory (config.json + model.safetensors), a LLaMA GGUF "
+              "file, or a lost_jax pre-training workdir (e.g. after `python -m lost_jax.main "
+              "pretrain --config=configs/pretrain.py:quickstart,full_rank --workdir=/tmp/qs_fr`:"
+              " --config.init.path=/tmp/qs_fr)")
+
+
+def base_kind(cfg: ml_collections.ConfigDict) -> str:
+  """init.source resolved against what init.path holds; one ValueError naming the fix."""
   src, path = cfg.init.source, cfg.init.path
-  dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
   if src not in INIT_SOURCES:
     raise UserError(f"config.init.source={src!r} is unknown. Fix: one of {INIT_SOURCES}.")
-  if src != "random" and not os.path.isdir(path):
-    raise UserError(f"config.init.path={path!r} is not a directory. Fix: a Hugging Face "
-                    "LLaMA directory (init.source=hf) or a lost_jax pre-training workdir "
-                    "(init.source=pretrain), e.g. after `python -m lost_jax.main pretrain "
-                    "--config=configs/pretrain.py:quickstart,full_rank --workdir=/tmp/qs_fr`: "
-                    "--config.init.path=/tmp/qs_fr.")
-  if src == "hf":
-    model = hf.load_hf_llama(path, dtype=dtype, param_dtype=param_dtype)
+  if src == "random":
+    return src
+  kind = detect_base(path) if path else None
+  if kind is None:
+    raise UserError(f"config.init.path={path!r} is none of the bases fine-tuning reads. Fix: "
+                    f"give {_BASE_HELP}.")
+  if src not in ("auto", kind):
+    raise UserError(f"config.init.source={src!r} but config.init.path={path!r} holds a "
+                    f"{kind!r} base. Fix: set --config.init.source={kind} (or auto).")
+  return kind
+
+
+def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Llama:
+  """The frozen base model named by cfg.init; cfg.model is updated to its shape.
+
+  A Hugging Face base with a mesh is read slice by slice straight into the mesh shardings
+  (each process reads only what its devices hold), in bfloat16 under `mixed` precision
+  (frozen weights need no float32 master copy). A GGUF base is dequantised on the host.
+  """
+  kind, path = base_kind(cfg), cfg.init.path
+  dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
+  base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
+  if kind in ("hf", "gguf"):
+    if kind == "hf":
+      model = hf.load_hf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
+    else:
+      model = gguf.load_gguf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
     cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
     return model
-  if src == "pretrain":
+  if kind == "pretrain":
     return _load_pretrained(cfg, path, dtype, param_dtype)
   cfg.model.dtype, cfg.model.param_dtype = dtype, param_dtype
   return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
@@ -87,10 +135,11 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   return model
 
 
-def sparse_model(cfg: ml_collections.ConfigDict, workdir: str | None):
+def sparse_model(cfg: ml_collections.ConfigDict, workdir: str | None,
+                 mesh: jax.sharding.Mesh | None = None):
   """Base + LoRA adapters + (cached in workdir, if one is given) estimators wrapped as a
   SparseLoRALlama."""
-  model = load_base(cfg)
+  model = load_base(cfg, mesh)
   configs.validate_finetune(cfg, cfg.model.n_layers)   # ranks and layers against the base
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
@@ -98,7 +147,8 @@ def sparse_model(cfg: ml_collections.ConfigDict, workdir: str | None):
   plan = sparselora.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-             dropout=cfg.lora.dropout, rngs=nnx.Rngs(cfg.seed + 1))
+             dropout=cfg.lora.dropout, param_dtype=train.PRECISIONS[cfg.train.precision][1],
+             rngs=nnx.Rngs(cfg.seed + 1))
   layers = plan.estimator_layers()
   estimators = None
   if layers:
@@ -127,12 +177,15 @@ def abstract_lora_setup(module: nnx.Module, cfg, mesh) -> tuple[train.Setup, dic
   moment_dtype = jnp.dtype(cfg.model.param_dtype)
   tx = optim.make_optimizer(cfg.train, params, moment_dtype=moment_dtype)
   repl = sharding.replicated(mesh)
-  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh))
-  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh))
+  notes: list[str] = []
+  param_sh = nnx.as_pure(sharding.state_shardings(lora_state, mesh, notes))
+  rest_sh = nnx.as_pure(sharding.state_shardings(rest_state, mesh, notes))
   abstract_opt = jax.eval_shape(tx.init, params)
   state_sh = {"params": param_sh,
-              "opt_state": sharding.opt_state_shardings(tx, abstract_opt, param_sh, mesh),
+              "opt_state": sharding.opt_state_shardings(abstract_opt, param_sh, params, mesh,
+                                                        notes),
               "step": repl, "rng": repl}
+  sharding.warn_unsharded(notes)
 
   def init(params):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
@@ -152,11 +205,16 @@ class _SparseSchedule:
   bucket: int
   start_step: int
   enabled: bool
+  dense_outputs: bool = True
 
   def dense_len(self, weights_BxL: np.ndarray, step: int) -> sparselora.StepLengths:
     # Before start_step (or without sparsity) every token is dense: no estimator runs.
     sparse = self.enabled and step >= self.start_step
-    return sparselora.step_lengths(weights_BxL, self.bucket, sparse)
+    local = sparselora.step_lengths(weights_BxL, self.bucket, sparse)
+    if sparse and not self.dense_outputs:   # ablation: output tokens sparse too (but the last)
+      local = local._replace(dense_len=1)
+    # Every process must compile the same step: the longest suffixes any process needs.
+    return sparselora.StepLengths(*train.agree_max(local))
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -168,15 +226,17 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   configs.validate_finetune(cfg)
   train.make_workdir(workdir)
 
-  module, plan = sparse_model(cfg, workdir)
+  module, plan = sparse_model(cfg, workdir, mesh)
   configs.validate_model(cfg.model)
   tok = _tokenizer(cfg)
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
-                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json())}
+                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
+                 "sparse": json.loads(cfg.sparse.to_json())}
   ckpt = train.open_workdir(workdir, cfg, fingerprint)
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)
-  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch)
+  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch, process_index=pidx,
+                                            process_count=nproc)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
   setup, params, rest = lora_setup(module, cfg, mesh)
@@ -191,7 +251,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   eval_step = train.make_eval_step(setup)
   sched = _SparseSchedule(cfg.data.seq_len, cfg.sparse.bucket,
                           int(cfg.sparse.start_frac * cfg.train.steps),
-                          bool(cfg.sparse.enabled and plan.estimator_layers()))
+                          bool(cfg.sparse.enabled and plan.estimator_layers()),
+                          bool(cfg.sparse.get("dense_outputs", True)))
   counter = {"step": start}
 
   def to_device(batch):
@@ -213,9 +274,13 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     if eval_records:
       out["eval_accuracy"] = accuracy(setup.graphdef, state["params"], rest, eval_records, tok,
                                       cfg.data.max_prompt_len, cfg.data.max_new_tokens,
-                                      cfg.data.template)
+                                      cfg.data.template, final_answer=cfg.data.task == "gsm")
     return out
 
+  if cfg.train.steps == 0:   # zero-shot: LoRA's B starts at zero, so this is the base model
+    result = {"step": 0, **evaluate_fn(state)}
+    metrics.MetricWriter(workdir, enabled=pidx == 0).write(0, result)
+    return result
   n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   sparse_layers = len(plan.estimator_layers()) if sched.enabled else 0
   header = (f"lost_jax finetune {cfg.name} | {n_lora / 1e6:.3f}M LoRA params | "
@@ -230,7 +295,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
 
 def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
-             template: str = "alpaca", batch_size: int = 32) -> float:
+             template: str = "alpaca", batch_size: int = 32,
+             final_answer: bool = False) -> float:
   """Exact-match accuracy of greedy (KV-cache) answers of the adapted model."""
   model = nnx.merge(graphdef, params, rest).model
   generated = []
@@ -239,16 +305,26 @@ def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int
     ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
     generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
                                                 max_new_tokens=max_new)))
-  return instruct.exact_match(np.concatenate(generated), records, tok)
+  return instruct.exact_match(np.concatenate(generated), records, tok, final_answer)
 
 
 def _tokenizer(cfg) -> tokenizer.Tokenizer:
-  """data.tokenizer if set; else the HF directory's tokenizer.model; else the stdlib model."""
-  if not cfg.data.tokenizer and cfg.init.source == "hf":
-    candidate = os.path.join(cfg.init.path, "tokenizer.model")
-    if os.path.exists(candidate):
-      cfg.data.tokenizer = candidate
-  if not cfg.data.tokenizer and cfg.init.source == "pretrain":
-    with open(os.path.join(cfg.init.path, "config.json")) as f:
-      cfg.data.tokenizer = json.load(f)["data"]["tokenizer"]
+  """data.tokenizer if set; else the base's own: a HF directory's tokenizer.json or
+  tokenizer.model, a GGUF file's metadata, a pre-training workdir's setting. A real base is
+  never paired with an invented tokenizer."""
+  if not cfg.data.tokenizer:
+    kind = base_kind(cfg)
+    if kind == "hf":
+      found = [f for f in (tokenizer.TOKENIZER_JSON, tokenizer.SENTENCEPIECE_MODEL)
+               if os.path.exists(os.path.join(cfg.init.path, f))]
+      if not found:
+        raise UserError(f"config.init.path={cfg.init.path!r} has neither "
+                        f"{tokenizer.TOKENIZER_JSON} nor {tokenizer.SENTENCEPIECE_MODEL}. Fix: "
+                        "set config.data.tokenizer to the base model's tokenizer file.")
+      cfg.data.tokenizer = os.path.join(cfg.init.path, found[0])
+    elif kind == "gguf":
+      cfg.data.tokenizer = cfg.init.path
+    elif kind == "pretrain":
+      with open(os.path.join(cfg.init.path, "config.json")) as f:
+        cfg.data.tokenizer = json.load(f)["data"]["tokenizer"]
   return tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)

@@ -236,7 +236,7 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
   for name, file in files.items():
     by_file.setdefault(file, []).append(name)
   for file, file_names in sorted(by_file.items()):
-    with safe_open(file, framework="flax") as f:
+    with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
       for name in file_names:
         attr, transpose = names[name]
         var = _get(model, attr)
@@ -247,6 +247,9 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
                           f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
                           f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
                           f"checkpoint matches its {CONFIG_FILE}.")
+        if mesh is not None:
+          var.set_value(_sharded_read(got, var, transpose, mesh))
+          continue
         x = f.get_tensor(name)
         _set(var, x.T if transpose else x, mesh)
   if tied:
@@ -256,6 +259,25 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
       raise ValueError(f"lost_jax parameter {_path_str(p)} has no HF tensor in tensor_map. Fix: "
                        "extend lost_jax.hf.tensor_map for the new parameter.")
   return model
+
+
+def _sharded_read(tensor_slice, var: nnx.Variable, transpose: bool,
+                  mesh: jax.sharding.Mesh) -> jax.Array:
+  """The variable's value on the mesh, reading only the slices of the safetensors tensor that
+  this process's devices hold (each distinct slice once), in the variable's dtype."""
+  dtype = var.get_value().dtype
+  spec = sharding_lib.logical_to_spec(var.get_metadata().get("axes"), var.shape, mesh)
+  cache: dict = {}
+
+  def read(index):          # slices into var.shape; the file holds the transpose if asked
+    key = tuple((s.start, s.stop) for s in index)
+    if key not in cache:
+      x = tensor_slice[tuple(reversed(index)) if transpose else tuple(index)]
+      cache[key] = np.ascontiguousarray(x.T if transpose else x).astype(dtype)
+    return cache[key]
+
+  return jax.make_array_from_callback(tuple(var.shape),
+                                      jax.sharding.NamedSharding(mesh, spec), read)
 
 
 def _set(var: nnx.Variable, x: jax.Array, mesh: jax.sharding.Mesh | None):

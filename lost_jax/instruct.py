@@ -13,10 +13,12 @@ import json
 import math
 import os
 import random
+import re
 
 import grain
 import numpy as np
 
+from lost_jax import data
 from lost_jax.errors import UserError
 
 PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
@@ -27,13 +29,21 @@ PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
                    "### Instruction:\n{instruction}\n\n### Response:\n")
 # A short template for small built-in tasks, where Alpaca's preamble would dominate.
 PLAIN = "{instruction}\n{input}\nAnswer: "
-TEMPLATES = ("alpaca", "plain")
+# ChatML as SmolLM2-Instruct's chat template renders one user turn (its default system turn
+# included); the answer then ends with <|im_end|>, the tokenizer's EOS.
+CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+          "Face<|im_end|>\n<|im_start|>user\n{instruction}\n{input}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+TEMPLATES = ("alpaca", "plain", "chatml")
+TASKS = ("arithmetic", "gsm", "files")
 KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def render_prompt(record: dict, template: str = "alpaca") -> str:
   if template == "plain":
     return PLAIN.format(instruction=record["instruction"], input=record.get("input", ""))
+  if template == "chatml":
+    return CHATML.format(instruction=record["instruction"], input=record.get("input", ""))
   if template != "alpaca":
     raise UserError(f"config.data.template={template!r} is unknown. Fix: one of {TEMPLATES}.")
   text = PROMPT if record.get("input") else PROMPT_NO_INPUT
@@ -44,7 +54,7 @@ def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int,
                   template: str = "alpaca"):
   """(prompt ids, output ids + EOS) with the prompt cut to max_prompt_len, total to max_len."""
   prompt = tokenizer.encode(render_prompt(record, template))[:max_prompt_len]
-  if tokenizer.bos_id >= 0:
+  if getattr(tokenizer, "add_bos", tokenizer.bos_id >= 0):
     prompt = [tokenizer.bos_id] + prompt[:max_prompt_len - 1]
   output = tokenizer.encode(record["output"]) + [tokenizer.eos_id]
   return prompt, output[:max(0, max_len - len(prompt))]
@@ -125,11 +135,82 @@ def arithmetic_records(count: int, seed: int, max_value: int = 20) -> list[dict]
   return out
 
 
+_SHOPS = ("market", "fair", "shop", "library", "park")
+
+
+def _gsm_problem(rng: random.Random) -> tuple[str, list[str], int]:
+  """One multi-step word problem: (question, worked steps 'a op b = c.', final answer).
+
+  Every intermediate value stays a non-negative integer below 1000.
+  """
+  name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+  start = rng.randint(5, 40)
+  sentences, steps, value = [f"{name} has {start} {item}."], [], start
+  for _ in range(rng.randint(2, 3)):
+    op = rng.choice(("buy", "give", "bags", "double", "share"))
+    if op == "buy":
+      n = rng.randint(2, 30)
+      sentences.append(f"At the {rng.choice(_SHOPS)} {name} gets {n} more.")
+      steps.append(f"{value} + {n} = {value + n}.")
+      value += n
+    elif op == "give" and value > 2:
+      n = rng.randint(1, value - 1)
+      sentences.append(f"Then {name} gives {n} to a friend.")
+      steps.append(f"{value} - {n} = {value - n}.")
+      value -= n
+    elif op == "bags" or op == "give":
+      a, b = rng.randint(2, 6), rng.randint(2, 9)
+      sentences.append(f"{name} also finds {a} boxes with {b} {item} in each box.")
+      steps.append(f"{a} * {b} = {a * b}. {value} + {a * b} = {value + a * b}.")
+      value += a * b
+    elif op == "double" and value < 400:
+      sentences.append(f"Then the number of {item} doubles.")
+      steps.append(f"{value} * 2 = {value * 2}.")
+      value *= 2
+    else:
+      k = next((k for k in (2, 3, 4, 5) if value % k == 0), None)
+      if k is None:   # not divisible: give one away first so it is
+        sentences.append(f"Then {name} loses 1.")
+        steps.append(f"{value} - 1 = {value - 1}.")
+        value -= 1
+        k = next((k for k in (2, 3, 4, 5) if value % k == 0), 1)
+      if k > 1:
+        sentences.append(f"{name} keeps one of {k} equal parts.")
+        steps.append(f"{value} / {k} = {value // k}.")
+        value //= k
+  return " ".join(sentences) + f" How many {item} does {name} have now?", steps, value
+
+
+def gsm_records(count: int, seed: int) -> list[dict]:
+  """GSM8K-style multi-step arithmetic word problems, deterministic in `seed`; the output is
+  the worked steps then 'The answer is N.' (scored on N)."""
+  rng = random.Random(seed)
+  out = []
+  for _ in range(count):
+    question, steps, answer = _gsm_problem(rng)
+    out.append({"instruction": "Solve the problem step by step.", "input": question,
+                "output": " ".join(steps) + f" The answer is {answer}."})
+  return out
+
+
+def final_number(text: str) -> str | None:
+  """The last number in `text` ('The answer is 42.' -> '42'), or None."""
+  found = re.findall(r"-?\d+(?:\.\d+)?", text)
+  return found[-1] if found else None
+
+
 def task_records(data_cfg, split: str) -> list[dict]:
   """The configured train or eval records (built-in task or files)."""
-  if data_cfg.task == "arithmetic":
+  if data_cfg.task in ("arithmetic", "gsm"):
     count = data_cfg.train_size if split == "train" else data_cfg.eval_size
-    return arithmetic_records(count, seed=data_cfg.seed + (0 if split == "train" else 1))
+    make = arithmetic_records if data_cfg.task == "arithmetic" else gsm_records
+    # The held-out split uses its own seed: no generated problem is shared by design, and
+    # any exact duplicate of a training problem is dropped (checked in tests).
+    records = make(count, seed=data_cfg.seed + (0 if split == "train" else 1))
+    if split == "eval":
+      seen = {r["input"] for r in make(data_cfg.train_size, seed=data_cfg.seed)}
+      records = [r for r in records if r["input"] not in seen]
+    return records
   if split == "train":
     return load_records(data_cfg.train_file, "config.data.train_file")
   if data_cfg.eval_file:
@@ -150,24 +231,34 @@ class _Encode(grain.transforms.Map):
 
 def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
                         process_index: int = 0, process_count: int = 1):
-  """Endless shuffled batches of left-padded rows; a checkpointable grain iterator."""
-  records = task_records(data_cfg, "train")[process_index::process_count]
-  if len(records) < batch_size:
+  """Endless shuffled batches of left-padded rows; a checkpointable grain iterator.
+
+  Every process builds the same global batches (batch_size * process_count rows) and keeps
+  its own rows, so the batches do not depend on the process count.
+  """
+  records = task_records(data_cfg, "train")
+  global_batch = batch_size * process_count
+  if len(records) < global_batch:
     raise UserError(f"config.data: {len(records)} training records for batch size "
-                    f"{batch_size}. Fix: more records or a smaller config.train.batch_size.")
+                    f"{global_batch}. Fix: more records or a smaller config.train.batch_size.")
   ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
-        .map(_Encode(tokenizer, data_cfg)).batch(batch_size, drop_remainder=True))
+        .map(_Encode(tokenizer, data_cfg)).batch(global_batch, drop_remainder=True)
+        .map(data.ProcessRows(process_index, process_count)))
   return iter(ds.to_iter_dataset())
 
 
-def make_eval_batches(data_cfg, tokenizer, batch_size: int) -> list[dict]:
-  """Every eval record as left-padded loss batches (the last one padded with weight 0)."""
+def make_eval_batches(data_cfg, tokenizer, batch_size: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[dict]:
+  """Every eval record as left-padded loss batches (the last one padded with weight 0):
+  global batches of batch_size * process_count rows, of which this process keeps its own."""
   enc = _Encode(tokenizer, data_cfg)
   rows = [enc.map(r) for r in task_records(data_cfg, "eval")]
   blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
-  rows += [blank] * (-len(rows) % batch_size)
-  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in KEYS}
-          for i in range(0, len(rows), batch_size)]
+  global_batch = batch_size * process_count
+  rows += [blank] * (-len(rows) % global_batch)
+  rows_of = data.ProcessRows(process_index, process_count)
+  return [rows_of({k: np.stack([r[k] for r in rows[i:i + global_batch]]) for k in KEYS})
+          for i in range(0, len(rows), global_batch)]
 
 
 def prompt_batch(records: list[dict], tokenizer, prompt_len: int, template: str = "alpaca"):
@@ -181,12 +272,19 @@ def prompt_batch(records: list[dict], tokenizer, prompt_len: int, template: str 
   return ids, mask
 
 
-def exact_match(generated_ids: np.ndarray, records: list[dict], tokenizer) -> float:
-  """Fraction of records whose decoded answer (up to EOS) equals the reference output."""
+def exact_match(generated_ids: np.ndarray, records: list[dict], tokenizer,
+                final_answer: bool = False) -> float:
+  """Fraction of records whose decoded answer (up to EOS) equals the reference output; with
+  final_answer, whose last number equals the reference's last number (worked solutions)."""
   hits = 0
   for row, record in zip(generated_ids, records):
     row = list(row)
     if tokenizer.eos_id in row:
       row = row[:row.index(tokenizer.eos_id)]
-    hits += tokenizer.decode(row).strip() == record["output"].strip()
+    text = tokenizer.decode(row).strip()
+    if final_answer:
+      hits += final_number(text) is not None and final_number(text) == final_number(
+          record["output"])
+    else:
+      hits += text == record["output"].strip()
   return hits / max(1, len(records))

@@ -162,13 +162,17 @@ class LOSTLinear(nnx.Module):
     self.act = _activation(activation)
     self.dtype = dtype
     self.backward = backward
-    kernel = init_kernel(rngs.params(), in_features, out_features, init, init_std)
-    key = rngs.params() if sparse_init == "random_channels" else None
+    # One key from the stream whatever the variant; the ablations' extra draws fold it, so a
+    # variant changes only its own layer's choice, never the init of every later layer.
+    key = rngs.params()
+    kernel = init_kernel(key, in_features, out_features, init, init_std)
+    channel_key = jax.random.fold_in(key, 1) if sparse_init == "random_channels" else None
     f = lost_split(kernel, rank, sparsity, complement_rank=complement_rank,
-                   sparse_init=sparse_init, key=key)
+                   sparse_init=sparse_init, key=channel_key)
     a, b = f.a, f.b
     if factor_init == "random":   # ablation: random factors, same shapes, CoLA's scale
-      a, b = random_factors(rngs, in_features, out_features, rank)
+      a, b = random_factors(nnx.Rngs(params=jax.random.fold_in(key, 2)), in_features,
+                            out_features, rank)
     elif factor_init != "svd":
       raise ValueError(f"factor_init={factor_init!r} is unknown. Fix: 'svd' or 'random'.")
     in_axis, out_axis = axes

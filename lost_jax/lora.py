@@ -76,7 +76,7 @@ class LoRALinear(nnx.Module):
   """y = x @ kernel (frozen) + scale * dropout(x) @ lora_a @ lora_b; scale = alpha / rank."""
 
   def __init__(self, base: DenseLinear, *, rank: int, alpha: float, dropout: float = 0.0,
-               rngs: nnx.Rngs):
+               param_dtype=None, rngs: nnx.Rngs):
     n, m = base.in_features, base.out_features
     if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
       raise ValueError(f"LoRA rank={rank} is impossible for a {n}x{m} projection. "
@@ -90,7 +90,8 @@ class LoRALinear(nnx.Module):
     self.scale = float(alpha) / rank
     self.kernel = base.kernel               # same Variable: the frozen base weight.
     in_axis, out_axis = _axes(base.kernel)
-    pdt = base.kernel[...].dtype
+    # Adapters in param_dtype (float32 under mixed precision) over a possibly bf16 base.
+    pdt = base.kernel[...].dtype if param_dtype is None else jnp.dtype(param_dtype)
     self.lora_a = LoRAParam(init_kernel(rngs.params(), n, rank, "kaiming").astype(pdt),
                             axes=(in_axis, "rank"))
     self.lora_b = LoRAParam(jnp.zeros((rank, m), pdt), axes=("rank", out_axis))
@@ -126,7 +127,8 @@ def _owner(block, target: str):
 
 
 def apply_lora(model, targets: Sequence[str] = ATTN_TARGETS, rank: int = 32,
-               alpha: float = 64.0, dropout: float = 0.0, *, rngs: nnx.Rngs):
+               alpha: float = 64.0, dropout: float = 0.0, *, param_dtype=None,
+               rngs: nnx.Rngs):
   """Wrap the target projections of every block in LoRALinear, in place; returns model."""
   targets = tuple(targets)
   if not targets or len(set(targets)) != len(targets):
@@ -139,7 +141,8 @@ def apply_lora(model, targets: Sequence[str] = ATTN_TARGETS, rank: int = 32,
         raise ValueError(f"LoRA on {t!r} needs a DenseLinear base, found "
                          f"{type(base).__name__}. Fix: fine-tune a dense model "
                          "(model.linear.kind='dense'), or merge LOST factors first.")
-      setattr(owner, t, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
+      setattr(owner, t, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout,
+                                   param_dtype=param_dtype, rngs=rngs))
   return model
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from lost_jax import configs as configs_lib
 from lost_jax.layers import DenseLinear, make_linear, matmul
+from lost_jax.sharding import constrain_batch, constrain_logical
 
 
 def as_dtype(name: str | Any):
@@ -266,7 +267,8 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(table.astype(param_dtype), axes=("vocab", "embed"))
 
   def __call__(self, tokens_BxL: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+    table = constrain_logical(self.embedding[...], ("vocab", None))   # gather the fsdp shards
+    return jnp.take(table, tokens_BxL, axis=0).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -379,17 +381,20 @@ class Llama(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
     # The residual stream stays in the compute dtype; blocks normalise in float32.
-    x = self.embed(tokens_BxL, self.dtype)
+    x = constrain_batch(self.embed(tokens_BxL, self.dtype))
     new_kv = []
     for i, block in enumerate(self.layers):
       ch = DENSE if channels is None else channels[i]
       lc = None if cache is None else LayerCache(*cache.kv[i], cache.start, cache.valid)
       run = lambda blk, y, ch=ch, lc=lc: blk(y, positions_BxL, segment_ids_BxL, channels=ch,
                                              cache=lc)
-      x = remat_call(run, block, x) if self.cfg.remat else run(block, x)
+      # Decoding has no backward pass to save memory for: remat is for training only.
+      remat = self.cfg.remat and cache is None
+      x = remat_call(run, block, x) if remat else run(block, x)
       if cache is not None:
         x, lc = x
         new_kv.append((lc.k, lc.v))
+      x = constrain_batch(x)       # the residual stream stays split by batch
     h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
     logits = matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32,

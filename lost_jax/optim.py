@@ -141,16 +141,44 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
                      optax.scale_by_learning_rate(learning_rate))
 
 
+def block_labels(params: nnx.State):
+  """True for the projections of the blocks (every parameter under layers/ but the norm
+  scales); False for the embedding, LM head and norm scales, which every method shares."""
+  return jax.tree.map(lambda p: p.startswith("layers/") and not p.endswith("scale"),
+                      _paths(params))
+
+
+def lr_scale_by_leaf(scales) -> optax.GradientTransformation:
+  """Multiply each leaf's update by a fixed Python float (a tree shaped like the params)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u if s == 1.0 else u * jnp.asarray(s, u.dtype),
+                        updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def shared_lr_scales(train: ml_collections.ConfigDict, params: nnx.State):
+  """Per-leaf factor shared_lr / lr on shared parameters, 1 on block parameters.
+
+  AdamW's update is -lr(t) * (adam direction + wd * p), so scaling a leaf's update by
+  shared_lr / lr gives that leaf AdamW at peak shared_lr under the same schedule shape.
+  """
+  factor = train.shared_lr / train.lr
+  return jax.tree.map(lambda block: 1.0 if block else factor, block_labels(params))
+
+
 def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
                    moment_dtype=None) -> optax.GradientTransformation:
   """Global-norm clipping + AdamW (or GaLore on block kernels, AdamW elsewhere).
 
   The '8bit' variants store Adam's moments block-quantised (`scale_by_adam_8bit`); for GaLore
   both the projected moments and the AdamW moments of the other parameters.
+  With train.shared_lr > 0 the embedding, LM head and norm scales train at peak shared_lr
+  instead of lr (same schedule shape), so methods can share them while their block lr varies.
   """
   if train.optimizer not in OPTIMIZERS:
     raise UserError(f"config.train.optimizer={train.optimizer!r} is unknown. "
-                     f"Fix: use one of {OPTIMIZERS}.")
+                    f"Fix: use one of {OPTIMIZERS}.")
   schedule = lr_schedule(train)
   mask = decay_mask(params, train.decay_norms_and_embeddings)
   eight_bit = train.optimizer.endswith("8bit")
@@ -167,6 +195,8 @@ def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
         base_optimizer=make_adam(b1=train.b1, b2=train.b2, eps=train.eps,
                                  mu_dtype=moment_dtype))
     opt = optax.partition({"galore": galore, "adam": adamw}, galore_labels(params))
+  if train.get("shared_lr", 0.0) > 0:
+    opt = optax.chain(opt, lr_scale_by_leaf(shared_lr_scales(train, params)))
   if train.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(train.clip_norm), opt)
   return opt

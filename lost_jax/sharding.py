@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -14,7 +15,8 @@ from lost_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axis. Anything unlisted ('rank', 'norm', None) is replicated.
+# Logical axis -> mesh axis. Unlisted ones ('rank', 'norm', None) are not sharded by name, but
+# `plan_spec` gives FSDP a dim of every array that is not tiny.
 RULES = {
     "embed": "fsdp",
     "mlp": "tensor",
@@ -23,6 +25,8 @@ RULES = {
     "vocab": "tensor",
 }
 BATCH = ("data", "fsdp")
+# Arrays smaller than this (norm scales, LOST's values at small widths) may stay replicated.
+MIN_FSDP_SIZE = 2 ** 10
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -54,30 +58,91 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding
 
 
 def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh) -> P:
-  """PartitionSpec for a parameter; a dim the mesh axis does not divide stays replicated."""
+  """PartitionSpec for a parameter (see `plan_spec`)."""
+  return plan_spec(axes, shape, mesh)[0]
+
+
+def plan_spec(axes, shape, mesh: jax.sharding.Mesh, name: str = "",
+              complete_fsdp: bool = True) -> tuple[P, list[str]]:
+  """PartitionSpec for a parameter of logical `axes`, and notes on what could not be sharded.
+
+  Each logical axis takes its RULES mesh axis where that axis divides the dim. Then, unless
+  the array is tiny (< MIN_FSDP_SIZE elements), FSDP always gets a dim: if no logical axis
+  mapped to `fsdp` (LOST's b and values, the down/o projections' a, SLTrain's sparse values),
+  it shards the largest free dim it divides, else joins the largest already-sharded dim it
+  still divides (e.g. P(None, ('tensor', 'fsdp'))). What stays unsharded is in the notes.
+  """
   if axes is None:
-    return P()
-  spec, used = [], set()
-  for name, dim in zip(axes, shape):
-    mesh_axis = RULES.get(name)
-    if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
-      spec.append(None)
-    else:
-      spec.append(mesh_axis)
-      used.add(mesh_axis)
-  return P(*spec)
+    axes = (None,) * len(shape)
+  spec: list = [None] * len(shape)
+  notes, used = [], set()
+  for i, (logical, dim) in enumerate(zip(axes, shape)):
+    mesh_axis = RULES.get(logical)
+    if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1:
+      continue
+    if dim % mesh.shape[mesh_axis]:
+      notes.append(f"{name or 'array'} {tuple(shape)} dim {i} ({logical}={dim}) is not "
+                   f"divisible by mesh axis {mesh_axis}={mesh.shape[mesh_axis]}")
+      continue
+    spec[i] = mesh_axis
+    used.add(mesh_axis)
+  fsdp = mesh.shape["fsdp"]
+  if complete_fsdp and fsdp > 1 and "fsdp" not in used and math.prod(shape) >= MIN_FSDP_SIZE:
+    if not _add_fsdp(spec, shape, mesh):
+      notes.append(f"{name or 'array'} {tuple(shape)} has no dim that fsdp={fsdp} divides: "
+                   "replicated over fsdp")
+  return P(*spec), notes
 
 
-def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh):
-  """NamedShardings for an nnx.State (or its abstract shape) from each variable's `axes`."""
-  def one(var):
-    # Each array inside the value (one, or e.g. an NF4 kernel's codes and scales) is sharded
-    # by the variable's logical axes on its own shape.
+def _add_fsdp(spec: list, shape, mesh: jax.sharding.Mesh) -> bool:
+  """Put `fsdp` on the largest free dim it divides, else on a sharded one; False if none."""
+  fsdp = mesh.shape["fsdp"]
+  free = [i for i, ax in enumerate(spec) if ax is None and shape[i] % fsdp == 0]
+  if free:
+    spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    return True
+  def split(i):
+    axes = spec[i] if isinstance(spec[i], tuple) else (spec[i],)
+    return math.prod(mesh.shape[a] for a in axes) * fsdp
+  taken = [i for i, ax in enumerate(spec) if ax is not None and shape[i] % split(i) == 0]
+  if taken:
+    i = max(taken, key=lambda i: shape[i])
+    spec[i] = (*(spec[i] if isinstance(spec[i], tuple) else (spec[i],)), "fsdp")
+    return True
+  return False
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, notes: list | None = None):
+  """NamedShardings for an nnx.State (or its abstract shape) from each variable's `axes`.
+
+  What could not be sharded is appended to `notes` (see `warn_unsharded`).
+  """
+  notes = [] if notes is None else notes
+
+  def one(path, var):
     axes = var.get_metadata().get("axes")
-    return var.replace(jax.tree.map(
-        lambda leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh)),
-        var.get_value()))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if axes is None and isinstance(var, nnx.Param):
+      axes = (None,) * len(var.shape)
+    if axes is None:   # static index sets (StaticIndices): replicated by design
+      return var.replace(NamedSharding(mesh, P()))
+    spec, why = plan_spec(axes, var.shape, mesh, _path_name(path))
+    notes.extend(why)
+    return var.replace(NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map_with_path(one, state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def warn_unsharded(notes: list[str]) -> None:
+  """One start-up warning naming every array dim that its mesh axis does not divide."""
+  if notes and jax.process_index() == 0:
+    logging.warning("sharding: %d arrays are not split as the rules ask (memory per device "
+                    "grows; pick mesh sizes that divide these dims):\n  %s", len(notes),
+                    "\n  ".join(notes))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -89,39 +154,90 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, microbatches: int = 1) -> None:
+  """Every micro-batch must split evenly over the data x fsdp shards (rows stay local)."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % shards:
-    raise UserError(f"config.train.batch_size={batch_size} does not split over the "
-                    f"{shards} data x fsdp shards of the mesh. Fix: use a multiple of {shards}.")
+  if batch_size % (shards * microbatches):
+    raise UserError(f"config.train.batch_size={batch_size} in {microbatches} micro-batches "
+                    f"does not split over the {shards} data x fsdp shards of the mesh. "
+                    f"Fix: use a multiple of {shards * microbatches}.")
 
 
-def _fits(shape, spec: P, mesh: jax.sharding.Mesh) -> bool:
-  if len(spec) > len(shape):
-    return False
-  return all(ax is None or dim % mesh.shape[ax] == 0 for dim, ax in zip(shape, spec))
+def constrain_logical(x: jax.Array, axes) -> jax.Array:
+  """Inside a traced step, lay `x` out by its logical `axes` alone (no FSDP completion).
+
+  The embedding lookup uses this to gather its FSDP-sharded table before the lookup:
+  otherwise the partitioner keeps the table split and all-gathers the token ids instead.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, plan_spec(axes, x.shape, mesh, complete_fsdp=False)[0])
 
 
-def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh: jax.sharding.Mesh):
-  """Optimizer moments follow their parameter's sharding; counts, projectors etc. replicate."""
-  import optax  # local: sharding is otherwise optimizer-agnostic
-  repl = replicated(mesh)
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Shard an activation [B, ...] by batch over (data, fsdp) inside a traced step.
 
-  def like_param(leaf, s):
-    if not hasattr(leaf, "shape"):
-      return repl
-    if _fits(leaf.shape, s.spec, mesh):
-      return s
-    # 8-bit moments' block scales [*shape[:-1], n_blocks]: shard the leading axes only.
-    lead = P(*s.spec[:-1], None)
-    if len(s.spec) == len(leaf.shape) and _fits(leaf.shape, lead, mesh):
-      return NamedSharding(mesh, lead)
-    return repl
+  Acts only under a mesh context with those axes (the train/eval steps set one with
+  `jax.sharding.use_abstract_mesh`); elsewhere (generation, plain calls) it is the identity.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH, *(None,) * (x.ndim - 1)))
 
-  try:
-    return optax.tree_map_params(tx, like_param, abstract_opt_state, param_shardings,
-                                 transform_non_params=lambda _: repl,
-                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  except (ValueError, TypeError):
-    # A state whose structure does not mirror the parameters: replicate it all.
-    return jax.tree.map(lambda _: repl, abstract_opt_state)
+
+def opt_state_shardings(abstract_opt_state, param_shardings, abstract_params,
+                        mesh: jax.sharding.Mesh, notes: list | None = None):
+  """Shardings of an optimizer state, found by each leaf's parameter path.
+
+  A leaf under a parameter's path (Adam moments, GaLore's projected moments and projector)
+  takes the parameter's sharding when it has the parameter's shape; a differently shaped one
+  (GaLore's [m, rank] projector, [rank, n] moments) shards each dim that equals a sharded
+  parameter dim on that dim's mesh axes, and FSDP as for parameters. Scalars (step counts)
+  replicate. Any other leaf is an error: nothing falls back to replicated silently.
+  """
+  notes = [] if notes is None else notes
+  flat_params = {tuple(_keys(p)): (x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(param_shardings))}
+  longest = max((len(k) for k in flat_params), default=0)
+
+  def one(path, leaf):
+    keys = tuple(_keys(path))
+    if not leaf.shape:
+      return NamedSharding(mesh, P())
+    owner = next((keys[-n:] for n in range(min(longest, len(keys)), 0, -1)
+                  if keys[-n:] in flat_params), None)
+    if owner is None:
+      raise ValueError(f"optimizer state leaf {'/'.join(map(str, keys))} {leaf.shape} belongs "
+                       "to no parameter. Fix: give it a sharding rule in "
+                       "lost_jax.sharding.opt_state_shardings.")
+    shape, param_sharding = flat_params[owner]
+    if tuple(leaf.shape) == tuple(shape):
+      return param_sharding
+    spec: list = [None] * len(leaf.shape)
+    used = set()
+    for axis, dim in zip(param_sharding.spec, shape):
+      if axis is None:
+        continue
+      for i, d in enumerate(leaf.shape):
+        if d == dim and spec[i] is None and axis not in used:
+          spec[i] = axis
+          used.add(axis)
+          break
+    used = {a for ax in spec if ax for a in (ax if isinstance(ax, tuple) else (ax,))}
+    if (mesh.shape["fsdp"] > 1 and "fsdp" not in used
+        and math.prod(leaf.shape) >= MIN_FSDP_SIZE and not _add_fsdp(spec, leaf.shape, mesh)):
+      notes.append(f"optimizer state {'/'.join(map(str, keys))} {tuple(leaf.shape)} has no "
+                   f"dim that fsdp={mesh.shape['fsdp']} divides: replicated over fsdp")
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def _keys(path):
+  return [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]

@@ -49,7 +49,7 @@ from lost_jax.lora import LoRALinear
 from lost_jax.model import dense_projection
 
 EST_MODULES = ("gate", "up", "q", "k", "v")
-MODES = ("svd", "oracle")
+MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
 Linear = DenseLinear | LoRALinear
 
 
@@ -464,6 +464,12 @@ def dense_suffix_len(loss_mask_BxL: np.ndarray, bucket: int = 64) -> int:
   return bucket_len(length - int(cols[0]), length, bucket)
 
 
+def channel_overlap(idx_a_K: jax.Array, idx_b_K: jax.Array) -> float:
+  """|a & b| / |a| of two kept-channel index sets (estimator vs oracle)."""
+  a, b = np.asarray(idx_a_K).ravel(), np.asarray(idx_b_K).ravel()
+  return float(np.intersect1d(a, b).size / max(1, np.unique(a).size))
+
+
 def _split(x_BxLxD: jax.Array, n_sparse: int):
   return x_BxLxD[:, :n_sparse], x_BxLxD[:, n_sparse:]
 
@@ -473,10 +479,18 @@ def _join(sparse, dense):
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
+def random_scores(x_BxLxD: jax.Array, n: int, salt: int) -> jax.Array:
+  """Uniform scores [n] that change with the batch (keyed by the bits of sum(x)) and salt."""
+  bits = jax.lax.bitcast_convert_type(jnp.sum(x_BxLxD.astype(jnp.float32)), jnp.int32)
+  return jax.random.uniform(jax.random.fold_in(jax.random.key(salt), bits), (n,))
+
+
 def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
   f = mlp.gate.out_features
   k = keep_count(f, sparsity)
   x = jax.lax.stop_gradient(x_BxLxD)
+  if mode == "random":
+    return top_k_indices(random_scores(x, f, 0), k)
   if mode == "svd":
     return top_k_indices(ffn_scores(x, mask_BxL, est_layer["gate"], est_layer["up"]), k)
   act = jax.nn.silu(mlp.gate(x)) * mlp.up(x)
@@ -485,7 +499,11 @@ def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
 
 def _attn_indices(attn, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
   x = jax.lax.stop_gradient(x_BxLxD)
-  if mode == "svd":
+  if mode == "random":
+    c = attn.k.out_features
+    norms = [random_scores(x, attn.q.out_features, 1), random_scores(x, c, 2),
+             random_scores(x, c, 3)]
+  elif mode == "svd":
     norms = [low_rank_column_norms(x, mask_BxL, est_layer[n]["p"], est_layer[n]["q"])
              for n in ("q", "k", "v")]
   else:

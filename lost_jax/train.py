@@ -69,13 +69,15 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
     return state, nnx.as_pure(rest)
 
   abstract_state, abstract_rest = jax.eval_shape(init, jax.random.key(0))
-  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh))
+  notes: list[str] = []
+  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh, notes))
   repl = sharding.replicated(mesh)
-  opt_shardings = sharding.opt_state_shardings(tx, abstract_state["opt_state"],
-                                               param_shardings, mesh)
+  opt_shardings = sharding.opt_state_shardings(abstract_state["opt_state"], param_shardings,
+                                               abstract_state["params"], mesh, notes)
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": repl, "rng": repl}
-  rest_shardings = nnx.as_pure(sharding.state_shardings(abs_rest, mesh))
+  rest_shardings = nnx.as_pure(sharding.state_shardings(abs_rest, mesh, notes))
+  sharding.warn_unsharded(notes)
   init_fn = jax.jit(init, out_shardings=(state_shardings, rest_shardings))
   return Setup(graphdef, tx, schedule, mesh, state_shardings, rest_shardings, abstract_state,
                abstract_rest, init_fn)
@@ -109,10 +111,15 @@ def make_train_step(setup: Setup, microbatches: int):
       (nll, weight), grads = jax.value_and_grad(
           lambda p: batch_nll(graphdef, p, rest, batch, dense_len), has_aux=True)(params)
       return grads, nll, weight
-    # Gradient accumulation: equal token weighting across micro-batches.
-    split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+    # Gradient accumulation: equal token weighting across micro-batches. Micro-batch j takes
+    # rows j, j + mb, j + 2 mb, ...: [B] -> [B/mb, mb] keeps the batch sharding on the row
+    # axis, so every device scans over its own rows and no device gathers the batch.
+    split = jax.tree.map(lambda x: sharding.constrain_batch(
+        x.reshape(-1, microbatches, *x.shape[1:])), batch)
+    split = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), split)
 
     def body(carry, mb):
+      mb = jax.tree.map(sharding.constrain_batch, mb)
       g_acc, nll_acc, w_acc = carry
       (nll, weight), g = jax.value_and_grad(
           lambda p: batch_nll(graphdef, p, rest, mb, dense_len), has_aux=True)(params)
@@ -124,7 +131,8 @@ def make_train_step(setup: Setup, microbatches: int):
 
   def step_fn(state, rest, batch, dense_len=None):
     params = state["params"]
-    grads, nll, weight = grads_of(params, rest, batch, dense_len)
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):   # activation constraints
+      grads, nll, weight = grads_of(params, rest, batch, dense_len)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -151,7 +159,8 @@ def make_train_step(setup: Setup, microbatches: int):
 def make_eval_step(setup: Setup):
   """(params, rest, batch[, dense_len]) -> (nll sum, weight sum)."""
   def eval_fn(params, rest, batch, dense_len=None):
-    return batch_nll(setup.graphdef, params, rest, batch, dense_len)
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return batch_nll(setup.graphdef, params, rest, batch, dense_len)
   return jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.rest_shardings,
                                         sharding.batch_sharding(setup.mesh)),
                  static_argnums=(3,))
@@ -175,13 +184,27 @@ def evaluate(eval_step, params, rest, batches, mesh) -> dict:
 
 
 class _StopFlag:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+  """When to leave the loop, save a checkpoint and exit cleanly after SIGTERM/SIGINT.
+
+  One process: the signal sets a flag. Several: every process must stop at the same step,
+  so JAX's preemption service (which owns SIGTERM there) propagates the notice to all of them
+  and `reached(step)` is true on every process at the same step.
+  """
 
   def __init__(self):
     self.stop = False
     self._old = {}
+    self.multiprocess = jax.process_count() > 1
+
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.stop = self.stop or multihost_utils.reached_preemption_sync_point(step)
+    return self.stop
 
   def __enter__(self):
+    if self.multiprocess:
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -237,10 +260,40 @@ def start_run(cfg: ml_collections.ConfigDict):
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   apply_precision(cfg)
   if cfg.mesh.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.train.batch_size, mesh)
+  sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.microbatches)
   return cfg, mesh
+
+
+def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize with the config's coordinator / process count / id, where set
+  ("" / -1: JAX detects the cluster). CPU processes exchange collectives through gloo."""
+  if jax.distributed.is_initialized():
+    return
+  n, i = int(mesh_cfg.num_processes), int(mesh_cfg.process_id)
+  if n == 0 or n < -1 or i < -1 or (n >= 0 and i >= n):
+    raise UserError(f"config.mesh.num_processes={n}, process_id={i}: the id must be in "
+                    "0..num_processes-1. Fix: e.g. --config.mesh.num_processes=2 "
+                    "--config.mesh.process_id=0 (and 1 for the other), or -1 to detect both.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if mesh_cfg.coordinator_address:
+    kwargs["coordinator_address"] = mesh_cfg.coordinator_address
+  if mesh_cfg.num_processes >= 0:
+    kwargs["num_processes"] = int(mesh_cfg.num_processes)
+  if mesh_cfg.process_id >= 0:
+    kwargs["process_id"] = int(mesh_cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def agree_max(values) -> tuple[int, ...]:
+  """Each of `values` (host ints that decide a compiled shape) maxed over all processes."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    values = np.max(multihost_utils.process_allgather(values), axis=0)
+  return tuple(int(v) for v in values)
 
 
 def make_workdir(workdir: str) -> None:
@@ -313,7 +366,7 @@ def fit(train_cfg: ml_collections.ConfigDict, workdir: str, name: str, *, state,
   pending = None          # (step, device metrics): read one step late
   step = start
   with _StopFlag() as stop:
-    while step < end and not stop.stop:
+    while step < end and not stop.reached(step):
       batch = to_device(next(train_iter))
       state, step_metrics = train_step(state, rest, batch)
       step += 1
@@ -422,8 +475,9 @@ class _StepLogger:
     elapsed = max(now - self.window_t, 1e-9)
     tok_s = self.window_tokens / elapsed
     scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps,
-               "skipped_steps": self.skipped}
+               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps}
+    if self.skipped:
+      scalars["skipped_steps"] = self.skipped
     if self.cfg.peak_flops > 0:
       scalars["mfu"] = tok_s * self.flops_per_token / (self.cfg.peak_flops * self.n_dev)
     self.writer.write(step, scalars)

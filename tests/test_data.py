@@ -343,6 +343,21 @@ def test_stdlib_process_shards_are_disjoint(tok):
   assert len(rows[0]) + len(rows[1]) == n_docs
 
 
+def test_stdlib_batches_do_not_depend_on_the_process_count(tok):
+  cfg = _cfg()
+  one = data.make_train_iterator(cfg, tok, 8, seed=3)
+  two = [data.make_train_iterator(cfg, tok, 4, seed=3, process_index=p, process_count=2)
+         for p in range(2)]
+  for _ in range(3):
+    whole, parts = next(one), [next(it) for it in two]
+    for k in whole:
+      np.testing.assert_array_equal(whole[k], np.concatenate([parts[0][k], parts[1][k]]))
+  evals = [data.make_eval_batches(cfg, tok, 4, 2, process_index=p, process_count=2)
+           for p in range(2)]
+  for whole, a, b in zip(data.make_eval_batches(cfg, tok, 8, 2), *evals):
+    np.testing.assert_array_equal(whole["inputs"], np.concatenate([a["inputs"], b["inputs"]]))
+
+
 @pytest.mark.parametrize("n_files", [1, 4])
 def test_file_process_shards_are_disjoint(tok, tmp_path, n_files):
   per = 80 // n_files
@@ -405,3 +420,12 @@ def test_vocab_mismatch_is_one_clear_error(tok):
   cfg.tokenizer = "/nonexistent/spiece.model"
   with pytest.raises(ValueError, match=r"config\.data\.tokenizer.*Fix"):
     tokenizer_lib.load_tokenizer(cfg, VOCAB)
+
+
+@pytest.mark.parametrize("heldout", [0.05, 0.2])
+def test_stdlib_tokenizer_never_sees_a_validation_document(heldout):
+  trained_on = tokenizer_lib.training_document_ids(heldout)
+  evals = data.stdlib_split(heldout, "eval")
+  assert trained_on and evals and not set(trained_on) & set(evals)
+  assert tokenizer_lib.stdlib_model_path(100, heldout) != tokenizer_lib.stdlib_model_path(
+      100, heldout / 2)

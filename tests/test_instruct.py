@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lost_jax import instruct
+from lost_jax import configs, instruct
 
 
 class FakeTokenizer:
@@ -48,7 +48,7 @@ def test_templates():
   assert "### Input" not in no_input and no_input.endswith("### Response:\n")
   assert instruct.render_prompt(rec, "plain") == "Add.\n2 and 3\nAnswer: "
   with pytest.raises(ValueError, match="template"):
-    instruct.render_prompt(rec, "chatml")
+    instruct.render_prompt(rec, "vicuna")
 
 
 def test_arithmetic_records_are_correct_and_deterministic():
@@ -98,3 +98,41 @@ def test_prompt_batch_and_exact_match():
     assert row[m.astype(bool)].tolist() == want and m[-1] == 1 and m[0] == 0
   gen = np.array([tok.encode("12") + [tok.eos_id, 99], tok.encode("8") + [tok.eos_id] * 3])
   assert instruct.exact_match(gen, recs, tok) == 0.5
+
+
+def test_gsm_records_are_correct_deterministic_and_held_out():
+  import re
+  recs = instruct.gsm_records(600, seed=0)
+  assert recs == instruct.gsm_records(600, seed=0) and recs != instruct.gsm_records(600, seed=1)
+  ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+         "/": lambda a, b: a / b}
+  n_steps = []
+  for r in recs:
+    steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", r["output"])
+    n_steps.append(len(steps))
+    for a, op, b, c in steps:     # every worked step is true arithmetic
+      assert ops[op](int(a), int(b)) == int(c), r["output"]
+    start = int(re.match(r"\w+ has (\d+)", r["input"]).group(1))
+    assert int(steps[0][0]) in (start, 2, 3, 4, 5, 6)   # starts from the given count or a box
+    answer = int(instruct.final_number(r["output"]))
+    assert r["output"].endswith(f"The answer is {answer}.") and answer == int(steps[-1][3])
+  assert min(n_steps) >= 2 and max(n_steps) >= 4        # multi-step
+  cfg = configs.finetune_config("smollm2_135m_gsm").data
+  test = instruct.task_records(cfg, "eval")
+  train = {r["input"] for r in instruct.task_records(cfg, "train")}
+  assert len(test) >= 490 and not any(r["input"] in train for r in test)
+
+
+def test_chatml_template_and_final_answer_match():
+  rec = {"instruction": "Solve.", "input": "Ada has 2 pens.", "output": "The answer is 2."}
+  text = instruct.render_prompt(rec, "chatml")
+  assert text.startswith("<|im_start|>system\n") and text.endswith(
+      "<|im_start|>user\nSolve.\nAda has 2 pens.<|im_end|>\n<|im_start|>assistant\n")
+  assert instruct.final_number("3 + 4 = 7. The answer is 7.") == "7"
+  assert instruct.final_number("no digits") is None
+  tok = FakeTokenizer()
+  recs = [{"output": "1 + 1 = 2. The answer is 2."}, {"output": "The answer is 5."}]
+  gen = np.array([[10 + ord(c) for c in "so it is 2".ljust(16)] + [1],
+                  [10 + ord(c) for c in "The answer is 50"] + [1]])
+  assert instruct.exact_match(gen, recs, tok, final_answer=True) == 0.5
+  assert instruct.exact_match(gen, recs, tok) == 0.0

@@ -54,7 +54,26 @@ def test_report_files(rows, tmp_path):
   text = md.read_text()
   assert "| quickstart | lost |" in text and "--sizes=quickstart" in text
   assert f"LOST total = {rows[1]['ratio']:.2f} x full-rank" in text
+  # The quantity behind "total" and the performance settings compiled are named.
+  assert "**total = arguments + temp + output - alias**" in text
+  assert "matmul backward cpu_transposed, attention blocked" in text
   assert png.stat().st_size > 10_000
+
+
+def test_tpu_target_traces_the_tpu_path():
+  # memory.run resolves model.perf for the target: a TPU step has no CPU transposes/barriers
+  # and uses jax.nn.dot_product_attention (traced here for CPU devices; only lowered).
+  import jax  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs, sharding, train  # pylint: disable=g-import-not-at-top
+  texts = {}
+  for platform in ("cpu", "tpu"):
+    cfg = memory.measurement_config("quickstart", "lost", microbatch=4, overrides=TINY)
+    configs.resolve_perf(cfg.model, platform)
+    setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    step = train.make_train_step(setup, cfg.train.microbatches)
+    texts[platform] = step.lower(*memory.abstract_inputs(setup, cfg)).as_text()
+  assert "optimization_barrier" in texts["cpu"]
+  assert "optimization_barrier" not in texts["tpu"]
 
 
 def test_bad_microbatch_is_rejected():

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lost_jax import checkpoint, configs, metrics, sharding, tokenizer, train
+from lost_jax import checkpoint, configs, errors, metrics, sharding, tokenizer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]
@@ -119,6 +119,38 @@ def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
   assert all(changed)
 
 
+def test_a_non_finite_state_is_never_saved():
+  class Recorder:   # stands in for the Checkpointer: records what would be saved
+
+    def __init__(self):
+      self.saved = []
+
+    def wait(self):
+      pass
+
+    def latest_step(self):
+      return 4
+
+    def save(self, step, *args, **kwargs):
+      self.saved.append(step)
+
+  ckpt = Recorder()
+  finite = {"params": {"w": jnp.ones((2, 3))}, "opt_state": (jnp.zeros(3), jnp.int32(5))}
+  train._save_finite(ckpt, 5, finite, None, None, {})
+  assert ckpt.saved == [5]
+  for bad in (jnp.nan, jnp.inf):
+    broken = {"params": {"w": jnp.ones((2, 3)).at[1, 2].set(bad)},
+              "opt_state": (jnp.zeros(3), jnp.int32(5))}
+    with pytest.raises(errors.TrainingDiverged, match=r"after step 6 .* Last good checkpoint: "
+                       r"step 4"):
+      train._save_finite(ckpt, 6, broken, None, None, {})
+  broken = {"params": finite["params"], "opt_state": (jnp.zeros(3).at[0].set(jnp.nan),
+                                                      jnp.int32(5))}
+  with pytest.raises(errors.TrainingDiverged):
+    train._save_finite(ckpt, 7, broken, None, None, {})
+  assert ckpt.saved == [5]
+
+
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
   workdir = tmp_path / "diverge"
   diverge = [*TINY, "--config.train.lr=1e6", "--config.train.clip_norm=0",
@@ -156,8 +188,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
 
 
 def _garbage_metadata(step_dir):
-  with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
-    f.write("garbage{{{")
+  """The run's meta item (read first, by check_compatible) and the state's tree metadata."""
+  for path in (("meta", "metadata"), ("state", "_METADATA")):
+    with open(os.path.join(step_dir, *path), "w") as f:
+      f.write("garbage{{{")
 
 
 def _truncate_a_data_file(step_dir):
@@ -184,7 +218,7 @@ def test_damaged_checkpoints_are_moved_aside_and_an_intact_one_resumes(straight,
   assert proc.returncode == 0, proc.stderr[-3000:]
   damaged = [line for line in out if line.startswith("checkpoint step")]
   assert len(damaged) == 3
-  for line, step, why in zip(damaged, (30, 29, 28), ("Error", "OUT_OF_RANGE", "state")):
+  for line, step, why in zip(damaged, (30, 29, 28), ("JSONDecodeError", "OUT_OF_RANGE", "state")):
     assert line.startswith(f"checkpoint step {step} is damaged (") and why in line, line
     assert line.endswith(f"moved it to {workdir}/checkpoints_damaged/{step} and resumed from "
                          "step 27")

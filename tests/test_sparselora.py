@@ -417,6 +417,29 @@ def test_forward_oracle_uses_true_activation_norms():
     np.testing.assert_array_equal(a, b)
 
 
+def test_forward_random_mode_ignores_the_data_scores_and_channel_overlap():
+  model = lora_model(n_layers=1)
+  toks, pos, seg, _ = batch(seed=3)
+  idx = {}
+  for mode in ("random", "oracle"):
+    plan = sl.SparsityPlan.from_layers(1, 0.5, "0", 0.5, "0", mode=mode)
+    _, got = sl.forward(model, toks, None, plan, 2, pos, seg, return_indices=True)
+    idx[mode] = got[0]
+  f = model.layers[0].mlp.gate.out_features
+  rand = np.asarray(idx["random"]["ffn"])
+  assert rand.shape == (sl.keep_count(f, 0.5),) and np.unique(rand).size == rand.size
+  _, again = sl.forward(model, toks, None, sl.SparsityPlan.from_layers(
+      1, 0.5, "0", 0.5, "0", mode="random"), 2, pos, seg, return_indices=True)
+  np.testing.assert_array_equal(again[0]["ffn"], rand)            # deterministic per batch
+  _, other = sl.forward(model, toks % 49 + 1, None, sl.SparsityPlan.from_layers(
+      1, 0.5, "0", 0.5, "0", mode="random"), 2, pos, seg, return_indices=True)
+  assert not np.array_equal(other[0]["ffn"], rand)                 # and changes with it
+  ov = sl.channel_overlap(rand, idx["oracle"]["ffn"])
+  want = len(set(rand.tolist()) & set(np.asarray(idx["oracle"]["ffn"]).tolist())) / rand.size
+  assert ov == want and ov < 1.0
+  assert sl.channel_overlap(rand, rand[::-1]) == 1.0
+
+
 def test_sparse_forward_grads_only_lora_and_no_full_base_matmul():
   model = lora_model()
   toks, pos, seg, _ = batch()

@@ -1,0 +1,257 @@
+"""SparseLoRA's accuracy on a real model: SmolLM2-135M-Instruct (GGUF) on the GSM-style task.
+
+  python experiments/sparselora_accuracy.py --config=configs/finetune.py:smollm2_135m_gsm
+
+Runs (same data, steps, batch; LoRA r32 on q,k,v,o): zero-shot; LoRA and SparseLoRA (the paper's
+recipe scaled to 30 layers) with --seeds seeds each; ablations on the first seed: output tokens
+sparse too, random channels, oracle (exact) channels. Each finished run stores result.json in
+<workdir_root>/<run>/ and is skipped on a rerun; an interrupted run resumes from its checkpoint.
+Writes docs/results/sparselora_smollm2.{md,json,png} with exact-match accuracy on the held-out
+split, eval loss, median step time, FLOPs per step, and the per-layer overlap between the
+estimator's channels and the oracle's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from experiments import common  # pylint: disable=wrong-import-position
+from experiments.bench_sparselora import step_flops  # pylint: disable=wrong-import-position
+from lost_jax import finetune, instruct, metrics, sparselora  # pylint: disable=wrong-import-position
+
+# run name -> (cfg overrides, seed); seeds beyond 0 are added for lora / sparselora.
+ABLATIONS = {
+    "sparse_outputs": {"sparse.dense_outputs": False},
+    "random_channels": {"sparse.mode": "random"},
+    "oracle_channels": {"sparse.mode": "oracle"},
+}
+
+
+def run_specs(seeds: int) -> dict[str, dict]:
+  specs = {"zero_shot": {"train.steps": 0, "sparse.enabled": False}}
+  for s in range(seeds):
+    specs[f"lora_s{s}"] = {"sparse.enabled": False, "seed": s}
+  for s in range(seeds):
+    specs[f"sparselora_s{s}"] = {"seed": s}
+  specs.update({k: {**v, "seed": 0} for k, v in ABLATIONS.items()})
+  return specs
+
+
+def apply(cfg, overrides: dict):
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = cfg
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+def flops_per_step(cfg) -> dict:
+  """Train-step FLOPs at the batch's median dense suffix (the data decide it)."""
+  from lost_jax import gguf as gguf_lib, tokenizer  # pylint: disable=g-import-not-at-top
+  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib._reader(cfg.init.path)),
+                                    cfg.init.path)
+  plan = sparselora.plan_from_config(cfg.sparse, model_cfg.n_layers)
+  tok = tokenizer.from_path(cfg.init.path)
+  batch = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[0]
+  # The LM head runs on the loss suffix only (sparselora.step_lengths), LoRA or not.
+  suffix = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
+  if not cfg.sparse.enabled:
+    dense = cfg.data.seq_len
+  elif not cfg.sparse.get("dense_outputs", True):
+    dense = 1
+  else:
+    dense = suffix
+  return step_flops(model_cfg, plan, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                    dense_len=dense, lora_rank=cfg.lora.rank, estimator_rank=8,
+                    logits_len=suffix)
+
+
+def one_run(cfg, workdir: str) -> dict:
+  """finetune_and_evaluate, or the stored result of a finished run."""
+  path = os.path.join(workdir, common.RESULT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  t0 = time.time()
+  out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False)
+  rows = metrics.read_metrics(workdir)
+  times = [r["step_time"] for r in rows if "step_time" in r]
+  result = {"eval_accuracy": out.get("eval_accuracy"), "eval_loss": out.get("eval_loss"),
+            # the first logged windows hold compilation (dense phase, then sparse)
+            "step_time": statistics.median(times[2:] or times) if times else None,
+            "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
+            "steps": cfg.train.steps, "wall_s": time.time() - t0}
+  common._write_json(path, result)  # pylint: disable=protected-access
+  return result
+
+
+def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
+  """Per-layer |estimator channels & oracle channels| / kept, on held-out batches (base + the
+  run's estimators; LoRA is zero at the start, so this is the frozen model's choice)."""
+  path = os.path.join(workdir, "overlap.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from lost_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  module, plan = finetune.sparse_model(cfg, workdir)
+  tok = tokenizer.from_path(cfg.init.path)
+  batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[:n_batches]
+  est = jax.tree.map(lambda v: v[...], module.estimators,
+                     is_leaf=lambda v: hasattr(v, "get_value"))
+  oracle = sparselora.SparsityPlan(plan.ffn, plan.attn, "oracle")
+  ffn, attn = {}, {}
+  for batch in batches:
+    dense = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
+    args = (jnp.asarray(batch["inputs"]),)
+    kw = dict(dense_len=max(1, dense), positions_BxL=jnp.asarray(batch["positions"]),
+              segment_ids_BxL=jnp.asarray(batch["segment_ids"]), return_indices=True)
+    _, a = sparselora.forward(module.model, *args, est, plan, **kw)
+    _, b = sparselora.forward(module.model, *args, est, oracle, **kw)
+    for i in plan.estimator_layers():
+      if a[i]["ffn"] is not None:
+        ffn.setdefault(i, []).append(sparselora.channel_overlap(a[i]["ffn"], b[i]["ffn"]))
+      if a[i]["attn"] is not None:
+        attn.setdefault(i, []).append(sparselora.channel_overlap(a[i]["attn"].v,
+                                                                 b[i]["attn"].v))
+  result = {"ffn": {i: float(np.mean(v)) for i, v in ffn.items()},
+            "attn_v": {i: float(np.mean(v)) for i, v in attn.items()}}
+  common._write_json(path, result)  # pylint: disable=protected-access
+  return result
+
+
+def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
+  def cell(name, key, fmt):
+    vals = [results[n][key] for n in results if (n == name or n.startswith(name + "_s"))
+            and results[n].get(key) is not None]
+    if not vals:
+      return "pending"
+    m = fmt.format(statistics.mean(vals))
+    return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
+                else "")
+  names = ["zero_shot", "lora", "sparselora", *ABLATIONS]
+  lora_t = [results[n]["step_time"] for n in results if n.startswith("lora_s")]
+  lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
+  rows = []
+  for n in names:
+    t = [results[k]["step_time"] for k in results if (k == n or k.startswith(n + "_s"))
+         and results[k].get("step_time")]
+    f = [results[k]["flops_per_step"] for k in results if (k == n or k.startswith(n + "_s"))
+         and results[k].get("flops_per_step")]
+    rel_t = f"{statistics.mean(lora_t) / statistics.mean(t):.2f}x" if t and lora_t else "-"
+    rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
+    rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss", "{:.4f}"),
+                 cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
+                 rel_f, rel_t])
+  lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
+           f"Command: `{command}`", "",
+           f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
+           f"`{cfg.data.task}`, template `{cfg.data.template}`, {cfg.train.steps} steps x batch "
+           f"{cfg.train.batch_size}, seq_len {cfg.data.seq_len}, lr {cfg.train.lr}, LoRA r"
+           f"{cfg.lora.rank} alpha {cfg.lora.alpha} on {cfg.lora.targets}; SparseLoRA FFN "
+           f"`{cfg.sparse.ffn}`, attention `{cfg.sparse.attn}`, dense for the first "
+           f"{cfg.sparse.start_frac:.0%} of steps. Accuracy: exact match of the final number on "
+           f"{cfg.data.eval_size} held-out problems (greedy, dense inference); seeds "
+           f"{seeds} for LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
+           common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
+                                  "FLOPs vs LoRA", "speed vs LoRA"], rows), ""]
+  if ov:
+    lines += ["Per-layer overlap |estimator ∩ oracle| / kept channels (frozen model, held-out "
+              "batches):", "",
+              common.markdown_table(["layer", "FFN", "attention v"],
+                                    [[i, f"{ov['ffn'].get(i, float('nan')):.2f}",
+                                      f"{ov['attn_v'].get(i, float('nan')):.2f}"]
+                                     for i in sorted(set(ov["ffn"]) | set(ov["attn_v"]),
+                                                     key=int)]), ""]
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = [n for n in results if results[n].get("eval_accuracy") is not None]
+  fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+  ax[0].barh(names, [results[n]["eval_accuracy"] for n in names])
+  ax[0].set_xlabel("exact-match accuracy (held-out)")
+  timed = [n for n in names if results[n].get("step_time")]
+  ax[1].barh(timed, [results[n]["step_time"] for n in timed])
+  ax[1].set_xlabel("median step time (s)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, "sparselora_smollm2")
+  common._write_json(stem + ".json", {"runs": results, "overlap": ov})  # pylint: disable=protected-access
+  with open(stem + ".md", "w") as f:
+    f.write(report(results, ov, cfg, common.command_line(), seeds))
+  plot(results, stem + ".png")
+  return stem + ".md"
+
+
+def main(argv, flags):
+  del argv
+  cfg0 = flags.config
+  root = flags.workdir_root
+  specs = run_specs(flags.seeds)
+  only = [] if flags.report_only else ([s for s in flags.runs.split(",") if s] or list(specs))
+  common.check_names(only, specs, "runs")
+
+  def finished() -> dict:
+    out = {}
+    for name in specs:
+      path = os.path.join(root, name, common.RESULT_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          out[name] = json.load(f)
+    return out
+
+  for name in specs:
+    if name in only:
+      result = one_run(apply(cfg0, specs[name]), os.path.join(root, name))
+      print(f"{name}: {result}", flush=True)
+      # The report is rewritten after every run: a half-finished sweep is readable.
+      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir)
+  ov_dir = os.path.join(root, "sparselora_s0")
+  ov = {}
+  if flags.overlap and (not flags.report_only or os.path.exists(
+      os.path.join(ov_dir, "overlap.json"))):
+    ov = overlap(apply(cfg0, {"seed": 0}), ov_dir)
+  print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir)}", flush=True)
+
+
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/finetune.py:smollm2_135m_gsm",
+                                  "configs/finetune.py:<preset>; --config.* apply to every run.",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs/sparselora_smollm2",
+                      "Each run goes to <workdir_root>/<run>; finished runs are skipped.")
+  flags.DEFINE_string("out_dir", "docs/results", "Where sparselora_smollm2.md/.json/.png go.")
+  flags.DEFINE_integer("seeds", 2, "Seeds for LoRA and SparseLoRA.")
+  flags.DEFINE_string("runs", "", "Comma list of runs to do now (default all); the others are "
+                      "reported if finished.")
+  flags.DEFINE_bool("overlap", True, "Measure the estimator/oracle channel overlap.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the report from the finished runs.")
+  return flags.FLAGS
+
+
+if __name__ == "__main__":
+  common.run_main(define_flags, main)

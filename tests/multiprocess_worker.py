@@ -1,0 +1,72 @@
+"""One OS process of a (multi-process) run for tests/test_multiprocess.py.
+
+argv[1] is a JSON job: kind (pretrain | finetune), workdir, steps, stop_at, nproc, pid, port.
+Prints RESULT{...} with the run's return value and, for fine-tuning, the dense-suffix lengths
+this process's own rows asked for beside the (dense, logits) lengths every process agreed on.
+"""
+
+import json
+import sys
+
+import jax
+
+from lost_jax import configs, finetune, sparselora, train
+
+TINY = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
+
+
+def pretrain_config(steps: int):
+  """The pipeline test's tiny LOST run; a 10-step warmup whatever the step count."""
+  cfg = configs.pretrain_config("quickstart", "lost")
+  cfg.model.update(TINY)
+  cfg.model.linear.rank = 8
+  cfg.data.seq_len = 32
+  cfg.train.update(dict(precision="float32", steps=steps, batch_size=4, eval_every=4,
+                        eval_batches=2, log_every=1, ckpt_every=2, warmup_frac=10 / steps))
+  return cfg
+
+
+def finetune_config(steps: int):
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.source = "random"
+  cfg.model.update(TINY)
+  cfg.sparse.enabled = True
+  cfg.sparse.ffn, cfg.sparse.attn = "0.75@1", "0.5@1"
+  cfg.sparse.start_frac = 0.0
+  cfg.sparse.bucket = 1      # short arithmetic answers: processes ask for 3 or 4 positions
+  cfg.data.update(dict(seq_len=96, max_prompt_len=80, train_size=64, eval_size=12,
+                       max_new_tokens=4))
+  cfg.train.update(dict(precision="float32", steps=steps, batch_size=4, eval_every=steps,
+                        log_every=1, ckpt_every=steps, accuracy_examples=0))
+  return cfg
+
+
+def main(job: dict) -> None:
+  cfg = (pretrain_config if job["kind"] == "pretrain" else finetune_config)(job["steps"])
+  if job["nproc"] > 1:
+    cfg.mesh.update(dict(distributed=True, coordinator_address=f"127.0.0.1:{job['port']}",
+                         num_processes=job["nproc"], process_id=job["pid"]))
+  asked = []
+  if job["kind"] == "finetune":
+    local = sparselora.dense_suffix_len
+
+    def recording(weights, bucket):
+      asked.append(int(local(weights, bucket)))
+      return asked[-1]
+    sparselora.dense_suffix_len = recording
+    agreed = []
+    agree = train.agree_max
+    train.agree_max = lambda v: agreed.append(list(agree(v))) or agreed[-1]
+    out = finetune.finetune_and_evaluate(cfg, job["workdir"], quiet=True,
+                                         stop_at=job.get("stop_at"))
+    extra = dict(asked=asked, agreed=agreed)
+  else:
+    out = train.train_and_evaluate(cfg, job["workdir"], quiet=True, stop_at=job.get("stop_at"))
+    extra = {}
+  print("RESULT" + json.dumps(dict(out=out, process=jax.process_index(),
+                                   processes=jax.process_count(),
+                                   devices=jax.device_count(), **extra)), flush=True)
+
+
+if __name__ == "__main__":
+  main(json.loads(sys.argv[1]))

@@ -1,0 +1,109 @@
+"""Two OS processes (one CPU device each, gloo collectives over 127.0.0.1) against one process
+on two fake devices: same losses, exact resume, agreed preemption, agreed SparseLoRA shapes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from lost_jax import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+STEPS = 100_000          # the schedule's length; runs stop long before (stop_at / SIGTERM)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(job: dict, nproc: int) -> list[subprocess.Popen]:
+  """nproc processes of `job` (one device each), or one process on 2 fake devices."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={3 - nproc}"
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, WORKER, json.dumps(dict(job, nproc=nproc, pid=i, port=port))],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+      for i in range(nproc)]
+
+
+def _finish(procs, timeout=600) -> list[dict]:
+  out = []
+  for p in procs:
+    text, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, text[-4000:]
+    out.append(json.loads(text.split("RESULT", 1)[1]))
+  return out
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir) if "loss" in r]
+
+
+def test_two_processes_match_one_process_on_two_devices(tmp_path):
+  pre = dict(kind="pretrain", steps=STEPS)
+  ft = dict(kind="finetune", steps=3)
+  mp, ref = str(tmp_path / "mp"), str(tmp_path / "ref")
+  # 1. Pre-train in 2 processes until one of them (only) gets SIGTERM; meanwhile the
+  #    1-process reference fine-tune runs.
+  term = _start(dict(pre, workdir=mp), 2)
+  ft_ref = _start(dict(ft, workdir=str(tmp_path / "ft_ref")), 1)
+  deadline = time.time() + 600
+  while len(_losses(mp)) < 2 and time.time() < deadline:
+    assert all(p.poll() is None for p in term), term[0].communicate()[0][-3000:]
+    time.sleep(0.2)
+  term[1].send_signal(signal.SIGTERM)
+  stopped = _finish(term)
+  saved = {r["out"]["step"] for r in stopped}
+  assert len(saved) == 1, stopped                 # every process saved the same step ...
+  step = saved.pop()
+  assert 2 <= step < 100, step
+  assert sorted(int(d) for d in os.listdir(os.path.join(mp, "checkpoints"))
+                if d.isdigit())[-1] == step       # ... and that checkpoint is complete
+  # 2. Resume in 2 processes for two more steps; the 1-process reference runs uninterrupted;
+  #    the 2-process fine-tune runs.
+  resumed = _start(dict(pre, workdir=mp, stop_at=step + 2), 2)
+  straight = _start(dict(pre, workdir=ref, stop_at=step + 2), 1)
+  ft_mp = _start(dict(ft, workdir=str(tmp_path / "ft_mp")), 2)
+  _finish(resumed), _finish(straight)
+  a, b = _losses(ref), _losses(mp)
+  assert [s for s, _ in a] == list(range(1, step + 3))
+  # The SIGTERM run logged steps past the last one it reports only if it got there: keep
+  # each step's last logged loss (the resumed run rewrites none it had not logged).
+  got = dict(b)
+  assert sorted(got) == [s for s, _ in a]
+  np.testing.assert_allclose([got[s] for s, _ in a], [l for _, l in a], rtol=1e-6)
+  assert [got[s] for s, _ in a] == [l for _, l in a]          # and in fact bit for bit
+  print("pretrain losses 1 process x 2 devices:", a)
+  print("pretrain losses 2 processes (SIGTERM at", step, "then resumed):", sorted(got.items()))
+  # 3. SparseLoRA: process 0's eval rows ask for a shorter dense suffix than process 1's;
+  #    both compile the agreed (max) length, and the metric is the 1-process one.
+  (one,), two = _finish(ft_ref), _finish(ft_mp)
+  assert any(x != y for x, y in zip(two[0]["asked"], two[1]["asked"])), two
+  assert two[0]["agreed"] == two[1]["agreed"] == [[max(x, y)] * 2 for x, y in
+                                                  zip(two[0]["asked"], two[1]["asked"])]
+  assert two[0]["out"] == two[1]["out"]
+  np.testing.assert_allclose(two[0]["out"]["eval_loss"], one["out"]["eval_loss"], rtol=1e-6)
+  assert two[0]["out"]["eval_tokens"] == one["out"]["eval_tokens"]
+  np.testing.assert_allclose([l for _, l in _losses(str(tmp_path / "ft_mp"))],
+                             [l for _, l in _losses(str(tmp_path / "ft_ref"))], rtol=1e-6)
+  print("finetune eval 1 process:", one["out"], "2 processes:", two[0]["out"])
+
+
+def test_process_ids_outside_the_process_count_are_refused():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs, train  # pylint: disable=g-import-not-at-top
+  from lost_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  mesh = configs.pretrain_config("quickstart", "lost").mesh
+  mesh.update(dict(distributed=True, coordinator_address="127.0.0.1:1", num_processes=2,
+                   process_id=2))
+  with pytest.raises(UserError, match="process_id=2"):
+    train.initialize_distributed(mesh)
