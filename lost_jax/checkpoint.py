@@ -10,6 +10,7 @@ deleted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lost_jax.errors import UserError, one_line
+from lost_jax.errors import UserError, mute_output, one_line, unmute_output
 
 # Fingerprint entries a resumed run may change (the differences are printed); every other
 # entry must match the checkpoint's.
@@ -146,14 +147,21 @@ class Checkpointer:
     """
     log = log or _print_on_main
     failed = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps:
+      # Both before the first attempt: a failing restore's abandoned reads start printing as
+      # soon as orbax closes its event loop, before control returns here; some print from
+      # native threads past any Python hook, so the CLI (only) also mutes the output
+      # descriptors until a restore succeeds (its error line goes to the saved stderr).
+      _silence_abandoned_reads()
+      mute_output()
+    for step in steps:
       try:
         state, rest = self.restore(step, abstract_state, abstract_rest, data_iter)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable part
         failed.append((step, _reason(e)))
-      if failed and failed[-1][0] == step:
-        _silence_abandoned_reads()
         continue
+      unmute_output()
       for bad, reason in failed:
         log(f"checkpoint step {bad} is damaged ({reason}); moved it to "
             f"{self._move_aside(bad)} and resumed from step {step}")
@@ -222,6 +230,14 @@ def _silence_abandoned_reads() -> None:
 
   unraisable_hook.lost_jax_filter = True
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  # A task of an abandoned read that failed is logged when garbage-collected.
+  logging.getLogger("asyncio").addFilter(_not_an_orbax_task_error)
+
+
+def _not_an_orbax_task_error(record: logging.LogRecord) -> bool:
+  """False for asyncio's 'Task exception was never retrieved' about an orbax coroutine."""
+  message = record.getMessage()
+  return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
 def _is_closed_loop_callback(value, tb) -> bool:

@@ -22,3 +22,46 @@ def one_line(text, limit: int | None = None) -> str:
   """`text` squeezed onto one line (whitespace runs become one space), cut at `limit` chars."""
   flat = " ".join(str(text).split())
   return flat if limit is None or len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+# Output guard for the command line (set by lost_jax.main only; library callers never muted).
+# A failed checkpoint restore leaves tensorstore reads running on background threads, which
+# print tracebacks ('Event loop is closed') from native code, past any Python hook, whenever
+# they finish. The CLI mutes the process's stdout/stderr descriptors from the first failed
+# restore until one succeeds; if none does, the one error line goes to the saved stderr.
+cli_output_guard = False
+_saved_fds: tuple[int, int] | None = None
+
+
+def mute_output() -> None:
+  """Point file descriptors 1 and 2 at /dev/null (CLI only; idempotent)."""
+  global _saved_fds
+  import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  if not cli_output_guard or _saved_fds is not None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  _saved_fds = (os.dup(1), os.dup(2))
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+
+
+def unmute_output() -> None:
+  """Give descriptors 1 and 2 back their targets from before `mute_output`."""
+  global _saved_fds
+  import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  if _saved_fds is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  for fd, saved in zip((1, 2), _saved_fds):
+    os.dup2(saved, fd)
+    os.close(saved)
+  _saved_fds = None
+
+
+def stderr_fd() -> int:
+  """Where a user-facing error line goes: the real stderr, even while output is muted."""
+  return 2 if _saved_fds is None else _saved_fds[1]

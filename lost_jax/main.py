@@ -5,6 +5,7 @@ A mistake in the command line, settings, data, tokenizer or workdir prints one l
 bug and keeps its traceback.
 """
 
+import os
 import re
 import sys
 
@@ -25,7 +26,17 @@ _CONFIG_FIX = ("--config=configs/pretrain.py:<size>,<method> or configs/finetune
 
 
 def _exit_with(message: str, code: int = 2):
-  print(f"error: {errors.one_line(message)}", file=sys.stderr, flush=True)
+  """Print the one error line and exit; nothing printed after it reaches the user.
+
+  Background threads (a failed checkpoint restore's abandoned reads) may still print while
+  the interpreter shuts down: the error line is the last thing this process has to say, so
+  stdout and stderr go to /dev/null for the shutdown.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(errors.stderr_fd(), f"error: {errors.one_line(message)}\n".encode())
+  errors.cli_output_guard = True
+  errors.mute_output()
   sys.exit(code)
 
 
@@ -84,6 +95,7 @@ def main(argv):
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   xla_setup.configure()   # before the first JAX computation
+  errors.cli_output_guard = True
   try:
     if argv[1] == "pretrain":
       from lost_jax import train
