@@ -213,7 +213,7 @@ def _silence_abandoned_reads() -> None:
   Orbax leaves the other array reads of a failed restore running: each that fails afterwards
   prints 'Exception ignored in <coroutine ...>', and each that completes after orbax closed its
   event loop makes tensorstore print `RuntimeError: Event loop is closed` with a traceback.
-  From the first failed restore on, those two (and only those) are dropped.
+  From the first restore attempt on, those two (and only those) are dropped.
   """
   if getattr(sys.unraisablehook, "lost_jax_filter", False):
     return
