@@ -7,6 +7,9 @@ catching ValueError keep working.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class UserError(ValueError):
   """A mistake in the run's inputs; the message names the setting and says how to fix it."""
@@ -36,7 +39,6 @@ _saved_fds: tuple[int, int] | None = None
 def mute_output() -> None:
   """Point file descriptors 1 and 2 at /dev/null (CLI only; idempotent)."""
   global _saved_fds
-  import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   if not cli_output_guard or _saved_fds is not None:
     return
   sys.stdout.flush()
@@ -51,7 +53,6 @@ def mute_output() -> None:
 def unmute_output() -> None:
   """Give descriptors 1 and 2 back their targets from before `mute_output`."""
   global _saved_fds
-  import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   if _saved_fds is None:
     return
   sys.stdout.flush()
