@@ -39,7 +39,17 @@ def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None])
   from absl import app, logging  # pylint: disable=g-import-not-at-top
   flag_values = define_flags()
   logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
-  app.run(lambda argv: main(argv, flag_values))
+  app.run(lambda argv: _main_or_interrupted(main, argv, flag_values))
+
+
+def _main_or_interrupted(main, argv, flag_values):
+  """main(); a run stopped by SIGTERM/SIGINT (checkpoint saved) ends with one line, status 143."""
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  try:
+    return main(argv, flag_values)
+  except runs.Interrupted as e:
+    print(f"interrupted: {e}", file=sys.stderr, flush=True)
+    return 143
 
 
 def method_config(size: str, method: str,

@@ -119,6 +119,11 @@ def latest_rows(workdir: str) -> list[dict]:
   return [by_key[k] for k in sorted(by_key)]
 
 
+class Interrupted(Exception):
+  """Training returned before its last step (SIGTERM/SIGINT saved a checkpoint): a rerun
+  resumes it; nothing is stored as a result."""
+
+
 def summarize(rows: list[dict], steps: int) -> dict:
   """Final eval metrics (the eval at `steps`), the eval and train-loss curves and the median
   logged training throughput."""
@@ -176,7 +181,11 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
   t0 = time.time()
   try:
     train.train_and_evaluate(cfg, workdir, quiet=quiet)
-    summary = summarize(latest_rows(workdir), cfg.train.steps)
+    rows = latest_rows(workdir)
+    if not any(r["step"] == cfg.train.steps and "eval_ppl" in r for r in rows):
+      raise Interrupted(f"{cfg.name}: stopped at step {max(r['step'] for r in rows)} of "
+                        f"{cfg.train.steps} by a signal; rerunning resumes from {workdir}")
+    summary = summarize(rows, cfg.train.steps)
   except errors.TrainingDiverged as e:   # a result too: this lr is too high for this method
     summary = diverged_summary(latest_rows(workdir), str(e))
   result = dict(name=cfg.name, key=key, steps=cfg.train.steps, seed=cfg.seed,

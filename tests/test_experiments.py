@@ -130,6 +130,22 @@ def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
   assert len(list((tmp_path / "res").glob("*.json"))) == 2
 
 
+def test_a_run_stopped_by_a_signal_is_no_result_and_resumes(tmp_path, monkeypatch):
+  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
+  kw = dict(results_dir=str(tmp_path / "res"))
+  whole = runs.train.train_and_evaluate
+  monkeypatch.setattr(runs.train, "train_and_evaluate",   # SIGTERM after step 2
+                      lambda c, w, quiet: whole(c, w, quiet=quiet, stop_at=2))
+  with pytest.raises(runs.Interrupted, match="stopped at step 2 of 3"):
+    runs.run(cfg, str(tmp_path / "work"), **kw)
+  assert not list((tmp_path / "res").glob("*.json"))
+  monkeypatch.setattr(runs.train, "train_and_evaluate", whole)
+  result = runs.run(cfg, str(tmp_path / "work"), **kw)
+  steps = [m["step"] for m in metrics.read_metrics(str(tmp_path / "work" / result["key"]))
+           if "loss" in m]
+  assert result["steps"] == 3 and steps.count(1) == 1 and steps[-1] == 3   # resumed at 2
+
+
 # ------------------------------------------------------------------------ the sweep plan
 def _lookup(optimum: dict[str, int]):
   """A fake store: perplexity (i - optimum)^2 + 10 + 0.01 seed + 0.5 |shared shift| once
