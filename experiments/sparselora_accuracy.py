@@ -95,7 +95,7 @@ def one_run(cfg, workdir: str) -> dict:
             "step_time": statistics.median(times[2:] or times) if times else None,
             "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
             "steps": cfg.train.steps, "wall_s": time.time() - t0}
-  common._write_json(path, result)  # pylint: disable=protected-access
+  common.write_json(path, result)
   return result
 
 
@@ -129,7 +129,7 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
                                                                  b[i]["attn"].v))
   result = {"ffn": {i: float(np.mean(v)) for i, v in ffn.items()},
             "attn_v": {i: float(np.mean(v)) for i, v in attn.items()}}
-  common._write_json(path, result)  # pylint: disable=protected-access
+  common.write_json(path, result)
   return result
 
 
@@ -198,7 +198,7 @@ def plot(results: dict, path: str) -> None:
 def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, "sparselora_smollm2")
-  common._write_json(stem + ".json", {"runs": results, "overlap": ov})  # pylint: disable=protected-access
+  common.write_json(stem + ".json", {"runs": results, "overlap": ov})
   with open(stem + ".md", "w") as f:
     f.write(report(results, ov, cfg, common.command_line(), seeds))
   plot(results, stem + ".png")
