@@ -27,8 +27,9 @@ MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised (bitsandbytes' min_8
 # Performance settings (`model.perf`): each 'auto' is resolved once, from the platform the
 # step is compiled for, by `resolve_perf`; the model's math only reads the resolved names.
 MATMUL_BACKWARDS = ("xla", "cpu_transposed")
-ATTENTIONS = ("blocked", "dot_product_attention")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTIONS = ("blocked", "dot_product_attention", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
+LAYER_LOOPS = ("unrolled", "scan")
 PLATFORMS = ("cpu", "gpu", "tpu")
 PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
     "mixed": ("bfloat16", "float32"),
@@ -89,8 +90,16 @@ def perf_config() -> ml_collections.ConfigDict:
       matmul_backward="auto",
       # blocked: causal blocks in XLA ops (model.attention) | dot_product_attention:
       # jax.nn.dot_product_attention (cuDNN flash attention on GPU). auto: blocked on CPU.
+      # splash: the TPU Pallas splash-attention kernel jax ships
+      # (jax.experimental.pallas.ops.tpu.splash_attention). auto: splash on TPU only.
       attention="auto",
-      attention_impl="auto",  # dot_product_attention's implementation: auto | xla | cudnn
+      # dot_product_attention's implementation: auto | xla | cudnn. splash's: pallas (the
+      # compiled TPU kernel) | interpret (the Pallas interpreter, any backend: tests only);
+      # auto: pallas on TPU, interpret elsewhere.
+      attention_impl="auto",
+      # unrolled: a Python loop over the blocks (each compiled separately) | scan: one
+      # jax.lax.scan over the blocks' stacked state (one block compiled). auto: unrolled.
+      layer_loop="auto",
   ))
 
 
@@ -102,10 +111,18 @@ def resolve_perf(model: ml_collections.ConfigDict, platform: str) -> None:
     with model.unlocked():
       model.perf = perf_config()
   perf = model.perf
+  with perf.unlocked():      # configs saved before a setting existed get its default
+    for name, default in perf_config().items():
+      if name not in perf:
+        perf[name] = default
   if perf.matmul_backward == "auto":
     perf.matmul_backward = "cpu_transposed" if platform == "cpu" else "xla"
   if perf.attention == "auto":
-    perf.attention = "blocked" if platform == "cpu" else "dot_product_attention"
+    perf.attention = {"cpu": "blocked", "gpu": "dot_product_attention"}.get(platform, "splash")
+  if perf.attention == "splash" and perf.attention_impl == "auto":
+    perf.attention_impl = "pallas" if platform == "tpu" else "interpret"
+  if perf.layer_loop == "auto":
+    perf.layer_loop = "unrolled"
 
 
 def with_resolved_perf(model: ml_collections.ConfigDict,
@@ -113,7 +130,10 @@ def with_resolved_perf(model: ml_collections.ConfigDict,
   """model itself if nothing is 'auto', else a copy resolved for `platform` (default: the
   platform of jax's default device, read once when the model is built)."""
   perf = model.get("perf")
-  if perf is not None and "auto" not in (perf.matmul_backward, perf.attention):
+  splash_auto = (perf is not None and perf.attention == "splash"
+                 and perf.attention_impl == "auto")
+  if perf is not None and "auto" not in (perf.matmul_backward, perf.attention,
+                                         perf.get("layer_loop", "auto")) and not splash_auto:
     return model
   import jax  # pylint: disable=g-import-not-at-top
   out = ml_collections.ConfigDict(model.to_dict())
@@ -364,9 +384,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     for field, value, allowed in (
         ("matmul_backward", perf.matmul_backward, ("auto",) + MATMUL_BACKWARDS),
         ("attention", perf.attention, ("auto",) + ATTENTIONS),
-        ("attention_impl", perf.attention_impl, ATTENTION_IMPLS)):
+        ("attention_impl", perf.attention_impl, ATTENTION_IMPLS),
+        ("layer_loop", perf.get("layer_loop", "auto"), ("auto",) + LAYER_LOOPS)):
       if value not in allowed:
         _fail(f"model.perf.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
+    impls = {"splash": ("auto", "pallas", "interpret"), "dot_product_attention": ("auto", "xla", "cudnn")}
+    if perf.attention in impls and perf.attention_impl not in impls[perf.attention]:
+      _fail("model.perf.attention_impl", f"{perf.attention_impl!r} is not an implementation "
+            f"of attention={perf.attention!r}", f"use one of {impls[perf.attention]}")
   rope = model.get("rope_scaling")
   if rope is not None:
     if rope.type not in ROPE_TYPES:
@@ -520,6 +545,10 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
     _fail("sparse.enabled", f"{sp.enabled!r} is not a bool", "True or False")
   for field in ("ffn", "attn"):
     parse_layer_sparsity(sp[field], n_layers, f"sparse.{field}")
+  if sp.enabled and cfg.model.get("perf", {}).get("layer_loop") == "scan":
+    _fail("model.perf.layer_loop", "'scan' cannot run SparseLoRA's per-layer channel plans "
+          "(each layer's static channel counts differ)", "set --config.model.perf.layer_loop="
+          "unrolled (or auto), or --config.sparse.enabled=False for plain LoRA")
   _in_range("sparse.estimator_rank", sp.estimator_rank, 1, _INF, "e.g. 8", integer=True)
   _in_range("sparse.start_frac", sp.start_frac, 0.0, 1.0, "a fraction of steps such as 0.05")
   _in_range("sparse.bucket", sp.bucket, 1, _INF, "e.g. 16 or 64", integer=True)

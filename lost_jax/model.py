@@ -8,12 +8,16 @@ SparseLoRA (`sparselora`, through per-layer channel plans) all run `Llama.__call
 need is passed in: LoRA deltas ride inside the projections (`lora.LoRALinear`), a channel
 plan decides how each block's projections run (`DenseChannels` is the default), a KV cache
 with slot positions, and `logits_from`, the first position whose logits are wanted.
-Performance choices (matmul backward, attention kernel) are read from `cfg.perf`, resolved
-once from the compile target (`configs.resolve_perf`); the math never asks for the backend.
+Performance choices (matmul backward, attention kernel, layer loop) are read from `cfg.perf`,
+resolved once from the compile target (`configs.resolve_perf`); the math never asks for the
+backend. Both layer loops keep the parameters as one `Block` per layer (`model.layers[i]`), so
+checkpoints, LoRA, HF import/export and SparseLoRA see one layout; `scan` stacks the blocks'
+state inside the step and runs one `jax.lax.scan` over it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -24,7 +28,7 @@ from flax import nnx
 
 from lost_jax import configs as configs_lib
 from lost_jax.layers import DenseLinear, make_linear, matmul
-from lost_jax.sharding import constrain_batch, constrain_logical
+from lost_jax.sharding import BATCH, constrain_batch, constrain_logical
 
 
 def as_dtype(name: str | Any):
@@ -166,6 +170,73 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK:
                                       is_causal=True, implementation=implementation)
 
 
+SPLASH_LANE = 128     # the TPU kernel's sequence blocks are multiples of 128 positions
+
+
+def splash_block(length: int) -> int:
+  """Splash block size for a sequence padded to a multiple of SPLASH_LANE: the largest of
+  512 / 256 / 128 dividing it."""
+  return next(b for b in (512, 256, SPLASH_LANE) if length % b == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(n_heads: int, length: int, interpret: bool):
+  """jax's TPU splash-attention kernel for a causal [n_heads, length, length] mask."""
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  block = splash_block(length)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([sm.CausalMask((length, length))] * n_heads)
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                            interpret=interpret)
+
+
+def splash_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                     segment_ids_BxL: jax.Array | None, interpret: bool = False) -> jax.Array:
+  """Causal GQA attention through jax's Pallas TPU splash kernel, [B, L, H, K].
+
+  The sequence is padded at the end to a multiple of SPLASH_LANE (causality keeps real
+  queries off the padded keys; padded rows are dropped). Packed segments go to the kernel as
+  segment ids. Under a mesh with batch axes the kernel runs per batch shard (shard_map):
+  a Pallas call is not partitioned by the compiler. interpret=True runs the Pallas
+  interpreter (any backend; tests).
+  """
+  b, length, h, hd = q_BxLxHxK.shape
+  padded = -(-length // SPLASH_LANE) * SPLASH_LANE
+  kernel = _splash_kernel(h, padded, interpret)
+
+  def per_shard(q, k, v, seg):
+    pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
+    q = jnp.pad(q * jnp.asarray(hd ** -0.5, q.dtype), pad).transpose(0, 2, 1, 3)  # [B,H,L,K]
+    k, v = (jnp.pad(a, pad).transpose(0, 2, 1, 3) for a in (k, v))
+    if seg is None:
+      out = jax.vmap(kernel)(q, k, v)
+    else:
+      seg = jnp.pad(seg, [(0, 0), (0, padded - length)])
+      out = jax.vmap(lambda qq, kk, vv, ss: kernel(qq, kk, vv, segment_ids=_segments(ss, ss))
+                     )(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)[:, :length]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 0 if mesh.empty or not set(BATCH) <= set(mesh.axis_names) else math.prod(
+      mesh.shape[a] for a in BATCH)
+  if shards <= 1 or b % shards:
+    return per_shard(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+  spec = jax.sharding.PartitionSpec(BATCH)
+  seg_spec = None if segment_ids_BxL is None else spec
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec, spec, seg_spec),
+                       out_specs=spec, check_vma=False)(
+                           q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+
+
+def _segments(q_ids, kv_ids):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  return sk.SegmentIds(q_ids, kv_ids)
+
+
 def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
   """The attention kernel named by perf.attention (resolved), [B, L, H, K]."""
   if perf.attention == "blocked":
@@ -173,6 +244,9 @@ def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> ja
   if perf.attention == "dot_product_attention":
     impl = None if perf.attention_impl == "auto" else perf.attention_impl
     return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl)
+  if perf.attention == "splash":
+    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
+                            interpret=perf.attention_impl == "interpret")
   raise ValueError(f"model.perf.attention={perf.attention!r} is unresolved or unknown. "
                    f"Fix: one of {configs_lib.ATTENTIONS} (configs.resolve_perf).")
 
@@ -198,14 +272,19 @@ class LayerCache(NamedTuple):
 
 
 class Cache(NamedTuple):
-  """KV cache of every layer: kv = ((k, v), ...) [B, S, G, K] each; start and valid as above."""
+  """KV cache of every layer: kv = ((k, v), ...) [B, S, G, K] each (layer_loop 'unrolled') or
+  (k, v) [n_layers, B, S, G, K] (layer_loop 'scan'); start and valid as in LayerCache."""
   kv: tuple
   start: int | jax.Array
   valid: jax.Array
 
   @classmethod
   def zeros(cls, cfg, batch: int, slots: int, valid_BxS: jax.Array, dtype) -> "Cache":
+    """An empty cache laid out for cfg's (resolved) layer loop."""
     shape = (batch, slots, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)
+    if cfg.perf.get("layer_loop") == "scan":
+      shape = (cfg.n_layers,) + shape
+      return cls((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), 0, valid_BxS)
     kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                for _ in range(cfg.n_layers))
     return cls(kv, 0, valid_BxS)
@@ -250,6 +329,35 @@ def remat_call(fn, block, x):
   out, rng_state = jax.checkpoint(pure)(state, x)
   nnx.update(block, rng_state)
   return out
+
+
+def scan_blocks(blocks, body, x, xs=None, *, remat: bool = False):
+  """body(block, x, xs_i) -> (x, ys_i) over the blocks as one jax.lax.scan; (x, ys [n, ...]).
+
+  The blocks' states (parameters, static indices, RNG counters) are stacked on a leading
+  layer axis inside the step and the block is traced once from the first block's graph, so
+  a deep model compiles one block. Gradients flow back through the stack to each block's own
+  parameters. RNG counters the body advances are written back to each block.
+  """
+  graphdef, first = nnx.split(blocks[0])
+  states = [first] + [nnx.state(b) for b in blocks[1:]]
+  want = jax.tree.structure(first)
+  for i, st in enumerate(states):
+    if jax.tree.structure(st) != want:
+      raise ValueError(f"layer_loop='scan' needs blocks of one structure; block {i} differs "
+                       "from block 0. Fix: set model.perf.layer_loop='unrolled'.")
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  def step(y, state_and_xs):
+    state, xs_i = state_and_xs
+    blk = nnx.merge(graphdef, state)
+    y, ys_i = body(blk, y, xs_i)
+    return y, (ys_i, nnx.state(blk, nnx.RngState))
+
+  x, (ys, rng) = jax.lax.scan(jax.checkpoint(step) if remat else step, x, (stacked, xs))
+  for i, block in enumerate(blocks):
+    nnx.update(block, jax.tree.map(lambda a, i=i: a[i], rng))
+  return x, ys
 
 
 class RMSNorm(nnx.Module):
@@ -380,23 +488,41 @@ class Llama(nnx.Module):
       raise ValueError(f"{len(channels)} channel plans for {len(self.layers)} layers.")
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+    scan = self.cfg.perf.layer_loop == "scan"
+    if scan and channels is not None:
+      raise ValueError("layer_loop='scan' cannot run per-layer channel plans (their static "
+                       "channel counts differ by layer). Fix: model.perf.layer_loop='unrolled'.")
+    if cache is not None and scan != (len(cache.kv) == 2 and hasattr(cache.kv[0], "ndim")):
+      raise ValueError("the Cache layout does not match model.perf.layer_loop. Fix: build it "
+                       "with Cache.zeros(model.cfg, ...).")
+
+    def layer(blk, y, ch, kv):
+      """One block on the residual stream y; kv: this layer's (k, v) cache or None."""
+      lc = None if kv is None else LayerCache(*kv, cache.start, cache.valid)
+      y = blk(y, positions_BxL, segment_ids_BxL, channels=ch, cache=lc)
+      if lc is not None:
+        y, lc = y
+      return constrain_batch(y), (None if lc is None else (lc.k, lc.v))  # split by batch
+
+    # Decoding has no backward pass to save memory for: remat is for training only.
+    remat = self.cfg.remat and cache is None
     # The residual stream stays in the compute dtype; blocks normalise in float32.
     x = constrain_batch(self.embed(tokens_BxL, self.dtype))
-    new_kv = []
-    for i, block in enumerate(self.layers):
-      ch = DENSE if channels is None else channels[i]
-      lc = None if cache is None else LayerCache(*cache.kv[i], cache.start, cache.valid)
-      run = lambda blk, y, ch=ch, lc=lc: blk(y, positions_BxL, segment_ids_BxL, channels=ch,
-                                             cache=lc)
-      # Decoding has no backward pass to save memory for: remat is for training only.
-      remat = self.cfg.remat and cache is None
-      x = remat_call(run, block, x) if remat else run(block, x)
-      if cache is not None:
-        x, lc = x
-        new_kv.append((lc.k, lc.v))
-      x = constrain_batch(x)       # the residual stream stays split by batch
+    if scan:
+      x, kv = scan_blocks(self.layers, lambda blk, y, kv: layer(blk, y, DENSE, kv), x,
+                          None if cache is None else cache.kv, remat=remat)
+    else:
+      kv = []
+      for i, block in enumerate(self.layers):
+        ch = DENSE if channels is None else channels[i]
+        if remat:
+          x = remat_call(lambda blk, y, ch=ch: layer(blk, y, ch, None)[0], block, x)
+        else:
+          x, kv_i = layer(block, x, ch, None if cache is None else cache.kv[i])
+          kv.append(kv_i)
+      kv = tuple(kv)
     h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
     logits = matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32,
                     backward=self.cfg.perf.matmul_backward)
-    return logits if cache is None else (logits, cache._replace(kv=tuple(new_kv)))
+    return logits if cache is None else (logits, cache._replace(kv=kv))

@@ -635,8 +635,10 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   channels = [LayerChannels(layer=i, plan=plan, estimators=estimators,
                             n_sparse=length - dense_len, valid_BxL=valid_BxL, how=how)
               for i in range(plan.n_layers)]
+  # A step with no sparse layer runs the plain dense forward (any model.perf.layer_loop).
+  dense = dense_len == length or not any(plan.ffn + plan.attn)
   logits = model(tokens_BxL, positions_BxL, segment_ids_BxL, logits_from=logits_from,
-                 channels=channels)
+                 channels=None if dense else channels)
   return (logits, [ch.indices for ch in channels]) if return_indices else logits
 
 

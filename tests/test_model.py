@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lost_jax import checkpoint, configs, layers, lora, model as model_lib
+from lost_jax import checkpoint, configs, errors, generate, layers, lora, model as model_lib
+from lost_jax import sparselora
 
 B, L, H, G, K = 2, 12, 4, 2, 8
 
@@ -41,6 +42,8 @@ KERNELS = {
     "blocked": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=4),
     "dot_product_attention": lambda q, k, v, s: model_lib.dot_product_attention(
         q, k, v, s, implementation="xla"),
+    # jax's TPU Pallas kernel, run by the Pallas interpreter on CPU (L=12 is padded to 128).
+    "splash": lambda q, k, v, s: model_lib.splash_attention(q, k, v, s, interpret=True),
 }
 
 
@@ -101,7 +104,7 @@ def tiny_model(matmul_backward, attention, remat=False):
   cfg.update(dict(vocab_size=64, d_model=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
                   dtype="float32", remat=remat))
   cfg.perf.update(dict(matmul_backward=matmul_backward, attention=attention,
-                       attention_impl="xla"))
+                       attention_impl="interpret" if attention == "splash" else "xla"))
   return model_lib.Llama(cfg, rngs=nnx.Rngs(0))
 
 
@@ -136,12 +139,24 @@ def test_logits_from_equals_the_tail_of_all_logits():
 
 
 def test_auto_is_resolved_from_the_target_platform():
-  for platform, want in (("cpu", ("cpu_transposed", "blocked")),
-                         ("gpu", ("xla", "dot_product_attention")),
-                         ("tpu", ("xla", "dot_product_attention"))):
+  for platform, want in (("cpu", ("cpu_transposed", "blocked", "auto", "unrolled")),
+                         ("gpu", ("xla", "dot_product_attention", "auto", "unrolled")),
+                         ("tpu", ("xla", "splash", "pallas", "unrolled"))):
     cfg = configs.model_config("quickstart")
     configs.resolve_perf(cfg, platform)
-    assert (cfg.perf.matmul_backward, cfg.perf.attention) == want
+    assert (cfg.perf.matmul_backward, cfg.perf.attention, cfg.perf.attention_impl,
+            cfg.perf.layer_loop) == want
+  cfg = configs.model_config("quickstart")
+  cfg.perf.attention = "splash"                        # splash off TPU: the interpreter
+  configs.resolve_perf(cfg, "cpu")
+  assert cfg.perf.attention_impl == "interpret"
+  del cfg.perf["layer_loop"]                           # a config saved before the setting
+  assert configs.with_resolved_perf(cfg, "cpu").perf.layer_loop == "unrolled"
+  for field, value in (("layer_loop", "vmap"), ("attention_impl", "cudnn")):
+    bad = configs.model_config("quickstart")
+    bad.perf.update(dict(attention="splash", **{field: value}))
+    with pytest.raises(errors.UserError, match=f"model.perf.{field}.*Fix"):
+      configs.validate_model(bad)
   cfg = configs.model_config("quickstart")
   cfg.perf.attention = "blocked"
   configs.resolve_perf(cfg, "tpu")                     # an explicit choice is kept
@@ -164,3 +179,77 @@ def test_no_backend_sniffing_in_the_math_and_perf_not_in_checkpoint_fingerprint(
   a = checkpoint.model_fingerprint(cfg, 4096)
   cfg.model.perf.attention = "dot_product_attention"
   assert checkpoint.model_fingerprint(cfg, 4096) == a
+
+
+def kind_model(kind: str, layer_loop: str, n_layers: int = 3, remat: bool = False):
+  """A float32 model of one projection kind (3 blocks: a layer-order bug changes logits)."""
+  cfg = configs.pretrain_config("quickstart", "full_rank" if kind == "dense" else kind).model
+  cfg.update(dict(vocab_size=64, d_model=32, ffn_dim=48, n_layers=n_layers, n_heads=4,
+                  n_kv_heads=2, dtype="float32", remat=remat))
+  cfg.linear.rank = 8
+  cfg.perf.update(dict(matmul_backward="xla", attention="blocked", layer_loop=layer_loop))
+  return model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def loss_and_grads(model, tokens, seg):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, rest)(tokens, None, seg, logits_from=2)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+@pytest.mark.parametrize("kind", configs.LINEAR_KINDS)
+def test_scanned_layers_match_the_unrolled_loop(kind):
+  tokens = jax.random.randint(jax.random.key(3), (B, L), 0, 64)
+  seg = jnp.asarray(SEG)
+  want_logits, want = loss_and_grads(kind_model(kind, "unrolled"), tokens, seg)
+  got_logits, got = loss_and_grads(kind_model(kind, "scan", remat=kind == "lost"), tokens, seg)
+  # One parameter layout for both loops: the same paths, so checkpoints load either way.
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  # Float32 rounding only: every leaf within 3e-5 of its own largest entry (a wrong layer
+  # order or a parameter shared across blocks is off by O(1) of it).
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((got_logits, got)),
+                          jax.tree.leaves((want_logits, want))):
+    err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    assert err <= 3e-5 * float(np.max(np.abs(b))), (jax.tree_util.keystr(path), err)
+  # Each block got its own gradient (a scan sharing block 0's parameters would not).
+  q = [np.asarray(got["layers"][i]["attn"]["q"][next(iter(got["layers"][i]["attn"]["q"]))])
+       for i in range(3)]
+  assert not np.allclose(q[0], q[1]) and not np.allclose(q[1], q[2])
+
+
+def test_scanned_layers_decode_and_run_lora_like_the_unrolled_loop():
+  prompts = jax.random.randint(jax.random.key(4), (B, 5), 1, 64)
+  mask = jnp.asarray([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+  tokens = jax.random.randint(jax.random.key(5), (B, L), 0, 64)
+  out = {}
+  for loop in configs.LAYER_LOOPS:
+    model = kind_model("dense", loop)
+    lora.apply_lora(model, ("q", "v", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    for i, block in enumerate(model.layers):          # nonzero, per-layer different deltas
+      block.attn.q.lora_b[...] = jax.random.normal(jax.random.key(10 + i), (4, 32)) * 0.3
+    cache = model_lib.Cache.zeros(model.cfg, B, 9, jnp.ones((B, 9), bool), jnp.float32)
+    assert (len(cache.kv) == 2) == (loop == "scan")    # scan: (k, v) [n_layers, B, S, G, K]
+    _, grads = loss_and_grads(model, tokens, None)
+    out[loop] = (generate.greedy_generate(model, prompts, mask, 4), grads)
+  np.testing.assert_array_equal(out["scan"][0], out["unrolled"][0])
+  for a, b in zip(jax.tree.leaves(out["scan"][1]), jax.tree.leaves(out["unrolled"][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_scanned_layers_refuse_per_layer_channel_plans():
+  model = kind_model("dense", "scan", n_layers=2)
+  tokens = jax.random.randint(jax.random.key(6), (B, L), 0, 64)
+  plan = sparselora.SparsityPlan.from_layers(2, ffn=0.5, ffn_layers="1", mode="oracle")
+  with pytest.raises(ValueError, match="layer_loop='scan'.*Fix"):
+    sparselora.forward(model, tokens, None, plan, dense_len=4)
+  # A plan with no sparse layer is the plain forward, scanned.
+  dense = sparselora.forward(model, tokens, None, sparselora.SparsityPlan.dense(2), 4)
+  np.testing.assert_allclose(dense, model(tokens), rtol=1e-6, atol=1e-6)
+  cfg = configs.finetune_config("quickstart")
+  cfg.model.perf.layer_loop = "scan"
+  with pytest.raises(errors.UserError, match="layer_loop.*Fix"):
+    configs.validate_finetune(cfg)
