@@ -562,7 +562,8 @@ def _settings_line(rows: list[dict]) -> str:
   return (f"jax {jax.__version__} | {r['platform']} ({r['device']}) | precision {r['precision']}"
           f" | global batch {r['global_batch']} x {r['seq_len']} tokens | model.perf resolved "
           f"for {r['platform']}: matmul backward {perf.get('matmul_backward')}, attention "
-          f"{perf.get('attention')} (implementation {perf.get('attention_impl')}) | total = "
+          f"{perf.get('attention')} (implementation {perf.get('attention_impl')}), layer loop "
+          f"{perf.get('layer_loop')} | total = "
           f"{total_label(r['platform'])}")
 
 
@@ -577,7 +578,8 @@ def _main(argv):
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_WORKER_ID", "0")):
       os.environ.setdefault(key, value)
-  kwargs = dict(precision=f.precision, platform=f.platform, topology=f.topology)
+  kwargs = dict(precision=f.precision, platform=f.platform, topology=f.topology,
+                overrides={"model.perf.layer_loop": f.layer_loop})
   micro = f.microbatch or None
   if f.low_bit_md:    # only the 8-bit-state / 4-bit-base page
     rows32 = run(f.low_bit_sizes, ["full_rank", "lost"], microbatch=micro, remat=f.remat,
@@ -628,6 +630,8 @@ def define_flags():
   flags.DEFINE_integer("microbatch", 0, "Sequences per device per pass; 0: DEFAULT_MICROBATCH "
                        "per size (32 up to 350M, 8 at 1B, 4 at 7B).")
   flags.DEFINE_bool("remat", False, "model.remat: recompute each block in the backward pass.")
+  flags.DEFINE_enum("layer_loop", "auto", ("auto",) + configs.LAYER_LOOPS, "model.perf."
+                    "layer_loop of every compiled step (auto: resolved for --platform).")
   flags.DEFINE_enum("platform", "cpu", list(PLATFORMS), "Compile for the host CPU, or "
                     "deviceless for one TPU chip (needs the libtpu package).")
   flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for (--platform=tpu); "
