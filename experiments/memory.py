@@ -241,6 +241,18 @@ def total_label(platform: str) -> str:
   return ("compiler peak" if platform == "tpu" else "arguments + temp + output - alias")
 
 
+def columns_line(platform: str) -> str:
+  """What each memory column of markdown_table is, on this platform."""
+  total = ("the TPU compiler's peak (`peak_memory_in_bytes`, its heap simulation: buffers "
+           "with disjoint lifetimes share memory, so it can be below the sum of the three "
+           "columns before it)" if platform == "tpu" else
+           "arguments + temp + output - alias (XLA:CPU reports no peak with temporaries)")
+  return ("Columns: **arguments** = parameters + optimizer state + static indices + batch; "
+          "**temp** = XLA's temporaries (gradients, accumulator, activations, workspace); "
+          "**output - alias** = outputs not written into donated arguments; **total** = "
+          f"{total}; **estimate** = `accounting.memory_estimate` (closed form).")
+
+
 def markdown_table(rows: list[dict]) -> str:
   """One markdown row per measurement; memory in GiB."""
   head = ("| size | method | params (M) | micro-batch x passes | remat | arguments | temp | "
@@ -433,8 +445,9 @@ NOTES = """## How the numbers are made
   simulation, `memory_analysis().peak_memory_in_bytes`), which can be below arguments + temp
   + output - alias because buffers with disjoint lifetimes share memory.
 - **model.perf**: the step is traced with the performance settings resolved for the target
-  platform (`configs.resolve_perf`): on TPU the plain XLA matmul backward and
-  `jax.nn.dot_product_attention`, on CPU the transposed backward and blocked attention.
+  platform (`configs.resolve_perf`): on TPU the plain XLA matmul backward and jax's Pallas
+  splash-attention kernel (compiled by the TPU compiler), on CPU the transposed backward and
+  blocked attention; the layer loop is `--layer_loop` (auto: unrolled).
 - **estimate** = `lost_jax.accounting.memory_estimate`: weights (W) + one set of gradients (G)
   + optimizer states (O) + activations of one micro-batch (A, bf16 with float32 softmax and
   logits). It is the paper's accounting; it has no accumulation buffer and no workspace.
@@ -468,7 +481,7 @@ def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] 
   parts = ["# Training-step memory, compiled ahead of time\n",
            f"Command: `{command}`\n", _settings_line(rows) + ". Memory in GiB per device.\n",
            f"![memory per method]({image})\n" if image else "",
-           markdown_table(rows) + "\n",
+           markdown_table(rows) + "\n", columns_line(rows[0]["platform"]) + "\n",
            "\n".join(f"- {line}" for line in summary_lines(rows)
                      + target_lines(rows, swept, remat_rows=remat_rows or []))
            + "\n"]

@@ -57,12 +57,14 @@ def test_report_files(rows, tmp_path):
   # The quantity behind "total" and the performance settings compiled are named.
   assert "**total = arguments + temp + output - alias**" in text
   assert "matmul backward cpu_transposed, attention blocked" in text
+  assert "layer loop unrolled" in text and "**temp** = XLA's temporaries" in text
   assert png.stat().st_size > 10_000
 
 
 def test_tpu_target_traces_the_tpu_path():
   # memory.run resolves model.perf for the target: a TPU step has no CPU transposes/barriers
-  # and uses jax.nn.dot_product_attention (traced here for CPU devices; only lowered).
+  # and runs jax's Pallas splash kernel (traced here for CPU devices, not lowered: the TPU
+  # kernel lowers only for a TPU; `--platform=tpu` compiles it with libtpu).
   import jax  # pylint: disable=g-import-not-at-top
   from lost_jax import configs, sharding, train  # pylint: disable=g-import-not-at-top
   texts = {}
@@ -71,9 +73,9 @@ def test_tpu_target_traces_the_tpu_path():
     configs.resolve_perf(cfg.model, platform)
     setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     step = train.make_train_step(setup, cfg.train.microbatches)
-    texts[platform] = step.lower(*memory.abstract_inputs(setup, cfg)).as_text()
-  assert "optimization_barrier" in texts["cpu"]
-  assert "optimization_barrier" not in texts["tpu"]
+    texts[platform] = str(step.trace(*memory.abstract_inputs(setup, cfg)).jaxpr)
+  assert "optimization_barrier" in texts["cpu"] and "pallas_call" not in texts["cpu"]
+  assert "optimization_barrier" not in texts["tpu"] and "pallas_call" in texts["tpu"]
 
 
 def test_bad_microbatch_is_rejected():
