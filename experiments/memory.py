@@ -388,6 +388,25 @@ def remat_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def loop_table(rows: list[dict]) -> str:
+  """The same step with model.perf.layer_loop unrolled and scan: memory and compile time."""
+  key = lambda r: (r["size"], r["method"], r["microbatch"], r["remat"])
+  by_loop = collections.defaultdict(dict)
+  for r in rows:
+    by_loop[key(r)][r["perf"]["layer_loop"]] = r
+  lines = ["| size | method | micro-batch | remat | layer loop | arguments | temp | **total** | "
+           "total x unrolled | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for k, loops in by_loop.items():
+    if set(loops) != {"unrolled", "scan"}:
+      continue
+    for loop in ("unrolled", "scan"):
+      r = loops[loop]
+      lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {'yes' if k[3] else 'no'} | {loop} | "
+                   f"{_gib(r['argument'])} | {_gib(r['temp'])} | **{_gib(r['total'])}** | "
+                   f"{r['total'] / loops['unrolled']['total']:.2f} | {r['compile_s']:.0f} |")
+  return "\n".join(lines)
+
+
 def dot_line(row: dict) -> str:
   """How the compiler changed matmul dtypes in one measured step."""
   fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none left as dot"
@@ -474,7 +493,8 @@ NOTES = """## How the numbers are made
 
 
 def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] | None = None,
-                   remat_rows: list[dict] | None = None, image: str = "") -> None:
+                   remat_rows: list[dict] | None = None, image: str = "",
+                   loop_rows: list[dict] | None = None) -> None:
   """The measured tables, how they were made (command, jax version, device) and notes."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   swept = swept or []
@@ -491,6 +511,9 @@ def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] 
   if remat_rows:
     parts += ["## Rematerialisation (`--remat`)\n",
               remat_table(rows + swept + remat_rows) + "\n"]
+  if loop_rows:
+    parts += ["## Layer loop (`--layer_loop`, `model.perf.layer_loop`)\n",
+              loop_table(rows + loop_rows) + "\n", LOOP_NOTES]
   dot_rows = [next(r for r in rows if r["method"] == m) for m in ("full_rank", "lost")
               if any(r["method"] == m for r in rows)] or rows[:1]
   parts += [NOTES, "Matmul dtypes in the compiled step (smallest size measured):\n",
@@ -530,6 +553,14 @@ def finetune_table(rows: list[dict]) -> str:
                  f"{_gib(r['temp'])} | **{_gib(r['sum'])}** | **{r['sum'] / ref['sum']:.2f}** |")
   return "\n".join(lines)
 
+
+LOOP_NOTES = """- **scan** stacks the blocks' parameters (and static indices) on a layer axis inside
+  the step and runs one `jax.lax.scan`: the compiler sees one block instead of n_layers. The
+  parameters themselves stay one array per block (the checkpoint layout), so the stacked copy
+  and the stacked gradients it hands back are extra buffers, visible in `temp`.
+- **compile s** is this run's wall time from building the step to the compiled executable,
+  on a shared 2-core host (other jobs running): compare the two loops, not across runs.
+"""
 
 LOW_BIT_NOTES = """- **8-bit states** (`train.optimizer=adamw8bit`, `galore8bit`): each Adam moment of at
   least 4096 values is stored as uint8 codes (one byte per value) plus a float32 scale per
@@ -626,11 +657,18 @@ def _main(argv):
     remat_rows = run(f.remat_check_sizes, ["full_rank", "lost"], microbatch=micro,
                      remat=not f.remat, **kwargs)
     print(remat_table(rows + remat_rows))
+  loop_rows = []
+  if f.loop_check_sizes:
+    other = {r["perf"]["layer_loop"] for r in rows} ^ set(configs.LAYER_LOOPS)
+    loop_rows = run(f.loop_check_sizes, ["full_rank", "lost"], microbatch=micro,
+                    remat=f.remat, **{**kwargs, "overrides": {
+                        "model.perf.layer_loop": other.pop()}})
+    print(loop_table(rows + loop_rows))
   print("\n".join(summary_lines(rows) + target_lines(rows, swept, remat_rows=remat_rows)))
   if f.out_md:
     command = "python -m experiments.memory " + " ".join(sys.argv[1:])
     image = os.path.relpath(f.out_png, os.path.dirname(f.out_md) or ".") if f.out_png else ""
-    write_markdown(rows, f.out_md, command, swept, remat_rows, image)
+    write_markdown(rows, f.out_md, command, swept, remat_rows, image, loop_rows)
   if f.out_png:
     plot(rows, f.out_png, title=_settings_line(rows))
 
@@ -643,6 +681,8 @@ def define_flags():
   flags.DEFINE_integer("microbatch", 0, "Sequences per device per pass; 0: DEFAULT_MICROBATCH "
                        "per size (32 up to 350M, 8 at 1B, 4 at 7B).")
   flags.DEFINE_bool("remat", False, "model.remat: recompute each block in the backward pass.")
+  flags.DEFINE_list("loop_check_sizes", [], "Also measure full_rank and lost at these sizes "
+                    "with the other model.perf.layer_loop (memory and compile time).")
   flags.DEFINE_enum("layer_loop", "auto", ("auto",) + configs.LAYER_LOOPS, "model.perf."
                     "layer_loop of every compiled step (auto: resolved for --platform).")
   flags.DEFINE_enum("platform", "cpu", list(PLATFORMS), "Compile for the host CPU, or "

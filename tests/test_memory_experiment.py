@@ -115,3 +115,16 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
   memory.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
   text = path.read_text()
   assert "adamw8bit" in text and "Command: `cmd`" in text
+
+
+def test_loop_table_pairs_the_two_layer_loops():
+  row = lambda method, loop, total: dict(size="llama_1b", method=method, microbatch=8,
+                                         remat=False, perf=dict(layer_loop=loop),
+                                         argument=2 * memory.GIB, temp=total * memory.GIB,
+                                         total=total * memory.GIB, compile_s=12.0)
+  table = memory.loop_table([row("lost", "unrolled", 10), row("full_rank", "unrolled", 20),
+                             row("lost", "scan", 12)])
+  lines = table.splitlines()
+  assert len(lines) == 4           # header, rule, and lost's pair only (full_rank is unpaired)
+  assert lines[2] == "| llama_1b | lost | 8 | no | unrolled | 2.00 | 10.00 | **10.00** | 1.00 | 12 |"
+  assert lines[3] == "| llama_1b | lost | 8 | no | scan | 2.00 | 12.00 | **12.00** | 1.20 | 12 |"
