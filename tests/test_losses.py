@@ -97,6 +97,16 @@ def test_tied_head_gradient_reaches_the_embedding():
   np.testing.assert_allclose(de, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_frozen_head_gives_the_same_input_gradient_under_jit():
+  # Fine-tuning differentiates h only (the head is frozen): that path skips the head's
+  # gradient and must give the same dh.
+  h, w, targets, weights = _inputs(seed=3)
+  grad_h = jax.jit(jax.grad(lambda h: losses.fused_cross_entropy(
+      h, w, targets, weights, chunk=4, backward="cpu_transposed")[0] / 7.0))
+  _, _, ref_dh, _, _ = numpy_ce(h, w, np.asarray(targets), weights)
+  np.testing.assert_allclose(grad_h(h), ref_dh / 7.0, rtol=1e-5, atol=1e-7)
+
+
 def test_bfloat16_operands_within_bf16_tolerance():
   # bf16 h and head, float32 accumulation and log-sum-exp: the loss matches float64 math on
   # the same bf16 values closely; gradients carry bf16 rounding of the logits' cotangent.
