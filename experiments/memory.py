@@ -600,8 +600,8 @@ def write_loss_markdown(path: str, command: str, rows: list[dict]) -> None:
            f"float32 logits ({_gib(logits)} GiB) and, in the backward pass, their gradient of "
            "the same size. The fused loss (`lost_jax.losses.fused_cross_entropy`, "
            "`model.perf.loss_chunk`) walks the sequence in chunks with an online log-sum-exp "
-           "and recomputes each chunk's logits in the backward pass, keeping only per-token "
-           "float32 statistics.",
+           "and forms the gradients while each chunk's logits exist: what outlives a chunk is "
+           "the per-token NLL, the hidden states' gradient and the head's gradient.",
            "- Same step, same compiler (`compiled.memory_analysis()` of the real "
            "`train.make_train_step`, lowered on abstract inputs); see `memory.md` for what "
            "arguments / temp / total mean and the caveats of compiling for the CPU.\n"]
