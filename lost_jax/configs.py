@@ -31,6 +31,7 @@ ATTENTIONS = ("blocked", "dot_product_attention", "splash")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 LAYER_LOOPS = ("unrolled", "scan")
 PLATFORMS = ("cpu", "gpu", "tpu")
+LOSS_CHUNK = 128         # model.perf.loss_chunk default (positions per fused-loss chunk)
 PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
     "mixed": ("bfloat16", "float32"),
     "pure_bf16": ("bfloat16", "bfloat16"),
@@ -104,6 +105,11 @@ def perf_config() -> ml_collections.ConfigDict:
       # (docs/benchmarks/memory_tpu.md) to save ~30% of a 24-layer compile, and on CPU a
       # 24-layer step ran ~20% slower.
       layer_loop="auto",
+      # LM head + cross-entropy fused (`losses.fused_cross_entropy`) in chunks of this many
+      # sequence positions (x batch rows): the [tokens, vocab] float32 logits are never
+      # materialised. 0: the plain loss on whole logits.
+      loss_chunk=LOSS_CHUNK,
+      loss_vocab_chunk=0,     # vocab columns per online log-sum-exp slice (0: whole vocab)
   ))
 
 
@@ -115,10 +121,9 @@ def resolve_perf(model: ml_collections.ConfigDict, platform: str) -> None:
     with model.unlocked():
       model.perf = perf_config()
   perf = model.perf
-  with perf.unlocked():      # configs saved before a setting existed get its default
-    for name, default in perf_config().items():
-      if name not in perf:
-        perf[name] = default
+  if "layer_loop" not in perf:   # configs saved before the setting existed
+    with perf.unlocked():
+      perf.layer_loop = "auto"
   if perf.matmul_backward == "auto":
     perf.matmul_backward = "cpu_transposed" if platform == "cpu" else "xla"
   if perf.attention == "auto":
@@ -392,10 +397,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         ("layer_loop", perf.get("layer_loop", "auto"), ("auto",) + LAYER_LOOPS)):
       if value not in allowed:
         _fail(f"model.perf.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
-    impls = {"splash": ("auto", "pallas", "interpret"), "dot_product_attention": ("auto", "xla", "cudnn")}
+    impls = {"splash": ("auto", "pallas", "interpret"),
+             "dot_product_attention": ("auto", "xla", "cudnn")}
     if perf.attention in impls and perf.attention_impl not in impls[perf.attention]:
       _fail("model.perf.attention_impl", f"{perf.attention_impl!r} is not an implementation "
             f"of attention={perf.attention!r}", f"use one of {impls[perf.attention]}")
+    for field in ("loss_chunk", "loss_vocab_chunk"):
+      _in_range(f"model.perf.{field}", perf.get(field, 0), 0, _INF,
+                "0 (off) or a positive integer", integer=True)
   rope = model.get("rope_scaling")
   if rope is not None:
     if rope.type not in ROPE_TYPES:
