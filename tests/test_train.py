@@ -154,5 +154,7 @@ def test_scanned_layers_give_the_same_train_steps():
     runs[loop] = run_steps(cfg, batch, 2)
   np.testing.assert_allclose(runs["scan"][0], runs["unrolled"][0], rtol=1e-6)
   got, want = (jax.tree.leaves(runs[loop][1]["params"]) for loop in ("scan", "unrolled"))
-  for a, b in zip(got, want):     # Adam's normalised steps are lr=1e-2: a wrong block is far
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Adam's normalised steps are ~lr=1e-2 per entry, so a wrong block's gradient moves entries
+  # by ~1e-2; float32 rounding where a gradient is ~0 moved one entry by 2e-5 (measured).
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
