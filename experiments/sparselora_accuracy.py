@@ -26,7 +26,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from experiments import common  # pylint: disable=wrong-import-position
+from experiments import common, runs  # pylint: disable=wrong-import-position
 from experiments.bench_sparselora import step_flops  # pylint: disable=wrong-import-position
 from lost_jax import finetune, instruct, metrics, sparselora  # pylint: disable=wrong-import-position
 
@@ -89,6 +89,10 @@ def one_run(cfg, workdir: str) -> dict:
   t0 = time.time()
   out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False)
   rows = metrics.read_metrics(workdir)
+  if out.get("eval_loss") is None:   # SIGTERM/SIGINT saved a checkpoint and returned
+    done = max((r["step"] for r in rows if "loss" in r), default=0)
+    raise runs.Interrupted(f"{cfg.name}: stopped at step {done} of {cfg.train.steps} by a "
+                           f"signal; rerunning resumes from {workdir}")
   times = [r["step_time"] for r in rows if "step_time" in r]
   result = {"eval_accuracy": out.get("eval_accuracy"), "eval_loss": out.get("eval_loss"),
             # the first logged windows hold compilation (dense phase, then sparse)
@@ -143,6 +147,8 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
     return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
   names = ["zero_shot", "lora", "sparselora", *ABLATIONS]
+  # generated held-out problems minus exact duplicates of training problems
+  n_eval = len(instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples])
   lora_t = [results[n]["step_time"] for n in results if n.startswith("lora_s")]
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
@@ -164,7 +170,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            f"{cfg.lora.rank} alpha {cfg.lora.alpha} on {cfg.lora.targets}; SparseLoRA FFN "
            f"`{cfg.sparse.ffn}`, attention `{cfg.sparse.attn}`, dense for the first "
            f"{cfg.sparse.start_frac:.0%} of steps. Accuracy: exact match of the final number on "
-           f"{cfg.data.eval_size} held-out problems (greedy, dense inference); seeds "
+           f"{n_eval} held-out problems (greedy, dense inference); seeds "
            f"{seeds} for LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
            common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
                                   "FLOPs vs LoRA", "speed vs LoRA"], rows), ""]
@@ -200,7 +206,9 @@ def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str
   stem = os.path.join(out_dir, "sparselora_smollm2")
   common.write_json(stem + ".json", {"runs": results, "overlap": ov})
   with open(stem + ".md", "w") as f:
-    f.write(report(results, ov, cfg, common.command_line(), seeds))
+    # --runs / --report_only only decide what is trained now, not what the report holds
+    argv = [a for a in sys.argv if not a.startswith(("--runs", "--report_only", "--noreport"))]
+    f.write(report(results, ov, cfg, common.command_line(argv), seeds))
   plot(results, stem + ".png")
   return stem + ".md"
 
