@@ -113,3 +113,23 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
   memory.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
   text = path.read_text()
   assert "adamw8bit" in text and "Command: `cmd`" in text
+
+
+def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
+  devices = memory.target_devices("cpu")
+  rows = []
+  for quantize in ("none", "nf4"):
+    cfg = memory.finetune_memory_config("quickstart", quantize)
+    rows.append(memory.measure_finetune(cfg, devices))
+  bf16, nf4 = rows
+  assert nf4["base_estimate"] < bf16["base_estimate"]
+  # The frozen arguments differ by exactly what the accounting says NF4 saves (estimators
+  # and everything else frozen are the same in both).
+  assert (bf16["static_bytes"] - nf4["static_bytes"]
+          == bf16["base_estimate"] - nf4["base_estimate"])
+  assert nf4["sum"] < bf16["sum"]
+  path = tmp_path / "low_bit.md"
+  memory.write_low_bit_markdown(str(path), "cmd", [], [], rows)
+  text = path.read_text()
+  assert "| quickstart | nf4 |" in text and f"**{nf4['sum'] / bf16['sum']:.2f}** |" in text
+  assert f"({nf4['sum'] / bf16['sum']:.2f} x)" in text

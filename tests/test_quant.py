@@ -288,6 +288,25 @@ def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   assert f"f32[{D},24]" in jaxpr and f"f32[24,{D}]" in jaxpr
 
 
+def test_with_dequantized_matches_the_dequantised_kernel_forward_and_backward():
+  """Values and input gradients equal those of fn(x, dequantize()) exactly; no gradient to
+  codes/scales; the dequantised kernel is not a residual kept from forward to backward."""
+  rng = np.random.default_rng(3)
+  w = quant.NF4Weight.from_kernel(jnp.asarray(rng.standard_normal((96, 160)), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((2, 5, 96)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((2, 5, 160)), jnp.float32)
+  fn = lambda x, k: jnp.tanh(x @ k)
+  y, vjp = jax.vjp(lambda x: quant.with_dequantized(fn, x, w), x)
+  y_ref, vjp_ref = jax.vjp(lambda x: fn(x, w.dequantize()), x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  np.testing.assert_array_equal(np.asarray(vjp(cot)[0]), np.asarray(vjp_ref(cot)[0]))
+  # Residuals carried from the forward to the backward pass: x, codes, scales, fn's own (the
+  # tanh output), never a [96, 160] kernel.
+  _, res = jax.linearize(lambda x: quant.with_dequantized(fn, x, w), x)
+  shapes = [tuple(r.shape) for r in jax.tree.leaves(res)]
+  assert (96, 160) not in shapes, shapes
+
+
 def test_8bit_init_is_the_quantised_zero():
   tx = optim.scale_by_adam_8bit()
   state = tx.init({"w": jnp.zeros((3, 5000))})
