@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root (`experiments
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common, runs  # pylint: disable=wrong-import-position
-from lost_jax import configs, finetune  # pylint: disable=wrong-import-position
+from lost_jax import configs, finetune, metrics  # pylint: disable=wrong-import-position
 
 # run -> (method preset, train.optimizer)
 PRETRAIN = {"full_rank": ("full_rank", "adamw"), "full_rank 8-bit": ("full_rank", "adamw8bit"),
@@ -42,7 +42,7 @@ FINETUNE_TOL = 0.02         # |NF4 - unquantised base| final fine-tune eval loss
 
 def train_losses(workdir: str) -> dict[int, float]:
   """Logged training loss by step (the last value of a repeated step after a resume)."""
-  return {r["step"]: r["loss"] for r in runs.latest_rows(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
 
 
 def curve_gap(a: dict[int, float], b: dict[int, float]) -> float:
@@ -90,7 +90,7 @@ def finetune_run(cfg: ml_collections.ConfigDict, workdir_root: str, quiet: bool 
     return stored
   out = finetune.finetune_and_evaluate(cfg, workdir, quiet=quiet)
   losses = train_losses(workdir)
-  if max(losses, default=0) < cfg.train.steps or "eval_loss" not in out:
+  if out.get("step") != cfg.train.steps or "eval_loss" not in out:
     raise runs.Interrupted(f"fine-tune {cfg.init.quantize}: stopped before step "
                            f"{cfg.train.steps}; rerunning resumes from {workdir}")
   result = {k: float(out[k]) for k in ("eval_loss", "eval_accuracy") if k in out}
