@@ -12,6 +12,8 @@ closed-form estimate of `lost_jax.accounting.memory_estimate`.
   python -m experiments.memory --platform=tpu --topology=v5p:2x2x1   # needs libtpu
   # docs/benchmarks/memory_low_bit.md (8-bit states at 1B/7B, 8B SparseLoRA on an NF4 base):
   python -m experiments.memory --low_bit_md=docs/benchmarks/memory_low_bit.md
+  # docs/benchmarks/memory_loss.md (plain vs fused LM head + loss, 1B dims, 128256 vocab):
+  python -m experiments.memory --loss_md=docs/benchmarks/memory_loss.md
   # docs/benchmarks/memory.md:
   python -m experiments.memory --sweep_sizes=llama_1b,llama_7b \\
       --remat_check_sizes=llama_1b,llama_7b --out_md=docs/benchmarks/memory.md \\
@@ -598,6 +600,58 @@ def write_low_bit_markdown(path: str, command: str, rows32: list[dict], rows8: l
     fh.write("\n".join(parts))
 
 
+def loss_rows(size: str, methods: Iterable[str], chunks: Iterable[int], *, vocab: int,
+              batch: int, seq_len: int, **kwargs) -> list[dict]:
+  """`run` of one micro-batch of batch x seq_len tokens at `vocab` for each
+  model.perf.loss_chunk (0: plain loss on whole float32 logits)."""
+  rows = []
+  for chunk in chunks:
+    over = {"model.vocab_size": vocab, "data.seq_len": seq_len, "train.batch_size": batch,
+            "model.perf.loss_chunk": int(chunk)}
+    for r in run([size], methods, microbatch=batch, overrides=over, **kwargs):
+      r.update(loss_chunk=int(chunk), vocab=vocab)
+      rows.append(r)
+  return rows
+
+
+def loss_table(rows: list[dict]) -> str:
+  """Plain vs fused loss per method: arguments, temp, total and x the plain loss's total."""
+  lines = ["| size | method | vocab | tokens per step | loss | arguments | temp | **total** | "
+           "**x plain** | total saved |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    plain = next(p for p in rows if p["method"] == r["method"] and p["loss_chunk"] == 0)
+    loss = ("plain ([tokens, vocab] float32 logits)" if r["loss_chunk"] == 0 else
+            f"fused, chunks of {r['loss_chunk']} positions x {r['microbatch']} rows")
+    lines.append(f"| {r['size']} | {r['method']} | {r['vocab']} | {r['microbatch']} x "
+                 f"{r['seq_len']} | {loss} | {_gib(r['argument'])} | {_gib(r['temp'])} | "
+                 f"**{_gib(r['total'])}** | **{r['total'] / plain['total']:.2f}** | "
+                 f"{_gib(plain['total'] - r['total'])} |")
+  return "\n".join(lines)
+
+
+def write_loss_markdown(path: str, command: str, rows: list[dict]) -> None:
+  """The plain-vs-fused LM head + cross-entropy memory page."""
+  r = rows[0]
+  logits = r["microbatch"] * r["seq_len"] * r["vocab"] * 4
+  parts = ["# Training-step memory: plain vs fused LM head + cross-entropy\n",
+           f"Command: `{command}`\n",
+           _settings_line(rows) + f" | vocab {r['vocab']}"
+           + (" (LLaMA-3)" if r["vocab"] == 128256 else "") + ". Memory in GiB per device.\n",
+           loss_table(rows) + "\n",
+           f"- The plain loss materialises the [{r['microbatch'] * r['seq_len']}, {r['vocab']}] "
+           f"float32 logits ({_gib(logits)} GiB) and, in the backward pass, their gradient of "
+           "the same size. The fused loss (`lost_jax.losses.fused_cross_entropy`, "
+           "`model.perf.loss_chunk`) walks the sequence in chunks with an online log-sum-exp "
+           "and forms the gradients while each chunk's logits exist: what outlives a chunk is "
+           "the per-token NLL, the hidden states' gradient and the head's gradient.",
+           "- Same step, same compiler (`compiled.memory_analysis()` of the real "
+           "`train.make_train_step`, lowered on abstract inputs); see `memory.md` for what "
+           "arguments / temp / total mean and the caveats of compiling for the CPU.\n"]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as fh:
+    fh.write("\n".join(parts))
+
+
 def _settings_line(rows: list[dict]) -> str:
   r = rows[0]
   perf = r.get("perf") or {}
@@ -639,6 +693,14 @@ def _main(argv):
     print("\n".join(low_bit_lines(rows32, rows8, ft_rows)))
     write_low_bit_markdown(f.low_bit_md, "python -m experiments.memory " + " ".join(
         sys.argv[1:]), rows32, rows8, ft_rows)
+    return
+  if f.loss_md:    # only the plain-vs-fused loss page
+    rows = loss_rows(f.loss_size, f.loss_methods, [int(c) for c in f.loss_chunks],
+                     vocab=f.loss_vocab, batch=f.loss_batch, seq_len=f.loss_seq_len,
+                     remat=f.remat, **kwargs)
+    print(loss_table(rows))
+    write_loss_markdown(f.loss_md, "python -m experiments.memory " + " ".join(sys.argv[1:]),
+                        rows)
     return
   rows = run(f.sizes, f.methods, microbatch=micro, remat=f.remat, **kwargs)
   print(markdown_table(rows))
@@ -687,6 +749,17 @@ def define_flags():
                     "of --low_bit_md ('' for none).")
   flags.DEFINE_string("finetune_preset", FINETUNE_PRESET, "Fine-tuning preset whose shape the "
                       "4-bit-base rows of --low_bit_md compile ('' for none).")
+  flags.DEFINE_string("loss_md", "", "Instead of the main tables: compile --loss_size x "
+                      "--loss_methods with each --loss_chunks (0: plain loss) on one "
+                      "micro-batch of --loss_batch x --loss_seq_len tokens at --loss_vocab; "
+                      "write this markdown page.")
+  flags.DEFINE_string("loss_size", "llama_1b", "Size of the --loss_md rows.")
+  flags.DEFINE_list("loss_methods", ["full_rank", "lost"], "Methods of the --loss_md rows.")
+  flags.DEFINE_list("loss_chunks", ["0", str(configs.LOSS_CHUNK)], "model.perf.loss_chunk "
+                    "values of the --loss_md rows (0: plain loss).")
+  flags.DEFINE_integer("loss_vocab", 128256, "Vocab of the --loss_md rows (LLaMA-3's).")
+  flags.DEFINE_integer("loss_batch", 8, "Sequences per step of the --loss_md rows.")
+  flags.DEFINE_integer("loss_seq_len", 1024, "Tokens per sequence of the --loss_md rows.")
   flags.DEFINE_string("out_md", "", "Write the markdown report here ('' = print only).")
   flags.DEFINE_string("out_png", "", "Write the stacked bar plot here ('' = none).")
 

@@ -16,8 +16,9 @@ FLOP-predicted speedup of a method is full-rank's train FLOPs/token over the met
 realised speedup is its tokens/s over full-rank's; "realised / predicted" is their ratio.
 `--size` may replace `--config`; the method named in `--config` is ignored (`--methods` lists
 what runs) and `--config.*` overrides apply to every method. `--torch` adds
-`experiments/torch_baseline.py` (full_rank and lost in PyTorch, torch.compile), timed in its
-own interleaved rounds; `--from_json` re-renders a saved result without measuring.
+`experiments/torch_baseline.py` (full_rank and lost in PyTorch: compiled step, fused AdamW),
+timed in the same rounds right after the JAX steps (`interleave`); `--from_json` re-renders a
+saved result without measuring.
 """
 
 from __future__ import annotations
@@ -168,14 +169,28 @@ class StepRunner:
 
 def interleave(runners: dict[str, Callable[[int], list[float]]], rounds: int,
                steps_per_round: int, warmup: int = 1,
-               log: Callable[[str], None] = print) -> dict[str, list[float]]:
-  """Run every runner `warmup` steps, then `rounds` x (each runner `steps_per_round` steps)."""
-  for run in runners.values():
-    run(warmup)
-  times: dict[str, list[float]] = {name: [] for name in runners}
+               log: Callable[[str], None] = print,
+               others: dict[str, Callable[[int], list[float]]] | None = None,
+               switch_pause_s: float = 1.0) -> dict[str, list[float]]:
+  """Run every runner `warmup` steps, then `rounds` x (each runner `steps_per_round` steps).
+
+  `others` (another runtime, e.g. PyTorch) run in the same rounds after `runners`, each
+  runtime's steps kept together and `switch_pause_s` of sleep at each switch: alternating
+  torch's and XLA's thread pools step by step slowed the JAX steps by up to 25% on 2 cores
+  (the other runtime's threads still spinning), while a shift in background load between
+  two separately timed groups would bias the comparison.
+  """
+  groups = [runners] + ([others] if others else [])
+  for group in groups:
+    for run in group.values():
+      run(warmup)
+  times: dict[str, list[float]] = {name: [] for group in groups for name in group}
   for r in range(rounds):
-    for name, run in runners.items():
-      times[name] += run(steps_per_round)
+    for group in groups:
+      if len(groups) > 1:
+        time.sleep(switch_pause_s)
+      for name, run in group.items():
+        times[name] += run(steps_per_round)
     log(f"round {r + 1}/{rounds}: " + ", ".join(
         f"{n} {1e3 * statistics.median(t):.0f} ms" for n, t in times.items()))
   return times
@@ -227,15 +242,11 @@ def run(size: str, methods: Iterable[str] = METHODS,
       cfgs[(p, method)], runners[(p, method)] = runner.cfg, runner.run
       compile_s[(p, method)] = runner.compile_s
       log(f"built {p} {method}: compile + first step {runner.compile_s:.1f} s")
+  extra_runners = extra_runners or {}
   times = interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
-                     steps_per_round, warmup, log)
-  if extra_runners:
-    # Other runtimes get their own rounds: alternating torch's and XLA's thread pools step by
-    # step slowed the JAX steps by up to 25% on 2 cores (threads still spinning from the
-    # previous step), so the two are interleaved only among themselves.
-    runners.update(extra_runners)
-    times.update(interleave({f"{p}/{m}": fn for (p, m), fn in extra_runners.items()},
-                            rounds, steps_per_round, warmup, log))
+                     steps_per_round, warmup, log,
+                     others={f"{p}/{m}": fn for (p, m), fn in extra_runners.items()})
+  runners.update(extra_runners)
   rows = []
   for (p, m) in runners:
     ref_cfg = cfgs[(p, REFERENCE)]

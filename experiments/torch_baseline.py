@@ -7,7 +7,9 @@ global-norm clipping and AdamW; projections are `nn.Linear` (full_rank) or the L
 gamma * silu(x A) B^T + (1 - gamma) * x[..., I] S with lost_jax's rank and kept-channel count
 (timing does not depend on the factors' values, so they are random here). `mixed` runs the forward under
 `torch.autocast("cpu", torch.bfloat16)` with float32 parameters and optimizer state, the
-usual PyTorch mixed precision. Written plainly, as a PyTorch user would; nothing is tuned.
+usual PyTorch mixed precision. The step is what a careful PyTorch user runs on CPU (see
+`make_runner`): compiled forward/backward and clipping, fused AdamW, denormals flushed,
+threads pinned to the cores XLA uses; the model code itself is plain.
 
   python experiments/torch_baseline.py --size=llama_60m --method=lost --precision=mixed
 """
@@ -123,26 +125,85 @@ class Llama(nn.Module):
     return self.lm_head(self.final_norm(x).to(dtype)).float()
 
 
-def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0,
-                compile_model: bool = True) -> Callable[[int], list[float]]:
+def host_threads() -> int:
+  """CPUs this process may run on: the size of XLA:CPU's own intra-op thread pool."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def load_lost_jax(model: Llama, flat: dict[str, np.ndarray]) -> None:
+  """Copy a lost_jax Llama's parameters and LOST channel indices into `model`.
+
+  flat: '/'-joined lost_jax paths ('layers/0/attn/q/kernel', ...) -> arrays. Kernels are
+  stored [in, out] in lost_jax and [out, in] in nn.Linear.
+  """
+  def put(param, value):
+    with torch.no_grad():
+      param.copy_(torch.from_numpy(np.array(value, np.float32)))
+  put(model.embed.weight, flat["embed/embedding"])
+  put(model.final_norm.weight, flat["final_norm/scale"])
+  put(model.lm_head.weight, np.asarray(flat["lm_head/kernel"]).T)
+  for i, block in enumerate(model.layers):
+    pre = f"layers/{i}/"
+    put(block.attn_norm.weight, flat[pre + "attn_norm/scale"])
+    put(block.mlp_norm.weight, flat[pre + "mlp_norm/scale"])
+    for group, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
+      for name in names:
+        lin, key = getattr(block, name), f"{pre}{group}/{name}/"
+        if isinstance(lin, LOSTLinear):
+          put(lin.a, flat[key + "a"])
+          put(lin.b, flat[key + "b"])
+          put(lin.values, flat[key + "values"])
+          lin.idx.copy_(torch.from_numpy(np.asarray(flat[key + "indices"], np.int64)))
+        else:
+          put(lin.weight, np.asarray(flat[key + "kernel"]).T)
+
+
+def param_groups(model: Llama, train: ml_collections.ConfigDict) -> list[dict]:
+  """AdamW groups as lost_jax's decay mask: norm scales and the embedding undecayed unless
+  train.decay_norms_and_embeddings."""
+  if train.decay_norms_and_embeddings:
+    return [{"params": list(model.parameters())}]
+  skip = lambda name: name.endswith("norm.weight") or name == "embed.weight"
+  named = list(model.named_parameters())
+  return [{"params": [p for n, p in named if not skip(n)]},
+          {"params": [p for n, p in named if skip(n)], "weight_decay": 0.0}]
+
+
+def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0, compile_model: bool = True,
+                params: dict[str, np.ndarray] | None = None) -> Callable[[int], list[float]]:
   """run(n) -> wall seconds of n train steps of a torch model shaped like cfg (dense or LOST).
 
   cfg: a lost_jax run config (model dims, train.batch_size, data.seq_len, train.precision
-  float32 | mixed, train.lr / b1 / b2 / eps / weight_decay / clip_norm). Compiles on creation.
+  float32 | mixed, the optimizer and schedule settings of train). The step, as a careful
+  PyTorch user writes it for CPU: forward + loss compiled by torch.compile (AOTAutograd
+  compiles its backward too), global-norm clipping compiled (one foreach kernel), AdamW with
+  fused=True (one kernel; torch.compile deliberately does not trace it), the learning rate
+  of lost_jax's schedule at every step, denormals flushed to zero (as XLA:CPU does) and
+  `host_threads()` intra-op threads. Tokens: numpy default_rng(seed), drawn exactly as
+  `experiments.throughput.synthetic_batch` draws them. params: lost_jax parameters to start
+  from (`load_lost_jax`; default: a fresh torch init). Runs (and compiles) step 0 on creation;
+  run.loss is the loss of the last step run, run.step the steps run so far.
   """
   if cfg.train.precision not in ("float32", "mixed"):
     raise ValueError(f"torch baseline precision {cfg.train.precision!r}: use float32 or mixed.")
+  from lost_jax import optim  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_flush_denormal(True)
+  torch.set_num_threads(host_threads())
   model = Llama(cfg.model)
+  if params is not None:
+    load_lost_jax(model, params)
   t = cfg.train
-  opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
-                          weight_decay=t.weight_decay)
+  lrs = np.asarray(optim.lr_schedule(t)(np.arange(max(t.steps, 1) + 1)), np.float64)
+  opt = torch.optim.AdamW(param_groups(model, t), lr=float(lrs[0]), betas=(t.b1, t.b2),
+                          eps=t.eps, weight_decay=t.weight_decay, fused=True)
   mixed = cfg.train.precision == "mixed"
   rng = np.random.default_rng(seed)
   tokens = torch.from_numpy(rng.integers(0, cfg.model.vocab_size,
-                                         (t.batch_size, cfg.data.seq_len + 1)).astype(np.int64))
+                                         (t.batch_size, cfg.data.seq_len + 1),
+                                         dtype=np.int32).astype(np.int64))
   inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+  params_list = list(model.parameters())
 
   def loss_fn(inputs, targets):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
@@ -150,15 +211,22 @@ def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0,
       logits = model(inputs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
+  def clip_fn():
+    torch.nn.utils.clip_grad_norm_(params_list, t.clip_norm, foreach=True)
+
   loss_c = torch.compile(loss_fn) if compile_model else loss_fn
+  clip_c = torch.compile(clip_fn) if compile_model else clip_fn
 
   def step():
-    opt.zero_grad(set_to_none=True)
+    for group in opt.param_groups:
+      group["lr"] = float(lrs[min(run.step, len(lrs) - 1)])
     loss = loss_c(inputs, targets)
     loss.backward()
     if t.clip_norm > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+      clip_c()
     opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.step += 1
     return float(loss.detach())
 
   def run(n: int) -> list[float]:
@@ -169,7 +237,7 @@ def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0,
       times.append(time.perf_counter() - t0)
     return times
 
-  run.loss = float("nan")
+  run.loss, run.step, run.inputs = float("nan"), 0, inputs
   run(1)   # compiles
   return run
 
@@ -197,7 +265,8 @@ def _main():
     step = statistics.median(run(fl.steps))
     tok_s = fl.batch * fl.seq_len / step
     flops = accounting.train_flops_per_token(cfg.model, fl.seq_len)
-    print(f"torch {torch.__version__} {fl.size} {fl.method} {fl.precision}: {step * 1e3:.0f} ms/step, "
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads) {fl.size} "
+          f"{fl.method} {fl.precision}: {step * 1e3:.0f} ms/step, "
           f"{tok_s:,.0f} tokens/s, {tok_s * flops / 1e9:.1f} GFLOP/s, loss {run.loss:.3f}")
 
   app.run(main)

@@ -30,6 +30,7 @@ MATMUL_BACKWARDS = ("xla", "cpu_transposed")
 ATTENTIONS = ("blocked", "dot_product_attention")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 PLATFORMS = ("cpu", "gpu", "tpu")
+LOSS_CHUNK = 128         # model.perf.loss_chunk default (positions per fused-loss chunk)
 PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
     "mixed": ("bfloat16", "float32"),
     "pure_bf16": ("bfloat16", "bfloat16"),
@@ -91,6 +92,11 @@ def perf_config() -> ml_collections.ConfigDict:
       # jax.nn.dot_product_attention (cuDNN flash attention on GPU). auto: blocked on CPU.
       attention="auto",
       attention_impl="auto",  # dot_product_attention's implementation: auto | xla | cudnn
+      # LM head + cross-entropy fused (`losses.fused_cross_entropy`) in chunks of this many
+      # sequence positions (x batch rows): the [tokens, vocab] float32 logits are never
+      # materialised. 0: the plain loss on whole logits.
+      loss_chunk=LOSS_CHUNK,
+      loss_vocab_chunk=0,     # vocab columns per online log-sum-exp slice (0: whole vocab)
   ))
 
 
@@ -367,6 +373,9 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         ("attention_impl", perf.attention_impl, ATTENTION_IMPLS)):
       if value not in allowed:
         _fail(f"model.perf.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
+    for field in ("loss_chunk", "loss_vocab_chunk"):
+      _in_range(f"model.perf.{field}", perf.get(field, 0), 0, _INF,
+                "0 (off) or a positive integer", integer=True)
   rope = model.get("rope_scaling")
   if rope is not None:
     if rope.type not in ROPE_TYPES:

@@ -94,6 +94,12 @@ def _matmul_bwd(dtype, out_dtype, backward, residuals, g_BxM):  # pylint: disabl
   x_BxN, w_NxM = residuals
   g = g_BxM.astype(dtype)
   dx = _dot(g, w_NxM, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
+  return dx, weight_grad(x_BxN, g, dtype, backward).astype(w_NxM.dtype)
+
+
+def weight_grad(x_BxN: jax.Array, g_BxM: jax.Array, dtype, backward: str) -> jax.Array:
+  """x^T g [N, M] summed over tokens (float32 for bf16/f16 operands), as `matmul`'s backward."""
+  g = g_BxM.astype(dtype)
   g_TxM = g.reshape(-1, g.shape[-1])
   if backward == "cpu_transposed":
     # Transpose the narrower of x [T, N] and g [T, M] (LOST's first matmul: g is [T, r + k]).
@@ -104,10 +110,8 @@ def _matmul_bwd(dtype, out_dtype, backward, residuals, g_BxM):  # pylint: disabl
       dw = _dot(transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
     # A caller's transpose of w (b.T) would otherwise fold into this dot as a contraction
     # over dim 0 of both operands, which XLA:CPU cannot run in bf16 (UNIMPLEMENTED).
-    dw = jax.lax.optimization_barrier(dw)
-  else:
-    dw = _dot(x_BxN.reshape(-1, x_BxN.shape[-1]), g_TxM, 0, 0, dtype)
-  return dx, dw.astype(w_NxM.dtype)
+    return jax.lax.optimization_barrier(dw)
+  return _dot(x_BxN.reshape(-1, x_BxN.shape[-1]), g_TxM, 0, 0, dtype)
 
 
 def transposed_tokens(x_BxN: jax.Array) -> jax.Array:

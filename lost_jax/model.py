@@ -367,11 +367,14 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, *, logits_from: int = 0,
-               channels=None, cache: Cache | None = None):
+               channels=None, cache: Cache | None = None, head: bool = True):
     """Float32 logits [B, L - logits_from, V]; with a cache, (logits, updated Cache).
 
     logits_from (static): the LM head runs on positions >= logits_from only (training needs
     the loss positions, decoding the last one). channels: one plan per layer (default dense).
+    head=False returns the final-normed hidden states [B, L - logits_from, D] (compute dtype)
+    instead of logits, for a loss that applies `lm_head.kernel` itself
+    (`losses.fused_cross_entropy`).
     """
     b, length = tokens_BxL.shape
     if not isinstance(logits_from, int) or not 0 <= logits_from < length:
@@ -397,6 +400,7 @@ class Llama(nnx.Module):
       x = constrain_batch(x)       # the residual stream stays split by batch
     h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
-    logits = matmul(h, self.lm_head.kernel[...], self.dtype, out_dtype=jnp.float32,
-                    backward=self.cfg.perf.matmul_backward)
+    logits = h if not head else matmul(h, self.lm_head.kernel[...], self.dtype,
+                                       out_dtype=jnp.float32,
+                                       backward=self.cfg.perf.matmul_backward)
     return logits if cache is None else (logits, cache._replace(kv=tuple(new_kv)))

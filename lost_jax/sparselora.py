@@ -613,14 +613,14 @@ def step_lengths(weights_BxL: np.ndarray, bucket: int, sparse: bool) -> StepLeng
 def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
             dense_len: int, positions_BxL: jax.Array | None = None,
             segment_ids_BxL: jax.Array | None = None, valid_BxL: jax.Array | None = None,
-            return_indices: bool = False, logits_from: int = 0):
+            return_indices: bool = False, logits_from: int = 0, head: bool = True):
   """SparseLoRA Llama forward: float32 logits [B, L - logits_from, V] (+ indices if asked).
 
   `model(...)` with one `LayerChannels` per layer. plan and dense_len are static (python);
   tokens [:L - dense_len] are the sparse context. valid marks real tokens for the estimator
   (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
   positions: with L - dense_len, only the dense suffix, which holds every loss position,
-  pays for the [D, V] matmul.
+  pays for the [D, V] matmul. head=False: hidden states instead of logits (`Llama`).
   """
   b, length = tokens_BxL.shape
   if plan.n_layers != len(model.layers):
@@ -640,7 +640,7 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
                             n_sparse=length - dense_len, valid_BxL=valid_BxL, how=how)
               for i in range(plan.n_layers)]
   logits = model(tokens_BxL, positions_BxL, segment_ids_BxL, logits_from=logits_from,
-                 channels=channels)
+                 channels=channels, head=head)
   return (logits, [ch.indices for ch in channels]) if return_indices else logits
 
 
@@ -657,16 +657,27 @@ class SparseLoRALlama(nnx.Module):
     est = {} if estimators is None else estimators
     self.estimators = nnx.data(jax.tree.map(Estimator, est))
 
+  @property
+  def cfg(self):
+    """The wrapped Llama's model config (its resolved `perf` settings)."""
+    return self.model.cfg
+
+  @property
+  def lm_head(self):
+    """The wrapped Llama's LM head (for a loss that applies it itself)."""
+    return self.model.lm_head
+
   def __call__(self, tokens_BxL: jax.Array, lengths: int | StepLengths, positions_BxL=None,
-               segment_ids_BxL=None, valid_BxL=None) -> jax.Array:
-    """Logits [B, logits_len, V] of the last logits_len positions (all for an int dense_len)."""
+               segment_ids_BxL=None, valid_BxL=None, head: bool = True) -> jax.Array:
+    """Logits [B, logits_len, V] of the last logits_len positions (all for an int dense_len);
+    head=False: the hidden states [B, logits_len, D] instead."""
     if not isinstance(lengths, StepLengths):
       lengths = StepLengths(lengths, tokens_BxL.shape[1])
     est = jax.tree.map(lambda v: v[...], self.estimators,
                        is_leaf=lambda v: isinstance(v, nnx.Variable))
     return forward(self.model, tokens_BxL, est, self.plan, lengths.dense_len, positions_BxL,
                    segment_ids_BxL, valid_BxL,
-                   logits_from=tokens_BxL.shape[1] - lengths.logits_len)
+                   logits_from=tokens_BxL.shape[1] - lengths.logits_len, head=head)
 
 
 def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lost_jax import (accounting, checkpoint, configs, data, metrics, optim, sharding,
-                      tokenizer)
+from lost_jax import (accounting, checkpoint, configs, data, losses, metrics, optim,
+                      sharding, tokenizer)
 from lost_jax.errors import TrainingDiverged, UserError
 from lost_jax.model import Llama
 
@@ -89,15 +89,22 @@ def batch_nll(graphdef, params, rest, batch, dense_len: int | None = None):
 
   `dense_len` (static) is passed to SparseLoRA models (`sparselora.StepLengths`: dense and
   logits suffixes). A model may return logits of the last positions only (every position
-  with a loss): targets and weights are cut to match.
+  with a loss): targets and weights are cut to match. With model.perf.loss_chunk > 0 the LM
+  head and the loss are fused (`losses.fused_cross_entropy`): no [tokens, vocab] logits.
   """
   model = nnx.merge(graphdef, params, rest)
-  if dense_len is None:
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  else:
-    logits = model(batch["inputs"], dense_len, batch["positions"], batch["segment_ids"])
-  n = logits.shape[1]
-  return optim.cross_entropy(logits, batch["targets"][:, -n:], batch["weights"][:, -n:])
+  perf = model.cfg.perf
+  chunk = perf.get("loss_chunk", 0)
+  lengths = () if dense_len is None else (dense_len,)
+  out = model(batch["inputs"], *lengths, batch["positions"], batch["segment_ids"],
+              head=not chunk)
+  n = out.shape[1]
+  targets, weights = batch["targets"][:, -n:], batch["weights"][:, -n:]
+  if not chunk:
+    return optim.cross_entropy(out, targets, weights)
+  return losses.fused_cross_entropy(out, model.lm_head.kernel[...], targets, weights,
+                                    chunk=chunk, vocab_chunk=perf.get("loss_vocab_chunk", 0),
+                                    dtype=out.dtype, backward=perf.matmul_backward)
 
 
 def make_train_step(setup: Setup, microbatches: int):

@@ -133,3 +133,21 @@ def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
   text = path.read_text()
   assert "| quickstart | nf4 |" in text and f"**{nf4['sum'] / bf16['sum']:.2f}** |" in text
   assert f"({nf4['sum'] / bf16['sum']:.2f} x)" in text
+
+
+def test_fused_loss_never_holds_the_whole_logits(tmp_path):
+  # One micro-batch of 4 x 128 tokens at vocab 8192: the plain loss keeps [512, 8192] float32
+  # logits (16 MiB) and their gradient; the fused loss (chunks of 32 positions) keeps a
+  # quarter-size block, so its temporaries are at least one logits-size smaller.
+  rows = memory.loss_rows("quickstart", ["full_rank"], [0, 32], vocab=8192, batch=4,
+                          seq_len=128, log=lambda _: None)
+  plain, fused = rows
+  logits = 4 * 128 * 8192 * 4
+  assert (plain["loss_chunk"], fused["loss_chunk"]) == (0, 32)
+  assert plain["argument"] == fused["argument"]
+  assert plain["temp"] - fused["temp"] >= logits, (plain["temp"], fused["temp"])
+  path = tmp_path / "loss.md"
+  memory.write_loss_markdown(str(path), "python -m experiments.memory --loss_md=x", rows)
+  text = path.read_text()
+  assert "--loss_md=x" in text and "fused, chunks of 32 positions x 4 rows" in text
+  assert f"**{fused['total'] / plain['total']:.2f}**" in text
