@@ -553,13 +553,12 @@ LOW_BIT_NOTES = """- **8-bit states** (`train.optimizer=adamw8bit`, `galore8bit`
   scales are written over the donated old ones in row chunks of about 2^20 values
   (`optim.in_row_chunks`), so the float32 workspace is one chunk's. A step whose loss or
   gradient is not finite is skipped by a `lax.cond`, which lets the update overwrite the
-  state in place. Where the backward pass sets the step's peak (llama_1b here) the
-  temporaries are then the same for 32-bit and 8-bit states. Where the optimizer's phase
-  does (llama_7b full-rank), 8-bit temporaries are larger by about the size of the two code
-  tensors (one byte per value each): XLA:CPU appears to keep a copy of the old codes, which
-  the fused update direction still reads after they are rewritten in place; computing the
-  update inside the same chunk loop would remove it (not done yet). The totals are lower
-  with 8-bit states at every size.
+  state in place. Where the backward pass sets the step's peak, the temporaries are then
+  the same for 32-bit and 8-bit states. Where the optimizer's phase does, 8-bit temporaries
+  can be larger by up to the size of the two code tensors (one byte per value each): XLA:CPU
+  appears to keep a copy of the old codes, which the fused update direction still reads
+  after they are rewritten in place; computing the update inside the same chunk loop would
+  remove it (not done yet).
 - **estimate** = `lost_jax.accounting.memory_estimate` (optimizer state / total: weights,
   one set of gradients, optimizer state, one micro-batch's activations); it counts 8-bit
   states as the step stores them.
