@@ -9,7 +9,9 @@
 2. Fine-tuning: the finished full-rank (32-bit) run is the base of a SparseLoRA fine-tune of
    the built-in arithmetic task (configs.finetune_config('quickstart')), once with the base as
    trained and once with its block projections in NF4 (init.quantize=nf4).
-Runs go to `<workdir_root>/<name>/<run>` (resumable; finished runs are skipped); writes
+Every run is cached by its full config and the code version (experiments/runs.py): it trains
+in `<workdir_root>/<name>/<key>` (fine-tunes: `finetune_<key>`), an interrupted run resumes
+there, and a finished one is reused only by the same config under the same code. Writes
 `<out_dir>/<name>.md`, `.png` (training loss vs step) and `.json`.
 """
 
@@ -25,8 +27,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root (`experiments
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments import common  # pylint: disable=wrong-import-position
-from lost_jax import configs, finetune  # pylint: disable=wrong-import-position
+from experiments import common, runs  # pylint: disable=wrong-import-position
+from lost_jax import configs, finetune, metrics  # pylint: disable=wrong-import-position
 
 # run -> (method preset, train.optimizer)
 PRETRAIN = {"full_rank": ("full_rank", "adamw"), "full_rank 8-bit": ("full_rank", "adamw8bit"),
@@ -40,7 +42,7 @@ FINETUNE_TOL = 0.02         # |NF4 - unquantised base| final fine-tune eval loss
 
 def train_losses(workdir: str) -> dict[int, float]:
   """Logged training loss by step (the last value of a repeated step after a resume)."""
-  return {r["step"]: r["loss"] for r in common.latest_rows(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
 
 
 def curve_gap(a: dict[int, float], b: dict[int, float]) -> float:
@@ -48,22 +50,54 @@ def curve_gap(a: dict[int, float], b: dict[int, float]) -> float:
   return max(abs(a[s] - b[s]) / b[s] for s in sorted(set(a) & set(b)))
 
 
-def finetune_run(base_workdir: str, quantize: str, workdir: str,
-                 overrides: dict[str, Any]) -> dict:
-  """SparseLoRA fine-tune of the quickstart task on `base_workdir` (cached in result.json)."""
-  path = os.path.join(workdir, common.RESULT_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+def pretrain_configs(size: str, overrides: dict[str, Any]) -> dict[str, ml_collections.ConfigDict]:
+  """Run name -> the `<size>,<method>` config with `overrides` and the run's optimizer."""
+  out = {}
+  for run_name, (method, optimizer) in PRETRAIN.items():
+    cfg = common.method_config(size, method, {**overrides, "train.optimizer": optimizer})
+    cfg.name = f"{size},{method},{optimizer}"
+    out[run_name] = cfg
+  return out
+
+
+def pretrain(cfg: ml_collections.ConfigDict, workdir_root: str, quiet: bool = True) -> dict:
+  """runs.run (cached by config + code) with the training-loss curve and the workdir added."""
+  result = runs.run(cfg, workdir_root, quiet=quiet)
+  return dict(result, workdir=os.path.join(workdir_root, result["key"]),
+              losses={int(s): v for s, v in result["loss_curve"]})
+
+
+def finetune_config(base_workdir: str, quantize: str,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The quickstart SparseLoRA fine-tune of `base_workdir` with `init.quantize` = quantize."""
   cfg = configs.finetune_config("quickstart")
   cfg.init.path, cfg.init.quantize = base_workdir, quantize
   cfg.update_from_flattened_dict(overrides)
-  out = finetune.finetune_and_evaluate(cfg, workdir, quiet=True)
+  return cfg
+
+
+def finetune_run(cfg: ml_collections.ConfigDict, workdir_root: str, quiet: bool = True) -> dict:
+  """Fine-tune `cfg` in `<workdir_root>/finetune_<key>`, or return its stored result.
+
+  Cached like runs.run: key = runs.result_key of the full config (init.path is the base's
+  workdir, itself keyed by its config and code) and the code version.
+  """
+  version = runs.code_version()
+  key = runs.result_key(cfg, version)
+  workdir = os.path.join(workdir_root, "finetune_" + key)
+  stored = runs.load_result(workdir, cfg, version)
+  if stored is not None:
+    return stored
+  out = finetune.finetune_and_evaluate(cfg, workdir, quiet=quiet)
+  losses = train_losses(workdir)
+  if out.get("step") != cfg.train.steps or "eval_loss" not in out:
+    raise runs.Interrupted(f"fine-tune {cfg.init.quantize}: stopped before step "
+                           f"{cfg.train.steps}; rerunning resumes from {workdir}")
   result = {k: float(out[k]) for k in ("eval_loss", "eval_accuracy") if k in out}
-  result["losses"] = train_losses(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f)
+  result.update(key=key, workdir=workdir, losses=losses,
+                config=runs._keyed_config(cfg),  # pylint: disable=protected-access
+                code_version=version)
+  common.write_json(os.path.join(workdir, key + ".json"), result)
   return result
 
 
@@ -95,35 +129,48 @@ def run(size: str, *, name: str, workdir_root: str, overrides: dict[str, Any],
         out_dir: str = "docs/results", command: str = "", quiet: bool = True,
         log: Callable[[str], None] = print) -> dict:
   """All pre-training and fine-tuning runs, then `<out_dir>/<name>.{md,png,json}`."""
-  pre, cfgs = {}, {}
-  for run_name, (method, optimizer) in PRETRAIN.items():
-    cfg = common.method_config(size, method, overrides)
-    cfg.train.optimizer = optimizer
-    cfg.name = f"{size},{method},{optimizer}"
-    cfgs[run_name] = cfg
-    workdir = os.path.join(workdir_root, name, run_name.replace(" ", "_"))
-    log(f"[{name}] {run_name} -> {workdir}")
-    pre[run_name] = dict(common.run(cfg, workdir, quiet=quiet), losses=train_losses(workdir))
+  root = os.path.join(workdir_root, name)
+  cfgs = pretrain_configs(size, overrides)
+  pre = {}
+  for run_name, cfg in cfgs.items():
+    log(f"[{name}] {run_name} ({cfg.name}) under {root}")
+    pre[run_name] = pretrain(cfg, root, quiet=quiet)
     log(f"[{name}] {run_name}: final validation loss {pre[run_name]['eval_loss']:.4f}")
   base = pre["full_rank"]["workdir"]
   ft = {}
   for run_name, quantize in zip(FINETUNE, ("none", "nf4")):
-    workdir = os.path.join(workdir_root, name, "finetune_" + quantize)
-    log(f"[{name}] fine-tune, {run_name} -> {workdir}")
-    ft[run_name] = finetune_run(base, quantize, workdir, finetune_overrides or {})
+    log(f"[{name}] fine-tune, {run_name}")
+    ft[run_name] = finetune_run(finetune_config(base, quantize, finetune_overrides or {}),
+                                root, quiet=quiet)
     log(f"[{name}] fine-tune, {run_name}: eval loss {ft[run_name]['eval_loss']:.4f}")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name)
   plot({"pre-training": {k: v["losses"] for k, v in pre.items()},
         "fine-tuning": {k: v["losses"] for k, v in ft.items()}}, path + ".png",
        title=f"{name}: 32-bit vs 8-bit AdamW states; SparseLoRA on an unquantised vs NF4 base")
-  summary = {"pretrain": {k: {f: v[f] for f in ("eval_loss", "eval_ppl", "losses")}
-                          for k, v in pre.items()}, "finetune": ft}
-  with open(path + ".json", "w") as f:
-    json.dump(summary, f, indent=1)
+  summary = {"code_version": runs.code_version(),
+             "pretrain": {k: {f: v[f] for f in ("eval_loss", "eval_ppl", "losses", "key")}
+                          for k, v in pre.items()},
+             "finetune": {k: {f: v[f] for f in ("eval_loss", "eval_accuracy", "losses", "key")
+                              if f in v} for k, v in ft.items()}}
+  common.write_json(path + ".json", summary)
   with open(path + ".md", "w") as f:
     f.write(report(summary, cfgs["full_rank"], name, command, pre["full_rank"]["eval_tokens"]))
   return summary
+
+
+def setup_line(cfg: ml_collections.ConfigDict, eval_tokens: float) -> str:
+  """The settings every pre-training run shares, in one paragraph."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  tokens = t.steps * t.batch_size * d.seq_len
+  return (f"Model: LLaMA, d_model {m.d_model}, ffn {m.ffn_dim}, {m.n_layers} layers, "
+          f"{m.n_heads} heads, vocab {m.vocab_size}, untied head. Data: `{d.source}` corpus, "
+          f"seq_len {d.seq_len}, packing={d.packing}. Training: {t.steps} steps x "
+          f"{t.batch_size} sequences x {d.seq_len} = {tokens:,} tokens, peak lr {t.lr:g}, "
+          f"warmup {t.warmup_frac:.0%}, cosine to {t.min_lr_ratio:g} x peak, b1 {t.b1:g}, "
+          f"b2 {t.b2:g}, clip {t.clip_norm:g}, weight decay {t.weight_decay:g}, precision "
+          f"{t.precision}, seed {cfg.seed}. Validation: {int(eval_tokens):,} held-out tokens, "
+          f"exact token-weighted perplexity, every {t.eval_every} steps and at the end.")
 
 
 def report(s: dict, cfg: ml_collections.ConfigDict, name: str, command: str,
@@ -149,8 +196,9 @@ def report(s: dict, cfg: ml_collections.ConfigDict, name: str, command: str,
   parts = [
       f"# {name}: 8-bit optimizer states and a 4-bit frozen base vs full precision\n",
       f"Command (from the repository root):\n\n```\n{command}\n```\n",
-      common.setup_line(cfg, eval_tokens) + "\n",
-      f"Measured on {common.environment()}.\n",
+      setup_line(cfg, eval_tokens) + "\n",
+      f"Measured on {common.environment()}. Code version (experiments/runs.code_version): "
+      f"`{s['code_version']['sources']}`.\n",
       "## 8-bit AdamW states (pre-training)\n",
       "`train.optimizer=adamw8bit`: Adam's moments stored block-wise (256 values per float32 "
       "scale) under the dynamic 8-bit map, mu directly and the second moment as sqrt(nu); "
@@ -183,11 +231,15 @@ def _main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
-  size = common.size_from_config(f["config"], "runs")
-  ft = {"train.steps": f.finetune_steps} if f.finetune_steps else {}
+  size, _, method = common.config_arg(f["config"]).partition(",")
+  if method:
+    raise app.UsageError(f"--config names a size only (got {method!r}); the methods are "
+                         f"{sorted(PRETRAIN)}.")
+  ft = {}
   if f.finetune_steps:
-    ft.update({"train.eval_every": f.finetune_steps, "train.ckpt_every": f.finetune_steps})
-  run(size, name=f.name, workdir_root=f.workdir_root,
+    ft = {"train.steps": f.finetune_steps, "train.eval_every": f.finetune_steps,
+          "train.ckpt_every": f.finetune_steps}
+  run(size.strip() or "quickstart", name=f.name, workdir_root=f.workdir_root,
       overrides=config_flags.get_override_values(f["config"]), finetune_overrides=ft,
       out_dir=f.out_dir, command=common.command_line(), quiet=f.quiet)
 
@@ -195,8 +247,18 @@ def _main(argv, flag_values):
 def define_flags():
   """Flags of this script (only when run as a program, so importing it defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quickstart",
+                                  "configs/pretrain.py:<size>; --config.* overrides apply to "
+                                  "every pre-training run.", lock_config=True)
+  flags.DEFINE_string("name", None, "Name of the experiment: docs file names and workdirs.")
+  flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs", "Runs go to "
+                      "<workdir_root>/<name>/<key>.")
+  flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.png/.json are written.")
+  flags.DEFINE_bool("quiet", False, "No per-step progress lines.")
   flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps; 0: the quickstart preset's.")
-  return common.define_run_flags("run")
+  flags.mark_flags_as_required(["name"])
+  return flags.FLAGS
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def _nbytes(tree) -> int:
 def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict, abstract_rest=None):
   """(state, rest, batch) as ShapeDtypeStructs carrying the step's input shardings."""
   def with_shardings(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tree, shardings)
+    # shardings may be a prefix of tree: one sharding for all leaves of an NF4 kernel.
+    return jax.tree.map(lambda s, sub: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub), shardings, tree)
   state = with_shardings(setup.abstract_state, setup.state_shardings)
   rest = with_shardings(setup.abstract_rest if abstract_rest is None else abstract_rest,
                         setup.rest_shardings)
@@ -218,6 +219,10 @@ def measure_finetune(cfg: ml_collections.ConfigDict, devices: list) -> dict:
   state, rest, batch = abstract_inputs(setup, cfg, abstract_rest)
   dense_len = cfg.data.seq_len - cfg.data.max_prompt_len
   out = compiled_memory(setup, cfg, (state, rest, batch), t0, dense_len)
+  out["sum"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+  param_dtype = train.PRECISIONS[cfg.train.precision][1]   # the frozen base's dtype
+  out["base_estimate"] = accounting.base_weight_bytes(cfg.model, cfg.init.quantize,
+                                                      jnp.dtype(param_dtype).itemsize)
   out.update(preset=cfg.name, quantize=cfg.init.quantize, dense_len=dense_len,
              seq_len=cfg.data.seq_len, seqs=cfg.train.batch_size,
              lora_rank=cfg.lora.rank, targets=cfg.lora.targets)
@@ -544,13 +549,14 @@ def low_bit_table(rows32: list[dict], rows8: list[dict]) -> str:
 
 
 def finetune_table(rows: list[dict]) -> str:
-  """SparseLoRA fine-tune step: unquantised vs NF4 base."""
-  lines = ["| preset | base | frozen base + estimators (rest) | LoRA params + optimizer | "
-           "arguments | temp | **total** | **x bf16 base** |", "|---|---|---|---|---|---|---|---|"]
+  """SparseLoRA fine-tune step: unquantised vs NF4 base, measured beside the accounting."""
+  lines = ["| preset | base | frozen base + estimators (rest) | accounting: frozen base | "
+           "LoRA params + optimizer | arguments | temp | **total** | **x bf16 base** |",
+           "|---|---|---|---|---|---|---|---|---|"]
   ref = next((r for r in rows if r["quantize"] == "none"), rows[0])
   for r in rows:
     lines.append(f"| {r['preset']} | {'bf16' if r['quantize'] == 'none' else r['quantize']} | "
-                 f"{_gib(r['static_bytes'])} | "
+                 f"{_gib(r['static_bytes'])} | {_gib(r['base_estimate'])} | "
                  f"{_gib(r['params_bytes'] + r['opt_state_bytes'])} | {_gib(r['argument'])} | "
                  f"{_gib(r['temp'])} | **{_gib(r['sum'])}** | **{r['sum'] / ref['sum']:.2f}** |")
   return "\n".join(lines)
@@ -564,15 +570,47 @@ LOOP_NOTES = """- **scan** stacks the blocks' parameters (and static indices) on
   on a shared 2-core host (other jobs running): compare the two loops, not across runs.
 """
 
+def low_bit_lines(rows32: list[dict], rows8: list[dict], ft_rows: list[dict]) -> list[str]:
+  """One sentence per comparison: what 8-bit states and an NF4 base change in the step."""
+  out = []
+  for r8 in rows8:
+    r32 = next(r for r in rows32 if (r["size"], r["method"]) == (r8["size"], r8["method"]))
+    out.append(f"{r8['size']} {r8['method']}: 8-bit states {_gib(r8['opt_state_bytes'])} vs "
+               f"{_gib(r32['opt_state_bytes'])} GiB; step total {_gib(r8['total'])} vs "
+               f"{_gib(r32['total'])} GiB ({r8['total'] / r32['total']:.2f} x); temporaries "
+               f"{_gib(r8['temp'])} vs {_gib(r32['temp'])} GiB")
+  ref = next((r for r in ft_rows if r["quantize"] == "none"), None)
+  for r in ft_rows:
+    if ref is not None and r is not ref:
+      out.append(f"{r['preset']} SparseLoRA step, {r['quantize']} base: total {_gib(r['sum'])}"
+                 f" vs {_gib(ref['sum'])} GiB with a bf16 base ({r['sum'] / ref['sum']:.2f} x);"
+                 f" frozen arguments {_gib(r['static_bytes'])} vs {_gib(ref['static_bytes'])}"
+                 " GiB")
+  return out
+
+
 LOW_BIT_NOTES = """- **8-bit states** (`train.optimizer=adamw8bit`, `galore8bit`): each Adam moment of at
   least 4096 values is stored as uint8 codes (one byte per value) plus a float32 scale per
   256 values of the last axis (the second moment as sqrt(nu)); smaller moments stay in the
-  parameter dtype. The step dequantises, updates and requantises inside the compiled step, so
-  its temporaries include float32 copies of the moments being updated.
+  parameter dtype. Inside the compiled step the update direction is elementwise in the
+  gradient and the stored codes, so it fuses into the parameter update; the new codes and
+  scales are written over the donated old ones in row chunks of about 2^20 values
+  (`optim.in_row_chunks`), so the float32 workspace is one chunk's. A step whose loss or
+  gradient is not finite is skipped by a `lax.cond`, which lets the update overwrite the
+  state in place. Where the backward pass sets the step's peak, the temporaries are then
+  the same for 32-bit and 8-bit states. Where the optimizer's phase does, 8-bit temporaries
+  can be larger by up to the size of the two code tensors (one byte per value each): XLA:CPU
+  appears to keep a copy of the old codes, which the fused update direction still reads
+  after they are rewritten in place; computing the update inside the same chunk loop would
+  remove it (not done yet).
+- **estimate** = `lost_jax.accounting.memory_estimate` (optimizer state / total: weights,
+  one set of gradients, optimizer state, one micro-batch's activations); it counts 8-bit
+  states as the step stores them.
 - **4-bit base** (`init.quantize=nf4`): every block projection kernel is stored as NF4 (two
   codes per byte) plus a float32 scale per 64 values (4.5 bits per weight; no double
   quantisation of the scales); embedding, LM head and norms stay bf16. The 'rest' column is
-  all frozen arguments: base weights plus the rank-8 SVD estimators.
+  all frozen arguments: base weights plus the rank-8 SVD estimators;
+  'accounting: frozen base' is `accounting.base_weight_bytes` (the base weights alone).
 - Both tables are XLA:CPU buffer sums (arguments + temp + output - alias) of one step for
   one device; XLA:CPU computes matmuls in float32 (see the main memory page), so temporaries
   are larger than on a bf16 accelerator.
@@ -596,6 +634,9 @@ def write_low_bit_markdown(path: str, command: str, rows32: list[dict], rows8: l
               f"{r['seqs']} sequence of {r['seq_len']} tokens, dense suffix {r['dense_len']} | "
               "SparseLoRA as the preset (estimators built from the base). Memory in GiB.\n",
               finetune_table(ft_rows) + "\n"]
+  lines = low_bit_lines(rows32, rows8, ft_rows)
+  if lines:
+    parts += ["## Summary\n", "\n".join(f"- {line}" for line in lines) + "\n"]
   parts += ["## Notes\n", LOW_BIT_NOTES]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as fh:
@@ -688,14 +729,13 @@ def _main(argv):
     for quantize in ("none", "nf4") if f.finetune_preset else ():
       cfg = finetune_memory_config(f.finetune_preset, quantize)
       ft_rows.append(measure_finetune(cfg, target_devices(f.platform, f.topology)))
-      ft_rows[-1]["sum"] = (ft_rows[-1]["argument"] + ft_rows[-1]["temp"]
-                            + ft_rows[-1]["output"] - ft_rows[-1]["alias"])
       print(f"fine-tune {f.finetune_preset} base {quantize}: total "
             f"{_gib(ft_rows[-1]['sum'])} GiB")
     if rows8:
       print(low_bit_table(rows32, rows8))
     if ft_rows:
       print(finetune_table(ft_rows))
+    print("\n".join(low_bit_lines(rows32, rows8, ft_rows)))
     write_low_bit_markdown(f.low_bit_md, "python -m experiments.memory " + " ".join(
         sys.argv[1:]), rows32, rows8, ft_rows)
     return

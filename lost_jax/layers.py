@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lost_jax import quant
 from lost_jax.lost import check_lost_shapes, lost_split
 
 ACTIVATIONS = {"silu": jax.nn.silu, "identity": lambda x: x}
@@ -145,7 +146,11 @@ class DenseLinear(nnx.Module):
     self.kernel = nnx.Param(kernel.astype(param_dtype), axes=axes)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
-    return matmul(x_BxN, self.kernel[...], self.dtype, backward=self.backward)
+    mm = lambda x, w: matmul(x, w, self.dtype, backward=self.backward)
+    kernel = self.kernel.get_value()
+    if isinstance(kernel, quant.NF4Weight):    # a frozen 4-bit base (init.quantize=nf4)
+      return quant.with_dequantized(mm, x_BxN, kernel)
+    return mm(x_BxN, self.kernel[...])
 
 
 class LOSTLinear(nnx.Module):

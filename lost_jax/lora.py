@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lost_jax import quant
 from lost_jax.layers import DenseLinear, init_kernel, transposed_tokens
 
 ATTN_TARGETS = ("q", "k", "v", "o")
@@ -99,10 +100,14 @@ class LoRALinear(nnx.Module):
 
   def base(self, x_BxN: jax.Array) -> jax.Array:
     """Frozen projection x @ kernel [..., m]."""
-    kernel = self.kernel[...]
-    if self.dtype is not None:
-      x_BxN, kernel = x_BxN.astype(self.dtype), kernel.astype(self.dtype)
-    return x_BxN @ kernel
+    def mm(x, kernel):
+      if self.dtype is not None:
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+      return x @ kernel
+    kernel = self.kernel.get_value()
+    if isinstance(kernel, quant.NF4Weight):    # a frozen 4-bit base (init.quantize=nf4)
+      return quant.with_dequantized(mm, x_BxN, kernel)
+    return mm(x_BxN, self.kernel[...])
 
   def delta(self, x_BxN: jax.Array) -> jax.Array:
     """Adapter branch scale * dropout(x) @ a @ b [..., m] (always dense over all channels)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -56,19 +57,67 @@ class ScaleByAdam8bitState(NamedTuple):
   nu_scale: optax.Updates
 
 
+def leading_shards(param_shardings) -> dict[str, int]:
+  """{parameter path: devices its leading axis is split over} of a tree of NamedShardings."""
+  def count(sh) -> int:
+    spec = getattr(sh, "spec", ())
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    return math.prod(sh.mesh.shape[a] for a in axes)
+  return dict(zip(jax.tree.leaves(_paths(param_shardings)), map(count, jax.tree.leaves(
+      param_shardings))))
+
+
+def in_row_chunks(fn, g, state: tuple, chunk_values: int, shards: int = 1) -> tuple:
+  """fn(g, *state) for a row-wise fn whose outputs have state's shapes, computed in place.
+
+  g [n, ...] and every state array [n, ...] are split into `shards` groups of leading rows
+  (the rows a device holds when the leading axis is sharded `shards` ways), and a fori_loop
+  updates `rows` rows of every group per iteration with dynamic_update_slice into the carried
+  state: with the state donated, the new state is written over the old one, and fn's
+  workspace is one chunk's (about chunk_values values per device). 0: all rows at once.
+  """
+  n = g.shape[0]
+  shards = shards if shards > 1 and n % shards == 0 else 1
+  local = n // shards
+  rows = max(1, chunk_values // max(1, g.size // n)) if chunk_values else local
+  if g.ndim < 2 or rows >= local:
+    return tuple(fn(g, *state))
+  split = lambda x: x.reshape(shards, local, *x.shape[1:])
+  g, state = split(g), tuple(map(split, state))
+
+  def chunk(start, size, st):
+    piece = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 1)
+    new = fn(piece(g), *map(piece, st))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, 1) for x, y in zip(st, new))
+
+  full = local // rows
+  state = jax.lax.fori_loop(0, full, lambda i, st: chunk(i * rows, rows, st), state)
+  if local % rows:
+    state = chunk(full * rows, local % rows, state)
+  return tuple(x.reshape(n, *x.shape[2:]) for x in state)
+
+
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                        min_8bit_size: int = MIN_8BIT_SIZE,
                        block: int = quant.STATE_BLOCK, mu_dtype=None,
-                       chunk_values: int = 2 ** 20) -> optax.GradientTransformation:
+                       chunk_values: int = 2 ** 20,
+                       shards: dict[str, int] | None = None) -> optax.GradientTransformation:
   """optax.scale_by_adam with 8-bit block-wise moments (dequantise, update, requantise per step).
 
   mu is stored under the signed dynamic map; the second moment is stored as sqrt(nu) under the
   unsigned dynamic map: the square root halves nu's dynamic range (which reaches 1e-14 of the
   block max for rarely-seen embedding rows), and sqrt(nu) is what divides the update, so its
   relative error is the update's. Small moments (< min_8bit_size values) stay in mu_dtype.
-  Tensors are updated in chunks of about `chunk_values` values (whole leading rows; 0: whole
-  tensors at once), which bounds the step's float32 workspace.
+
+  Memory: the update is elementwise in the gradient and the stored codes, so it fuses into
+  the parameter update and is never a tensor-sized buffer; the new codes and scales (which
+  need each block's absmax) are written over the old ones `in_row_chunks` of about
+  `chunk_values` values (0: whole tensors at once). `shards` ({parameter path: devices its
+  leading axis is split over}, `leading_shards`) makes every chunk take rows of every shard,
+  so no device gathers another's rows.
   """
+  shards = shards or {}
 
   def quantised(p) -> bool:
     return p.ndim >= 1 and p.size >= min_8bit_size
@@ -102,30 +151,23 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       return (b1 * m.astype(jnp.float32) + (1 - b1) * g32,
               b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g32))
 
-    def adam(g, m, v):
-      return ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
-
-    def one(*args):
-      g, mu, mu_s, nu, nu_s = args
+    def requantised(*args):
       m, v = moments(*args)
-      if mu.dtype != jnp.uint8:
-        return adam(g, m, v), m.astype(mu.dtype), mu_s, v.astype(nu.dtype), nu_s
-      return (adam(g, m, v), *quant.quantize_blockwise(m, True, block),
+      return (*quant.quantize_blockwise(m, True, block),
               *quant.quantize_blockwise(jnp.sqrt(v), False, block))
 
-    def chunked(*args):
-      # A quantised tensor is updated rows_per_chunk leading rows at a time (lax.map): the
-      # float32 workspace of dequantise-update-requantise (XLA:CPU keeps ~16 bytes per value
-      # alive) is then bounded by one chunk instead of the whole tensor.
-      g = args[0]
-      rows = max(1, chunk_values // max(1, g.size // g.shape[0]))
-      if args[1].dtype != jnp.uint8 or g.ndim < 2 or not chunk_values or rows >= g.shape[0]:
-        return one(*args)
-      return jax.lax.map(lambda a: one(*a), args, batch_size=rows)
+    def one(path, g, mu, mu_s, nu, nu_s):
+      m, v = moments(g, mu, mu_s, nu, nu_s)
+      u = ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
+      if mu.dtype != jnp.uint8:
+        return u, m.astype(mu.dtype), mu_s, v.astype(nu.dtype), nu_s
+      return (u, *in_row_chunks(requantised, g, (mu, mu_s, nu, nu_s), chunk_values,
+                                shards.get(path, 1)))
 
     leaves, treedef = jax.tree.flatten(updates)
     rest = [treedef.flatten_up_to(t) for t in state[1:]]
-    out = [chunked(*args) for args in zip(leaves, *rest)]
+    paths = jax.tree.leaves(_paths(updates))
+    out = [one(*args) for args in zip(paths, leaves, *rest)]
     u, mu, mu_s, nu, nu_s = (treedef.unflatten(list(col)) for col in zip(*out))
     return u, ScaleByAdam8bitState(count, mu, mu_s, nu, nu_s)
 
@@ -133,10 +175,10 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 1e-4, mask=None, mu_dtype=None
-               ) -> optax.GradientTransformation:
+               weight_decay: float = 1e-4, mask=None, mu_dtype=None,
+               shards: dict[str, int] | None = None) -> optax.GradientTransformation:
   """optax.adamw with `scale_by_adam_8bit` moments."""
-  return optax.chain(scale_by_adam_8bit(b1, b2, eps, mu_dtype=mu_dtype),
+  return optax.chain(scale_by_adam_8bit(b1, b2, eps, mu_dtype=mu_dtype, shards=shards),
                      optax.add_decayed_weights(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))
 
@@ -168,13 +210,14 @@ def shared_lr_scales(train: ml_collections.ConfigDict, params: nnx.State):
 
 
 def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
-                   moment_dtype=None) -> optax.GradientTransformation:
+                   moment_dtype=None, param_shardings=None) -> optax.GradientTransformation:
   """Global-norm clipping + AdamW (or GaLore on block kernels, AdamW elsewhere).
 
   The '8bit' variants store Adam's moments block-quantised (`scale_by_adam_8bit`); for GaLore
   both the projected moments and the AdamW moments of the other parameters.
   With train.shared_lr > 0 the embedding, LM head and norm scales train at peak shared_lr
   instead of lr (same schedule shape), so methods can share them while their block lr varies.
+  `param_shardings` (NamedShardings like params) lets the 8-bit update chunk rows per shard.
   """
   if train.optimizer not in OPTIMIZERS:
     raise UserError(f"config.train.optimizer={train.optimizer!r} is unknown. "
@@ -182,9 +225,10 @@ def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
   schedule = lr_schedule(train)
   mask = decay_mask(params, train.decay_norms_and_embeddings)
   eight_bit = train.optimizer.endswith("8bit")
-  make_adamw = adamw_8bit if eight_bit else optax.adamw
-  adamw = make_adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                     weight_decay=train.weight_decay, mask=mask, mu_dtype=moment_dtype)
+  eight = dict(shards=leading_shards(param_shardings)) if eight_bit and param_shardings else {}
+  adamw = (adamw_8bit if eight_bit else optax.adamw)(
+      schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
+      mask=mask, mu_dtype=moment_dtype, **eight)
   if train.optimizer in ("adamw", "adamw8bit"):
     opt = adamw
   else:

@@ -220,6 +220,43 @@ class NF4Weight:
     return sub.dequantize()
 
 
+def with_dequantized(fn, x: jax.Array, w: "NF4Weight") -> jax.Array:
+  """fn(x, w.dequantize()) for a frozen kernel: dequantised where the layer runs, and again in
+  the backward pass where the layer's cotangent arrives, never kept.
+
+  Left to autodiff and XLA, the dequantised kernel is a residual of its matmul and is
+  computed up front: every layer's stays alive through the step, and a 4-bit base needs more
+  training memory than a bf16 one. Here the residuals are x, codes and scales, the forward
+  dequantises after x exists and the backward after the cotangent does (`after`), so the two
+  are different computations XLA cannot merge. No gradient reaches codes or scales.
+  """
+  def kernel(codes, scales):
+    return NF4Weight(codes, scales, w.m, w.dtype, w.block).dequantize()
+
+  def after(a, codes, scales):
+    # + 0 * a[0]: the same codes and scales for finite a, but XLA then dequantises this
+    # layer's kernel only once `a` exists. Otherwise it schedules the dequantisation (a
+    # computation of arguments alone) up front, and all layers' kernels are alive at once;
+    # optimisation barriers do not survive XLA:CPU's pipeline.
+    zero = a.reshape(-1)[0].astype(jnp.float32) * 0
+    return codes + zero.astype(codes.dtype), scales + zero
+
+  @jax.custom_vjp
+  def region(x, codes, scales):
+    return fn(x, kernel(*after(x, codes, scales)))
+
+  def fwd(x, codes, scales):
+    return region(x, codes, scales), (x, codes, scales)
+
+  def bwd(res, dy):
+    x, codes, scales = res
+    _, vjp = jax.vjp(lambda x: fn(x, kernel(*after(dy, codes, scales))), x)
+    return (*vjp(dy), np.zeros(codes.shape, jax.dtypes.float0), jnp.zeros_like(scales))
+
+  region.defvjp(fwd, bwd)
+  return region(x, w.codes, w.scales)
+
+
 def nf4_bytes(n: int, m: int, block: int = NF4_BLOCK) -> int:
   """Bytes of an NF4 kernel [n, m]: half a byte per (padded) value + a float32 scale per block."""
   nb = math.ceil(m / block)

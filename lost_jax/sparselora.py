@@ -282,6 +282,10 @@ def _delta(lin: Linear, x: jax.Array) -> jax.Array | None:
 
 
 def _base(lin: Linear, x: jax.Array) -> jax.Array:
+  k = lin.kernel.get_value()
+  if isinstance(k, quant.NF4Weight):   # dequantised again in the backward, not kept
+    return quant.with_dequantized(lambda x, w: _x(lin, x) @ w.astype(lin.dtype or w.dtype),
+                                  x, k)
   return _x(lin, x) @ _kernel(lin)
 
 
@@ -351,7 +355,7 @@ def _in_rows_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -
     x = _gather(_x(lin, x_BxLxN), idx_K, lin.in_features)
     return x @ _kernel_rows(lin, idx_K)
   x = _x(lin, x_BxLxN)
-  return (x * _channel_mask(idx_K, lin.in_features, x.dtype)) @ _kernel(lin)
+  return _base(lin, x * _channel_mask(idx_K, lin.in_features, x.dtype))
 
 
 def _plus_delta(y: jax.Array, lin: Linear, x: jax.Array) -> jax.Array:

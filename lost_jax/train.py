@@ -57,7 +57,10 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
   abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
   moment_dtype = jnp.dtype(cfg.model.param_dtype)
-  tx = optim.make_optimizer(cfg.train, nnx.as_pure(abs_params), moment_dtype=moment_dtype)
+  notes: list[str] = []
+  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh, notes))
+  tx = optim.make_optimizer(cfg.train, nnx.as_pure(abs_params), moment_dtype=moment_dtype,
+                            param_shardings=param_shardings)
   schedule = optim.lr_schedule(cfg.train)
 
   def init(key):
@@ -69,8 +72,6 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup
     return state, nnx.as_pure(rest)
 
   abstract_state, abstract_rest = jax.eval_shape(init, jax.random.key(0))
-  notes: list[str] = []
-  param_shardings = nnx.as_pure(sharding.state_shardings(abs_params, mesh, notes))
   repl = sharding.replicated(mesh)
   opt_shardings = sharding.opt_state_shardings(abstract_state["opt_state"], param_shardings,
                                                abstract_state["params"], mesh, notes)
@@ -142,15 +143,20 @@ def make_train_step(setup: Setup, microbatches: int):
       grads, nll, weight = grads_of(params, rest, batch, dense_len)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
     loss, grad_norm = nll / denom, optax.tree.norm(grads)
     # A step with a non-finite loss or gradient is not applied: parameters and optimizer state
-    # stay exactly as they were (the loop counts such steps and stops after too many).
+    # stay exactly as they were (the loop counts such steps and stops after too many). A cond,
+    # not a select of new and old: the update can then overwrite the donated state in place
+    # (a select keeps the old state alive beside the new one).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = {"params": jax.tree.map(keep, new_params, params),
-                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+
+    def apply(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, opt_state = jax.lax.cond(finite, apply, lambda p, o, _: (p, o), params,
+                                         state["opt_state"], grads)
+    new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1,
                  "rng": jax.random.fold_in(state["rng"], state["step"])}
     out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),

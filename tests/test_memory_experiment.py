@@ -130,6 +130,26 @@ def test_loop_table_pairs_the_two_layer_loops():
   assert lines[3] == "| llama_1b | lost | 8 | no | scan | 2.00 | 12.00 | **12.00** | 1.20 | 12 |"
 
 
+def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
+  devices = memory.target_devices("cpu")
+  rows = []
+  for quantize in ("none", "nf4"):
+    cfg = memory.finetune_memory_config("quickstart", quantize)
+    rows.append(memory.measure_finetune(cfg, devices))
+  bf16, nf4 = rows
+  assert nf4["base_estimate"] < bf16["base_estimate"]
+  # The frozen arguments differ by exactly what the accounting says NF4 saves (estimators
+  # and everything else frozen are the same in both).
+  assert (bf16["static_bytes"] - nf4["static_bytes"]
+          == bf16["base_estimate"] - nf4["base_estimate"])
+  assert nf4["sum"] < bf16["sum"]
+  path = tmp_path / "low_bit.md"
+  memory.write_low_bit_markdown(str(path), "cmd", [], [], rows)
+  text = path.read_text()
+  assert "| quickstart | nf4 |" in text and f"**{nf4['sum'] / bf16['sum']:.2f}** |" in text
+  assert f"({nf4['sum'] / bf16['sum']:.2f} x)" in text
+
+
 def test_fused_loss_never_holds_the_whole_logits(tmp_path):
   # One micro-batch of 4 x 128 tokens at vocab 8192: the plain loss keeps [512, 8192] float32
   # logits (16 MiB) and their gradient; the fused loss (chunks of 32 positions) keeps a

@@ -124,6 +124,41 @@ def test_adam_8bit_matches_numpy_and_stays_near_32bit_adam():
     assert np.median(diff) < 0.03, np.median(diff)
 
 
+@pytest.mark.parametrize("chunk_values,shards", [(1500, 1), (1500, 2), (300, 3), (10**6, 1)])
+def test_adam_8bit_in_row_chunks_equals_whole_tensor_update(chunk_values, shards):
+  """Chunked in-place requantisation (5-row chunks + a remainder, per shard group of rows)
+  gives the same codes as updating the whole tensor at once, and updates and scales within
+  float32 rounding (XLA fuses the two programs differently: at most ~1 ulp per step)."""
+  rng = np.random.default_rng(2)
+  shape = (24, 300)
+  whole = optim.scale_by_adam_8bit(0.9, 0.95, chunk_values=0)
+  chunked = optim.scale_by_adam_8bit(0.9, 0.95, chunk_values=chunk_values,
+                                     shards={"w": shards})
+  params = {"w": jnp.zeros(shape), "b": jnp.zeros((5000,))}
+  state = whole.init(params)
+  update_whole, update_chunked = jax.jit(whole.update), jax.jit(chunked.update)
+  for _ in range(4):
+    g = {"w": jnp.asarray(rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 0, shape),
+                          jnp.float32), "b": jnp.asarray(rng.standard_normal(5000), jnp.float32)}
+    uw, sw = update_whole(g, state)
+    uc, sc = update_chunked(g, state)     # from the same state: one step's rounding only
+    np.testing.assert_array_equal(np.asarray(sc.mu["w"]), np.asarray(sw.mu["w"]))
+    np.testing.assert_array_equal(np.asarray(sc.nu["w"]), np.asarray(sw.nu["w"]))
+    for a, b in [(uc["w"], uw["w"]), (sc.mu_scale["w"], sw.mu_scale["w"]),
+                 (sc.nu_scale["w"], sw.nu_scale["w"]), (uc["b"], uw["b"])]:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+    state = sw
+  assert np.count_nonzero(np.asarray(state.mu["w"]) != np.asarray(whole.init(params).mu["w"]))
+
+
+def test_leading_shards_counts_the_devices_of_axis_0():
+  mesh = jax.sharding.AbstractMesh((2, 4, 3), ("data", "fsdp", "tensor"))
+  named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  tree = {"a": {"k": named("fsdp", None)}, "b": named(None, "tensor"), "c": named(),
+          "d": named(("tensor", "fsdp"), "data")}
+  assert optim.leading_shards(tree) == {"a/k": 4, "b": 1, "c": 1, "d": 12}
+
+
 @pytest.mark.parametrize("method,optimizer", [("galore", "galore8bit")])   # adamw8bit: test_pipeline
 def test_8bit_optimizers_train(method, optimizer):
   from test_train import fixed_batch, run_steps, tiny_config
@@ -251,6 +286,25 @@ def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   jaxpr = str(jax.make_jaxpr(lambda xx: sl.sparse_mlp(nf4.layers[0].mlp, xx, idx, L))(x))
   assert f"f32[{D},{F}]" not in jaxpr and f"f32[{F},{D}]" not in jaxpr
   assert f"f32[{D},24]" in jaxpr and f"f32[24,{D}]" in jaxpr
+
+
+def test_with_dequantized_matches_the_dequantised_kernel_forward_and_backward():
+  """Values and input gradients equal those of fn(x, dequantize()) exactly; no gradient to
+  codes/scales; the dequantised kernel is not a residual kept from forward to backward."""
+  rng = np.random.default_rng(3)
+  w = quant.NF4Weight.from_kernel(jnp.asarray(rng.standard_normal((96, 160)), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((2, 5, 96)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((2, 5, 160)), jnp.float32)
+  fn = lambda x, k: jnp.tanh(x @ k)
+  y, vjp = jax.vjp(lambda x: quant.with_dequantized(fn, x, w), x)
+  y_ref, vjp_ref = jax.vjp(lambda x: fn(x, w.dequantize()), x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  np.testing.assert_array_equal(np.asarray(vjp(cot)[0]), np.asarray(vjp_ref(cot)[0]))
+  # Residuals carried from the forward to the backward pass: x, codes, scales, fn's own (the
+  # tanh output), never a [96, 160] kernel.
+  _, res = jax.linearize(lambda x: quant.with_dequantized(fn, x, w), x)
+  shapes = [tuple(r.shape) for r in jax.tree.leaves(res)]
+  assert (96, 160) not in shapes, shapes
 
 
 def test_8bit_init_is_the_quantised_zero():
