@@ -173,7 +173,11 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            f"{n_eval} held-out problems (greedy, dense inference); seeds "
            f"{seeds} for LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
            common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
-                                  "FLOPs vs LoRA", "speed vs LoRA"], rows), ""]
+                                  "FLOPs vs LoRA", "speed vs LoRA"], rows), "",
+           "Step times are medians of each run's logged steps, measured while other jobs shared "
+           "the machine at varying load: 'speed vs LoRA' compares runs made under different "
+           "loads and is not a speed result (docs/benchmarks/sparselora.md times both steps "
+           "interleaved on a quiet machine).", ""]
   if ov:
     lines += ["Per-layer overlap |estimator ∩ oracle| / kept channels (frozen model, held-out "
               "batches):", "",
