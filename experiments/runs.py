@@ -183,8 +183,9 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
     train.train_and_evaluate(cfg, workdir, quiet=quiet)
     rows = latest_rows(workdir)
     if not any(r["step"] == cfg.train.steps and "eval_ppl" in r for r in rows):
-      raise Interrupted(f"{cfg.name}: stopped at step {max(r['step'] for r in rows)} of "
-                        f"{cfg.train.steps} by a signal; rerunning resumes from {workdir}")
+      done = max((r["step"] for r in rows), default=0)
+      raise Interrupted(f"{cfg.name}: stopped at step {done} of {cfg.train.steps} by a "
+                        f"signal; rerunning resumes from {workdir}")
     summary = summarize(rows, cfg.train.steps)
   except errors.TrainingDiverged as e:   # a result too: this lr is too high for this method
     summary = diverged_summary(latest_rows(workdir), str(e))
