@@ -42,15 +42,6 @@ def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None])
   app.run(lambda argv: _main_or_interrupted(main, argv, flag_values))
 
 
-RESULT_FILE = "result.json"   # a finished run's result, in its workdir
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (runs._write_json): a crash never leaves half a result."""
-  from experiments import runs  # pylint: disable=g-import-not-at-top
-  runs._write_json(path, obj)  # pylint: disable=protected-access
-
-
 def _main_or_interrupted(main, argv, flag_values):
   """main(); a run stopped by SIGTERM/SIGINT (checkpoint saved) ends with one line, status 143."""
   from experiments import runs  # pylint: disable=g-import-not-at-top

@@ -97,7 +97,7 @@ def finetune_run(cfg: ml_collections.ConfigDict, workdir_root: str, quiet: bool 
   result.update(key=key, workdir=workdir, losses=losses,
                 config=runs._keyed_config(cfg),  # pylint: disable=protected-access
                 code_version=version)
-  common.write_json(os.path.join(workdir, key + ".json"), result)
+  runs.write_json(os.path.join(workdir, key + ".json"), result)
   return result
 
 
@@ -153,7 +153,7 @@ def run(size: str, *, name: str, workdir_root: str, overrides: dict[str, Any],
                           for k, v in pre.items()},
              "finetune": {k: {f: v[f] for f in ("eval_loss", "eval_accuracy", "losses", "key")
                               if f in v} for k, v in ft.items()}}
-  common.write_json(path + ".json", summary)
+  runs.write_json(path + ".json", summary)
   with open(path + ".md", "w") as f:
     f.write(report(summary, cfgs["full_rank"], name, command, pre["full_rank"]["eval_tokens"]))
   return summary

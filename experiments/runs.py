@@ -31,7 +31,7 @@ def _jsonable(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort())
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -124,6 +124,13 @@ class Interrupted(Exception):
   resumes it; nothing is stored as a result."""
 
 
+def interrupted(name: str, steps: int, rows: list[dict], workdir: str) -> Interrupted:
+  """The Interrupted of run `name` whose metrics `rows` end before its `steps`."""
+  done = max((r["step"] for r in rows), default=0)
+  return Interrupted(f"{name}: stopped at step {done} of {steps} by a signal; rerunning "
+                     f"resumes from {workdir}")
+
+
 def summarize(rows: list[dict], steps: int) -> dict:
   """Final eval metrics (the eval at `steps`), the eval and train-loss curves and the median
   logged training throughput."""
@@ -177,15 +184,13 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
         raise ValueError(f"{workdir} was started with a different config or code. Fix: "
                          f"delete {workdir}.")
   else:
-    _write_json(request, want)
+    write_json(request, want)
   t0 = time.time()
   try:
     train.train_and_evaluate(cfg, workdir, quiet=quiet)
     rows = latest_rows(workdir)
     if not any(r["step"] == cfg.train.steps and "eval_ppl" in r for r in rows):
-      done = max((r["step"] for r in rows), default=0)
-      raise Interrupted(f"{cfg.name}: stopped at step {done} of {cfg.train.steps} by a "
-                        f"signal; rerunning resumes from {workdir}")
+      raise interrupted(cfg.name, cfg.train.steps, rows, workdir)
     summary = summarize(rows, cfg.train.steps)
   except errors.TrainingDiverged as e:   # a result too: this lr is too high for this method
     summary = diverged_summary(latest_rows(workdir), str(e))
@@ -195,5 +200,5 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
                 **want, **summary)
   if measure is not None:
     result.update(measure(cfg))
-  _write_json(os.path.join(results_dir, key + ".json"), result)
+  write_json(os.path.join(results_dir, key + ".json"), result)
   return result

@@ -30,6 +30,7 @@ from experiments import common, runs  # pylint: disable=wrong-import-position
 from experiments.bench_sparselora import step_flops  # pylint: disable=wrong-import-position
 from lost_jax import finetune, instruct, metrics, sparselora  # pylint: disable=wrong-import-position
 
+RESULT_FILE = "result.json"   # a finished run's result, in its workdir
 # run name -> (cfg overrides, seed); seeds beyond 0 are added for lora / sparselora.
 ABLATIONS = {
     "sparse_outputs": {"sparse.dense_outputs": False},
@@ -82,7 +83,7 @@ def flops_per_step(cfg) -> dict:
 
 def one_run(cfg, workdir: str) -> dict:
   """finetune_and_evaluate, or the stored result of a finished run."""
-  path = os.path.join(workdir, common.RESULT_FILE)
+  path = os.path.join(workdir, RESULT_FILE)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -90,16 +91,14 @@ def one_run(cfg, workdir: str) -> dict:
   out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False)
   rows = metrics.read_metrics(workdir)
   if out.get("eval_loss") is None:   # SIGTERM/SIGINT saved a checkpoint and returned
-    done = max((r["step"] for r in rows if "loss" in r), default=0)
-    raise runs.Interrupted(f"{cfg.name}: stopped at step {done} of {cfg.train.steps} by a "
-                           f"signal; rerunning resumes from {workdir}")
+    raise runs.interrupted(cfg.name, cfg.train.steps, rows, workdir)
   times = [r["step_time"] for r in rows if "step_time" in r]
   result = {"eval_accuracy": out.get("eval_accuracy"), "eval_loss": out.get("eval_loss"),
             # the first logged windows hold compilation (dense phase, then sparse)
             "step_time": statistics.median(times[2:] or times) if times else None,
             "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
             "steps": cfg.train.steps, "wall_s": time.time() - t0}
-  common.write_json(path, result)
+  runs.write_json(path, result)
   return result
 
 
@@ -133,7 +132,7 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
                                                                  b[i]["attn"].v))
   result = {"ffn": {i: float(np.mean(v)) for i, v in ffn.items()},
             "attn_v": {i: float(np.mean(v)) for i, v in attn.items()}}
-  common.write_json(path, result)
+  runs.write_json(path, result)
   return result
 
 
@@ -208,7 +207,7 @@ def plot(results: dict, path: str) -> None:
 def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, "sparselora_smollm2")
-  common.write_json(stem + ".json", {"runs": results, "overlap": ov})
+  runs.write_json(stem + ".json", {"runs": results, "overlap": ov})
   with open(stem + ".md", "w") as f:
     # --runs / --report_only only decide what is trained now, not what the report holds
     argv = [a for a in sys.argv if not a.startswith(("--runs", "--report_only", "--noreport"))]
@@ -228,7 +227,7 @@ def main(argv, flags):
   def finished() -> dict:
     out = {}
     for name in specs:
-      path = os.path.join(root, name, common.RESULT_FILE)
+      path = os.path.join(root, name, RESULT_FILE)
       if os.path.exists(path):
         with open(path) as f:
           out[name] = json.load(f)

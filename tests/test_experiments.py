@@ -79,7 +79,7 @@ def test_cache_refuses_a_result_of_other_code_or_config(tmp_path):
   cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
   version = runs.code_version()
   key = runs.result_key(cfg, version)
-  runs._write_json(str(tmp_path / f"{key}.json"), _fake_result(cfg, version))
+  runs.write_json(str(tmp_path / f"{key}.json"), _fake_result(cfg, version))
   assert runs.load_result(str(tmp_path), cfg, version)["eval_ppl"] == 1.0
   # The name is a label, not a setting: same key.
   renamed = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
@@ -93,7 +93,7 @@ def test_cache_refuses_a_result_of_other_code_or_config(tmp_path):
   assert runs.load_result(str(tmp_path), other_cfg, version) is None
   # ... and a file under the asked key that other code or another config made is refused.
   for made_by in [_fake_result(cfg, other_code), _fake_result(other_cfg, version)]:
-    runs._write_json(str(tmp_path / f"{key}.json"), made_by)
+    runs.write_json(str(tmp_path / f"{key}.json"), made_by)
     with pytest.raises(ValueError, match="different code or a different config"):
       runs.load_result(str(tmp_path), cfg, version)
 

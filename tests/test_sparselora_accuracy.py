@@ -20,7 +20,7 @@ def test_a_finetune_stopped_by_a_signal_is_no_result(tmp_path, monkeypatch):
 
 def test_a_finished_result_is_reused_without_training(tmp_path, monkeypatch):
   stored = {"eval_accuracy": 0.5, "eval_loss": 0.1, "steps": 3}
-  runs._write_json(str(tmp_path / "result.json"), stored)  # pylint: disable=protected-access
+  runs.write_json(str(tmp_path / "result.json"), stored)
   monkeypatch.setattr(sparselora_accuracy.finetune, "finetune_and_evaluate",
                       lambda *a, **k: pytest.fail("trained again"))
   assert sparselora_accuracy.one_run(configs.finetune_config("quickstart"),
