@@ -132,6 +132,67 @@ def transposed_tokens(x_BxN: jax.Array) -> jax.Array:
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def batched_matmul(a_ZxQxK: jax.Array, b: jax.Array, *, transpose_b: bool,
+                   dtype: Any = None, backward: str = "xla") -> jax.Array:
+  """Float32 a @ b [..., Q, S or K] over leading batch axes: b is [..., S, K] with transpose_b
+  (scores q k^T), else [..., S, K] contracted over S (weights @ values).
+
+  As `matmul`, one custom VJP so all three products take operands in the compute `dtype`
+  (None: promotion) with float32 accumulation: JAX's transpose of a
+  `preferred_element_type=float32` dot runs the backward as float32 dots on upcast copies, and
+  a bf16 dot without it (weights @ values) is upcast to float32 by XLA:CPU in the forward too.
+  backward='cpu_transposed' (model.perf.matmul_backward): for bf16/f16 operands the product
+  contracting over q transposes its [.., q, s] operand explicitly (a dot contracting dim -2
+  of both operands runs upcast to float32 on XLA:CPU); float32 keeps the plain contraction.
+  """
+  if backward not in ("xla", "cpu_transposed"):
+    raise ValueError(f"batched_matmul backward={backward!r} is unknown. Fix: 'xla' or "
+                     "'cpu_transposed' (model.perf.matmul_backward, resolved).")
+  dtype = jnp.result_type(a_ZxQxK, b) if dtype is None else jnp.dtype(dtype)
+  return _batched_matmul(a_ZxQxK, b, transpose_b, dtype, backward)
+
+
+def _bdot(a, b, a_dim: int, b_dim: int, dtype):
+  """dot_general over the leading batch axes of a and b, contracting a_dim with b_dim."""
+  acc = jnp.float32 if dtype.itemsize < 4 else None
+  batch = tuple(range(a.ndim - 2))
+  out = jax.lax.dot_general(a.astype(dtype), b.astype(dtype),
+                            (((a_dim,), (b_dim,)), (batch, batch)), preferred_element_type=acc)
+  return out.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _batched_matmul(a, b, transpose_b, dtype, backward):
+  del backward
+  n = a.ndim
+  return _bdot(a, b, n - 1, n - 1 if transpose_b else n - 2, dtype)
+
+
+def _batched_matmul_fwd(a, b, transpose_b, dtype, backward):
+  return _batched_matmul(a, b, transpose_b, dtype, backward), (a, b)
+
+
+def _batched_matmul_bwd(transpose_b, dtype, backward, residuals, g):
+  a, b = residuals
+  n = a.ndim
+
+  def t_dot(x_ZxQxS, y_ZxQxK):
+    """x^T @ y [.., s, k], contracting over q."""
+    if backward == "cpu_transposed" and dtype.itemsize < 4:
+      x_ZxSxQ = jax.lax.optimization_barrier(jnp.swapaxes(x_ZxQxS.astype(dtype), -1, -2))
+      return _bdot(x_ZxSxQ, y_ZxQxK, n - 1, n - 2, dtype)
+    return _bdot(x_ZxQxS, y_ZxQxK, n - 2, n - 2, dtype)
+
+  if transpose_b:     # out[q, s] = sum_k a[q, k] b[s, k]
+    da, db = _bdot(g, b, n - 1, n - 2, dtype), t_dot(g, a)          # g @ b, g^T @ a
+  else:               # out[q, k] = sum_s a[q, s] b[s, k]
+    da, db = _bdot(g, b, n - 1, n - 1, dtype), t_dot(a, g)          # g @ b^T, a^T @ g
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+
+
 class DenseLinear(nnx.Module):
   """y = x @ kernel, kernel [n, m] ~ N(0, init_std)."""
 

@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 
 from lost_jax import configs as configs_lib
-from lost_jax.layers import DenseLinear, make_linear, matmul
+from lost_jax.layers import DenseLinear, batched_matmul, make_linear, matmul
 from lost_jax.sharding import BATCH, constrain_batch, constrain_logical
 
 
@@ -40,6 +40,36 @@ def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   x = x_BxLxD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
   return x * scale_D.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def swiglu(gate_BxF: jax.Array, up_BxF: jax.Array) -> jax.Array:
+  """silu(gate) * up [..., F] in float32 math, returned in up's dtype.
+
+  One custom VJP so the forward is one elementwise pass and the backward one pass over
+  (gate, up, cotangent) that recomputes sigmoid(gate): JAX's own derivative of
+  silu(g) * u saves sigmoid(g) and runs the bf16 product rule as several separate
+  bf16 <-> float32 passes over the [tokens, ffn] activations.
+  """
+  g, u = gate_BxF.astype(jnp.float32), up_BxF.astype(jnp.float32)
+  return (g * jax.nn.sigmoid(g) * u).astype(up_BxF.dtype)
+
+
+def _swiglu_fwd(gate_BxF, up_BxF):
+  return swiglu(gate_BxF, up_BxF), (gate_BxF, up_BxF)
+
+
+def _swiglu_bwd(residuals, dy_BxF):
+  gate_BxF, up_BxF = residuals
+  g, u = gate_BxF.astype(jnp.float32), up_BxF.astype(jnp.float32)
+  dy = dy_BxF.astype(jnp.float32)
+  s = jax.nn.sigmoid(g)
+  # d silu(g) / dg = s + g s (1 - s)
+  dg = dy * u * (s * (1.0 + g * (1.0 - s)))
+  return dg.astype(gate_BxF.dtype), (dy * g * s).astype(up_BxF.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class RopeScaling(NamedTuple):
@@ -115,7 +145,8 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
 
 
 def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
-              segment_ids_BxL: jax.Array | None, q_block: int = 128) -> jax.Array:
+              segment_ids_BxL: jax.Array | None, q_block: int = 128,
+              backward: str = "xla") -> jax.Array:
   """Causal GQA attention (query head h uses kv head h // (H / G)); softmax in f32; [B,L,H,K].
 
   Queries run in blocks of q_block positions, each against the keys up to its last position
@@ -123,7 +154,9 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   scores for n blocks. Heads sharing a kv head are stacked into one [G, R*q_block, K] matmul
   operand so every matmul is a plain (batched) A @ B^T or A @ B. The softmax is normalised
   after the PV matmul, whose value operand carries a column of ones that yields the row sums:
-  the only [q, keys]-sized reduction left is the max, and the backward needs none.
+  the only [q, keys]-sized reduction left is the max, and the backward needs none. Both
+  products are `layers.batched_matmul` (compute-dtype operands, float32 results, `backward`
+  as model.perf.matmul_backward).
   """
   b, length, h, hd = q_BxLxHxK.shape
   g = k_BxLxGxK.shape[2]
@@ -139,8 +172,8 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
     stop = min(length, start + q_block)
     n = stop - start
     q_blk = q[:, :, :, start:stop].reshape(b, g, r * n, hd)
-    scores = jnp.einsum("bgqk,bgsk->bgqs", q_blk, k[:, :, :stop],
-                        preferred_element_type=jnp.float32).reshape(b, g, r, n, stop)
+    scores = batched_matmul(q_blk, k[:, :, :stop], transpose_b=True, backward=backward
+                            ).reshape(b, g, r, n, stop)
     seg = None if segment_ids_BxL is None else segment_ids_BxL[:, :stop]
     mask = attention_mask(seg, stop, start, n)[:, :, None]              # [B,1,1,n,stop]
     # An additive mask: its gradient is the identity (exp() already zeroes masked entries),
@@ -148,8 +181,9 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - row_max).astype(v.dtype).reshape(b, g, r * n, stop)
-    out1 = jnp.einsum("bgqs,bgsk->bgqk", weights, v1[:, :, :stop])       # [B,G,R*n,K+1]
-    out = out1[..., :hd].astype(jnp.float32) / out1[..., hd:].astype(jnp.float32)
+    out1 = batched_matmul(weights, v1[:, :, :stop], transpose_b=False,
+                          backward=backward)                           # [B,G,R*n,K+1] f32
+    out = out1[..., :hd] / out1[..., hd:]
     outs.append(out.astype(v.dtype).reshape(b, g, r, n, hd))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)    # [B,G,R,L,K]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
@@ -240,7 +274,8 @@ def _segments(q_ids, kv_ids):
 def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
   """The attention kernel named by perf.attention (resolved), [B, L, H, K]."""
   if perf.attention == "blocked":
-    return attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    return attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
+                     backward=perf.matmul_backward)
   if perf.attention == "dot_product_attention":
     impl = None if perf.attention_impl == "auto" else perf.attention_impl
     return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl)
@@ -431,7 +466,7 @@ class MLP(nnx.Module):
     self.down = make_linear(cfg.linear, f, d, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x_BxLxD):
-    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+    return self.down(swiglu(self.gate(x_BxLxD), self.up(x_BxLxD)))
 
 
 class Block(nnx.Module):

@@ -40,6 +40,8 @@ def qkv(seed=0):
 SEG = np.array([[1] * 5 + [2] * 7, [1] * L])
 KERNELS = {
     "blocked": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=4),
+    "blocked_cpu_transposed": lambda q, k, v, s: model_lib.attention(
+        q, k, v, s, q_block=4, backward="cpu_transposed"),
     "dot_product_attention": lambda q, k, v, s: model_lib.dot_product_attention(
         q, k, v, s, implementation="xla"),
     # jax's TPU Pallas kernel, run by the Pallas interpreter on CPU (L=12 is padded to 128).
@@ -87,6 +89,46 @@ def test_matmul_backward_options_match_numpy(backward, dtype):
 
 
 @pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_batched_matmul_and_its_gradients_match_numpy(backward, dtype, transpose_b):
+  rng = np.random.default_rng(3)
+  a, g = rng.normal(size=(2, 3, 6, 8)), rng.normal(size=(2, 3, 6, 5 if transpose_b else 4))
+  b = rng.normal(size=(2, 3, 5, 8) if transpose_b else (2, 3, 8, 4))
+  args = [jnp.asarray(x, dtype) for x in (a, b)]
+  a, b = (np.asarray(x, np.float64) for x in args)         # the (rounded) operands it saw
+  f = lambda a, b: layers.batched_matmul(a, b, transpose_b=transpose_b, backward=backward)
+  y = jax.jit(f)(*args)
+  da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * g), argnums=(0, 1)))(*args)
+  assert y.dtype == jnp.float32 and da.dtype == db.dtype == jnp.dtype(dtype)
+  bm = np.swapaxes(b, -1, -2) if transpose_b else b      # [.., 8, n]
+  want_db = np.einsum("...qs,...qk->...sk", *((g, a) if transpose_b else (a, g)))
+  # bf16: float32 accumulation; the cotangent is rounded to bf16 for the backward products.
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  np.testing.assert_allclose(y, a @ bm, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(da, np.float64), g @ np.swapaxes(bm, -1, -2),
+                             rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(np.asarray(db, np.float64), want_db, rtol=tol, atol=tol * 4)
+
+
+def test_bf16_blocked_attention_matches_the_float32_one():
+  q, k, v = (a.astype(jnp.bfloat16) for a in qkv(4))
+  w = jax.random.normal(jax.random.key(5), (B, L, H, K))
+  seg = jnp.asarray(SEG)
+  run = lambda backward, *a: model_lib.attention(*a, seg, q_block=4, backward=backward)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  want = jax.grad(lambda *a: jnp.sum(run("xla", *a) * w), argnums=(0, 1, 2))(*f32)
+  np.testing.assert_allclose(run("cpu_transposed", q, k, v).astype(jnp.float32),
+                             np_causal_gqa(*f32, SEG), rtol=2e-2, atol=2e-2)
+  for backward in configs.MATMUL_BACKWARDS:
+    got = jax.grad(lambda *a: jnp.sum(run(backward, *a).astype(jnp.float32) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(got, want):
+      assert x.dtype == jnp.bfloat16
+      np.testing.assert_allclose(x.astype(jnp.float32), y, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
 def test_lora_delta_backward_options_match_numpy(backward):
   rng = np.random.default_rng(1)
   x, a, b, g = (rng.normal(size=s) for s in ((3, 7, 16), (16, 4), (4, 9), (3, 7, 9)))
@@ -97,6 +139,24 @@ def test_lora_delta_backward_options_match_numpy(backward):
           np.einsum("btr,btm->rm", 0.5 * x @ a, g))
   for got_i, want_i in zip(got, want):
     np.testing.assert_allclose(got_i, want_i, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_and_its_gradients_match_numpy(dtype):
+  rng = np.random.default_rng(2)
+  g, u, dy = (rng.normal(scale=3.0, size=(3, 5, 7)) for _ in range(3))
+  f = lambda g, u: jnp.sum(model_lib.swiglu(g, u).astype(jnp.float32) * dy)
+  args = [jnp.asarray(a, dtype) for a in (g, u)]
+  g, u = (np.asarray(a, np.float64) for a in args)   # the (rounded) inputs it saw
+  sig = 1.0 / (1.0 + np.exp(-g))
+  y = jax.jit(model_lib.swiglu)(*args)
+  dg, du = jax.jit(jax.grad(f, argnums=(0, 1)))(*args)
+  assert y.dtype == dg.dtype == du.dtype == jnp.dtype(dtype)
+  # bf16: float32 math, one rounding of each result (and of the cotangent): ~2^-8 relative.
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  for got, want in ((y, g * sig * u), (dg, dy * u * sig * (1 + g * (1 - sig))),
+                    (du, dy * g * sig)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
 
 
 def tiny_model(matmul_backward, attention, remat=False):
