@@ -144,6 +144,7 @@ def batched_matmul(a_ZxQxK: jax.Array, b: jax.Array, *, transpose_b: bool,
   backward='cpu_transposed' (model.perf.matmul_backward): for bf16/f16 operands the product
   contracting over q transposes its [.., q, s] operand explicitly (a dot contracting dim -2
   of both operands runs upcast to float32 on XLA:CPU); float32 keeps the plain contraction.
+  Results are float32 [..., Q, S or K].
   """
   if backward not in ("xla", "cpu_transposed"):
     raise ValueError(f"batched_matmul backward={backward!r} is unknown. Fix: 'xla' or "
@@ -153,12 +154,19 @@ def batched_matmul(a_ZxQxK: jax.Array, b: jax.Array, *, transpose_b: bool,
 
 
 def _bdot(a, b, a_dim: int, b_dim: int, dtype):
-  """dot_general over the leading batch axes of a and b, contracting a_dim with b_dim."""
+  """Float32 dot_general over the leading batch axes of a and b, contracting a_dim (-1 or -2)
+  with b_dim.
+
+  The batch axes are merged into one: the reshape makes XLA:CPU materialise an operand that
+  is a transpose (the keys [B, L, G, K] -> [B, G, L, K], a swapped cotangent) in row-major
+  layout, where a dot reading the transposed layout is upcast to float32 for bf16 operands.
+  """
   acc = jnp.float32 if dtype.itemsize < 4 else None
-  batch = tuple(range(a.ndim - 2))
-  out = jax.lax.dot_general(a.astype(dtype), b.astype(dtype),
-                            (((a_dim,), (b_dim,)), (batch, batch)), preferred_element_type=acc)
-  return out.astype(jnp.float32)
+  flat = lambda x: x.astype(dtype).reshape(-1, *x.shape[-2:])
+  out = jax.lax.dot_general(flat(a), flat(b), (((a_dim % a.ndim - a.ndim + 3,),
+                                                (b_dim % b.ndim - b.ndim + 3,)), ((0,), (0,))),
+                            preferred_element_type=acc)
+  return out.reshape(*a.shape[:-2], *out.shape[1:]).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -179,7 +187,7 @@ def _batched_matmul_bwd(transpose_b, dtype, backward, residuals, g):
   def t_dot(x_ZxQxS, y_ZxQxK):
     """x^T @ y [.., s, k], contracting over q."""
     if backward == "cpu_transposed" and dtype.itemsize < 4:
-      x_ZxSxQ = jax.lax.optimization_barrier(jnp.swapaxes(x_ZxQxS.astype(dtype), -1, -2))
+      x_ZxSxQ = jnp.swapaxes(x_ZxQxS.astype(dtype), -1, -2)    # materialised by _bdot
       return _bdot(x_ZxSxQ, y_ZxQxK, n - 1, n - 2, dtype)
     return _bdot(x_ZxQxS, y_ZxQxK, n - 2, n - 2, dtype)
 
