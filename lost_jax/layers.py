@@ -238,6 +238,7 @@ class LOSTLinear(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.gamma = float(gamma)
     self.act = _activation(activation)
+    self.activation = activation
     self.dtype = dtype
     self.backward = backward
     # One key from the stream whatever the variant; the ablations' extra draws fold it, so a
@@ -271,10 +272,45 @@ class LOSTLinear(nnx.Module):
                                 axis=0)
     z = matmul(x_BxN, jnp.concatenate([self.a[...], onehot_NxK], axis=1), self.dtype,
                out_dtype=jnp.float32, backward=self.backward)
-    h = jnp.concatenate([self.gamma * self.act(z[..., :rank]),
-                         (1.0 - self.gamma) * z[..., rank:]], axis=-1)
+    h = lost_mix(z, rank, self.gamma, self.activation, self.dtype or jnp.float32)
     return matmul(h, jnp.concatenate([self.b[...].T, self.values[...]], axis=0), self.dtype,
                   backward=self.backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def lost_mix(z_BxW: jax.Array, rank: int, gamma: float, activation: str,
+             out_dtype: Any) -> jax.Array:
+  """LOST's middle: concat(gamma * act(z[..., :rank]), (1 - gamma) * z[..., rank:]) [.., W].
+
+  Float32 math, the result cast to `out_dtype` (the second matmul's operand), in one
+  elementwise pass; one custom VJP so the backward is one pass too (recomputing the sigmoid).
+  Left to autodiff, the slices, concatenation, saved sigmoid and the cast were separate
+  [tokens, r + k] passes (~5 per layer and direction).
+  """
+  z = z_BxW.astype(jnp.float32)
+  col = jnp.arange(z.shape[-1]) < rank
+  return jnp.where(col, gamma * ACTIVATIONS[activation](z), (1.0 - gamma) * z).astype(out_dtype)
+
+
+def _lost_mix_fwd(z_BxW, rank, gamma, activation, out_dtype):
+  return lost_mix(z_BxW, rank, gamma, activation, out_dtype), z_BxW
+
+
+def _lost_mix_bwd(rank, gamma, activation, out_dtype, z_BxW, dh_BxW):
+  del out_dtype
+  z, dh = z_BxW.astype(jnp.float32), dh_BxW.astype(jnp.float32)
+  if activation == "silu":
+    s = jax.nn.sigmoid(z)
+    d_act = s * (1.0 + z * (1.0 - s))
+  elif activation == "identity":
+    d_act = jnp.ones_like(z)
+  else:
+    raise ValueError(f"lost_mix has no derivative for activation={activation!r}.")
+  col = jnp.arange(z.shape[-1]) < rank
+  return (dh * jnp.where(col, gamma * d_act, 1.0 - gamma)).astype(z_BxW.dtype),
+
+
+lost_mix.defvjp(_lost_mix_fwd, _lost_mix_bwd)
 
 
 def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array, jax.Array]:

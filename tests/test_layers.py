@@ -154,6 +154,25 @@ def test_lost_gradients_match_numpy(activation):
   assert_close(grads["values"][...], (1.0 - gamma) * x2[:, idx].T @ w2)
 
 
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+def test_lost_mix_and_its_gradient_match_numpy(activation, out_dtype):
+  rank, gamma = 5, 0.7
+  rng = np.random.default_rng(11)
+  z, dh = rng.normal(scale=3.0, size=(2, 4, 8)), rng.normal(size=(2, 4, 8))
+  f = lambda z: lost_jax.layers.lost_mix(z, rank, gamma, activation, jnp.dtype(out_dtype))
+  h = jax.jit(f)(jnp.asarray(z, jnp.float32))
+  dz = jax.grad(lambda z: jnp.sum(f(z).astype(jnp.float32) * dh))(jnp.asarray(z, jnp.float32))
+  assert h.dtype == jnp.dtype(out_dtype) and dz.dtype == jnp.float32
+  act, dact = NP_ACT[activation]
+  want_h = np.concatenate([gamma * act(z[..., :rank]), (1 - gamma) * z[..., rank:]], -1)
+  want_dz = np.concatenate([gamma * dh[..., :rank] * dact(z[..., :rank]),
+                            (1 - gamma) * dh[..., rank:]], -1)
+  tol = 1e-5 if out_dtype == "float32" else 1e-2     # bf16: h and its cotangent rounded once
+  np.testing.assert_allclose(np.asarray(h, np.float64), want_h, rtol=tol, atol=tol)
+  np.testing.assert_allclose(dz, want_dz, rtol=tol, atol=tol)
+
+
 def test_lost_gradients_via_split_merge_exclude_indices():
   layer = lost_layer()
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
