@@ -242,8 +242,25 @@ def make_optimizer(train: ml_collections.ConfigDict, params: nnx.State,
   if train.get("shared_lr", 0.0) > 0:
     opt = optax.chain(opt, lr_scale_by_leaf(shared_lr_scales(train, params)))
   if train.clip_norm > 0:
-    opt = optax.chain(optax.clip_by_global_norm(train.clip_norm), opt)
+    opt = optax.chain(clip_by_global_norm(train.clip_norm), opt)
   return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same math, same empty state) that takes the gradients' global
+  norm as the extra argument `grad_norm` when the caller has it: the train step computes it
+  for its metrics, and recomputing it inside the update's lax.cond branch is another full
+  pass over every gradient (XLA cannot share it across the cond)."""
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    trigger = jnp.squeeze(g_norm < max_norm)
+    updates = jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm), updates)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,

@@ -150,12 +150,13 @@ def make_train_step(setup: Setup, microbatches: int):
     # (a select keeps the old state alive beside the new one).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(params, opt_state, grads):
-      updates, opt_state = tx.update(grads, opt_state, params)
+    def apply(params, opt_state, grads, grad_norm):
+      # The clip reuses grad_norm (optim.clip_by_global_norm): no second pass over the grads.
+      updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
-    new_params, opt_state = jax.lax.cond(finite, apply, lambda p, o, _: (p, o), params,
-                                         state["opt_state"], grads)
+    new_params, opt_state = jax.lax.cond(finite, apply, lambda p, o, *_: (p, o), params,
+                                         state["opt_state"], grads, grad_norm)
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1,
                  "rng": jax.random.fold_in(state["rng"], state["step"])}

@@ -91,3 +91,39 @@ def test_shared_lr_under_galore_scales_only_the_unprojected_parameters():
   cfg.train.shared_lr = -1.0
   with pytest.raises(ValueError, match=r"config\.train\.shared_lr: -1\.0 .*Fix"):
     configs.validate_train(cfg.train)
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])           # below and above max_norm
+def test_clip_by_global_norm_matches_numpy_with_and_without_a_given_norm(scale):
+  rng = np.random.default_rng(5)
+  grads = {"a": scale * rng.normal(size=(4, 3)), "b": scale * rng.normal(size=(5,))}
+  norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+  want = {k: g * min(1.0, 1.0 / norm) for k, g in grads.items()}
+  tx = optim.clip_by_global_norm(1.0)
+  g32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+  state = tx.init(g32)
+  assert state == optax.clip_by_global_norm(1.0).init(g32)    # checkpoints keep their layout
+  for kw in ({}, {"grad_norm": jnp.float32(norm)}):
+    got, _ = tx.update(g32, state, **kw)
+    for k in grads:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+  # The given norm is what is used (a wrong one would scale by it).
+  got, _ = tx.update(g32, state, grad_norm=jnp.float32(2 * norm))
+  np.testing.assert_allclose(got["a"], grads["a"] * min(1.0, 1.0 / (2 * norm)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lost", "galore"])
+def test_the_optimizer_given_the_grad_norm_updates_as_without_it(method):
+  cfg, params = _tiny(method)
+  cfg.train.clip_norm = 1.0
+  tx = optim.make_optimizer(cfg.train, params)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: 5.0 * p + 0.1, params)     # global norm well above 1
+  norm = optax.tree.norm(grads)
+  # Adam's first moment holds (1 - b1) x the clipped gradients: it shows the clip used.
+  _, plain = tx.update(grads, state, params)
+  _, given = tx.update(grads, state, params, grad_norm=norm)
+  _, off = tx.update(grads, state, params, grad_norm=norm / 100)   # a wrong norm clips more
+  for a, b, c in zip(*map(jax.tree.leaves, (plain, given, off))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert any(not np.allclose(a, c) for a, c in zip(*map(jax.tree.leaves, (plain, off))))
