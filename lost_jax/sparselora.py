@@ -560,6 +560,10 @@ class LayerChannels:
   def _sparse(self, which: str) -> bool:
     return getattr(self.plan, which)[self.layer] > 0 and self.n_sparse > 0
 
+  def dense_from(self) -> int:
+    """Tokens from n_sparse on run dense (all of them in a layer without sparsity)."""
+    return self.n_sparse if self._sparse("attn") or self._sparse("ffn") else 0
+
   def attention_projection(self, attn, h_BxLxD: jax.Array):
     if not self._sparse("attn"):
       return dense_projection
