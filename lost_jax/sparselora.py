@@ -627,6 +627,8 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
   positions: with L - dense_len, only the dense suffix, which holds every loss position,
   pays for the [D, V] matmul. head=False: hidden states instead of logits (`Llama`).
+  If positions >= logits_from are dense in the last layer, its o and MLP run on those rows
+  only (`Llama`), so that layer selects no FFN channels (its "ffn" index is None).
   """
   b, length = tokens_BxL.shape
   if plan.n_layers != len(model.layers):

@@ -81,6 +81,8 @@ def test_dense_path_and_logits_from_match_the_model():
   plan = sl.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
   est = bench.fast_estimators(model, plan.estimator_layers(), rank=2)
   whole = sl.forward(model, tokens, est, plan, 4)
-  tail = sl.forward(model, tokens, est, plan, 4, logits_from=12)
+  tail, idx = sl.forward(model, tokens, est, plan, 4, logits_from=12, return_indices=True)
   np.testing.assert_allclose(np.asarray(tail), np.asarray(whole)[:, 12:], rtol=1e-5,
                              atol=1e-5)
+  # The sparse last layer runs its dense rows only past attention: no FFN channels chosen.
+  assert idx[1]["attn"] is not None and idx[1]["ffn"] is None
