@@ -13,6 +13,7 @@ estimator's channels and the oracle's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -81,12 +82,35 @@ def flops_per_step(cfg) -> dict:
                     logits_len=suffix)
 
 
+def eval_set(cfg) -> dict:
+  """What a result was scored on: the held-out records' count (accuracy on the first
+  `accuracy` of them, loss on all) and a hash of them."""
+  records = instruct.task_records(cfg.data, "eval")
+  digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+  return {"size": len(records), "accuracy": min(len(records), cfg.train.accuracy_examples),
+          "sha256": digest[:16]}
+
+
+def rescore(cfg, workdir: str, result: dict) -> dict:
+  """A finished run's result re-scored on the current eval set from its final checkpoint
+  (zero-shot: the base again); timings and FLOPs are kept, the old scores under 'previous'."""
+  out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False, evaluate_only=True)
+  keys = ("eval_accuracy", "eval_loss", "eval_set")
+  return {**result, "eval_accuracy": out.get("eval_accuracy"), "eval_loss": out["eval_loss"],
+          "eval_set": eval_set(cfg), "previous": {k: result.get(k) for k in keys}}
+
+
 def one_run(cfg, workdir: str) -> dict:
-  """finetune_and_evaluate, or the stored result of a finished run."""
+  """finetune_and_evaluate, or the stored result of a finished run (re-scored from its final
+  checkpoint when it was scored on another eval set)."""
   path = os.path.join(workdir, RESULT_FILE)
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      result = json.load(f)
+    if result.get("eval_set") != eval_set(cfg):
+      result = rescore(cfg, workdir, result)
+      runs.write_json(path, result)
+    return result
   t0 = time.time()
   out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False)
   rows = metrics.read_metrics(workdir)
@@ -97,7 +121,7 @@ def one_run(cfg, workdir: str) -> dict:
             # the first logged windows hold compilation (dense phase, then sparse)
             "step_time": statistics.median(times[2:] or times) if times else None,
             "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
-            "steps": cfg.train.steps, "wall_s": time.time() - t0}
+            "steps": cfg.train.steps, "wall_s": time.time() - t0, "eval_set": eval_set(cfg)}
   runs.write_json(path, result)
   return result
 
@@ -146,8 +170,9 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
     return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
   names = ["zero_shot", "lora", "sparselora", *ABLATIONS]
-  # generated held-out problems minus exact duplicates of training problems
-  n_eval = len(instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples])
+  scored_on = eval_set(cfg)
+  n_eval = scored_on["accuracy"]
+  stale = [n for n in results if results[n].get("eval_set") != scored_on]
   lora_t = [results[n]["step_time"] for n in results if n.startswith("lora_s")]
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
@@ -169,7 +194,8 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            f"{cfg.lora.rank} alpha {cfg.lora.alpha} on {cfg.lora.targets}; SparseLoRA FFN "
            f"`{cfg.sparse.ffn}`, attention `{cfg.sparse.attn}`, dense for the first "
            f"{cfg.sparse.start_frac:.0%} of steps. Accuracy: exact match of the final number on "
-           f"{n_eval} held-out problems (greedy, dense inference); seeds "
+           f"{n_eval} held-out problems (greedy, dense inference; eval set "
+           f"{scored_on['sha256']}); seeds "
            f"{seeds} for LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
            common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
                                   "FLOPs vs LoRA", "speed vs LoRA"], rows), "",
@@ -177,6 +203,9 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            "the machine at varying load: 'speed vs LoRA' compares runs made under different "
            "loads and is not a speed result (docs/benchmarks/sparselora.md times both steps "
            "interleaved on a quiet machine).", ""]
+  if stale:
+    lines += [f"Scored on another held-out set (re-scored by the command without "
+              f"--report_only): {', '.join(stale)}.", ""]
   if ov:
     lines += ["Per-layer overlap |estimator ∩ oracle| / kept channels (frozen model, held-out "
               "batches):", "",
