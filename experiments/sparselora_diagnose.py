@@ -287,10 +287,12 @@ def main(argv, flags):
   tok = tokenizer.from_path(cfg.init.path)
   it = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size, seed=cfg.seed)
   batches = [next(it) for _ in range(flags.batches)]
-  plans = {"preset svd": plan, "preset oracle": sl.SparsityPlan(plan.ffn, plan.attn, "oracle"),
-           "preset random": sl.SparsityPlan(plan.ffn, plan.attn, "random"),
-           "preset FFN only": sl.SparsityPlan(plan.ffn, (0.0,) * n_layers),
-           "preset attention only": sl.SparsityPlan((0.0,) * n_layers, plan.attn)}
+  plans = {"preset svd": plan}
+  if flags.ablations:
+    plans.update({"preset oracle": sl.SparsityPlan(plan.ffn, plan.attn, "oracle"),
+                  "preset random": sl.SparsityPlan(plan.ffn, plan.attn, "random"),
+                  "preset FFN only": sl.SparsityPlan(plan.ffn, (0.0,) * n_layers),
+                  "preset attention only": sl.SparsityPlan((0.0,) * n_layers, plan.attn)})
   for spec in filter(None, (s.strip() for s in flags.variants.split(" "))):
     ffn, _, attn = spec.partition("|")
     for mode in flags.variant_modes.split(","):
@@ -367,6 +369,8 @@ def define_flags():
   flags.DEFINE_string("lora_workdir", "", "A finished fine-tune's workdir (or a copy): "
                       "measure with its LoRA adapters instead of the bare base.")
   flags.DEFINE_bool("layers", True, "Print the per-layer tables (batch 0).")
+  flags.DEFINE_bool("ablations", True, "Also the preset's oracle, random, FFN-only and "
+                    "attention-only plans.")
   flags.DEFINE_string("variant_modes", "svd", "Comma list of modes for each variant.")
   return flags.FLAGS
 
