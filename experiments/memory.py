@@ -647,10 +647,10 @@ def loss_rows(size: str, methods: Iterable[str], chunks: Iterable[int], *, vocab
               batch: int, seq_len: int, **kwargs) -> list[dict]:
   """`run` of one micro-batch of batch x seq_len tokens at `vocab` for each
   model.perf.loss_chunk (0: plain loss on whole float32 logits)."""
-  rows = []
+  rows, base = [], kwargs.pop("overrides", None) or {}
   for chunk in chunks:
-    over = {"model.vocab_size": vocab, "data.seq_len": seq_len, "train.batch_size": batch,
-            "model.perf.loss_chunk": int(chunk)}
+    over = {**base, "model.vocab_size": vocab, "data.seq_len": seq_len,
+            "train.batch_size": batch, "model.perf.loss_chunk": int(chunk)}
     for r in run([size], methods, microbatch=batch, overrides=over, **kwargs):
       r.update(loss_chunk=int(chunk), vocab=vocab)
       rows.append(r)

@@ -154,11 +154,14 @@ def test_fused_loss_never_holds_the_whole_logits(tmp_path):
   # One micro-batch of 4 x 128 tokens at vocab 8192: the plain loss keeps [512, 8192] float32
   # logits (16 MiB) and their gradient; the fused loss (chunks of 32 positions) keeps a
   # quarter-size block, so its temporaries are at least one logits-size smaller.
+  # overrides as the command line passes them (--layer_loop) reach every chunk's compile.
   rows = memory.loss_rows("quickstart", ["full_rank"], [0, 32], vocab=8192, batch=4,
-                          seq_len=128, log=lambda _: None)
+                          seq_len=128, log=lambda _: None,
+                          overrides={"model.perf.layer_loop": "scan"})
   plain, fused = rows
   logits = 4 * 128 * 8192 * 4
   assert (plain["loss_chunk"], fused["loss_chunk"]) == (0, 32)
+  assert plain["perf"]["layer_loop"] == fused["perf"]["layer_loop"] == "scan"
   assert plain["argument"] == fused["argument"]
   assert plain["temp"] - fused["temp"] >= logits, (plain["temp"], fused["temp"])
   path = tmp_path / "loss.md"
