@@ -538,8 +538,10 @@ class Llama(nnx.Module):
       for i, block in enumerate(self.layers):
         ch = DENSE if channels is None else channels[i]
         # Only positions >= logits_from of the last block's output are read: past its
-        # attention it runs on those rows (if its plan runs them dense).
-        last = i == len(self.layers) - 1 and ch.dense_from() <= logits_from
+        # attention it runs on those rows, if its plan runs them dense (a plan without
+        # `dense_from` runs every row).
+        dense_from = getattr(ch, "dense_from", lambda: length)()
+        last = i == len(self.layers) - 1 and dense_from <= logits_from
         rows = logits_from if last else 0
         if remat:
           x = remat_call(lambda blk, y, ch=ch, rows=rows: layer(blk, y, ch, None, rows)[0],
