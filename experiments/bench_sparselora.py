@@ -71,7 +71,9 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
   branches are dense on every token: forward + input gradient + two weight gradients = 3x.
   The attention core (QK^T and PV) counts the causal pairs L(L+1)/2 per head, 3x for the
   backward. The LM head (forward + input gradient) runs on the last logits_len positions of
-  each sequence (default: all; the loss only needs the output tokens). The estimator is
+  each sequence (default: all; the loss only needs the output tokens). Past its attention the
+  last block runs on those positions only (`model.Llama`): its o and MLP projections (and
+  o's LoRA) count logits_len tokens, dense, when its plan keeps them dense. The estimator is
   forward only: the context mean (FFN) or x @ P, its Gram matrix and the column norms
   through Q (attention), for every layer with a non-zero sparsity.
   """
@@ -83,6 +85,10 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
   r, e = lora_rank, estimator_rank
   shapes = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
             "gate": (d, f), "up": (d, f), "down": (f, d)}
+  logits_len = seq_len if logits_len is None else logits_len
+  last = cfg.n_layers - 1
+  sparse_last = n_ctx > 0 and (plan.attn[last] > 0 or plan.ffn[last] > 0)
+  tail = batch * logits_len if not sparse_last or logits_len <= dense_len else n_tok
   base = lora = est = 0
   for i in range(cfg.n_layers):
     s_attn, s_ffn = plan.attn[i], plan.ffn[i]
@@ -93,6 +99,9 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
     for name, (n, m) in shapes.items():
       full = n * m
       part = kept[name] * (m if name in ("o", "down") else n)
+      if i == last and tail < n_tok and name in ("o", "gate", "up", "down"):
+        base += 2 * 2 * tail * full
+        continue
       base += 2 * 2 * (n_dense * full + n_ctx * part)
     if s_ffn > 0:
       est += 2 * n_ctx * d + 2 * (2 * batch * d * e + 2 * batch * e * f)
@@ -102,10 +111,10 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
         est += 2 * n_ctx * d * e + 2 * n_ctx * e * e + 2 * e * e * m + 2 * e * m
   for name in lora_targets:
     n, m = shapes[name]
-    lora += cfg.n_layers * 3 * 2 * n_tok * r * (n + m)
+    last_tokens = tail if name in ("o", "gate", "up", "down") else n_tok
+    lora += ((cfg.n_layers - 1) * n_tok + last_tokens) * 3 * 2 * r * (n + m)
   pairs = batch * seq_len * (seq_len + 1) // 2
   attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
-  logits_len = seq_len if logits_len is None else logits_len
   head = 2 * 2 * batch * logits_len * d * cfg.vocab_size
   return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
           "total": base + lora + attention + head + est}
@@ -194,7 +203,7 @@ def layer_inputs(model: Llama, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Ar
   @nnx.jit
   def run(model, tokens):
     rec = [_RecordInputs() for _ in model.layers]
-    model(tokens, logits_from=tokens.shape[1] - 1, channels=rec)
+    model(tokens, channels=rec, head=False)     # every block on every position
     return jnp.stack([r.h_attn for r in rec]), jnp.stack([r.h_mlp for r in rec])
   return run(model, tokens_BxL)
 

@@ -218,8 +218,13 @@ class _SparseSchedule:
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                          quiet: bool = False, stop_at: int | None = None) -> dict:
-  """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`."""
+                          quiet: bool = False, stop_at: int | None = None,
+                          evaluate_only: bool = False) -> dict:
+  """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`.
+
+  evaluate_only: evaluate the finished run's final checkpoint (step train.steps) on the
+  current eval data, without training or writing metrics (re-scoring a finished run).
+  """
   cfg, mesh = train.start_run(cfg)
   nproc, pidx = jax.process_count(), jax.process_index()
   local_batch = cfg.train.batch_size // nproc
@@ -277,6 +282,12 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                                       cfg.data.template, final_answer=cfg.data.task == "gsm")
     return out
 
+  if evaluate_only and cfg.train.steps:
+    if start != cfg.train.steps:
+      raise UserError(f"workdir {workdir} has no checkpoint of the final step "
+                      f"{cfg.train.steps} to evaluate (latest: {start if found else 'none'}). "
+                      "Fix: finish the run first (the same command without re-scoring).")
+    return {"step": start, **evaluate_fn(state)}
   if cfg.train.steps == 0:   # zero-shot: LoRA's B starts at zero, so this is the base model
     result = {"step": 0, **evaluate_fn(state)}
     metrics.MetricWriter(workdir, enabled=pidx == 0).write(0, result)

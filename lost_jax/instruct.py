@@ -199,18 +199,36 @@ def final_number(text: str) -> str | None:
   return found[-1] if found else None
 
 
+def held_out(make, count: int, seed: int, seen: set[str]) -> list[dict]:
+  """The first `count` problems of make(n, seed) whose input is not in `seen`.
+
+  The generators are sequential (make(n) is a prefix of make(n + m)), so the set only grows
+  at its end as n grows: a smaller count gives a prefix of it.
+  """
+  n = count
+  while True:
+    made = make(n, seed=seed)
+    records = [r for r in made if r["input"] not in seen]
+    if len(records) >= count:
+      return records[:count]
+    if n >= 64 * count + 1024:   # the generator's problems are (nearly) all seen
+      raise UserError(f"config.data.eval_size={count}: only {len(records)} of {len(made)} "
+                      "generated held-out problems differ from the training problems. Fix: a "
+                      "smaller config.data.eval_size or config.data.train_size.")
+    n = max(n + 1, n + 2 * (count - len(records)))
+
+
 def task_records(data_cfg, split: str) -> list[dict]:
   """The configured train or eval records (built-in task or files)."""
   if data_cfg.task in ("arithmetic", "gsm"):
     count = data_cfg.train_size if split == "train" else data_cfg.eval_size
     make = arithmetic_records if data_cfg.task == "arithmetic" else gsm_records
-    # The held-out split uses its own seed: no generated problem is shared by design, and
-    # any exact duplicate of a training problem is dropped (checked in tests).
-    records = make(count, seed=data_cfg.seed + (0 if split == "train" else 1))
-    if split == "eval":
-      seen = {r["input"] for r in make(data_cfg.train_size, seed=data_cfg.seed)}
-      records = [r for r in records if r["input"] not in seen]
-    return records
+    # The held-out split uses its own seed; exact duplicates of training problems are
+    # dropped and replaced by further generated problems (held_out).
+    if split == "train":
+      return make(count, seed=data_cfg.seed)
+    seen = {r["input"] for r in make(data_cfg.train_size, seed=data_cfg.seed)}
+    return held_out(make, count, data_cfg.seed + 1, seen)
   if split == "train":
     return load_records(data_cfg.train_file, "config.data.train_file")
   if data_cfg.eval_file:

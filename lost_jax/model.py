@@ -342,6 +342,10 @@ class DenseChannels:
   def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
     return mlp(h_BxLxD)
 
+  def dense_from(self) -> int:
+    """First position from which this plan runs every projection dense (0: all)."""
+    return 0
+
 
 DENSE = DenseChannels()
 
@@ -430,8 +434,13 @@ class Attention(nnx.Module):
     self.o = make_linear(cfg.linear, h * hd, d, axes=("heads", "embed"), **kw)
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
-               cache: LayerCache | None = None):
-    """[B, L, D] -> [B, L, D]; with a cache, (y, LayerCache with this step's keys written)."""
+               cache: LayerCache | None = None, rows_from: int = 0):
+    """[B, L, D] -> [B, L, D]; with a cache, (y, LayerCache with this step's keys written).
+
+    rows_from (static): keys and values of every position, queries too, but the output
+    projection runs on positions >= rows_from only: y is [B, L - rows_from, D], computed
+    densely (the caller's plan runs those rows dense: `dense_from`).
+    """
     b, length, _ = x_BxLxD.shape
     hd = self.head_dim
     proj = channels.attention_projection(self, x_BxLxD)
@@ -452,7 +461,11 @@ class Attention(nnx.Module):
       mask = (q_slot[:, None] >= jnp.arange(slots)[None, :])[None] & cache.valid[:, None, :]
       out = cache_attention(q, k_all, v_all, mask)
       cache = cache._replace(k=k_all, v=v_all)
-    y = proj("o", self.o, out.reshape(b, length, self.n_heads * hd))
+    out = out.reshape(b, length, self.n_heads * hd)
+    if rows_from:
+      y = dense_projection("o", self.o, out[:, rows_from:])
+    else:
+      y = proj("o", self.o, out)
     return y if cache is None else (y, cache)
 
 
@@ -479,15 +492,21 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
-               cache: LayerCache | None = None):
-    """[B, L, D] -> [B, L, D] (and the updated LayerCache when one is given)."""
+               cache: LayerCache | None = None, rows_from: int = 0):
+    """[B, L, D] -> [B, L - rows_from, D] (and the updated LayerCache when one is given).
+
+    rows_from (static, >= channels.dense_from()): past attention, which reads every
+    position's keys and values, only positions >= rows_from are computed (dense).
+    """
     h = self.attn_norm(x_BxLxD).astype(self.dtype)
-    a = self.attn(h, positions_BxL, segment_ids_BxL, channels=channels, cache=cache)
+    a = self.attn(h, positions_BxL, segment_ids_BxL, channels=channels, cache=cache,
+                  rows_from=rows_from)
     if cache is not None:
       a, cache = a
-    x = x_BxLxD + a.astype(x_BxLxD.dtype)
+    x = x_BxLxD[:, rows_from:] + a.astype(x_BxLxD.dtype)
     h = self.mlp_norm(x).astype(self.dtype)
-    x = x + channels.mlp(self.mlp, h).astype(x.dtype)
+    mlp = self.mlp(h) if rows_from else channels.mlp(self.mlp, h)
+    x = x + mlp.astype(x.dtype)
     return x if cache is None else (x, cache)
 
 
@@ -534,10 +553,10 @@ class Llama(nnx.Module):
       raise ValueError("the Cache layout does not match model.perf.layer_loop. Fix: build it "
                        "with Cache.zeros(model.cfg, ...).")
 
-    def layer(blk, y, ch, kv):
+    def layer(blk, y, ch, kv, rows_from=0):
       """One block on the residual stream y; kv: this layer's (k, v) cache or None."""
       lc = None if kv is None else LayerCache(*kv, cache.start, cache.valid)
-      y = blk(y, positions_BxL, segment_ids_BxL, channels=ch, cache=lc)
+      y = blk(y, positions_BxL, segment_ids_BxL, channels=ch, cache=lc, rows_from=rows_from)
       if lc is not None:
         y, lc = y
       return constrain_batch(y), (None if lc is None else (lc.k, lc.v))  # split by batch
@@ -553,13 +572,21 @@ class Llama(nnx.Module):
       kv = []
       for i, block in enumerate(self.layers):
         ch = DENSE if channels is None else channels[i]
+        # Only positions >= logits_from of the last block's output are read: past its
+        # attention it runs on those rows, if its plan runs them dense (a plan without
+        # `dense_from` runs every row).
+        dense_from = getattr(ch, "dense_from", lambda: length)()
+        last = i == len(self.layers) - 1 and dense_from <= logits_from
+        rows = logits_from if last else 0
         if remat:
-          x = remat_call(lambda blk, y, ch=ch: layer(blk, y, ch, None)[0], block, x)
+          x = remat_call(lambda blk, y, ch=ch, rows=rows: layer(blk, y, ch, None, rows)[0],
+                         block, x)
         else:
-          x, kv_i = layer(block, x, ch, None if cache is None else cache.kv[i])
+          x, kv_i = layer(block, x, ch, None if cache is None else cache.kv[i], rows)
           kv.append(kv_i)
       kv = tuple(kv)
-    h = self.final_norm(x[:, logits_from:]).astype(self.dtype)
+    x = x[:, logits_from - (length - x.shape[1]):]          # the rows left from logits_from
+    h = self.final_norm(x).astype(self.dtype)
     # float32 logits; in bf16 the head's three matmuls take bf16 operands (layers.matmul).
     logits = h if not head else matmul(h, self.lm_head.kernel[...], self.dtype,
                                        out_dtype=jnp.float32,

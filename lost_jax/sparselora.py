@@ -270,7 +270,8 @@ def _kernel_rows(lin: Linear, idx_K: jax.Array) -> jax.Array:
   k = lin.kernel.get_value()
   if isinstance(k, quant.NF4Weight):
     return k.take_rows(idx_K).astype(lin.dtype or k.dtype)
-  return jnp.take(_kernel(lin), idx_K, axis=0)
+  return jnp.take(_kernel(lin), idx_K, axis=0, mode="clip", unique_indices=True,
+                  indices_are_sorted=True)
 
 
 def _x(lin: Linear, x: jax.Array) -> jax.Array:
@@ -291,9 +292,10 @@ def _base(lin: Linear, x: jax.Array) -> jax.Array:
 
 def _take_cols(a_XxN: jax.Array, idx_K: jax.Array) -> jax.Array:
   """a[..., idx] [..., K]: as take_along_axis, XLA:CPU writes the result row-major in place,
-  where jnp.take(axis=-1) gathers whole columns and transposes them (~2x slower matmuls)."""
+  where jnp.take(axis=-1) gathers whole columns and transposes them (~2x slower matmuls).
+  Indices are in range by construction (top-k positions): no out-of-range fill pass."""
   return jnp.take_along_axis(a_XxN, jnp.broadcast_to(idx_K, a_XxN.shape[:-1] + idx_K.shape),
-                             axis=-1)
+                             axis=-1, mode="promise_in_bounds")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -560,6 +562,10 @@ class LayerChannels:
   def _sparse(self, which: str) -> bool:
     return getattr(self.plan, which)[self.layer] > 0 and self.n_sparse > 0
 
+  def dense_from(self) -> int:
+    """Tokens from n_sparse on run dense (all of them in a layer without sparsity)."""
+    return self.n_sparse if self._sparse("attn") or self._sparse("ffn") else 0
+
   def attention_projection(self, attn, h_BxLxD: jax.Array):
     if not self._sparse("attn"):
       return dense_projection
@@ -621,6 +627,8 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
   positions: with L - dense_len, only the dense suffix, which holds every loss position,
   pays for the [D, V] matmul. head=False: hidden states instead of logits (`Llama`).
+  If positions >= logits_from are dense in the last layer, its o and MLP run on those rows
+  only (`Llama`), so that layer selects no FFN channels (its "ffn" index is None).
   """
   b, length = tokens_BxL.shape
   if plan.n_layers != len(model.layers):

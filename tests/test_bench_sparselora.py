@@ -35,6 +35,19 @@ def test_step_flops_matches_hand_count():
   assert sparse["estimator"] == est_ffn + est_attn == 792
   assert sparse["total"] == 14976 + lora + attention + head + 792 == 24344
 
+  # Logits on the last token only: past attention the last layer runs that token alone (o,
+  # gate, up, down: 64 + 3 * 128 MACs, and o's LoRA), q/k/v on all 4 as before (128 MACs
+  # dense, 64 restricted on the 3 context tokens of the sparse plan).
+  kw["logits_len"] = 1
+  dense_tail = bench.step_flops(cfg, sl.SparsityPlan.dense(2), **kw)
+  sparse_tail = bench.step_flops(cfg, plan, **kw)
+  tail_layer = 4 * (4 * 128 + 1 * 448)
+  assert dense_tail["base"] == dense_layer + tail_layer
+  assert sparse_tail["base"] == dense_layer + 4 * (128 + 3 * 64 + 448)
+  lora_o_saved = 2 * 3 * 2 * (4 - 1) * (8 + 8)          # last layer's o adapter on 3 fewer
+  assert dense_tail["lora"] == sparse_tail["lora"] == lora - lora_o_saved
+  assert dense_tail["head"] == head // 4
+
 
 def test_tiny_benchmark_runs_and_reports():
   cfg = bench.bench_model_config(n_layers=2, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
@@ -68,6 +81,8 @@ def test_dense_path_and_logits_from_match_the_model():
   plan = sl.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
   est = bench.fast_estimators(model, plan.estimator_layers(), rank=2)
   whole = sl.forward(model, tokens, est, plan, 4)
-  tail = sl.forward(model, tokens, est, plan, 4, logits_from=12)
+  tail, idx = sl.forward(model, tokens, est, plan, 4, logits_from=12, return_indices=True)
   np.testing.assert_allclose(np.asarray(tail), np.asarray(whole)[:, 12:], rtol=1e-5,
                              atol=1e-5)
+  # The sparse last layer runs its dense rows only past attention: no FFN channels chosen.
+  assert idx[1]["attn"] is not None and idx[1]["ffn"] is None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lost_jax import configs, instruct
+from lost_jax.errors import UserError
 
 
 class FakeTokenizer:
@@ -120,7 +121,26 @@ def test_gsm_records_are_correct_deterministic_and_held_out():
   cfg = configs.finetune_config("smollm2_135m_gsm").data
   test = instruct.task_records(cfg, "eval")
   train = {r["input"] for r in instruct.task_records(cfg, "train")}
-  assert len(test) >= 490 and not any(r["input"] in train for r in test)
+  assert len(test) == cfg.eval_size == 500 and not any(r["input"] in train for r in test)
+  # Duplicates of training problems are replaced by later problems: the set made before
+  # (the first 500 generated, less those duplicates: 499) is its prefix.
+  before = [r for r in instruct.gsm_records(500, seed=cfg.seed + 1) if r["input"] not in train]
+  assert len(before) == 499 and test[:499] == before
+
+
+def test_held_out_tops_up_after_dropping_seen_problems():
+  def make(n, seed):   # sequential like the task generators: make(n) is a prefix of make(n+1)
+    return [{"input": f"p{(seed * 7 + i) % 13}"} for i in range(n)]
+  seen = {"p3", "p4", "p9"}
+  got = instruct.held_out(make, 6, 0, seen)
+  assert [r["input"] for r in got] == ["p0", "p1", "p2", "p5", "p6", "p7"]
+  assert instruct.held_out(make, 3, 0, seen) == got[:3]
+  # 13 distinct problems, 3 seen: 10 can be held out (repeats are not deduplicated, so a
+  # cycling generator can always fill; a generator that runs dry cannot).
+  dry = lambda n, seed: make(min(n, 13), seed)
+  assert len(instruct.held_out(dry, 10, 0, seen)) == 10
+  with pytest.raises(UserError, match="eval_size=11: only 10 of"):
+    instruct.held_out(dry, 11, 0, seen)
 
 
 def test_chatml_template_and_final_answer_match():

@@ -198,6 +198,31 @@ def test_logits_from_equals_the_tail_of_all_logits():
     model(tokens, logits_from=L)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_last_block_runs_past_attention_on_the_logits_rows_only(remat, monkeypatch):
+  # The last block's MLP sees only positions >= logits_from; logits and gradients equal
+  # those of the full forward sliced afterwards.
+  model = tiny_model("cpu_transposed", "blocked", remat=remat)
+  rows = []
+  mlp_call = model_lib.MLP.__call__
+  monkeypatch.setattr(model_lib.MLP, "__call__",
+                      lambda self, x: rows.append(x.shape[1]) or mlp_call(self, x))
+  tokens = jax.random.randint(jax.random.key(3), (B, L), 0, 64)
+  w = jax.random.normal(jax.random.key(4), (B, L - 5, 64))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p, tail):
+    m = nnx.merge(graphdef, p, rest)
+    logits = m(tokens, logits_from=5) if tail else m(tokens)[:, 5:]
+    return jnp.sum(logits * w), logits
+  (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, True)
+  assert rows[-2:] == [L, L - 5]
+  (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_auto_is_resolved_from_the_target_platform():
   for platform, want in (("cpu", ("cpu_transposed", "blocked", "auto", "unrolled")),
                          ("gpu", ("xla", "dot_product_attention", "auto", "unrolled")),

@@ -1,9 +1,12 @@
 """experiments/sparselora_accuracy.py: an interrupted fine-tune is never stored as a result."""
 
+import json
+
 import pytest
 
 from experiments import runs, sparselora_accuracy
-from lost_jax import configs
+from lost_jax import configs, instruct, metrics
+from lost_jax.errors import UserError
 
 
 def test_a_finetune_stopped_by_a_signal_is_no_result(tmp_path, monkeypatch):
@@ -19,9 +22,60 @@ def test_a_finetune_stopped_by_a_signal_is_no_result(tmp_path, monkeypatch):
 
 
 def test_a_finished_result_is_reused_without_training(tmp_path, monkeypatch):
-  stored = {"eval_accuracy": 0.5, "eval_loss": 0.1, "steps": 3}
+  cfg = configs.finetune_config("quickstart")
+  stored = {"eval_accuracy": 0.5, "eval_loss": 0.1, "steps": 3,
+            "eval_set": sparselora_accuracy.eval_set(cfg)}
   runs.write_json(str(tmp_path / "result.json"), stored)
   monkeypatch.setattr(sparselora_accuracy.finetune, "finetune_and_evaluate",
                       lambda *a, **k: pytest.fail("trained again"))
-  assert sparselora_accuracy.one_run(configs.finetune_config("quickstart"),
-                                     str(tmp_path)) == stored
+  assert sparselora_accuracy.one_run(cfg, str(tmp_path)) == stored
+
+
+def tiny_config(steps: int = 2):
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.source = "random"
+  cfg.model.update(dict(n_layers=2, d_model=32, ffn_dim=64, vocab_size=512))
+  cfg.sparse.update(dict(ffn="0.5@1", attn="0.5@1"))
+  cfg.data.update(dict(seq_len=64, max_prompt_len=56, train_size=64, eval_size=8,
+                       max_new_tokens=4))
+  cfg.train.update(dict(steps=steps, batch_size=4, accuracy_examples=4, ckpt_every=steps,
+                        eval_every=steps, log_every=1))
+  return cfg
+
+
+def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_path,
+                                                                           monkeypatch):
+  monkeypatch.setattr(sparselora_accuracy, "flops_per_step", lambda cfg: {"total": 1.0})
+  workdir, path = str(tmp_path), tmp_path / "result.json"
+  first = sparselora_accuracy.one_run(tiny_config(), workdir)
+  assert first["eval_set"] == sparselora_accuracy.eval_set(tiny_config())
+  assert first["eval_set"]["size"] == 8 and first["eval_set"]["accuracy"] == 4
+  train_rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+
+  # A result from before eval sets were recorded: re-scored on the same set, the restored
+  # final adapters give the scores the run ended with (and nothing is trained).
+  old = {k: v for k, v in first.items() if k != "eval_set"}
+  runs.write_json(str(path), old)
+  again = sparselora_accuracy.one_run(tiny_config(), workdir)
+  assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
+  assert again["eval_accuracy"] == first["eval_accuracy"]
+  assert again["step_time"] == first["step_time"] and again["previous"]["eval_set"] is None
+  assert json.loads(path.read_text()) == again
+
+  # The code now makes other held-out problems (as when the split was topped up to
+  # eval_size): the result is re-scored on them, still without training.
+  held_out = instruct.held_out
+  monkeypatch.setattr(instruct, "held_out",
+                      lambda make, count, seed, seen: held_out(make, count, seed + 7, seen))
+  moved = sparselora_accuracy.one_run(tiny_config(), workdir)
+  assert moved["eval_set"]["size"] == 8 and moved["eval_set"] != first["eval_set"]
+  assert moved["eval_loss"] != pytest.approx(first["eval_loss"], rel=1e-6)
+  assert moved["previous"]["eval_loss"] == again["eval_loss"]
+  assert [r for r in metrics.read_metrics(workdir) if "loss" in r] == train_rows
+  assert sparselora_accuracy.one_run(tiny_config(), workdir) == moved   # current: reused
+
+  # A run without its final checkpoint cannot be re-scored: it says so.
+  longer = tiny_config(steps=4)
+  runs.write_json(str(path), old)
+  with pytest.raises(UserError, match="no checkpoint of the final step 4"):
+    sparselora_accuracy.one_run(longer, workdir)

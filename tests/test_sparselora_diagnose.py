@@ -1,0 +1,133 @@
+"""experiments/sparselora_diagnose.py: its NumPy pieces against direct derivations, and its
+per-layer check on a tiny model (it agrees with lost_jax, and it notices a wrong estimator)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import sparselora_diagnose as dg
+from lost_jax import configs, optim
+from lost_jax import sparselora as sl
+from lost_jax.model import Llama
+
+
+def rand(*shape, seed=0):
+  return np.random.default_rng(seed).normal(size=shape)
+
+
+def test_svd_factors_are_the_best_rank_r_approximation():
+  k = rand(12, 20, seed=1)
+  p, q = dg.np_svd_factors(k, 3)
+  u, s, vt = np.linalg.svd(k)
+  np.testing.assert_allclose(p @ q, (u[:, :3] * s[:3]) @ vt[:3], atol=1e-12)
+  np.testing.assert_allclose(p.T @ p, np.diag(s[:3]), atol=1e-10)   # split evenly
+  np.testing.assert_allclose(q @ q.T, np.diag(s[:3]), atol=1e-10)
+
+
+def test_spec_scores_by_hand():
+  x = rand(2, 5, 6, seed=2)
+  valid = np.ones((2, 5), bool)
+  valid[0, :2] = False                               # left padding is not averaged
+  wg, wu = rand(6, 9, seed=3), rand(6, 9, seed=4)
+  got = dg.spec_ffn_scores(x, valid, wg, wu, rank=2)
+  want = np.zeros(9)
+  for b in range(2):
+    x_bar = x[b][valid[b]].mean(0)
+    pg, qg = dg.np_svd_factors(wg, 2)
+    pu, qu = dg.np_svd_factors(wu, 2)
+    g, u = x_bar @ pg @ qg, x_bar @ pu @ qu
+    want += (g / (1 + np.exp(-g)) * u) ** 2
+  np.testing.assert_allclose(got, np.sqrt(want), rtol=1e-12)
+  # The full-rank column norms are the oracle's; lost_jax's Gram-matrix norms agree.
+  p, q = dg.np_svd_factors(wg, 2)
+  np.testing.assert_allclose(
+      dg.spec_column_norms(x, valid, wg, rank=2),
+      sl.low_rank_column_norms(jnp.asarray(x, jnp.float32), jnp.asarray(valid),
+                               jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)),
+      rtol=1e-4)
+  y = x[valid] @ wg
+  np.testing.assert_allclose(dg.spec_column_norms(x, valid, wg),
+                             [np.linalg.norm(y[:, c]) for c in range(9)], rtol=1e-12)
+
+
+def test_output_errors_by_explicit_masking():
+  x, valid = rand(2, 4, 6, seed=5), np.ones((2, 4), bool)
+  wg, wu, wd = rand(6, 10, seed=6), rand(6, 10, seed=7), rand(10, 6, seed=8)
+  act = dg.ffn_act(x, valid, wg, wu)
+  idx = np.array([1, 4, 7])
+  keep = np.zeros(10)
+  keep[idx] = 1
+  dense = act @ wd
+  masked = act @ (wd * keep[:, None])                 # down's input rows off idx zeroed
+  assert dg.ffn_error(act, wd, idx) == pytest.approx(
+      np.linalg.norm(dense - masked) / np.linalg.norm(dense), rel=1e-12)
+  assert dg.ffn_error(act, wd, np.arange(10)) == pytest.approx(0.0, abs=1e-12)
+  # Channel j's contribution score is exactly the error of dropping it alone.
+  scores = dg.contribution_scores(act, wd)
+  for j in range(10):
+    rest = np.delete(np.arange(10), j)
+    assert scores[j] == pytest.approx(np.linalg.norm(dense - act[:, rest] @ wd[rest]),
+                                      rel=1e-10)
+  y = x.reshape(-1, 6) @ wg
+  assert dg.column_error(x, valid, wg, idx) == pytest.approx(
+      np.linalg.norm(y * (1 - keep)) / np.linalg.norm(y), rel=1e-12)
+  assert dg.overlap(np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6])) == 0.5
+  np.testing.assert_array_equal(dg.np_top_k(np.array([0.1, 5, 3, -1, 4]), 3), [1, 2, 4])
+
+
+def test_token_loss_matches_optim_cross_entropy():
+  logits, targets = rand(2, 3, 7, seed=9), np.array([[1, 2, 3], [4, 5, 6]])
+  weights = np.array([[0, 1, 1], [1, 0, 1]], np.float32)
+  nll, w = optim.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                               jnp.asarray(weights))
+  assert dg.token_loss(logits, targets, weights) == pytest.approx(float(nll / w), rel=1e-5)
+
+
+def tiny_model():
+  cfg = configs.model_config("quickstart")
+  cfg.update(dict(vocab_size=50, d_model=32, ffn_dim=48, n_layers=3, n_heads=4, n_kv_heads=2,
+                  dtype="float32"))
+  return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def tiny_batch(b=2, length=12):
+  rng = np.random.default_rng(1)
+  seg = np.ones((b, length), np.int32)
+  seg[0, :3] = 0
+  pos = np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32)
+  w = np.zeros((b, length), np.float32)
+  w[:, -4:] = 1
+  return {"inputs": rng.integers(0, 50, (b, length)).astype(np.int32), "positions": pos,
+          "segment_ids": seg, "targets": rng.integers(0, 50, (b, length)).astype(np.int32),
+          "weights": w}
+
+
+def test_recorded_inputs_drift_and_layer_table_on_a_tiny_model():
+  model, batch = tiny_model(), tiny_batch()
+  plan = sl.SparsityPlan.from_layers(3, ffn=0.5, ffn_layers="1-2", attn=0.5, attn_layers="2")
+  est = sl.build_estimators(model, 4, plan.estimator_layers())
+  logits, recs = dg.record_inputs(model, batch)
+  np.testing.assert_allclose(logits, model(jnp.asarray(batch["inputs"]),
+                                           jnp.asarray(batch["positions"]),
+                                           jnp.asarray(batch["segment_ids"])), atol=1e-5)
+  blk = model.layers[0]                                # layer 0's MLP input, by hand
+  h0 = np.asarray(blk.attn_norm(model.embed(jnp.asarray(batch["inputs"]), jnp.float32)))
+  np.testing.assert_allclose(recs[0].attn_in, h0, atol=1e-5)
+  # The sparse plan's loss is the loss of sparselora.forward's logits.
+  losses = dg.plan_losses(model, est, batch, {"p": plan}, dense_len=4)
+  want = sl.forward(model, jnp.asarray(batch["inputs"]), est, plan, 4,
+                    jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
+  assert losses["p"] == pytest.approx(dg.token_loss(np.asarray(want), batch["targets"],
+                                                    batch["weights"]), rel=1e-6)
+  # Before the first sparse layer nothing moves; the sparse layer's context does.
+  d = dg.drift(model, est, plan, batch, recs, dense_len=4)
+  assert d[0][1:] == (0.0, 0.0) and d[1][1:] == (0.0, 0.0) and d[2][1] > 1e-3
+  rows = dg.layer_table(model, est, plan, batch, recs, n_sparse=8, rank=4)
+  assert [r["layer"] for r in rows] == [1, 2]
+  assert all(r["ffn_same_svd"] and r["ffn_same_oracle"] for r in rows)
+  assert rows[1]["v_same_svd"] and rows[1]["v_same_oracle"]
+  # An estimator of the wrong kernels (layer 1's factors used for layer 2) is caught.
+  wrong = {**est, sl.layer_key(2): est[sl.layer_key(1)]}
+  rows = dg.layer_table(model, wrong, plan, batch, recs, n_sparse=8, rank=4)
+  assert not rows[1]["ffn_same_svd"] and rows[1]["ffn_same_oracle"]
