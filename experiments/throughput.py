@@ -45,8 +45,8 @@ METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
 REFERENCE = "full_rank"
 TORCH_METHODS = ("full_rank", "lost")   # what experiments/torch_baseline.py implements
 # Targets of the issue (llama_60m dims, seq 256, float32, this CPU).
-MFU_TARGET = 0.75           # full-rank MFU vs the measured peak
-SPEEDUP_TARGET = 0.85       # LOST's realised / FLOP-predicted speedup over full-rank
+MFU_TARGET = 0.80           # full-rank float32 MFU vs the measured peak (issue #14)
+SPEEDUP_TARGET = 0.90       # LOST's realised / FLOP-predicted speedup over full-rank
 LOAD_LIMIT = 2.5            # 1-minute load average below which the machine counts as quiet
 
 
@@ -294,18 +294,17 @@ def cpu_model() -> str:
 
 
 def targets(result: dict) -> list[tuple[str, float, float, bool]]:
-  """(description, value, target, met) for the issue's float32 targets, where measured."""
+  """(description, value, target, met) for the issue's targets, where measured: full-rank
+  MFU in float32; LOST's realised share of its FLOP-predicted speedup in every precision."""
   out = []
   for r in result["rows"]:
-    if r["precision"] != "float32":
-      continue
-    if r["method"] == REFERENCE:
+    if r["method"] == REFERENCE and r["precision"] == "float32":
       out.append(("full-rank float32 MFU vs measured float32 peak", r["mfu"], MFU_TARGET,
                   r["mfu"] >= MFU_TARGET))
     if r["method"] == "lost":
       frac = r["speedup"]["fraction"]
-      out.append(("LOST float32 realised / FLOP-predicted speedup", frac, SPEEDUP_TARGET,
-                  frac >= SPEEDUP_TARGET))
+      out.append((f"LOST {r['precision']} realised / FLOP-predicted speedup", frac,
+                  SPEEDUP_TARGET, frac >= SPEEDUP_TARGET))
   return out
 
 
@@ -372,7 +371,7 @@ def report(result: dict, command: str, notes: str = "", image: str = "") -> str:
         ["precision", "method", "lost_jax step ms", "torch step ms", "lost_jax speed / torch"],
         [[p, m, f"{1e3 * j:.0f}", f"{1e3 * t:.0f}", f"{ratio:.2f}x"]
          for p, m, j, t, ratio in vs]) + "\n")
-  parts.append("## Targets (float32)\n")
+  parts.append("## Targets\n")
   for desc, value, target, met in targets(result):
     parts.append(f"- {desc}: {value:.0%} (target >= {target:.0%}): "
                  f"{'met' if met else 'NOT met'}.")

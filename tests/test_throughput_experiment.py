@@ -48,13 +48,16 @@ def test_logits_share_is_head_over_forward_flops():
   assert tp.logits_share(lost, 256) > tp.logits_share(model, 256)
 
 
-def test_targets_read_float32_rows_only():
+def test_targets_mfu_in_float32_and_lost_speedup_in_every_precision():
   rows = [dict(precision="float32", method="full_rank", mfu=0.8,
                speedup={"fraction": 1.0}),
+          dict(precision="mixed", method="full_rank", mfu=0.1, speedup={"fraction": 1.0}),
           dict(precision="float32", method="lost", mfu=0.5, speedup={"fraction": 0.7}),
-          dict(precision="mixed", method="lost", mfu=0.1, speedup={"fraction": 0.1})]
+          dict(precision="mixed", method="lost", mfu=0.1, speedup={"fraction": 0.9})]
   out = tp.targets({"rows": rows})
-  assert [(v, met) for _, v, _, met in out] == [(0.8, True), (0.7, False)]
+  assert [(v, target, met) for _, v, target, met in out] == [
+      (0.8, 0.8, True), (0.7, 0.9, False), (0.9, 0.9, True)]
+  assert ["mixed" in desc for desc, *_ in out] == [False, False, True]
 
 
 def test_bench_config_matches_ranks_and_sets_the_step():
