@@ -186,19 +186,15 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
   scored_on = eval_set(cfg)
   n_eval = scored_on["accuracy"]
   stale = [n for n in results if results[n].get("eval_set") != scored_on]
-  lora_t = [results[n]["step_time"] for n in results if n.startswith("lora_s")]
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
   for n in names:
-    t = [results[k]["step_time"] for k in results if (k == n or k.startswith(n + "_s"))
-         and results[k].get("step_time")]
     f = [results[k]["flops_per_step"] for k in results if (k == n or k.startswith(n + "_s"))
          and results[k].get("flops_per_step")]
-    rel_t = f"{statistics.mean(lora_t) / statistics.mean(t):.2f}x" if t and lora_t else "-"
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss", "{:.4f}"),
                  cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
-                 rel_f, rel_t])
+                 rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
            f"Command: `{command}`", "",
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
@@ -213,11 +209,11 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            f"their sparse forward (context tokens sparse), the others' dense; seeds {seeds} for "
            f"LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
            common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
-                                  "FLOPs vs LoRA", "speed vs LoRA"], rows), "",
+                                  "FLOPs vs LoRA"], rows), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
-           "the machine at varying load: 'speed vs LoRA' compares runs made under different "
-           "loads and is not a speed result (docs/benchmarks/sparselora.md times both steps "
-           "interleaved on a quiet machine).", ""]
+           "the machine at varying load, so their ratios are not speed results "
+           "(docs/benchmarks/sparselora.md times both steps interleaved on a quiet machine).",
+           ""]
   if stale:
     lines += [f"Scored on another held-out set (re-scored by the command without "
               f"--report_only): {', '.join(stale)}.", ""]
