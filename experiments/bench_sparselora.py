@@ -377,6 +377,15 @@ def summary(result: dict) -> dict[str, float]:
           "estimator_flop_share": f["sparselora"]["estimator"] / f["sparselora"]["total"]}
 
 
+
+LLAMA3_8B_SCALED = (32, 1024, 3584, 8, 2, 32000)   # the default shape (flags below)
+
+
+def _shape_note(cfg) -> str:
+  """' (LLaMA3-8B shape, scaled down)' for the default dims, '' for any other shape."""
+  dims = (cfg.n_layers, cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size)
+  return " (LLaMA3-8B shape, scaled down)" if dims == LLAMA3_8B_SCALED else ""
+
 def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command: str) -> str:
   """Markdown: settings, step-time table, FLOPs by part, headline ratios."""
   t, f, s = result["timings"], result["flops"], result["settings"]
@@ -396,7 +405,7 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
       "",
       f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, FFN {cfg.ffn_dim}, "
       f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads of dim {cfg.d_model // cfg.n_heads}, "
-      f"vocab {cfg.vocab_size} (LLaMA3-8B shape, scaled down). LoRA r={s['lora_rank']} "
+      f"vocab {cfg.vocab_size}{_shape_note(cfg)}, random weights. LoRA r={s['lora_rank']} "
       f"alpha={s['lora_alpha']:g} on q, k, v, o; base frozen; AdamW on LoRA only.",
       "",
       f"Protocol: synthetic batch {s['batch']} x {s['seq_len']} tokens, last {s['out_len']} "
@@ -488,8 +497,9 @@ def _main(argv):
                            fl.vocab_size, fl.dtype)
   plan = sl.SparsityPlan.from_layers(cfg.n_layers, fl.ffn_sparsity, fl.ffn_layers,
                                      fl.attn_sparsity, fl.attn_layers)
-  plan_text = (f"FFN {fl.ffn_sparsity:g} on layers {fl.ffn_layers}, attention "
-               f"{fl.attn_sparsity:g} on {fl.attn_layers}")
+  attn_text = (f"attention {fl.attn_sparsity:g} on {fl.attn_layers}"
+               if fl.attn_sparsity and fl.attn_layers else "attention dense")
+  plan_text = f"FFN {fl.ffn_sparsity:g} on layers {fl.ffn_layers}, {attn_text}"
   result = run_benchmark(cfg, plan, batch=fl.batch, seq_len=fl.seq_len, out_len=fl.out_len,
                          bucket=fl.bucket, lora_rank=fl.lora_rank, lora_alpha=fl.lora_alpha,
                          estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,
