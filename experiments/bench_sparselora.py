@@ -8,7 +8,8 @@ on 14-19, 21-23, 25-29). Both variants are the library's own fine-tuning step, t
 `python -m lost_jax.main finetune` runs (`train.make_train_step` on `finetune.lora_setup` of a
 `sparselora.SparseLoRALlama`, with `sparselora.step_lengths`): LoRA is that step with every
 token dense. They live in one process, share the frozen weights, and alternate step by step
-(ABBA order) after a warm-up, so load from other processes hits both alike. Also reported: the model FLOP ratio (`step_flops`) and
+(ABBA order) after a warm-up, so load from other processes hits both alike. Also reported:
+the model FLOP ratio (`step_flops`) and
 the estimator's share of the sparse step (estimator + top-k selection of every sparse layer,
 jitted alone on the same hidden states).
 
@@ -378,13 +379,16 @@ def summary(result: dict) -> dict[str, float]:
 
 
 
-LLAMA3_8B_SCALED = (32, 1024, 3584, 8, 2, 32000)   # the default shape (flags below)
+# The default shape (the flags' defaults): LLaMA3-8B's, scaled down to this CPU.
+LLAMA3_8B_SCALED = dict(n_layers=32, d_model=1024, ffn_dim=3584, n_heads=8, n_kv_heads=2,
+                        vocab_size=32000)
 
 
 def _shape_note(cfg) -> str:
   """' (LLaMA3-8B shape, scaled down)' for the default dims, '' for any other shape."""
-  dims = (cfg.n_layers, cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size)
-  return " (LLaMA3-8B shape, scaled down)" if dims == LLAMA3_8B_SCALED else ""
+  default = all(getattr(cfg, k) == v for k, v in LLAMA3_8B_SCALED.items())
+  return " (LLaMA3-8B shape, scaled down)" if default else ""
+
 
 def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command: str) -> str:
   """Markdown: settings, step-time table, FLOPs by part, headline ratios."""
@@ -460,12 +464,13 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
 
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_integer("n_layers", 32, "Decoder blocks.")
-  flags.DEFINE_integer("d_model", 1024, "Hidden size (LLaMA3-8B: 4096).")
-  flags.DEFINE_integer("ffn_dim", 3584, "MLP intermediate size (LLaMA3-8B: 14336).")
-  flags.DEFINE_integer("n_heads", 8, "Query heads (LLaMA3-8B: 32).")
-  flags.DEFINE_integer("n_kv_heads", 2, "Key/value heads (LLaMA3-8B: 8).")
-  flags.DEFINE_integer("vocab_size", 32000, "Vocabulary (LLaMA3-8B: 128256).")
+  shape_help = dict(n_layers="Decoder blocks.", d_model="Hidden size (LLaMA3-8B: 4096).",
+                    ffn_dim="MLP intermediate size (LLaMA3-8B: 14336).",
+                    n_heads="Query heads (LLaMA3-8B: 32).",
+                    n_kv_heads="Key/value heads (LLaMA3-8B: 8).",
+                    vocab_size="Vocabulary (LLaMA3-8B: 128256).")
+  for name, default in LLAMA3_8B_SCALED.items():
+    flags.DEFINE_integer(name, default, shape_help[name])
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params f32).")
   flags.DEFINE_integer("batch", 1, "Sequences per step.")
   flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
