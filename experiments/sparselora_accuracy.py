@@ -103,13 +103,14 @@ def eval_set(cfg) -> dict:
           "sha256": digest[:16]}
 
 
-def rescore(cfg, workdir: str, result: dict) -> dict:
-  """A finished run's result re-scored on the current eval set from its final checkpoint
-  (zero-shot: the base again); timings and FLOPs are kept, the old scores under 'previous'."""
+def rescore(cfg, workdir: str, result: dict, scored_on: dict) -> dict:
+  """A finished run's result re-scored on the current eval set (`eval_set(cfg)`, given) from
+  its final checkpoint (zero-shot: the base again); timings and FLOPs are kept, the old scores
+  under 'previous'."""
   out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False, evaluate_only=True)
   keys = ("eval_accuracy", "eval_loss", "eval_set")
   return {**result, "eval_accuracy": out.get("eval_accuracy"), "eval_loss": out["eval_loss"],
-          "eval_set": eval_set(cfg), "previous": {k: result.get(k) for k in keys}}
+          "eval_set": scored_on, "previous": {k: result.get(k) for k in keys}}
 
 
 def one_run(cfg, workdir: str) -> dict:
@@ -119,8 +120,9 @@ def one_run(cfg, workdir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    if result.get("eval_set") != eval_set(cfg):
-      result = rescore(cfg, workdir, result)
+    scored_on = eval_set(cfg)
+    if result.get("eval_set") != scored_on:
+      result = rescore(cfg, workdir, result, scored_on)
       runs.write_json(path, result)
     return result
   t0 = time.time()
