@@ -167,11 +167,15 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   k = k_BxLxGxK.transpose(0, 2, 1, 3)                                     # [B,G,L,K]
   v = v_BxLxGxK.transpose(0, 2, 1, 3)
   v1 = jnp.concatenate([v, jnp.ones((b, g, length, 1), v.dtype)], axis=-1)  # [B,G,L,K+1]
+  starts = range(0, length, q_block)
+  # One split, not a slice per block: its transpose concatenates the blocks' query gradients
+  # where the slices' would pad each to full length and add them.
+  q_blocks = jax.lax.split(q, [min(length, s + q_block) - s for s in starts], axis=3)
   outs = []
-  for start in range(0, length, q_block):
+  for start, q_blk in zip(starts, q_blocks):
     stop = min(length, start + q_block)
     n = stop - start
-    q_blk = q[:, :, :, start:stop].reshape(b, g, r * n, hd)
+    q_blk = q_blk.reshape(b, g, r * n, hd)
     scores = batched_matmul(q_blk, k[:, :, :stop], transpose_b=True, backward=backward
                             ).reshape(b, g, r, n, stop)
     seg = None if segment_ids_BxL is None else segment_ids_BxL[:, :stop]

@@ -40,6 +40,8 @@ def qkv(seed=0):
 SEG = np.array([[1] * 5 + [2] * 7, [1] * L])
 KERNELS = {
     "blocked": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=4),
+    # Blocks of 5, 5 and 2 queries: a last block shorter than the others.
+    "blocked_ragged": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=5),
     "blocked_cpu_transposed": lambda q, k, v, s: model_lib.attention(
         q, k, v, s, q_block=4, backward="cpu_transposed"),
     "dot_product_attention": lambda q, k, v, s: model_lib.dot_product_attention(
