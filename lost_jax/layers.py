@@ -74,7 +74,9 @@ def matmul(x_BxN: jax.Array, w_NxM: jax.Array, dtype: Any = None,
   return _matmul(x_BxN, w_NxM, dtype, out_dtype, backward)
 
 
-def _dot(a, b, a_dim: int, b_dim: int, dtype):
+def contract(a, b, a_dim: int, b_dim: int, dtype):
+  """dot_general of a and b contracting a_dim with b_dim (no batch axes), both operands cast to
+  dtype; sub-32-bit dtypes accumulate in float32 (the result is then float32)."""
   acc = jnp.float32 if dtype.itemsize < 4 else None
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a_dim,), (b_dim,)), ((), ())),
                              preferred_element_type=acc)
@@ -83,7 +85,7 @@ def _dot(a, b, a_dim: int, b_dim: int, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _matmul(x_BxN, w_NxM, dtype, out_dtype, backward):
   del backward
-  return _dot(x_BxN, w_NxM, x_BxN.ndim - 1, 0, dtype).astype(out_dtype)
+  return contract(x_BxN, w_NxM, x_BxN.ndim - 1, 0, dtype).astype(out_dtype)
 
 
 def _matmul_fwd(x_BxN, w_NxM, dtype, out_dtype, backward):
@@ -93,7 +95,7 @@ def _matmul_fwd(x_BxN, w_NxM, dtype, out_dtype, backward):
 def _matmul_bwd(dtype, out_dtype, backward, residuals, g_BxM):  # pylint: disable=unused-argument
   x_BxN, w_NxM = residuals
   g = g_BxM.astype(dtype)
-  dx = _dot(g, w_NxM, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
+  dx = contract(g, w_NxM, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
   return dx, weight_grad(x_BxN, g, dtype, backward).astype(w_NxM.dtype)
 
 
@@ -105,13 +107,13 @@ def weight_grad(x_BxN: jax.Array, g_BxM: jax.Array, dtype, backward: str) -> jax
     # Transpose the narrower of x [T, N] and g [T, M] (LOST's first matmul: g is [T, r + k]).
     if g_TxM.shape[-1] < x_BxN.shape[-1]:
       x_TxN = x_BxN.astype(dtype).reshape(-1, x_BxN.shape[-1])
-      dw = jax.lax.optimization_barrier(_dot(transposed_tokens(g), x_TxN, 1, 0, dtype)).T
+      dw = jax.lax.optimization_barrier(contract(transposed_tokens(g), x_TxN, 1, 0, dtype)).T
     else:
-      dw = _dot(transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
+      dw = contract(transposed_tokens(x_BxN.astype(dtype)), g_TxM, 1, 0, dtype)
     # A caller's transpose of w (b.T) would otherwise fold into this dot as a contraction
     # over dim 0 of both operands, which XLA:CPU cannot run in bf16 (UNIMPLEMENTED).
     return jax.lax.optimization_barrier(dw)
-  return _dot(x_BxN.reshape(-1, x_BxN.shape[-1]), g_TxM, 0, 0, dtype)
+  return contract(x_BxN.reshape(-1, x_BxN.shape[-1]), g_TxM, 0, 0, dtype)
 
 
 def transposed_tokens(x_BxN: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from lost_jax.layers import _dot, weight_grad  # pylint: disable=protected-access
+from lost_jax.layers import contract, weight_grad
 
 
 def fused_cross_entropy(h_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
@@ -65,7 +65,7 @@ def _chunk(x, i, chunk):
 
 def _logits(h_BxCxD, w_DxV, v0, v1, dtype):
   """float32 logits [B, C, v1 - v0] of vocab columns v0..v1."""
-  return _dot(h_BxCxD, w_DxV[:, v0:v1], 2, 0, dtype).astype(jnp.float32)
+  return contract(h_BxCxD, w_DxV[:, v0:v1], 2, 0, dtype).astype(jnp.float32)
 
 
 def _chunk_stats(h_BxCxD, w_DxV, t_BxC, dtype, slices):
@@ -130,7 +130,7 @@ def _fused_nll_fwd(h, w, targets, weights, chunk, vocab_chunk, dtype, backward):
         logits = _logits(h_c, w_cast, v0, v1, dtype)
       onehot = jnp.arange(v0, v1) == t_c[..., None]
       dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * w_c).astype(dtype)
-      dh_c = dh_c + _dot(dlogits, w_cast[:, v0:v1], 2, 1, dtype).astype(jnp.float32)
+      dh_c = dh_c + contract(dlogits, w_cast[:, v0:v1], 2, 1, dtype).astype(jnp.float32)
       if dw_DxV is not None:
         dw_DxV = dw_DxV.at[:, v0:v1].add(
             weight_grad(h_c, dlogits, dtype, backward).astype(jnp.float32))
