@@ -14,6 +14,7 @@ from lost_jax.layers import DenseLinear
 from lost_jax import lora
 from lost_jax.lora import LoRALinear, LoRAParam, apply_lora, lora_targets, merge_lora
 from lost_jax.model import Llama
+from test_sparselora import randomize_lora   # non-zero adapters (lora_b starts at 0)
 
 
 def tiny_cfg(n_kv_heads=2, n_layers=2):
@@ -21,15 +22,6 @@ def tiny_cfg(n_kv_heads=2, n_layers=2):
   cfg.update(dict(vocab_size=50, d_model=64, ffn_dim=96, n_layers=n_layers, n_heads=4,
                   n_kv_heads=n_kv_heads, dtype="float32"))
   return cfg
-
-
-def randomize_lora(model, seed=0, std=0.1):
-  """Non-zero adapters (lora_b starts at 0, which would hide the adapter math)."""
-  state = nnx.state(model, LoRAParam)
-  leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  nnx.update(model, jax.tree.unflatten(tree, new))
 
 
 @nnx.jit
