@@ -174,12 +174,16 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
   return result
 
 
+def _ratio(x: float | None) -> str:
+  return "-" if x is None else f"{x:.2f}"      # '-': the layer keeps that part dense
+
+
 def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
   def cell(name, key, fmt):
-    vals = [results[n][key] for n in results if (n == name or n.startswith(name + "_s"))
-            and results[n].get(key) is not None]
+    done = [n for n in results if n == name or n.startswith(name + "_s")]
+    vals = [results[n][key] for n in done if results[n].get(key) is not None]
     if not vals:
-      return "pending"
+      return "-" if done else "pending"      # finished without it (zero-shot: no steps)
     m = fmt.format(statistics.mean(vals))
     return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
@@ -214,7 +218,8 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
                                   "FLOPs vs LoRA"], rows), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
            "the machine at varying load, so their ratios are not speed results "
-           "(docs/benchmarks/sparselora.md times both steps interleaved on a quiet machine).",
+           "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "
+           "the LoRA and SparseLoRA steps of this shape interleaved on a quiet machine).",
            ""]
   if stale:
     lines += [f"Scored on another held-out set (re-scored by the command without "
@@ -223,8 +228,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
     lines += ["Per-layer overlap |estimator ∩ oracle| / kept channels (frozen model, held-out "
               "batches):", "",
               common.markdown_table(["layer", "FFN", "attention v"],
-                                    [[i, f"{ov['ffn'].get(i, float('nan')):.2f}",
-                                      f"{ov['attn_v'].get(i, float('nan')):.2f}"]
+                                    [[i, _ratio(ov["ffn"].get(i)), _ratio(ov["attn_v"].get(i))]
                                      for i in sorted(set(ov["ffn"]) | set(ov["attn_v"]),
                                                      key=int)]), ""]
   return "\n".join(lines)

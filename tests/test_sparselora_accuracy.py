@@ -79,3 +79,26 @@ def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_
   runs.write_json(str(path), old)
   with pytest.raises(UserError, match="no checkpoint of the final step 4"):
     sparselora_accuracy.one_run(longer, workdir)
+
+
+def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.path = "/models/base.gguf"
+  scored = sparselora_accuracy.eval_set(cfg)
+  run = lambda acc, step_time, flops: {"eval_accuracy": acc, "eval_loss": 0.05,
+                                       "step_time": step_time, "flops_per_step": flops,
+                                       "eval_set": scored}
+  results = {"zero_shot": run(0.02, None, None), "lora_s0": run(0.6, 9.0, 2e12),
+             "lora_s1": run(0.62, 9.0, 2e12), "sparselora_s0": run(0.3, 8.0, 1.5e12)}
+  ov = {"ffn": {"12": 0.15, "16": 0.25}, "attn_v": {"16": 0.5}}    # keys as read from JSON
+  text = sparselora_accuracy.report(results, ov, cfg, "cmd", seeds=2)
+  rows = {}
+  for line in text.splitlines():
+    if line.startswith("| ") and not line.startswith("| ---"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      rows[cells[0]] = cells[1:]
+  assert rows["zero_shot"][:3] == ["0.020", "0.0500", "-"]     # finished; it takes no steps
+  assert rows["lora"][0] == "0.610 ± 0.010 (n=2)"
+  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][4] == "0.75"
+  assert rows["random_channels"][:3] == ["pending"] * 3         # not run yet
+  assert rows["12"] == ["0.15", "-"] and rows["16"] == ["0.25", "0.50"]
