@@ -173,8 +173,8 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   q_blocks = jax.lax.split(q, [min(length, s + q_block) - s for s in starts], axis=3)
   outs = []
   for start, q_blk in zip(starts, q_blocks):
-    stop = min(length, start + q_block)
-    n = stop - start
+    n = q_blk.shape[3]
+    stop = start + n
     q_blk = q_blk.reshape(b, g, r * n, hd)
     scores = batched_matmul(q_blk, k[:, :, :stop], transpose_b=True, backward=backward
                             ).reshape(b, g, r, n, stop)

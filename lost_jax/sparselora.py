@@ -479,10 +479,7 @@ def channel_overlap(idx_a_K: jax.Array, idx_b_K: jax.Array) -> float:
 def _split(x_BxLxD: jax.Array, n_sparse: int):
   """(x[:, :n_sparse], x[:, n_sparse:]); as one split, whose transpose is one concatenate
   (two slices would transpose to two full-length pads and their sum)."""
-  length = x_BxLxD.shape[1]
-  if n_sparse in (0, length):
-    return x_BxLxD[:, :n_sparse], x_BxLxD[:, n_sparse:]
-  return tuple(jax.lax.split(x_BxLxD, [n_sparse, length - n_sparse], axis=1))
+  return tuple(jax.lax.split(x_BxLxD, [n_sparse, x_BxLxD.shape[1] - n_sparse], axis=1))
 
 
 def _join(sparse, dense):
