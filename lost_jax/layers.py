@@ -322,6 +322,16 @@ def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array
           std * jax.random.normal(rngs.params(), (m, rank)))
 
 
+def random_factor_params(rngs: nnx.Rngs, n: int, m: int, rank: int,
+                         axes: tuple[str | None, str | None], param_dtype: Any
+                         ) -> tuple[nnx.Param, nnx.Param]:
+  """`random_factors` as the a [n, r] and b [m, r] parameters, sharded like the kernel's axes."""
+  a, b = random_factors(rngs, n, m, rank)
+  in_axis, out_axis = axes
+  return (nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank")),
+          nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank")))
+
+
 def _check_rank(n: int, m: int, rank: int, kind: str):
   if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
     raise ValueError(f"{kind} rank={rank} is impossible for a {n}x{m} kernel. "
@@ -341,10 +351,8 @@ class LowRankLinear(nnx.Module):
     self.act = _activation(activation)
     self.dtype = dtype
     self.backward = backward
-    a, b = random_factors(rngs, in_features, out_features, rank)
-    in_axis, out_axis = axes
-    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
+    self.a, self.b = random_factor_params(rngs, in_features, out_features, rank, axes,
+                                          param_dtype)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     h = self.act(matmul(x_BxN, self.a[...], self.dtype, out_dtype=jnp.float32,
@@ -373,10 +381,8 @@ class SLTrainLinear(nnx.Module):
     self.scale = float(alpha) / rank
     self.dtype = dtype
     self.backward = backward
-    a, b = random_factors(rngs, in_features, out_features, rank)
-    in_axis, out_axis = axes
-    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
+    self.a, self.b = random_factor_params(rngs, in_features, out_features, rank, axes,
+                                          param_dtype)
     self.indices = StaticIndices(sltrain_support(rngs.params(), in_features, out_features,
                                                  density))
     bound = 1.0 / math.sqrt(in_features)
