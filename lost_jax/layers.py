@@ -256,11 +256,9 @@ class LOSTLinear(nnx.Module):
                             out_features, rank)
     elif factor_init != "svd":
       raise ValueError(f"factor_init={factor_init!r} is unknown. Fix: 'svd' or 'random'.")
-    in_axis, out_axis = axes
-    self.a = nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank"))
-    self.b = nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank"))
+    self.a, self.b = factor_params(a, b, axes, param_dtype)
     self.indices = StaticIndices(f.indices)
-    self.values = nnx.Param(f.values.astype(param_dtype), axes=(None, out_axis))
+    self.values = nnx.Param(f.values.astype(param_dtype), axes=(None, axes[1]))
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     # Two matmuls for both branches: the gather x[..., I] is an exact one-hot matmul appended
@@ -322,14 +320,12 @@ def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array
           std * jax.random.normal(rngs.params(), (m, rank)))
 
 
-def random_factor_params(rngs: nnx.Rngs, n: int, m: int, rank: int,
-                         axes: tuple[str | None, str | None], param_dtype: Any
-                         ) -> tuple[nnx.Param, nnx.Param]:
-  """`random_factors` as the a [n, r] and b [m, r] parameters, sharded like the kernel's axes."""
-  a, b = random_factors(rngs, n, m, rank)
+def factor_params(a_NxR: jax.Array, b_MxR: jax.Array, axes: tuple[str | None, str | None],
+                  param_dtype: Any) -> tuple[nnx.Param, nnx.Param]:
+  """Factors a [n, r] and b [m, r] as parameters, sharded like the kernel's (in, out) axes."""
   in_axis, out_axis = axes
-  return (nnx.Param(a.astype(param_dtype), axes=(in_axis, "rank")),
-          nnx.Param(b.astype(param_dtype), axes=(out_axis, "rank")))
+  return (nnx.Param(a_NxR.astype(param_dtype), axes=(in_axis, "rank")),
+          nnx.Param(b_MxR.astype(param_dtype), axes=(out_axis, "rank")))
 
 
 def _check_rank(n: int, m: int, rank: int, kind: str):
@@ -351,8 +347,8 @@ class LowRankLinear(nnx.Module):
     self.act = _activation(activation)
     self.dtype = dtype
     self.backward = backward
-    self.a, self.b = random_factor_params(rngs, in_features, out_features, rank, axes,
-                                          param_dtype)
+    self.a, self.b = factor_params(*random_factors(rngs, in_features, out_features, rank), axes,
+                                   param_dtype)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     h = self.act(matmul(x_BxN, self.a[...], self.dtype, out_dtype=jnp.float32,
@@ -381,8 +377,8 @@ class SLTrainLinear(nnx.Module):
     self.scale = float(alpha) / rank
     self.dtype = dtype
     self.backward = backward
-    self.a, self.b = random_factor_params(rngs, in_features, out_features, rank, axes,
-                                          param_dtype)
+    self.a, self.b = factor_params(*random_factors(rngs, in_features, out_features, rank), axes,
+                                   param_dtype)
     self.indices = StaticIndices(sltrain_support(rngs.params(), in_features, out_features,
                                                  density))
     bound = 1.0 / math.sqrt(in_features)
