@@ -106,17 +106,19 @@ def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, comma
   table = []
   for v in ABLATIONS:
     if v not in stats:
-      table.append([v, ABLATIONS[v][1], "", "pending", "", "", ""])
+      table.append([v, ABLATIONS[v][1], "", "pending", "", "", "", ""])
       continue
     s = stats[v]
     p = results[v][0]["params"]
     ms = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
     delta = f"{100 * (s['mean'] / ref['mean'] - 1):+.1f}%" if ref else "-"
+    apart = ("" if not ref or v == REFERENCE else
+             "apart" if compare_methods.separated(s, ref) else "overlap")
     table.append([v, ABLATIONS[v][1], f"{s['n']} of {len(seeds)}", f"**{ms}**",
-                  f"{s['min']:.2f} – {s['max']:.2f}", delta,
+                  f"{s['min']:.2f} – {s['max']:.2f}", delta, apart,
                   f"{p['projections'] / 1e6:.3f}"])
   header = ["variant", "what changes", "seeds", "val ppl mean ± std", "min – max",
-            "vs LOST (mean)", "projection params (M)"]
+            "vs LOST (mean)", "seed ranges vs LOST", "projection params (M)"]
   first = variant_config(proto, REFERENCE, lr, seeds[0])
   parts = [
       f"# {name}: LOST ablations at LOST's tuned learning rate\n",
@@ -128,7 +130,8 @@ def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, comma
       f"Measured on {common.environment()}. Code version: "
       f"`{json.dumps(runs.code_version(), sort_keys=True)}`.\n",
       common.markdown_table(header, table) + "\n",
-      "A gap smaller than the seeds' min-max range is not an established difference.\n",
+      "A gap whose seed min-max ranges overlap LOST's (\"overlap\") is not an established "
+      "difference.\n",
       f"![validation perplexity vs step]({name}.png)\n",
   ]
   return "\n".join(parts)

@@ -376,6 +376,45 @@ def control_text(rows: dict[str, dict]) -> str:
   return "Controls: " + "; ".join(parts) + "."
 
 
+def complete_stats(proto: Protocol, rows: dict[str, dict]) -> dict[str, dict]:
+  """entry -> mean_spread of its final validation perplexities, for entries with every seed."""
+  return {e: common.mean_spread([_ppl(r) for r in row["results"]])
+          for e, row in rows.items() if len(row["results"]) == len(proto.seeds)}
+
+
+def settled_text(proto: Protocol, rows_by_steps: dict[int, dict[str, dict]]) -> str:
+  """Whether the ranking at the sweep budget holds at the final budget: the pairs of
+  entries (all seeds at both budgets) whose order of mean perplexity flips, and the final
+  order with '<' where neighbours' seed ranges are apart and '~' where they overlap."""
+  (short, a), (long_, b) = sorted((n, complete_stats(proto, r))
+                                  for n, r in rows_by_steps.items())
+  both = sorted(set(a) & set(b), key=lambda e: b[e]["mean"])
+  if len(both) < 2:
+    return "Pending: fewer than two methods have all their seeds at both budgets."
+  label = {short: f"{proto.tokens(short):,}", long_: f"{proto.tokens(long_):,}"}
+  flips = []
+  for i, x in enumerate(both):
+    for y in both[i + 1:]:              # x before y at the final budget
+      if a[x]["mean"] > a[y]["mean"]:
+        flips.append(f"{y} ahead of {x} at {label[short]} tokens "
+                     f"({_fmt_ms(a[y])} vs {_fmt_ms(a[x])}, ranges "
+                     f"{'apart' if separated(a[x], a[y]) else 'overlap'}), behind at "
+                     f"{label[long_]} ({_fmt_ms(b[y])} vs {_fmt_ms(b[x])}, ranges "
+                     f"{'apart' if separated(b[x], b[y]) else 'overlap'})")
+  chain = both[0]
+  for x, y in zip(both, both[1:]):
+    chain += (" < " if separated(b[x], b[y]) else " ~ ") + y
+  pending = sorted((set(a) ^ set(b)) | (set(ENTRIES) - set(a) - set(b)))
+  return (f"Among the {len(both)} entries with every seed at both budgets, "
+          + (f"the order of mean perplexity at {label[short]} tokens is the same as at "
+             f"{label[long_]} tokens" if not flips else
+             f"{len(flips)} pair(s) change order from {label[short]} to {label[long_]} "
+             "tokens: " + "; ".join(flips))
+          + f". Final order at {label[long_]} tokens, '<' where neighbours' seed min-max "
+          f"ranges are apart, '~' where they overlap: {chain}."
+          + (f" Not yet complete at both budgets: {', '.join(pending)}." if pending else ""))
+
+
 def sweep_table(proto: Protocol, get: Lookup) -> str:
   """Entry x block lr -> final validation perplexity at the sweep budget (seed 0)."""
   states = {e: sweep_state(proto, e, get) for e in ENTRIES}
@@ -543,7 +582,9 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
                                                                    r["results"]],
                                    eval_ppl=[x["eval_ppl"] for x in r["results"]])
                            for e, r in rows[steps].items()}
-  parts += ["## Shared learning-rate check\n", shared_table(proto, get) + "\n"]
+  parts += ["## Has the ranking settled?\n",
+            settled_text(proto, {steps: rows[steps] for steps, _ in budgets}) + "\n",
+            "## Shared learning-rate check\n", shared_table(proto, get) + "\n"]
   parts.append("Methods: " + "; ".join(f"{e}: {x.what}" for e, x in ENTRIES.items()) + ".\n")
   md = "\n".join(parts)
   with open(base + ".md", "w") as f:

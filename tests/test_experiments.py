@@ -308,6 +308,26 @@ def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
   mean = lambda v: sum(r["eval_ppl"] for r in out[v]) / 2
   assert table["gamma=0.5"][5] == f"{100 * (mean('gamma=0.5') / mean('lost') - 1):+.1f}%"
   assert table["lost"][5] == "+0.0%" and table["gamma=0.9"][3] == "pending"
+  ppl = {v: [r["eval_ppl"] for r in out[v]] for v in out}
+  apart = max(ppl["gamma=0.5"]) < min(ppl["lost"]) or max(ppl["lost"]) < min(ppl["gamma=0.5"])
+  assert table["gamma=0.5"][6] == ("apart" if apart else "overlap") and table["lost"][6] == ""
+
+
+def test_settled_text_names_flipped_pairs_and_separated_neighbours():
+  rows = lambda ppl: {e: {"results": [{"eval_ppl": p} for p in ps]} for e, ps in ppl.items()}
+  short = rows({"full_rank": [20, 21, 22], "lost": [23, 24, 25], "cola": [30, 31, 32],
+                "galore": [40, 41, 42], "sltrain": [50, 51]})              # sltrain: 2 of 3
+  long_ = rows({"full_rank": [12, 13, 14], "lost": [10, 11, 12], "cola": [15, 16, 17],
+                "galore": [16.5, 18, 19], "sltrain": [20, 21, 22]})
+  text = compare_methods.settled_text(TINY_PROTO, {3: short, 6: long_})
+  assert "Among the 4 entries" in text and "1 pair(s) change order" in text
+  assert "full_rank ahead of lost at 96 tokens (21.00 ± 1.00 vs 24.00 ± 1.00, ranges apart)" in text
+  assert "behind at 192 (13.00 ± 1.00 vs 11.00 ± 1.00, ranges overlap)" in text
+  assert "lost ~ full_rank < cola ~ galore." in text       # 12 vs 12: touching ranges overlap
+  assert "Not yet complete at both budgets:" in text and "sltrain" in text
+  same = compare_methods.settled_text(TINY_PROTO, {3: long_, 6: long_})
+  assert "is the same as at 192 tokens" in same and "change order" not in same
+  assert compare_methods.settled_text(TINY_PROTO, {3: rows({}), 6: long_}).startswith("Pending")
 
 
 def test_a_diverged_run_is_a_result_not_a_crash(tmp_path):
