@@ -132,6 +132,11 @@ class Spec:
   steps: int
   shared_shift: int = 0
 
+  def __str__(self) -> str:
+    shared = f", shared lr x{2.0 ** self.shared_shift:g}" if self.shared_shift else ""
+    return (f"{self.entry} lr {lr_of(self.lr_index):.3g} seed {self.seed} steps "
+            f"{self.steps}{shared}")
+
 
 def lr_of(index: int) -> float:
   return LR_BASE * 2.0 ** index
@@ -173,6 +178,24 @@ def _ppl(result: dict | None) -> float:
   return v if math.isfinite(v) else math.inf
 
 
+def _bracket(start: Iterable[int], result_of: Callable[[int], dict | None]
+             ) -> tuple[list[int], list[int], int | None]:
+  """(grid so far, points still to run, best point or None) of a 1-D search over integer
+  points: the grid starts at `start` and grows by one past an edge while the lowest
+  perplexity (result_of(i)) sits on that edge, at most MAX_EXTENSIONS times."""
+  start = sorted(start)
+  grid = list(start)
+  while True:
+    results = {i: result_of(i) for i in grid}
+    todo = [i for i in grid if results[i] is None]
+    if todo:
+      return grid, todo, None
+    best = min(grid, key=lambda i: _ppl(results[i]))   # ties: the lower point
+    if len(grid) - len(start) >= MAX_EXTENSIONS or best not in (grid[0], grid[-1]):
+      return grid, [], best
+    grid = sorted(grid + [best - 1 if best == grid[0] else best + 1])
+
+
 def sweep_state(proto: Protocol, entry: str, get: Lookup) -> tuple[list[int], list[int],
                                                                   int | None]:
   """(grid so far, indices still to run, chosen index or None) of an entry's lr sweep.
@@ -186,16 +209,19 @@ def sweep_state(proto: Protocol, entry: str, get: Lookup) -> tuple[list[int], li
     if lost_best is None:
       return [], [], None        # waits for LOST's sweep
     start = (lost_best - 1, lost_best, lost_best + 1)
-  grid = sorted(start)
-  while True:
-    results = {i: get(Spec(entry, i, proto.seeds[0], proto.sweep_steps)) for i in grid}
-    todo = [i for i in grid if results[i] is None]
-    if todo:
-      return grid, todo, None
-    best = min(grid, key=lambda i: _ppl(results[i]))   # ties: the lower lr
-    if len(grid) - len(start) >= MAX_EXTENSIONS or best not in (grid[0], grid[-1]):
-      return grid, [], best
-    grid = sorted(grid + [best - 1 if best == grid[0] else best + 1])
+  return _bracket(start, lambda i: get(Spec(entry, i, proto.seeds[0], proto.sweep_steps)))
+
+
+def shared_state(proto: Protocol, entry: str, get: Lookup) -> tuple[list[int], list[int],
+                                                                   int | None]:
+  """(shifts so far, shifts still to run, best shift or None) of the shared-lr check: the
+  entry at its chosen block lr, seed 0, sweep budget, with the shared lr x 2^k for k in
+  SHARED_SHIFTS and 0, extended past an edge like the block-lr sweep."""
+  best = sweep_state(proto, entry, get)[2]
+  if best is None:
+    return [], [], None
+  return _bracket(set(SHARED_SHIFTS) | {0},
+                  lambda k: get(Spec(entry, best, proto.seeds[0], proto.sweep_steps, k)))
 
 
 def _interleave(lists: Iterable[list[Spec]]) -> list[Spec]:
@@ -217,7 +243,8 @@ def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) 
 
   Stages: sweeps of full_rank and LOST; their seeded runs at the final budget; sweeps of the
   rest; their seeded runs at the final budget; the extra seeds at the sweep budget; the
-  shared-lr check (full_rank and LOST at their chosen block lr, shared lr x 0.5 and x 2).
+  shared-lr check (full_rank and LOST at their chosen block lr, shared lr x 0.5 and x 2,
+  extended past an edge until each method's best shared lr is bracketed).
   """
   entries = tuple(entries)
   first = [e for e in FIRST if e in entries]
@@ -236,13 +263,8 @@ def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) 
     return out
 
   def shared_check(names):
-    out = []
-    for e in names:
-      best = sweep_state(proto, e, get)[2]
-      if best is not None:
-        out += [s for s in (Spec(e, best, proto.seeds[0], proto.sweep_steps, k)
-                            for k in SHARED_SHIFTS) if get(s) is None]
-    return out
+    return [Spec(e, sweep_state(proto, e, get)[2], proto.seeds[0], proto.sweep_steps, k)
+            for e in names for k in shared_state(proto, e, get)[1]]
 
   stages = [lambda: sweeps(first),
             lambda: seeded(first, proto.final_steps, proto.seeds),
@@ -283,12 +305,10 @@ def sweep(proto: Protocol, *, name: str, results_dir: str, workdir_root: str, ou
       if get(spec) is not None:
         continue
       cfg = spec_config(proto, spec)
-      log(f"[{name}] run {done + 1}: {spec.entry} lr {lr_of(spec.lr_index):.3g} seed "
-          f"{spec.seed} steps {spec.steps} ({len(todo) - n} left in this stage)")
+      log(f"[{name}] run {done + 1}: {spec} ({len(todo) - n} left in this stage)")
       result = runs.run(cfg, workdir_root, results_dir=results_dir, quiet=quiet)
       common.drop_checkpoints(workdir_root, result["key"])
-      log(f"[{name}] {spec.entry} lr {lr_of(spec.lr_index):.3g} seed {spec.seed} steps "
-          f"{spec.steps}: validation perplexity {result['eval_ppl']:.3f} "
+      log(f"[{name}] {spec}: validation perplexity {result['eval_ppl']:.3f} "
           f"({result['wall_s'] / 60:.1f} min) -> {result['key']}.json")
       done += 1
       write_report(proto, get, name=name, out_dir=out_dir, command=command)
@@ -441,27 +461,48 @@ def sweep_table(proto: Protocol, get: Lookup) -> str:
 
 
 def shared_table(proto: Protocol, get: Lookup) -> str:
-  """full_rank and LOST at their chosen block lr with the shared lr halved / kept / doubled."""
+  """full_rank and LOST at their chosen block lr with the shared lr scaled by 2^k (the
+  shifts of shared_state), and the gap between them at each one's best shared lr."""
   base = dict(proto.overrides)["train.shared_lr"]
-  shifts = sorted(set(SHARED_SHIFTS) | {0})
-  table = []
+  states = {e: shared_state(proto, e, get) for e in FIRST}
+  shifts = sorted(set().union(*(g for g, _, _ in states.values())) | set(SHARED_SHIFTS) | {0})
+  n_start = len(set(SHARED_SHIFTS) | {0})
+  table, best_ppl = [], {}
   for e in FIRST:
-    best = sweep_state(proto, e, get)[2]
-    if best is None:
-      table.append([e] + ["pending"] * len(shifts))
-      continue
-    res = {k: get(Spec(e, best, proto.seeds[0], proto.sweep_steps, k)) for k in shifts}
-    done = {k: _ppl(r) for k, r in res.items() if r is not None}
-    top = min(done, key=done.get) if len(done) == len(shifts) else None
-    table.append([e] + [("pending" if k not in done else
-                         f"**{done[k]:.2f}**" if k == top else f"{done[k]:.2f}")
-                        for k in shifts])
+    grid, todo, top = states[e]
+    block = sweep_state(proto, e, get)[2]
+    row = [e]
+    for k in shifts:
+      if block is None or k in todo:
+        row.append("pending")
+      elif k not in grid:
+        row.append("")
+      else:
+        ppl = _ppl(get(Spec(e, block, proto.seeds[0], proto.sweep_steps, k)))
+        row.append(f"**{ppl:.2f}**" if k == top else f"{ppl:.2f}")
+        if k == top:
+          best_ppl[e] = (k, ppl, len(grid) - n_start >= MAX_EXTENSIONS
+                         and top in (grid[0], grid[-1]))
+    table.append(row)
   text = (f"Final validation perplexity at the sweep budget (seed {proto.seeds[0]}) at each "
           "method's chosen block lr, with the embedding / head / norm learning rate scaled; "
-          f"the protocol uses {base:g} for every method. A protocol value far from both "
-          "methods' best would have favoured one of them.\n\n")
-  return text + common.markdown_table(
+          f"the protocol uses {base:g} for every method. While a method's best is on an edge "
+          f"of its shifts, the next one past it is added (up to {MAX_EXTENSIONS}), as in the "
+          "block-lr sweep. A protocol value far from both methods' best would have favoured "
+          "one of them.\n\n")
+  out = text + common.markdown_table(
       ["method"] + [f"shared lr {base * 2.0 ** k:g}" for k in shifts], table)
+  if len(best_ppl) == len(FIRST):
+    (fk, fp, fe), (lk, lp, le) = best_ppl["full_rank"], best_ppl["lost"]
+    at0 = {e: _ppl(get(Spec(e, sweep_state(proto, e, get)[2], proto.seeds[0],
+                            proto.sweep_steps))) for e in FIRST}
+    edge = lambda x: " (at the edge of the searched range: not bracketed)" if x else ""
+    out += (f"\n\nEach method's best shared lr: full_rank {base * 2.0 ** fk:g} ({fp:.2f})"
+            f"{edge(fe)}, LOST {base * 2.0 ** lk:g} ({lp:.2f}){edge(le)}. LOST vs full_rank "
+            f"(seed {proto.seeds[0]}): {100 * (lp / fp - 1):+.1f}% with each at its best "
+            f"shared lr, {100 * (at0['lost'] / at0['full_rank'] - 1):+.1f}% at the protocol's "
+            f"{base:g}. The block lr was not re-tuned at the other shared rates.")
+  return out
 
 
 def _curves(results: list[dict]) -> list[list[tuple[int, float]]]:
@@ -488,6 +529,9 @@ def finished_and_pending(proto: Protocol, get: Lookup) -> tuple[int, list[Spec]]
     if best is not None:
       seen |= {Spec(e, best, s, n) for s in proto.seeds
                for n in (proto.sweep_steps, proto.final_steps)}
+      if e in FIRST:
+        seen |= {Spec(e, best, proto.seeds[0], proto.sweep_steps, k)
+                 for k in shared_state(proto, e, get)[0]}
   return sum(get(s) is not None for s in seen), plan(proto, get)
 
 
@@ -518,8 +562,7 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
   n_done, todo = finished_and_pending(proto, get)
   status = (f"**Status: {n_done} run(s) finished; "
             + (f"{len(todo)} run(s) left in the current stage (including "
-               + ", ".join(f"{s.entry} lr {lr_of(s.lr_index):.3g} seed {s.seed} "
-                           f"{s.steps} steps" for s in todo[:3])
+               + ", ".join(map(str, todo[:3]))
                + (", ..." if len(todo) > 3 else "") + "), later stages follow; "
                "every \"pending\" below is a run not yet finished.**"
                if todo else "the comparison is complete.**"))

@@ -313,6 +313,31 @@ def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
   assert table["gamma=0.5"][6] == ("apart" if apart else "overlap") and table["lost"][6] == ""
 
 
+def test_shared_check_extends_past_an_edge_and_reports_the_gap_at_each_best():
+  get, finish, done = _lookup({e: -2 for e in compare_methods.ENTRIES})
+  for _ in range(40):
+    todo = compare_methods.plan(TINY_PROTO, get)
+    if not todo:
+      break
+    finish(todo)
+    for s in todo:      # the shared check: full_rank improves up to shift 2, LOST without end
+      if s.shared_shift:  # (shift 0 is the sweep's run at the chosen rate: 10.00)
+        done[s]["eval_ppl"] = (8.0 + 0.5 * (s.shared_shift - 2) ** 2 if s.entry == "full_rank"
+                               else 10.0 - s.shared_shift)
+  assert not todo
+  grid, _, best = compare_methods.shared_state(TINY_PROTO, "full_rank", get)
+  assert grid == [-1, 0, 1, 2, 3] and best == 2          # 2 extensions, then bracketed
+  grid, _, best = compare_methods.shared_state(TINY_PROTO, "lost", get)
+  assert grid == [-1, 0, 1, 2, 3, 4] and best == 4       # MAX_EXTENSIONS reached at an edge
+  text = compare_methods.shared_table(TINY_PROTO, get)
+  rows = _table_rows(text)
+  assert rows["full_rank"][1:] == ["12.50", "10.00", "8.50", "**8.00**", "8.50", ""]
+  assert rows["lost"][1:] == ["11.00", "10.00", "9.00", "8.00", "7.00", "**6.00**"]
+  assert ("full_rank 0.01 (8.00), LOST 0.04 (6.00) (at the edge of the searched range: not "
+          "bracketed). LOST vs full_rank (seed 0): -25.0% with each at its best shared lr, "
+          "+0.0% at the protocol's 0.0025.") in text
+
+
 def test_settled_text_names_flipped_pairs_and_separated_neighbours():
   rows = lambda ppl: {e: {"results": [{"eval_ppl": p} for p in ps]} for e, ps in ppl.items()}
   short = rows({"full_rank": [20, 21, 22], "lost": [23, 24, 25], "cola": [30, 31, 32],
