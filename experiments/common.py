@@ -147,4 +147,4 @@ def plot_bands(series: dict[str, list[list[tuple[int, float]]]], path: str, titl
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")   # keeps a title wider than the axes
