@@ -25,9 +25,11 @@ Protocol (the same for every method; written at the top of the generated documen
 
 Order: the full_rank and LOST sweeps and their seeded runs come first, then the controls
 (bracketing LOST's chosen rate), CoLA, GaLore, low_rank and SLTrain, then the extra seeds at
-the sweep budget, then a check of the shared rate (0.5x and 2x for full_rank and LOST). Every finished run is stored as `<results_dir>/<key>.json` keyed by its full
-config and the code version (experiments/runs.py): re-running resumes a half-finished sweep,
-reuses only results of the same code and regenerates the documents after every run.
+the sweep budget, then a check of the shared rate (0.5x and 2x for full_rank and LOST,
+extended past an edge like the sweep). Every finished run is stored as
+`<results_dir>/<key>.json` keyed by its full config and the code version
+(experiments/runs.py): re-running resumes a half-finished sweep, reuses only results of the
+same code and regenerates the documents after every run.
 """
 
 from __future__ import annotations
@@ -585,8 +587,10 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
       "only on documents outside that split (tokenizer.training_document_ids). Perplexity "
       "is exp of the token-weighted mean loss.",
       f"- One peak learning rate for the embedding, LM head and norm scales of every method: "
-      f"train.shared_lr = {dict(proto.overrides)['train.shared_lr']:g} (not tuned per method; the last stage checks 0.5x and 2x "
-      "for full_rank and LOST). Only the block (q/k/v/o/gate/up/down) learning rate "
+      f"train.shared_lr = {dict(proto.overrides)['train.shared_lr']:g} (not tuned per "
+      "method; the last stage checks 0.5x and 2x for full_rank and LOST, extended past an "
+      "edge: see the shared learning-rate check). Only the block (q/k/v/o/gate/up/down) "
+      "learning rate "
       "differs between methods.",
       f"- Sweep: block lr on the ladder 1e-2 x 2^i, seed {proto.seeds[0]}, "
       f"{proto.sweep_steps} steps ({proto.tokens(proto.sweep_steps):,} tokens); >= 4 values "
