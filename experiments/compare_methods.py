@@ -437,21 +437,31 @@ def settled_text(proto: Protocol, rows_by_steps: dict[int, dict[str, dict]]) -> 
           + (f" Not yet complete at both budgets: {', '.join(pending)}." if pending else ""))
 
 
+def _grid_cells(cols: list[int], state: tuple[list[int], list[int], int | None],
+                result_of: Callable[[int], dict]) -> list[str]:
+  """One table row of a _bracket search: blank off its grid, 'pending' for points to run,
+  the final validation perplexity otherwise, bold at the best point."""
+  grid, todo, best = state
+  cells = []
+  for i in cols:
+    if i not in grid:
+      cells.append("")
+    elif i in todo:
+      cells.append("pending")
+    else:
+      v = _ppl(result_of(i))
+      cells.append(f"**{v:.2f}**" if i == best else f"{v:.2f}")
+  return cells
+
+
 def sweep_table(proto: Protocol, get: Lookup) -> str:
   """Entry x block lr -> final validation perplexity at the sweep budget (seed 0)."""
   states = {e: sweep_state(proto, e, get) for e in ENTRIES}
   cols = sorted({i for g, _, _ in states.values() for i in g})
   table = []
   for e, (grid, todo, best) in states.items():
-    cells = []
-    for i in cols:
-      if i not in grid:
-        cells.append("")
-      elif i in todo:
-        cells.append("pending")
-      else:
-        v = _ppl(get(Spec(e, i, proto.seeds[0], proto.sweep_steps)))
-        cells.append(f"**{v:.2f}**" if i == best else f"{v:.2f}")
+    cells = _grid_cells(cols, states[e],
+                        lambda i: get(Spec(e, i, proto.seeds[0], proto.sweep_steps)))
     if best is None:
       chosen = "pending" if grid else "pending (after LOST's sweep)"
     else:
@@ -468,24 +478,19 @@ def shared_table(proto: Protocol, get: Lookup) -> str:
   base = dict(proto.overrides)["train.shared_lr"]
   states = {e: shared_state(proto, e, get) for e in FIRST}
   shifts = sorted(set().union(*(g for g, _, _ in states.values())) | set(SHARED_SHIFTS) | {0})
-  n_start = len(set(SHARED_SHIFTS) | {0})
-  table, best_ppl = [], {}
+  table, best_ppl, at0 = [], {}, {}
   for e in FIRST:
-    grid, todo, top = states[e]
     block = sweep_state(proto, e, get)[2]
-    row = [e]
-    for k in shifts:
-      if block is None or k in todo:
-        row.append("pending")
-      elif k not in grid:
-        row.append("")
-      else:
-        ppl = _ppl(get(Spec(e, block, proto.seeds[0], proto.sweep_steps, k)))
-        row.append(f"**{ppl:.2f}**" if k == top else f"{ppl:.2f}")
-        if k == top:
-          best_ppl[e] = (k, ppl, len(grid) - n_start >= MAX_EXTENSIONS
-                         and top in (grid[0], grid[-1]))
-    table.append(row)
+    if block is None:
+      table.append([e] + ["pending"] * len(shifts))
+      continue
+    result_of = lambda k, e=e, block=block: get(Spec(e, block, proto.seeds[0],
+                                                     proto.sweep_steps, k))
+    table.append([e] + _grid_cells(shifts, states[e], result_of))
+    grid, _, top = states[e]
+    if top is not None:     # a best at an edge: _bracket ran out of extensions
+      best_ppl[e] = (top, _ppl(result_of(top)), top in (grid[0], grid[-1]))
+      at0[e] = _ppl(result_of(0))
   text = (f"Final validation perplexity at the sweep budget (seed {proto.seeds[0]}) at each "
           "method's chosen block lr, with the embedding / head / norm learning rate scaled; "
           f"the protocol uses {base:g} for every method. While a method's best is on an edge "
@@ -496,8 +501,6 @@ def shared_table(proto: Protocol, get: Lookup) -> str:
       ["method"] + [f"shared lr {base * 2.0 ** k:g}" for k in shifts], table)
   if len(best_ppl) == len(FIRST):
     (fk, fp, fe), (lk, lp, le) = best_ppl["full_rank"], best_ppl["lost"]
-    at0 = {e: _ppl(get(Spec(e, sweep_state(proto, e, get)[2], proto.seeds[0],
-                            proto.sweep_steps))) for e in FIRST}
     edge = lambda x: " (at the edge of the searched range: not bracketed)" if x else ""
     out += (f"\n\nEach method's best shared lr: full_rank {base * 2.0 ** fk:g} ({fp:.2f})"
             f"{edge(fe)}, LOST {base * 2.0 ** lk:g} ({lp:.2f}){edge(le)}. LOST vs full_rank "
