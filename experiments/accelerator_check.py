@@ -25,8 +25,9 @@ import jax
 
 from experiments import bench_sparselora as bench
 from experiments import throughput
-from lost_jax import accounting, configs
-from lost_jax import sparselora as sl
+from lost_jax import configs
+from lost_jax.measure import accounting
+from lost_jax.adapters.sparselora import plan as sl_plan
 
 PARITY_TESTS = ("tests/test_layers.py", "tests/test_model.py", "tests/test_lora.py",
                 "tests/test_sparselora.py")
@@ -90,10 +91,10 @@ def sparselora_setup(smoke: bool):
   """(model config, plan, plan text): LLaMA3-8B with the Math plan; smoke: 4 tiny layers."""
   if smoke:
     cfg = bench.bench_model_config(4, 64, 128, 4, 2, 256, "bfloat16")
-    return cfg, sl.SparsityPlan.from_layers(4, 0.75, "1-3", 0.5, "2-3"), "FFN 0.75 on 1-3, " \
+    return cfg, sl_plan.SparsityPlan.from_layers(4, 0.75, "1-3", 0.5, "2-3"), "FFN 0.75 on 1-3, " \
         "attention 0.5 on 2-3"
   cfg = bench.bench_model_config(32, 4096, 14336, 32, 8, 128256, "bfloat16")  # LLaMA3-8B
-  plan = sl.SparsityPlan.from_layers(cfg.n_layers, *bench.MATH_FFN, *bench.MATH_ATTN)
+  plan = sl_plan.SparsityPlan.from_layers(cfg.n_layers, *bench.MATH_FFN, *bench.MATH_ATTN)
   return cfg, plan, "FFN 0.99 on 3-30, attention 0.75 on 14-19,21-23,25-29 (Math)"
 
 

@@ -34,11 +34,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lost_jax import configs, finetune, sharding, train, xla_setup
-from lost_jax import model as model_lib
-from lost_jax import sparselora as sl
-from lost_jax.lora import LoRAParam, apply_lora
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.recipes import finetune
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
+from lost_jax.training import xla_setup
+from lost_jax.models import llama as model_lib
+from lost_jax.adapters.sparselora import model as sl
+from lost_jax.adapters.lora import LoRAParam, apply_lora
+from lost_jax.models.llama import Llama
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora import select as sl_select
+from lost_jax.adapters.sparselora import estimator as sl_estimator
 
 MATH_FFN = (0.99, "3-30")
 MATH_ATTN = (0.75, "14-19,21-23,25-29")
@@ -61,7 +68,7 @@ def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3
 # Model FLOPs of one train step.
 
 
-def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: int,
+def step_flops(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *, batch: int,
                seq_len: int, dense_len: int, lora_rank: int, estimator_rank: int = 8,
                logits_len: int | None = None, lora_targets=LORA_TARGETS) -> dict[str, int]:
   """Matmul FLOPs of one LoRA / SparseLoRA train step (forward + backward), by part.
@@ -93,9 +100,9 @@ def step_flops(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: 
   base = lora = est = 0
   for i in range(cfg.n_layers):
     s_attn, s_ffn = plan.attn[i], plan.ffn[i]
-    kept_kv = sl.keep_count(kv * hd, s_attn) if s_attn > 0 else kv * hd
+    kept_kv = sl_select.keep_count(kv * hd, s_attn) if s_attn > 0 else kv * hd
     kept = {"q": kept_kv * (h // kv), "k": kept_kv, "v": kept_kv, "o": kept_kv * (h // kv),
-            "gate": sl.keep_count(f, s_ffn) if s_ffn > 0 else f}
+            "gate": sl_select.keep_count(f, s_ffn) if s_ffn > 0 else f}
     kept["up"] = kept["down"] = kept["gate"]
     for name, (n, m) in shapes.items():
       full = n * m
@@ -162,12 +169,12 @@ def fast_estimators(model: Llama, layers, rank: int = 8, iters: int = 4, seed: i
   est, key = {}, jax.random.key(seed)
   for i in layers:
     block = model.layers[i]
-    est[sl.layer_key(i)] = {}
-    for name in sl.EST_MODULES:
+    est[sl_estimator.layer_key(i)] = {}
+    for name in sl_estimator.EST_MODULES:
       owner = block.mlp if name in ("gate", "up") else block.attn
       key, sub = jax.random.split(key)
       p, q = factors(getattr(owner, name).kernel[...], sub)
-      est[sl.layer_key(i)][name] = {"p": p, "q": q}
+      est[sl_estimator.layer_key(i)][name] = {"p": p, "q": q}
   return est
 
 
@@ -221,24 +228,24 @@ def finetune_run_config(cfg: ml_collections.ConfigDict, lora_rank: int, lora_alp
   return run
 
 
-def _groups(plan: sl.SparsityPlan) -> dict[tuple[float, float], list[int]]:
+def _groups(plan: sl_plan.SparsityPlan) -> dict[tuple[float, float], list[int]]:
   groups: dict[tuple[float, float], list[int]] = {}
   for i in plan.estimator_layers():
     groups.setdefault((plan.attn[i], plan.ffn[i]), []).append(i)
   return groups
 
 
-def selection_inputs(plan: sl.SparsityPlan, est: dict, h_attn, h_mlp, n_ctx: int) -> list:
+def selection_inputs(plan: sl_plan.SparsityPlan, est: dict, h_attn, h_mlp, n_ctx: int) -> list:
   """Per (attention, FFN) sparsity group: stacked estimators and context hidden states."""
   out = []
   for layers in _groups(plan).values():
     ids = np.asarray(layers)
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[est[sl.layer_key(i)] for i in layers])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[est[sl_estimator.layer_key(i)] for i in layers])
     out.append((stacked, h_attn[ids, :, :n_ctx], h_mlp[ids, :, :n_ctx]))
   return out
 
 
-def make_selection(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan):
+def make_selection(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan):
   """Jitted estimator + top-k selection of every sparse layer, on `selection_inputs`.
 
   Layers of a group run one after the other in a lax.scan, as in the step where each layer
@@ -249,11 +256,11 @@ def make_selection(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan):
   def one_layer(s_attn, s_ffn, e, x_attn, x_mlp):
     out = []
     if s_attn > 0:
-      norms = [sl.low_rank_column_norms(x_attn, None, e[m]["p"], e[m]["q"]) for m in "qkv"]
-      out.append(sl.select_attention(*norms, s_attn, cfg.n_heads, cfg.n_kv_heads))
+      norms = [sl_select.low_rank_column_norms(x_attn, None, e[m]["p"], e[m]["q"]) for m in "qkv"]
+      out.append(sl_select.select_attention(*norms, s_attn, cfg.n_heads, cfg.n_kv_heads))
     if s_ffn > 0:
-      score = sl.ffn_scores(x_mlp, None, e["gate"], e["up"])
-      out.append(sl.top_k_indices(score, sl.keep_count(cfg.ffn_dim, s_ffn)))
+      score = sl_select.ffn_scores(x_mlp, None, e["gate"], e["up"])
+      out.append(sl_select.top_k_indices(score, sl_select.keep_count(cfg.ffn_dim, s_ffn)))
     return out
 
   def select(inputs):
@@ -283,7 +290,7 @@ class Timing:
     return float(q[0]), float(q[1])
 
 
-def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batch: int = 1,
+def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *, batch: int = 1,
                   seq_len: int = 512, out_len: int = 128, bucket: int = 64,
                   lora_rank: int = 32, lora_alpha: float = 64.0, estimator_rank: int = 8,
                   warmup: int = 10, steps: int = 30, exact_svd: bool = False, seed: int = 0,
@@ -298,7 +305,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
   t0 = time.perf_counter()
   model = build_lora_model(cfg, lora_rank, lora_alpha, seed)
   layers = plan.estimator_layers()
-  est = (sl.build_estimators(model, estimator_rank, layers) if exact_svd
+  est = (sl_estimator.build_estimators(model, estimator_rank, layers) if exact_svd
          else fast_estimators(model, layers, estimator_rank, seed=seed))
   log(f"model + {len(layers)} layers of estimators built in {time.perf_counter() - t0:.1f} s")
   data = synthetic_batch(batch, seq_len, out_len, cfg.vocab_size, seed)
@@ -309,7 +316,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
   setup, params, rest = finetune.lora_setup(module, run_cfg, mesh)
   step = train.make_train_step(setup, run_cfg.train.microbatches)
   # The finetune loop's host-side lengths; LoRA = the same step with every token dense.
-  sparse_len = sl.step_lengths(np.asarray(data["weights"]), bucket, sparse=True)
+  sparse_len = sl_plan.step_lengths(np.asarray(data["weights"]), bucket, sparse=True)
   if full_logits:
     sparse_len = sparse_len._replace(logits_len=seq_len)
   lengths = {"lora": sparse_len._replace(dense_len=seq_len), "sparselora": sparse_len}
@@ -354,7 +361,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl.SparsityPlan, *, batc
       "timings": {name: Timing(t) for name, t in times.items()},
       "losses": {name: float(v) for name, v in losses.items()},
       "load": load,
-      "flops": {"lora": step_flops(cfg, sl.SparsityPlan.dense(cfg.n_layers), **kw),
+      "flops": {"lora": step_flops(cfg, sl_plan.SparsityPlan.dense(cfg.n_layers), **kw),
                 "sparselora": step_flops(cfg, plan, **kw)},
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
                        lora_rank=lora_rank, lora_alpha=lora_alpha, warmup=warmup, steps=steps,
@@ -500,7 +507,7 @@ def _main(argv):
   fl = flags.FLAGS
   cfg = bench_model_config(fl.n_layers, fl.d_model, fl.ffn_dim, fl.n_heads, fl.n_kv_heads,
                            fl.vocab_size, fl.dtype)
-  plan = sl.SparsityPlan.from_layers(cfg.n_layers, fl.ffn_sparsity, fl.ffn_layers,
+  plan = sl_plan.SparsityPlan.from_layers(cfg.n_layers, fl.ffn_sparsity, fl.ffn_layers,
                                      fl.attn_sparsity, fl.attn_layers)
   attn_text = (f"attention {fl.attn_sparsity:g} on {fl.attn_layers}"
                if fl.attn_sparsity and fl.attn_layers else "attention dense")

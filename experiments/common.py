@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 
-from lost_jax import configs, xla_setup
+from lost_jax import configs
+from lost_jax.training import xla_setup
 
 # Baselines whose rank is re-derived so their projection parameters match LOST's.
 MATCHED_KINDS = ("low_rank", "cola", "sltrain")

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root (`experiments
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common, runs  # pylint: disable=wrong-import-position
-from lost_jax import train  # pylint: disable=wrong-import-position
+from lost_jax.training import trainer as train  # pylint: disable=wrong-import-position
 
 LR_BASE = 1e-2          # ladder: lr_i = LR_BASE * 2**i (contains GaLore's published 0.01)
 MAX_EXTENSIONS = 3      # grid points added past an edge before the sweep gives up

@@ -17,7 +17,6 @@ there, and a finished one is reused only by the same config under the same code.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Callable
@@ -28,7 +27,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root (`experiments
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common, runs  # pylint: disable=wrong-import-position
-from lost_jax import configs, finetune, metrics  # pylint: disable=wrong-import-position
+from lost_jax import configs
+from lost_jax.recipes import finetune
+from lost_jax.training import metrics  # pylint: disable=wrong-import-position
 
 # run -> (method preset, train.optimizer)
 PRETRAIN = {"full_rank": ("full_rank", "adamw"), "full_rank 8-bit": ("full_rank", "adamw8bit"),

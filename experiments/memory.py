@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lost_jax import accounting, configs, sharding, train
+from lost_jax import configs
+from lost_jax.measure import accounting
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
 
 # Per-device micro-batch (sequences of 256 tokens) per size. The global batch stays the
 # paper's 512 sequences, reached by gradient accumulation over 512 / micro-batch passes.
@@ -210,7 +213,7 @@ def finetune_memory_config(preset: str, quantize: str, seqs_per_pass: int = 1
 def measure_finetune(cfg: ml_collections.ConfigDict, devices: list) -> dict:
   """Compile cfg's SparseLoRA train step (dense suffix = the answer part) from abstract state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from lost_jax import finetune  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(cfg.mesh, devices)
   t0 = time.time()
   configs.resolve_perf(cfg.model, devices[0].platform)

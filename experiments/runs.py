@@ -22,7 +22,10 @@ from typing import Any, Callable
 
 import ml_collections
 
-from lost_jax import accounting, errors, metrics, train
+from lost_jax import errors
+from lost_jax.measure import accounting
+from lost_jax.training import metrics
+from lost_jax.recipes import pretrain
 
 REQUEST_FILE = "experiment.json"  # the config and code version a workdir was started with
 
@@ -187,7 +190,7 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
     write_json(request, want)
   t0 = time.time()
   try:
-    train.train_and_evaluate(cfg, workdir, quiet=quiet)
+    pretrain.train_and_evaluate(cfg, workdir, quiet=quiet)
     rows = latest_rows(workdir)
     if not any(r["step"] == cfg.train.steps and "eval_ppl" in r for r in rows):
       raise interrupted(cfg.name, cfg.train.steps, rows, workdir)

@@ -36,8 +36,9 @@ def make_checkpoint(size: str, n_layers: int, path: str) -> int:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  from lost_jax import configs, hf  # pylint: disable=g-import-not-at-top
-  from lost_jax.model import Llama  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs
+  from lost_jax.formats import hf  # pylint: disable=g-import-not-at-top
+  from lost_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
   cfg = configs.model_config(size)
   cfg.n_layers = n_layers
   os.makedirs(path, exist_ok=True)
@@ -70,7 +71,9 @@ def load_once(path: str, mode: str, devices: int) -> dict:
   """In this (fresh) process: load and return peak RSS growth and what was loaded."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from lost_jax import configs, hf, sharding  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs
+  from lost_jax.formats import hf
+  from lost_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   jax.devices()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   if mode == "whole":

@@ -31,7 +31,13 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from experiments import common, runs  # pylint: disable=wrong-import-position
 from experiments.bench_sparselora import step_flops  # pylint: disable=wrong-import-position
-from lost_jax import configs, finetune, instruct, metrics, sparselora  # pylint: disable=wrong-import-position
+from lost_jax import configs
+from lost_jax.recipes import finetune
+from lost_jax.data import instruct
+from lost_jax.training import metrics
+from lost_jax.adapters.sparselora import model as sparselora  # pylint: disable=wrong-import-position
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora import select as sl_select
 
 RESULT_FILE = "result.json"   # a finished run's result, in its workdir
 # run name -> (cfg overrides, seed); seeds beyond 0 are added for lora / sparselora.
@@ -75,14 +81,15 @@ def apply(cfg, overrides: dict):
 
 def flops_per_step(cfg) -> dict:
   """Train-step FLOPs at the batch's median dense suffix (the data decide it)."""
-  from lost_jax import gguf as gguf_lib, tokenizer  # pylint: disable=g-import-not-at-top
+  from lost_jax.formats import gguf as gguf_lib
+  from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib._reader(cfg.init.path)),
                                     cfg.init.path)
-  plan = sparselora.plan_from_config(cfg.sparse, model_cfg.n_layers)
+  plan = sl_plan.plan_from_config(cfg.sparse, model_cfg.n_layers)
   tok = tokenizer.from_path(cfg.init.path)
   batch = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[0]
-  # The LM head runs on the loss suffix only (sparselora.step_lengths), LoRA or not.
-  suffix = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
+  # The LM head runs on the loss suffix only (sl_plan.step_lengths), LoRA or not.
+  suffix = sl_plan.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
   if not cfg.sparse.enabled:
     dense = cfg.data.seq_len
   elif not cfg.sparse.get("dense_outputs", True):
@@ -147,16 +154,16 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  from lost_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   module, plan = finetune.sparse_model(cfg, workdir)
   tok = tokenizer.from_path(cfg.init.path)
   batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[:n_batches]
   est = jax.tree.map(lambda v: v[...], module.estimators,
                      is_leaf=lambda v: hasattr(v, "get_value"))
-  oracle = sparselora.SparsityPlan(plan.ffn, plan.attn, "oracle")
+  oracle = sl_plan.SparsityPlan(plan.ffn, plan.attn, "oracle")
   ffn, attn = {}, {}
   for batch in batches:
-    dense = sparselora.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
+    dense = sl_plan.dense_suffix_len(batch["weights"], cfg.sparse.bucket)
     args = (jnp.asarray(batch["inputs"]),)
     kw = dict(dense_len=max(1, dense), positions_BxL=jnp.asarray(batch["positions"]),
               segment_ids_BxL=jnp.asarray(batch["segment_ids"]), return_indices=True)
@@ -164,9 +171,9 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
     _, b = sparselora.forward(module.model, *args, est, oracle, **kw)
     for i in plan.estimator_layers():
       if a[i]["ffn"] is not None:
-        ffn.setdefault(i, []).append(sparselora.channel_overlap(a[i]["ffn"], b[i]["ffn"]))
+        ffn.setdefault(i, []).append(sl_select.channel_overlap(a[i]["ffn"], b[i]["ffn"]))
       if a[i]["attn"] is not None:
-        attn.setdefault(i, []).append(sparselora.channel_overlap(a[i]["attn"].v,
+        attn.setdefault(i, []).append(sl_select.channel_overlap(a[i]["attn"].v,
                                                                  b[i]["attn"].v))
   result = {"ffn": {i: float(np.mean(v)) for i, v in ffn.items()},
             "attn_v": {i: float(np.mean(v)) for i, v in attn.items()}}

@@ -131,7 +131,7 @@ class Recorder:
   keeps its normed attention and MLP inputs."""
 
   def __init__(self, inner=None):
-    from lost_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    from lost_jax.models import llama as model_lib  # pylint: disable=g-import-not-at-top
     self.inner = inner or model_lib.DENSE
     self.attn_in = self.mlp_in = None
 
@@ -161,7 +161,9 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
                 rank: int, seed: int = 0) -> list[dict]:
   """Per sparse layer: spec vs lost_jax selections and the output lost by each channel set."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lost_jax import sparselora as sl  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import model as sl  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import estimator as sl_estimator  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import select as sl_select  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   valid = np.asarray(batch["segment_ids"])[:, :n_sparse] > 0
   rows = []
@@ -171,14 +173,14 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
       h = np.asarray(recs[i].mlp_in)[:, :n_sparse]
       wg, wu, wd = kernel(blk.mlp.gate), kernel(blk.mlp.up), kernel(blk.mlp.down)
       f = wg.shape[1]
-      k = sl.keep_count(f, plan.ffn[i])
+      k = sl_select.keep_count(f, plan.ffn[i])
       act = ffn_act(h, valid, wg, wu)
       spec = np_top_k(spec_ffn_scores(h, valid, wg, wu, rank), k)
       orac = np_top_k(oracle_ffn_scores(act), k)
       best = np_top_k(contribution_scores(act, wd), k)
       rand = np.sort(rng.choice(f, k, replace=False))
       ours = {m: np.asarray(sl._ffn_indices(blk.mlp, jnp.asarray(h), jnp.asarray(valid),  # pylint: disable=protected-access
-                                            est.get(sl.layer_key(i)), plan.ffn[i], m))
+                                            est.get(sl_estimator.layer_key(i)), plan.ffn[i], m))
               for m in ("svd", "oracle")}
       row.update(ffn_k=k, ffn_same_svd=bool(np.array_equal(ours["svd"], spec)),
                  ffn_same_oracle=bool(np.array_equal(ours["oracle"], orac)),
@@ -189,12 +191,12 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
       h = np.asarray(recs[i].attn_in)[:, :n_sparse]
       wv = kernel(blk.attn.v)
       c = wv.shape[1]
-      k = sl.keep_count(c, plan.attn[i])
+      k = sl_select.keep_count(c, plan.attn[i])
       spec = np_top_k(spec_column_norms(h, valid, wv, rank), k)
       orac = np_top_k(spec_column_norms(h, valid, wv), k)
       rand = np.sort(rng.choice(c, k, replace=False))
       ours = {m: sl._attn_indices(blk.attn, jnp.asarray(h), jnp.asarray(valid),  # pylint: disable=protected-access
-                                  est.get(sl.layer_key(i)), plan.attn[i], m)
+                                  est.get(sl_estimator.layer_key(i)), plan.attn[i], m)
               for m in ("svd", "oracle")}
       row.update(v_k=k, v_same_svd=bool(np.array_equal(np.asarray(ours["svd"].v), spec)),
                  v_same_oracle=bool(np.array_equal(np.asarray(ours["oracle"].v), orac)),
@@ -212,7 +214,11 @@ def with_adapters(cfg, module, workdir: str):
   """`module` (a SparseLoRALlama) with the LoRA parameters of the newest checkpoint in
   `workdir` (a finished fine-tune of the same config); workdir is only read."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from lost_jax import checkpoint, finetune, instruct, tokenizer, train  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import checkpoint
+  from lost_jax.recipes import finetune
+  from lost_jax.data import instruct
+  from lost_jax.data import tokenizer
+  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   run_cfg, mesh = train.start_run(cfg)
   setup, params, rest = finetune.lora_setup(module, run_cfg, mesh)
   ckpt = checkpoint.Checkpointer(workdir, every=run_cfg.train.ckpt_every,
@@ -233,7 +239,7 @@ def with_adapters(cfg, module, workdir: str):
 def plan_losses(model, est, batch: dict, plans: dict, dense_len: int) -> dict[str, float]:
   """Batch loss of the model under each named SparsityPlan (dense_len static)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lost_jax import sparselora as sl  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import model as sl  # pylint: disable=g-import-not-at-top
   out = {}
   for name, plan in plans.items():
     logits = sl.forward(model, jnp.asarray(batch["inputs"]), est, plan, dense_len,
@@ -247,7 +253,7 @@ def drift(model, est, plan, batch: dict, dense_recs, dense_len: int) -> list[tup
   """Per layer (i, context drift, output drift): ||h_sparse - h_dense|| / ||h_dense|| of the
   normed MLP inputs of the context (sparse) and the dense-suffix tokens under `plan`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lost_jax import sparselora as sl  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import model as sl  # pylint: disable=g-import-not-at-top
   length = batch["inputs"].shape[1]
   n_sparse = length - dense_len
   valid = jnp.asarray(batch["segment_ids"]) > 0
@@ -272,7 +278,12 @@ def drift(model, est, plan, batch: dict, dense_recs, dense_len: int) -> list[tup
 
 def main(argv, flags):
   del argv
-  from lost_jax import finetune, instruct, sparselora as sl, tokenizer  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import finetune
+  from lost_jax.data import instruct
+  from lost_jax.adapters.sparselora import model as sl
+  from lost_jax.adapters.sparselora import estimator as sl_estimator  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import plan as sl_plan  # pylint: disable=g-import-not-at-top
+  from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   cfg = flags.config.copy_and_resolve_references()
   cfg.sparse.enabled = True
@@ -289,24 +300,24 @@ def main(argv, flags):
   batches = [next(it) for _ in range(flags.batches)]
   plans = {"preset svd": plan}
   if flags.ablations:
-    plans.update({"preset oracle": sl.SparsityPlan(plan.ffn, plan.attn, "oracle"),
-                  "preset random": sl.SparsityPlan(plan.ffn, plan.attn, "random"),
-                  "preset FFN only": sl.SparsityPlan(plan.ffn, (0.0,) * n_layers),
-                  "preset attention only": sl.SparsityPlan((0.0,) * n_layers, plan.attn)})
+    plans.update({"preset oracle": sl_plan.SparsityPlan(plan.ffn, plan.attn, "oracle"),
+                  "preset random": sl_plan.SparsityPlan(plan.ffn, plan.attn, "random"),
+                  "preset FFN only": sl_plan.SparsityPlan(plan.ffn, (0.0,) * n_layers),
+                  "preset attention only": sl_plan.SparsityPlan((0.0,) * n_layers, plan.attn)})
   for spec in filter(None, (s.strip() for s in flags.variants.split(" "))):
     ffn, _, attn = spec.partition("|")
     for mode in flags.variant_modes.split(","):
-      plans[f"{spec} {mode}"] = sl.SparsityPlan(
+      plans[f"{spec} {mode}"] = sl_plan.SparsityPlan(
           sl.parse_layer_sparsity(ffn, n_layers, "variant ffn"),
           sl.parse_layer_sparsity(attn, n_layers, "variant attn"), mode)
   need = sorted({i for p in plans.values() for i in p.estimator_layers()})
-  missing = [i for i in need if sl.layer_key(i) not in est]
+  missing = [i for i in need if sl_estimator.layer_key(i) not in est]
   if missing:
-    est.update(sl.build_estimators(model, cfg.sparse.estimator_rank, missing))
+    est.update(sl_estimator.build_estimators(model, cfg.sparse.estimator_rank, missing))
   losses: dict[str, list[float]] = {}
   for bi, batch in enumerate(batches):
     w = batch["weights"]
-    dense_len = sl.step_lengths(w, cfg.sparse.bucket, True).dense_len
+    dense_len = sl_plan.step_lengths(w, cfg.sparse.bucket, True).dense_len
     n_sparse = w.shape[1] - dense_len
     out_in_sparse = float(w[:, :n_sparse].sum())
     ctx = int((batch["segment_ids"][:, :n_sparse] > 0).sum())

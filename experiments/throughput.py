@@ -23,7 +23,6 @@ saved result without measuring.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys
@@ -39,7 +38,10 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from experiments import common  # pylint: disable=wrong-import-position
-from lost_jax import accounting, configs, train, xla_setup  # pylint: disable=wrong-import-position
+from lost_jax import configs
+from lost_jax.measure import accounting
+from lost_jax.training import trainer as train
+from lost_jax.training import xla_setup  # pylint: disable=wrong-import-position
 
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
 REFERENCE = "full_rank"

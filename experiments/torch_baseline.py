@@ -186,7 +186,7 @@ def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0, compile_model: bo
   """
   if cfg.train.precision not in ("float32", "mixed"):
     raise ValueError(f"torch baseline precision {cfg.train.precision!r}: use float32 or mixed.")
-  from lost_jax import optim  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import optim  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   torch.set_flush_denormal(True)
   torch.set_num_threads(host_threads())
@@ -246,7 +246,8 @@ def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from lost_jax import accounting, configs  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs
+  from lost_jax.measure import accounting  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("size", "llama_60m", "Size preset.")
   flags.DEFINE_string("method", "full_rank", "full_rank | lost")
   flags.DEFINE_string("precision", "float32", "float32 | mixed")

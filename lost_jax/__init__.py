@@ -7,9 +7,10 @@ a bad one's error) before JAX is imported.
 import importlib
 
 _EXPORTS = {
-    "DenseLinear": "layers", "LOSTLinear": "layers", "LowRankLinear": "layers",
-    "SLTrainLinear": "layers", "StaticIndices": "layers", "make_linear": "layers",
-    "LostFactors": "lost", "lost_split": "lost", "Llama": "model",
+    "DenseLinear": "layers.linear", "LowRankLinear": "layers.linear",
+    "SLTrainLinear": "layers.linear", "StaticIndices": "layers.linear",
+    "LOSTLinear": "layers.lost", "LostFactors": "layers.lost", "lost_split": "layers.lost",
+    "make_linear": "layers.factory", "Llama": "models.llama",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -88,7 +88,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     _exit_with(f"command {' '.join(argv[1:])!r} is unknown. Fix: "
                f"lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
-  from lost_jax import configs, xla_setup
+  from lost_jax import configs
+  from lost_jax.training import xla_setup
   try:   # every setting that can be checked without JAX, before it is even imported
     (configs.validate_pretrain if argv[1] == "pretrain" else
      configs.validate_finetune)(_CONFIG.value)
@@ -98,10 +99,10 @@ def main(argv):
   errors.cli_output_guard = True
   try:
     if argv[1] == "pretrain":
-      from lost_jax import train
-      result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      from lost_jax.recipes import pretrain
+      result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
-      from lost_jax import finetune
+      from lost_jax.recipes import finetune
       result = finetune.finetune_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)

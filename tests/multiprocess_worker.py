@@ -10,7 +10,11 @@ import sys
 
 import jax
 
-from lost_jax import configs, finetune, sparselora, train
+from lost_jax import configs
+from lost_jax.recipes import finetune
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.parallel import distributed
+from lost_jax.recipes import pretrain
 
 TINY = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
 
@@ -48,20 +52,20 @@ def main(job: dict) -> None:
                          num_processes=job["nproc"], process_id=job["pid"]))
   asked = []
   if job["kind"] == "finetune":
-    local = sparselora.dense_suffix_len
+    local = sl_plan.dense_suffix_len
 
     def recording(weights, bucket):
       asked.append(int(local(weights, bucket)))
       return asked[-1]
-    sparselora.dense_suffix_len = recording
+    sl_plan.dense_suffix_len = recording
     agreed = []
-    agree = train.agree_max
-    train.agree_max = lambda v: agreed.append(list(agree(v))) or agreed[-1]
+    agree = distributed.agree_max
+    distributed.agree_max = lambda v: agreed.append(list(agree(v))) or agreed[-1]
     out = finetune.finetune_and_evaluate(cfg, job["workdir"], quiet=True,
                                          stop_at=job.get("stop_at"))
     extra = dict(asked=asked, agreed=agreed)
   else:
-    out = train.train_and_evaluate(cfg, job["workdir"], quiet=True, stop_at=job.get("stop_at"))
+    out = pretrain.train_and_evaluate(cfg, job["workdir"], quiet=True, stop_at=job.get("stop_at"))
     extra = {}
   print("RESULT" + json.dumps(dict(out=out, process=jax.process_index(),
                                    processes=jax.process_count(),

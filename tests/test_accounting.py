@@ -10,9 +10,11 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from lost_jax import accounting, configs, optim
-from lost_jax.layers import StaticIndices
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.measure import accounting
+from lost_jax.training import optim
+from lost_jax.layers.linear import StaticIndices
+from lost_jax.models.llama import Llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
@@ -229,7 +231,7 @@ def test_import_defines_no_flags():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "lost_jax.accounting", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "lost_jax.measure.accounting", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120, check=True).stdout
 
 
@@ -272,7 +274,7 @@ def test_8bit_moment_bytes_by_hand():
 
 
 def test_nf4_base_bytes_equal_the_quantised_model():
-  from lost_jax import quant
+  from lost_jax.ops import quant
   assert accounting.nf4_kernel_bytes(4096, 14336) == 4096 * 224 * (32 + 4)
   cfg = configs.finetune_config("quickstart")
   cfg.model.update(dict(dtype="bfloat16", param_dtype="bfloat16"))

@@ -3,7 +3,8 @@
 import numpy as np
 
 from experiments import bench_sparselora as bench
-from lost_jax import sparselora as sl
+from lost_jax.adapters.sparselora import model as sl
+from lost_jax.adapters.sparselora import plan as sl_plan
 
 
 def test_step_flops_matches_hand_count():
@@ -11,9 +12,9 @@ def test_step_flops_matches_hand_count():
   # one dense; LoRA r=2; estimator rank 2; layer 1 at FFN 0.5 and attention 0.5.
   cfg = bench.bench_model_config(n_layers=2, d_model=8, ffn_dim=16, n_heads=2, n_kv_heads=1,
                                  vocab_size=10)
-  plan = sl.SparsityPlan((0.0, 0.5), (0.0, 0.5))
+  plan = sl_plan.SparsityPlan((0.0, 0.5), (0.0, 0.5))
   kw = dict(batch=1, seq_len=4, dense_len=1, lora_rank=2, estimator_rank=2)
-  dense = bench.step_flops(cfg, sl.SparsityPlan.dense(2), **kw)
+  dense = bench.step_flops(cfg, sl_plan.SparsityPlan.dense(2), **kw)
   sparse = bench.step_flops(cfg, plan, **kw)
 
   # Base kernels q 8x8, k 8x4, v 8x4, o 8x8, gate 8x16, up 8x16, down 16x8: 576 MACs/token;
@@ -39,7 +40,7 @@ def test_step_flops_matches_hand_count():
   # gate, up, down: 64 + 3 * 128 MACs, and o's LoRA), q/k/v on all 4 as before (128 MACs
   # dense, 64 restricted on the 3 context tokens of the sparse plan).
   kw["logits_len"] = 1
-  dense_tail = bench.step_flops(cfg, sl.SparsityPlan.dense(2), **kw)
+  dense_tail = bench.step_flops(cfg, sl_plan.SparsityPlan.dense(2), **kw)
   sparse_tail = bench.step_flops(cfg, plan, **kw)
   tail_layer = 4 * (4 * 128 + 1 * 448)
   assert dense_tail["base"] == dense_layer + tail_layer
@@ -52,7 +53,7 @@ def test_step_flops_matches_hand_count():
 def test_tiny_benchmark_runs_and_reports():
   cfg = bench.bench_model_config(n_layers=2, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
                                  vocab_size=64)
-  plan = sl.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
+  plan = sl_plan.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
   result = bench.run_benchmark(cfg, plan, seq_len=32, out_len=8, bucket=8, lora_rank=4,
                                lora_alpha=8.0, warmup=1, steps=2, log=lambda _: None)
   assert result["settings"]["dense_len"] == 8
@@ -76,9 +77,9 @@ def test_dense_path_and_logits_from_match_the_model():
   model = bench.build_lora_model(cfg, lora_rank=4, lora_alpha=8.0)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
   full = np.asarray(model(tokens))
-  dense = sl.forward(model, tokens, None, sl.SparsityPlan.dense(2), 16, logits_from=12)
+  dense = sl.forward(model, tokens, None, sl_plan.SparsityPlan.dense(2), 16, logits_from=12)
   np.testing.assert_allclose(np.asarray(dense), full[:, 12:], rtol=1e-5, atol=1e-5)
-  plan = sl.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
+  plan = sl_plan.SparsityPlan.from_layers(2, 0.75, "1", 0.5, "1")
   est = bench.fast_estimators(model, plan.estimator_layers(), rank=2)
   whole = sl.forward(model, tokens, est, plan, 4)
   tail, idx = sl.forward(model, tokens, est, plan, 4, logits_from=12, return_indices=True)

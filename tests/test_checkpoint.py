@@ -2,7 +2,9 @@
 
 import pytest
 
-from lost_jax import checkpoint, configs, train
+from lost_jax import configs
+from lost_jax.training import checkpoint
+from lost_jax.recipes import pretrain
 from test_pipeline import small_run_config
 
 
@@ -38,11 +40,11 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
 
 def test_resume_refuses_a_new_global_batch_and_accepts_a_new_step_count(tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(small_run_config(steps=2), workdir, quiet=True)
+  pretrain.train_and_evaluate(small_run_config(steps=2), workdir, quiet=True)
   bigger = small_run_config(steps=2)
   bigger.train.batch_size = 8
   with pytest.raises(ValueError, match="global_batch: checkpoint 4 vs run 8"):
-    train.train_and_evaluate(bigger, workdir, quiet=True)
+    pretrain.train_and_evaluate(bigger, workdir, quiet=True)
   longer = small_run_config(steps=4)
-  assert train.train_and_evaluate(longer, workdir, quiet=True)["step"] == 4
+  assert pretrain.train_and_evaluate(longer, workdir, quiet=True)["step"] == 4
   assert "schedule.steps: checkpoint 2 vs run 4" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lost_jax import configs
-from lost_jax import data
-from lost_jax import tokenizer as tokenizer_lib
+from lost_jax.data import text as data
+from lost_jax.data import tokenizer as tokenizer_lib
 
 VOCAB = 512
 

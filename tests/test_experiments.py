@@ -6,7 +6,8 @@ import math
 import pytest
 
 from experiments import ablate_lost, common, compare_methods, runs
-from lost_jax import configs, metrics
+from lost_jax import configs
+from lost_jax.training import metrics
 
 TINY = {"model.d_model": 32, "model.ffn_dim": 64, "model.n_layers": 1, "model.n_heads": 2,
         "model.n_kv_heads": 2, "model.linear.rank": 4, "data.seq_len": 16,

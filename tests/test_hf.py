@@ -11,9 +11,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lost_jax import configs, hf
-from lost_jax.layers import DenseLinear, LOSTLinear
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.formats import hf
+from lost_jax.layers.linear import DenseLinear
+from lost_jax.layers.lost import LOSTLinear
+from lost_jax.models.llama import Llama
 
 VOCAB, D, F, LAYERS, HEADS, KV = 128, 64, 96, 2, 4, 2
 TOKENS_BxL = np.random.RandomState(0).randint(0, VOCAB, (2, 24))
@@ -123,7 +125,7 @@ def _np_llama3_inv_freq(hd, theta, factor, low, high, old_len):
 
 
 def test_rope_inv_freq_matches_numpy_rederivation():
-  from lost_jax.model import RopeScaling, rope_inv_freq
+  from lost_jax.models.llama import RopeScaling, rope_inv_freq
   hd, theta = 128, 500_000.0
   got = np.asarray(rope_inv_freq(hd, theta, RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)))
   want = _np_llama3_inv_freq(hd, theta, 8.0, 1.0, 4.0, 8192)
@@ -168,7 +170,7 @@ def test_bfloat16_export_stores_bfloat16_and_reloads_rounded(tmp_path):
 
 
 def test_import_on_a_mesh_places_params_by_logical_axes(tmp_path):
-  from lost_jax import sharding
+  from lost_jax.parallel import sharding
   model = Llama(tiny_cfg(), rngs=nnx.Rngs(3))
   hf.save_hf_llama(model, tmp_path, dtype="float32")
   mesh = sharding.make_mesh(configs.pretrain_config("quickstart", "full_rank").mesh)

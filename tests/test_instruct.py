@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from lost_jax import configs, instruct
+from lost_jax import configs
+from lost_jax.data import instruct
 from lost_jax.errors import UserError
 
 

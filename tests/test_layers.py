@@ -10,7 +10,7 @@ from flax import nnx
 
 import lost_jax
 from lost_jax import DenseLinear, LOSTLinear, LowRankLinear, SLTrainLinear
-from lost_jax.layers import StaticIndices
+from lost_jax.layers.linear import StaticIndices
 
 N, M, R = 24, 16, 4
 

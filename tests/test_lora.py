@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from lost_jax import configs
-from lost_jax.layers import DenseLinear
-from lost_jax import lora
-from lost_jax.lora import LoRALinear, LoRAParam, apply_lora, lora_targets, merge_lora
-from lost_jax.model import Llama
+from lost_jax.layers.linear import DenseLinear
+from lost_jax.adapters import lora
+from lost_jax.adapters.lora import LoRALinear, LoRAParam, apply_lora, lora_targets, merge_lora
+from lost_jax.models.llama import Llama
 from test_sparselora import randomize_lora   # non-zero adapters (lora_b starts at 0)
 
 

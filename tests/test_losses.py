@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lost_jax import configs, losses, optim, train
+from lost_jax import configs
+from lost_jax.ops import losses
+from lost_jax.training import optim
+from lost_jax.training import trainer as train
 
 
 def numpy_ce(h, w, targets, weights):
@@ -141,7 +144,7 @@ def _tiny_cfg(precision: str, loss_chunk: int) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize("precision,rtol", [("float32", 1e-5), ("mixed", 2e-2)])
 def test_train_loss_and_grads_equal_the_plain_loss(precision, rtol):
-  from lost_jax.model import Llama  # pylint: disable=g-import-not-at-top
+  from lost_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 96, (2, 10)).astype(np.int32)
   batch = dict(inputs=tokens, targets=np.roll(tokens, -1, 1),

@@ -4,7 +4,8 @@ import json
 import math
 
 from experiments import low_bit
-from lost_jax import finetune, train
+from lost_jax.recipes import finetune
+from lost_jax.training import trainer as train
 
 TINY = {"model.d_model": 32, "model.ffn_dim": 64, "model.n_layers": 2, "model.n_heads": 2,
         "model.n_kv_heads": 2, "model.linear.rank": 4, "model.vocab_size": 512,

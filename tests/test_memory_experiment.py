@@ -3,7 +3,7 @@
 import pytest
 
 from experiments import memory
-from lost_jax import accounting
+from lost_jax.measure import accounting
 
 # A 2-layer model with a large vocab, so LOST's smaller projections show in the arguments.
 TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.ffn_dim": 192,
@@ -66,7 +66,9 @@ def test_tpu_target_traces_the_tpu_path():
   # and runs jax's Pallas splash kernel (traced here for CPU devices, not lowered: the TPU
   # kernel lowers only for a TPU; `--platform=tpu` compiles it with libtpu).
   import jax  # pylint: disable=g-import-not-at-top
-  from lost_jax import configs, sharding, train  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs
+  from lost_jax.parallel import sharding
+  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   texts = {}
   for platform in ("cpu", "tpu"):
     cfg = memory.measurement_config("quickstart", "lost", microbatch=4, overrides=TINY)

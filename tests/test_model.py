@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lost_jax import checkpoint, configs, errors, generate, layers, lora, model as model_lib
-from lost_jax import sparselora
+from lost_jax import configs, errors
+from lost_jax.training import checkpoint
+from lost_jax.models import generate
+from lost_jax.layers import linear as layers
+from lost_jax.adapters import lora
+from lost_jax.models import llama as model_lib
+from lost_jax.adapters.sparselora import model as sparselora
+from lost_jax.ops import matmul as matmul_lib
+from lost_jax.ops import attention as attention_lib
+from lost_jax.adapters.sparselora import plan as sl_plan
 
 B, L, H, G, K = 2, 12, 4, 2, 8
 
@@ -39,15 +47,15 @@ def qkv(seed=0):
 
 SEG = np.array([[1] * 5 + [2] * 7, [1] * L])
 KERNELS = {
-    "blocked": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=4),
+    "blocked": lambda q, k, v, s: attention_lib.attention(q, k, v, s, q_block=4),
     # Blocks of 5, 5 and 2 queries: a last block shorter than the others.
-    "blocked_ragged": lambda q, k, v, s: model_lib.attention(q, k, v, s, q_block=5),
-    "blocked_cpu_transposed": lambda q, k, v, s: model_lib.attention(
+    "blocked_ragged": lambda q, k, v, s: attention_lib.attention(q, k, v, s, q_block=5),
+    "blocked_cpu_transposed": lambda q, k, v, s: attention_lib.attention(
         q, k, v, s, q_block=4, backward="cpu_transposed"),
-    "dot_product_attention": lambda q, k, v, s: model_lib.dot_product_attention(
+    "dot_product_attention": lambda q, k, v, s: attention_lib.dot_product_attention(
         q, k, v, s, implementation="xla"),
     # jax's TPU Pallas kernel, run by the Pallas interpreter on CPU (L=12 is padded to 128).
-    "splash": lambda q, k, v, s: model_lib.splash_attention(q, k, v, s, interpret=True),
+    "splash": lambda q, k, v, s: attention_lib.splash_attention(q, k, v, s, interpret=True),
 }
 
 
@@ -82,7 +90,7 @@ def test_attention_kernel_matches_numpy_and_blocked_gradients(kind, seg):
 def test_matmul_backward_options_match_numpy(backward, dtype):
   rng = np.random.default_rng(0)
   x, w, g = rng.normal(size=(2, 6, 16)), rng.normal(size=(16, 5)), rng.normal(size=(2, 6, 5))
-  f = lambda x, w: jnp.sum(layers.matmul(x, w, dtype, jnp.float32, backward) * g)
+  f = lambda x, w: jnp.sum(matmul_lib.matmul(x, w, dtype, jnp.float32, backward) * g)
   dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(x, jnp.float32),
                                                 jnp.asarray(w, jnp.float32))
   tol = 1e-5 if dtype == "float32" else 3e-2       # bf16 operands, float32 accumulation
@@ -99,7 +107,7 @@ def test_batched_matmul_and_its_gradients_match_numpy(backward, dtype, transpose
   b = rng.normal(size=(2, 3, 5, 8) if transpose_b else (2, 3, 8, 4))
   args = [jnp.asarray(x, dtype) for x in (a, b)]
   a, b = (np.asarray(x, np.float64) for x in args)         # the (rounded) operands it saw
-  f = lambda a, b: layers.batched_matmul(a, b, transpose_b=transpose_b, backward=backward)
+  f = lambda a, b: matmul_lib.batched_matmul(a, b, transpose_b=transpose_b, backward=backward)
   y = jax.jit(f)(*args)
   da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * g), argnums=(0, 1)))(*args)
   assert y.dtype == jnp.float32 and da.dtype == db.dtype == jnp.dtype(dtype)
@@ -117,7 +125,7 @@ def test_bf16_blocked_attention_matches_the_float32_one():
   q, k, v = (a.astype(jnp.bfloat16) for a in qkv(4))
   w = jax.random.normal(jax.random.key(5), (B, L, H, K))
   seg = jnp.asarray(SEG)
-  run = lambda backward, *a: model_lib.attention(*a, seg, q_block=4, backward=backward)
+  run = lambda backward, *a: attention_lib.attention(*a, seg, q_block=4, backward=backward)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
   want = jax.grad(lambda *a: jnp.sum(run("xla", *a) * w), argnums=(0, 1, 2))(*f32)
   np.testing.assert_allclose(run("cpu_transposed", q, k, v).astype(jnp.float32),
@@ -331,11 +339,11 @@ def test_scanned_layers_decode_and_run_lora_like_the_unrolled_loop():
 def test_scanned_layers_refuse_per_layer_channel_plans():
   model = kind_model("dense", "scan", n_layers=2)
   tokens = jax.random.randint(jax.random.key(6), (B, L), 0, 64)
-  plan = sparselora.SparsityPlan.from_layers(2, ffn=0.5, ffn_layers="1", mode="oracle")
+  plan = sl_plan.SparsityPlan.from_layers(2, ffn=0.5, ffn_layers="1", mode="oracle")
   with pytest.raises(ValueError, match="layer_loop='scan'.*Fix"):
     sparselora.forward(model, tokens, None, plan, dense_len=4)
   # A plan with no sparse layer is the plain forward, scanned.
-  dense = sparselora.forward(model, tokens, None, sparselora.SparsityPlan.dense(2), 4)
+  dense = sparselora.forward(model, tokens, None, sl_plan.SparsityPlan.dense(2), 4)
   np.testing.assert_allclose(dense, model(tokens), rtol=1e-6, atol=1e-6)
   cfg = configs.finetune_config("quickstart")
   cfg.model.perf.layer_loop = "scan"

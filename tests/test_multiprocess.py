@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from lost_jax import metrics
+from lost_jax.training import metrics
+from lost_jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
@@ -100,10 +101,10 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
 
 def test_process_ids_outside_the_process_count_are_refused():
   import pytest  # pylint: disable=g-import-not-at-top
-  from lost_jax import configs, train  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs
   from lost_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   mesh = configs.pretrain_config("quickstart", "lost").mesh
   mesh.update(dict(distributed=True, coordinator_address="127.0.0.1:1", num_processes=2,
                    process_id=2))
   with pytest.raises(UserError, match="process_id=2"):
-    train.initialize_distributed(mesh)
+    distributed.initialize_distributed(mesh)

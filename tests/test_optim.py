@@ -7,8 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from lost_jax import configs, optim
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.training import optim
+from lost_jax.models.llama import Llama
 
 
 def _tiny(method):

@@ -10,7 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lost_jax import configs, metrics, train
+from lost_jax import configs
+from lost_jax.training import metrics
+from lost_jax.recipes import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,10 +46,10 @@ def test_resume_is_exact(tmp_path, optimizer):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   cfg = small_run_config(steps=8)
   cfg.train.optimizer = optimizer      # 8-bit: uint8 codes + float32 scales round-trip exactly
-  train.train_and_evaluate(cfg, straight, quiet=True)
-  first = train.train_and_evaluate(cfg, resumed, quiet=True, stop_at=4)
+  pretrain.train_and_evaluate(cfg, straight, quiet=True)
+  first = pretrain.train_and_evaluate(cfg, resumed, quiet=True, stop_at=4)
   assert first["step"] == 4
-  train.train_and_evaluate(cfg, resumed, quiet=True)
+  pretrain.train_and_evaluate(cfg, resumed, quiet=True)
   a, b = losses(straight), losses(resumed)
   assert len(a) == len(b) == 8
   assert a == b          # identical float32 losses at every step
@@ -61,13 +63,13 @@ def test_resume_is_exact(tmp_path, optimizer):
 def test_workdir_of_another_model_is_refused_before_overwrite(tmp_path):
   workdir = str(tmp_path / "run")
   cfg = small_run_config(steps=2)
-  train.train_and_evaluate(cfg, workdir, quiet=True)
+  pretrain.train_and_evaluate(cfg, workdir, quiet=True)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   config_before = open(os.path.join(workdir, "config.json")).read()
   other = small_run_config(steps=4)
   other.model.linear.rank = 16
   with pytest.raises(ValueError, match="model.linear.rank"):
-    train.train_and_evaluate(other, workdir, quiet=True)
+    pretrain.train_and_evaluate(other, workdir, quiet=True)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   assert open(os.path.join(workdir, "config.json")).read() == config_before
 
@@ -81,7 +83,7 @@ def test_tokenizer_vocab_mismatch_is_refused(tmp_path):
       model_writer=open(vocab, "wb"), vocab_size=300, model_type="unigram")
   cfg.data.tokenizer = str(vocab)
   with pytest.raises(ValueError, match="vocab"):
-    train.train_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+    pretrain.train_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from lost_jax import optim, quant
+from lost_jax.training import optim
+from lost_jax.ops import quant
 
 
 def tree_codebook(signed: bool) -> np.ndarray:
@@ -175,6 +176,9 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from lost_jax import sharding, train
+from lost_jax.adapters.sparselora import restrict as sl_restrict
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora import estimator as sl_estimator
 from test_train import tiny_config, fixed_batch, run_steps
 out = {{}}
 for shape in [(1, 2, 4), (1, 1, 1)]:
@@ -251,8 +255,8 @@ def _nf4_and_dequantised_twins(targets):
   """(NF4-base model, the same model with plain kernels = the dequantised NF4), same LoRA."""
   from flax import nnx
   from test_sparselora import randomize_lora, tiny_cfg
-  from lost_jax.lora import apply_lora
-  from lost_jax.model import Llama
+  from lost_jax.adapters.lora import apply_lora
+  from lost_jax.models.llama import Llama
   nf4 = quant.quantize_base(Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0)))
   plain = Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0))
   for name in ("q", "k", "v", "o", "gate", "up", "down"):
@@ -268,22 +272,25 @@ def _nf4_and_dequantised_twins(targets):
 
 def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   from test_sparselora import B, D, F, L, rand
-  from lost_jax import sparselora as sl
+  from lost_jax.adapters.sparselora import model as sl
+  from lost_jax.adapters.sparselora import estimator as sl_estimator  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import plan as sl_plan  # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import restrict as sl_restrict  # pylint: disable=g-import-not-at-top
   nf4, plain = _nf4_and_dequantised_twins(("q", "v", "o", "down"))
   x = jnp.asarray(rand(B, L, D, seed=5))
   idx = jnp.asarray(np.sort(np.random.default_rng(0).choice(F, 24, replace=False)), jnp.int32)
-  got = sl.sparse_mlp(nf4.layers[0].mlp, x, idx, 6)
-  np.testing.assert_allclose(got, sl.sparse_mlp(plain.layers[0].mlp, x, idx, 6), rtol=1e-5,
+  got = sl_restrict.sparse_mlp(nf4.layers[0].mlp, x, idx, 6)
+  np.testing.assert_allclose(got, sl_restrict.sparse_mlp(plain.layers[0].mlp, x, idx, 6), rtol=1e-5,
                              atol=1e-6)
   # The whole SparseLoRA forward (FFN and attention sparse in layer 0, estimators from each
   # model's own kernels: the dequantised ones for NF4).
-  plan = sl.SparsityPlan.from_layers(1, ffn=0.5, ffn_layers="0", attn=0.5, attn_layers="0")
+  plan = sl_plan.SparsityPlan.from_layers(1, ffn=0.5, ffn_layers="0", attn=0.5, attn_layers="0")
   tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (B, L)), jnp.int32)
-  logits = [sl.forward(m, tokens, sl.build_estimators(m, 4, [0]), plan, 4) for m in (nf4, plain)]
+  logits = [sl.forward(m, tokens, sl_estimator.build_estimators(m, 4, [0]), plan, 4) for m in (nf4, plain)]
   np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
   # All tokens sparse: the gather path dequantises only the kept rows / columns, never a whole
   # [D, F] / [F, D] kernel.
-  jaxpr = str(jax.make_jaxpr(lambda xx: sl.sparse_mlp(nf4.layers[0].mlp, xx, idx, L))(x))
+  jaxpr = str(jax.make_jaxpr(lambda xx: sl_restrict.sparse_mlp(nf4.layers[0].mlp, xx, idx, L))(x))
   assert f"f32[{D},{F}]" not in jaxpr and f"f32[{F},{D}]" not in jaxpr
   assert f"f32[{D},24]" in jaxpr and f"f32[24,{D}]" in jaxpr
 

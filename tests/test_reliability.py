@@ -21,7 +21,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lost_jax import checkpoint, configs, errors, metrics, sharding, tokenizer, train
+from lost_jax import configs, errors
+from lost_jax.training import checkpoint
+from lost_jax.training import metrics
+from lost_jax.parallel import sharding
+from lost_jax.data import tokenizer
+from lost_jax.training import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]

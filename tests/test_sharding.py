@@ -6,14 +6,15 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lost_jax import configs, optim, sharding, train
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
+from lost_jax.models.llama import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

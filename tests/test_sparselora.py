@@ -10,9 +10,13 @@ import pytest
 from flax import nnx
 
 from lost_jax import configs
-from lost_jax import sparselora as sl
-from lost_jax.lora import LoRALinear, LoRAParam, apply_lora
-from lost_jax.model import Llama
+from lost_jax.adapters.sparselora import model as sl
+from lost_jax.adapters.lora import LoRALinear, LoRAParam, apply_lora
+from lost_jax.models.llama import Llama
+from lost_jax.adapters.sparselora import estimator as sl_estimator
+from lost_jax.adapters.sparselora import select as sl_select
+from lost_jax.adapters.sparselora import restrict as sl_restrict
+from lost_jax.adapters.sparselora import plan as sl_plan
 
 B, L, D, F, H = 2, 10, 64, 96, 4
 HD = D // H
@@ -135,7 +139,7 @@ def np_top(score, k):
 
 def test_svd_estimator_matches_numpy():
   kern = rand(D, F, seed=1)
-  p, q = sl.svd_estimator(jnp.asarray(kern), rank=8)
+  p, q = sl_estimator.svd_estimator(jnp.asarray(kern), rank=8)
   assert p.shape == (D, 8) and q.shape == (8, F) and p.dtype == jnp.float32
   u, s, vt = np.linalg.svd(kern.astype(np.float64), full_matrices=False)
   np.testing.assert_allclose(p @ q, (u[:, :8] * s[:8]) @ vt[:8], rtol=1e-4, atol=1e-4)
@@ -144,37 +148,37 @@ def test_svd_estimator_matches_numpy():
   # Columns equal U_r sqrt(s) up to the SVD's sign freedom.
   np.testing.assert_allclose(np.abs(p), np.abs(u[:, :8] * np.sqrt(s[:8])), rtol=1e-4,
                              atol=1e-4)
-  assert sl.estimator_mismatch(jnp.asarray(kern), p, q) < 1e-5
-  assert sl.estimator_mismatch(jnp.asarray(rand(D, F, seed=2)), p, q) > 0.1
+  assert sl_estimator.estimator_mismatch(jnp.asarray(kern), p, q) < 1e-5
+  assert sl_estimator.estimator_mismatch(jnp.asarray(rand(D, F, seed=2)), p, q) > 0.1
 
 
 def test_estimators_save_load_and_checks(tmp_path):
   model = lora_model()
-  est = sl.build_estimators(model, rank=8, layers=[1])
-  assert set(est) == {"layer_1"} and set(est["layer_1"]) == set(sl.EST_MODULES)
+  est = sl_estimator.build_estimators(model, rank=8, layers=[1])
+  assert set(est) == {"layer_1"} and set(est["layer_1"]) == set(sl_estimator.EST_MODULES)
   assert est["layer_1"]["k"]["q"].shape == (8, 2 * HD)
   path = str(tmp_path / "est.npz")
-  sl.save_estimators(path, est)
-  back = sl.load_estimators(path, model, rank=8)
+  sl_estimator.save_estimators(path, est)
+  back = sl_estimator.load_estimators(path, model, rank=8)
   for a, b in zip(jax.tree.leaves(est), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="rank"):
-    sl.load_estimators(path, rank=4)
+    sl_estimator.load_estimators(path, rank=4)
   with pytest.raises(ValueError, match="not the SVD"):
-    sl.load_estimators(path, lora_model(seed=7))
+    sl_estimator.load_estimators(path, lora_model(seed=7))
   with pytest.raises(ValueError, match="do not fit"):
-    sl.load_estimators(path, lora_model(n_kv_heads=4))
+    sl_estimator.load_estimators(path, lora_model(n_kv_heads=4))
   with pytest.raises(ValueError, match="layers"):
-    sl.load_estimators(path, lora_model(n_layers=1))
+    sl_estimator.load_estimators(path, lora_model(n_layers=1))
 
 
 # ----------------------------------------------------------------------------- selection
 
 
 def test_keep_count_and_top_k():
-  assert sl.keep_count(100, 0.9) == 10          # plain int() would give 9
-  assert sl.keep_count(96, 0.75) == 24 and sl.keep_count(8, 0.99) == 1
-  idx = sl.top_k_indices(jnp.asarray([0.1, 5.0, 3.0, -1.0, 4.0]), 3)
+  assert sl_select.keep_count(100, 0.9) == 10          # plain int() would give 9
+  assert sl_select.keep_count(96, 0.75) == 24 and sl_select.keep_count(8, 0.99) == 1
+  idx = sl_select.top_k_indices(jnp.asarray([0.1, 5.0, 3.0, -1.0, 4.0]), 3)
   np.testing.assert_array_equal(idx, [1, 2, 4])
   assert idx.dtype == jnp.int32
 
@@ -185,20 +189,20 @@ def test_ffn_selection_matches_numpy():
   mask[0, :4] = 0                                 # left padding of sequence 0
   est = {n: dict(p=jnp.asarray(rand(D, 8, seed=s)), q=jnp.asarray(rand(8, F, seed=s + 1)))
          for n, s in (("gate", 4), ("up", 6))}
-  score = sl.ffn_scores(jnp.asarray(x), jnp.asarray(mask), est["gate"], est["up"])
+  score = sl_select.ffn_scores(jnp.asarray(x), jnp.asarray(mask), est["gate"], est["up"])
   xbar = np.einsum("bld,bl->bd", x, mask) / mask.sum(1)[:, None]
   p = {n: (np.asarray(e["p"], np.float64), np.asarray(e["q"], np.float64))
        for n, e in est.items()}
   act = np_silu(xbar @ p["gate"][0] @ p["gate"][1]) * (xbar @ p["up"][0] @ p["up"][1])
   want = np.sqrt((act ** 2).sum(0))
   np.testing.assert_allclose(score, want, rtol=1e-4)
-  np.testing.assert_array_equal(sl.top_k_indices(score, 24), np_top(want, 24))
+  np.testing.assert_array_equal(sl_select.top_k_indices(score, 24), np_top(want, 24))
 
 
 def test_low_rank_column_norms_match_direct():
   x, mask = rand(B, L, D, seed=8), (rand(B, L, seed=9) > 0).astype(np.float32)
   p, q = rand(D, 8, seed=10), rand(8, F, seed=11)
-  got = sl.low_rank_column_norms(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(p),
+  got = sl_select.low_rank_column_norms(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(p),
                                  jnp.asarray(q))
   np.testing.assert_allclose(got, np_col_norms(x @ p @ q, mask), rtol=1e-4)
 
@@ -221,7 +225,7 @@ def np_attn_select(qn, kn, vn, h, g, sparsity):
 @pytest.mark.parametrize("g", [4, 2])
 def test_attention_selection_matches_numpy(g):
   qn, kn, vn = (np.abs(rand(n, seed=s)) for n, s in ((H * HD, 1), (g * HD, 2), (g * HD, 3)))
-  got = sl.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.75, H, g)
+  got = sl_select.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.75, H, g)
   want = np_attn_select(qn, kn, vn, H, g, 0.75)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
@@ -237,7 +241,7 @@ def test_gqa_mapping_differs_from_reference_arithmetic():
   qn, kn, vn = (np.abs(rand(n, seed=s)) for n, s in ((H * HD, 21), (g * HD, 22), (g * HD, 23)))
   # Query heads of group 1 (heads 2, 3) dominate: only kv head 1 should win qk channels.
   qn[:2 * HD] *= 1e-3
-  got = sl.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.5, H, g)
+  got = sl_select.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.5, H, g)
   assert np.all(np.asarray(got.k) >= HD)          # all in kv head 1
   assert np.all(np.asarray(got.q) >= 2 * HD)      # all in query heads 2, 3
   assert got.o.shape == (H * HD // 2,) and got.o.max() < H * HD
@@ -251,8 +255,8 @@ def test_gqa_mapping_differs_from_reference_arithmetic():
   # A group's score ignores other groups' query heads.
   bumped = qn.copy()
   bumped[3 * HD:] *= 100.0                        # query head 3 (group 1)
-  s0 = sl.qk_scores(jnp.asarray(qn), jnp.asarray(kn), H, g)
-  s1 = sl.qk_scores(jnp.asarray(bumped), jnp.asarray(kn), H, g)
+  s0 = sl_select.qk_scores(jnp.asarray(qn), jnp.asarray(kn), H, g)
+  s1 = sl_select.qk_scores(jnp.asarray(bumped), jnp.asarray(kn), H, g)
   np.testing.assert_array_equal(s0[:HD], s1[:HD])
   assert np.all(np.asarray(s1[HD:]) > np.asarray(s0[HD:]))
 
@@ -270,7 +274,7 @@ def test_sparse_mlp_matches_masked_kernels(targets):
   mask = np_mask(idx, F)
   want = np.concatenate([np_mlp(mlp, x[:, :n_sparse], mask), np_mlp(mlp, x[:, n_sparse:])], 1)
   for how in ("gather", "mask"):
-    got = sl.sparse_mlp(mlp, jnp.asarray(x), idx, n_sparse, how)
+    got = sl_restrict.sparse_mlp(mlp, jnp.asarray(x), idx, n_sparse, how)
     np.testing.assert_allclose(got, want, **TOL)
   # Suffix tokens are dense whatever the index set.
   np.testing.assert_allclose(got[:, n_sparse:], np_mlp(mlp, x[:, n_sparse:]), **TOL)
@@ -293,7 +297,7 @@ def test_sparse_mlp_matches_masked_kernels(targets):
   def loss(fn, m, xx):
     return jnp.sum(fn(m, xx) * w)
   diff = nnx.DiffState(0, LoRAParam)
-  sparse = lambda m, xx: sl.sparse_mlp(m, xx, idx, n_sparse)
+  sparse = lambda m, xx: sl_restrict.sparse_mlp(m, xx, idx, n_sparse)
   g1 = nnx.jit(nnx.grad(functools.partial(loss, sparse), argnums=(diff, 1)))(mlp, jnp.asarray(x))
   g2 = nnx.jit(nnx.grad(functools.partial(loss, masked_ref), argnums=(diff, 1)))(
       mlp, jnp.asarray(x))
@@ -309,7 +313,7 @@ class FixedAttnChannels:
     self.idx, self.n_sparse, self.how = idx, n_sparse, how
 
   def attention_projection(self, attn, h):
-    return functools.partial(sl.restricted_projection, idx=self.idx, n_sparse=self.n_sparse,
+    return functools.partial(sl_restrict.restricted_projection, idx=self.idx, n_sparse=self.n_sparse,
                              how=self.how)
 
 
@@ -326,7 +330,7 @@ def test_sparse_attention_matches_masked_kernels(g):
   pos = np.broadcast_to(np.arange(L), (B, L))
   n_sparse = 6
   qn, kn, vn = (np.abs(rand(n, seed=s)) for n, s in ((H * HD, 13), (g * HD, 14), (g * HD, 15)))
-  idx = sl.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.5, H, g)
+  idx = sl_select.select_attention(jnp.asarray(qn), jnp.asarray(kn), jnp.asarray(vn), 0.5, H, g)
   want = np_attention(attn, x.astype(np.float64), n_sparse, idx)
   for how in ("gather", "mask"):
     got = sparse_attention(attn, jnp.asarray(x), idx, n_sparse, jnp.asarray(pos), None, how)
@@ -365,12 +369,12 @@ def batch(seed=0, pad=(3, 0)):
 def test_forward_dense_plan_equals_llama():
   model = lora_model()
   toks, pos, seg, _ = batch()
-  plan = sl.SparsityPlan.dense(2)
+  plan = sl_plan.SparsityPlan.dense(2)
   got = nnx.jit(sl.forward, static_argnums=(3, 4))(model, toks, None, plan, 4, pos, seg)
   np.testing.assert_allclose(got, model(toks, pos, seg), **TOL)
   # dense_len = L: no token is sparse, so a sparse plan is dense too (warm-up steps).
-  sparse_plan = sl.SparsityPlan.from_layers(2, 0.5, "0-1", 0.5, "0-1")
-  est = sl.build_estimators(model)
+  sparse_plan = sl_plan.SparsityPlan.from_layers(2, 0.5, "0-1", 0.5, "0-1")
+  est = sl_estimator.build_estimators(model)
   got = sl.forward(model, toks, est, sparse_plan, L, pos, seg)
   np.testing.assert_allclose(got, model(toks, pos, seg), **TOL)
 
@@ -378,8 +382,8 @@ def test_forward_dense_plan_equals_llama():
 def test_forward_selects_from_valid_context_and_keeps_suffix_dense():
   model = lora_model(n_layers=1)
   toks, pos, seg, valid = batch()
-  est = sl.build_estimators(model)
-  plan = sl.SparsityPlan.from_layers(1, ffn=0.75, ffn_layers="0")
+  est = sl_estimator.build_estimators(model)
+  plan = sl_plan.SparsityPlan.from_layers(1, ffn=0.75, ffn_layers="0")
   dense_len = 4
   n_sparse = L - dense_len
   logits, idx = sl.forward(model, toks, est, plan, dense_len, pos, seg, return_indices=True)
@@ -404,7 +408,7 @@ def test_forward_selects_from_valid_context_and_keeps_suffix_dense():
 def test_forward_oracle_uses_true_activation_norms():
   model = lora_model(n_layers=1)
   toks, pos, seg, valid = batch(seed=3)
-  plan = sl.SparsityPlan.from_layers(1, 0.5, "0", 0.5, "0", mode="oracle")
+  plan = sl_plan.SparsityPlan.from_layers(1, 0.5, "0", 0.5, "0", mode="oracle")
   n_sparse = L - 2
   _, idx = sl.forward(model, toks, None, plan, 2, pos, seg, return_indices=True)
   attn = model.layers[0].attn
@@ -422,29 +426,29 @@ def test_forward_random_mode_ignores_the_data_scores_and_channel_overlap():
   toks, pos, seg, _ = batch(seed=3)
   idx = {}
   for mode in ("random", "oracle"):
-    plan = sl.SparsityPlan.from_layers(1, 0.5, "0", 0.5, "0", mode=mode)
+    plan = sl_plan.SparsityPlan.from_layers(1, 0.5, "0", 0.5, "0", mode=mode)
     _, got = sl.forward(model, toks, None, plan, 2, pos, seg, return_indices=True)
     idx[mode] = got[0]
   f = model.layers[0].mlp.gate.out_features
   rand = np.asarray(idx["random"]["ffn"])
-  assert rand.shape == (sl.keep_count(f, 0.5),) and np.unique(rand).size == rand.size
-  _, again = sl.forward(model, toks, None, sl.SparsityPlan.from_layers(
+  assert rand.shape == (sl_select.keep_count(f, 0.5),) and np.unique(rand).size == rand.size
+  _, again = sl.forward(model, toks, None, sl_plan.SparsityPlan.from_layers(
       1, 0.5, "0", 0.5, "0", mode="random"), 2, pos, seg, return_indices=True)
   np.testing.assert_array_equal(again[0]["ffn"], rand)            # deterministic per batch
-  _, other = sl.forward(model, toks % 49 + 1, None, sl.SparsityPlan.from_layers(
+  _, other = sl.forward(model, toks % 49 + 1, None, sl_plan.SparsityPlan.from_layers(
       1, 0.5, "0", 0.5, "0", mode="random"), 2, pos, seg, return_indices=True)
   assert not np.array_equal(other[0]["ffn"], rand)                 # and changes with it
-  ov = sl.channel_overlap(rand, idx["oracle"]["ffn"])
+  ov = sl_select.channel_overlap(rand, idx["oracle"]["ffn"])
   want = len(set(rand.tolist()) & set(np.asarray(idx["oracle"]["ffn"]).tolist())) / rand.size
   assert ov == want and ov < 1.0
-  assert sl.channel_overlap(rand, rand[::-1]) == 1.0
+  assert sl_select.channel_overlap(rand, rand[::-1]) == 1.0
 
 
 def test_sparse_forward_grads_only_lora_and_no_full_base_matmul():
   model = lora_model()
   toks, pos, seg, _ = batch()
-  est = sl.build_estimators(model)
-  plan = sl.SparsityPlan.from_layers(2, 0.75, "0-1")
+  est = sl_estimator.build_estimators(model)
+  plan = sl_plan.SparsityPlan.from_layers(2, 0.75, "0-1")
 
   graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
 
@@ -484,30 +488,30 @@ def test_dense_suffix_len_and_buckets():
   lm = np.zeros((2, 256), bool)
   lm[0, 200:] = True
   lm[1, 230:] = True
-  assert sl.dense_suffix_len(lm, 64) == 64
+  assert sl_plan.dense_suffix_len(lm, 64) == 64
   lm[1, 150:] = True
-  assert sl.dense_suffix_len(lm, 64) == 128
-  assert sl.dense_suffix_len(lm, 1) == 106
-  assert sl.dense_suffix_len(np.zeros((2, 8), bool), 64) == 0
-  assert sl.bucket_len(300, 256, 64) == 256
+  assert sl_plan.dense_suffix_len(lm, 64) == 128
+  assert sl_plan.dense_suffix_len(lm, 1) == 106
+  assert sl_plan.dense_suffix_len(np.zeros((2, 8), bool), 64) == 0
+  assert sl_plan.bucket_len(300, 256, 64) == 256
   cfg = configs.finetune_config("quickstart").sparse
   cfg.ffn, cfg.attn = "0.9@1-2", "0.5@3"
-  plan = sl.plan_from_config(cfg, 4)
+  plan = sl_plan.plan_from_config(cfg, 4)
   assert plan.ffn == (0.0, 0.9, 0.9, 0.0) and plan.attn == (0.0, 0.0, 0.0, 0.5)
-  assert plan.estimator_layers() == (1, 2, 3) and hash(plan) == hash(sl.SparsityPlan(
+  assert plan.estimator_layers() == (1, 2, 3) and hash(plan) == hash(sl_plan.SparsityPlan(
       plan.ffn, plan.attn))
   cfg.enabled = False
-  assert sl.plan_from_config(cfg, 4) == sl.SparsityPlan.dense(4)
+  assert sl_plan.plan_from_config(cfg, 4) == sl_plan.SparsityPlan.dense(4)
   with pytest.raises(ValueError, match="exceed"):
-    sl.SparsityPlan.from_layers(4, 0.5, "2-4")
+    sl_plan.SparsityPlan.from_layers(4, 0.5, "2-4")
   with pytest.raises(ValueError, match=r"\[0, 1\)"):
-    sl.SparsityPlan((1.0,), (0.0,))
+    sl_plan.SparsityPlan((1.0,), (0.0,))
 
 
 def test_wrapper_module_matches_forward():
   model = lora_model()
-  est = sl.build_estimators(model, layers=[1])
-  plan = sl.SparsityPlan.from_layers(2, 0.5, "1", 0.5, "1")
+  est = sl_estimator.build_estimators(model, layers=[1])
+  plan = sl_plan.SparsityPlan.from_layers(2, 0.5, "1", 0.5, "1")
   toks, pos, seg, _ = batch()
   wrapped = sl.SparseLoRALlama(model, est, plan)
   assert len(jax.tree.leaves(nnx.state(wrapped, sl.Estimator))) == 10
@@ -515,4 +519,4 @@ def test_wrapper_module_matches_forward():
   got = nnx.jit(lambda w, t: w(t, 4, pos, seg))(wrapped, toks)
   np.testing.assert_allclose(got, sl.forward(model, toks, est, plan, 4, pos, seg), **TOL)
   with pytest.raises(ValueError, match="no estimator"):
-    sl.forward(model, toks, est, sl.SparsityPlan.from_layers(2, 0.5, "0"), 4)
+    sl.forward(model, toks, est, sl_plan.SparsityPlan.from_layers(2, 0.5, "0"), 4)

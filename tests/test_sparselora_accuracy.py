@@ -5,7 +5,9 @@ import json
 import pytest
 
 from experiments import runs, sparselora_accuracy
-from lost_jax import configs, instruct, metrics
+from lost_jax import configs
+from lost_jax.data import instruct
+from lost_jax.training import metrics
 from lost_jax.errors import UserError
 
 

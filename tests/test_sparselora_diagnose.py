@@ -7,9 +7,13 @@ import pytest
 from flax import nnx
 
 from experiments import sparselora_diagnose as dg
-from lost_jax import configs, optim
-from lost_jax import sparselora as sl
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.training import optim
+from lost_jax.adapters.sparselora import model as sl
+from lost_jax.models.llama import Llama
+from lost_jax.adapters.sparselora import select as sl_select
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora import estimator as sl_estimator
 
 
 def rand(*shape, seed=0):
@@ -43,7 +47,7 @@ def test_spec_scores_by_hand():
   p, q = dg.np_svd_factors(wg, 2)
   np.testing.assert_allclose(
       dg.spec_column_norms(x, valid, wg, rank=2),
-      sl.low_rank_column_norms(jnp.asarray(x, jnp.float32), jnp.asarray(valid),
+      sl_select.low_rank_column_norms(jnp.asarray(x, jnp.float32), jnp.asarray(valid),
                                jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)),
       rtol=1e-4)
   y = x[valid] @ wg
@@ -105,8 +109,8 @@ def tiny_batch(b=2, length=12):
 
 def test_recorded_inputs_drift_and_layer_table_on_a_tiny_model():
   model, batch = tiny_model(), tiny_batch()
-  plan = sl.SparsityPlan.from_layers(3, ffn=0.5, ffn_layers="1-2", attn=0.5, attn_layers="2")
-  est = sl.build_estimators(model, 4, plan.estimator_layers())
+  plan = sl_plan.SparsityPlan.from_layers(3, ffn=0.5, ffn_layers="1-2", attn=0.5, attn_layers="2")
+  est = sl_estimator.build_estimators(model, 4, plan.estimator_layers())
   logits, recs = dg.record_inputs(model, batch)
   np.testing.assert_allclose(logits, model(jnp.asarray(batch["inputs"]),
                                            jnp.asarray(batch["positions"]),
@@ -128,6 +132,6 @@ def test_recorded_inputs_drift_and_layer_table_on_a_tiny_model():
   assert all(r["ffn_same_svd"] and r["ffn_same_oracle"] for r in rows)
   assert rows[1]["v_same_svd"] and rows[1]["v_same_oracle"]
   # An estimator of the wrong kernels (layer 1's factors used for layer 2) is caught.
-  wrong = {**est, sl.layer_key(2): est[sl.layer_key(1)]}
+  wrong = {**est, sl_estimator.layer_key(2): est[sl_estimator.layer_key(1)]}
   rows = dg.layer_table(model, wrong, plan, batch, recs, n_sparse=8, rank=4)
   assert not rows[1]["ffn_same_svd"] and rows[1]["ffn_same_oracle"]

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from experiments import throughput as tp
-from lost_jax import accounting, configs, layers
+from lost_jax import configs
+from lost_jax.measure import accounting
+from lost_jax.ops import matmul as matmul_lib
 
 TINY = {"model.vocab_size": 128, "model.d_model": 32, "model.ffn_dim": 64,
         "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,
@@ -71,16 +73,16 @@ def test_bench_config_matches_ranks_and_sets_the_step():
 
 @pytest.mark.parametrize("n,m", [(24, 16), (16, 24)])   # transposes g, resp. x, on CPU
 def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32(n, m):
-  """layers.matmul in bf16: f32 weight gradient, all three products close to float32's."""
+  """matmul_lib.matmul in bf16: f32 weight gradient, all three products close to float32's."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((n, m)), jnp.float32)
   c = jnp.asarray(rng.standard_normal((2, 5, m)), jnp.float32)
 
   def loss(x, w, dtype):
-    return jnp.sum(layers.matmul(x, w, dtype).astype(jnp.float32) * c)
+    return jnp.sum(matmul_lib.matmul(x, w, dtype).astype(jnp.float32) * c)
 
-  y16 = layers.matmul(x, w, jnp.bfloat16)
+  y16 = matmul_lib.matmul(x, w, jnp.bfloat16)
   assert y16.dtype == jnp.bfloat16
   g16 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
   g32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)

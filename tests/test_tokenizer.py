@@ -10,7 +10,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lost_jax import configs
-from lost_jax import tokenizer as tokenizer_lib
+from lost_jax.data import tokenizer as tokenizer_lib
 
 TEXTS = ["Hello world!", "  leading spaces, 12345 digits and 3.14", "naïve café — 東京 😀",
          "x=1\n\n\tdef f():\n  return  x", "What is 17 + 25? Answer: 42"]

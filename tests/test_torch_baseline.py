@@ -48,7 +48,7 @@ def test_same_weights_and_tokens_give_lost_jax_losses(method):
   # same tokens, the losses of three train steps (forward, backward, clipping, AdamW under the
   # warmup schedule) agree in float32.
   import jax  # pylint: disable=g-import-not-at-top
-  from lost_jax import train  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   cfg = throughput.bench_config("quickstart", method, "float32", 2, 8, TINY)
   cfg.train.update(lr=1e-2, steps=20, warmup_frac=0.1, weight_decay=0.1,
                    decay_norms_and_embeddings=False, clip_norm=0.5)

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from lost_jax import configs, sharding, train
+from lost_jax import configs
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
 
 
 def tiny_config(method: str, **model):

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from lost_jax import xla_setup
+from lost_jax.training import xla_setup
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 

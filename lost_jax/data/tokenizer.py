@@ -23,7 +23,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from lost_jax import data as _data
+from lost_jax.data import text as _data
 from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
@@ -195,7 +195,7 @@ def from_path(path: str, name: str = "") -> Tokenizer | None:
         return from_path(os.path.join(path, fname), name)
     return None
   if path.endswith(".gguf"):
-    from lost_jax import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+    from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
     return gguf_lib.load_tokenizer(path, name)
   if path.endswith(".json"):
     return load_tokenizer_json(path, name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import random
 import re
@@ -18,7 +17,7 @@ import re
 import grain
 import numpy as np
 
-from lost_jax import data
+from lost_jax.data import text as data
 from lost_jax.errors import UserError
 
 PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax import quant
-from lost_jax.layers import DenseLinear, init_kernel, transposed_tokens
+from lost_jax.ops import quant
+from lost_jax.layers.linear import DenseLinear, init_kernel
+from lost_jax.ops.matmul import transposed_tokens
 
 ATTN_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -16,10 +15,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lost_jax import (accounting, checkpoint, configs, data, losses, metrics, optim,
-                      sharding, tokenizer)
+from lost_jax import configs
+from lost_jax.training import checkpoint
+from lost_jax.ops import losses
+from lost_jax.training import metrics
+from lost_jax.training import optim
+from lost_jax.parallel import sharding
 from lost_jax.errors import TrainingDiverged, UserError
-from lost_jax.model import Llama
+from lost_jax.models.llama import Llama
+from lost_jax.parallel.distributed import initialize_distributed
+from lost_jax.training.runtime import _StopFlag, make_workdir
 
 PRECISIONS = configs.PRECISIONS   # train.precision -> (compute dtype, parameter dtype)
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
@@ -197,78 +202,6 @@ def evaluate(eval_step, params, rest, batches, mesh) -> dict:
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
 
 
-class _StopFlag:
-  """When to leave the loop, save a checkpoint and exit cleanly after SIGTERM/SIGINT.
-
-  One process: the signal sets a flag. Several: every process must stop at the same step,
-  so JAX's preemption service (which owns SIGTERM there) propagates the notice to all of them
-  and `reached(step)` is true on every process at the same step.
-  """
-
-  def __init__(self):
-    self.stop = False
-    self._old = {}
-    self.multiprocess = jax.process_count() > 1
-
-  def reached(self, step: int) -> bool:
-    if self.multiprocess:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      self.stop = self.stop or multihost_utils.reached_preemption_sync_point(step)
-    return self.stop
-
-  def __enter__(self):
-    if self.multiprocess:
-      return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. notebooks): no handler
-        pass
-    return self
-
-  def _handle(self, *_):
-    self.stop = True
-
-  def __exit__(self, *_):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                       quiet: bool = False, stop_at: int | None = None) -> dict:
-  """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics.
-
-  `stop_at` ends this invocation after that step (with a checkpoint), as a preemption would;
-  re-running resumes exactly.
-  """
-  cfg, mesh = start_run(cfg)
-  validate(cfg)
-  nproc, pidx = jax.process_count(), jax.process_index()
-  local_batch = cfg.train.batch_size // nproc
-
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  tokenizer.check_vocab(tok, cfg.model.vocab_size)
-  fingerprint = checkpoint.model_fingerprint(cfg, tok.vocab_size)
-  ckpt = open_workdir(workdir, cfg, fingerprint)
-  train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
-                                        process_index=pidx, process_count=nproc)
-  eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, _eval_batches(cfg),
-                                        process_index=pidx, process_count=nproc)
-
-  setup = make_setup(cfg, mesh)
-  state, rest, start = init_or_restore(setup, ckpt, train_iter, jax.random.key(cfg.seed))
-  train_step = make_train_step(setup, cfg.train.microbatches)
-  eval_step = make_eval_step(setup)
-  header = (f"lost_jax pretrain {cfg.name} | "
-            f"{accounting.count_params(cfg.model)['total'] / 1e6:.2f}M params")
-  return fit(cfg.train, workdir, cfg.name, state=state, rest=rest, start=start,
-             train_step=train_step, train_iter=train_iter, mesh=mesh, ckpt=ckpt,
-             fingerprint=fingerprint,
-             evaluate_fn=lambda st: evaluate(eval_step, st["params"], rest, eval_batches, mesh),
-             flops_per_token=accounting.train_flops_per_token(cfg.model, cfg.data.seq_len),
-             header=header, quiet=quiet, stop_at=stop_at)
-
-
 def start_run(cfg: ml_collections.ConfigDict):
   """A private copy of the config with dtypes resolved, and the mesh (multi-host if asked)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -278,52 +211,6 @@ def start_run(cfg: ml_collections.ConfigDict):
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.microbatches)
   return cfg, mesh
-
-
-def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
-  """jax.distributed.initialize with the config's coordinator / process count / id, where set
-  ("" / -1: JAX detects the cluster). CPU processes exchange collectives through gloo."""
-  if jax.distributed.is_initialized():
-    return
-  n, i = int(mesh_cfg.num_processes), int(mesh_cfg.process_id)
-  if n == 0 or n < -1 or i < -1 or (n >= 0 and i >= n):
-    raise UserError(f"config.mesh.num_processes={n}, process_id={i}: the id must be in "
-                    "0..num_processes-1. Fix: e.g. --config.mesh.num_processes=2 "
-                    "--config.mesh.process_id=0 (and 1 for the other), or -1 to detect both.")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if mesh_cfg.coordinator_address:
-    kwargs["coordinator_address"] = mesh_cfg.coordinator_address
-  if mesh_cfg.num_processes >= 0:
-    kwargs["num_processes"] = int(mesh_cfg.num_processes)
-  if mesh_cfg.process_id >= 0:
-    kwargs["process_id"] = int(mesh_cfg.process_id)
-  jax.distributed.initialize(**kwargs)
-
-
-def agree_max(values) -> tuple[int, ...]:
-  """Each of `values` (host ints that decide a compiled shape) maxed over all processes."""
-  values = np.asarray(values, np.int32)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    values = np.max(multihost_utils.process_allgather(values), axis=0)
-  return tuple(int(v) for v in values)
-
-
-def make_workdir(workdir: str) -> None:
-  """Create the run's directory, or refuse (one clear error) a path that cannot be one."""
-  if not workdir:
-    raise UserError("--workdir is empty. Fix: pass --workdir=<directory of this run>.")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir={workdir} is an existing file, not a directory. Fix: give a "
-                    "new directory path (re-using a run's directory resumes that run).")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK | os.X_OK):
-      raise PermissionError(13, "Permission denied", workdir)
-  except OSError as e:
-    raise UserError(f"--workdir={workdir} cannot be created or written ({e.strerror}). Fix: "
-                    "give a writable directory path.") from e
 
 
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict,

@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 
 from lost_jax import configs as configs_lib
-from lost_jax import hf as hf_lib
-from lost_jax import tokenizer as tokenizer_lib
+from lost_jax.formats import hf as hf_lib
+from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.errors import UserError
-from lost_jax.model import Llama
+from lost_jax.models.llama import Llama
 
 _ATTN = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"}
 _MLP = {"gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lost_jax import quant
+from lost_jax.ops import quant
 from lost_jax.configs import MIN_8BIT_SIZE, OPTIMIZERS
 from lost_jax.errors import UserError
 

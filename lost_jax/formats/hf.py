@@ -22,10 +22,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lost_jax import configs as configs_lib
-from lost_jax import layers as layers_lib
-from lost_jax import sharding as sharding_lib
+from lost_jax.layers import linear as layers_lib
+from lost_jax.parallel import sharding as sharding_lib
 from lost_jax.errors import UserError
-from lost_jax.model import Llama, rope_scaling_of
+from lost_jax.models.llama import Llama, rope_scaling_of
+from lost_jax.layers import lost as lost_layers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -306,14 +307,14 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
     return layer.kernel[...].astype(jnp.float32)
   n, m = layer.in_features, layer.out_features
   name = type(layer).__name__
-  if isinstance(layer, (layers_lib.LOSTLinear, layers_lib.LowRankLinear)) and not _is_identity(
+  if isinstance(layer, (lost_layers.LOSTLinear, layers_lib.LowRankLinear)) and not _is_identity(
       layer):
     raise ValueError(f"{name} has a nonlinear activation between its factors (silu: LOST/CoLA), "
                      "so no dense kernel reproduces it and it cannot be exported as a LLaMA. "
                      "Fix: train with model.linear.activation='identity' to export.")
   if isinstance(layer, layers_lib.LowRankLinear):
     return _matmul_t(layer.a[...], layer.b[...])
-  if isinstance(layer, layers_lib.LOSTLinear):
+  if isinstance(layer, lost_layers.LOSTLinear):
     # x[..., I] @ V == x @ S with S's rows I set to V (add keeps repeated indices exact).
     sparse = jnp.zeros((n, m), jnp.float32).at[layer.indices[...]].add(
         layer.values[...].astype(jnp.float32))

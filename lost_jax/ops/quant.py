@@ -273,7 +273,7 @@ def quantize_base(model, how: str = "nf4"):
   adapters share the kernel variable, so they see the same NF4 value).
   """
   from flax import nnx
-  from lost_jax.layers import DenseLinear
+  from lost_jax.layers.linear import DenseLinear
   if how not in BASE_QUANTIZE:
     raise ValueError(f"config.init.quantize={how!r} is unknown. Fix: use one of "
                      f"{BASE_QUANTIZE}.")

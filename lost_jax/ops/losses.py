@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from lost_jax.layers import contract, weight_grad
+from lost_jax.ops.matmul import contract, weight_grad
 
 
 def fused_cross_entropy(h_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,

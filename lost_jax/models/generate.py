@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.model import Cache, Llama
+from lost_jax.models.llama import Cache, Llama
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens",))

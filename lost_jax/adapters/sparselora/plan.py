@@ -1,0 +1,111 @@
+"""The static SparseLoRA plan: per-layer sparsity, and each step's static lengths."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from lost_jax.configs import parse_layer_sparsity
+
+
+MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
+
+
+def parse_layers(spec: str | Sequence[int]) -> tuple[int, ...]:
+  """'13-29,31' -> (13, ..., 29, 31); a sequence of ints passes through."""
+  if not isinstance(spec, str):
+    return tuple(int(i) for i in spec)
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    lo, _, hi = part.partition("-")
+    out.extend(range(int(lo), int(hi or lo) + 1))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityPlan:
+  """Per-layer FFN / attention sparsity (0 = dense, no estimator) and mode; hashable, static."""
+  ffn: tuple[float, ...]
+  attn: tuple[float, ...]
+  mode: str = "svd"
+
+  def __post_init__(self):
+    object.__setattr__(self, "ffn", tuple(float(s) for s in self.ffn))
+    object.__setattr__(self, "attn", tuple(float(s) for s in self.attn))
+    if len(self.ffn) != len(self.attn):
+      raise ValueError(f"SparsityPlan: {len(self.ffn)} ffn vs {len(self.attn)} attn entries. "
+                       "Fix: give one sparsity per layer for both.")
+    bad = [s for s in self.ffn + self.attn if not 0.0 <= s < 1.0]
+    if bad:
+      raise ValueError(f"SparsityPlan: sparsities {bad} are outside [0, 1). "
+                       "Fix: use the fraction of channels dropped, e.g. 0.9.")
+    if self.mode not in MODES:
+      raise ValueError(f"SparsityPlan: mode={self.mode!r} is unknown. Fix: one of {MODES}.")
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.ffn)
+
+  @classmethod
+  def dense(cls, n_layers: int) -> "SparsityPlan":
+    return cls((0.0,) * n_layers, (0.0,) * n_layers)
+
+  @classmethod
+  def from_layers(cls, n_layers: int, ffn: float = 0.0, ffn_layers="",
+                  attn: float = 0.0, attn_layers="", mode: str = "svd") -> "SparsityPlan":
+    """One FFN and one attention sparsity on the listed layers ('13-29' or ints), 0 elsewhere."""
+    def per_layer(value, spec):
+      layers = set(parse_layers(spec))
+      if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"SparsityPlan: layers {sorted(layers)} exceed 0..{n_layers - 1}.")
+      return tuple(value if i in layers else 0.0 for i in range(n_layers))
+    return cls(per_layer(ffn, ffn_layers), per_layer(attn, attn_layers), mode)
+
+  def estimator_layers(self) -> tuple[int, ...]:
+    """Layers whose FFN or attention is sparse (the only ones needing estimators)."""
+    return tuple(i for i in range(self.n_layers) if self.ffn[i] > 0 or self.attn[i] > 0)
+
+
+def bucket_len(n: int, length: int, bucket: int) -> int:
+  """n rounded up to a multiple of bucket, capped at length (static shape buckets)."""
+  if bucket < 1:
+    raise ValueError(f"bucket={bucket} must be >= 1.")
+  return min(length, -(-int(n) // bucket) * bucket)
+
+
+def dense_suffix_len(loss_mask_BxL: np.ndarray, bucket: int = 64) -> int:
+  """Host-side static dense length: covers every position with a loss, bucketed."""
+  loss_mask = np.asarray(loss_mask_BxL, bool)
+  length = loss_mask.shape[1]
+  cols = np.flatnonzero(loss_mask.any(axis=0))
+  if cols.size == 0:
+    return 0
+  return bucket_len(length - int(cols[0]), length, bucket)
+
+
+class StepLengths(NamedTuple):
+  """Static lengths of one fine-tuning step: the dense suffix (its context before it runs
+  sparse) and the suffix whose logits are computed (every loss position)."""
+  dense_len: int
+  logits_len: int
+
+
+def step_lengths(weights_BxL: np.ndarray, bucket: int, sparse: bool) -> StepLengths:
+  """Host-side StepLengths of a batch: suffixes covering every loss position, bucketed.
+
+  sparse=False (dense LoRA, or before SparseLoRA starts) keeps every token dense.
+  """
+  length = np.shape(weights_BxL)[1]
+  logits_len = max(1, dense_suffix_len(weights_BxL, bucket))
+  return StepLengths(logits_len if sparse else length, logits_len)
+
+
+def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:
+  """SparsityPlan from a fine-tuning config's `sparse` group ('<fraction>@<layers>;...')."""
+  if not sparse_cfg.enabled:
+    return SparsityPlan.dense(n_layers)
+  return SparsityPlan(parse_layer_sparsity(sparse_cfg.ffn, n_layers, "sparse.ffn"),
+                      parse_layer_sparsity(sparse_cfg.attn, n_layers, "sparse.attn"),
+                      sparse_cfg.get("mode", "svd"))
