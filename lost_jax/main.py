@@ -20,7 +20,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of this run (config, 
                                "checkpoints, plots). Re-running resumes from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-COMMANDS = ("pretrain", "finetune")
 _CONFIG_FIX = ("--config=configs/pretrain.py:<size>,<method> or configs/finetune.py:<preset>, "
                "with --config.<group>.<field>=<value> overrides of fields those files define")
 
@@ -85,25 +84,28 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   # Orbax and grain log every save at INFO; the run's own progress goes to stdout.
   logging.set_verbosity(logging.WARNING)
+  from lost_jax.configs.resolve import COMMANDS
   if len(argv) != 2 or argv[1] not in COMMANDS:
     _exit_with(f"command {' '.join(argv[1:])!r} is unknown. Fix: "
                f"lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
   from lost_jax import configs
   from lost_jax.training import xla_setup
+  command = argv[1]
   try:   # every setting that can be checked without JAX, before it is even imported
-    (configs.validate_pretrain if argv[1] == "pretrain" else
-     configs.validate_finetune)(_CONFIG.value)
+    configs.validate(_CONFIG.value, command)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   xla_setup.configure()   # before the first JAX computation
   errors.cli_output_guard = True
   try:
-    if argv[1] == "pretrain":
+    from lost_jax.training import runtime
+    cfg = runtime.resolve_config(_CONFIG.value, command, validated=True)   # once, then locked
+    if command == "pretrain":
       from lost_jax.recipes import pretrain
-      result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      result = pretrain.train_and_evaluate(cfg, _WORKDIR.value)
     else:
       from lost_jax.recipes import finetune
-      result = finetune.finetune_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      result = finetune.finetune_and_evaluate(cfg, _WORKDIR.value)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   summary = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

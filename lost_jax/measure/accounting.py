@@ -21,6 +21,8 @@ import math
 import ml_collections
 
 from lost_jax import configs
+from lost_jax.ops.quant import STATE_BLOCK
+from lost_jax.training.optim import MIN_8BIT_SIZE
 
 # train.precision -> (bytes per parameter / gradient / optimizer-state entry, bytes per
 # activation entry). Mirrors lost_jax.train.PRECISIONS (mixed: f32 params, bf16 compute).
@@ -253,9 +255,9 @@ def optimizer_state_entries(cfg: ml_collections.ConfigDict) -> int:
 def eight_bit_moment_bytes(shape: tuple[int, ...], float_bytes: int) -> int:
   """Bytes of one Adam moment under optim.scale_by_adam_8bit: 1 byte per value + a float32
   scale per 256 values of the last axis, or float_bytes per value under MIN_8BIT_SIZE values."""
-  if len(shape) >= 1 and math.prod(shape) >= configs.MIN_8BIT_SIZE:
+  if len(shape) >= 1 and math.prod(shape) >= MIN_8BIT_SIZE:
     rows = math.prod(shape[:-1])
-    return math.prod(shape) + 4 * rows * math.ceil(shape[-1] / configs.STATE_BLOCK)
+    return math.prod(shape) + 4 * rows * math.ceil(shape[-1] / STATE_BLOCK)
   return float_bytes * math.prod(shape)
 
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lost_jax.configs import STATE_BLOCK
 
 NF4_BLOCK = 64           # values per scale for NF4 weights (as QLoRA).
 
@@ -37,6 +36,8 @@ NF4_LEVELS = np.array([
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+STATE_BLOCK = 256        # 8-bit optimizer moments: values per float32 scale (as bitsandbytes).
 
 
 def _dynamic_layout(signed: bool) -> tuple[int, int]:

@@ -71,6 +71,24 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix}: checkpoint {old!r} vs run {new!r}"]
 
 
+ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoint step
+
+
+def read_params(workdir: str) -> tuple[int | None, Any]:
+  """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint;
+  (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
+  mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                              item_names=ITEMS)
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      return None, None
+    saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, saved["state"]["params"]
+  finally:
+    mgr.close()
+
+
 class Checkpointer:
   """Saves and restores {state, rest, data, meta} under `<workdir>/checkpoints`."""
 
@@ -79,8 +97,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every),
         enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "rest", "data", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import jax
 import tqdm
 
 
@@ -109,3 +110,67 @@ def plot_curves(rows_by_name: dict[str, list[dict]], key: str, path: str, *,
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+_LABELS = {"eval_loss": "loss", "eval_ppl": "perplexity", "eval_tokens": "tokens",
+           "eval_accuracy": "exact-match accuracy"}
+
+
+def format_metric(key: str, value) -> str:
+  label = _LABELS.get(key, key)
+  if key.endswith("tokens"):
+    return f"{label} {int(value)}"
+  return f"{label} {value:.4f}" if isinstance(value, float) else f"{label} {value}"
+
+
+class StepLogger:
+  """Turns one step's device metrics into a log line, metrics.jsonl row and TB scalars."""
+
+  def __init__(self, train_cfg, writer, log, progress, flops_per_token, n_dev):
+    self.cfg, self.writer, self.log, self.progress = train_cfg, writer, log, progress
+    self.flops_per_token, self.n_dev = flops_per_token, n_dev
+    self.window_t, self.window_tokens, self.window_steps = time.time(), 0.0, 0
+    self.streak, self.skipped = 0, 0    # consecutive and total non-finite (skipped) steps
+
+  def __call__(self, step: int, dev_metrics) -> None:
+    m = jax.device_get(dev_metrics)
+    self.window_tokens += float(m["tokens"])
+    self.window_steps += 1
+    self.progress.update(step)
+    if m.get("skipped", False):
+      self.streak += 1
+      self.skipped += 1
+      self.log(f"step {step}: loss {float(m['loss']):.4g}, grad norm "
+               f"{float(m['grad_norm']):.4g}: not finite, update skipped ({self.streak} in a "
+               f"row, {self.skipped} in all)")
+    else:
+      self.streak = 0
+    if step % self.cfg.log_every and step != self.cfg.steps:
+      return
+    now = time.time()
+    elapsed = max(now - self.window_t, 1e-9)
+    tok_s = self.window_tokens / elapsed
+    scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "tokens_per_s": tok_s, "step_time": elapsed / self.window_steps}
+    if self.skipped:
+      scalars["skipped_steps"] = self.skipped
+    if self.cfg.peak_flops > 0:
+      scalars["mfu"] = tok_s * self.flops_per_token / (self.cfg.peak_flops * self.n_dev)
+    self.writer.write(step, scalars)
+    mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+    mfu += f" | skipped {self.skipped}" if self.skipped else ""
+    self.log(f"step {step}/{self.cfg.steps} | loss {float(m['loss']):.4f} | "
+             f"lr {float(m['lr']):.2e} | gnorm {float(m['grad_norm']):.3f} | "
+             f"{tok_s:,.0f} tok/s | {scalars['step_time'] * 1e3:.0f} ms/step{mfu} | "
+             f"ETA {self.progress.eta(step, self.cfg.steps)}")
+    self.window_t, self.window_tokens, self.window_steps = now, 0.0, 0
+
+
+def plot_run(workdir: str, name: str) -> None:
+  rows = read_metrics(workdir)
+  if any("eval_ppl" in r for r in rows):
+    plot_curves({name: rows}, "eval_ppl", os.path.join(workdir, "eval_ppl.png"),
+                        ylabel="validation perplexity", title=name, logy=True)
+  if any("loss" in r for r in rows):
+    plot_curves({name: rows}, "loss", os.path.join(workdir, "train_loss.png"),
+                        ylabel="train loss", title=name)

@@ -13,8 +13,10 @@ import optax
 from flax import nnx
 
 from lost_jax.ops import quant
-from lost_jax.configs import MIN_8BIT_SIZE, OPTIMIZERS
+from lost_jax.configs import OPTIMIZERS
 from lost_jax.errors import UserError
+
+MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised (bitsandbytes' min_8bit_size).
 
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:

@@ -12,3 +12,14 @@ from lost_jax.adapters.sparselora.estimator import (build_estimators, load_estim
 from lost_jax.adapters.sparselora.model import SparseLoRALlama, forward
 from lost_jax.adapters.sparselora.plan import (SparsityPlan, StepLengths, plan_from_config,
                                                step_lengths)
+
+__all__ = [
+    "build_estimators",
+    "load_estimators",
+    "save_estimators",
+    "svd_estimatorSparseLoRALlama",
+    "forwardSparsityPlan",
+    "StepLengths",
+    "plan_from_config",
+    "step_lengths",
+]

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from lost_jax.configs import parse_layer_sparsity
+from lost_jax.configs import parse_layer_sparsity, parse_layers
 
 
 MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
 
 
-def parse_layers(spec: str | Sequence[int]) -> tuple[int, ...]:
-  """'13-29,31' -> (13, ..., 29, 31); a sequence of ints passes through."""
-  if not isinstance(spec, str):
-    return tuple(int(i) for i in spec)
-  out = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    lo, _, hi = part.partition("-")
-    out.extend(range(int(lo), int(hi or lo) + 1))
-  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Frozen base models for fine-tuning: detect what a path holds (HF directory, GGUF file,
-lost_jax pre-training workdir) and load it."""
+"""The frozen base of a fine-tune: detect what `init.path` holds (HF directory, GGUF file,
+lost_jax pre-training workdir), load it, and name its tokenizer. Nothing here changes the run
+config: the loaders return the model config and tokenizer path they read."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from lost_jax.configs import PRECISIONS
+from lost_jax.data import tokenizer
 from lost_jax.errors import UserError
 from lost_jax.formats import gguf, hf
 from lost_jax.models.llama import Llama
-from lost_jax.training import trainer as train
+from lost_jax.training import checkpoint
 
 
 INIT_SOURCES = ("auto", "hf", "gguf", "pretrain", "random")
@@ -68,31 +70,32 @@ def base_kind(cfg: ml_collections.ConfigDict) -> str:
   return kind
 
 
-def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Llama:
-  """The frozen base model named by cfg.init; cfg.model is updated to its shape.
+def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+              ) -> tuple[Llama, ml_collections.ConfigDict]:
+  """(the frozen base model named by cfg.init, its model config).
 
   A Hugging Face base with a mesh is read slice by slice straight into the mesh shardings
   (each process reads only what its devices hold), in bfloat16 under `mixed` precision
   (frozen weights need no float32 master copy). A GGUF base is dequantised on the host.
+  `init.source=random` builds cfg.model afresh (tests only).
   """
   kind, path = base_kind(cfg), cfg.init.path
-  dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
+  dtype, param_dtype = PRECISIONS[cfg.train.precision]
   base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
   if kind in ("hf", "gguf"):
-    if kind == "hf":
-      model = hf.load_hf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
-    else:
-      model = gguf.load_gguf_llama(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
-    cfg.model = ml_collections.ConfigDict(model.cfg.to_dict())
-    return model
+    load = hf.load_hf_llama if kind == "hf" else gguf.load_gguf_llama
+    model = load(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
+    return model, ml_collections.ConfigDict(model.cfg.to_dict())
   if kind == "pretrain":
-    return _load_pretrained(cfg, path, dtype, param_dtype)
-  cfg.model.dtype, cfg.model.param_dtype = dtype, param_dtype
-  return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    return _load_pretrained(path, dtype, param_dtype)
+  model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+  model_cfg.dtype, model_cfg.param_dtype = dtype, param_dtype
+  return Llama(model_cfg, rngs=nnx.Rngs(cfg.seed)), model_cfg
 
 
-def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
-  """Parameters of the latest checkpoint of a lost_jax pre-training workdir."""
+def _load_pretrained(path: str, dtype: str, param_dtype: str
+                     ) -> tuple[Llama, ml_collections.ConfigDict]:
+  """The latest checkpoint's parameters of a lost_jax pre-training workdir, and its model."""
   try:
     with open(os.path.join(path, "config.json")) as f:
       run = json.load(f)
@@ -108,20 +111,38 @@ def _load_pretrained(cfg, path: str, dtype: str, param_dtype: str) -> Llama:
   if model_cfg.linear.kind != "dense":
     raise UserError(f"config.init.path={path!r} holds a {model_cfg.linear.kind!r} model; LoRA "
                     "and SparseLoRA need dense base kernels. Fix: pre-train with method "
-                    "full_rank, or densify an identity-activation model (lost_jax.hf.densify).")
+                    "full_rank, or densify an identity-activation model "
+                    "(lost_jax.formats.hf.densify).")
   model_cfg.dtype, model_cfg.param_dtype = dtype, param_dtype
-  cfg.model = model_cfg
-  model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
-  mgr = ocp.CheckpointManager(os.path.join(path, "checkpoints"),
-                              item_names=("state", "rest", "data", "meta"))
-  step = mgr.latest_step()
+  step, saved = checkpoint.read_params(path)
   if step is None:
     raise UserError(f"config.init.path={path!r} has no checkpoint. Fix: point at a finished "
                     "pre-training workdir.")
-  saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mgr.close()
+  model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: jnp.asarray(x, param_dtype),
-                                           saved["state"]["params"]))
+  nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), saved))
   nnx.update(model, params)
-  return model
+  return model, model_cfg
+
+
+def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
+  """data.tokenizer if set; else the base's own: a HF directory's tokenizer.json or
+  tokenizer.model, a GGUF file's metadata, a pre-training workdir's setting. A real base is
+  never paired with an invented tokenizer ('' only for init.source=random)."""
+  if cfg.data.tokenizer:
+    return cfg.data.tokenizer
+  kind = base_kind(cfg)
+  if kind == "hf":
+    found = [f for f in (tokenizer.TOKENIZER_JSON, tokenizer.SENTENCEPIECE_MODEL)
+             if os.path.exists(os.path.join(cfg.init.path, f))]
+    if not found:
+      raise UserError(f"config.init.path={cfg.init.path!r} has neither "
+                      f"{tokenizer.TOKENIZER_JSON} nor {tokenizer.SENTENCEPIECE_MODEL}. Fix: "
+                      "set config.data.tokenizer to the base model's tokenizer file.")
+    return os.path.join(cfg.init.path, found[0])
+  if kind == "gguf":
+    return cfg.init.path
+  if kind == "pretrain":
+    with open(os.path.join(cfg.init.path, "config.json")) as f:
+      return json.load(f)["data"]["tokenizer"]
+  return ""

@@ -1,0 +1,63 @@
+"""The vocabulary of the config: every field's allowed choices (pure Python)."""
+
+from __future__ import annotations
+
+
+SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+
+
+# Presets that reuse a size's model with another published step count: the LOST paper's 7B
+# run stopped at 40K of the 150K steps (LOST.md). name -> (size, steps).
+STEP_PRESETS = {"llama_7b_40k": ("llama_7b", 40_000)}
+
+
+METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
+
+
+LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
+
+
+ACTIVATIONS = ("silu", "identity")
+
+
+INITS = ("kaiming", "normal")
+
+
+SPARSE_INITS = ("complement", "weight", "random_channels")
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
+
+
+
+
+
+
+# Performance settings (`model.perf`): each 'auto' is resolved once, from the platform the
+# step is compiled for, by `resolve_perf`; the model's math only reads the resolved names.
+MATMUL_BACKWARDS = ("xla", "cpu_transposed")
+
+
+ATTENTIONS = ("blocked", "dot_product_attention", "splash")
+
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
+
+
+LAYER_LOOPS = ("unrolled", "scan")
+
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+LOSS_CHUNK = 128         # model.perf.loss_chunk default (positions per fused-loss chunk)
+
+
+PRECISIONS = {  # train.precision -> (compute dtype, parameter/optimizer-state dtype)
+    "mixed": ("bfloat16", "float32"),
+    "pure_bf16": ("bfloat16", "bfloat16"),
+    "float32": ("float32", "float32"),
+}
+
+
+ROPE_TYPES = ("default", "linear", "llama3")

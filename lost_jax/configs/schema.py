@@ -1,0 +1,117 @@
+"""The config groups (ml_collections) and the shape arithmetic a config implies (pure Python)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from lost_jax.configs.choices import LOSS_CHUNK
+
+
+def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDict:
+  """Settings of the projection factory; unused fields are ignored by other kinds."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind,
+      rank=rank,
+      sparsity=0.01,          # LOST rho: fraction of input channels kept in S.
+      gamma=0.7,              # LOST mixing weight of the low-rank branch.
+      activation="silu",      # between the factors (LOST, CoLA); low_rank uses identity.
+      init="kaiming",         # initializer of the full-rank weight LOST decomposes.
+      sparse_init="complement",
+      complement_rank=0,      # 0: every remaining SVD component (the paper's reading).
+      factor_init="svd",      # LOST factors: svd (the method) | random (ablation).
+      density=0.03,           # SLTrain element-wise density delta.
+      alpha=32.0,             # SLTrain low-rank scale alpha / rank.
+  ))
+
+
+def perf_config() -> ml_collections.ConfigDict:
+  """Performance choices; they change speed and memory, never the parameters or the result."""
+  return ml_collections.ConfigDict(dict(
+      # xla: the plain transposed dots | cpu_transposed: explicit transposes of the narrower
+      # operand + optimisation barriers (faster on XLA:CPU). auto: cpu_transposed on CPU only.
+      matmul_backward="auto",
+      # blocked: causal blocks in XLA ops (model.attention) | dot_product_attention:
+      # jax.nn.dot_product_attention (cuDNN flash attention on GPU). auto: blocked on CPU.
+      # splash: the TPU Pallas splash-attention kernel jax ships
+      # (jax.experimental.pallas.ops.tpu.splash_attention). auto: splash on TPU only.
+      attention="auto",
+      # dot_product_attention's implementation: auto | xla | cudnn. splash's: pallas (the
+      # compiled TPU kernel) | interpret (the Pallas interpreter, any backend: tests only);
+      # auto: pallas on TPU, interpret elsewhere.
+      attention_impl="auto",
+      # unrolled: a Python loop over the blocks (each compiled separately) | scan: one
+      # jax.lax.scan over the blocks' state stacked inside the step (one block compiled).
+      # auto: unrolled on every platform, as measured: the stacked copy of the parameters and
+      # gradients costs a 1B TPU step +30% (full-rank) / +46% (LOST) peak memory
+      # (docs/benchmarks/memory_tpu.md) to save ~30% of a 24-layer compile, and on CPU a
+      # 24-layer step ran ~20% slower.
+      layer_loop="auto",
+      # LM head + cross-entropy fused (`losses.fused_cross_entropy`) in chunks of this many
+      # sequence positions (x batch rows): the [tokens, vocab] float32 logits are never
+      # materialised. 0: the plain loss on whole logits.
+      loss_chunk=LOSS_CHUNK,
+      loss_vocab_chunk=0,     # vocab columns per online log-sum-exp slice (0: whole vocab)
+  ))
+
+
+def rope_scaling_config(type: str = "default", factor: float = 1.0,  # pylint: disable=redefined-builtin
+                        low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                        original_max_position_embeddings: int = 8192
+                        ) -> ml_collections.ConfigDict:
+  """RoPE rescaling as HF's rope_scaling: default (none) | linear | llama3 (LLaMA 3.1/3.2)."""
+  return ml_collections.ConfigDict(dict(
+      type=type, factor=float(factor), low_freq_factor=float(low_freq_factor),
+      high_freq_factor=float(high_freq_factor),
+      original_max_position_embeddings=int(original_max_position_embeddings)))
+
+
+def projection_shapes(model: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """(name, in n, out m) of every q/k/v/o/gate/up/down of one block."""
+  d, f = model.d_model, model.ffn_dim
+  hd = d // model.n_heads
+  kv = model.n_kv_heads * hd
+  return [("q", d, d), ("k", d, kv), ("v", d, kv), ("o", d, d),
+          ("gate", d, f), ("up", d, f), ("down", f, d)]
+
+
+def lost_keep(n: int, sparsity: float) -> int:
+  """Number of kept input channels k = max(1, ceil(rho * n))."""
+  return max(1, math.ceil(sparsity * n - 1e-9))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh sizes (one may be -1: fill) and the multi-process runtime (jax.distributed)."""
+  return ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      distributed=False,      # True: jax.distributed.initialize before the mesh is built.
+      coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
+      num_processes=-1,       # -1: detect.
+      process_id=-1,          # -1: detect.
+  ))
+
+
+def data_config(seq_len: int = 256) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source="stdlib",        # stdlib | files | tfds
+      files="",               # glob of .txt / .jsonl / .jsonl.gz (C4 layout {"text": ...})
+      eval_files="",          # files: validation glob; "" holds out eval_fraction of `files`.
+      tfds_name="c4/en:3.1.0",
+      tfds_data_dir="",
+      train_split="train",
+      eval_split="validation",
+      tokenizer="",           # SentencePiece .model path; "" trains one on the stdlib corpus.
+      seq_len=seq_len,
+      # False: the anchors' layout (each document truncated to seq_len, EOS, padded; no
+      # packing). Use packing=False to compare perplexities with published (GaLore / SLTrain /
+      # CoLA / LOST) numbers; packed rows score more context per token, so they are lower.
+      packing=True,
+      add_eos=True,
+      eval_fraction=0.05,     # stdlib/files: documents held out for validation, by hash.
+      shuffle_seed=0,
+      shuffle_window=1024,    # train rows (and streamed files' documents) shuffled together.
+      worker_count=0,
+  ))
+
+
