@@ -33,6 +33,7 @@ from lost_jax.parallel import distributed
 from lost_jax.recipes.base import load_base, tokenizer_path
 from lost_jax.recipes.lm import next_token_nll
 from lost_jax.training import checkpoint, metrics, runtime
+from lost_jax.training.state import Setup, make_setup as make_state_setup
 from lost_jax.training.trainer import Recipe, Trainer
 
 
@@ -118,6 +119,15 @@ def recipe(cfg: ml_collections.FrozenConfigDict, module: SparseLoRALlama,
       flops_per_token=accounting.train_flops_per_token(cfg.model, cfg.data.seq_len),
       header=(f"lost_jax finetune {cfg.name} | {n_lora / 1e6:.3f}M LoRA params | "
               f"{sparse_layers} sparse layers from step {sched.start_step}"))
+
+
+def make_setup(cfg: ml_collections.FrozenConfigDict, module: SparseLoRALlama,
+               plan: sl_plan.SparsityPlan, mesh: jax.sharding.Mesh) -> Setup:
+  """The recipe's state setup on `mesh` for `module` (which may be abstract, from
+  nnx.eval_shape), for tools that compile the step themselves."""
+  r = recipe(cfg, module, plan)
+  return make_state_setup(r.model, r.loss, cfg.train, mesh, trainable=r.trainable,
+                          moment_dtype=jnp.dtype(cfg.model.param_dtype))
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
