@@ -24,14 +24,13 @@ from lost_jax.training import checkpoint
 from lost_jax.data import instruct
 from lost_jax.training import metrics
 from lost_jax.training import optim
-from lost_jax.ops import quant
 from lost_jax.parallel import sharding
 from lost_jax.adapters.sparselora import model as sparselora
 from lost_jax.data import tokenizer
 from lost_jax.training import trainer as train
 from lost_jax.errors import UserError
 from lost_jax.models.generate import greedy_generate
-from lost_jax.adapters.lora import LoRAParam, apply_lora
+from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.parallel import distributed
@@ -47,7 +46,7 @@ def sparse_model(cfg: ml_collections.ConfigDict, workdir: str | None,
   configs.validate_finetune(cfg, cfg.model.n_layers)   # ranks and layers against the base
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
-  quant.quantize_base(model, cfg.init.get("quantize", "none"))
+  quantize_base(model, cfg.init.get("quantize", "none"))
   plan = sl_plan.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
