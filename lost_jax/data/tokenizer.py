@@ -23,7 +23,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from lost_jax.data import text as _data
+from lost_jax.data import sources
 from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
@@ -215,8 +215,8 @@ def stdlib_model_path(vocab_size: int, heldout: float = 0.05) -> str:
 def training_document_ids(heldout: float) -> list[str]:
   """Ids of the stdlib documents the tokenizer is trained on: every k-th document of the
   training split at eval_fraction `heldout`, ~_SAMPLE_CHARS in all, in a fixed order."""
-  ids = _data.stdlib_split(heldout, "train")
-  stride = max(1, sum(len(_data.read_stdlib_document(i)) for i in ids) // _SAMPLE_CHARS)
+  ids = sources.stdlib_split(heldout, "train")
+  stride = max(1, sum(len(sources.read_stdlib_document(i)) for i in ids) // _SAMPLE_CHARS)
   return ids[::stride]
 
 
@@ -224,7 +224,7 @@ def _training_lines(heldout: float) -> list[str]:
   """Non-blank lines of the tokenizer's training documents."""
   lines = []
   for doc_id in training_document_ids(heldout):
-    text = _data.read_stdlib_document(doc_id)
+    text = sources.read_stdlib_document(doc_id)
     lines += [line for line in text.split("\n") if line.strip()]
   return lines
 

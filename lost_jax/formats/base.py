@@ -15,7 +15,7 @@ from flax import nnx
 from lost_jax.errors import UserError
 from lost_jax.formats import gguf, hf
 from lost_jax.models.llama import Llama
-from lost_jax.training import trainer as train
+from lost_jax.configs import PRECISIONS
 
 
 INIT_SOURCES = ("auto", "hf", "gguf", "pretrain", "random")
@@ -76,7 +76,7 @@ def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = N
   (frozen weights need no float32 master copy). A GGUF base is dequantised on the host.
   """
   kind, path = base_kind(cfg), cfg.init.path
-  dtype, param_dtype = train.PRECISIONS[cfg.train.precision]
+  dtype, param_dtype = PRECISIONS[cfg.train.precision]
   base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
   if kind in ("hf", "gguf"):
     if kind == "hf":

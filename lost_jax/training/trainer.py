@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from lost_jax import configs
+from lost_jax.data.batch import KEYS as BATCH_KEYS
 from lost_jax.training import checkpoint
 from lost_jax.ops import losses
 from lost_jax.training import metrics
@@ -27,7 +28,6 @@ from lost_jax.parallel.distributed import initialize_distributed
 from lost_jax.training.runtime import _StopFlag, make_workdir
 
 PRECISIONS = configs.PRECISIONS   # train.precision -> (compute dtype, parameter dtype)
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def apply_precision(cfg: ml_collections.ConfigDict) -> None:
