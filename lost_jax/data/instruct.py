@@ -17,7 +17,7 @@ import re
 import grain
 import numpy as np
 
-from lost_jax.data import text as data
+from lost_jax.data.batch import KEYS, ProcessRows, stack_rows
 from lost_jax.errors import UserError
 
 PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
@@ -35,7 +35,6 @@ CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trai
           "<|im_start|>assistant\n")
 TEMPLATES = ("alpaca", "plain", "chatml")
 TASKS = ("arithmetic", "gsm", "files")
-KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def render_prompt(record: dict, template: str = "alpaca") -> str:
@@ -260,7 +259,7 @@ def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
                     f"{global_batch}. Fix: more records or a smaller config.train.batch_size.")
   ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
         .map(_Encode(tokenizer, data_cfg)).batch(global_batch, drop_remainder=True)
-        .map(data.ProcessRows(process_index, process_count)))
+        .map(ProcessRows(process_index, process_count)))
   return iter(ds.to_iter_dataset())
 
 
@@ -273,8 +272,8 @@ def make_eval_batches(data_cfg, tokenizer, batch_size: int, *, process_index: in
   blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
   global_batch = batch_size * process_count
   rows += [blank] * (-len(rows) % global_batch)
-  rows_of = data.ProcessRows(process_index, process_count)
-  return [rows_of({k: np.stack([r[k] for r in rows[i:i + global_batch]]) for k in KEYS})
+  rows_of = ProcessRows(process_index, process_count)
+  return [rows_of(stack_rows(rows[i:i + global_batch]))
           for i in range(0, len(rows), global_batch)]
 
 

@@ -23,7 +23,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from lost_jax.data import text as _data
+from lost_jax.data import sources
 from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
@@ -174,6 +174,20 @@ def load_tokenizer_json(path: str, name: str = "") -> HFTokenizer:
                      path=path)
 
 
+def load_gguf_tokenizer(path: str, name: str = "") -> HFTokenizer:
+  """The byte-level BPE tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes."""
+  # Imported here: reading GGUF brings in the model code, which no other tokenizer needs.
+  from lost_jax.formats import gguf  # pylint: disable=g-import-not-at-top
+  meta = gguf.tokenizer_metadata(path)
+  get = lambda key: int(meta.get(f"tokenizer.ggml.{key}", -1))
+  bos = get("bos_token_id")
+  return HFTokenizer(
+      gguf.tokenizer_json(meta, path), bos_id=bos, eos_id=get("eos_token_id"),
+      pad_id=get("padding_token_id"),
+      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)) and bos >= 0,
+      name=name, path=path)
+
+
 def load_sentencepiece(path: str, name: str = "") -> SentencePieceTokenizer:
   with open(path, "rb") as f:
     proto = f.read()
@@ -195,8 +209,7 @@ def from_path(path: str, name: str = "") -> Tokenizer | None:
         return from_path(os.path.join(path, fname), name)
     return None
   if path.endswith(".gguf"):
-    from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-    return gguf_lib.load_tokenizer(path, name)
+    return load_gguf_tokenizer(path, name)
   if path.endswith(".json"):
     return load_tokenizer_json(path, name)
   return load_sentencepiece(path, name)
@@ -215,8 +228,8 @@ def stdlib_model_path(vocab_size: int, heldout: float = 0.05) -> str:
 def training_document_ids(heldout: float) -> list[str]:
   """Ids of the stdlib documents the tokenizer is trained on: every k-th document of the
   training split at eval_fraction `heldout`, ~_SAMPLE_CHARS in all, in a fixed order."""
-  ids = _data.stdlib_split(heldout, "train")
-  stride = max(1, sum(len(_data.read_stdlib_document(i)) for i in ids) // _SAMPLE_CHARS)
+  ids = sources.stdlib_split(heldout, "train")
+  stride = max(1, sum(len(sources.read_stdlib_document(i)) for i in ids) // _SAMPLE_CHARS)
   return ids[::stride]
 
 
@@ -224,7 +237,7 @@ def _training_lines(heldout: float) -> list[str]:
   """Non-blank lines of the tokenizer's training documents."""
   lines = []
   for doc_id in training_document_ids(heldout):
-    text = _data.read_stdlib_document(doc_id)
+    text = sources.read_stdlib_document(doc_id)
     lines += [line for line in text.split("\n") if line.strip()]
   return lines
 

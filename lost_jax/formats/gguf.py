@@ -1,10 +1,11 @@
-"""LLaMA-architecture GGUF files (llama.cpp) -> lost_jax `Llama` and its tokenizer.
+"""LLaMA-architecture GGUF files (llama.cpp) -> lost_jax `Llama`, and its tokenizer as data.
 
 Tensors are dequantised to float32 by the `gguf` package. GGUF stores each projection in HF's
 [out, in] layout (ggml lists the dims reversed) under llama.cpp names, and llama.cpp's
 converter permuted the rows of q and k (interleaved RoPE pairs): `unpermute_qk` restores HF's
-rotate-half order. The model config comes from the `llama.*` metadata, the byte-level BPE
-tokenizer from `tokenizer.ggml.*` (built with the `tokenizers` library).
+rotate-half order. The model config comes from the `llama.*` metadata. The byte-level BPE
+tokenizer of `tokenizer.ggml.*` is returned as tokenizer.json text (built with the
+`tokenizers` library) beside its metadata; `lost_jax.data.tokenizer` makes the tokenizer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from flax import nnx
 
 from lost_jax import configs as configs_lib
 from lost_jax.formats import hf as hf_lib
-from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.errors import UserError
 from lost_jax.models.llama import Llama
 
@@ -198,16 +198,9 @@ def tokenizer_json(meta: dict, path: str = "") -> str:
   return tok.to_str()
 
 
-def load_tokenizer(path: str, name: str = "") -> tokenizer_lib.HFTokenizer:
-  """The tokenizer stored in a GGUF file's metadata."""
-  meta = {k: v for k, v in metadata(_reader(path)).items() if k.startswith("tokenizer.")}
-  get = lambda key: int(meta.get(f"tokenizer.ggml.{key}", -1))
-  bos = get("bos_token_id")
-  return tokenizer_lib.HFTokenizer(
-      tokenizer_json(meta, path), bos_id=bos, eos_id=get("eos_token_id"),
-      pad_id=get("padding_token_id"),
-      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)) and bos >= 0,
-      name=name, path=path)
+def tokenizer_metadata(path: str) -> dict:
+  """The `tokenizer.*` metadata of a GGUF file as Python values."""
+  return {k: v for k, v in metadata(_reader(path)).items() if k.startswith("tokenizer.")}
 
 
 def chat_template(path: str) -> str:

@@ -57,10 +57,8 @@ class DenseLinear(nnx.Module):
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:
     mm = lambda x, w: matmul(x, w, self.dtype, backward=self.backward)
-    kernel = self.kernel.get_value()
-    if isinstance(kernel, quant.NF4Weight):    # a frozen 4-bit base (init.quantize=nf4)
-      return quant.with_dequantized(mm, x_BxN, kernel)
-    return mm(x_BxN, self.kernel[...])
+    # The kernel may be a frozen 4-bit base (init.quantize=nf4).
+    return quant.with_kernel(mm, x_BxN, self.kernel.get_value())
 
 
 def random_factors(rngs: nnx.Rngs, n: int, m: int, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -78,10 +76,11 @@ def factor_params(a_NxR: jax.Array, b_MxR: jax.Array, axes: tuple[str | None, st
           nnx.Param(b_MxR.astype(param_dtype), axes=(out_axis, "rank")))
 
 
-def _check_rank(n: int, m: int, rank: int, kind: str):
+def check_rank(n: int, m: int, rank: int, kind: str, setting: str = "model.linear.rank"):
+  """Raise unless rank is an int in 1..min(n, m) for an [n, m] kernel (kind, setting: named)."""
   if not isinstance(rank, int) or not 1 <= rank <= min(n, m):
     raise ValueError(f"{kind} rank={rank} is impossible for a {n}x{m} kernel. "
-                     f"Fix: choose model.linear.rank in 1..{min(n, m)}.")
+                     f"Fix: choose {setting} in 1..{min(n, m)}.")
 
 
 class LowRankLinear(nnx.Module):
@@ -92,7 +91,7 @@ class LowRankLinear(nnx.Module):
                param_dtype: Any = jnp.float32,
                axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
                rngs: nnx.Rngs):
-    _check_rank(in_features, out_features, rank, "low-rank")
+    check_rank(in_features, out_features, rank, "low-rank")
     self.in_features, self.out_features = in_features, out_features
     self.act = _activation(activation)
     self.dtype = dtype
@@ -119,7 +118,7 @@ class SLTrainLinear(nnx.Module):
                alpha: float = 32.0, dtype: Any = None, param_dtype: Any = jnp.float32,
                axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
                rngs: nnx.Rngs):
-    _check_rank(in_features, out_features, rank, "SLTrain")
+    check_rank(in_features, out_features, rank, "SLTrain")
     if not 0.0 < density <= 1.0:
       raise ValueError(f"SLTrain density={density} is outside (0, 1]. "
                        "Fix: model.linear.density=0.03.")

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.configs import lost_keep
-from lost_jax.layers.linear import (ACTIVATIONS, StaticIndices, _activation, factor_params,
-                                    init_kernel, random_factors)
+from lost_jax.configs import SPARSE_INITS, lost_keep
+from lost_jax.layers.linear import (ACTIVATIONS, StaticIndices, _activation, check_rank,
+                                    factor_params, init_kernel, random_factors)
 from lost_jax.ops.matmul import matmul
-
-SPARSE_INITS = ("complement", "weight", "random_channels")
+from lost_jax.ops.select import top_k_indices
 
 
 class LostFactors(NamedTuple):
@@ -28,10 +27,7 @@ class LostFactors(NamedTuple):
 def check_lost_shapes(n: int, m: int, rank: int, sparsity: float,
                       complement_rank: int | None = None) -> int:
   """Validate a LOST layer's settings; return k, the number of kept input channels."""
-  p = min(n, m)
-  if not isinstance(rank, int) or not 1 <= rank <= p:
-    raise ValueError(f"LOST rank={rank} is impossible for a {n}x{m} kernel. "
-                     f"Fix: choose rank in 1..{p} (model.linear.rank).")
+  check_rank(n, m, rank, "LOST")
   if not 0.0 < sparsity <= 1.0:
     raise ValueError(f"LOST sparsity={sparsity} is outside (0, 1]. Fix: use the fraction of "
                      "input channels to keep, e.g. 0.01 (model.linear.sparsity).")
@@ -44,12 +40,6 @@ def check_lost_shapes(n: int, m: int, rank: int, sparsity: float,
 def channel_scores(complement_NxM: jax.Array) -> jax.Array:
   """Importance of each input channel: L2 norm of its complement row, [n]."""
   return jnp.sqrt(jnp.sum(jnp.square(complement_NxM), axis=-1))
-
-
-def top_channels(scores_N: jax.Array, k: int) -> jax.Array:
-  """Sorted int32 indices of the k largest scores, [k]."""
-  _, idx = jax.lax.top_k(scores_N, k)
-  return jnp.sort(idx).astype(jnp.int32)
 
 
 def lost_split(kernel: jax.Array, rank: int, sparsity: float, *,
@@ -72,7 +62,7 @@ def lost_split(kernel: jax.Array, rank: int, sparsity: float, *,
   if sparse_init == "random_channels":
     indices = jnp.sort(jax.random.choice(key, n, (k,), replace=False)).astype(jnp.int32)
   else:
-    indices = top_channels(channel_scores(complement), k)
+    indices = top_k_indices(channel_scores(complement), k)
   source = complement if sparse_init == "complement" else k0
   return LostFactors(a, b, indices, source[indices])
 

@@ -346,6 +346,25 @@ class Block(nnx.Module):
     return x if cache is None else (x, cache)
 
 
+ATTN_PROJECTIONS = ("q", "k", "v", "o")
+MLP_PROJECTIONS = ("gate", "up", "down")
+
+
+def projection_owner(block: Block, name: str) -> nnx.Module:
+  """The Attention (q, k, v, o) or MLP (gate, up, down) of a block holding projection `name`."""
+  if name in ATTN_PROJECTIONS:
+    return block.attn
+  if name in MLP_PROJECTIONS:
+    return block.mlp
+  raise ValueError(f"projection {name!r} is unknown. "
+                   f"Fix: use names from {ATTN_PROJECTIONS + MLP_PROJECTIONS}.")
+
+
+def projection(block: Block, name: str):
+  """The linear layer `name` (q, k, v, o, gate, up or down) of a block."""
+  return getattr(projection_owner(block, name), name)
+
+
 class Llama(nnx.Module):
   """tokens [B, L] -> float32 logits [B, L, V]."""
 

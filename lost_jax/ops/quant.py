@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lost_jax.ops.select import take_cols
 
 NF4_BLOCK = 64           # values per scale for NF4 weights (as QLoRA).
 
@@ -258,29 +259,34 @@ def with_dequantized(fn, x: jax.Array, w: "NF4Weight") -> jax.Array:
   return region(x, w.codes, w.scales)
 
 
+def as_nf4(kernel) -> NF4Weight:
+  """A kernel [n, m] as an NF4Weight (itself when it already is one)."""
+  return kernel if isinstance(kernel, NF4Weight) else NF4Weight.from_kernel(kernel)
+
+
+def with_kernel(fn, x: jax.Array, kernel) -> jax.Array:
+  """fn(x, kernel) for a plain kernel array; for an NF4Weight, `with_dequantized`."""
+  if isinstance(kernel, NF4Weight):
+    return with_dequantized(fn, x, kernel)
+  return fn(x, kernel)
+
+
+def kernel_cols(kernel, idx_K: jax.Array, dtype=None) -> jax.Array:
+  """kernel[:, idx] [n, K] in dtype (None: the kernel's); NF4 dequantises only those columns."""
+  if isinstance(kernel, NF4Weight):
+    return kernel.take_cols(idx_K).astype(dtype or kernel.dtype)
+  return take_cols(kernel if dtype is None else kernel.astype(dtype), idx_K)
+
+
+def kernel_rows(kernel, idx_K: jax.Array, dtype=None) -> jax.Array:
+  """kernel[idx, :] [K, m] in dtype (None: the kernel's); NF4 dequantises only those rows."""
+  if isinstance(kernel, NF4Weight):
+    return kernel.take_rows(idx_K).astype(dtype or kernel.dtype)
+  k = kernel if dtype is None else kernel.astype(dtype)
+  return jnp.take(k, idx_K, axis=0, mode="clip", unique_indices=True, indices_are_sorted=True)
+
+
 def nf4_bytes(n: int, m: int, block: int = NF4_BLOCK) -> int:
   """Bytes of an NF4 kernel [n, m]: half a byte per (padded) value + a float32 scale per block."""
   nb = math.ceil(m / block)
   return n * nb * (block // 2 + 4)
-
-
-BASE_QUANTIZE = ("none", "nf4")
-
-
-def quantize_base(model, how: str = "nf4"):
-  """Store every block projection kernel of a frozen Llama as NF4, in place; returns model.
-
-  Embedding and LM head stay in their dtype (as QLoRA). Call before `lora.apply_lora` (the
-  adapters share the kernel variable, so they see the same NF4 value).
-  """
-  from flax import nnx
-  from lost_jax.layers.linear import DenseLinear
-  if how not in BASE_QUANTIZE:
-    raise ValueError(f"config.init.quantize={how!r} is unknown. Fix: use one of "
-                     f"{BASE_QUANTIZE}.")
-  if how == "none":
-    return model
-  for _, node in nnx.iter_graph(model.layers):
-    if isinstance(node, DenseLinear) and not isinstance(node.kernel.get_value(), NF4Weight):
-      node.kernel.set_value(NF4Weight.from_kernel(node.kernel.get_value()))
-  return model

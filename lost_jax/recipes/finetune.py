@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from lost_jax import configs
-from lost_jax.adapters.lora import LoRAParam, apply_lora
+from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora.model import SparseLoRALlama
@@ -28,7 +28,6 @@ from lost_jax.data import instruct, tokenizer
 from lost_jax.errors import UserError
 from lost_jax.measure import accounting
 from lost_jax.models.generate import greedy_generate
-from lost_jax.ops import quant
 from lost_jax.parallel import distributed
 from lost_jax.recipes.base import load_base, tokenizer_path
 from lost_jax.recipes.lm import next_token_nll
@@ -53,7 +52,7 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
   configs.validate_finetune_base(cfg)
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
-  quant.quantize_base(model, cfg.init.get("quantize", "none"))
+  quantize_base(model, cfg.init.get("quantize", "none"))
   plan = sl_plan.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,

@@ -9,11 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lost_jax.layers.linear import DenseLinear
-from lost_jax.adapters.lora import LoRALinear
-
-Linear = DenseLinear | LoRALinear
-
+from lost_jax.layers.linear import check_rank
+from lost_jax.adapters.lora import Linear
+from lost_jax.models.llama import projection
 
 EST_MODULES = ("gate", "up", "q", "k", "v")
 
@@ -21,9 +19,7 @@ EST_MODULES = ("gate", "up", "q", "k", "v")
 def svd_estimator(kernel_NxM: jax.Array, rank: int = 8) -> tuple[jax.Array, jax.Array]:
   """Float32 factors (P [n, r] = U_r sqrt(s_r), Q [r, m] = sqrt(s_r) V_r^T), K ~= P @ Q."""
   n, m = kernel_NxM.shape
-  if not 1 <= rank <= min(n, m):
-    raise ValueError(f"estimator rank={rank} is impossible for a {n}x{m} kernel. "
-                     f"Fix: use a rank in 1..{min(n, m)} (the paper uses 8).")
+  check_rank(n, m, rank, "estimator", "sparse.estimator_rank (the paper uses 8)")
   u, s, vt = jnp.linalg.svd(kernel_NxM.astype(jnp.float32), full_matrices=False)
   root = jnp.sqrt(s[:rank])
   return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
@@ -33,12 +29,8 @@ def layer_key(i: int) -> str:
   return f"layer_{i}"
 
 
-def _proj(block, name: str) -> Linear:
-  return getattr(block.mlp if name in ("gate", "up", "down") else block.attn, name)
-
-
 def _base_kernel(lin) -> jax.Array:
-  if not isinstance(lin, (DenseLinear, LoRALinear)):
+  if not isinstance(lin, Linear):
     raise ValueError(f"SparseLoRA needs dense base projections, found {type(lin).__name__}. "
                      "Fix: fine-tune a model with model.linear.kind='dense'.")
   return lin.kernel[...]
@@ -52,7 +44,7 @@ def build_estimators(model, rank: int = 8, layers: Sequence[int] | None = None) 
     block = model.layers[i]
     est[layer_key(i)] = {}
     for name in EST_MODULES:
-      p, q = svd_estimator(_base_kernel(_proj(block, name)), rank)
+      p, q = svd_estimator(_base_kernel(projection(block, name)), rank)
       est[layer_key(i)][name] = {"p": p, "q": q}
   return est
 
@@ -101,7 +93,7 @@ def load_estimators(path: str, model=None, rank: int | None = None,
         raise ValueError(f"{path}: has {lk} but the model has {len(model.layers)} layers. "
                          "Fix: rebuild the estimators for this model.")
       for name, f in mods.items():
-        kernel = _base_kernel(_proj(model.layers[i], name))
+        kernel = _base_kernel(projection(model.layers[i], name))
         n, m = kernel.shape
         if f["p"].shape[0] != n or f["q"].shape[1] != m:
           raise ValueError(f"{path}: {lk}/{name} factors {f['p'].shape} x {f['q'].shape} do "

@@ -37,34 +37,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.layers.linear import DenseLinear
-from lost_jax.adapters.lora import LoRALinear
 from lost_jax.models.llama import dense_projection
+from lost_jax.ops.select import top_k_indices
 from lost_jax.adapters.sparselora.estimator import layer_key
 from lost_jax.adapters.sparselora.plan import SparsityPlan, StepLengths
 from lost_jax.adapters.sparselora.restrict import restricted_projection, sparse_mlp
 from lost_jax.adapters.sparselora.select import (column_norms, ffn_scores, keep_count,
                                                  low_rank_column_norms, random_scores,
-                                                 select_attention, top_k_indices)
-
-Linear = DenseLinear | LoRALinear
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline SVD estimator.
-
-
-# ----------------------------------------------------------------------------------------------
-# Channel scores and selection (pure; k static).
-
-
-# ----------------------------------------------------------------------------------------------
-# Restricted projections. `gather` computes only the kept slices; `mask` computes densely and
-# zeroes the dropped channels (the oracle path, and a cross-check of the gather path).
-
-
-# ----------------------------------------------------------------------------------------------
-# Plan (static) and the forward pass.
+                                                 select_attention)
 
 
 def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):

@@ -9,37 +9,24 @@ import jax
 import jax.numpy as jnp
 
 from lost_jax.ops import quant
-from lost_jax.layers.linear import DenseLinear
-from lost_jax.adapters.lora import LoRALinear
+from lost_jax.ops.select import take_cols
+from lost_jax.adapters.lora import Linear, LoRALinear
 from lost_jax.adapters.sparselora.select import AttnIndices
 
-Linear = DenseLinear | LoRALinear
 
-
-def _kernel(lin: Linear) -> jax.Array:
-  k = lin.kernel[...]
-  return k if lin.dtype is None else k.astype(lin.dtype)
+def _cast(lin: Linear, a: jax.Array) -> jax.Array:
+  """a in the layer's compute dtype (unchanged when it has none)."""
+  return a if lin.dtype is None else a.astype(lin.dtype)
 
 
 def _kernel_cols(lin: Linear, idx_K: jax.Array) -> jax.Array:
-  """kernel[:, idx] [n, K]; a 4-bit base (quant.NF4Weight) dequantises only those columns."""
-  k = lin.kernel.get_value()
-  if isinstance(k, quant.NF4Weight):
-    return k.take_cols(idx_K).astype(lin.dtype or k.dtype)
-  return _take_cols(_kernel(lin), idx_K)
+  """kernel[:, idx] [n, K]; a 4-bit base dequantises only those columns."""
+  return quant.kernel_cols(lin.kernel.get_value(), idx_K, lin.dtype)
 
 
 def _kernel_rows(lin: Linear, idx_K: jax.Array) -> jax.Array:
   """kernel[idx, :] [K, m]; a 4-bit base dequantises only those rows."""
-  k = lin.kernel.get_value()
-  if isinstance(k, quant.NF4Weight):
-    return k.take_rows(idx_K).astype(lin.dtype or k.dtype)
-  return jnp.take(_kernel(lin), idx_K, axis=0, mode="clip", unique_indices=True,
-                  indices_are_sorted=True)
-
-
-def _x(lin: Linear, x: jax.Array) -> jax.Array:
-  return x if lin.dtype is None else x.astype(lin.dtype)
+  return quant.kernel_rows(lin.kernel.get_value(), idx_K, lin.dtype)
 
 
 def _delta(lin: Linear, x: jax.Array) -> jax.Array | None:
@@ -47,19 +34,8 @@ def _delta(lin: Linear, x: jax.Array) -> jax.Array | None:
 
 
 def _base(lin: Linear, x: jax.Array) -> jax.Array:
-  k = lin.kernel.get_value()
-  if isinstance(k, quant.NF4Weight):   # dequantised again in the backward, not kept
-    return quant.with_dequantized(lambda x, w: _x(lin, x) @ w.astype(lin.dtype or w.dtype),
-                                  x, k)
-  return _x(lin, x) @ _kernel(lin)
-
-
-def _take_cols(a_XxN: jax.Array, idx_K: jax.Array) -> jax.Array:
-  """a[..., idx] [..., K]: as take_along_axis, XLA:CPU writes the result row-major in place,
-  where jnp.take(axis=-1) gathers whole columns and transposes them (~2x slower matmuls).
-  Indices are in range by construction (top-k positions): no out-of-range fill pass."""
-  return jnp.take_along_axis(a_XxN, jnp.broadcast_to(idx_K, a_XxN.shape[:-1] + idx_K.shape),
-                             axis=-1, mode="promise_in_bounds")
+  """x @ kernel in the layer's dtype; a 4-bit base is dequantised here and in the backward."""
+  return quant.with_kernel(lambda x, w: _cast(lin, x) @ _cast(lin, w), x, lin.kernel.get_value())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -71,7 +47,7 @@ def _scatter(y_BxLxK: jax.Array, idx_K: jax.Array, m: int) -> jax.Array:
   k = idx_K.shape[0]
   src_M = jnp.full((m,), k, jnp.int32).at[idx_K].set(jnp.arange(k, dtype=jnp.int32))
   padded = jnp.concatenate([y_BxLxK, jnp.zeros(y_BxLxK.shape[:-1] + (1,), y_BxLxK.dtype)], -1)
-  return _take_cols(padded, src_M)
+  return take_cols(padded, src_M)
 
 
 def _scatter_fwd(y_BxLxK, idx_K, m):
@@ -80,7 +56,7 @@ def _scatter_fwd(y_BxLxK, idx_K, m):
 
 def _scatter_bwd(m, idx_K, g_BxLxM):
   del m
-  return _take_cols(g_BxLxM, idx_K), None
+  return take_cols(g_BxLxM, idx_K), None
 
 
 _scatter.defvjp(_scatter_fwd, _scatter_bwd)
@@ -90,7 +66,7 @@ _scatter.defvjp(_scatter_fwd, _scatter_bwd)
 def _gather(x_BxLxN: jax.Array, idx_K: jax.Array, n: int) -> jax.Array:
   """x[..., idx] for sorted unique idx; its transpose is `_scatter`, not a scatter-add."""
   del n
-  return _take_cols(x_BxLxN, idx_K)
+  return take_cols(x_BxLxN, idx_K)
 
 
 def _gather_fwd(x_BxLxN, idx_K, n):
@@ -111,16 +87,16 @@ def _channel_mask(idx_K: jax.Array, m: int, dtype) -> jax.Array:
 def _out_cols_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
   m = lin.out_features
   if how == "gather":
-    return _scatter(_x(lin, x_BxLxN) @ _kernel_cols(lin, idx_K), idx_K, m)
+    return _scatter(_cast(lin, x_BxLxN) @ _kernel_cols(lin, idx_K), idx_K, m)
   y = _base(lin, x_BxLxN)
   return y * _channel_mask(idx_K, m, y.dtype)
 
 
 def _in_rows_base(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str) -> jax.Array:
   if how == "gather":
-    x = _gather(_x(lin, x_BxLxN), idx_K, lin.in_features)
+    x = _gather(_cast(lin, x_BxLxN), idx_K, lin.in_features)
     return x @ _kernel_rows(lin, idx_K)
-  x = _x(lin, x_BxLxN)
+  x = _cast(lin, x_BxLxN)
   return _base(lin, x * _channel_mask(idx_K, lin.in_features, x.dtype))
 
 
@@ -147,10 +123,10 @@ def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather
   gate, up, down = mlp.gate, mlp.up, mlp.down
   if how == "gather" and not isinstance(gate, LoRALinear) and not isinstance(up, LoRALinear):
     # No adapter feeds the intermediate: it is exactly zero off idx, so stay compact.
-    g = _x(gate, x_BxLxD) @ _kernel_cols(gate, idx_K)
-    u = _x(up, x_BxLxD) @ _kernel_cols(up, idx_K)
+    g = _cast(gate, x_BxLxD) @ _kernel_cols(gate, idx_K)
+    u = _cast(up, x_BxLxD) @ _kernel_cols(up, idx_K)
     act = jax.nn.silu(g) * u
-    y = _x(down, act) @ _kernel_rows(down, idx_K)
+    y = _cast(down, act) @ _kernel_rows(down, idx_K)
     if isinstance(down, LoRALinear):
       y = y + down.delta(_scatter(act, idx_K, down.in_features))
     return y

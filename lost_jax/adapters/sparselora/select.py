@@ -10,16 +10,12 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 
+from lost_jax.ops.select import top_k_indices
+
 
 def keep_count(n: int, sparsity: float) -> int:
   """Channels kept, int(n * (1 - sparsity)) (robust to float rounding), at least 1."""
   return max(1, int(math.floor(n * (1.0 - sparsity) + 1e-6)))
-
-
-def top_k_indices(score_N: jax.Array, k: int) -> jax.Array:
-  """Indices of the k largest scores, sorted ascending, int32 [k]."""
-  _, idx = jax.lax.top_k(score_N, k)
-  return jnp.sort(idx).astype(jnp.int32)
 
 
 def _weights(mask_BxL: jax.Array | None, x_BxLxD: jax.Array) -> jax.Array:
