@@ -175,7 +175,8 @@ _SHARD_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
-from lost_jax import sharding, train
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
 from lost_jax.adapters.sparselora import restrict as sl_restrict
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import estimator as sl_estimator
