@@ -10,30 +10,17 @@ import sys
 
 import jax
 
+from helpers import TINY_MODEL, pipeline_config   # tests/ is this script's folder
 from lost_jax import configs
-from lost_jax.recipes import finetune
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.parallel import distributed
-from lost_jax.recipes import pretrain
-
-TINY = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
-
-
-def pretrain_config(steps: int):
-  """The pipeline test's tiny LOST run; a 10-step warmup whatever the step count."""
-  cfg = configs.pretrain_config("quickstart", "lost")
-  cfg.model.update(TINY)
-  cfg.model.linear.rank = 8
-  cfg.data.seq_len = 32
-  cfg.train.update(dict(precision="float32", steps=steps, batch_size=4, eval_every=4,
-                        eval_batches=2, log_every=1, ckpt_every=2, warmup_frac=10 / steps))
-  return cfg
+from lost_jax.recipes import finetune, pretrain
 
 
 def finetune_config(steps: int):
   cfg = configs.finetune_config("quickstart")
   cfg.init.source = "random"
-  cfg.model.update(TINY)
+  cfg.model.update(TINY_MODEL)
   cfg.sparse.enabled = True
   cfg.sparse.ffn, cfg.sparse.attn = "0.75@1", "0.5@1"
   cfg.sparse.start_frac = 0.0
@@ -46,7 +33,11 @@ def finetune_config(steps: int):
 
 
 def main(job: dict) -> None:
-  cfg = (pretrain_config if job["kind"] == "pretrain" else finetune_config)(job["steps"])
+  steps = job["steps"]
+  if job["kind"] == "pretrain":    # the pipeline test's run with a 10-step warmup
+    cfg = pipeline_config(steps, warmup_frac=10 / steps)
+  else:
+    cfg = finetune_config(steps)
   if job["nproc"] > 1:
     cfg.mesh.update(dict(distributed=True, coordinator_address=f"127.0.0.1:{job['port']}",
                          num_processes=job["nproc"], process_id=job["pid"]))

@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
+from helpers import tiny_model_config
 from lost_jax import configs
 from lost_jax.measure import accounting
 from lost_jax.training import optim
@@ -125,9 +126,8 @@ def test_flops_llama_60m_by_hand():
 
 
 def tiny_model(kind: str) -> ml_collections.ConfigDict:
-  model = configs.model_config("quickstart")
-  model.update(vocab_size=10, d_model=8, ffn_dim=12, n_layers=2, n_heads=2, n_kv_heads=1)
-  model.linear = configs.linear_config(kind, rank=2)
+  model = tiny_model_config(kind, rank=2, vocab_size=10, d_model=8, ffn_dim=12, n_heads=2,
+                            n_kv_heads=1)
   model.linear.sparsity = 0.25                      # k = 2 for n = 8, 3 for n = 12
   model.linear.density = 0.25
   model.linear.activation = "identity" if kind == "low_rank" else "silu"   # as the presets
@@ -235,6 +235,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+@pytest.mark.slow
 def test_cli_compare_prints_every_method():
   out = _cli("--config=configs/pretrain.py:llama_1b,lost", "--compare")
   for method in configs.METHODS:
@@ -242,6 +243,7 @@ def test_cli_compare_prints_every_method():
   assert "1339.08" in out
 
 
+@pytest.mark.slow
 def test_cli_single_run():
   out = _cli("--config=configs/pretrain.py:llama_60m,lost")
   assert "llama_60m,lost" in out and "params:" in out

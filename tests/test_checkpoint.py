@@ -2,10 +2,10 @@
 
 import pytest
 
+from helpers import base_pretrain_config
 from lost_jax import configs
-from lost_jax.training import checkpoint
 from lost_jax.recipes import pretrain
-from test_pipeline import small_run_config
+from lost_jax.training import checkpoint
 
 
 def _fp(cfg):
@@ -38,13 +38,13 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
       "model.linear.sparsity: checkpoint 0.01 vs run 0.02", f"seq_len: checkpoint {L} vs run {2 * L}"]
 
 
-def test_resume_refuses_a_new_global_batch_and_accepts_a_new_step_count(tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  pretrain.train_and_evaluate(small_run_config(steps=2), workdir, quiet=True)
-  bigger = small_run_config(steps=2)
-  bigger.train.batch_size = 8
-  with pytest.raises(ValueError, match="global_batch: checkpoint 4 vs run 8"):
+def test_resume_refuses_a_new_global_batch_and_accepts_a_new_step_count(pretrained_copy, capsys):
+  workdir = pretrained_copy      # 60 steps of global batch 8
+  bigger = base_pretrain_config()
+  bigger.train.batch_size = 16
+  with pytest.raises(ValueError, match="global_batch: checkpoint 8 vs run 16"):
     pretrain.train_and_evaluate(bigger, workdir, quiet=True)
-  longer = small_run_config(steps=4)
-  assert pretrain.train_and_evaluate(longer, workdir, quiet=True)["step"] == 4
-  assert "schedule.steps: checkpoint 2 vs run 4" in capsys.readouterr().out
+  longer = base_pretrain_config()
+  longer.train.steps = 62
+  assert pretrain.train_and_evaluate(longer, workdir, quiet=True)["step"] == 62
+  assert "schedule.steps: checkpoint 60 vs run 62" in capsys.readouterr().out

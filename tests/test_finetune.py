@@ -6,52 +6,25 @@ import os
 import numpy as np
 import pytest
 
+from helpers import tiny_finetune_config
 from lost_jax import configs
+from lost_jax.formats import base as base_lib
 from lost_jax.recipes import finetune
 from lost_jax.training import metrics
-from lost_jax.formats import base as base_lib
-from lost_jax.recipes import pretrain
 
-TINY = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=4, n_heads=4, n_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A tiny dense model pre-trained briefly on the stdlib corpus (the base to fine-tune)."""
-  workdir = str(tmp_path_factory.mktemp("base"))
-  cfg = configs.pretrain_config("quickstart", "full_rank")
-  cfg.model.update(TINY)
-  cfg.data.seq_len = 64
-  cfg.train.update(dict(precision="float32", steps=60, batch_size=8, eval_every=60,
-                        eval_batches=1, log_every=20, ckpt_every=60, lr=3e-3))
-  pretrain.train_and_evaluate(cfg, workdir, quiet=True)
-  return workdir
-
-
-def ft_config(base: str, sparse: bool, steps: int = 60):
-  cfg = configs.finetune_config("quickstart")
-  cfg.init.path = base
-  cfg.sparse.enabled = sparse
-  cfg.sparse.ffn, cfg.sparse.attn = "0.75@1-3", "0.5@2-3"
-  cfg.data.update(dict(seq_len=96, max_prompt_len=80, train_size=600, eval_size=32,
-                       max_new_tokens=4))
-  cfg.train.update(dict(steps=steps, batch_size=8, eval_every=steps, log_every=10,
-                        ckpt_every=steps, accuracy_examples=8, lr=3e-3))
-  return cfg
-
-
-def test_sparselora_matches_dense_lora_eval_loss(pretrained, tmp_path):
-  dense = finetune.finetune_and_evaluate(ft_config(pretrained, False), str(tmp_path / "d"),
-                                         quiet=True)
-  sparse = finetune.finetune_and_evaluate(ft_config(pretrained, True), str(tmp_path / "s"),
-                                          quiet=True)
+@pytest.mark.slow
+def test_sparselora_matches_dense_lora_eval_loss(pretrained_workdir, tmp_path):
+  dense = finetune.finetune_and_evaluate(tiny_finetune_config(pretrained_workdir, sparse=False),
+                                         str(tmp_path / "d"), quiet=True)
+  sparse = finetune.finetune_and_evaluate(tiny_finetune_config(pretrained_workdir),
+                                          str(tmp_path / "s"), quiet=True)
   rows = [r["loss"] for r in metrics.read_metrics(str(tmp_path / "s")) if "loss" in r]
   assert rows[-1] < rows[0]                              # it learns
   assert 0.0 <= sparse["eval_accuracy"] <= 1.0
   assert abs(sparse["eval_loss"] - dense["eval_loss"]) <= 0.02 * dense["eval_loss"], (
       sparse["eval_loss"], dense["eval_loss"])
   # A 4-bit (NF4) base reaches the unquantised base's eval loss within 3%.
-  cfg = ft_config(pretrained, True)
+  cfg = tiny_finetune_config(pretrained_workdir)
   cfg.init.quantize = "nf4"
   nf4 = finetune.finetune_and_evaluate(cfg, str(tmp_path / "q"), quiet=True)
   assert abs(nf4["eval_loss"] - sparse["eval_loss"]) <= 0.03 * sparse["eval_loss"], (
@@ -61,8 +34,8 @@ def test_sparselora_matches_dense_lora_eval_loss(pretrained, tmp_path):
   assert not os.path.exists(tmp_path / "d" / "estimators.npz")
 
 
-def test_finetune_resume_is_exact(pretrained, tmp_path):
-  cfg = ft_config(pretrained, True, steps=8)
+def test_finetune_resume_is_exact(pretrained_workdir, tmp_path):
+  cfg = tiny_finetune_config(pretrained_workdir, steps=8)
   cfg.train.update(dict(ckpt_every=2, eval_every=8, accuracy_examples=0, log_every=1))
   finetune.finetune_and_evaluate(cfg, str(tmp_path / "a"), quiet=True)
   finetune.finetune_and_evaluate(cfg, str(tmp_path / "b"), quiet=True, stop_at=4)
@@ -73,18 +46,19 @@ def test_finetune_resume_is_exact(pretrained, tmp_path):
 
 
 def test_non_dense_base_and_missing_base_are_refused(tmp_path):
-  cfg = ft_config(str(tmp_path / "nothing"), True)
+  cfg = tiny_finetune_config(str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="config.init.path"):
     finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
   lost_run = tmp_path / "lost_run"
   lost_run.mkdir()
   run_cfg = configs.pretrain_config("quickstart", "lost")
   (lost_run / "config.json").write_text(run_cfg.to_json())
-  cfg = ft_config(str(lost_run), True)
+  cfg = tiny_finetune_config(str(lost_run))
   with pytest.raises(ValueError, match="dense base kernels"):
     finetune.finetune_and_evaluate(cfg, str(tmp_path / "run2"), quiet=True)
 
 
+@pytest.mark.slow
 def test_finetune_from_a_hugging_face_directory(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -93,13 +67,13 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
                                     num_hidden_layers=4, num_attention_heads=4,
                                     num_key_value_heads=2, max_position_embeddings=256)
   transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
-  cfg = ft_config(str(tmp_path / "hf"), True, steps=4)
+  cfg = tiny_finetune_config(str(tmp_path / "hf"), steps=4)
   # A real base is never paired with an invented tokenizer: none in the directory is an error.
   with pytest.raises(ValueError, match=r"neither tokenizer\.json nor tokenizer\.model\. Fix: "
                      r"set config\.data\.tokenizer"):
     finetune.finetune_and_evaluate(cfg, str(tmp_path / "run0"), quiet=True)
   _byte_level_tokenizer_json(tmp_path / "hf", 512)
-  cfg = ft_config(str(tmp_path / "hf"), True, steps=4)   # source auto-detected as hf
+  cfg = tiny_finetune_config(str(tmp_path / "hf"), steps=4)   # source auto-detected as hf
   cfg.train.update(dict(eval_every=4, accuracy_examples=4))
   out = finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
   assert out["step"] == 4 and np.isfinite(out["eval_loss"])
@@ -125,7 +99,7 @@ def _byte_level_tokenizer_json(folder, vocab_size):
 
 
 @pytest.mark.parametrize("what", ["nothing", "empty_dir", "text_file", "mismatch"])
-def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained):
+def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained_workdir):
   cfg = configs.finetune_config("quickstart")
   cfg.init.source = "auto"
   if what == "nothing":
@@ -136,7 +110,7 @@ def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained):
     cfg.init.path = str(tmp_path / "x.gguf")
     (tmp_path / "x.gguf").write_text("not a gguf")
   else:
-    cfg.init.path, cfg.init.source = pretrained, "hf"
+    cfg.init.path, cfg.init.source = pretrained_workdir, "hf"
   with pytest.raises(ValueError, match=r"config\.init\.(path|source)=.*Fix: "):
     base_lib.base_kind(cfg)
   cfg.init.source = "auto"

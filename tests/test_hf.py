@@ -11,6 +11,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from helpers import tiny_model_config
 from lost_jax import configs
 from lost_jax.formats import hf
 from lost_jax.layers.linear import DenseLinear
@@ -22,10 +23,8 @@ TOKENS_BxL = np.random.RandomState(0).randint(0, VOCAB, (2, 24))
 
 
 def tiny_cfg(kind="dense", **linear):
-  cfg = configs.model_config("quickstart")
-  cfg.update(vocab_size=VOCAB, d_model=D, ffn_dim=F, n_layers=LAYERS, n_heads=HEADS,
-             n_kv_heads=KV, rope_theta=50_000.0, norm_eps=1e-5, dtype="float32")
-  cfg.linear = configs.linear_config(kind, rank=8)
+  cfg = tiny_model_config(kind, rank=8, vocab_size=VOCAB, d_model=D, ffn_dim=F, n_layers=LAYERS,
+                          n_heads=HEADS, n_kv_heads=KV, rope_theta=50_000.0, norm_eps=1e-5)
   cfg.linear.update(linear)
   return cfg
 

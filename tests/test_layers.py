@@ -9,19 +9,11 @@ import pytest
 from flax import nnx
 
 import lost_jax
+from helpers import np_silu, np_silu_grad
 from lost_jax import DenseLinear, LOSTLinear, LowRankLinear, SLTrainLinear
 from lost_jax.layers.linear import StaticIndices
 
 N, M, R = 24, 16, 4
-
-
-def np_silu(h):
-  return h / (1.0 + np.exp(-h))
-
-
-def np_silu_grad(h):
-  sig = 1.0 / (1.0 + np.exp(-h))
-  return sig * (1.0 + h * (1.0 - sig))
 
 
 NP_ACT = {"silu": (np_silu, np_silu_grad), "identity": (lambda h: h, np.ones_like)}

@@ -9,19 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from lost_jax import configs
+from helpers import adapter_model_config, randomize_lora
 from lost_jax.layers.linear import DenseLinear
 from lost_jax.adapters import lora
 from lost_jax.adapters.lora import LoRALinear, LoRAParam, apply_lora, lora_targets, merge_lora
 from lost_jax.models.llama import Llama
-from test_sparselora import randomize_lora   # non-zero adapters (lora_b starts at 0)
-
-
-def tiny_cfg(n_kv_heads=2, n_layers=2):
-  cfg = configs.model_config("quickstart")
-  cfg.update(dict(vocab_size=50, d_model=64, ffn_dim=96, n_layers=n_layers, n_heads=4,
-                  n_kv_heads=n_kv_heads, dtype="float32"))
-  return cfg
 
 
 @nnx.jit
@@ -50,7 +42,7 @@ def test_lora_linear_matches_numpy_and_init():
 
 
 def test_apply_lora_targets_start_as_identity():
-  model = Llama(tiny_cfg(), rngs=nnx.Rngs(0))
+  model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   toks = tokens()
   before = logits_of(model, toks)
   apply_lora(model, ("q", "v", "gate", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(1))
@@ -67,7 +59,7 @@ def test_apply_lora_targets_start_as_identity():
 
 
 def test_only_lora_params_get_gradients_and_updates():
-  model = Llama(tiny_cfg(), rngs=nnx.Rngs(0))
+  model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
   randomize_lora(model)
   toks = tokens()
@@ -102,7 +94,7 @@ def test_only_lora_params_get_gradients_and_updates():
 
 
 def test_merge_lora_same_logits():
-  model = Llama(tiny_cfg(), rngs=nnx.Rngs(0))
+  model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   apply_lora(model, ("q", "k", "v", "o", "gate", "up", "down"), rank=4, alpha=8.0,
              rngs=nnx.Rngs(1))
   randomize_lora(model, std=0.2)

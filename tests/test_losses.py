@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lost_jax import configs
+from helpers import tiny_pretrain_config
 from lost_jax.ops import losses
 from lost_jax.training import optim
 from lost_jax.training import trainer as train
@@ -132,13 +132,11 @@ def test_refuses_bad_chunks():
 
 
 def _tiny_cfg(precision: str, loss_chunk: int) -> ml_collections.ConfigDict:
-  cfg = configs.pretrain_config("quickstart", "lost")
-  cfg.model.update(vocab_size=96, d_model=32, ffn_dim=48, n_layers=1, n_heads=2, n_kv_heads=2)
-  cfg.model.linear.rank = 4
+  cfg = tiny_pretrain_config("lost", rank=4, seq_len=128, precision=precision,
+                             model=dict(vocab_size=96, d_model=32, ffn_dim=48, n_layers=1,
+                                        n_heads=2))
   cfg.model.perf.loss_chunk = loss_chunk
   cfg.model.perf.loss_vocab_chunk = 40 if loss_chunk else 0
-  cfg.train.precision = precision
-  train.apply_precision(cfg)
   return cfg
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import np_silu, np_silu_grad, tiny_model_config
 from lost_jax import configs, errors
 from lost_jax.training import checkpoint
 from lost_jax.models import generate
@@ -158,21 +159,17 @@ def test_swiglu_and_its_gradients_match_numpy(dtype):
   f = lambda g, u: jnp.sum(model_lib.swiglu(g, u).astype(jnp.float32) * dy)
   args = [jnp.asarray(a, dtype) for a in (g, u)]
   g, u = (np.asarray(a, np.float64) for a in args)   # the (rounded) inputs it saw
-  sig = 1.0 / (1.0 + np.exp(-g))
   y = jax.jit(model_lib.swiglu)(*args)
   dg, du = jax.jit(jax.grad(f, argnums=(0, 1)))(*args)
   assert y.dtype == dg.dtype == du.dtype == jnp.dtype(dtype)
   # bf16: float32 math, one rounding of each result (and of the cotangent): ~2^-8 relative.
   tol = 1e-5 if dtype == "float32" else 1e-2
-  for got, want in ((y, g * sig * u), (dg, dy * u * sig * (1 + g * (1 - sig))),
-                    (du, dy * g * sig)):
+  for got, want in ((y, np_silu(g) * u), (dg, dy * u * np_silu_grad(g)), (du, dy * np_silu(g))):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
 
 
 def tiny_model(matmul_backward, attention, remat=False):
-  cfg = configs.model_config("quickstart")
-  cfg.update(dict(vocab_size=64, d_model=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                  dtype="float32", remat=remat))
+  cfg = tiny_model_config(vocab_size=64, d_model=32, ffn_dim=48, remat=remat)
   cfg.perf.update(dict(matmul_backward=matmul_backward, attention=attention,
                        attention_impl="interpret" if attention == "splash" else "xla"))
   return model_lib.Llama(cfg, rngs=nnx.Rngs(0))
@@ -279,9 +276,9 @@ def test_no_backend_sniffing_in_the_math_and_perf_not_in_checkpoint_fingerprint(
 
 def kind_model(kind: str, layer_loop: str, n_layers: int = 3, remat: bool = False):
   """A float32 model of one projection kind (3 blocks: a layer-order bug changes logits)."""
-  cfg = configs.pretrain_config("quickstart", "full_rank" if kind == "dense" else kind).model
-  cfg.update(dict(vocab_size=64, d_model=32, ffn_dim=48, n_layers=n_layers, n_heads=4,
-                  n_kv_heads=2, dtype="float32", remat=remat))
+  cfg = tiny_model_config(vocab_size=64, d_model=32, ffn_dim=48, n_layers=n_layers, remat=remat)
+  cfg.linear = configs.pretrain_config("quickstart", "full_rank" if kind == "dense" else kind
+                                       ).model.linear     # the preset's activation
   cfg.linear.rank = 8
   cfg.perf.update(dict(matmul_backward="xla", attention="blocked", layer_loop=layer_loop))
   return model_lib.Llama(cfg, rngs=nnx.Rngs(0))

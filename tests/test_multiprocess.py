@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from lost_jax.training import metrics
 from lost_jax.parallel import distributed
@@ -49,6 +50,7 @@ def _losses(workdir):
   return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_two_devices(tmp_path):
   pre = dict(kind="pretrain", steps=STEPS)
   ft = dict(kind="finetune", steps=3)
@@ -100,7 +102,6 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
 
 
 def test_process_ids_outside_the_process_count_are_refused():
-  import pytest  # pylint: disable=g-import-not-at-top
   from lost_jax import configs
   from lost_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   mesh = configs.pretrain_config("quickstart", "lost").mesh

@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "lost_anatomy.ipynb"
 # Cells (by tag) that must each show a figure.
 FIGURE_CELLS = ("spectrum", "channels", "curves")
+pytestmark = pytest.mark.slow      # a kernel that trains two small runs
 
 
 def _text(cell) -> str:

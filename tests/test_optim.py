@@ -7,19 +7,17 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import tiny_pretrain_config
 from lost_jax import configs
 from lost_jax.training import optim
 from lost_jax.models.llama import Llama
 
 
 def _tiny(method):
-  cfg = configs.pretrain_config("quickstart", method)
-  cfg.model.update(d_model=16, ffn_dim=32, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=64)
-  cfg.model.linear.rank = 4
-  cfg.model.dtype = cfg.model.param_dtype = "float32"
-  t = cfg.train
-  t.update(steps=10, warmup_frac=0.1, clip_norm=0.0, weight_decay=0.0, lr=2e-3, galore_rank=2,
-           galore_update_freq=5)
+  cfg = tiny_pretrain_config(method, rank=4, seq_len=128,
+                             model=dict(d_model=16, ffn_dim=32, n_heads=2, vocab_size=64),
+                             steps=10, warmup_frac=0.1, clip_norm=0.0, weight_decay=0.0, lr=2e-3,
+                             galore_rank=2, galore_update_freq=5)
   params = nnx.as_pure(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
   return cfg, params
 

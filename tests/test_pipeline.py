@@ -7,44 +7,22 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from helpers import ROOT, base_pretrain_config, pipeline_config, saved_state
 from lost_jax import configs
-from lost_jax.training import metrics
 from lost_jax.recipes import pretrain
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_run_config(steps: int = 8):
-  cfg = configs.pretrain_config("quickstart", "lost")
-  cfg.model.update(dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4,
-                        n_kv_heads=2))
-  cfg.model.linear.rank = 8
-  cfg.data.seq_len = 32
-  cfg.train.update(dict(precision="float32", steps=steps, batch_size=4, eval_every=4,
-                        eval_batches=2, log_every=1, ckpt_every=2, warmup_frac=0.25))
-  return cfg
+from lost_jax.training import metrics
 
 
 def losses(workdir):
   return [r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r]
 
 
-def final_params(workdir):
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                              item_names=("state", "rest", "data", "meta"))
-  step = mgr.latest_step()
-  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mgr.close()
-  return step, jax.tree.leaves(out["state"]["params"])
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.slow)])
 def test_resume_is_exact(tmp_path, optimizer):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  cfg = small_run_config(steps=8)
+  cfg = pipeline_config(steps=8)
   cfg.train.optimizer = optimizer      # 8-bit: uint8 codes + float32 scales round-trip exactly
   pretrain.train_and_evaluate(cfg, straight, quiet=True)
   first = pretrain.train_and_evaluate(cfg, resumed, quiet=True, stop_at=4)
@@ -53,29 +31,28 @@ def test_resume_is_exact(tmp_path, optimizer):
   a, b = losses(straight), losses(resumed)
   assert len(a) == len(b) == 8
   assert a == b          # identical float32 losses at every step
-  step_a, params_a = final_params(straight)
-  step_b, params_b = final_params(resumed)
+  step_a, state_a = saved_state(straight)
+  step_b, state_b = saved_state(resumed)
   assert step_a == step_b == 8
-  for x, y in zip(params_a, params_b):
+  for x, y in zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_workdir_of_another_model_is_refused_before_overwrite(tmp_path):
-  workdir = str(tmp_path / "run")
-  cfg = small_run_config(steps=2)
-  pretrain.train_and_evaluate(cfg, workdir, quiet=True)
+def test_workdir_of_another_model_is_refused_before_overwrite(pretrained_copy):
+  workdir = pretrained_copy
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   config_before = open(os.path.join(workdir, "config.json")).read()
-  other = small_run_config(steps=4)
-  other.model.linear.rank = 16
-  with pytest.raises(ValueError, match="model.linear.rank"):
+  other = base_pretrain_config()
+  other.train.steps = 80
+  other.model.linear = configs.linear_config("lost", rank=16)
+  with pytest.raises(ValueError, match="model.linear.kind"):
     pretrain.train_and_evaluate(other, workdir, quiet=True)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   assert open(os.path.join(workdir, "config.json")).read() == config_before
 
 
 def test_tokenizer_vocab_mismatch_is_refused(tmp_path):
-  cfg = small_run_config(steps=2)
+  cfg = pipeline_config(steps=2)
   vocab = tmp_path / "vocab.model"
   import sentencepiece as spm  # a user tokenizer of 300 pieces for a 512-vocab model
   spm.SentencePieceTrainer.train(
@@ -87,6 +64,7 @@ def test_tokenizer_vocab_mismatch_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_checkpoint_metrics_and_events(tmp_path):
   workdir = tmp_path / "cli"
   args = [sys.executable, "-m", "lost_jax.main", "pretrain",

@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from lost_jax.training import optim
+from helpers import (adapter_model_config, fixed_batch, rand, randomize_lora, run_on_8_cpu_devices,
+                     run_steps, train_step_config)
 from lost_jax.ops import quant
+from lost_jax.training import optim
 
 
 def tree_codebook(signed: bool) -> np.ndarray:
@@ -162,8 +164,7 @@ def test_leading_shards_counts_the_devices_of_axis_0():
 
 @pytest.mark.parametrize("method,optimizer", [("galore", "galore8bit")])   # adamw8bit: test_pipeline
 def test_8bit_optimizers_train(method, optimizer):
-  from test_train import fixed_batch, run_steps, tiny_config
-  cfg = tiny_config(method, vocab_size=512)     # embedding and head: 32768 values, quantised
+  cfg = train_step_config(method, vocab_size=512)     # embedding and head: 32768 values, quantised
   cfg.train.optimizer = optimizer
   losses, state = run_steps(cfg, fixed_batch(8, 32, 512), 40)
   codes = [x for x in jax.tree.leaves(state["opt_state"]) if x.dtype == jnp.uint8]
@@ -172,18 +173,14 @@ def test_8bit_optimizers_train(method, optimizer):
 
 
 _SHARD_SCRIPT = r"""
-import json, sys
+import json
 import jax, numpy as np
-sys.path.insert(0, {tests!r})
+from helpers import fixed_batch, run_steps, train_step_config
 from lost_jax.parallel import sharding
 from lost_jax.training import trainer as train
-from lost_jax.adapters.sparselora import restrict as sl_restrict
-from lost_jax.adapters.sparselora import plan as sl_plan
-from lost_jax.adapters.sparselora import estimator as sl_estimator
-from test_train import tiny_config, fixed_batch, run_steps
-out = {{}}
+out = {}
 for shape in [(1, 2, 4), (1, 1, 1)]:
-  cfg = tiny_config("full_rank", vocab_size=512)
+  cfg = train_step_config("full_rank", vocab_size=512)
   cfg.train.optimizer = "adamw8bit"
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
   devices = jax.devices()[: int(np.prod(shape))]
@@ -198,8 +195,8 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_8bit_states_shard_like_parameters_and_match_one_device():
-  from test_train import run_on_8_cpu_devices
   result = run_on_8_cpu_devices(_SHARD_SCRIPT)
   codes, scales, param = result["(1, 2, 4)specs"]
   assert codes == param == "P('tensor', 'fsdp')", (codes, param)
@@ -255,11 +252,10 @@ def test_nf4_round_trip_packing_and_selection_against_numpy(m):
 def _nf4_and_dequantised_twins(targets):
   """(NF4-base model, the same model with plain kernels = the dequantised NF4), same LoRA."""
   from flax import nnx
-  from test_sparselora import randomize_lora, tiny_cfg
   from lost_jax.adapters.lora import apply_lora, quantize_base
   from lost_jax.models.llama import Llama
-  nf4 = quantize_base(Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0)))
-  plain = Llama(tiny_cfg(2, 1), rngs=nnx.Rngs(0))
+  nf4 = quantize_base(Llama(adapter_model_config(2, 1), rngs=nnx.Rngs(0)))
+  plain = Llama(adapter_model_config(2, 1), rngs=nnx.Rngs(0))
   for name in ("q", "k", "v", "o", "gate", "up", "down"):
     part = "attn" if name in "qkvo" else "mlp"
     a, b = (getattr(getattr(m.layers[0], part), name).kernel for m in (nf4, plain))
@@ -272,7 +268,8 @@ def _nf4_and_dequantised_twins(targets):
 
 
 def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
-  from test_sparselora import B, D, F, L, rand
+  B, L = 2, 10
+  D, F = (getattr(adapter_model_config(), k) for k in ("d_model", "ffn_dim"))
   from lost_jax.adapters.sparselora import model as sl
   from lost_jax.adapters.sparselora import estimator as sl_estimator  # pylint: disable=g-import-not-at-top
   from lost_jax.adapters.sparselora import plan as sl_plan  # pylint: disable=g-import-not-at-top

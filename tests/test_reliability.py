@@ -18,17 +18,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from lost_jax import configs, errors
+from helpers import ROOT, fixed_batch, saved_state, subprocess_env, tiny_pretrain_config
+from lost_jax import errors
 from lost_jax.training import checkpoint
 from lost_jax.training import metrics
 from lost_jax.parallel import sharding
 from lost_jax.data import tokenizer
 from lost_jax.training import trainer as train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]
 FINETUNE = ["finetune", f"--config={ROOT}/configs/finetune.py:quickstart",
             "--config.init.source=random"]
@@ -42,8 +41,7 @@ STEPS = 30
 STRAIGHT = TINY + CONSTANT_LR + [f"--config.train.steps={STEPS}", "--config.train.ckpt_every=1",
                                  "--config.train.keep_checkpoints=4",
                                  f"--config.train.eval_every={STEPS}"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep +
-       os.environ.get("PYTHONPATH", "")}
+ENV = subprocess_env(PYTHONUNBUFFERED="1")
 
 
 def cli(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -59,14 +57,6 @@ def lines_of(proc) -> list[str]:
 
 def steps_on_disk(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-
-
-def saved_state(workdir, step):
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                              item_names=("state", "rest", "data", "meta"))
-  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mgr.close()
-  return out["state"]
 
 
 def losses(workdir) -> dict[int, float]:
@@ -94,20 +84,14 @@ def straight(tmp_path_factory):
 
 
 def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
-  cfg = configs.pretrain_config("quickstart", "full_rank")
-  cfg.model.update(dict(vocab_size=64, d_model=32, ffn_dim=64, n_layers=1, n_heads=4,
-                        n_kv_heads=4))
-  cfg.train.update(dict(precision="float32", warmup_frac=0.0, steps=10))
-  train.apply_precision(cfg)
+  cfg = tiny_pretrain_config("full_rank", rank=0, seq_len=128, warmup_frac=0.0, steps=10,
+                             model=dict(vocab_size=64, d_model=32, ffn_dim=64, n_layers=1,
+                                        n_kv_heads=4))
   mesh = sharding.make_mesh(cfg.mesh)
   setup = train.make_setup(cfg, mesh)
   state, rest = setup.init_fn(jax.random.key(0))
   step_fn = train.make_train_step(setup, 1)
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, 64, (16, 9)).astype(np.int32)
-  good = dict(inputs=toks[:, :-1], targets=toks[:, 1:],
-              positions=np.tile(np.arange(8, dtype=np.int32), (16, 1)),
-              segment_ids=np.ones((16, 8), np.int32), weights=np.ones((16, 8), np.float32))
+  good = fixed_batch(16, 8, 64)
   bad = {**good, "weights": np.where(np.arange(8) == 3, np.nan, 1.0).astype(np.float32)[None]
          .repeat(16, 0)}
   state, m = step_fn(state, rest, train.to_global(good, mesh))   # one real step: Adam moments
@@ -156,6 +140,7 @@ def test_a_non_finite_state_is_never_saved():
   assert ckpt.saved == [5]
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
   workdir = tmp_path / "diverge"
   diverge = [*TINY, "--config.train.lr=1e6", "--config.train.clip_norm=0",
@@ -176,7 +161,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
   assert m[4] == str(workdir / "checkpoints" / str(good))
   # keep_checkpoints=1 rotated every finite save away but the last; nothing after it was saved.
   assert steps_on_disk(workdir) == [good]
-  state = saved_state(workdir, good)
+  state = saved_state(workdir, good)[1]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["opt_state"]))
   skipped = [line for line in out if "not finite, update skipped" in line]
@@ -209,10 +194,11 @@ def _delete_item_directory(step_dir):
   shutil.rmtree(os.path.join(step_dir, "state"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_moved_aside_and_an_intact_one_resumes(straight, tmp_path):
   workdir = tmp_path / "damaged"
   shutil.copytree(straight, workdir)
-  expected = saved_state(straight, STEPS)
+  expected = saved_state(straight, STEPS)[1]
   ckpts = workdir / "checkpoints"
   _garbage_metadata(ckpts / "30")
   _truncate_a_data_file(ckpts / "29")
@@ -230,11 +216,12 @@ def test_damaged_checkpoints_are_moved_aside_and_an_intact_one_resumes(straight,
   assert sorted(os.listdir(workdir / "checkpoints_damaged")) == ["28", "29", "30"]
   assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
   assert "steps 27->30 of 30" in proc.stdout
-  assert_same_state(saved_state(workdir, STEPS), expected)   # resumed exactly from step 27
+  assert_same_state(saved_state(workdir, STEPS)[1], expected)   # resumed exactly from step 27
   assert {s: v for s, v in losses(workdir).items() if s > 27} == {
       s: v for s, v in losses(straight).items() if s > 27}
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(straight, tmp_path):
   workdir = tmp_path / "all_damaged"
   os.makedirs(workdir / "checkpoints")
@@ -252,6 +239,7 @@ def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(straight, tmp_pa
   assert not (workdir / "checkpoints_damaged").exists()
 
 
+@pytest.mark.slow
 def test_reads_abandoned_by_a_failed_restore_print_nothing_other_errors_still_do(
     monkeypatch, capsys):
   monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
@@ -273,6 +261,7 @@ def test_reads_abandoned_by_a_failed_restore_print_nothing_other_errors_still_do
 # ------------------------------------------------------------------------------- SIGTERM
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_the_resume_is_exact(straight, tmp_path):
   workdir = tmp_path / "preempted"
   # Checkpoints only at the end: the one found afterwards is the one SIGTERM wrote.
@@ -301,7 +290,7 @@ def test_sigterm_saves_exits_0_and_the_resume_is_exact(straight, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"steps {stopped}->{STEPS} of {STEPS}" in proc.stdout
   assert losses(workdir) == losses(straight)
-  assert_same_state(saved_state(workdir, STEPS), saved_state(straight, STEPS))
+  assert_same_state(saved_state(workdir, STEPS)[1], saved_state(straight, STEPS)[1])
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -426,6 +415,7 @@ def _bad_input_run(args, tmp, straight):
   return cli(*args, timeout=300)
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_one_line_with_exit_status_2(straight, tmp_path):
   _bad_files(tmp_path)
   before = steps_on_disk(straight)

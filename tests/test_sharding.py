@@ -81,8 +81,11 @@ rows = sharding_check.run("quickstart", ["full_rank", "lost"], microbatches=2, o
 # GaLore: the optimizer state does not mirror the parameters (projected moments, projector).
 import jax
 from flax import nnx
-from lost_jax import configs, optim, sharding, train
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.models.llama import Llama
+from lost_jax.parallel import sharding
+from lost_jax.training import optim
+from lost_jax.training import trainer as train
 cfg = configs.pretrain_config("llama_60m", "galore")
 cfg.model.n_layers = 1
 cfg.train.galore_rank = 64
@@ -107,6 +110,7 @@ print("RESULT" + json.dumps(dict(rows=rows, galore=galore, orphan=orphan,
 """
 
 
+@pytest.mark.slow
 def test_compiled_step_with_accumulation_divides_the_work_over_8_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -138,8 +142,10 @@ _LOAD_SCRIPT = r"""
 import json
 import jax, numpy as np
 from flax import nnx
-from lost_jax import configs, finetune, hf, sharding
-from lost_jax.model import Llama
+from lost_jax import configs
+from lost_jax.formats import base, hf
+from lost_jax.models.llama import Llama
+from lost_jax.parallel import sharding
 cfg = configs.model_config("quickstart")
 cfg.update(vocab_size=256, d_model=64, ffn_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
            dtype="float32")
@@ -151,7 +157,7 @@ mesh = sharding.make_mesh(mesh_cfg)
 ft = configs.finetune_config("quickstart")
 ft.init.source, ft.init.path = "hf", {path!r}
 ft.train.precision = "mixed"
-sliced = finetune.load_base(ft, mesh)                  # mixed: bf16 frozen base on the mesh
+sliced = base.load_base(ft, mesh)                      # mixed: bf16 frozen base on the mesh
 out = {{}}
 for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(whole, nnx.Param)),
                           nnx.to_flat_state(nnx.state(sliced, nnx.Param))):
@@ -164,6 +170,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_base_loads_slice_by_slice_into_the_mesh_shardings(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

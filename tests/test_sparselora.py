@@ -9,52 +9,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import lora_model, np_silu, rand
 from lost_jax import configs
-from lost_jax.adapters.sparselora import model as sl
-from lost_jax.adapters.lora import LoRALinear, LoRAParam, apply_lora
-from lost_jax.models.llama import Llama
+from lost_jax.adapters.lora import LoRALinear, LoRAParam
 from lost_jax.adapters.sparselora import estimator as sl_estimator
-from lost_jax.adapters.sparselora import select as sl_select
-from lost_jax.adapters.sparselora import restrict as sl_restrict
+from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora import restrict as sl_restrict
+from lost_jax.adapters.sparselora import select as sl_select
 
 B, L, D, F, H = 2, 10, 64, 96, 4
 HD = D // H
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
-def tiny_cfg(n_kv_heads=2, n_layers=2):
-  cfg = configs.model_config("quickstart")
-  cfg.update(dict(vocab_size=50, d_model=D, ffn_dim=F, n_layers=n_layers, n_heads=H,
-                  n_kv_heads=n_kv_heads, dtype="float32"))
-  return cfg
-
-
-def randomize_lora(model, seed=0, std=0.1):
-  state = nnx.state(model, LoRAParam)
-  leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      tree, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
-
-
-def lora_model(n_kv_heads=2, targets=("q", "k", "v", "o"), n_layers=2, seed=0):
-  model = Llama(tiny_cfg(n_kv_heads, n_layers), rngs=nnx.Rngs(seed))
-  if targets:
-    apply_lora(model, targets, rank=4, alpha=8.0, rngs=nnx.Rngs(seed + 1))
-    randomize_lora(model, seed)
-  return model
-
-
-def rand(*shape, seed=0):
-  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- NumPy references
-
-
-def np_silu(x):
-  return x / (1.0 + np.exp(-x))
 
 
 def np_linear(lin, x, colmask=None, rowmask=None):

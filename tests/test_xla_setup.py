@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lost_jax.training import xla_setup
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -17,13 +19,14 @@ def test_defaults_are_appended_once_and_user_settings_win():
   assert twice.split().count(f"{FLAG}=-reduce") == 1
 
 
+@pytest.mark.slow
 def test_configure_respects_opt_out_and_sets_the_environment():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          xla_setup.OPT_OUT: "0"}
   assert not xla_setup.configure(env)
   assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
   # In a fresh interpreter (no JAX backend yet) the flag is set and XLA accepts it.
-  code = ("import os; from lost_jax import xla_setup; assert xla_setup.configure();"
+  code = ("import os; from lost_jax.training import xla_setup; assert xla_setup.configure();"
           "import jax, jax.numpy as jnp; print(os.environ['XLA_FLAGS']);"
           "print(float(jnp.sum(jnp.ones((64, 64)) @ jnp.ones((64, 3)))));"
           "assert not xla_setup.configure()")

@@ -1,0 +1,195 @@
+"""What several test files build: tiny configs and models, fixed batches, a few train steps,
+NumPy references and a raw checkpoint read.
+
+Test files import it as `helpers` (pytest puts tests/ on the path); scripts the tests run in
+a subprocess get tests/ through PYTHONPATH (`subprocess_env`). Nothing here imports a test file.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lost_jax import configs
+from lost_jax.adapters.lora import LoRAParam, apply_lora
+from lost_jax.models.llama import Llama
+from lost_jax.parallel import sharding
+from lost_jax.training import trainer as train
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+# The shape most tiny runs share; a test overrides what it needs different.
+TINY_MODEL = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
+
+
+def subprocess_env(**extra) -> dict:
+  """os.environ with the worktree and tests/ first on PYTHONPATH (for `python -c` scripts)."""
+  path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def run_on_8_cpu_devices(script: str) -> dict:
+  """Run the Python `script` on 8 fake CPU devices (helpers importable); its RESULT json."""
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                       JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                        text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.split("RESULT")[-1])
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def tiny_model_config(kind: str | None = None, rank: int = 8, **model):
+  """The quickstart model at TINY_MODEL's shape (`model` overrides it), float32 compute;
+  with `kind`, a fresh `configs.linear_config(kind, rank)` for its projections."""
+  cfg = configs.model_config("quickstart")
+  cfg.update({**TINY_MODEL, "dtype": "float32", **model})
+  if kind is not None:
+    cfg.linear = configs.linear_config(kind, rank=rank)
+  return cfg
+
+
+def tiny_pretrain_config(method: str = "lost", *, rank: int = 8, seq_len: int = 32,
+                         model: dict | None = None, **train_settings):
+  """The quickstart `method` preset at TINY_MODEL's shape (`model` overrides it), LOST-style
+  rank `rank`, rows of `seq_len` and float32; `train_settings` update cfg.train."""
+  cfg = configs.pretrain_config("quickstart", method)
+  cfg.model.update({**TINY_MODEL, **(model or {})})
+  cfg.model.linear.rank = rank
+  cfg.data.seq_len = seq_len
+  cfg.train.update({"precision": "float32", **train_settings})
+  train.apply_precision(cfg)
+  return cfg
+
+
+def pipeline_config(steps: int = 8, **train_settings):
+  """An 8-step tiny LOST run that logs every step, evaluates every 4 and saves every 2."""
+  return tiny_pretrain_config("lost", **{**dict(
+      steps=steps, batch_size=4, eval_every=4, eval_batches=2, log_every=1, ckpt_every=2,
+      warmup_frac=0.25), **train_settings})
+
+
+def train_step_config(method: str, **model):
+  """A tiny `method` config that overfits a fixed batch in 40 steps (lr 1e-2, no warmup)."""
+  cfg = tiny_pretrain_config(method, seq_len=128, model={"vocab_size": 256, **model},
+                             lr=1e-2, warmup_frac=0.0, steps=40, batch_size=8, weight_decay=0.0)
+  if method == "galore":
+    cfg.train.update(dict(galore_rank=8, galore_update_freq=10, galore_scale=1.0))
+  return cfg
+
+
+BASE_MODEL = dict(TINY_MODEL, n_layers=4)   # the fine-tune tests' sparse layers are 1-3
+
+
+def base_pretrain_config():
+  """The tiny dense base the fine-tuning tests start from: 60 steps on the stdlib corpus."""
+  return tiny_pretrain_config("full_rank", rank=0, seq_len=64, model=BASE_MODEL, steps=60,
+                              batch_size=8, eval_every=60, eval_batches=1, log_every=20,
+                              ckpt_every=60, lr=3e-3)
+
+
+def tiny_finetune_config(base: str | None = None, *, sparse: bool = True, steps: int = 60,
+                         **train_settings):
+  """The quickstart fine-tune from `base` (a workdir; None: a random TINY_MODEL base),
+  SparseLoRA on layers 1-3 when `sparse`, short arithmetic rows, `steps` steps."""
+  cfg = configs.finetune_config("quickstart")
+  if base is None:
+    cfg.init.source = "random"
+    cfg.model.update(TINY_MODEL)
+  else:
+    cfg.init.path = base
+  cfg.sparse.enabled = sparse
+  cfg.sparse.ffn, cfg.sparse.attn = "0.75@1-3", "0.5@2-3"
+  cfg.data.update(dict(seq_len=96, max_prompt_len=80, train_size=600, eval_size=32,
+                       max_new_tokens=4))
+  cfg.train.update(dict(steps=steps, batch_size=8, eval_every=steps, log_every=10,
+                        ckpt_every=steps, accuracy_examples=8, lr=3e-3, **train_settings))
+  return cfg
+
+
+# ------------------------------------------------------------------------- models and batches
+
+
+def randomize_lora(model, seed=0, std=0.1):
+  """Non-zero adapters (lora_b starts at 0): every LoRA parameter drawn from N(0, std^2)."""
+  state = nnx.state(model, LoRAParam)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      tree, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+
+
+def adapter_model_config(n_kv_heads=2, n_layers=2):
+  """The float32 Llama the LoRA and SparseLoRA tests adapt: vocab 50, d 64, ffn 96."""
+  return tiny_model_config(vocab_size=50, ffn_dim=96, n_layers=n_layers, n_kv_heads=n_kv_heads)
+
+
+def lora_model(n_kv_heads=2, targets=("q", "k", "v", "o"), n_layers=2, seed=0):
+  """adapter_model_config's Llama with random rank-4 adapters on `targets`."""
+  model = Llama(adapter_model_config(n_kv_heads, n_layers), rngs=nnx.Rngs(seed))
+  if targets:
+    apply_lora(model, targets, rank=4, alpha=8.0, rngs=nnx.Rngs(seed + 1))
+    randomize_lora(model, seed)
+  return model
+
+
+def rand(*shape, seed=0) -> np.ndarray:
+  """Standard normal float32 values of `shape`."""
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def fixed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
+  """One packed-free batch of random tokens: every position weighted, one segment a row."""
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
+  return dict(inputs=toks[:, :-1], targets=toks[:, 1:],
+              positions=np.broadcast_to(np.arange(length), (batch, length)).astype(np.int32),
+              segment_ids=np.ones((batch, length), np.int32),
+              weights=np.ones((batch, length), np.float32))
+
+
+def run_steps(cfg, batch, steps, microbatches=1, devices=None):
+  """`steps` train steps of `cfg` on the same `batch` from seed 0: (losses, final state)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  setup = train.make_setup(cfg, mesh)
+  state, rest = setup.init_fn(jax.random.key(0))
+  step = train.make_train_step(setup, microbatches)
+  gb = train.to_global(batch, mesh)
+  losses = []
+  for _ in range(steps):
+    state, m = step(state, rest, gb)
+    losses.append(float(m["loss"]))
+  return losses, state
+
+
+# -------------------------------------------------------------------------- NumPy references
+
+
+def np_silu(h):
+  return h / (1.0 + np.exp(-h))
+
+
+def np_silu_grad(h):
+  sig = 1.0 / (1.0 + np.exp(-h))
+  return sig * (1.0 + h * (1.0 - sig))
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def saved_state(workdir: str, step: int | None = None):
+  """(step, train state) of a run's checkpoint as Orbax stored it (latest when step is None)."""
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_names=("state", "rest", "data", "meta"))
+  step = mgr.latest_step() if step is None else step
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  return step, out["state"]
