@@ -19,7 +19,9 @@ from lost_jax import configs
 from lost_jax.adapters.lora import LoRAParam, apply_lora
 from lost_jax.models.llama import Llama
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
+from lost_jax.recipes import pretrain
+from lost_jax.training import steps as train_steps
+from lost_jax.training import state as train_state
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -66,7 +68,7 @@ def tiny_pretrain_config(method: str = "lost", *, rank: int = 8, seq_len: int = 
   cfg.model.linear.rank = rank
   cfg.data.seq_len = seq_len
   cfg.train.update({"precision": "float32", **train_settings})
-  train.apply_precision(cfg)
+  configs.apply_precision(cfg)
   return cfg
 
 
@@ -159,10 +161,10 @@ def fixed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
 def run_steps(cfg, batch, steps, microbatches=1, devices=None):
   """`steps` train steps of `cfg` on the same `batch` from seed 0: (losses, final state)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  setup = train.make_setup(cfg, mesh)
-  state, rest = setup.init_fn(jax.random.key(0))
-  step = train.make_train_step(setup, microbatches)
-  gb = train.to_global(batch, mesh)
+  setup = pretrain.make_setup(cfg, mesh)
+  state, rest = setup.init(jax.random.key(0))
+  step = train_steps.make_train_step(setup, microbatches)
+  gb = train_state.to_global(batch, mesh)
   losses = []
   for _ in range(steps):
     state, m = step(state, rest, gb)

@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import tiny_pretrain_config
 from lost_jax.ops import losses
 from lost_jax.training import optim
-from lost_jax.training import trainer as train
+from lost_jax.recipes import lm
 
 
 def numpy_ce(h, w, targets, weights):
@@ -154,7 +154,7 @@ def test_train_loss_and_grads_equal_the_plain_loss(precision, rtol):
     graphdef, params, rest = nnx.split(Llama(_tiny_cfg(precision, chunk).model,
                                              rngs=nnx.Rngs(0)), nnx.Param, ...)
     (nll, weight), grads = jax.value_and_grad(
-        lambda p: train.batch_nll(graphdef, p, rest, batch), has_aux=True)(params)
+        lambda p: lm.next_token_nll(nnx.merge(graphdef, p, rest), batch), has_aux=True)(params)
     out[chunk] = (float(nll), float(weight), jax.tree.leaves(nnx.as_pure(grads)))
   (nll0, w0, g0), (nll3, w3, g3) = out[0], out[3]
   assert w0 == w3 == batch["weights"].sum()

@@ -68,13 +68,14 @@ def test_tpu_target_traces_the_tpu_path():
   import jax  # pylint: disable=g-import-not-at-top
   from lost_jax import configs
   from lost_jax.parallel import sharding
-  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import pretrain  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import steps  # pylint: disable=g-import-not-at-top
   texts = {}
   for platform in ("cpu", "tpu"):
     cfg = memory.measurement_config("quickstart", "lost", microbatch=4, overrides=TINY)
     configs.resolve_perf(cfg.model, platform)
-    setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    step = train.make_train_step(setup, cfg.train.microbatches)
+    setup = pretrain.make_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    step = steps.make_train_step(setup, cfg.train.microbatches)
     texts[platform] = str(step.trace(*memory.abstract_inputs(setup, cfg)).jaxpr)
   assert "optimization_barrier" in texts["cpu"] and "pallas_call" not in texts["cpu"]
   assert "optimization_barrier" not in texts["tpu"] and "pallas_call" in texts["tpu"]

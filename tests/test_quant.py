@@ -177,14 +177,14 @@ import json
 import jax, numpy as np
 from helpers import fixed_batch, run_steps, train_step_config
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
+from lost_jax.recipes import pretrain
 out = {}
 for shape in [(1, 2, 4), (1, 1, 1)]:
   cfg = train_step_config("full_rank", vocab_size=512)
   cfg.train.optimizer = "adamw8bit"
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
   devices = jax.devices()[: int(np.prod(shape))]
-  setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, devices))
+  setup = pretrain.make_setup(cfg, sharding.make_mesh(cfg.mesh, devices))
   adam = setup.state_shardings["opt_state"][1][0]   # chain(clip, adamw8bit) -> scale_by_adam_8bit
   out[str(shape) + "specs"] = [str(adam.mu["embed"]["embedding"].spec),
                                str(adam.mu_scale["embed"]["embedding"].spec),

@@ -26,7 +26,10 @@ from lost_jax.training import checkpoint
 from lost_jax.training import metrics
 from lost_jax.parallel import sharding
 from lost_jax.data import tokenizer
-from lost_jax.training import trainer as train
+from lost_jax.recipes import pretrain
+from lost_jax.training import steps
+from lost_jax.training import state as train_state
+from lost_jax.training import trainer
 
 PRETRAIN = ["pretrain", f"--config={ROOT}/configs/pretrain.py:quickstart,full_rank"]
 FINETUNE = ["finetune", f"--config={ROOT}/configs/finetune.py:quickstart",
@@ -88,20 +91,20 @@ def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
                              model=dict(vocab_size=64, d_model=32, ffn_dim=64, n_layers=1,
                                         n_kv_heads=4))
   mesh = sharding.make_mesh(cfg.mesh)
-  setup = train.make_setup(cfg, mesh)
-  state, rest = setup.init_fn(jax.random.key(0))
-  step_fn = train.make_train_step(setup, 1)
+  setup = pretrain.make_setup(cfg, mesh)
+  state, rest = setup.init(jax.random.key(0))
+  step_fn = steps.make_train_step(setup, 1)
   good = fixed_batch(16, 8, 64)
   bad = {**good, "weights": np.where(np.arange(8) == 3, np.nan, 1.0).astype(np.float32)[None]
          .repeat(16, 0)}
-  state, m = step_fn(state, rest, train.to_global(good, mesh))   # one real step: Adam moments
+  state, m = step_fn(state, rest, train_state.to_global(good, mesh))   # one real step: Adam moments
   assert not bool(m["skipped"])
   before = jax.tree.map(np.array, {k: state[k] for k in ("params", "opt_state", "step")})
-  state, m = step_fn(state, rest, train.to_global(bad, mesh))
+  state, m = step_fn(state, rest, train_state.to_global(bad, mesh))
   assert bool(m["skipped"]) and not np.isfinite(float(m["loss"]))
   assert_same_state(before, state)                 # bit-identical, Adam's count included
   assert int(state["step"]) == int(before["step"]) + 1   # the batch is consumed, not applied
-  state, m = step_fn(state, rest, train.to_global(good, mesh))
+  state, m = step_fn(state, rest, train_state.to_global(good, mesh))
   assert not bool(m["skipped"]) and np.isfinite(float(m["loss"]))
   changed = [not np.array_equal(np.asarray(x), y) for x, y in
              zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"]))]
@@ -125,18 +128,18 @@ def test_a_non_finite_state_is_never_saved():
 
   ckpt = Recorder()
   finite = {"params": {"w": jnp.ones((2, 3))}, "opt_state": (jnp.zeros(3), jnp.int32(5))}
-  train._save_finite(ckpt, 5, finite, None, None, {})
+  trainer.save_finite(ckpt, 5, finite, None, None, {})
   assert ckpt.saved == [5]
   for bad in (jnp.nan, jnp.inf):
     broken = {"params": {"w": jnp.ones((2, 3)).at[1, 2].set(bad)},
               "opt_state": (jnp.zeros(3), jnp.int32(5))}
     with pytest.raises(errors.TrainingDiverged, match=r"after step 6 .* Last good checkpoint: "
                        r"step 4"):
-      train._save_finite(ckpt, 6, broken, None, None, {})
+      trainer.save_finite(ckpt, 6, broken, None, None, {})
   broken = {"params": finite["params"], "opt_state": (jnp.zeros(3).at[0].set(jnp.nan),
                                                       jnp.int32(5))}
   with pytest.raises(errors.TrainingDiverged):
-    train._save_finite(ckpt, 7, broken, None, None, {})
+    trainer.save_finite(ckpt, 7, broken, None, None, {})
   assert ckpt.saved == [5]
 
 

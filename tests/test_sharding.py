@@ -13,7 +13,6 @@ from jax.sharding import PartitionSpec as P
 
 from lost_jax import configs
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
 from lost_jax.models.llama import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +47,7 @@ def test_dims_the_mesh_does_not_divide_are_named():
 def _abstract_params(method, **model):
   cfg = configs.pretrain_config("llama_60m", method)
   cfg.model.update(model)
-  train.apply_precision(cfg)
+  configs.apply_precision(cfg)
   model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
   _, params, _ = nnx.split(model, nnx.Param, ...)
   return cfg, params
@@ -85,11 +84,10 @@ from lost_jax import configs
 from lost_jax.models.llama import Llama
 from lost_jax.parallel import sharding
 from lost_jax.training import optim
-from lost_jax.training import trainer as train
 cfg = configs.pretrain_config("llama_60m", "galore")
 cfg.model.n_layers = 1
 cfg.train.galore_rank = 64
-train.apply_precision(cfg)
+configs.apply_precision(cfg)
 mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES)
 _, params, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))),
                          nnx.Param, ...)
@@ -143,7 +141,8 @@ import json
 import jax, numpy as np
 from flax import nnx
 from lost_jax import configs
-from lost_jax.formats import base, hf
+from lost_jax.formats import hf
+from lost_jax.recipes import base
 from lost_jax.models.llama import Llama
 from lost_jax.parallel import sharding
 cfg = configs.model_config("quickstart")
@@ -157,7 +156,7 @@ mesh = sharding.make_mesh(mesh_cfg)
 ft = configs.finetune_config("quickstart")
 ft.init.source, ft.init.path = "hf", {path!r}
 ft.train.precision = "mixed"
-sliced = base.load_base(ft, mesh)                      # mixed: bf16 frozen base on the mesh
+sliced, _ = base.load_base(ft, mesh)                      # mixed: bf16 frozen base on the mesh
 out = {{}}
 for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(whole, nnx.Param)),
                           nnx.to_flat_state(nnx.state(sliced, nnx.Param))):

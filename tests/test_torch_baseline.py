@@ -48,21 +48,24 @@ def test_same_weights_and_tokens_give_lost_jax_losses(method):
   # same tokens, the losses of three train steps (forward, backward, clipping, AdamW under the
   # warmup schedule) agree in float32.
   import jax  # pylint: disable=g-import-not-at-top
-  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import pretrain  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import state as train_state  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import runtime  # pylint: disable=g-import-not-at-top
   cfg = throughput.bench_config("quickstart", method, "float32", 2, 8, TINY)
   cfg.train.update(lr=1e-2, steps=20, warmup_frac=0.1, weight_decay=0.1,
                    decay_norms_and_embeddings=False, clip_norm=0.5)
-  cfg, mesh = train.start_run(cfg)
-  setup = train.make_setup(cfg, mesh)
-  state, rest = setup.init_fn(jax.random.key(0))
+  cfg, mesh = runtime.start(cfg, "pretrain")
+  setup = pretrain.make_setup(cfg, mesh)
+  state, rest = setup.init(jax.random.key(0))
   flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_leaves_with_path((state["params"], rest))}
   flat = {k.split("/", 1)[1]: v for k, v in flat.items()}   # drop the tuple index
   batch = throughput.synthetic_batch(2, 8, cfg.model.vocab_size)
-  step = train.make_train_step(setup, 1)
+  step = steps.make_train_step(setup, 1)
   ours = []
   for _ in range(3):
-    state, out = step(state, rest, train.to_global(batch, mesh))
+    state, out = step(state, rest, train_state.to_global(batch, mesh))
     ours.append(float(out["loss"]))
   run = torch_baseline.make_runner(cfg, params=flat, compile_model=False)
   np.testing.assert_array_equal(run.inputs.numpy(), batch["inputs"])

@@ -7,7 +7,6 @@ import pytest
 from helpers import fixed_batch, run_on_8_cpu_devices, run_steps, train_step_config
 from lost_jax import configs
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
 
 
 @pytest.mark.parametrize("method", ["full_rank", "lost", "low_rank", "cola", "sltrain", "galore"])
@@ -50,14 +49,14 @@ def test_bad_mesh_is_refused_with_the_setting_named():
 
 def test_precision_switch_sets_dtypes():
   cfg = configs.pretrain_config("quickstart", "lost")
-  train.apply_precision(cfg)
+  configs.apply_precision(cfg)
   assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
   cfg.train.precision = "pure_bf16"
-  train.apply_precision(cfg)
+  configs.apply_precision(cfg)
   assert cfg.model.param_dtype == "bfloat16"
   cfg.train.precision = "fp8"
   with pytest.raises(ValueError, match="train.precision"):
-    train.apply_precision(cfg)
+    configs.apply_precision(cfg)
 
 
 _MESH_SCRIPT = r"""
