@@ -1,6 +1,6 @@
 """LOST's ablations at LOST's tuned learning rate, 2 seeds, under the comparison's protocol.
 
-  nice -n 19 python experiments/ablate_lost.py [--name=ablate_d256] [--lr=0]
+  nice -n 19 python -m experiments.ablate_lost [--name=ablate_d256] [--lr=0]
 
 Every variant is LOST under experiments/compare_methods.D256 (same model, data, batch,
 schedule, shared lr, evaluation) at the sweep budget, with the block learning rate chosen by
@@ -18,12 +18,9 @@ import os
 import sys
 from typing import Any, Callable, Iterable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
 
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import common, compare_methods, runs  # pylint: disable=wrong-import-position
+from experiments import common, compare_methods, runs
 
 # variant -> (fields set on LOST, what the row tests). "lost" is the reference.
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {

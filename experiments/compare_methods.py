@@ -1,7 +1,7 @@
 """A fair comparison of LOST with its baselines: learning-rate sweeps, seeds, two budgets.
 
-  nice -n 19 python experiments/compare_methods.py [--name=compare_d256] [--max_runs=N]
-  python experiments/compare_methods.py --report_only      # documents from finished runs
+  nice -n 19 python -m experiments.compare_methods [--name=compare_d256] [--max_runs=N]
+  python -m experiments.compare_methods --report_only      # documents from finished runs
 
 Protocol (the same for every method; written at the top of the generated document):
 - Same model shape (d_model 256, ffn 688, 4 layers, 4 heads, vocab 4096), data (stdlib
@@ -41,13 +41,10 @@ import os
 import sys
 from typing import Callable, Iterable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
 
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import common, runs  # pylint: disable=wrong-import-position
-from lost_jax.training import trainer as train  # pylint: disable=wrong-import-position
+from experiments import common, runs
+from lost_jax.training import trainer as train
 
 LR_BASE = 1e-2          # ladder: lr_i = LR_BASE * 2**i (contains GaLore's published 0.01)
 MAX_EXTENSIONS = 3      # grid points added past an edge before the sweep gives up
@@ -583,7 +580,7 @@ def write_report(proto: Protocol, get: Lookup, *, name: str, out_dir: str, comma
       f"only under the same version): `{json.dumps(version, sort_keys=True)}`.\n",
       "## Protocol\n",
       f"- Same for every method: {shared_setup(first)}",
-      f"- Validation: the first {train._eval_batches(first)} batches of {first.train.batch_size}"
+      f"- Validation: the first {train.eval_batch_count(first)} batches of {first.train.batch_size}"
       f" x {first.data.seq_len} positions of the held-out split "
       f"(data.eval_fraction {first.data.eval_fraction:g} of the stdlib documents, chosen by a "
       "hash of their id), identical batches for every method; the tokenizer was trained "
@@ -672,7 +669,7 @@ def _main(argv, flag_values):
     return
   if f.report_only:
     write_report(D256, get, name=f.name, out_dir=f.out_dir, version=version,
-                 command="python experiments/compare_methods.py" + (
+                 command="python -m experiments.compare_methods" + (
                      f" --name={f.name}" if f.name != "compare_d256" else ""))
     return
   n = sweep(D256, name=f.name, results_dir=results_dir, workdir_root=workdir_root,

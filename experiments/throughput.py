@@ -1,6 +1,6 @@
 """Training throughput and MFU of full-rank and every low-rank method on this device.
 
-  python experiments/throughput.py --config=configs/pretrain.py:llama_60m,lost \
+  python -m experiments.throughput --config=configs/pretrain.py:llama_60m,lost \
       --precisions=float32,mixed --batch=8 --torch --out_md=docs/benchmarks/throughput.md \
       --out_json=docs/benchmarks/throughput.json --out_png=docs/benchmarks/throughput.png
 
@@ -25,23 +25,19 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable, Iterable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from experiments import common  # pylint: disable=wrong-import-position
+from experiments import common
 from lost_jax import configs
 from lost_jax.measure import accounting
 from lost_jax.training import trainer as train
-from lost_jax.training import xla_setup  # pylint: disable=wrong-import-position
+from lost_jax.training import xla_setup
 
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
 REFERENCE = "full_rank"

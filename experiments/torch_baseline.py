@@ -11,7 +11,7 @@ usual PyTorch mixed precision. The step is what a careful PyTorch user runs on C
 `make_runner`): compiled forward/backward and clipping, fused AdamW, denormals flushed,
 threads pinned to the cores XLA uses; the model code itself is plain.
 
-  python experiments/torch_baseline.py --size=llama_60m --method=lost --precision=mixed
+  python -m experiments.torch_baseline --size=llama_60m --method=lost --precision=mixed
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -244,8 +243,6 @@ def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0, compile_model: bo
 
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from lost_jax import configs
   from lost_jax.measure import accounting  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("size", "llama_60m", "Size preset.")

@@ -73,7 +73,7 @@ def test_llama_7b_40k_is_the_7b_model_at_40k_steps():
 
 # ------------------------------------------------------------------------ cached runs
 def _fake_result(cfg, version):
-  return {"config": runs._keyed_config(cfg), "code_version": version, "eval_ppl": 1.0}
+  return {"config": runs.keyed_config(cfg), "code_version": version, "eval_ppl": 1.0}
 
 
 def test_cache_refuses_a_result_of_other_code_or_config(tmp_path):

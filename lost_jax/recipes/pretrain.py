@@ -6,7 +6,7 @@ import jax
 import ml_collections
 
 from lost_jax.training import checkpoint
-from lost_jax.training.trainer import (_eval_batches, evaluate, fit, init_or_restore, make_eval_step,
+from lost_jax.training.trainer import (eval_batch_count, evaluate, fit, init_or_restore, make_eval_step,
                                        make_setup, make_train_step, open_workdir, start_run,
                                        validate)
 from lost_jax.data import text as data
@@ -32,7 +32,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   ckpt = open_workdir(workdir, cfg, fingerprint)
   train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                         process_index=pidx, process_count=nproc)
-  eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, _eval_batches(cfg),
+  eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, eval_batch_count(cfg),
                                         process_index=pidx, process_count=nproc)
 
   setup = make_setup(cfg, mesh)

@@ -341,7 +341,8 @@ def _fmt(key: str, value) -> str:
   return f"{label} {value:.4f}" if isinstance(value, float) else f"{label} {value}"
 
 
-def _eval_batches(cfg) -> int:
+def eval_batch_count(cfg) -> int:
+  """Held-out batches per evaluation: train.eval_batches, capped by train.eval_tokens."""
   if cfg.train.eval_tokens:
     per_batch = cfg.train.batch_size * cfg.data.seq_len
     return max(1, min(cfg.train.eval_batches, math.ceil(cfg.train.eval_tokens / per_batch)))
