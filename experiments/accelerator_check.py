@@ -24,9 +24,11 @@ import time
 import jax
 
 from experiments import bench_sparselora as bench
+from experiments import common
 from experiments import throughput
 from lost_jax import configs
 from lost_jax.measure import accounting
+from lost_jax.measure import flops as flops_lib
 from lost_jax.adapters.sparselora import plan as sl_plan
 
 PARITY_TESTS = ("tests/test_layers.py", "tests/test_model.py", "tests/test_lora.py",
@@ -83,7 +85,7 @@ def time_train_steps(size: str, batch: int, seq_len: int, steps: int, peak: floa
     flops = accounting.train_flops_per_token(runner.cfg.model, seq_len)
     rows.append(dict(method=method, compile_s=runner.compile_s, loss=runner.loss,
                      perf=dict(configs.with_resolved_perf(runner.cfg.model).perf),
-                     **throughput.step_stats(times, batch * seq_len, flops, peak)))
+                     **flops_lib.step_stats(times, batch * seq_len, flops, peak)))
   return rows
 
 
@@ -140,7 +142,7 @@ def run(smoke: bool, log=print) -> dict:
   out["parity"] = run_parity(("tests/test_model.py",) if smoke else PARITY_TESTS,
                              "logits_from" if smoke else "")
   log(f"parity: {out['parity']['summary']}")
-  out["measured_peak"] = throughput.peak_flops("mixed", (256,) if smoke else (4096, 8192))
+  out["measured_peak"] = flops_lib.peak_flops("mixed", (256,) if smoke else (4096, 8192))
   known = published_peak(dev.device_kind)
   out["peak"], out["peak_source"] = known or (out["measured_peak"], "measured (no published "
                                                                     "figure for this device)")
@@ -193,4 +195,4 @@ if __name__ == "__main__":
                     "writes no document.")
   flags.DEFINE_string("out_md", None, "Report path (default docs/benchmarks/<device>.md; '' = "
                       "print only).")
-  app.run(_main)
+  app.run(_main, flags_parser=common.parse_flags)

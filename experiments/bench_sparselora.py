@@ -9,7 +9,7 @@ on 14-19, 21-23, 25-29). Both variants are the library's own fine-tuning step, t
 `sparselora.SparseLoRALlama`, with `sparselora.step_lengths`): LoRA is that step with every
 token dense. They live in one process, share the frozen weights, and alternate step by step
 (ABBA order) after a warm-up, so load from other processes hits both alike. Also reported:
-the model FLOP ratio (`step_flops`) and
+the model FLOP ratio (`flops.sparselora_step_flops`) and
 the estimator's share of the sparse step (estimator + top-k selection of every sparse layer,
 jitted alone on the same hidden states).
 
@@ -34,7 +34,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import common
 from lost_jax import configs
+from lost_jax.measure import flops
 from lost_jax.recipes import finetune
 from lost_jax.parallel import sharding
 from lost_jax.training import trainer as train
@@ -49,7 +51,7 @@ from lost_jax.adapters.sparselora import estimator as sl_estimator
 
 MATH_FFN = (0.99, "3-30")
 MATH_ATTN = (0.75, "14-19,21-23,25-29")
-LORA_TARGETS = ("q", "k", "v", "o")
+LORA_TARGETS = flops.LORA_TARGETS
 
 
 def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3584,
@@ -62,70 +64,6 @@ def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3
                   norm_eps=1e-5, dtype=dtype, param_dtype="float32", remat=False))
   configs.validate_model(cfg)
   return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Model FLOPs of one train step.
-
-
-def step_flops(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *, batch: int,
-               seq_len: int, dense_len: int, lora_rank: int, estimator_rank: int = 8,
-               logits_len: int | None = None, lora_targets=LORA_TARGETS) -> dict[str, int]:
-  """Matmul FLOPs of one LoRA / SparseLoRA train step (forward + backward), by part.
-
-  Conventions (2 FLOPs per multiply-add): a frozen base projection costs forward + input
-  gradient = 2x its forward; on the first seq_len - dense_len (context) tokens of a sparse
-  layer only the kept output columns (q, k, v, gate, up) or input rows (o, down) count. LoRA
-  branches are dense on every token: forward + input gradient + two weight gradients = 3x.
-  The attention core (QK^T and PV) counts the causal pairs L(L+1)/2 per head, 3x for the
-  backward. The LM head (forward + input gradient) runs on the last logits_len positions of
-  each sequence (default: all; the loss only needs the output tokens). Past its attention the
-  last block runs on those positions only (`model.Llama`): its o and MLP projections (and
-  o's LoRA) count logits_len tokens, dense, when its plan keeps them dense. The estimator is
-  forward only: the context mean (FFN) or x @ P, its Gram matrix and the column norms
-  through Q (attention), for every layer with a non-zero sparsity.
-  """
-  d, f, h, kv = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads
-  hd = d // h
-  n_tok = batch * seq_len
-  n_dense = batch * dense_len
-  n_ctx = n_tok - n_dense
-  r, e = lora_rank, estimator_rank
-  shapes = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}
-  logits_len = seq_len if logits_len is None else logits_len
-  last = cfg.n_layers - 1
-  sparse_last = n_ctx > 0 and (plan.attn[last] > 0 or plan.ffn[last] > 0)
-  tail = batch * logits_len if not sparse_last or logits_len <= dense_len else n_tok
-  base = lora = est = 0
-  for i in range(cfg.n_layers):
-    s_attn, s_ffn = plan.attn[i], plan.ffn[i]
-    kept_kv = sl_select.keep_count(kv * hd, s_attn) if s_attn > 0 else kv * hd
-    kept = {"q": kept_kv * (h // kv), "k": kept_kv, "v": kept_kv, "o": kept_kv * (h // kv),
-            "gate": sl_select.keep_count(f, s_ffn) if s_ffn > 0 else f}
-    kept["up"] = kept["down"] = kept["gate"]
-    for name, (n, m) in shapes.items():
-      full = n * m
-      part = kept[name] * (m if name in ("o", "down") else n)
-      if i == last and tail < n_tok and name in ("o", "gate", "up", "down"):
-        base += 2 * 2 * tail * full
-        continue
-      base += 2 * 2 * (n_dense * full + n_ctx * part)
-    if s_ffn > 0:
-      est += 2 * n_ctx * d + 2 * (2 * batch * d * e + 2 * batch * e * f)
-    if s_attn > 0:
-      for name in ("q", "k", "v"):
-        m = shapes[name][1]
-        est += 2 * n_ctx * d * e + 2 * n_ctx * e * e + 2 * e * e * m + 2 * e * m
-  for name in lora_targets:
-    n, m = shapes[name]
-    last_tokens = tail if name in ("o", "gate", "up", "down") else n_tok
-    lora += ((cfg.n_layers - 1) * n_tok + last_tokens) * 3 * 2 * r * (n + m)
-  pairs = batch * seq_len * (seq_len + 1) // 2
-  attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
-  head = 2 * 2 * batch * logits_len * d * cfg.vocab_size
-  return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
-          "total": base + lora + attention + head + est}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,8 +299,9 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *,
       "timings": {name: Timing(t) for name, t in times.items()},
       "losses": {name: float(v) for name, v in losses.items()},
       "load": load,
-      "flops": {"lora": step_flops(cfg, sl_plan.SparsityPlan.dense(cfg.n_layers), **kw),
-                "sparselora": step_flops(cfg, plan, **kw)},
+      "flops": {"lora": flops.sparselora_step_flops(cfg, sl_plan.SparsityPlan.dense(cfg.n_layers),
+                                                **kw),
+                "sparselora": flops.sparselora_step_flops(cfg, plan, **kw)},
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
                        lora_rank=lora_rank, lora_alpha=lora_alpha, warmup=warmup, steps=steps,
                        estimator_rank=estimator_rank, exact_svd=exact_svd,
@@ -451,7 +390,7 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
       f"- Estimator + selection: **{m['estimator_share']:.2%}** of the SparseLoRA step time "
       f"({m['estimator_flop_share']:.3%} of its FLOPs).",
       "",
-      "Model FLOPs by part (GFLOP per step, forward + backward; `step_flops`):",
+      "Model FLOPs by part (GFLOP per step, forward + backward; `flops.sparselora_step_flops`):",
       "",
       "| variant | base projections | LoRA | attention core | LM head | estimator | total |",
       "|---|---|---|---|---|---|---|",
@@ -529,4 +468,4 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(_main)
+  app.run(_main, flags_parser=common.parse_flags)

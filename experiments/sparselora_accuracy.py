@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, runs
-from experiments.bench_sparselora import step_flops
 from lost_jax import configs
 from lost_jax.recipes import finetune
 from lost_jax.data import instruct
+from lost_jax.measure import flops
 from lost_jax.training import metrics
 from lost_jax.adapters.sparselora import model as sparselora
 from lost_jax.adapters.sparselora import plan as sl_plan
@@ -93,9 +93,10 @@ def flops_per_step(cfg) -> dict:
     dense = 1
   else:
     dense = suffix
-  return step_flops(model_cfg, plan, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                    dense_len=dense, lora_rank=cfg.lora.rank, estimator_rank=8,
-                    logits_len=suffix)
+  return flops.sparselora_step_flops(model_cfg, plan, batch=cfg.train.batch_size,
+                                     seq_len=cfg.data.seq_len, dense_len=dense,
+                                     lora_rank=cfg.lora.rank, estimator_rank=8,
+                                     logits_len=suffix)
 
 
 def eval_set(cfg) -> dict:

@@ -29,13 +29,13 @@ import time
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from experiments import common
 from lost_jax import configs
 from lost_jax.measure import accounting
+from lost_jax.measure import flops as flops_lib
 from lost_jax.training import trainer as train
 from lost_jax.training import xla_setup
 
@@ -49,20 +49,6 @@ LOAD_LIMIT = 2.5            # 1-minute load average below which the machine coun
 
 
 # ----------------------------------------------------------------------------- arithmetic
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-  """Model FLOP utilisation: achieved model FLOP/s over the peak FLOP/s."""
-  return tokens_per_s * flops_per_token / peak_flops
-
-
-def step_stats(step_times_s: Iterable[float], tokens_per_step: int, flops_per_token: float,
-               peak_flops: float) -> dict[str, float]:
-  """Median step time, tokens/s, achieved FLOP/s and MFU of a list of timed steps."""
-  step = statistics.median(step_times_s)
-  tok_s = tokens_per_step / step
-  return dict(step_s=step, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token,
-              mfu=mfu(tok_s, flops_per_token, peak_flops))
-
-
 def speedup(reference: dict, row: dict) -> dict[str, float]:
   """FLOP-predicted and realised speedup of `row` over `reference`, and their ratio.
 
@@ -80,39 +66,6 @@ def logits_share(model: ml_collections.ConfigDict, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def matmul_flops(dtype: str, n: int = 2048, repeats: int = 5,
-                 accumulate: str | None = "float32") -> float:
-  """FLOP/s of a jitted [n, n] @ [n, n] matmul with inputs in `dtype` (median of repeats).
-
-  `accumulate` is the dot's preferred_element_type (None: the input dtype).
-  """
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a_NxN = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
-  b_NxN = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  acc = None if accumulate is None else jnp.dtype(accumulate)
-  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=acc))
-  jax.block_until_ready(matmul(a_NxN, b_NxN))
-  return 2 * n ** 3 / _median_time(lambda: matmul(a_NxN, b_NxN), repeats)
-
-
-def peak_flops(precision: str, sizes: Iterable[int] = (1024, 2048), repeats: int = 5) -> float:
-  """The device's matmul peak in a run's compute dtype: best over `sizes` of matmul_flops.
-
-  float32: float32 dots; mixed / pure_bf16: bfloat16 inputs, float32 accumulation.
-  """
-  compute = train.PRECISIONS[precision][0]
-  return max(matmul_flops(compute, n, repeats) for n in sizes)
-
-
 def bench_config(size: str, method: str, precision: str, batch: int, seq_len: int,
                  overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`<size>,<method>` preset (baseline ranks matched to LOST's) for one throughput row."""
@@ -230,7 +183,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
     raise ValueError(f"methods={methods} lack {REFERENCE!r}, the speedup reference. "
                      f"Fix: add it to --methods.")
   load_before = load_average()
-  peaks = {p: peak_flops(p, peak_sizes) for p in precisions}
+  peaks = {p: flops_lib.peak_flops(p, peak_sizes) for p in precisions}
   log("peak FLOP/s: " + ", ".join(f"{p} {v / 1e9:.1f} G" for p, v in peaks.items()))
   cfgs, runners, compile_s = {}, {}, {}
   for p in precisions:
@@ -259,7 +212,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
     row = dict(precision=p, method=m, kind=kind, rank=rank if kind != "dense" else 0,
                train_flops_per_token=flops, step_times_s=times[f"{p}/{m}"],
                compile_s=compile_s.get((p, m), float("nan")),
-               **step_stats(times[f"{p}/{m}"], batch * seq_len, flops, peaks[p]))
+               **flops_lib.step_stats(times[f"{p}/{m}"], batch * seq_len, flops, peaks[p]))
     rows.append(row)
   for p in precisions:
     ref = next(r for r in rows if r["precision"] == p and r["method"] == REFERENCE)
@@ -509,4 +462,4 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = define_flags()
-  app.run(lambda argv: _main(argv, _flags))
+  app.run(lambda argv: _main(argv, _flags), flags_parser=common.parse_flags)
