@@ -24,6 +24,7 @@ import time
 import jax
 
 from experiments import bench_sparselora as bench
+from experiments import bench_sparselora_report as bench_report
 from experiments import common
 from experiments import throughput
 from lost_jax import configs
@@ -121,7 +122,7 @@ def report(result: dict, command: str) -> str:
     lines.append(f"| {r['method']} | {perf} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
                  f"{r['mfu']:.1%} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
   s = result["sparselora"]
-  m = bench.summary(s)
+  m = bench_report.summary(s)
   t = s["timings"]
   lines += ["", "## SparseLoRA vs LoRA fine-tune step (LLaMA3-8B shape, bf16)", "",
             f"Shape {result['sl_shape']}; batch 1 x {s['settings']['seq_len']} tokens, last "
@@ -159,7 +160,7 @@ def run(smoke: bool, log=print) -> dict:
       cfg, plan, seq_len=64 if smoke else 512, out_len=16 if smoke else 128,
       bucket=16 if smoke else 64, warmup=1 if smoke else 3, steps=2 if smoke else 10,
       log=lambda _: None)
-  log(f"sparselora speed-up {bench.summary(out['sparselora'])['speedup']:.2f}x")
+  log(f"sparselora speed-up {bench_report.summary(out['sparselora'])['speedup']:.2f}x")
   out["seconds"] = time.perf_counter() - t0
   return out
 

@@ -17,14 +17,13 @@ realised speedup is its tokens/s over full-rank's; "realised / predicted" is the
 `--size` may replace `--config`; the method named in `--config` is ignored (`--methods` lists
 what runs) and `--config.*` overrides apply to every method. `--torch` adds
 `experiments/torch_baseline.py` (full_rank and lost in PyTorch: compiled step, fused AdamW),
-timed in the same rounds right after the JAX steps (`interleave`); `--from_json` re-renders a
-saved result without measuring.
+timed in the same rounds right after the JAX steps (`lost_jax.measure.timing.interleave`);
+`--from_json` re-renders a saved result without measuring.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Any, Callable, Iterable
 
@@ -36,6 +35,7 @@ from experiments import common
 from lost_jax import configs
 from lost_jax.measure import accounting
 from lost_jax.measure import flops as flops_lib
+from lost_jax.measure import timing
 from lost_jax.training import trainer as train
 from lost_jax.training import xla_setup
 
@@ -118,54 +118,6 @@ class StepRunner:
     return times
 
 
-def interleave(runners: dict[str, Callable[[int], list[float]]], rounds: int,
-               steps_per_round: int, warmup: int = 1,
-               log: Callable[[str], None] = print,
-               others: dict[str, Callable[[int], list[float]]] | None = None,
-               switch_pause_s: float = 1.0) -> dict[str, list[float]]:
-  """Run every runner `warmup` steps, then `rounds` x (each runner `steps_per_round` steps).
-
-  `others` (another runtime, e.g. PyTorch) run in the same rounds after `runners`, each
-  runtime's steps kept together and `switch_pause_s` of sleep at each switch: alternating
-  torch's and XLA's thread pools step by step slowed the JAX steps by up to 25% on 2 cores
-  (the other runtime's threads still spinning), while a shift in background load between
-  two separately timed groups would bias the comparison.
-  """
-  groups = [runners] + ([others] if others else [])
-  for group in groups:
-    for run in group.values():
-      run(warmup)
-  times: dict[str, list[float]] = {name: [] for group in groups for name in group}
-  for r in range(rounds):
-    for group in groups:
-      if len(groups) > 1:
-        time.sleep(switch_pause_s)
-      for name, run in group.items():
-        times[name] += run(steps_per_round)
-    log(f"round {r + 1}/{rounds}: " + ", ".join(
-        f"{n} {1e3 * statistics.median(t):.0f} ms" for n, t in times.items()))
-  return times
-
-
-def load_average() -> float:
-  """1-minute load average of this host."""
-  return os.getloadavg()[0]
-
-
-def wait_for_quiet(limit: float, max_wait_s: float, poll_s: float = 60.0,
-                   log: Callable[[str], None] = print) -> tuple[bool, float]:
-  """Poll the load average until it is below `limit` or `max_wait_s` passed: (quiet?, load)."""
-  deadline = time.time() + max_wait_s
-  while True:
-    load = load_average()
-    if load < limit:
-      return True, load
-    if time.time() >= deadline:
-      return False, load
-    log(f"load average {load:.2f} >= {limit}; waiting")
-    time.sleep(min(poll_s, max(1.0, deadline - time.time())))
-
-
 def run(size: str, methods: Iterable[str] = METHODS,
         precisions: Iterable[str] = ("float32", "mixed"), *, batch: int = 8,
         seq_len: int = 256, rounds: int = 5, steps_per_round: int = 2, warmup: int = 1,
@@ -182,7 +134,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
   if REFERENCE not in methods:
     raise ValueError(f"methods={methods} lack {REFERENCE!r}, the speedup reference. "
                      f"Fix: add it to --methods.")
-  load_before = load_average()
+  load_before = timing.load_average()
   peaks = {p: flops_lib.peak_flops(p, peak_sizes) for p in precisions}
   log("peak FLOP/s: " + ", ".join(f"{p} {v / 1e9:.1f} G" for p, v in peaks.items()))
   cfgs, runners, compile_s = {}, {}, {}
@@ -194,9 +146,9 @@ def run(size: str, methods: Iterable[str] = METHODS,
       compile_s[(p, method)] = runner.compile_s
       log(f"built {p} {method}: compile + first step {runner.compile_s:.1f} s")
   extra_runners = extra_runners or {}
-  times = interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
-                     steps_per_round, warmup, log,
-                     others={f"{p}/{m}": fn for (p, m), fn in extra_runners.items()})
+  times = timing.interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
+                            steps_per_round, warmup, log,
+                            others={f"{p}/{m}": fn for (p, m), fn in extra_runners.items()})
   runners.update(extra_runners)
   rows = []
   for (p, m) in runners:
@@ -227,7 +179,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
               model=dict(d_model=model.d_model, ffn_dim=model.ffn_dim,
                          n_layers=model.n_layers, n_heads=model.n_heads,
                          vocab_size=model.vocab_size),
-              load_before=load_before, load_after=load_average())
+              load_before=load_before, load_after=timing.load_average())
 
 
 # ----------------------------------------------------------------------------- report
@@ -403,7 +355,7 @@ def _main(argv, flag_values):
   bad = [m for m in f.methods if m not in METHODS]
   if bad:
     raise app.UsageError(f"methods {bad} cannot be timed here; choose from {METHODS}")
-  quiet, load = wait_for_quiet(f.max_load, 60 * f.wait_minutes)
+  quiet, load = timing.wait_for_quiet(f.max_load, 60 * f.wait_minutes)
   print(f"load average {load:.2f}: " + ("quiet" if quiet else "still busy, measuring anyway"))
   extra, extra_flops = {}, {}
   if f.torch:

@@ -1,8 +1,9 @@
-"""experiments/bench_sparselora.py: a tiny timed run (its FLOP count: test_measure)."""
+"""experiments/bench_sparselora.py and its report: a tiny timed run (FLOPs: test_measure)."""
 
 import numpy as np
 
 from experiments import bench_sparselora as bench
+from experiments import bench_sparselora_report as bench_report
 from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
 
@@ -18,9 +19,9 @@ def test_tiny_benchmark_runs_and_reports():
     seconds = result["timings"][name].seconds
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
   assert all(np.isfinite(v) for v in result["losses"].values())
-  metrics = bench.summary(result)
+  metrics = bench_report.summary(result)
   assert metrics["flop_ratio"] > 1.0
-  text = bench.report(result, cfg, "FFN 0.75 on 1, attention 0.5 on 1", "cmd --x")
+  text = bench_report.report(result, cfg, "FFN 0.75 on 1, attention 0.5 on 1", "cmd --x")
   assert "`cmd --x`" in text and "| sparselora |" in text and "Wall-clock speedup" in text
   assert f"{metrics['flop_ratio']:.2f}x" in text
 

@@ -11,7 +11,7 @@ import pytest
 
 from lost_jax import configs
 from lost_jax.adapters.sparselora import plan as sl_plan
-from lost_jax.measure import accounting, compiled, flops, step_memory
+from lost_jax.measure import accounting, compiled, flops, step_memory, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # inside an async wrapper, an all-to-all, no collective-permute; names and operands that
 # merely mention an opcode must not count.
 HLO = """
-%wrapped_reduce_scatter (p: f32[16,64]) -> f32[2,64] {
+%rs_body (p: f32[16,64]) -> f32[2,64] {
   %p = f32[16,64]{1,0} parameter(0)
   ROOT %reduce-scatter.3 = f32[2,64]{1,0} reduce-scatter(%p), dimensions={0}, to_apply=%add
 }
@@ -29,7 +29,7 @@ ENTRY %main (a: s32[4,256], b: f32[2,64]) -> f32[64] {
   %all-gather-done.1 = f32[16,64]{1,0} all-gather-done(%all-gather-start.1)
   %weights = f32[2,256]{1,0} all-gather(f32[1,256]{1,0} %w), dimensions={0}
   %all-reduce.7 = f32[64]{0} all-reduce(%x), channel_id=1, to_apply=%region_0
-  %async-start = ((f32[16,64]), f32[2,64]) async-start(%all-gather-done.1), calls=%wrapped_reduce_scatter
+  %async-start = ((f32[16,64]), f32[2,64]) async-start(%all-gather-done.1), calls=%rs_body
   %a2a = f32[16,64]{1,0} all-to-all(%all-gather-done.1), dimensions={0}
   %dot.1 = bf16[16,16]{1,0} dot(%y, %z), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   %dot.2 = f32[16,16]{1,0} dot(%y, %z), lhs_contracting_dims={1}, rhs_contracting_dims={0}
@@ -211,3 +211,39 @@ def test_measure_counts_the_abstract_inputs_exactly():
   assert held <= row["argument"] <= held + 4096
   assert row["sum"] == row["argument"] + row["temp"] + row["output"] - row["alias"]
   assert sum(row["dots_before"].values()) > 0
+
+
+def test_interleave_runs_warmup_then_rounds_with_each_runtime_together():
+  calls = []
+
+  def runner(name, seconds):
+    return lambda steps: calls.append((name, steps)) or [seconds] * steps
+
+  times = timing.interleave({"a": runner("a", 0.1), "b": runner("b", 0.2)}, rounds=2,
+                            steps_per_round=3, warmup=1, log=lambda _: None,
+                            others={"t": runner("t", 0.3)}, switch_pause_s=0.0)
+  assert calls == [("a", 1), ("b", 1), ("t", 1)] + [("a", 3), ("b", 3), ("t", 3)] * 2
+  assert times == {"a": [0.1] * 6, "b": [0.2] * 6, "t": [0.3] * 6}
+
+
+def test_wait_for_quiet_polls_until_the_load_drops_or_time_runs_out(monkeypatch):
+  class Clock:
+    now = 0.0
+
+    @classmethod
+    def time(cls):
+      return cls.now
+
+    @classmethod
+    def sleep(cls, seconds):
+      cls.now += seconds
+
+  monkeypatch.setattr(timing, "time", Clock)
+  loads = iter([3.0, 2.8, 1.0])
+  monkeypatch.setattr(timing, "load_average", lambda: next(loads))
+  assert timing.wait_for_quiet(2.5, 600, poll_s=60, log=lambda _: None) == (True, 1.0)
+  assert Clock.now == 120.0                         # two polls of 60 s
+  monkeypatch.setattr(timing, "load_average", lambda: 3.0)
+  Clock.now = 0.0
+  assert timing.wait_for_quiet(2.5, 90, poll_s=60, log=lambda _: None) == (False, 3.0)
+  assert Clock.now == 90.0                          # 60 s, then the 30 s left
