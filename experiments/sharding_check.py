@@ -56,6 +56,7 @@ def measure(size: str, method: str, mesh_name: str, *, microbatches: int,
 
 def run(size: str, methods, *, microbatches: int, overrides: dict | None = None,
         log=print) -> list[dict]:
+  """measure() of every method on every mesh, with ratios to the method's 1-device step."""
   rows = []
   for method in methods:
     for mesh_name in MESHES:
@@ -72,6 +73,7 @@ def run(size: str, methods, *, microbatches: int, overrides: dict | None = None,
 
 
 def markdown(rows: list[dict], command: str, title: str) -> str:
+  """A titled markdown table of run()'s rows."""
   lines = [f"### {title}", "", f"`{command}`", "",
            "| size | method | mesh | arguments / device (GiB) | x 1 device | temporaries / "
            "device (GiB) | x 1 device | batch all-gathers |", "|---|---|---|---|---|---|---|---|"]
