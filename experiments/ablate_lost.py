@@ -1,8 +1,8 @@
 """LOST's ablations at LOST's tuned learning rate, 2 seeds, under the comparison's protocol.
 
-  nice -n 19 python experiments/ablate_lost.py [--name=ablate_d256] [--lr=0]
+  nice -n 19 python -m experiments.ablate_lost [--name=ablate_d256] [--lr=0]
 
-Every variant is LOST under experiments/compare_methods.D256 (same model, data, batch,
+Every variant is LOST under experiments.compare_protocol.D256 (same model, data, batch,
 schedule, shared lr, evaluation) at the sweep budget, with the block learning rate chosen by
 LOST's sweep in compare_methods (or --lr), seeds 0 and 1, then the variant's own fields
 (ABLATIONS): gamma, sparsity rho, activation, channel choice (complement / weight / random),
@@ -18,12 +18,10 @@ import os
 import sys
 from typing import Any, Callable, Iterable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
 
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import common, compare_methods, runs  # pylint: disable=wrong-import-position
+from experiments import common, compare_report, runs
+from experiments import compare_protocol as cp
 
 # variant -> (fields set on LOST, what the row tests). "lost" is the reference.
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
@@ -55,17 +53,17 @@ REFERENCE = "lost"
 SEEDS = (0, 1)
 
 
-def variant_config(proto: compare_methods.Protocol, variant: str, lr: float,
+def variant_config(proto: cp.Protocol, variant: str, lr: float,
                    seed: int) -> ml_collections.ConfigDict:
   """The run config of one ablation variant (validated): LOST's comparison config at `lr`,
   `seed` and the sweep budget, then the variant's fields."""
   if variant not in ABLATIONS:
     raise ValueError(f"unknown ablation {variant!r}. Fix: use one of {tuple(ABLATIONS)}.")
-  return compare_methods.protocol_config(proto, "lost", ABLATIONS[variant][0], lr=lr,
-                                         seed=seed, steps=proto.sweep_steps, name=variant)
+  return cp.protocol_config(proto, "lost", ABLATIONS[variant][0], lr=lr, seed=seed,
+                            steps=proto.sweep_steps, name=variant)
 
 
-def run(proto: compare_methods.Protocol, variants: Iterable[str], *, lr: float, name: str,
+def run(proto: cp.Protocol, variants: Iterable[str], *, lr: float, name: str,
         results_dir: str, workdir_root: str, out_dir: str = "docs/results",
         seeds: Iterable[int] = SEEDS, command: str = "", quiet: bool = True,
         log: Callable[[str], None] = print) -> dict[str, list[dict]]:
@@ -113,7 +111,7 @@ def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, comma
     ms = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
     delta = f"{100 * (s['mean'] / ref['mean'] - 1):+.1f}%" if ref else "-"
     apart = ("" if not ref or v == REFERENCE else
-             "apart" if compare_methods.separated(s, ref) else "overlap")
+             "apart" if compare_report.separated(s, ref) else "overlap")
     table.append([v, ABLATIONS[v][1], f"{s['n']} of {len(seeds)}", f"**{ms}**",
                   f"{s['min']:.2f} – {s['max']:.2f}", delta, apart,
                   f"{p['projections'] / 1e6:.3f}"])
@@ -123,7 +121,7 @@ def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, comma
   parts = [
       f"# {name}: LOST ablations at LOST's tuned learning rate\n",
       f"Command (from the repository root):\n\n```\n{command}\n```\n",
-      f"Protocol: experiments/compare_methods.py (D256): {compare_methods.shared_setup(first)} "
+      f"Protocol: experiments/compare_methods.py (D256): {compare_report.shared_setup(first)} "
       f"{proto.sweep_steps} steps ({proto.tokens(proto.sweep_steps):,} tokens); block "
       f"learning rate {lr:g} (LOST's chosen rate in the comparison's sweep), shared "
       f"learning rate {first.train.shared_lr:g}; seeds {', '.join(map(str, seeds))}.\n",
@@ -143,12 +141,12 @@ def _main(argv, flag_values):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
   common.check_names(f.ablations, ABLATIONS, "ablations")
-  proto = compare_methods.D256
+  proto = cp.D256
   results_dir = f.results_dir or f.compare_results_dir
-  lr = f.lr or compare_methods.tuned_lr(proto, f.compare_results_dir)
+  lr = f.lr or cp.tuned_lr(proto, f.compare_results_dir)
   if lr is None:
     print(f"error: LOST's learning-rate sweep in {f.compare_results_dir} has not finished. "
-          "Fix: run experiments/compare_methods.py first, or give --lr.", file=sys.stderr)
+          "Fix: run python -m experiments.compare_methods first, or give --lr.", file=sys.stderr)
     sys.exit(2)
   run(proto, f.ablations, lr=lr, name=f.name, results_dir=results_dir,
       workdir_root=os.path.join(f.workdir_root, f.name), out_dir=f.out_dir,

@@ -24,9 +24,12 @@ import time
 import jax
 
 from experiments import bench_sparselora as bench
+from experiments import bench_sparselora_report as bench_report
+from experiments import common
 from experiments import throughput
 from lost_jax import configs
 from lost_jax.measure import accounting
+from lost_jax.measure import flops as flops_lib
 from lost_jax.adapters.sparselora import plan as sl_plan
 
 PARITY_TESTS = ("tests/test_layers.py", "tests/test_model.py", "tests/test_lora.py",
@@ -83,7 +86,7 @@ def time_train_steps(size: str, batch: int, seq_len: int, steps: int, peak: floa
     flops = accounting.train_flops_per_token(runner.cfg.model, seq_len)
     rows.append(dict(method=method, compile_s=runner.compile_s, loss=runner.loss,
                      perf=dict(configs.with_resolved_perf(runner.cfg.model).perf),
-                     **throughput.step_stats(times, batch * seq_len, flops, peak)))
+                     **flops_lib.step_stats(times, batch * seq_len, flops, peak)))
   return rows
 
 
@@ -119,7 +122,7 @@ def report(result: dict, command: str) -> str:
     lines.append(f"| {r['method']} | {perf} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
                  f"{r['mfu']:.1%} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
   s = result["sparselora"]
-  m = bench.summary(s)
+  m = bench_report.summary(s)
   t = s["timings"]
   lines += ["", "## SparseLoRA vs LoRA fine-tune step (LLaMA3-8B shape, bf16)", "",
             f"Shape {result['sl_shape']}; batch 1 x {s['settings']['seq_len']} tokens, last "
@@ -140,7 +143,7 @@ def run(smoke: bool, log=print) -> dict:
   out["parity"] = run_parity(("tests/test_model.py",) if smoke else PARITY_TESTS,
                              "logits_from" if smoke else "")
   log(f"parity: {out['parity']['summary']}")
-  out["measured_peak"] = throughput.peak_flops("mixed", (256,) if smoke else (4096, 8192))
+  out["measured_peak"] = flops_lib.peak_flops("mixed", (256,) if smoke else (4096, 8192))
   known = published_peak(dev.device_kind)
   out["peak"], out["peak_source"] = known or (out["measured_peak"], "measured (no published "
                                                                     "figure for this device)")
@@ -157,7 +160,7 @@ def run(smoke: bool, log=print) -> dict:
       cfg, plan, seq_len=64 if smoke else 512, out_len=16 if smoke else 128,
       bucket=16 if smoke else 64, warmup=1 if smoke else 3, steps=2 if smoke else 10,
       log=lambda _: None)
-  log(f"sparselora speed-up {bench.summary(out['sparselora'])['speedup']:.2f}x")
+  log(f"sparselora speed-up {bench_report.summary(out['sparselora'])['speedup']:.2f}x")
   out["seconds"] = time.perf_counter() - t0
   return out
 
@@ -193,4 +196,4 @@ if __name__ == "__main__":
                     "writes no document.")
   flags.DEFINE_string("out_md", None, "Report path (default docs/benchmarks/<device>.md; '' = "
                       "print only).")
-  app.run(_main)
+  app.run(_main, flags_parser=common.parse_flags)

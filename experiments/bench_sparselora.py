@@ -9,7 +9,7 @@ on 14-19, 21-23, 25-29). Both variants are the library's own fine-tuning step, t
 `sparselora.SparseLoRALlama`, with `sparselora.step_lengths`): LoRA is that step with every
 token dense. They live in one process, share the frozen weights, and alternate step by step
 (ABBA order) after a warm-up, so load from other processes hits both alike. Also reported:
-the model FLOP ratio (`step_flops`) and
+the model FLOP ratio (`flops.sparselora_step_flops`) and
 the estimator's share of the sparse step (estimator + top-k selection of every sparse layer,
 jitted alone on the same hidden states).
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import bench_sparselora_report as bench_report
+from experiments import common
 from lost_jax import configs
+from lost_jax.measure import flops
 from lost_jax.recipes import finetune
 from lost_jax.parallel import sharding
 from lost_jax.training import trainer as train
@@ -49,7 +51,7 @@ from lost_jax.adapters.sparselora import estimator as sl_estimator
 
 MATH_FFN = (0.99, "3-30")
 MATH_ATTN = (0.75, "14-19,21-23,25-29")
-LORA_TARGETS = ("q", "k", "v", "o")
+LORA_TARGETS = flops.LORA_TARGETS
 
 
 def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3584,
@@ -62,70 +64,6 @@ def bench_model_config(n_layers: int = 32, d_model: int = 1024, ffn_dim: int = 3
                   norm_eps=1e-5, dtype=dtype, param_dtype="float32", remat=False))
   configs.validate_model(cfg)
   return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Model FLOPs of one train step.
-
-
-def step_flops(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *, batch: int,
-               seq_len: int, dense_len: int, lora_rank: int, estimator_rank: int = 8,
-               logits_len: int | None = None, lora_targets=LORA_TARGETS) -> dict[str, int]:
-  """Matmul FLOPs of one LoRA / SparseLoRA train step (forward + backward), by part.
-
-  Conventions (2 FLOPs per multiply-add): a frozen base projection costs forward + input
-  gradient = 2x its forward; on the first seq_len - dense_len (context) tokens of a sparse
-  layer only the kept output columns (q, k, v, gate, up) or input rows (o, down) count. LoRA
-  branches are dense on every token: forward + input gradient + two weight gradients = 3x.
-  The attention core (QK^T and PV) counts the causal pairs L(L+1)/2 per head, 3x for the
-  backward. The LM head (forward + input gradient) runs on the last logits_len positions of
-  each sequence (default: all; the loss only needs the output tokens). Past its attention the
-  last block runs on those positions only (`model.Llama`): its o and MLP projections (and
-  o's LoRA) count logits_len tokens, dense, when its plan keeps them dense. The estimator is
-  forward only: the context mean (FFN) or x @ P, its Gram matrix and the column norms
-  through Q (attention), for every layer with a non-zero sparsity.
-  """
-  d, f, h, kv = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads
-  hd = d // h
-  n_tok = batch * seq_len
-  n_dense = batch * dense_len
-  n_ctx = n_tok - n_dense
-  r, e = lora_rank, estimator_rank
-  shapes = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}
-  logits_len = seq_len if logits_len is None else logits_len
-  last = cfg.n_layers - 1
-  sparse_last = n_ctx > 0 and (plan.attn[last] > 0 or plan.ffn[last] > 0)
-  tail = batch * logits_len if not sparse_last or logits_len <= dense_len else n_tok
-  base = lora = est = 0
-  for i in range(cfg.n_layers):
-    s_attn, s_ffn = plan.attn[i], plan.ffn[i]
-    kept_kv = sl_select.keep_count(kv * hd, s_attn) if s_attn > 0 else kv * hd
-    kept = {"q": kept_kv * (h // kv), "k": kept_kv, "v": kept_kv, "o": kept_kv * (h // kv),
-            "gate": sl_select.keep_count(f, s_ffn) if s_ffn > 0 else f}
-    kept["up"] = kept["down"] = kept["gate"]
-    for name, (n, m) in shapes.items():
-      full = n * m
-      part = kept[name] * (m if name in ("o", "down") else n)
-      if i == last and tail < n_tok and name in ("o", "gate", "up", "down"):
-        base += 2 * 2 * tail * full
-        continue
-      base += 2 * 2 * (n_dense * full + n_ctx * part)
-    if s_ffn > 0:
-      est += 2 * n_ctx * d + 2 * (2 * batch * d * e + 2 * batch * e * f)
-    if s_attn > 0:
-      for name in ("q", "k", "v"):
-        m = shapes[name][1]
-        est += 2 * n_ctx * d * e + 2 * n_ctx * e * e + 2 * e * e * m + 2 * e * m
-  for name in lora_targets:
-    n, m = shapes[name]
-    last_tokens = tail if name in ("o", "gate", "up", "down") else n_tok
-    lora += ((cfg.n_layers - 1) * n_tok + last_tokens) * 3 * 2 * r * (n + m)
-  pairs = batch * seq_len * (seq_len + 1) // 2
-  attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
-  head = 2 * 2 * batch * logits_len * d * cfg.vocab_size
-  return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
-          "total": base + lora + attention + head + est}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,112 +299,14 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *,
       "timings": {name: Timing(t) for name, t in times.items()},
       "losses": {name: float(v) for name, v in losses.items()},
       "load": load,
-      "flops": {"lora": step_flops(cfg, sl_plan.SparsityPlan.dense(cfg.n_layers), **kw),
-                "sparselora": step_flops(cfg, plan, **kw)},
+      "flops": {"lora": flops.sparselora_step_flops(cfg, sl_plan.SparsityPlan.dense(cfg.n_layers),
+                                                **kw),
+                "sparselora": flops.sparselora_step_flops(cfg, plan, **kw)},
       "settings": dict(batch=batch, seq_len=seq_len, out_len=out_len, dense_len=dense_len,
                        lora_rank=lora_rank, lora_alpha=lora_alpha, warmup=warmup, steps=steps,
                        estimator_rank=estimator_rank, exact_svd=exact_svd,
                        sparse_layers=len(layers), logits_len=seq_len - head_from),
   }
-
-
-def summary(result: dict) -> dict[str, float]:
-  """Speedup (ratio of medians, median of per-step ratios), FLOP ratio, estimator share."""
-  t = result["timings"]
-  pair = np.asarray(t["lora"].seconds) / np.asarray(t["sparselora"].seconds)
-  f = result["flops"]
-  return {"speedup": t["lora"].median / t["sparselora"].median,
-          "pair_speedup": float(np.median(pair)),
-          "pair_speedup_q25": float(np.quantile(pair, 0.25)),
-          "pair_speedup_q75": float(np.quantile(pair, 0.75)),
-          "flop_ratio": f["lora"]["total"] / f["sparselora"]["total"],
-          "flop_fraction": f["sparselora"]["total"] / f["lora"]["total"],
-          "estimator_share": t["estimator"].median / t["sparselora"].median,
-          "estimator_flop_share": f["sparselora"]["estimator"] / f["sparselora"]["total"]}
-
-
-
-# The default shape (the flags' defaults): LLaMA3-8B's, scaled down to this CPU.
-LLAMA3_8B_SCALED = dict(n_layers=32, d_model=1024, ffn_dim=3584, n_heads=8, n_kv_heads=2,
-                        vocab_size=32000)
-
-
-def _shape_note(cfg) -> str:
-  """' (LLaMA3-8B shape, scaled down)' for the default dims, '' for any other shape."""
-  default = all(getattr(cfg, k) == v for k, v in LLAMA3_8B_SCALED.items())
-  return " (LLaMA3-8B shape, scaled down)" if default else ""
-
-
-def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command: str) -> str:
-  """Markdown: settings, step-time table, FLOPs by part, headline ratios."""
-  t, f, s = result["timings"], result["flops"], result["settings"]
-  m = summary(result)
-  dev = jax.devices()[0]
-  lines = [
-      "# SparseLoRA vs LoRA train-step time",
-      "",
-      f"Command: `{command}`",
-      "",
-      f"Device: {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores, "
-      f"{platform.processor() or platform.machine()}) | jax {jax.__version__} | "
-      f"compute dtype {cfg.dtype}, params float32 | 1-min load average while timing "
-      f"{min(result['load']):.1f} - {max(result['load']):.1f}"
-      + (f" | XLA_FLAGS `{os.environ['XLA_FLAGS']}` (lost_jax.xla_setup)"
-         if os.environ.get("XLA_FLAGS") else ""),
-      "",
-      f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, FFN {cfg.ffn_dim}, "
-      f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads of dim {cfg.d_model // cfg.n_heads}, "
-      f"vocab {cfg.vocab_size}{_shape_note(cfg)}, random weights. LoRA r={s['lora_rank']} "
-      f"alpha={s['lora_alpha']:g} on q, k, v, o; base frozen; AdamW on LoRA only.",
-      "",
-      f"Protocol: synthetic batch {s['batch']} x {s['seq_len']} tokens, last {s['out_len']} "
-      f"with loss (dense suffix {s['dense_len']} tokens, context {s['seq_len'] - s['dense_len']}"
-      f" sparse); sparsity {plan_text}, on from step 0; {s['warmup']} warm-up + {s['steps']} "
-      "timed steps per variant, interleaved ABBA in one process; estimator + selection of all "
-      f"{s['sparse_layers']} sparse layers timed alone (jitted) on the same hidden states. "
-      + ("LM head on every token (as HF computes it)." if s["logits_len"] == s["seq_len"] else
-         f"Both variants run the LM head on the last {s['logits_len']} positions only (every "
-         "loss token; context logits would get zero weight)."),
-      "",
-      "| variant | median step (s) | IQR (s) | min - max (s) | model GFLOP / step |",
-      "|---|---|---|---|---|",
-  ]
-  for name in ("lora", "sparselora"):
-    lo, hi = t[name].quantiles()
-    lines.append(f"| {name} | {t[name].median:.3f} | {lo:.3f} - {hi:.3f} | "
-                 f"{min(t[name].seconds):.3f} - {max(t[name].seconds):.3f} | "
-                 f"{f[name]['total'] / 1e9:.1f} |")
-  lo, hi = t["estimator"].quantiles()
-  lines.append(f"| estimator + selection | {t['estimator'].median * 1e3:.2f} ms | "
-               f"{lo * 1e3:.2f} - {hi * 1e3:.2f} ms | {min(t['estimator'].seconds) * 1e3:.2f} - "
-               f"{max(t['estimator'].seconds) * 1e3:.2f} ms | "
-               f"{f['sparselora']['estimator'] / 1e9:.3f} |")
-  lines += [
-      "",
-      f"- Wall-clock speedup (ratio of medians): **{m['speedup']:.2f}x**; median of per-step "
-      f"ratios {m['pair_speedup']:.2f}x (IQR {m['pair_speedup_q25']:.2f} - "
-      f"{m['pair_speedup_q75']:.2f}).",
-      f"- FLOP ratio LoRA / SparseLoRA: **{m['flop_ratio']:.2f}x** (SparseLoRA = "
-      f"{m['flop_fraction']:.0%} of LoRA's FLOPs).",
-      f"- Estimator + selection: **{m['estimator_share']:.2%}** of the SparseLoRA step time "
-      f"({m['estimator_flop_share']:.3%} of its FLOPs).",
-      "",
-      "Model FLOPs by part (GFLOP per step, forward + backward; `step_flops`):",
-      "",
-      "| variant | base projections | LoRA | attention core | LM head | estimator | total |",
-      "|---|---|---|---|---|---|---|",
-  ]
-  for name in ("lora", "sparselora"):
-    g = {k: v / 1e9 for k, v in f[name].items()}
-    lines.append(f"| {name} | {g['base']:.1f} | {g['lora']:.1f} | {g['attention']:.1f} | "
-                 f"{g['head']:.1f} | {g['estimator']:.3f} | {g['total']:.1f} |")
-  lines += ["", "Timed steps (s) in run order, with the 1-min load average of the 2 cores:", "",
-            "| step | lora | sparselora | ratio | estimator (ms) | load |",
-            "|---|---|---|---|---|---|"]
-  for i, (a, b, e, ld) in enumerate(zip(t["lora"].seconds, t["sparselora"].seconds,
-                                        t["estimator"].seconds, result["load"])):
-    lines.append(f"| {i + 1} | {a:.3f} | {b:.3f} | {a / b:.2f} | {e * 1e3:.1f} | {ld:.1f} |")
-  return "\n".join(lines) + "\n"
 
 
 def define_flags():
@@ -476,7 +316,7 @@ def define_flags():
                     n_heads="Query heads (LLaMA3-8B: 32).",
                     n_kv_heads="Key/value heads (LLaMA3-8B: 8).",
                     vocab_size="Vocabulary (LLaMA3-8B: 128256).")
-  for name, default in LLAMA3_8B_SCALED.items():
+  for name, default in bench_report.LLAMA3_8B_SCALED.items():
     flags.DEFINE_integer(name, default, shape_help[name])
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params f32).")
   flags.DEFINE_integer("batch", 1, "Sequences per step.")
@@ -517,7 +357,7 @@ def _main(argv):
                          estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,
                          exact_svd=fl.exact_svd, seed=fl.seed, full_logits=fl.full_logits)
   command = "python -m experiments.bench_sparselora " + " ".join(sys.argv[1:])
-  text = report(result, cfg, plan_text, command.strip())
+  text = bench_report.report(result, cfg, plan_text, command.strip())
   print(text)
   if fl.out_md:
     os.makedirs(os.path.dirname(fl.out_md) or ".", exist_ok=True)
@@ -529,4 +369,4 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(_main)
+  app.run(_main, flags_parser=common.parse_flags)

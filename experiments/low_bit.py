@@ -1,6 +1,6 @@
 """8-bit optimizer states and a 4-bit (NF4) frozen base against full precision, on a CPU model.
 
-  python experiments/low_bit.py --config=configs/pretrain.py:quickstart --name=cpu_d256_l4_low_bit \
+  python -m experiments.low_bit --config=configs/pretrain.py:quickstart --name=cpu_d256_l4_low_bit \
       [--config.model.d_model=256 ...]
 
 1. Pre-training: full-rank and LOST, each with 32-bit AdamW and with 8-bit AdamW states
@@ -18,18 +18,14 @@ there, and a finished one is reused only by the same config under the same code.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
 
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import common, runs  # pylint: disable=wrong-import-position
+from experiments import common, runs
 from lost_jax import configs
 from lost_jax.recipes import finetune
-from lost_jax.training import metrics  # pylint: disable=wrong-import-position
+from lost_jax.training import metrics
 
 # run -> (method preset, train.optimizer)
 PRETRAIN = {"full_rank": ("full_rank", "adamw"), "full_rank 8-bit": ("full_rank", "adamw8bit"),
@@ -96,7 +92,7 @@ def finetune_run(cfg: ml_collections.ConfigDict, workdir_root: str, quiet: bool 
                            f"{cfg.train.steps}; rerunning resumes from {workdir}")
   result = {k: float(out[k]) for k in ("eval_loss", "eval_accuracy") if k in out}
   result.update(key=key, workdir=workdir, losses=losses,
-                config=runs._keyed_config(cfg),  # pylint: disable=protected-access
+                config=runs.keyed_config(cfg),
                 code_version=version)
   runs.write_json(os.path.join(workdir, key + ".json"), result)
   return result

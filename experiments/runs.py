@@ -82,7 +82,7 @@ def code_version() -> dict:
   return {"sources": sources_hash(), "python": platform.python_version(), **libs}
 
 
-def _keyed_config(cfg: ml_collections.ConfigDict) -> dict:
+def keyed_config(cfg: ml_collections.ConfigDict) -> dict:
   """The config a result is keyed by: every field but `name` (a label, not a setting)."""
   out = _jsonable(cfg)
   out.pop("name", None)
@@ -91,7 +91,7 @@ def _keyed_config(cfg: ml_collections.ConfigDict) -> dict:
 
 def result_key(cfg: ml_collections.ConfigDict, version: dict) -> str:
   """sha256 (16 hex digits) of the full config and the code version."""
-  blob = json.dumps({"config": _keyed_config(cfg), "code": version}, sort_keys=True)
+  blob = json.dumps({"config": keyed_config(cfg), "code": version}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -108,7 +108,7 @@ def load_result(results_dir: str, cfg: ml_collections.ConfigDict,
     return None
   with open(path) as f:
     stored = json.load(f)
-  if stored.get("code_version") != version or stored.get("config") != _keyed_config(cfg):
+  if stored.get("code_version") != version or stored.get("config") != keyed_config(cfg):
     raise ValueError(f"{path} was made by different code or a different config than the "
                      "one asked for; refusing to reuse it. Fix: delete the file and re-run.")
   return stored
@@ -179,7 +179,7 @@ def run(cfg: ml_collections.ConfigDict, workdir_root: str, *, results_dir: str |
   stored = load_result(results_dir, cfg, version)
   if stored is not None:
     return stored
-  want = {"config": _keyed_config(cfg), "code_version": version}
+  want = {"config": keyed_config(cfg), "code_version": version}
   request = os.path.join(workdir, REQUEST_FILE)
   if os.path.exists(request):
     with open(request) as f:

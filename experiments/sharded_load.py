@@ -56,7 +56,7 @@ def make_checkpoint(size: str, n_layers: int, path: str) -> int:
     tensors = {}
     for name in names:
       attr, transpose = hf.tensor_map(n_layers)[name]
-      shape = tuple(hf._get(model, attr).shape)  # pylint: disable=protected-access
+      shape = tuple(hf.get_path(model, attr).shape)
       shape = shape[::-1] if transpose else shape
       tensors[name] = (0.02 * rng.standard_normal(shape, np.float32)).astype(ml_dtypes.bfloat16)
       total += int(np.prod(shape))

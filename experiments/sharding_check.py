@@ -13,7 +13,6 @@ batch in `compiled.as_text()`. Ratios near 1/8 mean the devices split the work; 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 
@@ -24,48 +23,40 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from experiments import memory  # pylint: disable=g-import-not-at-top
+from lost_jax.measure import compiled as compiled_lib  # pylint: disable=g-import-not-at-top
+from lost_jax.measure import step_memory  # pylint: disable=g-import-not-at-top
+from lost_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
 
-GIB = 2 ** 30
+GIB = compiled_lib.GIB
 MESHES = {"1 device": None, "data=8": (8, 1, 1), "fsdp=8": (1, 8, 1)}
-_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(")
-
-
-def batch_all_gathers(hlo_text: str, seq_len: int, rows: int) -> list[str]:
-  """All-gathers whose result is [.., rows, seq_len] shaped like the (micro-)batch."""
-  out = []
-  for dtype, dims in _ALL_GATHER.findall(hlo_text):
-    shape = [int(d) for d in dims.split(",") if d]
-    if len(shape) >= 2 and seq_len in shape and any(d >= rows for d in shape[:-1]):
-      out.append(f"{dtype}[{dims}]")
-  return out
 
 
 def measure(size: str, method: str, mesh_name: str, *, microbatches: int,
             overrides: dict | None = None) -> dict:
-  """Per-device argument/temp bytes and batch all-gathers of one compiled step."""
-  cfg = memory.measurement_config(size, method, overrides=overrides)
+  """Per-device argument/temp bytes, batch all-gathers and collectives of one compiled step."""
+  cfg = step_memory.measurement_config(size, method, overrides=overrides)
   cfg.train.microbatches = microbatches
   shape = MESHES[mesh_name]
   devices = jax.devices()[:1] if shape is None else jax.devices()[:8]
   if shape is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
-  mesh = memory.sharding.make_mesh(cfg.mesh, devices)
-  setup = memory.train.make_setup(cfg, mesh)
-  state, rest, batch = memory.abstract_inputs(setup, cfg)
-  step = memory.train.make_train_step(setup, microbatches)
-  compiled = step.lower(state, rest, batch).compile()
-  stats = compiled.memory_analysis()
+  setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, devices))
+  _, compiled = step_memory.compile_step(setup, cfg, step_memory.abstract_inputs(setup, cfg))
+  stats = compiled_lib.memory_bytes(compiled)
+  hlo = compiled.as_text()
   micro_rows = cfg.train.batch_size // microbatches // len(devices)
-  gathers = batch_all_gathers(compiled.as_text(), cfg.data.seq_len, max(2, micro_rows + 1))
-  return dict(size=size, method=method, mesh=mesh_name, argument=stats.argument_size_in_bytes,
-              temp=stats.temp_size_in_bytes, batch_all_gathers=gathers,
+  gathers = compiled_lib.batch_all_gathers(hlo, cfg.data.seq_len, max(2, micro_rows + 1))
+  return dict(size=size, method=method, mesh=mesh_name, argument=stats["argument"],
+              temp=stats["temp"], batch_all_gathers=gathers,
+              collectives=compiled_lib.collective_counts(hlo),
               global_batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
               microbatches=microbatches)
 
 
 def run(size: str, methods, *, microbatches: int, overrides: dict | None = None,
         log=print) -> list[dict]:
+  """measure() of every method on every mesh, with ratios to the method's 1-device step."""
   rows = []
   for method in methods:
     for mesh_name in MESHES:
@@ -82,6 +73,7 @@ def run(size: str, methods, *, microbatches: int, overrides: dict | None = None,
 
 
 def markdown(rows: list[dict], command: str, title: str) -> str:
+  """A titled markdown table of run()'s rows."""
   lines = [f"### {title}", "", f"`{command}`", "",
            "| size | method | mesh | arguments / device (GiB) | x 1 device | temporaries / "
            "device (GiB) | x 1 device | batch all-gathers |", "|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """SparseLoRA's accuracy on a real model: SmolLM2-135M-Instruct (GGUF) on the GSM-style task.
 
-  python experiments/sparselora_accuracy.py --config=configs/finetune.py:smollm2_135m_gsm
+  python -m experiments.sparselora_accuracy --config=configs/finetune.py:smollm2_135m_gsm
 
 Runs (same data, steps, batch; LoRA r32 on q,k,v,o): zero-shot; LoRA, SparseLoRA (the paper's
 recipe scaled to 30 layers) and sparselora_late (a sparsity the 135M model keeps its loss at)
@@ -22,20 +22,17 @@ import statistics
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from experiments import common, runs  # pylint: disable=wrong-import-position
-from experiments.bench_sparselora import step_flops  # pylint: disable=wrong-import-position
+from experiments import common, runs
 from lost_jax import configs
 from lost_jax.recipes import finetune
 from lost_jax.data import instruct
+from lost_jax.measure import flops
 from lost_jax.training import metrics
-from lost_jax.adapters.sparselora import model as sparselora  # pylint: disable=wrong-import-position
+from lost_jax.adapters.sparselora import model as sparselora
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import select as sl_select
 
@@ -83,7 +80,7 @@ def flops_per_step(cfg) -> dict:
   """Train-step FLOPs at the batch's median dense suffix (the data decide it)."""
   from lost_jax.formats import gguf as gguf_lib
   from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib._reader(cfg.init.path)),
+  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(cfg.init.path)),
                                     cfg.init.path)
   plan = sl_plan.plan_from_config(cfg.sparse, model_cfg.n_layers)
   tok = tokenizer.from_path(cfg.init.path)
@@ -96,9 +93,10 @@ def flops_per_step(cfg) -> dict:
     dense = 1
   else:
     dense = suffix
-  return step_flops(model_cfg, plan, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                    dense_len=dense, lora_rank=cfg.lora.rank, estimator_rank=8,
-                    logits_len=suffix)
+  return flops.sparselora_step_flops(model_cfg, plan, batch=cfg.train.batch_size,
+                                     seq_len=cfg.data.seq_len, dense_len=dense,
+                                     lora_rank=cfg.lora.rank, estimator_rank=8,
+                                     logits_len=suffix)
 
 
 def eval_set(cfg) -> dict:

@@ -1,6 +1,6 @@
 """Is SparseLoRA's channel choice right on a real model? A NumPy re-derivation, layer by layer.
 
-  python experiments/sparselora_diagnose.py --config=configs/finetune.py:smollm2_135m_gsm
+  python -m experiments.sparselora_diagnose --config=configs/finetune.py:smollm2_135m_gsm
 
 On a few real training batches of the preset and the frozen base (LoRA is zero at the start):
 1. each sparse layer's normed inputs from the dense forward; the channels SPARSELORA.md's
@@ -16,15 +16,9 @@ On a few real training batches of the preset and the frozen base (LoRA is zero a
 
 from __future__ import annotations
 
-import os
-import sys
+import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=wrong-import-position
-
-from experiments import common  # pylint: disable=wrong-import-position
+from experiments import common
 
 
 # ------------------------------------------------------------------------------ NumPy (spec)
@@ -179,7 +173,7 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
       orac = np_top_k(oracle_ffn_scores(act), k)
       best = np_top_k(contribution_scores(act, wd), k)
       rand = np.sort(rng.choice(f, k, replace=False))
-      ours = {m: np.asarray(sl._ffn_indices(blk.mlp, jnp.asarray(h), jnp.asarray(valid),  # pylint: disable=protected-access
+      ours = {m: np.asarray(sl.ffn_indices(blk.mlp, jnp.asarray(h), jnp.asarray(valid),
                                             est.get(sl_estimator.layer_key(i)), plan.ffn[i], m))
               for m in ("svd", "oracle")}
       row.update(ffn_k=k, ffn_same_svd=bool(np.array_equal(ours["svd"], spec)),
@@ -195,7 +189,7 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
       spec = np_top_k(spec_column_norms(h, valid, wv, rank), k)
       orac = np_top_k(spec_column_norms(h, valid, wv), k)
       rand = np.sort(rng.choice(c, k, replace=False))
-      ours = {m: sl._attn_indices(blk.attn, jnp.asarray(h), jnp.asarray(valid),  # pylint: disable=protected-access
+      ours = {m: sl.attn_indices(blk.attn, jnp.asarray(h), jnp.asarray(valid),
                                   est.get(sl_estimator.layer_key(i)), plan.attn[i], m)
               for m in ("svd", "oracle")}
       row.update(v_k=k, v_same_svd=bool(np.array_equal(np.asarray(ours["svd"].v), spec)),

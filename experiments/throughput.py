@@ -1,6 +1,6 @@
 """Training throughput and MFU of full-rank and every low-rank method on this device.
 
-  python experiments/throughput.py --config=configs/pretrain.py:llama_60m,lost \
+  python -m experiments.throughput --config=configs/pretrain.py:llama_60m,lost \
       --precisions=float32,mixed --batch=8 --torch --out_md=docs/benchmarks/throughput.md \
       --out_json=docs/benchmarks/throughput.json --out_png=docs/benchmarks/throughput.png
 
@@ -17,31 +17,27 @@ realised speedup is its tokens/s over full-rank's; "realised / predicted" is the
 `--size` may replace `--config`; the method named in `--config` is ignored (`--methods` lists
 what runs) and `--config.*` overrides apply to every method. `--torch` adds
 `experiments/torch_baseline.py` (full_rank and lost in PyTorch: compiled step, fused AdamW),
-timed in the same rounds right after the JAX steps (`interleave`); `--from_json` re-renders a
-saved result without measuring.
+timed in the same rounds right after the JAX steps (`lost_jax.measure.timing.interleave`);
+`--from_json` re-renders a saved result without measuring.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import sys
 import time
 from typing import Any, Callable, Iterable
 
-if __package__ in (None, ""):  # run as a file: make the repo root (`experiments`) importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import ml_collections
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from experiments import common  # pylint: disable=wrong-import-position
+from experiments import common
 from lost_jax import configs
 from lost_jax.measure import accounting
+from lost_jax.measure import flops as flops_lib
+from lost_jax.measure import timing
 from lost_jax.training import trainer as train
-from lost_jax.training import xla_setup  # pylint: disable=wrong-import-position
+from lost_jax.training import xla_setup
 
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
 REFERENCE = "full_rank"
@@ -53,20 +49,6 @@ LOAD_LIMIT = 2.5            # 1-minute load average below which the machine coun
 
 
 # ----------------------------------------------------------------------------- arithmetic
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-  """Model FLOP utilisation: achieved model FLOP/s over the peak FLOP/s."""
-  return tokens_per_s * flops_per_token / peak_flops
-
-
-def step_stats(step_times_s: Iterable[float], tokens_per_step: int, flops_per_token: float,
-               peak_flops: float) -> dict[str, float]:
-  """Median step time, tokens/s, achieved FLOP/s and MFU of a list of timed steps."""
-  step = statistics.median(step_times_s)
-  tok_s = tokens_per_step / step
-  return dict(step_s=step, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token,
-              mfu=mfu(tok_s, flops_per_token, peak_flops))
-
-
 def speedup(reference: dict, row: dict) -> dict[str, float]:
   """FLOP-predicted and realised speedup of `row` over `reference`, and their ratio.
 
@@ -84,39 +66,6 @@ def logits_share(model: ml_collections.ConfigDict, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def matmul_flops(dtype: str, n: int = 2048, repeats: int = 5,
-                 accumulate: str | None = "float32") -> float:
-  """FLOP/s of a jitted [n, n] @ [n, n] matmul with inputs in `dtype` (median of repeats).
-
-  `accumulate` is the dot's preferred_element_type (None: the input dtype).
-  """
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a_NxN = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
-  b_NxN = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  acc = None if accumulate is None else jnp.dtype(accumulate)
-  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=acc))
-  jax.block_until_ready(matmul(a_NxN, b_NxN))
-  return 2 * n ** 3 / _median_time(lambda: matmul(a_NxN, b_NxN), repeats)
-
-
-def peak_flops(precision: str, sizes: Iterable[int] = (1024, 2048), repeats: int = 5) -> float:
-  """The device's matmul peak in a run's compute dtype: best over `sizes` of matmul_flops.
-
-  float32: float32 dots; mixed / pure_bf16: bfloat16 inputs, float32 accumulation.
-  """
-  compute = train.PRECISIONS[precision][0]
-  return max(matmul_flops(compute, n, repeats) for n in sizes)
-
-
 def bench_config(size: str, method: str, precision: str, batch: int, seq_len: int,
                  overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`<size>,<method>` preset (baseline ranks matched to LOST's) for one throughput row."""
@@ -169,54 +118,6 @@ class StepRunner:
     return times
 
 
-def interleave(runners: dict[str, Callable[[int], list[float]]], rounds: int,
-               steps_per_round: int, warmup: int = 1,
-               log: Callable[[str], None] = print,
-               others: dict[str, Callable[[int], list[float]]] | None = None,
-               switch_pause_s: float = 1.0) -> dict[str, list[float]]:
-  """Run every runner `warmup` steps, then `rounds` x (each runner `steps_per_round` steps).
-
-  `others` (another runtime, e.g. PyTorch) run in the same rounds after `runners`, each
-  runtime's steps kept together and `switch_pause_s` of sleep at each switch: alternating
-  torch's and XLA's thread pools step by step slowed the JAX steps by up to 25% on 2 cores
-  (the other runtime's threads still spinning), while a shift in background load between
-  two separately timed groups would bias the comparison.
-  """
-  groups = [runners] + ([others] if others else [])
-  for group in groups:
-    for run in group.values():
-      run(warmup)
-  times: dict[str, list[float]] = {name: [] for group in groups for name in group}
-  for r in range(rounds):
-    for group in groups:
-      if len(groups) > 1:
-        time.sleep(switch_pause_s)
-      for name, run in group.items():
-        times[name] += run(steps_per_round)
-    log(f"round {r + 1}/{rounds}: " + ", ".join(
-        f"{n} {1e3 * statistics.median(t):.0f} ms" for n, t in times.items()))
-  return times
-
-
-def load_average() -> float:
-  """1-minute load average of this host."""
-  return os.getloadavg()[0]
-
-
-def wait_for_quiet(limit: float, max_wait_s: float, poll_s: float = 60.0,
-                   log: Callable[[str], None] = print) -> tuple[bool, float]:
-  """Poll the load average until it is below `limit` or `max_wait_s` passed: (quiet?, load)."""
-  deadline = time.time() + max_wait_s
-  while True:
-    load = load_average()
-    if load < limit:
-      return True, load
-    if time.time() >= deadline:
-      return False, load
-    log(f"load average {load:.2f} >= {limit}; waiting")
-    time.sleep(min(poll_s, max(1.0, deadline - time.time())))
-
-
 def run(size: str, methods: Iterable[str] = METHODS,
         precisions: Iterable[str] = ("float32", "mixed"), *, batch: int = 8,
         seq_len: int = 256, rounds: int = 5, steps_per_round: int = 2, warmup: int = 1,
@@ -233,8 +134,8 @@ def run(size: str, methods: Iterable[str] = METHODS,
   if REFERENCE not in methods:
     raise ValueError(f"methods={methods} lack {REFERENCE!r}, the speedup reference. "
                      f"Fix: add it to --methods.")
-  load_before = load_average()
-  peaks = {p: peak_flops(p, peak_sizes) for p in precisions}
+  load_before = timing.load_average()
+  peaks = {p: flops_lib.peak_flops(p, peak_sizes) for p in precisions}
   log("peak FLOP/s: " + ", ".join(f"{p} {v / 1e9:.1f} G" for p, v in peaks.items()))
   cfgs, runners, compile_s = {}, {}, {}
   for p in precisions:
@@ -245,9 +146,9 @@ def run(size: str, methods: Iterable[str] = METHODS,
       compile_s[(p, method)] = runner.compile_s
       log(f"built {p} {method}: compile + first step {runner.compile_s:.1f} s")
   extra_runners = extra_runners or {}
-  times = interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
-                     steps_per_round, warmup, log,
-                     others={f"{p}/{m}": fn for (p, m), fn in extra_runners.items()})
+  times = timing.interleave({f"{p}/{m}": fn for (p, m), fn in runners.items()}, rounds,
+                            steps_per_round, warmup, log,
+                            others={f"{p}/{m}": fn for (p, m), fn in extra_runners.items()})
   runners.update(extra_runners)
   rows = []
   for (p, m) in runners:
@@ -263,7 +164,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
     row = dict(precision=p, method=m, kind=kind, rank=rank if kind != "dense" else 0,
                train_flops_per_token=flops, step_times_s=times[f"{p}/{m}"],
                compile_s=compile_s.get((p, m), float("nan")),
-               **step_stats(times[f"{p}/{m}"], batch * seq_len, flops, peaks[p]))
+               **flops_lib.step_stats(times[f"{p}/{m}"], batch * seq_len, flops, peaks[p]))
     rows.append(row)
   for p in precisions:
     ref = next(r for r in rows if r["precision"] == p and r["method"] == REFERENCE)
@@ -278,7 +179,7 @@ def run(size: str, methods: Iterable[str] = METHODS,
               model=dict(d_model=model.d_model, ffn_dim=model.ffn_dim,
                          n_layers=model.n_layers, n_heads=model.n_heads,
                          vocab_size=model.vocab_size),
-              load_before=load_before, load_after=load_average())
+              load_before=load_before, load_after=timing.load_average())
 
 
 # ----------------------------------------------------------------------------- report
@@ -454,7 +355,7 @@ def _main(argv, flag_values):
   bad = [m for m in f.methods if m not in METHODS]
   if bad:
     raise app.UsageError(f"methods {bad} cannot be timed here; choose from {METHODS}")
-  quiet, load = wait_for_quiet(f.max_load, 60 * f.wait_minutes)
+  quiet, load = timing.wait_for_quiet(f.max_load, 60 * f.wait_minutes)
   print(f"load average {load:.2f}: " + ("quiet" if quiet else "still busy, measuring anyway"))
   extra, extra_flops = {}, {}
   if f.torch:
@@ -513,4 +414,4 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = define_flags()
-  app.run(lambda argv: _main(argv, _flags))
+  app.run(lambda argv: _main(argv, _flags), flags_parser=common.parse_flags)

@@ -11,7 +11,7 @@ usual PyTorch mixed precision. The step is what a careful PyTorch user runs on C
 `make_runner`): compiled forward/backward and clipping, fused AdamW, denormals flushed,
 threads pinned to the cores XLA uses; the model code itself is plain.
 
-  python experiments/torch_baseline.py --size=llama_60m --method=lost --precision=mixed
+  python -m experiments.torch_baseline --size=llama_60m --method=lost --precision=mixed
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -244,9 +243,8 @@ def make_runner(cfg: ml_collections.ConfigDict, seed: int = 0, compile_model: bo
 
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from lost_jax import configs
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs  # pylint: disable=g-import-not-at-top
   from lost_jax.measure import accounting  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("size", "llama_60m", "Size preset.")
   flags.DEFINE_string("method", "full_rank", "full_rank | lost")
@@ -270,7 +268,7 @@ def _main():
           f"{fl.method} {fl.precision}: {step * 1e3:.0f} ms/step, "
           f"{tok_s:,.0f} tokens/s, {tok_s * flops / 1e9:.1f} GFLOP/s, loss {run.loss:.3f}")
 
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)
 
 
 if __name__ == "__main__":

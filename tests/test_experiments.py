@@ -5,15 +5,16 @@ import math
 
 import pytest
 
-from experiments import ablate_lost, common, compare_methods, runs
+from experiments import ablate_lost, common, compare_methods, compare_protocol, compare_report, runs
 from lost_jax import configs
+from lost_jax.recipes import pretrain
 from lost_jax.training import metrics
 
 TINY = {"model.d_model": 32, "model.ffn_dim": 64, "model.n_layers": 1, "model.n_heads": 2,
         "model.n_kv_heads": 2, "model.linear.rank": 4, "data.seq_len": 16,
         "train.batch_size": 2, "train.steps": 3, "train.eval_every": 2,
         "train.eval_batches": 1, "train.log_every": 1, "train.precision": "float32"}
-TINY_PROTO = compare_methods.Protocol(
+TINY_PROTO = compare_protocol.Protocol(
     size="quickstart",
     overrides=tuple({**TINY, "train.shared_lr": 2.5e-3, "train.galore_update_freq": 2,
                      "train.eval_tokens": 0, "train.ckpt_every": 100}.items()),
@@ -73,22 +74,22 @@ def test_llama_7b_40k_is_the_7b_model_at_40k_steps():
 
 # ------------------------------------------------------------------------ cached runs
 def _fake_result(cfg, version):
-  return {"config": runs._keyed_config(cfg), "code_version": version, "eval_ppl": 1.0}
+  return {"config": runs.keyed_config(cfg), "code_version": version, "eval_ppl": 1.0}
 
 
 def test_cache_refuses_a_result_of_other_code_or_config(tmp_path):
-  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
+  cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   version = runs.code_version()
   key = runs.result_key(cfg, version)
   runs.write_json(str(tmp_path / f"{key}.json"), _fake_result(cfg, version))
   assert runs.load_result(str(tmp_path), cfg, version)["eval_ppl"] == 1.0
   # The name is a label, not a setting: same key.
-  renamed = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
+  renamed = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   renamed.name = "other"
   assert runs.result_key(renamed, version) == key
   # Other code or another config: a different key, so nothing is found ...
   other_code = dict(version, sources="0" * 16)
-  other_cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -1, 0, 3))
+  other_cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -1, 0, 3))
   assert runs.result_key(cfg, other_code) != key
   assert runs.load_result(str(tmp_path), cfg, other_code) is None
   assert runs.load_result(str(tmp_path), other_cfg, version) is None
@@ -115,7 +116,7 @@ def test_sources_hash_covers_package_and_runner(tmp_path):
 
 
 def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
-  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
+  cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   kw = dict(results_dir=str(tmp_path / "res"))
   first = runs.run(cfg, str(tmp_path / "work"), **kw)
   assert first["steps"] == 3 and [s for s, _, _ in first["eval_curve"]] == [2, 3]
@@ -132,15 +133,15 @@ def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
 
 
 def test_a_run_stopped_by_a_signal_is_no_result_and_resumes(tmp_path, monkeypatch):
-  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("lost", -2, 0, 3))
+  cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   kw = dict(results_dir=str(tmp_path / "res"))
-  whole = runs.train.train_and_evaluate
-  monkeypatch.setattr(runs.train, "train_and_evaluate",   # SIGTERM after step 2
+  whole = pretrain.train_and_evaluate
+  monkeypatch.setattr(pretrain, "train_and_evaluate",   # SIGTERM after step 2
                       lambda c, w, quiet: whole(c, w, quiet=quiet, stop_at=2))
   with pytest.raises(runs.Interrupted, match="stopped at step 2 of 3"):
     runs.run(cfg, str(tmp_path / "work"), **kw)
   assert not list((tmp_path / "res").glob("*.json"))
-  monkeypatch.setattr(runs.train, "train_and_evaluate", whole)
+  monkeypatch.setattr(pretrain, "train_and_evaluate", whole)
   result = runs.run(cfg, str(tmp_path / "work"), **kw)
   steps = [m["step"] for m in metrics.read_metrics(str(tmp_path / "work" / result["key"]))
            if "loss" in m]
@@ -162,39 +163,39 @@ def _lookup(optimum: dict[str, int]):
 
 def _run_sweep_of(entry, get, finish):
   for _ in range(12):
-    _, todo, _ = compare_methods.sweep_state(TINY_PROTO, entry, get)
-    finish([compare_methods.Spec(entry, i, 0, TINY_PROTO.sweep_steps) for i in todo])
-  return compare_methods.sweep_state(TINY_PROTO, entry, get)
+    _, todo, _ = compare_protocol.sweep_state(TINY_PROTO, entry, get)
+    finish([compare_protocol.Spec(entry, i, 0, TINY_PROTO.sweep_steps) for i in todo])
+  return compare_protocol.sweep_state(TINY_PROTO, entry, get)
 
 
 def test_sweep_brackets_the_optimum_extending_past_an_edge():
   get, finish, _ = _lookup({"full_rank": -7, "lost": -1})
-  grid, todo, best = compare_methods.sweep_state(TINY_PROTO, "full_rank", get)
+  grid, todo, best = compare_protocol.sweep_state(TINY_PROTO, "full_rank", get)
   assert grid == todo == [-5, -4, -3, -2] and best is None
   grid, todo, best = _run_sweep_of("full_rank", get, finish)
   assert grid == [-8, -7, -6, -5, -4, -3, -2] and best == -7 and not todo   # bracketed
   # An optimum further away stops after MAX_EXTENSIONS, at the edge.
   get, finish, _ = _lookup({"full_rank": -20, "lost": -1})
   grid, _, best = _run_sweep_of("full_rank", get, finish)
-  assert len(grid) == 4 + compare_methods.MAX_EXTENSIONS and best == grid[0] == -8
+  assert len(grid) == 4 + compare_protocol.MAX_EXTENSIONS and best == grid[0] == -8
   # A diverged run (NaN) counts as the worst, not as a number.
   get, finish, done = _lookup({"full_rank": -2, "lost": -1})
   grid, _, best = _run_sweep_of("full_rank", get, finish)
   assert best == -2 and grid[-1] == -1
-  done[compare_methods.Spec("full_rank", -2, 0, TINY_PROTO.sweep_steps)] = {
+  done[compare_protocol.Spec("full_rank", -2, 0, TINY_PROTO.sweep_steps)] = {
       "eval_ppl": float("nan")}
   # -3 and -1 tie at 11: the lower rate wins the tie.
-  assert compare_methods.sweep_state(TINY_PROTO, "full_rank", get)[2] == -3
+  assert compare_protocol.sweep_state(TINY_PROTO, "full_rank", get)[2] == -3
 
 
 def test_plan_order_first_pair_then_controls_around_lost_then_seeds():
-  optimum = {e: -2 for e in compare_methods.ENTRIES}
+  optimum = {e: -2 for e in compare_protocol.ENTRIES}
   optimum["full_rank"] = -3    # inside its grid
   optimum["lost"] = 0          # at LOST's grid edge: one extension to 1
   get, finish, done = _lookup(optimum)
   stages = []
   while True:
-    todo = compare_methods.plan(TINY_PROTO, get)
+    todo = compare_protocol.plan(TINY_PROTO, get)
     if not todo:
       break
     stages.append(todo)
@@ -203,22 +204,22 @@ def test_plan_order_first_pair_then_controls_around_lost_then_seeds():
   assert {s.entry for s in stages[0]} == {"full_rank", "lost"}
   assert [s.entry for s in stages[0][:4]] == ["full_rank", "lost"] * 2    # interleaved
   assert all(s.steps == sweep and s.seed == 0 for s in stages[0])
-  assert stages[1] == [compare_methods.Spec("lost", 1, 0, sweep)]         # the extension
-  assert stages[2] == [compare_methods.Spec("full_rank", -3, s, final) for s in (0, 1, 2)] + [
-      compare_methods.Spec("lost", 0, s, final) for s in (0, 1, 2)]
+  assert stages[1] == [compare_protocol.Spec("lost", 1, 0, sweep)]         # the extension
+  assert stages[2] == [compare_protocol.Spec("full_rank", -3, s, final) for s in (0, 1, 2)] + [
+      compare_protocol.Spec("lost", 0, s, final) for s in (0, 1, 2)]
   controls = {s.lr_index for s in stages[3] if s.entry == "lost_gamma1"}
   assert controls == {-1, 0, 1}                                          # around LOST's 0
   assert all(s.steps == final for s in stages[-3]) and all(
       s.steps == sweep and s.seed in (1, 2) for s in stages[-2])
-  assert stages[-1] == [compare_methods.Spec("full_rank", -3, 0, sweep, k) for k in (-1, 1)] + [
-      compare_methods.Spec("lost", 0, 0, sweep, k) for k in (-1, 1)]
-  shared = [compare_methods.spec_config(TINY_PROTO, s).train.shared_lr for s in stages[-1]]
+  assert stages[-1] == [compare_protocol.Spec("full_rank", -3, 0, sweep, k) for k in (-1, 1)] + [
+      compare_protocol.Spec("lost", 0, 0, sweep, k) for k in (-1, 1)]
+  shared = [compare_protocol.spec_config(TINY_PROTO, s).train.shared_lr for s in stages[-1]]
   assert shared == [1.25e-3, 5e-3] * 2
-  n_grid = {e: len(compare_methods.sweep_state(TINY_PROTO, e, get)[0])
-            for e in compare_methods.ENTRIES}
+  n_grid = {e: len(compare_protocol.sweep_state(TINY_PROTO, e, get)[0])
+            for e in compare_protocol.ENTRIES}
   assert all(n >= 4 for e, n in n_grid.items() if e in ("full_rank", "lost", "cola"))
   assert all(n >= 3 for n in n_grid.values())
-  assert len(done) == sum(n_grid.values()) + len(compare_methods.ENTRIES) * 5 + 4
+  assert len(done) == sum(n_grid.values()) + len(compare_protocol.ENTRIES) * 5 + 4
 
 
 def _table_rows(md: str) -> dict[str, list[str]]:
@@ -231,7 +232,7 @@ def _table_rows(md: str) -> dict[str, list[str]]:
 
 
 def test_report_spreads_and_ranking(tmp_path):
-  get, finish, _ = _lookup({e: -2 for e in compare_methods.ENTRIES})
+  get, finish, _ = _lookup({e: -2 for e in compare_protocol.ENTRIES})
 
   def full(spec):
     r = get(spec)
@@ -240,12 +241,12 @@ def test_report_spreads_and_ranking(tmp_path):
     return dict(r, params={"trainable": 1e6, "projections": 5e5}, tokens_per_s=100.0,
                 seed=spec.seed, eval_curve=[[1, 0.0, 20.0], [3, 0.0, r["eval_ppl"]]])
   while True:
-    todo = compare_methods.plan(TINY_PROTO, get)
+    todo = compare_protocol.plan(TINY_PROTO, get)
     if not todo:
       break
     finish(todo)
-  md = compare_methods.write_report(TINY_PROTO, full, name="r", out_dir=str(tmp_path),
-                                    command="cmd")
+  md = compare_report.write_report(TINY_PROTO, full, name="r", out_dir=str(tmp_path),
+                                   command="cmd")
   budget = md[md.index("## 192 tokens"):]    # the tiny final budget: 6 steps x 2 x 16
   rows = _table_rows(budget)
   # seeds 0, 1, 2 give 10.00, 10.01, 10.02: mean 10.01, sample std 0.01
@@ -261,11 +262,11 @@ def test_report_spreads_and_ranking(tmp_path):
 
 def test_sweep_resumes_and_reports_pending(tmp_path):
   kw = dict(name="t", results_dir=str(tmp_path / "res"), workdir_root=str(tmp_path / "w"),
-            out_dir=str(tmp_path / "out"), command="python experiments/compare_methods.py x",
+            out_dir=str(tmp_path / "out"), command="python -m experiments.compare_methods x",
             log=lambda _: None)
   assert compare_methods.sweep(TINY_PROTO, max_runs=2, **kw) == 2
   md = (tmp_path / "out" / "t.md").read_text()
-  assert "python experiments/compare_methods.py x" in md and "pending" in md
+  assert "python -m experiments.compare_methods x" in md and "pending" in md
   assert (tmp_path / "out" / "t_sweep.png").stat().st_size > 0
   stored = [json.loads(f.read_text()) for f in (tmp_path / "res").glob("*.json")]
   assert sorted(r["name"] for r in stored) == ["tiny,full_rank", "tiny,lost"]
@@ -293,8 +294,8 @@ def test_ablation_variants_change_only_their_fields():
     assert {k for k in flat if flat[k] != ref[k] and k != "name"} == set(fields)
   # gamma=1 at LOST's rate is the comparison's control run: the same key, trained once.
   version = runs.code_version()
-  control = compare_methods.spec_config(
-      TINY_PROTO, compare_methods.Spec("lost_gamma1", -2, 0, TINY_PROTO.sweep_steps))
+  control = compare_protocol.spec_config(
+      TINY_PROTO, compare_protocol.Spec("lost_gamma1", -2, 0, TINY_PROTO.sweep_steps))
   assert runs.result_key(ablate_lost.variant_config(TINY_PROTO, "gamma=1", 2.5e-3, 0),
                          version) == runs.result_key(control, version)
 
@@ -315,9 +316,9 @@ def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
 
 
 def test_shared_check_extends_past_an_edge_and_reports_the_gap_at_each_best():
-  get, finish, done = _lookup({e: -2 for e in compare_methods.ENTRIES})
+  get, finish, done = _lookup({e: -2 for e in compare_protocol.ENTRIES})
   for _ in range(40):
-    todo = compare_methods.plan(TINY_PROTO, get)
+    todo = compare_protocol.plan(TINY_PROTO, get)
     if not todo:
       break
     finish(todo)
@@ -326,11 +327,11 @@ def test_shared_check_extends_past_an_edge_and_reports_the_gap_at_each_best():
         done[s]["eval_ppl"] = (8.0 + 0.5 * (s.shared_shift - 2) ** 2 if s.entry == "full_rank"
                                else 10.0 - s.shared_shift)
   assert not todo
-  grid, _, best = compare_methods.shared_state(TINY_PROTO, "full_rank", get)
+  grid, _, best = compare_protocol.shared_state(TINY_PROTO, "full_rank", get)
   assert grid == [-1, 0, 1, 2, 3] and best == 2          # 2 extensions, then bracketed
-  grid, _, best = compare_methods.shared_state(TINY_PROTO, "lost", get)
+  grid, _, best = compare_protocol.shared_state(TINY_PROTO, "lost", get)
   assert grid == [-1, 0, 1, 2, 3, 4] and best == 4       # MAX_EXTENSIONS reached at an edge
-  text = compare_methods.shared_table(TINY_PROTO, get)
+  text = compare_report.shared_table(TINY_PROTO, get)
   rows = _table_rows(text)
   assert rows["full_rank"][1:] == ["12.50", "10.00", "8.50", "**8.00**", "8.50", ""]
   assert rows["lost"][1:] == ["11.00", "10.00", "9.00", "8.00", "7.00", "**6.00**"]
@@ -345,19 +346,19 @@ def test_settled_text_names_flipped_pairs_and_separated_neighbours():
                 "galore": [40, 41, 42], "sltrain": [50, 51]})              # sltrain: 2 of 3
   long_ = rows({"full_rank": [12, 13, 14], "lost": [10, 11, 12], "cola": [15, 16, 17],
                 "galore": [16.5, 18, 19], "sltrain": [20, 21, 22]})
-  text = compare_methods.settled_text(TINY_PROTO, {3: short, 6: long_})
+  text = compare_report.settled_text(TINY_PROTO, {3: short, 6: long_})
   assert "Among the 4 entries" in text and "1 pair(s) change order" in text
   assert "full_rank ahead of lost at 96 tokens (21.00 ± 1.00 vs 24.00 ± 1.00, ranges apart)" in text
   assert "behind at 192 (13.00 ± 1.00 vs 11.00 ± 1.00, ranges overlap)" in text
   assert "lost ~ full_rank < cola ~ galore." in text       # 12 vs 12: touching ranges overlap
   assert "Not yet complete at both budgets:" in text and "sltrain" in text
-  same = compare_methods.settled_text(TINY_PROTO, {3: long_, 6: long_})
+  same = compare_report.settled_text(TINY_PROTO, {3: long_, 6: long_})
   assert "is the same as at 192 tokens" in same and "change order" not in same
-  assert compare_methods.settled_text(TINY_PROTO, {3: rows({}), 6: long_}).startswith("Pending")
+  assert compare_report.settled_text(TINY_PROTO, {3: rows({}), 6: long_}).startswith("Pending")
 
 
 def test_a_diverged_run_is_a_result_not_a_crash(tmp_path):
-  cfg = compare_methods.spec_config(TINY_PROTO, compare_methods.Spec("full_rank", 120, 0, 3))
+  cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("full_rank", 120, 0, 3))
   cfg.train.max_skipped_steps = 1       # lr 1e-2 x 2^120 ~ 1e34: the first step at peak lr overflows
   kw = dict(results_dir=str(tmp_path / "res"))
   result = runs.run(cfg, str(tmp_path / "w"), **kw)

@@ -238,7 +238,7 @@ def test_densify_is_exact_for_linear_factorisations(kind):
   model = Llama(cfg, rngs=nnx.Rngs(6))
   before = logits(model)
   hf.densify(model)
-  assert all(isinstance(hf._get(model, p), DenseLinear) for p in hf.linear_paths(LAYERS))
+  assert all(isinstance(hf.get_path(model, p), DenseLinear) for p in hf.linear_paths(LAYERS))
   assert model.cfg.linear.kind == "dense" and cfg.linear.kind == kind   # caller's cfg intact
   assert not nnx.state(model, nnx.Not(nnx.Param))   # no index sets left behind
   np.testing.assert_allclose(logits(model), before, rtol=1e-4, atol=1e-5)

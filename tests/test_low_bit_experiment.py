@@ -4,8 +4,7 @@ import json
 import math
 
 from experiments import low_bit
-from lost_jax.recipes import finetune
-from lost_jax.training import trainer as train
+from lost_jax.recipes import finetune, pretrain
 
 TINY = {"model.d_model": 32, "model.ffn_dim": 64, "model.n_layers": 2, "model.n_heads": 2,
         "model.n_kv_heads": 2, "model.linear.rank": 4, "model.vocab_size": 512,
@@ -44,7 +43,7 @@ def test_low_bit_runs_report_and_reuse_cached_runs(tmp_path, monkeypatch):
 
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(pretrain, "train_and_evaluate", no_training)
   monkeypatch.setattr(finetune, "finetune_and_evaluate", no_training)
   again = low_bit.run("quickstart", **kw)
   assert again["pretrain"]["lost 8-bit"]["eval_loss"] == s["pretrain"]["lost 8-bit"]["eval_loss"]

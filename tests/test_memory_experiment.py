@@ -1,9 +1,9 @@
-"""experiments/memory.py: AOT-compiled step memory of a tiny model, two methods."""
+"""experiments/memory.py and memory_report.py: AOT-compiled step memory of a tiny model."""
 
 import pytest
 
-from experiments import memory
-from lost_jax.measure import accounting
+from experiments import memory, memory_report
+from lost_jax.measure import accounting, compiled, step_memory
 
 # A 2-layer model with a large vocab, so LOST's smaller projections show in the arguments.
 TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.ffn_dim": 192,
@@ -19,7 +19,7 @@ def rows():
 
 def test_arguments_are_exactly_state_indices_and_batch(rows):
   for r in rows:
-    cfg = memory.measurement_config("quickstart", r["method"], microbatch=4, overrides=TINY)
+    cfg = step_memory.measurement_config("quickstart", r["method"], microbatch=4, overrides=TINY)
     n = accounting.count_params(cfg.model)
     assert r["params_bytes"] == 4 * n["total"]                        # float32 master weights
     assert r["opt_state_bytes"] >= 2 * 4 * n["trainable"]             # two Adam moments
@@ -49,8 +49,8 @@ def test_rows_compare_methods(rows):
 
 def test_report_files(rows, tmp_path):
   md, png = tmp_path / "memory.md", tmp_path / "memory.png"
-  memory.write_markdown(rows, str(md), "python -m experiments.memory --sizes=quickstart")
-  memory.plot(rows, str(png))
+  memory_report.write_markdown(rows, str(md), "python -m experiments.memory --sizes=quickstart")
+  memory_report.plot(rows, str(png))
   text = md.read_text()
   assert "| quickstart | lost |" in text and "--sizes=quickstart" in text
   assert f"LOST total = {rows[1]['ratio']:.2f} x full-rank" in text
@@ -72,18 +72,18 @@ def test_tpu_target_traces_the_tpu_path():
   from lost_jax.training import steps  # pylint: disable=g-import-not-at-top
   texts = {}
   for platform in ("cpu", "tpu"):
-    cfg = memory.measurement_config("quickstart", "lost", microbatch=4, overrides=TINY)
+    cfg = step_memory.measurement_config("quickstart", "lost", microbatch=4, overrides=TINY)
     configs.resolve_perf(cfg.model, platform)
     setup = pretrain.make_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     step = steps.make_train_step(setup, cfg.train.microbatches)
-    texts[platform] = str(step.trace(*memory.abstract_inputs(setup, cfg)).jaxpr)
+    texts[platform] = str(step.trace(*step_memory.abstract_inputs(setup, cfg)).jaxpr)
   assert "optimization_barrier" in texts["cpu"] and "pallas_call" not in texts["cpu"]
   assert "optimization_barrier" not in texts["tpu"] and "pallas_call" in texts["tpu"]
 
 
 def test_bad_microbatch_is_rejected():
   with pytest.raises(ValueError, match="does not divide"):
-    memory.measurement_config("quickstart", "lost", microbatch=5, overrides=TINY)
+    step_memory.measurement_config("quickstart", "lost", microbatch=5, overrides=TINY)
 
 
 def test_target_lines_read_micro_batches_and_remat():
@@ -92,7 +92,7 @@ def test_target_lines_read_micro_batches_and_remat():
   rows = [row("llama_1b", 8, 0.60), row("llama_7b", 4, 0.51)]
   swept = [row("llama_1b", 1, 0.50), row("llama_1b", 16, 0.70)]
   remat = [row("llama_1b", 8, 0.53, remat=True), row("llama_1b", 1, 0.40, remat=True)]
-  one_b, seven_b = memory.target_lines(rows, swept, 0.55, remat_rows=remat)
+  one_b, seven_b = memory_report.target_lines(rows, swept, 0.55, remat_rows=remat)
   assert one_b.startswith("llama_1b: target LOST <= 0.55 x full-rank not met at the default "
                           "micro-batch 8 (0.60 x)")
   assert "by micro-batch 1: 0.50, 8: 0.60, 16: 0.70 -> met up to micro-batch 1" in one_b
@@ -105,8 +105,8 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
   rows8 = memory.run(["quickstart"], ["full_rank"], microbatch=4, overrides=TINY,
                      eight_bit=True, log=lambda _: None)
   r = rows8[0]
-  cfg = memory.measurement_config("quickstart", "full_rank", microbatch=4, overrides=TINY,
-                                  eight_bit=True)
+  cfg = step_memory.measurement_config("quickstart", "full_rank", microbatch=4,
+                                       overrides=TINY, eight_bit=True)
   assert r["optimizer"] == cfg.train.optimizer == "adamw8bit"
   # Beyond the accounting: float32 scalars only (step counters, the unused scale of each
   # unquantised moment: 5 norm scales x 2 moments).
@@ -115,7 +115,7 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
                       log=lambda _: None)
   assert r["opt_state_bytes"] < 0.5 * rows32[0]["opt_state_bytes"]
   path = tmp_path / "low_bit.md"
-  memory.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
+  memory_report.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
   text = path.read_text()
   assert "adamw8bit" in text and "Command: `cmd`" in text
 
@@ -123,10 +123,10 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
 def test_loop_table_pairs_the_two_layer_loops():
   row = lambda method, loop, total: dict(size="llama_1b", method=method, microbatch=8,
                                          remat=False, perf=dict(layer_loop=loop),
-                                         argument=2 * memory.GIB, temp=total * memory.GIB,
-                                         total=total * memory.GIB, compile_s=12.0)
-  table = memory.loop_table([row("lost", "unrolled", 10), row("full_rank", "unrolled", 20),
-                             row("lost", "scan", 12)])
+                                         argument=2 * compiled.GIB, temp=total * compiled.GIB,
+                                         total=total * compiled.GIB, compile_s=12.0)
+  table = memory_report.loop_table([row("lost", "unrolled", 10),
+                                    row("full_rank", "unrolled", 20), row("lost", "scan", 12)])
   lines = table.splitlines()
   assert len(lines) == 4           # header, rule, and lost's pair only (full_rank is unpaired)
   assert lines[2] == "| llama_1b | lost | 8 | no | unrolled | 2.00 | 10.00 | **10.00** | 1.00 | 12 |"
@@ -134,11 +134,11 @@ def test_loop_table_pairs_the_two_layer_loops():
 
 
 def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
-  devices = memory.target_devices("cpu")
+  devices = compiled.target_devices("cpu")
   rows = []
   for quantize in ("none", "nf4"):
-    cfg = memory.finetune_memory_config("quickstart", quantize)
-    rows.append(memory.measure_finetune(cfg, devices))
+    cfg = step_memory.finetune_memory_config("quickstart", quantize)
+    rows.append(step_memory.measure_finetune(cfg, devices))
   bf16, nf4 = rows
   assert nf4["base_estimate"] < bf16["base_estimate"]
   # The frozen arguments differ by exactly what the accounting says NF4 saves (estimators
@@ -147,7 +147,7 @@ def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
           == bf16["base_estimate"] - nf4["base_estimate"])
   assert nf4["sum"] < bf16["sum"]
   path = tmp_path / "low_bit.md"
-  memory.write_low_bit_markdown(str(path), "cmd", [], [], rows)
+  memory_report.write_low_bit_markdown(str(path), "cmd", [], [], rows)
   text = path.read_text()
   assert "| quickstart | nf4 |" in text and f"**{nf4['sum'] / bf16['sum']:.2f}** |" in text
   assert f"({nf4['sum'] / bf16['sum']:.2f} x)" in text
@@ -168,7 +168,7 @@ def test_fused_loss_never_holds_the_whole_logits(tmp_path):
   assert plain["argument"] == fused["argument"]
   assert plain["temp"] - fused["temp"] >= logits, (plain["temp"], fused["temp"])
   path = tmp_path / "loss.md"
-  memory.write_loss_markdown(str(path), "python -m experiments.memory --loss_md=x", rows)
+  memory_report.write_loss_markdown(str(path), "python -m experiments.memory --loss_md=x", rows)
   text = path.read_text()
   assert "--loss_md=x" in text and "fused, chunks of 32 positions x 4 rows" in text
   assert f"**{fused['total'] / plain['total']:.2f}**" in text

@@ -1,4 +1,4 @@
-"""experiments/throughput.py: MFU / speedup arithmetic, and a tiny end-to-end smoke run."""
+"""experiments/throughput.py: speedup arithmetic and a tiny end-to-end run (MFU: test_measure)."""
 
 import json
 import os
@@ -16,17 +16,6 @@ from lost_jax.ops import matmul as matmul_lib
 TINY = {"model.vocab_size": 128, "model.d_model": 32, "model.ffn_dim": 64,
         "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,
         "model.linear.rank": 4}
-
-
-def test_mfu_and_step_stats():
-  # 1000 tokens in a median step of 0.5 s at 1e6 FLOPs/token against a 4e9 FLOP/s peak.
-  stats = tp.step_stats([0.7, 0.5, 0.4], tokens_per_step=1000, flops_per_token=1e6,
-                        peak_flops=4e9)
-  assert stats["step_s"] == 0.5
-  assert stats["tokens_per_s"] == pytest.approx(2000.0)
-  assert stats["flops_per_s"] == pytest.approx(2e9)
-  assert stats["mfu"] == pytest.approx(0.5)
-  assert tp.mfu(2000.0, 1e6, 4e9) == pytest.approx(0.5)
 
 
 def test_speedup_predicted_realised_fraction():
@@ -122,11 +111,11 @@ def test_tiny_run_end_to_end(tmp_path):
   assert "| float32 | lost | " in text.split("lost_jax vs PyTorch")[1]
   assert "lost_jax lost float32 at least as fast as PyTorch" in text
   # Files, and a re-render from the saved JSON alone gives the same report.
-  result.update(command="python experiments/throughput.py --tiny", notes="a note")
+  result.update(command="python -m experiments.throughput --tiny", notes="a note")
   md, js, png = (str(tmp_path / n) for n in ("t.md", "t.json", "plots/t.png"))
   text = tp.write_outputs(result, md, js, png)
   assert os.path.getsize(png) > 0 and "![tokens/s per method and precision](plots/t.png)" in text
-  assert "Command: `python experiments/throughput.py --tiny`" in text and "a note" in text
+  assert "Command: `python -m experiments.throughput --tiny`" in text and "a note" in text
   with open(js) as fh:
     again = tp.write_outputs(json.load(fh), str(tmp_path / "again.md"), out_png=png)
   assert again == text

@@ -30,7 +30,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 PRE_TOKENIZERS = ("smollm", "gpt2", "default", "llama-bpe", "llama3", "llama-v3")
 
 
-def _reader(path: str):
+def open_reader(path: str):
+  """The GGUF file at path, opened for reading; a UserError names a file that is not GGUF."""
   import gguf  # pylint: disable=g-import-not-at-top
   try:
     return gguf.GGUFReader(path)
@@ -122,7 +123,7 @@ def _dequantize(tensor) -> np.ndarray:
 def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
                     mesh: jax.sharding.Mesh | None = None) -> Llama:
   """A dense lost_jax Llama holding a LLaMA-architecture GGUF model (any gguf quant type)."""
-  reader = _reader(path)
+  reader = open_reader(path)
   meta = {k: v for k, v in metadata(reader).items() if not k.startswith("tokenizer.")}
   meta["tokenizer.ggml.tokens"] = reader.fields["tokenizer.ggml.tokens"].data
   cfg = model_config(meta, path)
@@ -149,7 +150,7 @@ def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "fl
       x = unpermute_qk(x, cfg.n_heads)
     elif name.endswith("attn_k.weight"):
       x = unpermute_qk(x, cfg.n_kv_heads)
-    var = hf_lib._get(model, attr)
+    var = hf_lib.get_path(model, attr)
     want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
     if x.shape != want:
       raise UserError(f"config.init.path={path!r}: tensor {name!r} is {x.shape} but the "
@@ -200,10 +201,10 @@ def tokenizer_json(meta: dict, path: str = "") -> str:
 
 def tokenizer_metadata(path: str) -> dict:
   """The `tokenizer.*` metadata of a GGUF file as Python values."""
-  return {k: v for k, v in metadata(_reader(path)).items() if k.startswith("tokenizer.")}
+  return {k: v for k, v in metadata(open_reader(path)).items() if k.startswith("tokenizer.")}
 
 
 def chat_template(path: str) -> str:
   """The Jinja chat template in the metadata ('' if none)."""
-  field = _reader(path).fields.get("tokenizer.chat_template")
+  field = open_reader(path).fields.get("tokenizer.chat_template")
   return "" if field is None else field.contents()

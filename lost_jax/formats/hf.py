@@ -60,7 +60,8 @@ def linear_paths(n_layers: int) -> list[tuple[str | int, ...]]:
           + [("layers", i, "mlp", name) for i in range(n_layers) for name in _MLP])
 
 
-def _get(module: Any, path: tuple[str | int, ...]) -> Any:
+def get_path(module: Any, path: tuple[str | int, ...]) -> Any:
+  """The submodule or variable of module at path (attribute names and list indices)."""
   for p in path:
     module = module[p] if isinstance(p, int) else getattr(module, p)
   return module
@@ -240,7 +241,7 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
     with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
       for name in file_names:
         attr, transpose = names[name]
-        var = _get(model, attr)
+        var = get_path(model, attr)
         want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
         got = f.get_slice(name)
         if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
@@ -329,7 +330,7 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
 def densify(model: Llama) -> Llama:
   """Replace every projection by the DenseLinear with its exact kernel, in place; returns model."""
   for path in linear_paths(model.cfg.n_layers):
-    layer = _get(model, path)
+    layer = get_path(model, path)
     if isinstance(layer, layers_lib.DenseLinear):
       continue
     try:
@@ -342,7 +343,7 @@ def densify(model: Llama) -> Llama:
         layer.in_features, layer.out_features, dtype=layer.dtype, param_dtype=param_dtype,
         axes=axes, backward=layer.backward, rngs=nnx.Rngs(0)))
     dense.kernel.set_value(kernel.astype(param_dtype))
-    setattr(_get(model, path[:-1]), path[-1], dense)
+    setattr(get_path(model, path[:-1]), path[-1], dense)
   cfg = model.cfg.copy_and_resolve_references()
   cfg.linear.kind = "dense"
   model.cfg = cfg
@@ -359,7 +360,7 @@ def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
     raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES.values())}.")
   cfg = model.cfg
   for p in linear_paths(cfg.n_layers):
-    layer = _get(model, p)
+    layer = get_path(model, p)
     if not isinstance(layer, layers_lib.DenseLinear):
       raise ValueError(f"{_path_str(p)} is a {type(layer).__name__}; a HF LLaMA stores dense "
                        "weights. Fix: call lost_jax.hf.densify(model) first (exact only for "
@@ -372,7 +373,7 @@ def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
                        "merge adapters into the base kernels (or drop them) before export.")
   tensors = {}
   for name, (attr, transpose) in names.items():
-    x = np.asarray(jax.device_get(_get(model, attr)[...].astype(dtype)))
+    x = np.asarray(jax.device_get(get_path(model, attr)[...].astype(dtype)))
     tensors[name] = np.ascontiguousarray(x.T if transpose else x)
   config = hf_config(cfg, dtype, config_overrides)
   os.makedirs(path, exist_ok=True)

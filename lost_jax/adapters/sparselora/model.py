@@ -47,7 +47,8 @@ from lost_jax.adapters.sparselora.select import (column_norms, ffn_scores, keep_
                                                  select_attention)
 
 
-def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+def ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+  """int32 [k] kept FFN channels of one layer, scored by mode (svd, oracle or random)."""
   f = mlp.gate.out_features
   k = keep_count(f, sparsity)
   x = jax.lax.stop_gradient(x_BxLxD)
@@ -59,7 +60,8 @@ def _ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
   return top_k_indices(column_norms(act, mask_BxL), k)
 
 
-def _attn_indices(attn, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+def attn_indices(attn, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
+  """AttnIndices kept by one attention layer, scored by mode (svd, oracle or random)."""
   x = jax.lax.stop_gradient(x_BxLxD)
   if mode == "random":
     c = attn.k.out_features
@@ -98,7 +100,7 @@ class LayerChannels:
       return dense_projection
     est = (_layer_est(self.estimators, self.layer, ("q", "k", "v"))
            if self.plan.mode == "svd" else None)
-    idx = _attn_indices(attn, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
+    idx = attn_indices(attn, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
                         est, self.plan.attn[self.layer], self.plan.mode)
     self.indices["attn"] = idx
     return functools.partial(restricted_projection, idx=idx, n_sparse=self.n_sparse,
@@ -109,7 +111,7 @@ class LayerChannels:
       return mlp(h_BxLxD)
     est = (_layer_est(self.estimators, self.layer, ("gate", "up"))
            if self.plan.mode == "svd" else None)
-    idx = _ffn_indices(mlp, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
+    idx = ffn_indices(mlp, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
                        est, self.plan.ffn[self.layer], self.plan.mode)
     self.indices["ffn"] = idx
     return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how)
