@@ -28,7 +28,7 @@ from experiments import bench_sparselora_report as bench_report
 from experiments import common
 from experiments import throughput
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.measure import flops as flops_lib
 from lost_jax.adapters.sparselora import plan as sl_plan
 

@@ -5,7 +5,7 @@ q, k, v, o with the base frozen; each step is forward + backward + AdamW on the 
 parameters only. Synthetic batches of sequence / output length 512 / 128 (Math), batch 1,
 sparsity on from step 0 at the LLaMA3-8B Math config (FFN 0.99 on layers 3-30, attention 0.75
 on 14-19, 21-23, 25-29). Both variants are the library's own fine-tuning step, the one
-`python -m lost_jax.main finetune` runs (`train.make_train_step` on `finetune.lora_setup` of a
+`python -m lost_jax.main finetune` runs (`steps.make_train_step` on `finetune.make_setup` of a
 `sparselora.SparseLoRALlama`, with `sparselora.step_lengths`): LoRA is that step with every
 token dense. They live in one process, share the frozen weights, and alternate step by step
 (ABBA order) after a warm-up, so load from other processes hits both alike. Also reported:
@@ -39,7 +39,8 @@ from lost_jax import configs
 from lost_jax.measure import flops
 from lost_jax.recipes import finetune
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
+from lost_jax.training import state as train_state
+from lost_jax.training import steps as train_steps
 from lost_jax.training import xla_setup
 from lost_jax.models import llama as model_lib
 from lost_jax.adapters.sparselora import model as sl
@@ -251,8 +252,8 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *,
   module = sl.SparseLoRALlama(model, est, plan)
   run_cfg = finetune_run_config(cfg, lora_rank, lora_alpha, seed)
   mesh = sharding.make_mesh(run_cfg.mesh, jax.devices()[:1])
-  setup, params, rest = finetune.lora_setup(module, run_cfg, mesh)
-  step = train.make_train_step(setup, run_cfg.train.microbatches)
+  setup = finetune.make_setup(run_cfg, module, plan, mesh)
+  step = train_steps.make_train_step(setup, run_cfg.train.microbatches)
   # The finetune loop's host-side lengths; LoRA = the same step with every token dense.
   sparse_len = sl_plan.step_lengths(np.asarray(data["weights"]), bucket, sparse=True)
   if full_logits:
@@ -260,8 +261,10 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *,
   lengths = {"lora": sparse_len._replace(dense_len=seq_len), "sparselora": sparse_len}
   dense_len, head_from = sparse_len.dense_len, seq_len - sparse_len.logits_len
   n_ctx = seq_len - dense_len
-  state = {name: setup.init_fn(jax.tree.map(jnp.copy, params)) for name in lengths}
-  data = train.to_global(data, mesh)
+  state0, rest = setup.init(jax.random.key(run_cfg.seed))
+  state = {name: jax.tree.map(jnp.copy, state0) for name in lengths}   # each step donates its own
+  del state0
+  data = train_state.to_global(data, mesh)
   select = make_selection(cfg, plan)
   sel_inputs = selection_inputs(plan, est, *layer_inputs(model, data["inputs"]), n_ctx)
   del model, module

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import ml_collections
 
 from experiments import common, runs
-from lost_jax.training import trainer as train
+from lost_jax import configs
 
 LR_BASE = 1e-2          # ladder: lr_i = LR_BASE * 2**i (contains GaLore's published 0.01)
 MAX_EXTENSIONS = 3      # grid points added past an edge before the sweep gives up
@@ -119,8 +119,8 @@ def protocol_config(proto: Protocol, method: str, fields: dict, *, lr: float, se
   cfg.update_from_flattened_dict(fields)
   cfg.name = f"{proto.label},{name}"
   check = ml_collections.ConfigDict(cfg.to_dict())
-  train.apply_precision(check)
-  train.validate(check)
+  configs.apply_precision(check)
+  configs.validate_pretrain(check)
   return cfg
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import ml_collections
 
 from experiments import common, runs
-from lost_jax.training import trainer as train
+from lost_jax.recipes import pretrain
 from experiments import compare_protocol as cp
 
 
@@ -280,7 +280,7 @@ def write_report(proto: cp.Protocol, get: cp.Lookup, *, name: str, out_dir: str,
       f"only under the same version): `{json.dumps(version, sort_keys=True)}`.\n",
       "## Protocol\n",
       f"- Same for every method: {shared_setup(first)}",
-      f"- Validation: the first {train.eval_batch_count(first)} batches of {first.train.batch_size}"
+      f"- Validation: the first {pretrain.eval_batch_count(first)} batches of {first.train.batch_size}"
       f" x {first.data.seq_len} positions of the held-out split "
       f"(data.eval_fraction {first.data.eval_fraction:g} of the stdlib documents, chosen by a "
       "hash of their id), identical batches for every method; the tokenizer was trained "

@@ -28,7 +28,7 @@ import jax
 from experiments import common
 from experiments import memory_report as report
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.measure import compiled
 from lost_jax.measure import step_memory
 from lost_jax.measure.compiled import GIB

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ml_collections
 
 from lost_jax import errors
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.training import metrics
 from lost_jax.recipes import pretrain
 

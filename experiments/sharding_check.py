@@ -26,7 +26,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from lost_jax.measure import compiled as compiled_lib  # pylint: disable=g-import-not-at-top
 from lost_jax.measure import step_memory  # pylint: disable=g-import-not-at-top
 from lost_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
+from lost_jax.recipes import pretrain  # pylint: disable=g-import-not-at-top
 
 GIB = compiled_lib.GIB
 MESHES = {"1 device": None, "data=8": (8, 1, 1), "fsdp=8": (1, 8, 1)}
@@ -41,7 +41,7 @@ def measure(size: str, method: str, mesh_name: str, *, microbatches: int,
   devices = jax.devices()[:1] if shape is None else jax.devices()[:8]
   if shape is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
-  setup = train.make_setup(cfg, sharding.make_mesh(cfg.mesh, devices))
+  setup = pretrain.make_setup(cfg, sharding.make_mesh(cfg.mesh, devices))
   _, compiled = step_memory.compile_step(setup, cfg, step_memory.abstract_inputs(setup, cfg))
   stats = compiled_lib.memory_bytes(compiled)
   hlo = compiled.as_text()

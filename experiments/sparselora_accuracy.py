@@ -153,7 +153,7 @@ def overlap(cfg, workdir: str, n_batches: int = 2) -> dict:
     with open(path) as f:
       return json.load(f)
   from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  module, plan = finetune.sparse_model(cfg, workdir)
+  module, plan, _ = finetune.adapted_model(cfg, workdir)
   tok = tokenizer.from_path(cfg.init.path)
   batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[:n_batches]
   est = jax.tree.map(lambda v: v[...], module.estimators,

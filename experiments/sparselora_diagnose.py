@@ -204,17 +204,20 @@ def layer_table(model, est, plan, batch: dict, recs: list[Recorder], n_sparse: i
   return rows
 
 
-def with_adapters(cfg, module, workdir: str):
-  """`module` (a SparseLoRALlama) with the LoRA parameters of the newest checkpoint in
-  `workdir` (a finished fine-tune of the same config); workdir is only read."""
+def with_adapters(run_cfg, module, plan, workdir: str):
+  """`module` (a SparseLoRALlama of `run_cfg`, the run config `finetune.adapted_model`
+  returned, and `plan`) with the LoRA parameters of the newest checkpoint in `workdir` (a
+  finished fine-tune of the same config); workdir is only read."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from lost_jax.training import checkpoint
   from lost_jax.recipes import finetune
   from lost_jax.data import instruct
   from lost_jax.data import tokenizer
-  from lost_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
-  run_cfg, mesh = train.start_run(cfg)
-  setup, params, rest = finetune.lora_setup(module, run_cfg, mesh)
+  from lost_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  setup = finetune.make_setup(run_cfg, module, plan, runtime.make_mesh(run_cfg))
+  _, rest = setup.init(jax.random.key(run_cfg.seed))
+  cfg = run_cfg
   ckpt = checkpoint.Checkpointer(workdir, every=run_cfg.train.ckpt_every,
                                  keep=run_cfg.train.keep_checkpoints)
   tok = tokenizer.from_path(cfg.init.path)
@@ -226,7 +229,6 @@ def with_adapters(cfg, module, workdir: str):
   if found is None:
     raise ValueError(f"--lora_workdir={workdir} has no checkpoint. Fix: a finished run's "
                      "workdir (a copy: nothing is written there).")
-  del params
   return nnx.merge(setup.graphdef, found[1]["params"], rest), found[0]
 
 
@@ -281,9 +283,9 @@ def main(argv, flags):
   import jax  # pylint: disable=g-import-not-at-top
   cfg = flags.config.copy_and_resolve_references()
   cfg.sparse.enabled = True
-  module, plan = finetune.sparse_model(cfg, None)
+  module, plan, run_cfg = finetune.adapted_model(cfg, None)
   if flags.lora_workdir:
-    module, step = with_adapters(cfg, module, flags.lora_workdir)
+    module, step = with_adapters(run_cfg, module, plan, flags.lora_workdir)
     print(f"LoRA adapters of {flags.lora_workdir} (step {step})", flush=True)
   model = module.model
   est = jax.tree.map(lambda v: v[...], module.estimators,

@@ -6,7 +6,7 @@
 
 In one process: (1) the device's own matmul peak, measured with a large jitted matmul in each
 run's compute dtype (float32; bf16 inputs with float32 accumulation for `mixed`, which is how
-the projections compute); (2) the real train step (`lost_jax.train.make_train_step`: forward,
+the projections compute); (2) the real train step (`lost_jax.training.steps.make_train_step`: forward,
 backward, clipping, AdamW) of full-rank and each low-rank method at the same model dims, on a
 fixed synthetic batch of `--batch` sequences of `--seq_len` tokens. Variants are interleaved
 round by round and medians reported, so a change in background load hits every variant alike.
@@ -33,10 +33,12 @@ import numpy as np
 
 from experiments import common
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.measure import flops as flops_lib
 from lost_jax.measure import timing
-from lost_jax.training import trainer as train
+from lost_jax.recipes import pretrain
+from lost_jax.training import runtime, steps
+from lost_jax.training import state as train_state
 from lost_jax.training import xla_setup
 
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain")
@@ -75,8 +77,8 @@ def bench_config(size: str, method: str, precision: str, batch: int, seq_len: in
   cfg = common.method_config(size, method, over)
   cfg.name = f"{size},{method}"
   check = ml_collections.ConfigDict(cfg.to_dict())
-  train.apply_precision(check)
-  train.validate(check)
+  configs.apply_precision(check)
+  configs.validate_pretrain(check)
   return cfg
 
 
@@ -95,12 +97,12 @@ class StepRunner:
   """A compiled train step with its own state and a fixed batch; `run(n)` times n steps."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, seed: int = 0):
-    cfg, mesh = train.start_run(cfg)
+    cfg, mesh = runtime.start(cfg, "pretrain")
     self.cfg = cfg
-    setup = train.make_setup(cfg, mesh)
-    self.step = train.make_train_step(setup, 1)
-    self.state, self.rest = setup.init_fn(jax.random.key(seed))
-    self.batch = train.to_global(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
+    setup = pretrain.make_setup(cfg, mesh)
+    self.step = steps.make_train_step(setup, 1)
+    self.state, self.rest = setup.init(jax.random.key(seed))
+    self.batch = train_state.to_global(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
                                                  cfg.model.vocab_size, seed), mesh)
     self.loss = float("nan")
     t0 = time.perf_counter()

@@ -245,7 +245,7 @@ def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top
   from lost_jax import configs  # pylint: disable=g-import-not-at-top
-  from lost_jax.measure import accounting  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import accounting  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("size", "llama_60m", "Size preset.")
   flags.DEFINE_string("method", "full_rank", "full_rank | lost")
   flags.DEFINE_string("precision", "float32", "float32 | mixed")

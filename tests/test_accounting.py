@@ -12,7 +12,7 @@ from flax import nnx
 
 from helpers import tiny_model_config
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.training import optim
 from lost_jax.layers.linear import StaticIndices
 from lost_jax.models.llama import Llama
@@ -231,7 +231,7 @@ def test_import_defines_no_flags():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "lost_jax.measure.accounting", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "lost_jax.training.accounting", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120, check=True).stdout
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from lost_jax import configs
 from lost_jax.adapters.sparselora import plan as sl_plan
-from lost_jax.measure import accounting, compiled, flops, step_memory, timing
+from lost_jax.training import accounting
+from lost_jax.measure import compiled, flops, step_memory, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

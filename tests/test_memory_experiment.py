@@ -3,7 +3,8 @@
 import pytest
 
 from experiments import memory, memory_report
-from lost_jax.measure import accounting, compiled, step_memory
+from lost_jax.training import accounting
+from lost_jax.measure import compiled, step_memory
 
 # A 2-layer model with a large vocab, so LOST's smaller projections show in the arguments.
 TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.ffn_dim": 192,

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import throughput as tp
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.ops import matmul as matmul_lib
 
 TINY = {"model.vocab_size": 128, "model.d_model": 32, "model.ffn_dim": 64,

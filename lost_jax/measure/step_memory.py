@@ -1,6 +1,6 @@
 """Memory of one training step, compiled ahead of time for one device (XLA memory_analysis).
 
-The real train step (`training.trainer.make_train_step`) is lowered on abstract inputs
+The real train step (`training.steps.make_train_step` of a recipe's setup) is lowered on abstract inputs
 (`jax.ShapeDtypeStruct`s carrying the step's shardings) and compiled: no parameter is ever
 allocated, so a 7B step compiles on a small machine. `measure` returns XLA's buffer bytes
 beside what the arguments hold, counted exactly from the abstract inputs.
@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from lost_jax import configs
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.measure import compiled as compiled_lib
+from lost_jax.data.batch import KEYS as BATCH_KEYS
 from lost_jax.parallel import sharding
-from lost_jax.training import trainer as train
+from lost_jax.recipes import finetune, pretrain
+from lost_jax.training import steps
+from lost_jax.training.state import Setup
 
 # Per-device micro-batch (sequences of 256 tokens) per size. The global batch stays the
 # paper's 512 sequences, reached by gradient accumulation over 512 / micro-batch passes.
@@ -45,12 +48,12 @@ def measurement_config(size: str, method: str, *, precision: str = "mixed",
     raise ValueError(f"micro-batch {micro} does not divide the global batch "
                      f"{cfg.train.batch_size}. Fix: pick a divisor, e.g. 8, 16 or 32.")
   cfg.train.microbatches = cfg.train.batch_size // micro
-  train.apply_precision(cfg)
-  train.validate(cfg)
+  configs.apply_precision(cfg)
+  configs.validate_pretrain(cfg)
   return cfg
 
 
-def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict, abstract_rest=None):
+def abstract_inputs(setup: Setup, cfg: ml_collections.ConfigDict, abstract_rest=None):
   """(state, rest, batch) as ShapeDtypeStructs carrying the step's input shardings."""
   def with_shardings(tree, shardings):
     # shardings may be a prefix of tree: one sharding for all leaves of an NF4 kernel.
@@ -62,18 +65,18 @@ def abstract_inputs(setup: train.Setup, cfg: ml_collections.ConfigDict, abstract
   shape_BxL = (cfg.train.batch_size, cfg.data.seq_len)
   batch_sharding = sharding.batch_sharding(setup.mesh)
   batch = {k: jax.ShapeDtypeStruct(shape_BxL, jnp.float32 if k == "weights" else jnp.int32,
-                                   sharding=batch_sharding) for k in train.BATCH_KEYS}
+                                   sharding=batch_sharding) for k in BATCH_KEYS}
   return state, rest, batch
 
 
-def compile_step(setup: train.Setup, cfg: ml_collections.ConfigDict, inputs: tuple, *static):
+def compile_step(setup: Setup, cfg: ml_collections.ConfigDict, inputs: tuple, *static):
   """(lowered, compiled) train step of cfg on abstract (state, rest, batch) [+ static args]."""
-  step = train.make_train_step(setup, cfg.train.microbatches)
+  step = steps.make_train_step(setup, cfg.train.microbatches)
   lowered = step.lower(*inputs, *static)
   return lowered, lowered.compile()
 
 
-def compiled_memory(setup: train.Setup, cfg: ml_collections.ConfigDict, inputs: tuple,
+def compiled_memory(setup: Setup, cfg: ml_collections.ConfigDict, inputs: tuple,
                     t0: float, *static) -> dict:
   """Compile the train step on abstract (state, rest, batch) [+ static args]: XLA's bytes."""
   state, rest, batch = inputs
@@ -97,7 +100,7 @@ def measure(cfg: ml_collections.ConfigDict, devices: list) -> dict:
   """Compile cfg's train step for `devices` and return XLA's memory numbers (bytes)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   t0 = time.time()
-  setup = train.make_setup(cfg, mesh)
+  setup = pretrain.make_setup(cfg, mesh)
   return compiled_memory(setup, cfg, abstract_inputs(setup, cfg), t0)
 
 
@@ -114,17 +117,13 @@ def finetune_memory_config(preset: str, quantize: str, seqs_per_pass: int = 1
 
 def measure_finetune(cfg: ml_collections.ConfigDict, devices: list) -> dict:
   """Compile cfg's SparseLoRA train step (dense suffix = the answer part) from abstract state."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(cfg.mesh, devices)
   t0 = time.time()
-  configs.resolve_perf(cfg.model, devices[0].platform)
-  module = nnx.eval_shape(lambda: finetune.sparse_model(cfg, None)[0])
-  setup, _, abstract_rest = finetune.abstract_lora_setup(module, cfg, mesh)
-  inputs = abstract_inputs(setup, cfg, abstract_rest)
+  setup, cfg = finetune.abstract_setup(cfg, mesh, devices[0].platform)
+  inputs = abstract_inputs(setup, cfg)
   dense_len = cfg.data.seq_len - cfg.data.max_prompt_len
   out = compiled_memory(setup, cfg, inputs, t0, dense_len)
-  param_dtype = train.PRECISIONS[cfg.train.precision][1]   # the frozen base's dtype
+  param_dtype = configs.PRECISIONS[cfg.train.precision][1]   # the frozen base's dtype
   out["base_estimate"] = accounting.base_weight_bytes(cfg.model, cfg.init.quantize,
                                                       jnp.dtype(param_dtype).itemsize)
   out.update(preset=cfg.name, quantize=cfg.init.quantize, dense_len=dense_len,

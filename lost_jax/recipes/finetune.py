@@ -26,7 +26,7 @@ from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora.model import SparseLoRALlama
 from lost_jax.data import instruct, tokenizer
 from lost_jax.errors import UserError
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.models.generate import greedy_generate
 from lost_jax.parallel import distributed
 from lost_jax.recipes.base import load_base, tokenizer_path
@@ -127,6 +127,22 @@ def make_setup(cfg: ml_collections.FrozenConfigDict, module: SparseLoRALlama,
   r = recipe(cfg, module, plan)
   return make_state_setup(r.model, r.loss, cfg.train, mesh, trainable=r.trainable,
                           moment_dtype=jnp.dtype(cfg.model.param_dtype))
+
+
+def abstract_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   platform: str | None = None
+                   ) -> tuple[Setup, ml_collections.FrozenConfigDict]:
+  """(setup, run config) of the fine-tune on an abstract base (nnx.eval_shape: no weight is
+  read or allocated), for compiling its step ahead of time for `platform`'s devices."""
+  cfg = configs.resolve(cfg, "finetune", platform)
+  built = {}
+
+  def build():
+    module, built["plan"], built["cfg"] = adapted_model(cfg, None)
+    return module
+
+  module = nnx.eval_shape(build)
+  return make_setup(built["cfg"], module, built["plan"], mesh), built["cfg"]
 
 
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,

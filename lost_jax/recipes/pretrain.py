@@ -10,7 +10,7 @@ import ml_collections
 
 from lost_jax.data import text as data
 from lost_jax.data import tokenizer
-from lost_jax.measure import accounting
+from lost_jax.training import accounting
 from lost_jax.models.llama import Llama
 from lost_jax.recipes.lm import next_token_nll
 from lost_jax.training import checkpoint, runtime

@@ -1,6 +1,6 @@
 """Parameter, FLOP and training-memory accounting from configs alone (pure Python, no JAX).
 
-`python -m lost_jax.measure.accounting --config=configs/pretrain.py:llama_1b,lost [--compare]`
+`python -m lost_jax.training.accounting --config=configs/pretrain.py:llama_1b,lost [--compare]`
 prints a table; the functions below are what the trainer (MFU) and the tests use.
 
 Conventions, stated once:
