@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_finetune_config
 from lost_jax import configs
-from lost_jax.formats import base as base_lib
+from lost_jax.recipes import base as base_lib
 from lost_jax.recipes import finetune
 from lost_jax.training import metrics
 

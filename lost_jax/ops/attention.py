@@ -101,7 +101,12 @@ def splash_block(length: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(n_heads: int, length: int, interpret: bool):
-  """jax's TPU splash-attention kernel for a causal [n_heads, length, length] mask."""
+  """jax's TPU splash-attention kernel for a causal [n_heads, length, length] mask.
+
+  Built outside any trace (ensure_compile_time_eval): the kernel holds its mask's block
+  tables as arrays and is cached, so tables made inside one jit's trace would leak into the
+  next call (an UnexpectedTracerError whenever the first use was under jit).
+  """
   # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -110,8 +115,9 @@ def _splash_kernel(n_heads: int, length: int, interpret: bool):
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
   mask = sm.MultiHeadMask([sm.CausalMask((length, length))] * n_heads)
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
 
 
 def splash_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
