@@ -152,7 +152,7 @@ def test_lost_mix_and_its_gradient_match_numpy(activation, out_dtype):
   rank, gamma = 5, 0.7
   rng = np.random.default_rng(11)
   z, dh = rng.normal(scale=3.0, size=(2, 4, 8)), rng.normal(size=(2, 4, 8))
-  f = lambda z: lost_jax.layers.lost_mix(z, rank, gamma, activation, jnp.dtype(out_dtype))
+  f = lambda z: lost_jax.layers.lost.lost_mix(z, rank, gamma, activation, jnp.dtype(out_dtype))
   h = jax.jit(f)(jnp.asarray(z, jnp.float32))
   dz = jax.grad(lambda z: jnp.sum(f(z).astype(jnp.float32) * dh))(jnp.asarray(z, jnp.float32))
   assert h.dtype == jnp.dtype(out_dtype) and dz.dtype == jnp.float32
