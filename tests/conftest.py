@@ -2,7 +2,7 @@
 
 The suite runs under the XLA:CPU defaults the command line sets (lost_jax.training.xla_setup),
 so an in-process run computes what `python -m lost_jax.main` computes: the pinned quickstart
-losses in test_regression.py were measured through the command line.
+losses in test_pinned_loss.py were measured through the command line.
 """
 
 import shutil
