@@ -149,7 +149,7 @@ def rand(*shape, seed=0) -> np.ndarray:
 
 
 def fixed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
-  """One packed-free batch of random tokens: every position weighted, one segment a row."""
+  """One unpacked batch of random tokens: every position weighted, one segment a row."""
   rng = np.random.default_rng(seed)
   toks = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
   return dict(inputs=toks[:, :-1], targets=toks[:, 1:],

@@ -34,6 +34,7 @@ def test_sparselora_matches_dense_lora_eval_loss(pretrained_workdir, tmp_path):
   assert not os.path.exists(tmp_path / "d" / "estimators.npz")
 
 
+@pytest.mark.slow
 def test_finetune_resume_is_exact(pretrained_workdir, tmp_path):
   cfg = tiny_finetune_config(pretrained_workdir, steps=8)
   cfg.train.update(dict(ckpt_every=2, eval_every=8, accuracy_examples=0, log_every=1))
