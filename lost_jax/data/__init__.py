@@ -1,0 +1,2 @@
+"""Data: the batch layout, document sources, the pre-training text pipeline, tokenizers and the
+fine-tuning tasks."""

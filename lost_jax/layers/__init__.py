@@ -1,0 +1,1 @@
+"""Projection layers (dense, LOST, low-rank / CoLA, SLTrain) and the factory that picks one."""

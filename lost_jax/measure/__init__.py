@@ -1,2 +1,2 @@
-"""Measuring: closed-form counts (accounting), compiled programs (compiled, step_memory),
-FLOPs and MFU (flops), and step timing (timing)."""
+"""Measurements of a recipe's real step: memory and collectives of the compiled program
+(compiled, step_memory), FLOPs and MFU (flops), and interleaved step timing (timing)."""

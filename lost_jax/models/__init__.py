@@ -1,0 +1,1 @@
+"""The LLaMA decoder (one forward for training, decoding and SparseLoRA) and KV-cache decoding."""

@@ -1,0 +1,1 @@
+"""Devices: the sharding rule table, mesh and constraints; multi-process start-up."""

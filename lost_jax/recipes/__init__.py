@@ -1,0 +1,1 @@
+"""What the trainer trains: pre-training and LoRA / SparseLoRA fine-tuning."""
