@@ -1,6 +1,7 @@
 """experiments/accelerator_check.py: its --smoke mode end to end on CPU, and its refusals."""
 
 import os
+import pytest
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ def run_script(*args):
                         cwd=ROOT, env=env, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_part_and_writes_no_document():
   proc = run_script("--smoke")
   assert proc.returncode == 0, proc.stderr[-2000:]

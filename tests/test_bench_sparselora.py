@@ -1,6 +1,7 @@
 """experiments/bench_sparselora.py and its report: a tiny timed run (FLOPs: test_measure)."""
 
 import numpy as np
+import pytest
 
 from experiments import bench_sparselora as bench
 from experiments import bench_sparselora_report as bench_report
@@ -8,6 +9,7 @@ from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_and_reports():
   cfg = bench.bench_model_config(n_layers=2, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
                                  vocab_size=64)
@@ -26,6 +28,7 @@ def test_tiny_benchmark_runs_and_reports():
   assert f"{metrics['flop_ratio']:.2f}x" in text
 
 
+@pytest.mark.slow
 def test_dense_path_and_logits_from_match_the_model():
   # The benchmark's dense LoRA runs sparselora.forward with an all-dense plan and the LM head
   # on the loss suffix only: it must equal the model's own logits on those positions.

@@ -38,6 +38,7 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
       "model.linear.sparsity: checkpoint 0.01 vs run 0.02", f"seq_len: checkpoint {L} vs run {2 * L}"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_new_global_batch_and_accepts_a_new_step_count(pretrained_copy, capsys):
   workdir = pretrained_copy      # 60 steps of global batch 8
   bigger = base_pretrain_config()

@@ -115,6 +115,7 @@ def test_sources_hash_covers_package_and_runner(tmp_path):
   assert set(runs.code_version()) >= {"sources", "python", "jax", "flax", "optax"}
 
 
+@pytest.mark.slow
 def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
   cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   kw = dict(results_dir=str(tmp_path / "res"))
@@ -132,6 +133,7 @@ def test_run_trains_once_and_again_under_other_code(tmp_path, monkeypatch):
   assert len(list((tmp_path / "res").glob("*.json"))) == 2
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_a_signal_is_no_result_and_resumes(tmp_path, monkeypatch):
   cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
   kw = dict(results_dir=str(tmp_path / "res"))
@@ -260,6 +262,7 @@ def test_report_spreads_and_ranking(tmp_path):
   assert (tmp_path / "r_6steps.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sweep_resumes_and_reports_pending(tmp_path):
   kw = dict(name="t", results_dir=str(tmp_path / "res"), workdir_root=str(tmp_path / "w"),
             out_dir=str(tmp_path / "out"), command="python -m experiments.compare_methods x",
@@ -300,6 +303,7 @@ def test_ablation_variants_change_only_their_fields():
                          version) == runs.result_key(control, version)
 
 
+@pytest.mark.slow
 def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
   out = ablate_lost.run(TINY_PROTO, ["lost", "gamma=0.5"], lr=3e-3, name="a", seeds=[0, 1],
                         results_dir=str(tmp_path / "res"), workdir_root=str(tmp_path / "w"),

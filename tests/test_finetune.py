@@ -126,6 +126,7 @@ def test_base_kind_detects_gguf():
   assert base_lib.base_kind(cfg) == "gguf"
 
 
+@pytest.mark.slow
 def test_zero_steps_evaluates_the_base_zero_shot(tmp_path):
   cfg = configs.finetune_config("quickstart")
   cfg.init.source = "random"

@@ -10,6 +10,7 @@ from lost_jax.models.generate import greedy_generate
 
 
 @pytest.mark.parametrize("kind", ["dense", "lost"])
+@pytest.mark.slow
 def test_cached_greedy_decoding_matches_uncached(kind):
   cfg = configs.model_config("quickstart")
   cfg.update(dict(dtype="float32", vocab_size=64, n_layers=2, n_kv_heads=2))

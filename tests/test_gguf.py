@@ -42,6 +42,7 @@ def models():
   return ours, ref, tok, torch
 
 
+@pytest.mark.slow
 def test_config_from_metadata(models):
   cfg = models[0].cfg
   assert (cfg.vocab_size, cfg.d_model, cfg.ffn_dim, cfg.n_layers) == (49152, 576, 1536, 30)
@@ -49,6 +50,7 @@ def test_config_from_metadata(models):
   assert cfg.norm_eps == pytest.approx(1e-5)
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_loading(models):
   ours, ref, tok, torch = models
   ids = np.array([tok.encode(TEXT)], np.int32)

@@ -233,6 +233,7 @@ def test_dense_kernel_matches_numpy_rederivation_and_forward():
 
 
 @pytest.mark.parametrize("kind", ["lost", "low_rank", "sltrain"])
+@pytest.mark.slow
 def test_densify_is_exact_for_linear_factorisations(kind):
   cfg = tiny_cfg(kind, activation="identity", sparsity=0.1, density=0.05)
   model = Llama(cfg, rngs=nnx.Rngs(6))

@@ -429,6 +429,7 @@ def test_random_factor_init_ablation_keeps_the_sparse_part():
 
 @pytest.mark.parametrize("variant", [dict(sparse_init="random_channels"),
                                      dict(factor_init="random")])
+@pytest.mark.slow
 def test_lost_variants_keep_every_other_initialisation(variant):
   """An ablation changes only its own choice: the models' key streams stay aligned, so every
   parameter the variant does not redefine starts identical to LOST's, in every layer."""

@@ -58,6 +58,7 @@ def test_apply_lora_targets_start_as_identity():
     apply_lora(model, ("q",), rngs=nnx.Rngs(0))           # already wrapped
 
 
+@pytest.mark.slow
 def test_only_lora_params_get_gradients_and_updates():
   model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))

@@ -141,6 +141,7 @@ def _tiny_cfg(precision: str, loss_chunk: int) -> ml_collections.ConfigDict:
 
 
 @pytest.mark.parametrize("precision,rtol", [("float32", 1e-5), ("mixed", 2e-2)])
+@pytest.mark.slow
 def test_train_loss_and_grads_equal_the_plain_loss(precision, rtol):
   from lost_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """experiments/low_bit.py: its pre-training and fine-tuning runs on a tiny model, a few steps."""
 
 import json
+import pytest
 import math
 
 from experiments import low_bit
@@ -18,6 +19,7 @@ TINY_FT = {"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 100,
            "sparse.attn": "0.5@1", "sparse.start_frac": 0.5}
 
 
+@pytest.mark.slow
 def test_low_bit_runs_report_and_reuse_cached_runs(tmp_path, monkeypatch):
   kw = dict(name="tiny_low_bit", workdir_root=str(tmp_path / "runs"), overrides=TINY,
             finetune_overrides=TINY_FT, out_dir=str(tmp_path / "docs"), command="python x",

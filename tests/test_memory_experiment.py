@@ -18,6 +18,7 @@ def rows():
                     log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_arguments_are_exactly_state_indices_and_batch(rows):
   for r in rows:
     cfg = step_memory.measurement_config("quickstart", r["method"], microbatch=4, overrides=TINY)
@@ -102,6 +103,7 @@ def test_target_lines_read_micro_batches_and_remat():
                      "micro-batch 4 (0.51 x)")
 
 
+@pytest.mark.slow
 def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
   rows8 = memory.run(["quickstart"], ["full_rank"], microbatch=4, overrides=TINY,
                      eight_bit=True, log=lambda _: None)
@@ -134,6 +136,7 @@ def test_loop_table_pairs_the_two_layer_loops():
   assert lines[3] == "| llama_1b | lost | 8 | no | scan | 2.00 | 12.00 | **12.00** | 1.20 | 12 |"
 
 
+@pytest.mark.slow
 def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
   devices = compiled.target_devices("cpu")
   rows = []
@@ -154,6 +157,7 @@ def test_nf4_base_rows_match_the_accounting_and_the_low_bit_page(tmp_path):
   assert f"({nf4['sum'] / bf16['sum']:.2f} x)" in text
 
 
+@pytest.mark.slow
 def test_fused_loss_never_holds_the_whole_logits(tmp_path):
   # One micro-batch of 4 x 128 tokens at vocab 8192: the plain loss keeps [512, 8192] float32
   # logits (16 MiB) and their gradient; the fused loss (chunks of 32 positions) keeps a

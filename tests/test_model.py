@@ -62,6 +62,7 @@ KERNELS = {
 
 @pytest.mark.parametrize("kind", sorted(KERNELS))
 @pytest.mark.parametrize("seg", [None, SEG])
+@pytest.mark.slow
 def test_attention_kernel_matches_numpy_and_blocked_gradients(kind, seg):
   q, k, v = qkv()
   s = None if seg is None else jnp.asarray(seg)
@@ -122,6 +123,7 @@ def test_batched_matmul_and_its_gradients_match_numpy(backward, dtype, transpose
   np.testing.assert_allclose(np.asarray(db, np.float64), want_db, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.slow
 def test_bf16_blocked_attention_matches_the_float32_one():
   q, k, v = (a.astype(jnp.bfloat16) for a in qkv(4))
   w = jax.random.normal(jax.random.key(5), (B, L, H, K))
@@ -175,6 +177,7 @@ def tiny_model(matmul_backward, attention, remat=False):
   return model_lib.Llama(cfg, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_model_options_give_the_same_logits_and_gradients():
   tokens = jax.random.randint(jax.random.key(1), (B, L), 0, 64)
   seg = jnp.asarray(SEG)
@@ -196,6 +199,7 @@ def test_model_options_give_the_same_logits_and_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_logits_from_equals_the_tail_of_all_logits():
   model = tiny_model("xla", "blocked")
   tokens = jax.random.randint(jax.random.key(2), (B, L), 0, 64)
@@ -206,6 +210,7 @@ def test_logits_from_equals_the_tail_of_all_logits():
 
 
 @pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.slow
 def test_last_block_runs_past_attention_on_the_logits_rows_only(remat, monkeypatch):
   # The last block's MLP sees only positions >= logits_from; logits and gradients equal
   # those of the full forward sliced afterwards.
@@ -295,6 +300,7 @@ def loss_and_grads(model, tokens, seg):
 
 
 @pytest.mark.parametrize("kind", configs.LINEAR_KINDS)
+@pytest.mark.slow
 def test_scanned_layers_match_the_unrolled_loop(kind):
   tokens = jax.random.randint(jax.random.key(3), (B, L), 0, 64)
   seg = jnp.asarray(SEG)
@@ -314,6 +320,7 @@ def test_scanned_layers_match_the_unrolled_loop(kind):
   assert not np.allclose(q[0], q[1]) and not np.allclose(q[1], q[2])
 
 
+@pytest.mark.slow
 def test_scanned_layers_decode_and_run_lora_like_the_unrolled_loop():
   prompts = jax.random.randint(jax.random.key(4), (B, 5), 1, 64)
   mask = jnp.asarray([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])

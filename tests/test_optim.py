@@ -71,6 +71,7 @@ def test_shared_lr_is_adamw_at_its_own_peak(shared_lr):
     np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_shared_lr_under_galore_scales_only_the_unprojected_parameters():
   cfg, params = _tiny("galore")
   g = jax.tree.map(lambda p: jnp.full(p.shape, 0.1, jnp.float32), params)
@@ -112,6 +113,7 @@ def test_clip_by_global_norm_matches_numpy_with_and_without_a_given_norm(scale):
 
 
 @pytest.mark.parametrize("method", ["lost", "galore"])
+@pytest.mark.slow
 def test_the_optimizer_given_the_grad_norm_updates_as_without_it(method):
   cfg, params = _tiny(method)
   cfg.train.clip_norm = 1.0

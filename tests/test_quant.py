@@ -55,6 +55,7 @@ def np_quantize(x, book, block):
 
 @pytest.mark.parametrize("shape", [(3, 700), (2, 3, 256), (1000,)])
 @pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.slow
 def test_blockwise_round_trip_against_numpy(shape, signed):
   rng = np.random.default_rng(0)
   # Heavy-tailed values spanning six decades, as Adam moments do.
@@ -128,6 +129,7 @@ def test_adam_8bit_matches_numpy_and_stays_near_32bit_adam():
 
 
 @pytest.mark.parametrize("chunk_values,shards", [(1500, 1), (1500, 2), (300, 3), (10**6, 1)])
+@pytest.mark.slow
 def test_adam_8bit_in_row_chunks_equals_whole_tensor_update(chunk_values, shards):
   """Chunked in-place requantisation (5-row chunks + a remainder, per shard group of rows)
   gives the same codes as updating the whole tensor at once, and updates and scales within
@@ -163,6 +165,7 @@ def test_leading_shards_counts_the_devices_of_axis_0():
 
 
 @pytest.mark.parametrize("method,optimizer", [("galore", "galore8bit")])   # adamw8bit: test_pipeline
+@pytest.mark.slow
 def test_8bit_optimizers_train(method, optimizer):
   cfg = train_step_config(method, vocab_size=512)     # embedding and head: 32768 values, quantised
   cfg.train.optimizer = optimizer
@@ -267,6 +270,7 @@ def _nf4_and_dequantised_twins(targets):
   return nf4, plain
 
 
+@pytest.mark.slow
 def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   B, L = 2, 10
   D, F = (getattr(adapter_model_config(), k) for k in ("d_model", "ffn_dim"))

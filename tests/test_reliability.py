@@ -86,6 +86,7 @@ def straight(tmp_path_factory):
 # ------------------------------------------------------------------------------ non-finite
 
 
+@pytest.mark.slow
 def test_non_finite_step_leaves_params_and_optimizer_state_exactly_unchanged():
   cfg = tiny_pretrain_config("full_rank", rank=0, seq_len=128, warmup_frac=0.0, steps=10,
                              model=dict(vocab_size=64, d_model=32, ffn_dim=64, n_layers=1,

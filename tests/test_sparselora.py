@@ -234,6 +234,7 @@ def test_gqa_mapping_differs_from_reference_arithmetic():
 
 
 @pytest.mark.parametrize("targets", [(), ("down",), ("gate", "up", "down")])
+@pytest.mark.slow
 def test_sparse_mlp_matches_masked_kernels(targets):
   model = lora_model(targets=targets, n_layers=1)
   mlp = model.layers[0].mlp
@@ -292,6 +293,7 @@ def sparse_attention(attn, x, idx, n_sparse, pos, seg, how):
 
 
 @pytest.mark.parametrize("g", [4, 2])
+@pytest.mark.slow
 def test_sparse_attention_matches_masked_kernels(g):
   model = lora_model(n_kv_heads=g, targets=("q", "v", "o"), n_layers=1)
   attn = model.layers[0].attn
@@ -335,6 +337,7 @@ def batch(seed=0, pad=(3, 0)):
           jnp.asarray(valid))
 
 
+@pytest.mark.slow
 def test_forward_dense_plan_equals_llama():
   model = lora_model()
   toks, pos, seg, _ = batch()
@@ -413,6 +416,7 @@ def test_forward_random_mode_ignores_the_data_scores_and_channel_overlap():
   assert sl_select.channel_overlap(rand, rand[::-1]) == 1.0
 
 
+@pytest.mark.slow
 def test_sparse_forward_grads_only_lora_and_no_full_base_matmul():
   model = lora_model()
   toks, pos, seg, _ = batch()

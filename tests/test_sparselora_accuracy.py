@@ -45,6 +45,7 @@ def tiny_config(steps: int = 2):
   return cfg
 
 
+@pytest.mark.slow
 def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_path,
                                                                            monkeypatch):
   monkeypatch.setattr(sparselora_accuracy, "flops_per_step", lambda cfg: {"total": 1.0})

@@ -107,6 +107,7 @@ def tiny_batch(b=2, length=12):
           "weights": w}
 
 
+@pytest.mark.slow
 def test_recorded_inputs_drift_and_layer_table_on_a_tiny_model():
   model, batch = tiny_model(), tiny_batch()
   plan = sl_plan.SparsityPlan.from_layers(3, ffn=0.5, ffn_layers="1-2", attn=0.5, attn_layers="2")

@@ -86,6 +86,7 @@ def test_mixed_matmul_gradients_are_float32_accumulated_and_close_to_float32(n, 
     assert np.abs(np.asarray(got16) - ref).max() > 1e-6 * scale   # really rounded to bf16
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path):
   fake_torch = lambda n: [0.5] * n    # a stand-in for torch_baseline.make_runner(cfg)
   result = tp.run("quickstart", ("full_rank", "lost"), ("float32",), batch=2, seq_len=16,

@@ -86,6 +86,7 @@ def smollm2():
   return tokenizer_lib.from_path(path), ref.backend_tokenizer
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_tokenizer_ids_equal_transformers_conversion(smollm2):
   tok, ref = smollm2
   assert tok.vocab_size == ref.get_vocab_size() == 49152

@@ -43,6 +43,7 @@ def test_tiny_train_step_runs_and_lowers_the_loss(method):
 
 
 @pytest.mark.parametrize("method", ["full_rank", "lost"])
+@pytest.mark.slow
 def test_same_weights_and_tokens_give_lost_jax_losses(method):
   # The baseline computes what lost_jax computes: from lost_jax's initial parameters and the
   # same tokens, the losses of three train steps (forward, backward, clipping, AdamW under the

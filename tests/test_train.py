@@ -10,6 +10,7 @@ from lost_jax.parallel import sharding
 
 
 @pytest.mark.parametrize("method", ["full_rank", "lost", "low_rank", "cola", "sltrain", "galore"])
+@pytest.mark.slow
 def test_each_method_overfits_a_fixed_batch(method):
   cfg = train_step_config(method)
   losses, _ = run_steps(cfg, fixed_batch(8, 32, 256), 40)
@@ -17,6 +18,7 @@ def test_each_method_overfits_a_fixed_batch(method):
   assert losses[-1] < 0.5 * losses[0], (method, losses[0], losses[-1])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_pass():
   cfg = train_step_config("lost")
   batch = fixed_batch(8, 16, 256)
@@ -27,6 +29,7 @@ def test_gradient_accumulation_matches_one_pass():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_weights_mask_tokens_out_of_the_loss():
   cfg = train_step_config("lost")
   batch = fixed_batch(8, 16, 256)
@@ -87,6 +90,7 @@ def test_same_losses_on_one_device_and_on_8_device_meshes():
     np.testing.assert_allclose(losses, ref, rtol=2e-5, err_msg=shape)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_losses():
   batch = fixed_batch(8, 16, 256)
   plain, _ = run_steps(train_step_config("lost"), batch, 3)
@@ -94,6 +98,7 @@ def test_remat_gives_the_same_losses():
   np.testing.assert_allclose(plain, remat, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_layers_give_the_same_train_steps():
   """model.perf.layer_loop=scan: the same losses and updated parameters as the Python loop."""
   batch = fixed_batch(8, 16, 256)
