@@ -361,6 +361,7 @@ def test_settled_text_names_flipped_pairs_and_separated_neighbours():
   assert compare_report.settled_text(TINY_PROTO, {3: rows({}), 6: long_}).startswith("Pending")
 
 
+@pytest.mark.slow
 def test_a_diverged_run_is_a_result_not_a_crash(tmp_path):
   cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("full_rank", 120, 0, 3))
   cfg.train.max_skipped_steps = 1       # lr 1e-2 x 2^120 ~ 1e34: the first step at peak lr overflows

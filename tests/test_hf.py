@@ -141,6 +141,7 @@ def test_rope_inv_freq_matches_numpy_rederivation():
 # ---------------------------------------------------------------- lost_jax round trip (no torch)
 
 
+@pytest.mark.slow
 def test_export_then_import_is_exact_and_uses_hf_layout(tmp_path):
   model = Llama(tiny_cfg(), rngs=nnx.Rngs(1))
   hf.save_hf_llama(model, tmp_path, dtype="float32")

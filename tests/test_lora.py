@@ -41,6 +41,7 @@ def test_lora_linear_matches_numpy_and_init():
   np.testing.assert_allclose(lin(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_apply_lora_targets_start_as_identity():
   model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   toks = tokens()

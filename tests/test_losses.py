@@ -54,6 +54,7 @@ def _fused_and_grads(h, w, targets, weights, **kw):
     (11, 37, "xla"),           # one chunk, one slice
     (64, 0, "xla"),            # chunk longer than the sequence
 ])
+@pytest.mark.slow
 def test_float32_matches_numpy(chunk, vocab_chunk, backward):
   h, w, targets, weights = _inputs()
   nll, wsum, (dh, dw, dweights) = _fused_and_grads(h, w, targets, weights, chunk=chunk,

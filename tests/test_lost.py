@@ -54,6 +54,7 @@ def test_lost_factors_is_a_named_tuple():
 
 @pytest.mark.parametrize("n,m", SHAPES)
 @pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.slow
 def test_low_rank_product_is_svd_truncation(n, m, rank):
   k0 = random_kernel(n, m, seed=1)
   ref = reference_split(k0, rank, 0.25)

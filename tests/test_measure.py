@@ -200,6 +200,7 @@ def test_measurement_config_sets_micro_batches_and_eight_bit_states():
     step_memory.measurement_config("quickstart", "lost", microbatch=3, overrides=TINY)
 
 
+@pytest.mark.slow
 def test_measure_counts_the_abstract_inputs_exactly():
   cfg = step_memory.measurement_config("quickstart", "full_rank", microbatch=2, overrides=TINY)
   row = step_memory.measure(cfg, compiled.target_devices("cpu"))

@@ -48,6 +48,7 @@ def _numpy_adamw_two_steps(p0, g1, g2, lr1, b1, b2, eps):
 
 
 @pytest.mark.parametrize("shared_lr", [0.0, 5e-4])
+@pytest.mark.slow
 def test_shared_lr_is_adamw_at_its_own_peak(shared_lr):
   cfg, params = _tiny("lost")
   t = cfg.train

@@ -221,6 +221,7 @@ def test_nf4_levels_are_normal_quantiles():
 
 
 @pytest.mark.parametrize("m", [256, 200])       # 200: a zero-padded tail block
+@pytest.mark.slow
 def test_nf4_round_trip_packing_and_selection_against_numpy(m):
   rng = np.random.default_rng(3)
   w = (rng.standard_normal((48, m)) * 0.02).astype(np.float32)
@@ -297,6 +298,7 @@ def test_nf4_base_sparse_mlp_and_attention_equal_dequantised_base():
   assert f"f32[{D},24]" in jaxpr and f"f32[24,{D}]" in jaxpr
 
 
+@pytest.mark.slow
 def test_with_dequantized_matches_the_dequantised_kernel_forward_and_backward():
   """Values and input gradients equal those of fn(x, dequantize()) exactly; no gradient to
   codes/scales; the dequantised kernel is not a residual kept from forward to backward."""
@@ -327,6 +329,7 @@ def test_8bit_init_is_the_quantised_zero():
 
 
 @pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.slow
 def test_dynamic_index_of_every_code_and_beside_every_midpoint(signed):
   book = quant.dynamic_codebook(signed).astype(np.float64)
   mid = (book[1:] + book[:-1]) / 2

@@ -377,6 +377,7 @@ def test_forward_selects_from_valid_context_and_keeps_suffix_dense():
   np.testing.assert_array_equal(idx[0]["ffn"], np_top(np.sqrt((act ** 2).sum(0)), 24))
 
 
+@pytest.mark.slow
 def test_forward_oracle_uses_true_activation_norms():
   model = lora_model(n_layers=1)
   toks, pos, seg, valid = batch(seed=3)
@@ -393,6 +394,7 @@ def test_forward_oracle_uses_true_activation_norms():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_forward_random_mode_ignores_the_data_scores_and_channel_overlap():
   model = lora_model(n_layers=1)
   toks, pos, seg, _ = batch(seed=3)
