@@ -155,6 +155,7 @@ def test_export_then_import_is_exact_and_uses_hf_layout(tmp_path):
   np.testing.assert_array_equal(logits(back), logits(model))
 
 
+@pytest.mark.slow
 def test_bfloat16_export_stores_bfloat16_and_reloads_rounded(tmp_path):
   model = Llama(tiny_cfg(), rngs=nnx.Rngs(2))
   hf.save_hf_llama(model, tmp_path)   # default dtype bfloat16

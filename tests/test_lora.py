@@ -95,6 +95,7 @@ def test_only_lora_params_get_gradients_and_updates():
   assert float(nnx.jit(loss_fn)(model2)) < float(nnx.jit(loss_fn)(model))
 
 
+@pytest.mark.slow
 def test_merge_lora_same_logits():
   model = Llama(adapter_model_config(), rngs=nnx.Rngs(0))
   apply_lora(model, ("q", "k", "v", "o", "gate", "up", "down"), rank=4, alpha=8.0,

@@ -36,6 +36,7 @@ def test_arguments_are_exactly_state_indices_and_batch(rows):
     assert r["temp"] >= 2 * r["params_bytes"]
 
 
+@pytest.mark.slow
 def test_rows_compare_methods(rows):
   full, lost = rows
   assert (full["method"], lost["method"]) == ("full_rank", "lost")
@@ -49,6 +50,7 @@ def test_rows_compare_methods(rows):
                                                  / full["estimate"]["total"])
 
 
+@pytest.mark.slow
 def test_report_files(rows, tmp_path):
   md, png = tmp_path / "memory.md", tmp_path / "memory.png"
   memory_report.write_markdown(rows, str(md), "python -m experiments.memory --sizes=quickstart")

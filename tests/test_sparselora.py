@@ -351,6 +351,7 @@ def test_forward_dense_plan_equals_llama():
   np.testing.assert_allclose(got, model(toks, pos, seg), **TOL)
 
 
+@pytest.mark.slow
 def test_forward_selects_from_valid_context_and_keeps_suffix_dense():
   model = lora_model(n_layers=1)
   toks, pos, seg, valid = batch()

@@ -97,6 +97,7 @@ def test_smollm2_gguf_tokenizer_ids_equal_transformers_conversion(smollm2):
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_smollm2_special_tokens(smollm2):
   tok, _ = smollm2
   # GGUF metadata: bos <|im_start|> 1, eos and pad <|im_end|> 2, no BOS added to prompts.
