@@ -214,9 +214,8 @@ def with_adapters(run_cfg, module, plan, workdir: str):
   from lost_jax.data import instruct
   from lost_jax.data import tokenizer
   from lost_jax.training import runtime  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   setup = finetune.make_setup(run_cfg, module, plan, runtime.make_mesh(run_cfg))
-  _, rest = setup.init(jax.random.key(run_cfg.seed))
+  rest = setup.place_rest()
   cfg = run_cfg
   ckpt = checkpoint.Checkpointer(workdir, every=run_cfg.train.ckpt_every,
                                  keep=run_cfg.train.keep_checkpoints)

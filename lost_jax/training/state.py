@@ -29,6 +29,8 @@ class Setup:
   """Everything static about a run: model graph, loss, optimizer, mesh and shardings.
 
   `init(key)` -> (state, rest): the sharded initial train state and frozen variables.
+  `place_rest()` -> rest: the frozen variables alone, for a built module whose checkpoints
+  leave them out (None for a builder: its frozen variables come from `init` or a checkpoint).
   """
   graphdef: Any
   loss: Callable
@@ -40,6 +42,7 @@ class Setup:
   abstract_state: Any
   abstract_rest: Any
   init: Callable
+  place_rest: Callable | None = None
 
 
 def make_setup(model, loss: Callable, train_cfg: ml_collections.ConfigDict,
@@ -75,7 +78,8 @@ def make_setup(model, loss: Callable, train_cfg: ml_collections.ConfigDict,
     abstract_state, abstract_rest = jax.eval_shape(init_built, jax.random.key(0))
   else:
     abstract_state = jax.eval_shape(new_state, params, jax.random.key(0))
-    abstract_rest = nnx.as_pure(abs_rest)
+    abstract_rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                 nnx.as_pure(abs_rest))
   repl = sharding.replicated(mesh)
   state_shardings = {"params": param_shardings,
                      "opt_state": sharding.opt_state_shardings(
@@ -85,14 +89,17 @@ def make_setup(model, loss: Callable, train_cfg: ml_collections.ConfigDict,
   sharding.warn_unsharded(notes)
   if build:
     init = jax.jit(init_built, out_shardings=(state_shardings, rest_shardings))
+    place_rest = None
   else:
     jit_state = jax.jit(new_state, out_shardings=state_shardings)
 
+    def place_rest():
+      return jax.device_put(nnx.as_pure(abs_rest), rest_shardings)
+
     def init(key):
-      placed = jax.device_put(params, param_shardings)
-      return jit_state(placed, key), jax.device_put(nnx.as_pure(abs_rest), rest_shardings)
+      return jit_state(jax.device_put(params, param_shardings), key), place_rest()
   return Setup(graphdef, loss, tx, schedule, mesh, state_shardings, rest_shardings,
-               abstract_state, abstract_rest, init)
+               abstract_state, abstract_rest, init, place_rest)
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:

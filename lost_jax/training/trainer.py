@@ -75,7 +75,7 @@ class Trainer:
       return state, rest, 0
     start, state, rest = found
     if rest is None:      # the frozen variables were not saved: the recipe's module has them
-      _, rest = setup.init(key)
+      rest = setup.place_rest()
     return state, rest, start
 
   def eval_loss(self, params, rest, batches) -> dict:
