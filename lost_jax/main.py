@@ -1,4 +1,7 @@
-"""Command line: `python -m lost_jax.main pretrain|finetune --config=... --workdir=...`.
+"""Command line: `python -m lost_jax.main COMMAND --workdir=... [flags]`.
+
+- pretrain, finetune: `--config=configs/...py:<preset> --workdir=RUN` trains (and resumes).
+- evaluate, generate, export: act on a run's checkpoint (`lost_jax/commands/`).
 
 A mistake in the command line, settings, data, tokenizer or workdir prints one line,
 `error: <what>. Fix: <how>`, and exits with status 2 (3: the run diverged); anything else is a
@@ -18,7 +21,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of this run (config, metrics, "
                                "checkpoints, plots). Re-running resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
+# evaluate / generate / export
+_STEP = flags.DEFINE_integer("step", None, "evaluate, generate, export: the checkpoint step "
+                             "to use (default: the newest).")
+_BASE = flags.DEFINE_string("base", None, "generate: a base model (HF directory, GGUF file or "
+                            "lost_jax pre-training workdir) instead of --workdir.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: a user message (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "generate: a text file, one user "
+                                    "message per line, or a JSONL file of {\"prompt\": ...}.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "generate: new tokens at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy decoding.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (temperature > 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
+_OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"], "export: hf (a merged model "
+                            "transformers loads) or peft (LoRA adapter files for the HF base).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                           "export: the dtype of the written weights.")
 
 _CONFIG_FIX = ("--config=configs/pretrain.py:<size>,<method> or configs/finetune.py:<preset>, "
                "with --config.<group>.<field>=<value> overrides of fields those files define")
@@ -51,7 +70,8 @@ def _flag_error_fix(message: str) -> str:
   if "--workdir" in message:
     return "Fix: pass --workdir=<directory of this run>"
   if "Unknown command line flag" in message:
-    return "Fix: the flags are --workdir, --config and --config.<group>.<field>=<value>"
+    return ("Fix: the flags are --workdir, --config, --config.<group>.<field>=<value> and the "
+            "command's own flags (python -m lost_jax.main --helpfull)")
   if message.startswith("flag --config=None"):
     return f"Fix: pass {_CONFIG_FIX}"
   return "Fix: give a value of the field's type (see configs/pretrain.py or configs/finetune.py)"
@@ -61,7 +81,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing and config loading, with every failure as one `error:` line."""
   try:
     rest = flags.FLAGS(argv)
-    _CONFIG.value.to_dict()    # a config file that failed to load raises only when read
+    if _CONFIG.value is not None:
+      _CONFIG.value.to_dict()  # a config file that failed to load raises only when read
   except flags.Error as e:
     message = str(e)
     if "Traceback" in message:   # get_config raised: its message names the setting and fix
@@ -81,35 +102,73 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def main(argv):
-  # Orbax and grain log every save at INFO; the run's own progress goes to stdout.
-  logging.set_verbosity(logging.WARNING)
-  from lost_jax.configs.resolve import COMMANDS
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    _exit_with(f"command {' '.join(argv[1:])!r} is unknown. Fix: "
-               f"lost-jax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
+TRAIN_COMMANDS = ("pretrain", "finetune")
+RUN_COMMANDS = ("evaluate", "generate", "export")   # act on a finished (or running) run
+
+
+_PLACEHOLDER = {"config": "configs/pretrain.py:<size>,<method> or configs/finetune.py:<preset>",
+                "workdir": "<directory of the run>", "prompt": "<a user message>",
+                "out": "<directory to write>"}
+
+
+def _require(command: str) -> None:
+  """One `error:` line for a flag the command needs or cannot take."""
+  given = {name for name in ("config", "workdir", "base", "prompt", "prompts_file", "out")
+           if flags.FLAGS[name].present}
+  need = {"pretrain": [("config",), ("workdir",)], "finetune": [("config",), ("workdir",)],
+          "evaluate": [("workdir",)], "generate": [("workdir", "base"), ("prompt", "prompts_file")],
+          "export": [("workdir",), ("out",)]}[command]
+  for options in need:
+    if not given & set(options):
+      _exit_with(f"{command} needs --{' or --'.join(options)}. Fix: pass "
+                 f"--{options[0]}={_PLACEHOLDER[options[0]]}")
+  if command == "generate" and {"workdir", "base"} <= given:
+    _exit_with("generate takes --workdir (a run) or --base (a base model), not both. Fix: "
+               "drop one of them")
+
+
+def _train(command: str) -> dict:
   from lost_jax import configs
   from lost_jax.training import xla_setup
-  command = argv[1]
   try:   # every setting that can be checked without JAX, before it is even imported
     configs.validate(_CONFIG.value, command)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   xla_setup.configure()   # before the first JAX computation
   errors.cli_output_guard = True
+  from lost_jax.training import runtime
+  cfg = runtime.resolve_config(_CONFIG.value, command, validated=True)   # once, then locked
+  if command == "pretrain":
+    from lost_jax.recipes import pretrain
+    return pretrain.train_and_evaluate(cfg, _WORKDIR.value)
+  from lost_jax.recipes import finetune
+  return finetune.finetune_and_evaluate(cfg, _WORKDIR.value)
+
+
+def _run_command(command: str) -> dict:
+  """evaluate / generate / export: each module's `main(flags)` checks its own inputs first."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from lost_jax.training import xla_setup
+  xla_setup.configure()
+  errors.cli_output_guard = True
+  return importlib.import_module(f"lost_jax.commands.{command}").main(flags.FLAGS)
+
+
+def main(argv):
+  # Orbax and grain log every save at INFO; the run's own progress goes to stdout.
+  logging.set_verbosity(logging.WARNING)
+  commands = TRAIN_COMMANDS + RUN_COMMANDS
+  if len(argv) != 2 or argv[1] not in commands:
+    _exit_with(f"command {' '.join(argv[1:])!r} is unknown. Fix: "
+               f"lost-jax {{{'|'.join(commands)}}} --workdir=... (see --help)")
+  command = argv[1]
+  _require(command)
   try:
-    from lost_jax.training import runtime
-    cfg = runtime.resolve_config(_CONFIG.value, command, validated=True)   # once, then locked
-    if command == "pretrain":
-      from lost_jax.recipes import pretrain
-      result = pretrain.train_and_evaluate(cfg, _WORKDIR.value)
-    else:
-      from lost_jax.recipes import finetune
-      result = finetune.finetune_and_evaluate(cfg, _WORKDIR.value)
+    result = _train(command) if command in TRAIN_COMMANDS else _run_command(command)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   summary = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in result.items())
+                       for k, v in (result or {}).items())
   print(f"done: {summary}", flush=True)
 
 
