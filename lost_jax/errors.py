@@ -66,3 +66,15 @@ def unmute_output() -> None:
 def stderr_fd() -> int:
   """Where a user-facing error line goes: the real stderr, even while output is muted."""
   return 2 if _saved_fds is None else _saved_fds[1]
+
+
+def exit_now(message: str, code: int = 2) -> None:
+  """Print `error: <message>` and end the process at once, from any thread.
+
+  For a wait that native code would otherwise end with an abort (a peer process that never
+  arrives); `os._exit` skips Python's shutdown, so nothing prints after the line.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(stderr_fd(), f"error: {one_line(message)}\n".encode())
+  os._exit(code)

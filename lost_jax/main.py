@@ -8,6 +8,7 @@ A mistake in the command line, settings, data, tokenizer or workdir prints one l
 bug and keeps its traceback.
 """
 
+import errno
 import os
 import re
 import sys
@@ -99,7 +100,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:           # the --config file itself cannot be read
     _exit_with(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: cannot load "
                f"the config file ({_last_line(e)}). Fix: use {_CONFIG_FIX}")
+  except Exception as e:  # pylint: disable=broad-except
+    # Only --config runs user code while flags are parsed: its file failed to load or its
+    # get_config raised.
+    _exit_with(f"--config: the config file fails to load ({_where_it_failed(e)}). Fix: correct "
+               f"that file, or use {_CONFIG_FIX}")
   return rest
+
+
+def _where_it_failed(e: Exception) -> str:
+  """`SomeError: message at file.py line N` for an exception raised by a config file."""
+  if isinstance(e, SyntaxError):
+    return f"{type(e).__name__}: {e.msg} at {e.filename} line {e.lineno}"
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  place = f" at {tb.tb_frame.f_code.co_filename} line {tb.tb_lineno}" if tb is not None else ""
+  return f"{type(e).__name__}: {e}{place}"
 
 
 TRAIN_COMMANDS = ("pretrain", "finetune")
@@ -131,6 +148,7 @@ def _train(command: str) -> dict:
   from lost_jax import configs
   from lost_jax.training import xla_setup
   try:   # every setting that can be checked without JAX, before it is even imported
+    configs.expand_user_paths(_CONFIG.value)
     configs.validate(_CONFIG.value, command)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
@@ -163,10 +181,28 @@ def main(argv):
                f"lost-jax {{{'|'.join(commands)}}} --workdir=... (see --help)")
   command = argv[1]
   _require(command)
+  for name in ("workdir", "out", "base", "prompts_file"):   # the shell leaves `--x=~/...`
+    if flags.FLAGS[name].value:
+      flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
   try:
     result = _train(command) if command in TRAIN_COMMANDS else _run_command(command)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
+  except KeyboardInterrupt:   # the training loop itself saves and exits 0 on Ctrl-C
+    _exit_with(f"{command} interrupted (Ctrl-C) before training began; no checkpoint was "
+               "written or changed. Fix: re-run the command", 130)
+  except RuntimeError as e:
+    if "Unable to initialize backend" not in str(e):
+      raise
+    _exit_with(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: {_last_line(e)}. Fix: "
+               "unset JAX_PLATFORMS (JAX picks what the machine has) or name a platform "
+               "this machine has, e.g. cpu, cuda or tpu")
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raise
+    _exit_with(f"cannot write {e.filename or 'a file'} ({e.strerror}). Fix: free space (or "
+               "use a writable filesystem) and re-run the same command: it resumes from the "
+               "last finished checkpoint, which is kept", 1)
   summary = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in (result or {}).items())
   print(f"done: {summary}", flush=True)

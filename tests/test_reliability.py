@@ -12,8 +12,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -312,6 +314,12 @@ def _bad_files(tmp):
   (tmp / "a_file").write_text("not a directory")
   os.makedirs(tmp / "hf_like", exist_ok=True)
   (tmp / "hf_like" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  # More records of empty text than the probe reads: a stream that would filter forever.
+  (tmp / "data" / "empty_texts.jsonl").write_text('{"text": ""}\n' * 3000)
+  (tmp / "bad_syntax.py").write_text("def get_config(:\n")
+  (tmp / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom')\n")
+  os.makedirs(tmp / "ckpt_is_file", exist_ok=True)
+  (tmp / "ckpt_is_file" / "checkpoints").write_text("not a directory")
 
 
 # (name, command-line arguments after the command's preset, text the one line must contain)
@@ -409,12 +417,28 @@ BAD_INPUTS = [
                                                             "--config.init.path={tmp}/hf_like"],
      "config.init"),
     ("unknown base source", FINETUNE + ["--config.init.source=s3"], "config.init.source"),
+    # second round
+    ("config file with a syntax error", ["pretrain", "--config={tmp}/bad_syntax.py"],
+     "SyntaxError: invalid syntax at"),
+    ("config file whose get_config raises", ["pretrain", "--config={tmp}/raises.py"],
+     "RuntimeError: boom at"),
+    ("records of empty text only", PRETRAIN + ["--config.data.source=files",
+                                               "--config.data.files={tmp}/data/empty_texts.jsonl"],
+     "no non-empty document"),
+    ("checkpoints/ is a file", PRETRAIN + TINY + ["--workdir={tmp}/ckpt_is_file"],
+     "the checkpoint directory"),
+    ("start-up timeout 0", PRETRAIN + ["--config.mesh.init_timeout_s=0"],
+     "config.mesh.init_timeout_s"),
+    ("evaluate without a workdir", ["evaluate", "--step=3"], "evaluate needs --workdir"),
+    ("generate from a run and a base", ["generate", "--workdir={tmp}", "--base={tmp}",
+                                        "--prompt=hi"], "not both"),
+    ("export without --out", ["export", "--workdir={tmp}"], "export needs --out"),
 ]
 
 
 def _bad_input_run(args, tmp, straight):
   args = [a.format(tmp=tmp, straight=straight) for a in args]
-  if not any(a.startswith("--workdir") for a in args):
+  if args[0] in ("pretrain", "finetune") and not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={tmp}/run_{abs(hash(tuple(args)))}")
   return cli(*args, timeout=300)
 
@@ -437,3 +461,82 @@ def test_every_bad_input_is_one_line_with_exit_status_2(straight, tmp_path):
   assert not failures, "\n\n".join(failures)
   assert len(BAD_INPUTS) >= 30
   assert steps_on_disk(straight) == before      # the refused run touched nothing
+
+
+# ---------------------------------------------------------- second round: waits, locks, paths
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  os.makedirs(workdir)
+  args = [*PRETRAIN, f"--workdir={workdir}", *TINY, "--config.train.steps=2"]
+  with open(workdir / ".lock", "w") as held:   # a live run's lock (this process holds it)
+    held.write("pid 4242 on host elsewhere\n")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    proc = cli(*args, timeout=300)
+    out = lines_of(proc)
+    assert proc.returncode == 2 and len(out) == 1, out
+    assert "is in use by a running lost_jax process (pid 4242 on host elsewhere)" in out[0]
+    assert not os.path.exists(workdir / "checkpoints") and not os.path.exists(
+        workdir / "config.json")                   # refused before anything was written
+  # The holder died (its lock went with it); the file it left is taken over.
+  proc = cli(*args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "done: step 2" in proc.stdout
+
+
+def test_a_tilde_workdir_is_under_home(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, "--workdir=~/run",
+                         *TINY, "--config.train.steps=1"], capture_output=True, text=True,
+                        timeout=300, cwd=tmp_path, env=dict(ENV, HOME=str(tmp_path / "home")))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.exists(tmp_path / "home" / "run" / "checkpoints" / "1")
+  assert not os.path.exists(tmp_path / "~")
+
+
+def test_environment_faults_are_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  cases = [("JAX_PLATFORMS misspelled", dict(JAX_PLATFORMS="tpuu"), "JAX_PLATFORMS='tpuu'"),
+           ("tokenizer cache not writable", dict(LOST_JAX_CACHE=str(tmp_path / "a_file" / "c")),
+            "the tokenizer cache")]
+  for name, env, expected in cases:
+    proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, *TINY,
+                           f"--workdir={tmp_path / name.replace(' ', '_')}"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(ENV, **env))
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(out) == 1 and out[0].startswith("error: "), (name, out)
+    assert expected in out[0] and "Fix:" in out[0], (name, out)
+
+
+def test_a_process_whose_peers_never_arrive_says_so_and_ends_in_one_line(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  start = time.time()
+  proc = cli(*PRETRAIN, *TINY, f"--workdir={tmp_path / 'run'}", "--config.mesh.distributed=True",
+             "--config.mesh.num_processes=2", "--config.mesh.process_id=0",
+             f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+             "--config.mesh.init_timeout_s=4", timeout=120)
+  waited = time.time() - start
+  out = lines_of(proc)
+  assert proc.returncode == 2, (proc.returncode, out, proc.stderr[-2000:])
+  assert out[-1].startswith("error: multi-process start-up: not every process reached the "
+                            f"coordinator 127.0.0.1:{port}, process 0 of 2 within "
+                            "config.mesh.init_timeout_s=4 s"), out
+  assert any(line.startswith("start-up: waiting for the other processes") for line in out), out
+  assert waited < 60, waited
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_the_next_row_starts_a_new_line(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(1, {"loss": 1.0})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 2, "lo')                   # killed mid-append
+  assert metrics.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 1.0}]
+  writer.write(2, {"loss": 2.0})                 # the resumed run appends
+  writer.close()
+  assert metrics.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 1.0},
+                                                 {"step": 2, "loss": 2.0}]

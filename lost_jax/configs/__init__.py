@@ -15,8 +15,9 @@ from lost_jax.configs.presets import (FINETUNE_PRESETS, SMOLLM2_ATTN, SMOLLM2_FF
                                       SMOLLM2_LATE_ATTN, SMOLLM2_LATE_FFN, FinetunePreset,
                                       finetune_config, matched_rank, model_config,
                                       pretrain_config, smollm2_gguf_path)
-from lost_jax.configs.resolve import (COMMANDS, apply_precision, is_resolved, resolve,
-                                      resolve_perf, validate, with_group, with_resolved_perf)
+from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_paths, is_resolved,
+                                      resolve, resolve_perf, validate, with_group,
+                                      with_resolved_perf)
 from lost_jax.configs.schema import (data_config, linear_config, lost_keep, mesh_config,
                                      perf_config, projection_shapes, rope_scaling_config)
 from lost_jax.configs.validate import (validate_finetune, validate_finetune_base,
@@ -54,6 +55,7 @@ __all__ = [
     "smollm2_gguf_path",
     "COMMANDS",
     "apply_precision",
+    "expand_user_paths",
     "is_resolved",
     "resolve",
     "resolve_perf",

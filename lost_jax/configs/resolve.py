@@ -3,6 +3,8 @@ the compile target's choice; the result is a locked (frozen) config."""
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from lost_jax.configs.choices import PLATFORMS, PRECISIONS
@@ -61,6 +63,16 @@ def apply_precision(cfg: ml_collections.ConfigDict) -> None:
 def is_resolved(cfg: ml_collections.ConfigDict) -> bool:
   """True for a config `resolve` returned (frozen: nothing can change it any more)."""
   return isinstance(cfg, ml_collections.FrozenConfigDict)
+
+
+def expand_user_paths(cfg: ml_collections.ConfigDict) -> None:
+  """Expand a leading `~` of every string setting in place (paths given on the command line
+  as `--config.init.path=~/model` reach the program unexpanded by the shell)."""
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      expand_user_paths(value)
+    elif isinstance(value, str) and (value == "~" or value.startswith("~/")):
+      cfg[key] = os.path.expanduser(value)
 
 
 def validate(cfg: ml_collections.ConfigDict, command: str) -> None:

@@ -89,6 +89,7 @@ def mesh_config() -> ml_collections.ConfigDict:
       coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
       num_processes=-1,       # -1: detect.
       process_id=-1,          # -1: detect.
+      init_timeout_s=300,     # seconds to wait for every process at start-up, then one error
   ))
 
 

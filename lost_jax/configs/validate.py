@@ -35,6 +35,13 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
     _fail(field, f"{value!r} is not {'an integer' if integer else 'a number'} in {span}", fix)
 
 
+def validate_mesh(m: ml_collections.ConfigDict) -> None:
+  """The multi-process start-up settings (the axis sizes are checked against the devices)."""
+  if "init_timeout_s" in m:
+    _in_range("mesh.init_timeout_s", m.init_timeout_s, 1, _INF, "seconds to wait for every "
+              "process at start-up, e.g. 300", integer=True)
+
+
 def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
   """The optimizer, schedule and loop settings shared by pre-training and fine-tuning
   (fine-tuning allows 0 steps: a zero-shot evaluation of the base)."""
@@ -157,6 +164,7 @@ def validate_pretrain(cfg: ml_collections.ConfigDict) -> None:
   """Every pre-training setting that can be checked before JAX starts or data is read."""
   validate_model(cfg.model)
   validate_train(cfg.train)
+  validate_mesh(cfg.mesh)
   t = cfg.train
   if t.optimizer.startswith("galore") and cfg.model.linear.kind != "dense":
     _fail("train.optimizer", f"{t.optimizer!r} projects dense gradients",
@@ -174,6 +182,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   against the model's shape too.
   """
   validate_train(cfg.train, min_steps=0)
+  validate_mesh(cfg.mesh)
   lora = cfg.lora
   targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
   names = [name for name, _, _ in projection_shapes(cfg.model)]

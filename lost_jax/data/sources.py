@@ -255,9 +255,34 @@ def _probe_files(files: list[str], keep, field: str) -> None:
     if not texts:
       fail(field, f"{path} has no record with a 'text' string in its first "
            f"{_PROBE_RECORDS} lines", 'give JSON lines in C4 layout {"text": ...} or .txt files')
+  if not selected and not (complete or _any_selected(files, keep)):
+    complete = True
   if complete and not selected:
     fail(field, f"the {len(files)} file(s) hold no non-empty document for this split and "
          "process", "add data, or change config.data.eval_fraction")
+
+
+def _any_selected(files: list[str], keep) -> bool:
+  """Whether any record past the probed head is a non-empty document this split keeps.
+
+  Reached only when every probed head held none (e.g. files of empty strings): reading on
+  until the first usable document costs little on good data and turns a stream that would
+  filter forever into an error at start-up.
+  """
+  for path in files:
+    records = _raw_records(path)
+    try:
+      for index, raw in enumerate(records):
+        if index < _PROBE_RECORDS:
+          continue
+        text = _record_text(path, raw)
+        if text and keep(f"{os.path.basename(path)}:{index}", index):
+          return True
+    except _READ_ERRORS:
+      return True   # the stream reports a damaged record where it meets it
+    finally:
+      records.close()
+  return False
 
 
 def _file_stream(files: list[str], keep, field: str, *, seed: int | None,

@@ -19,10 +19,10 @@ import io
 import json
 import os
 import platform
-import tempfile
 
 import sentencepiece as spm
 
+from lost_jax import files
 from lost_jax.data import sources
 from lost_jax.errors import UserError
 
@@ -265,20 +265,15 @@ def train_stdlib_model(vocab_size: int, heldout: float = 0.05) -> bytes:
   return out.getvalue()
 
 
-def _write_atomic(path: str, payload: bytes) -> None:
-  """Write to a temporary file in the same directory, then rename: never a half file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".model")
+def _write_cache(path: str, payload: bytes) -> None:
+  """Store a trained tokenizer in the cache (atomically), or one error naming the cache."""
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.atomic_write(path, payload)
+  except OSError as e:
+    raise UserError(f"the tokenizer cache {os.path.dirname(path)} cannot be written "
+                    f"({e.strerror or e}). Fix: set LOST_JAX_CACHE to a writable directory "
+                    "(default ~/.cache/lost_jax, under HOME)") from e
 
 
 def stdlib_tokenizer(vocab_size: int, heldout: float = 0.05) -> Tokenizer:
@@ -293,7 +288,7 @@ def stdlib_tokenizer(vocab_size: int, heldout: float = 0.05) -> Tokenizer:
     except RuntimeError:
       pass  # Unreadable cache entry (written by something else): train it again.
   proto = train_stdlib_model(vocab_size, heldout)
-  _write_atomic(path, proto)
+  _write_cache(path, proto)
   return SentencePieceTokenizer(proto, "", path)
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import ml_collections
 import numpy as np
 import jax
 
+from lost_jax import errors
 from lost_jax.errors import UserError
+
+_WAIT_REPORT_S = 10   # how often a start-up that waits for its peers says so
 
 
 def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
@@ -27,7 +33,33 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
     kwargs["num_processes"] = int(mesh_cfg.num_processes)
   if mesh_cfg.process_id >= 0:
     kwargs["process_id"] = int(mesh_cfg.process_id)
-  jax.distributed.initialize(**kwargs)
+  timeout = int(mesh_cfg.get("init_timeout_s", 300))
+  where = (f"coordinator {mesh_cfg.coordinator_address or '(detected)'}, process "
+           f"{i if i >= 0 else '(detected)'} of {n if n >= 0 else '(detected)'}")
+  done = threading.Event()
+  watchdog = threading.Thread(target=_watch_start_up, args=(done, timeout, where), daemon=True)
+  watchdog.start()
+  try:   # JAX's own timeout (an abort in native code) comes after the watchdog's one line
+    jax.distributed.initialize(**kwargs, initialization_timeout=timeout + 60)
+  finally:
+    done.set()
+
+
+def _watch_start_up(done: threading.Event, timeout: int, where: str) -> None:
+  """Say every few seconds that start-up waits for the other processes; one error at the end."""
+  start = time.time()
+  wait = min(2.0, timeout / 2)   # a quick start-up says nothing; a slow one says so early
+  while not done.wait(max(min(wait, timeout - (time.time() - start)), 0.1)):
+    wait = _WAIT_REPORT_S
+    waited = time.time() - start
+    if waited >= timeout:
+      errors.exit_now(
+          f"multi-process start-up: not every process reached the {where} within "
+          f"config.mesh.init_timeout_s={timeout} s. Fix: start all config.mesh.num_processes "
+          "processes with the same coordinator_address (host:port of process 0, reachable "
+          "from every host) and distinct process_id values, or raise init_timeout_s")
+    print(f"start-up: waiting for the other processes ({where}; {waited:.0f} s of "
+          f"{timeout} s)", flush=True)
 
 
 def agree_max(values) -> tuple[int, ...]:

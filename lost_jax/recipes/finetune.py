@@ -156,7 +156,7 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   cfg, mesh = runtime.start(cfg, "finetune")
   nproc, pidx = jax.process_count(), jax.process_index()
   local_batch = cfg.train.batch_size // nproc
-  runtime.make_workdir(workdir)
+  workdir = runtime.make_workdir(workdir)
 
   module, plan, cfg = adapted_model(cfg, workdir, mesh)
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
@@ -188,10 +188,12 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
       raise UserError(f"workdir {workdir} has no checkpoint of the final step "
                       f"{cfg.train.steps} to evaluate (latest: {start or 'none'}). "
                       "Fix: finish the run first (the same command without re-scoring).")
+    runtime.unlock_workdir(run.path)
     return {"step": start, **evaluate(state)}
   if cfg.train.steps == 0:   # zero-shot: LoRA's B starts at zero, so this is the base model
     result = {"step": 0, **evaluate(state)}
     metrics.MetricWriter(workdir, enabled=pidx == 0).write(0, result)
+    runtime.unlock_workdir(run.path)
     return result
   return trainer.fit(state, rest, start, train_iter, run, evaluate, quiet=quiet,
                      stop_at=stop_at)

@@ -74,10 +74,13 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoint step
 
 
+CHECKPOINT_DIR = "checkpoints"   # under the workdir
+
+
 def read_params(workdir: str) -> tuple[int | None, Any]:
   """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint;
   (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
-  mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                               item_names=ITEMS)
   try:
     step = mgr.latest_step()
@@ -93,7 +96,7 @@ class Checkpointer:
   """Saves and restores {state, rest, data, meta} under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every),
         enable_async_checkpointing=async_save, create=True)

@@ -26,8 +26,9 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    with open(self.path, "a+b") as f:
+      torn = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+      f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
     for key, value in scalars.items():
       if math.isfinite(float(value)):   # a skipped step's NaN loss stays in metrics.jsonl only
         self._tb.add_scalar(key, float(value), int(step))
@@ -59,7 +60,14 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:   # a line torn by a kill mid-append (the resume goes on below)
+      continue
+  return records
 
 
 class Progress:

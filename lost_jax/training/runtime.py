@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import signal
+import socket
+import tempfile
 
 import jax
 import ml_collections
 
-from lost_jax import configs
+from lost_jax import configs, files
 from lost_jax.errors import UserError
 from lost_jax.parallel import sharding
 from lost_jax.parallel.distributed import initialize_distributed
@@ -54,10 +57,12 @@ class StopFlag:
       signal.signal(sig, old)
 
 
-def make_workdir(workdir: str) -> None:
-  """Create the run's directory, or refuse (one clear error) a path that cannot be one."""
+def make_workdir(workdir: str) -> str:
+  """Create the run's directory (`~` expanded), or refuse (one clear error) a path that
+  cannot be one; returns the path used."""
   if not workdir:
     raise UserError("--workdir is empty. Fix: pass --workdir=<directory of this run>.")
+  workdir = os.path.expanduser(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is an existing file, not a directory. Fix: give a "
                     "new directory path (re-using a run's directory resumes that run).")
@@ -68,6 +73,55 @@ def make_workdir(workdir: str) -> None:
   except OSError as e:
     raise UserError(f"--workdir={workdir} cannot be created or written ({e.strerror}). Fix: "
                     "give a writable directory path.") from e
+  return workdir
+
+
+def check_writable(directory: str, what: str) -> None:
+  """Create and remove a file in `directory` (made if missing): a save that would fail hours
+  into a run fails at start-up instead."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check."):
+      pass
+  except OSError as e:
+    raise UserError(f"{what} {directory} cannot be written ({e.strerror or e}). Fix: make it "
+                    "a writable directory (or give another --workdir); finished checkpoints "
+                    "in it are kept.") from e
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, int] = {}   # real workdir path -> open descriptor holding its lock
+
+
+def lock_workdir(workdir: str) -> None:
+  """Hold the workdir's exclusive lock for the rest of this process (or `unlock_workdir`).
+
+  The OS releases it when the process dies, so a lock left by a killed run is simply taken
+  over; a live run's lock refuses the second run in one line naming its pid and host. One
+  process may re-take a lock it holds (a notebook running the same workdir twice).
+  """
+  key = os.path.realpath(workdir)
+  if key in _held_locks:
+    return
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    os.close(fd)
+    raise UserError(f"--workdir={workdir} is in use by a running lost_jax process ({holder}). "
+                    "Fix: wait for it to finish or stop it (it saves a checkpoint on SIGTERM), "
+                    "or give another --workdir.") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+  _held_locks[key] = fd
+
+
+def unlock_workdir(workdir: str) -> None:
+  """Release the lock `lock_workdir` took (no-op if this process does not hold it)."""
+  fd = _held_locks.pop(os.path.realpath(workdir), None)
+  if fd is not None:
+    os.close(fd)
 
 
 def resolve_config(cfg: ml_collections.ConfigDict, command: str, *, validated: bool = False
@@ -81,6 +135,7 @@ def resolve_config(cfg: ml_collections.ConfigDict, command: str, *, validated: b
   if configs.is_resolved(cfg):
     return cfg
   if not validated:
+    configs.expand_user_paths(cfg)
     configs.validate(cfg, command)
   if cfg.mesh.distributed:
     initialize_distributed(cfg.mesh)
@@ -110,12 +165,15 @@ class RunDir:
 
 
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict) -> RunDir:
-  """Check the workdir's checkpoints fit this config, then record the resolved config."""
-  make_workdir(workdir)
+  """Lock the workdir (process 0: one run per workdir), check that its checkpoints fit this
+  config and can be written, then record the resolved config."""
+  workdir = make_workdir(workdir)
+  if jax.process_index() == 0:
+    lock_workdir(workdir)
+    check_writable(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), "the checkpoint directory")
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
                                  keep=cfg.train.keep_checkpoints)
   ckpt.check_compatible(fingerprint)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   return RunDir(workdir, ckpt, fingerprint)

@@ -18,7 +18,7 @@ import ml_collections
 from flax import nnx
 
 from lost_jax.errors import TrainingDiverged
-from lost_jax.training import checkpoint, metrics
+from lost_jax.training import checkpoint, metrics, runtime
 from lost_jax.training.runtime import RunDir, StopFlag
 from lost_jax.training.state import Setup, make_setup, to_global
 from lost_jax.training.steps import make_eval_step, make_train_step
@@ -143,6 +143,7 @@ class Trainer:
     ckpt.close()
     progress.close()
     writer.close()
+    runtime.unlock_workdir(run.path)
     if diverged:
       where = (f"step {last_good} ({os.path.join(ckpt.directory, str(last_good))})"
                if last_good is not None else "none (re-running starts from step 0)")
