@@ -1,6 +1,7 @@
 """SparseLoRA: estimator, channel scores and restricted compute vs NumPy re-derivations."""
 
 import functools
+import os
 
 import jax
 import jax.extend
@@ -10,13 +11,14 @@ import pytest
 from flax import nnx
 
 from helpers import lora_model, np_silu, rand
-from lost_jax import configs
+from lost_jax import configs, errors
 from lost_jax.adapters.lora import LoRALinear, LoRAParam
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import restrict as sl_restrict
 from lost_jax.adapters.sparselora import select as sl_select
+from lost_jax.recipes import finetune
 
 B, L, D, F, H = 2, 10, 64, 96, 4
 HD = D // H
@@ -139,6 +141,20 @@ def test_estimators_save_load_and_checks(tmp_path):
     sl_estimator.load_estimators(path, lora_model(n_kv_heads=4))
   with pytest.raises(ValueError, match="layers"):
     sl_estimator.load_estimators(path, lora_model(n_layers=1))
+  assert os.stat(path).st_mode & 0o777 == 0o644
+  # A file torn by a kill mid-write (or any non-estimator file) is DamagedFile, which the
+  # fine-tune rebuilds; a file of another base stays a plain ValueError, which it refuses.
+  with open(path, "rb") as f:
+    head = f.read(100)
+  for torn in (head, b""):
+    with open(path, "wb") as f:
+      f.write(torn)
+    with pytest.raises(sl_estimator.DamagedFile):
+      sl_estimator.load_estimators(path, model, rank=8)
+    assert finetune._cached_estimators(path, model, 8) is None  # pylint: disable=protected-access
+  sl_estimator.save_estimators(path, est)
+  with pytest.raises(errors.UserError, match="another base"):
+    finetune._cached_estimators(path, lora_model(seed=7), 8)  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------- selection

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lost_jax import configs
+from lost_jax import configs, errors
 from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
@@ -62,13 +62,30 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
   estimators = None
   if layers:
     path = os.path.join(workdir, "estimators.npz") if workdir else None
-    if path and os.path.exists(path):
-      estimators = sl_estimator.load_estimators(path, model, cfg.sparse.estimator_rank)
-    else:
+    estimators = _cached_estimators(path, model, cfg.sparse.estimator_rank)
+    if estimators is None:
       estimators = sl_estimator.build_estimators(model, cfg.sparse.estimator_rank, layers)
       if path and jax.process_index() == 0:
         sl_estimator.save_estimators(path, estimators)
   return SparseLoRALlama(model, estimators, plan), plan, cfg
+
+
+def _cached_estimators(path: str | None, model, rank: int) -> dict | None:
+  """The run's estimators.npz, None if there is none or it is damaged (it is rebuilt: it is
+  derived from the base alone); one error if it was built from another base."""
+  if not path or not os.path.exists(path):
+    return None
+  try:
+    return sl_estimator.load_estimators(path, model, rank)
+  except sl_estimator.DamagedFile as e:
+    if jax.process_index() == 0:
+      print(f"{errors.one_line(e)}; rebuilding it from the base", flush=True)
+    return None
+  except ValueError as e:
+    raise UserError(f"{errors.one_line(e)} The run's estimators were built from another base "
+                    "or settings than config.init / config.sparse give now. Fix: give the "
+                    "run's original base and settings, or start a new --workdir for the new "
+                    "base") from e
 
 
 def loss(model, batch: dict, lengths: sl_plan.StepLengths):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lost_jax import files
 from lost_jax.layers.linear import check_rank
 from lost_jax.adapters.lora import Linear
 from lost_jax.models.llama import projection
@@ -57,6 +60,10 @@ def estimator_mismatch(kernel_NxM: jax.Array, p_NxR: jax.Array, q_RxM: jax.Array
   return float(jnp.linalg.norm(got - jnp.diag(s * s)) / jnp.linalg.norm(s * s))
 
 
+class DamagedFile(ValueError):
+  """An estimator file that cannot be read (torn, truncated, not an estimator file)."""
+
+
 def save_estimators(path: str, est: dict) -> None:
   """Store estimator factors as one .npz (keys 'layer_i/module/p|q' plus a JSON header)."""
   arrays = {}
@@ -66,23 +73,27 @@ def save_estimators(path: str, est: dict) -> None:
         arrays[f"{lk}/{name}/{which}"] = np.asarray(f[which], np.float32)
   ranks = {a.shape[1] for k, a in arrays.items() if k.endswith("/p")}
   header = {"format": "sparselora_estimators/1", "rank": sorted(ranks)}
-  with open(path, "wb") as fh:
-    np.savez(fh, __header__=np.asarray(json.dumps(header)), **arrays)
+  buffer = io.BytesIO()
+  np.savez(buffer, __header__=np.asarray(json.dumps(header)), **arrays)
+  files.atomic_write(path, buffer.getvalue())   # a kill mid-write leaves no torn file
 
 
 def load_estimators(path: str, model=None, rank: int | None = None,
                     verify: bool = True, tol: float = 1e-3) -> dict:
   """Reload `save_estimators` output; with `model`, check shapes (and factors if verify)."""
-  with np.load(path) as data:
-    header = json.loads(str(data["__header__"]))
-    est: dict = {}
-    for key in data.files:
-      if key == "__header__":
-        continue
-      lk, name, which = key.split("/")
-      est.setdefault(lk, {}).setdefault(name, {})[which] = jnp.asarray(data[key])
+  try:
+    with np.load(path) as data:
+      header = json.loads(str(data["__header__"]))
+      est: dict = {}
+      for key in data.files:
+        if key == "__header__":
+          continue
+        lk, name, which = key.split("/")
+        est.setdefault(lk, {}).setdefault(name, {})[which] = jnp.asarray(data[key])
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise DamagedFile(f"{path}: unreadable ({type(e).__name__}: {e})") from e
   if header.get("format") != "sparselora_estimators/1":
-    raise ValueError(f"{path}: not a SparseLoRA estimator file (header {header}).")
+    raise DamagedFile(f"{path}: not a SparseLoRA estimator file (header {header}).")
   if rank is not None and header["rank"] != [rank]:
     raise ValueError(f"{path}: estimator rank {header['rank']} != requested {rank}. "
                      "Fix: rebuild with build_estimators(model, rank).")
