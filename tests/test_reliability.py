@@ -540,3 +540,68 @@ def test_a_torn_last_metrics_line_is_skipped_and_the_next_row_starts_a_new_line(
   writer.close()
   assert metrics.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 1.0},
                                                  {"step": 2, "loss": 2.0}]
+
+
+def test_a_resume_whose_base_or_data_changed_under_the_same_path_is_refused(
+    pretrained_copy, tmp_path):
+  from helpers import tiny_finetune_config  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import inputs  # pylint: disable=g-import-not-at-top
+  # Fine-tune data from a file; two steps, then the base and the data change in place.
+  records = [{"instruction": f"What is {i} + {i}?", "input": "", "output": str(2 * i)}
+             for i in range(64)]
+  data = tmp_path / "train.json"
+  data.write_text(json.dumps(records))
+  cfg = tiny_finetune_config(pretrained_copy, sparse=False, steps=2)
+  cfg.data.update(dict(task="files", train_file=str(data), eval_file=str(data)))
+  workdir = str(tmp_path / "ft")
+  finetune.finetune_and_evaluate(cfg, workdir, quiet=True)
+  again = tiny_finetune_config(pretrained_copy, sparse=False, steps=4)
+  again.data.update(cfg.data.to_dict())
+  data.write_text(json.dumps(records[::-1]))            # same path, same size, other order
+  with pytest.raises(errors.UserError, match=r"inputs\.data\..*train\.json: checkpoint"):
+    finetune.finetune_and_evaluate(again, workdir, quiet=True)
+  data.write_text(json.dumps(records))
+  step_dir = os.path.join(pretrained_copy, "checkpoints", "60", "state")
+  before = inputs.tree_signature(step_dir)
+  victim = max((os.path.join(step_dir, name) for name in before), key=os.path.getsize)
+  with open(victim, "ab") as f:        # the base's newest checkpoint rewritten (still readable)
+    f.write(b"\0")
+  with pytest.raises(errors.UserError, match=r"inputs\.base\.checkpoints/60/state/"):
+    finetune.finetune_and_evaluate(again, workdir, quiet=True)
+
+
+def test_file_signature_sees_the_head_the_tail_and_the_size_not_only_the_path(tmp_path):
+  from lost_jax.recipes import inputs  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "f.bin"
+  body = bytearray(np.random.default_rng(0).bytes(3 << 20))
+  path.write_bytes(bytes(body))
+  sig = inputs.file_signature(str(path))
+  assert sig.startswith(f"{3 << 20}:")
+  for where in (0, len(body) - 1):                      # first and last MiB
+    changed = bytearray(body)
+    changed[where] ^= 1
+    path.write_bytes(bytes(changed))
+    assert inputs.file_signature(str(path)) != sig
+  path.write_bytes(bytes(body) + b"x")
+  assert inputs.file_signature(str(path)) != sig
+  path.write_bytes(bytes(body))
+  assert inputs.file_signature(str(path)) == sig
+
+
+def test_a_base_run_whose_newest_checkpoint_is_damaged_is_read_from_the_previous_one(
+    pretrained_copy, capsys):
+  ckpts = os.path.join(pretrained_copy, "checkpoints")
+  shutil.copytree(os.path.join(ckpts, "60"), os.path.join(ckpts, "61"))
+  _truncate_a_data_file(os.path.join(ckpts, "61"))
+  step, params = checkpoint.read_params(pretrained_copy)
+  assert step == 60 and params is not None
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1 and out[0].startswith(
+      f"checkpoint step 61 of {pretrained_copy} is damaged (") and out[0].endswith(
+          "using step 60"), out
+  assert sorted(os.listdir(ckpts)) == ["60", "61"]          # a base is never changed
+  _truncate_a_data_file(os.path.join(ckpts, "60"))
+  with pytest.raises(errors.UserError, match=r"no checkpoint of .* can be read: step 61: .*; "
+                     r"step 60: .*Fix: point config.init.path at a run with an intact"):
+    checkpoint.read_params(pretrained_copy)

@@ -30,6 +30,7 @@ from lost_jax.training import accounting
 from lost_jax.models.generate import greedy_generate
 from lost_jax.parallel import distributed
 from lost_jax.recipes.base import load_base, tokenizer_path
+from lost_jax.recipes import inputs
 from lost_jax.recipes.lm import next_token_nll
 from lost_jax.training import checkpoint, metrics, runtime
 from lost_jax.training.state import Setup, make_setup as make_state_setup
@@ -179,7 +180,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
                  "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
-                 "sparse": json.loads(cfg.sparse.to_json())}
+                 "sparse": json.loads(cfg.sparse.to_json()),
+                 "inputs": inputs.fingerprint(cfg, "finetune")}
   run = runtime.open_workdir(workdir, cfg, fingerprint)
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)

@@ -12,6 +12,7 @@ from lost_jax.data import text as data
 from lost_jax.data import tokenizer
 from lost_jax.training import accounting
 from lost_jax.models.llama import Llama
+from lost_jax.recipes import inputs
 from lost_jax.recipes.lm import next_token_nll
 from lost_jax.training import checkpoint, runtime
 from lost_jax.training.state import Setup, make_setup as make_state_setup
@@ -61,7 +62,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
   tokenizer.check_vocab(tok, cfg.model.vocab_size)
-  run = runtime.open_workdir(workdir, cfg, checkpoint.model_fingerprint(cfg, tok.vocab_size))
+  run = runtime.open_workdir(workdir, cfg, {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
+                                            "inputs": inputs.fingerprint(cfg, "pretrain")})
   train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                         process_index=pidx, process_count=nproc)
   eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, eval_batch_count(cfg),

@@ -77,19 +77,42 @@ ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoin
 CHECKPOINT_DIR = "checkpoints"   # under the workdir
 
 
-def read_params(workdir: str) -> tuple[int | None, Any]:
-  """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint;
-  (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
+def read_params(workdir: str, log: Callable[[str], None] | None = None
+                ) -> tuple[int | None, Any]:
+  """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint that
+  reads; (None, None) when it has none. Reads nothing else (no optimizer state, no iterator).
+
+  For a run used as a base (read only): a damaged newer checkpoint is reported in one line and
+  skipped, never moved; when none reads, one UserError lists why each failed.
+  """
+  log = log or _print_on_main
   mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                               item_names=ITEMS)
+  failed = []
   try:
-    step = mgr.latest_step()
-    if step is None:
-      return None, None
-    saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, saved["state"]["params"]
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if steps:
+      _silence_abandoned_reads()
+      mute_output()
+    for step in steps:
+      try:
+        saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable part
+        failed.append((step, _reason(e)))
+        continue
+      unmute_output()
+      for bad, reason in failed:
+        log(f"checkpoint step {bad} of {workdir} is damaged ({reason}); using step {step}")
+      return step, saved["state"]["params"]
   finally:
     mgr.close()
+  if failed:
+    raise UserError(
+        f"no checkpoint of {workdir} can be read: " +
+        "; ".join(f"step {s}: {r}" for s, r in failed) +
+        ". Fix: point config.init.path at a run with an intact checkpoint (this command "
+        "changes nothing in it).")
+  return None, None
 
 
 class Checkpointer:
@@ -127,9 +150,10 @@ class Checkpointer:
       if diffs:
         raise UserError(
             f"workdir {os.path.dirname(self.directory)} holds checkpoints (step {step}) of a "
-            "run with different settings: " + "; ".join(diffs[:20]) +
-            ". Fix: use a new --workdir, or the config that wrote these checkpoints "
-            "(learning rate and step count may change on resume).")
+            "run with different settings or input files: " + "; ".join(diffs[:20]) +
+            ". Fix: use a new --workdir, or the config and input files (base model, data) "
+            "that wrote these checkpoints (learning rate and step count may change on "
+            "resume).")
       if allowed and jax.process_index() == 0:
         print(f"resuming step {step} with changed settings:\n  " + "\n  ".join(allowed),
               flush=True)
