@@ -605,3 +605,29 @@ def test_a_base_run_whose_newest_checkpoint_is_damaged_is_read_from_the_previous
   with pytest.raises(errors.UserError, match=r"no checkpoint of .* can be read: step 61: .*; "
                      r"step 60: .*Fix: point config.init.path at a run with an intact"):
     checkpoint.read_params(pretrained_copy)
+
+
+@pytest.mark.slow
+def test_data_worker_processes_print_nothing_on_ctrl_c_or_after_a_resume(tmp_path):
+  workdir = tmp_path / "workers"
+  args = [*PRETRAIN, f"--workdir={workdir}", *TINY, "--config.data.worker_count=2"]
+  # Ctrl-C in a terminal signals the whole process group, data workers included.
+  proc = subprocess.Popen([sys.executable, "-m", "lost_jax.main", *args,
+                           "--config.train.steps=100000"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                          start_new_session=True)
+  deadline = time.time() + 300
+  while not any(r.get("step", 0) >= 3 for r in metrics.read_metrics(str(workdir))):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  stopped = int(re.search(r"done: step (\d+)", out)[1])
+  assert steps_on_disk(workdir)[-1] == stopped
+  resumed = cli(*args, f"--config.train.steps={stopped + 2}")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"done: step {stopped + 2}" in resumed.stdout
+  assert "Traceback" not in resumed.stderr and "Exception ignored" not in resumed.stderr, \
+      resumed.stderr[-3000:]

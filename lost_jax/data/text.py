@@ -9,6 +9,7 @@ positions (restart at 0 per document), segment_ids (1.. per document, 0 on paddi
 from __future__ import annotations
 
 import functools
+import signal
 import logging
 from typing import Any
 
@@ -201,8 +202,15 @@ def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
   if split != (process_index, process_count):
     ds = ds.map(ProcessRows(process_index, process_count))
   if data_cfg.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count),
+                        worker_init_fn=_quiet_worker)
   return iter(ds)
+
+
+def _quiet_worker(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument
+  """Data workers leave Ctrl-C to the training process, which stops them itself: the terminal's
+  SIGINT reaches the whole process group, and each worker would print its own traceback."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_eval_batches(data_cfg, tokenizer, batch_size: int, num_batches: int, *,

@@ -141,6 +141,8 @@ class Trainer:
     ckpt.wait()
     last_good = ckpt.latest_step()
     ckpt.close()
+    if hasattr(train_iter, "close"):   # data worker processes stop now, not at interpreter exit
+      train_iter.close()
     progress.close()
     writer.close()
     runtime.unlock_workdir(run.path)
