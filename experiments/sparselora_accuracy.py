@@ -112,7 +112,10 @@ def rescore(cfg, workdir: str, result: dict, scored_on: dict) -> dict:
   """A finished run's result re-scored on the current eval set (`eval_set(cfg)`, given) from
   its final checkpoint (zero-shot: the base again); timings and FLOPs are kept, the old scores
   under 'previous'."""
-  out = finetune.finetune_and_evaluate(cfg, workdir, quiet=False, evaluate_only=True)
+  if cfg.train.steps:   # the run's final adapters
+    out = finetune.evaluate_checkpoint(cfg, workdir, cfg.train.steps)
+  else:                 # zero-shot: the base again
+    out = finetune.evaluate_base(cfg, workdir)
   keys = ("eval_accuracy", "eval_loss", "eval_set")
   return {**result, "eval_accuracy": out.get("eval_accuracy"), "eval_loss": out["eval_loss"],
           "eval_set": scored_on, "previous": {k: result.get(k) for k in keys}}

@@ -80,7 +80,7 @@ def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_
   # A run without its final checkpoint cannot be re-scored: it says so.
   longer = tiny_config(steps=4)
   runs.write_json(str(path), old)
-  with pytest.raises(UserError, match="no checkpoint of the final step 4"):
+  with pytest.raises(UserError, match="no checkpoint of step 4"):
     sparselora_accuracy.one_run(longer, workdir)
 
 

@@ -6,10 +6,10 @@ command line checks a config before JAX is imported. A run's config is validated
 resolved once (`resolve`) and is locked (frozen) from then on.
 """
 
-from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, INITS,
-                                      LAYER_LOOPS, LINEAR_KINDS, LOSS_CHUNK, MATMUL_BACKWARDS,
-                                      METHODS, OPTIMIZERS, PLATFORMS, PRECISIONS, ROPE_TYPES,
-                                      SIZES, SPARSE_INITS, STEP_PRESETS)
+from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, EXTEND_MODES,
+                                      INITS, LAYER_LOOPS, LINEAR_KINDS, LOSS_CHUNK,
+                                      MATMUL_BACKWARDS, METHODS, OPTIMIZERS, PLATFORMS,
+                                      PRECISIONS, ROPE_TYPES, SIZES, SPARSE_INITS, STEP_PRESETS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity, parse_layers
 from lost_jax.configs.presets import (FINETUNE_PRESETS, SMOLLM2_ATTN, SMOLLM2_FFN,
                                       SMOLLM2_LATE_ATTN, SMOLLM2_LATE_FFN, FinetunePreset,
@@ -27,6 +27,7 @@ __all__ = [
     "ACTIVATIONS",
     "ATTENTION_IMPLS",
     "ATTENTIONS",
+    "EXTEND_MODES",
     "INITS",
     "LAYER_LOOPS",
     "LINEAR_KINDS",

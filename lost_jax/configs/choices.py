@@ -29,6 +29,10 @@ SPARSE_INITS = ("complement", "weight", "random_channels")
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
 
 
+# train.extend: what a resume with more train.steps does to the lr schedule.
+EXTEND_MODES = ("stretch", "constant")
+
+
 
 
 

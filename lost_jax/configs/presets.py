@@ -84,6 +84,9 @@ def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
       shared_lr=0.0,
       warmup_frac=0.1,
       min_lr_ratio=0.1,
+      # A resume with more steps: stretch the schedule over them, or keep the one the run
+      # was made with and hold its final lr (constant).
+      extend="stretch",
       b1=0.9,
       b2=0.95 if method == "lost" else 0.999,
       eps=1e-8,
@@ -235,7 +238,8 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   ))
   cfg.train = ml_collections.ConfigDict(dict(
       steps=200 if quick else 1000, batch_size=16, microbatches=1, optimizer="adamw",
-      lr=3e-3 if quick else 3e-4, warmup_frac=0.05, min_lr_ratio=0.1, b1=0.9, b2=0.999,
+      lr=3e-3 if quick else 3e-4, warmup_frac=0.05, min_lr_ratio=0.1, extend="stretch",
+      b1=0.9, b2=0.999,
       eps=1e-8, weight_decay=0.0, decay_norms_and_embeddings=True, clip_norm=1.0,
       precision="float32" if quick else "mixed", eval_every=50 if quick else 200,
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,

@@ -6,9 +6,9 @@ import math
 
 import ml_collections
 
-from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, INITS,
-                                      LAYER_LOOPS, LINEAR_KINDS, MATMUL_BACKWARDS, OPTIMIZERS,
-                                      PRECISIONS, ROPE_TYPES, SPARSE_INITS)
+from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, EXTEND_MODES,
+                                      INITS, LAYER_LOOPS, LINEAR_KINDS, MATMUL_BACKWARDS,
+                                      OPTIMIZERS, PRECISIONS, ROPE_TYPES, SPARSE_INITS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity
 from lost_jax.configs.schema import projection_shapes
 from lost_jax.errors import UserError
@@ -65,6 +65,9 @@ def validate_train(t: ml_collections.ConfigDict, min_steps: int = 1) -> None:
             "and norms train at train.lr) or their own peak learning rate")
   _in_range("train.warmup_frac", t.warmup_frac, 0.0, 1.0, "a fraction of steps such as 0.1")
   _in_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, "a fraction of lr such as 0.1")
+  if t.get("extend", "stretch") not in EXTEND_MODES:
+    _fail("train.extend", f"unknown mode {t.extend!r}", f"use one of {EXTEND_MODES} (what a "
+          "resume with more train.steps does to the lr schedule)")
   _in_range("train.b1", t.b1, 0.0, 1.0, "e.g. 0.9", hi_open=True)
   _in_range("train.b2", t.b2, 0.0, 1.0, "e.g. 0.999", hi_open=True)
   _in_range("train.eps", t.eps, 0.0, _INF, "e.g. 1e-8", lo_open=True)

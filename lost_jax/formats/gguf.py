@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from lost_jax import configs as configs_lib
+from lost_jax import progress
 from lost_jax.formats import hf as hf_lib
 from lost_jax.errors import UserError
 from lost_jax.models.llama import Llama
@@ -144,7 +145,8 @@ def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "fl
                     "LLaMA per its metadata. Fix: check the file is a complete llama GGUF.")
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   head_dim = cfg.d_model // cfg.n_heads
-  for name, (attr, transpose) in names.items():
+  for name, (attr, transpose) in progress.track(list(names.items()), "loading GGUF base",
+                                                "tensor"):
     x = _dequantize(tensors[name])
     if name.endswith("attn_q.weight"):
       x = unpermute_qk(x, cfg.n_heads)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lost_jax import configs as configs_lib
+from lost_jax import progress
 from lost_jax.layers import linear as layers_lib
 from lost_jax.parallel import sharding as sharding_lib
 from lost_jax.errors import UserError
@@ -237,23 +238,12 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
   by_file: dict[str, list[str]] = {}
   for name, file in files.items():
     by_file.setdefault(file, []).append(name)
-  for file, file_names in sorted(by_file.items()):
-    with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
-      for name in file_names:
-        attr, transpose = names[name]
-        var = get_path(model, attr)
-        want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-        got = f.get_slice(name)
-        if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
-          raise UserError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
-                          f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
-                          f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
-                          f"checkpoint matches its {CONFIG_FILE}.")
-        if mesh is not None:
-          var.set_value(_sharded_read(got, var, transpose, mesh))
-          continue
-        x = f.get_tensor(name)
-        _set(var, x.T if transpose else x, mesh)
+  with progress.bar(len(files), "loading HF base", "tensor") as read:
+    for file, file_names in sorted(by_file.items()):
+      with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
+        for name in file_names:
+          _read_tensor(f, name, names[name], model, mesh, file)
+          read.update(1)
   if tied:
     _set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)
   for p, var in nnx.to_flat_state(nnx.state(model)):
@@ -261,6 +251,25 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
       raise ValueError(f"lost_jax parameter {_path_str(p)} has no HF tensor in tensor_map. Fix: "
                        "extend lost_jax.hf.tensor_map for the new parameter.")
   return model
+
+
+def _read_tensor(f, name: str, target: tuple[tuple[str | int, ...], bool], model: Llama,
+                 mesh: jax.sharding.Mesh | None, file: str) -> None:
+  """Read safetensors tensor `name` of the open file `f` into its variable of `model`."""
+  attr, transpose = target
+  var = get_path(model, attr)
+  want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+  got = f.get_slice(name)
+  if tuple(got.get_shape()) != want or got.get_dtype() not in _DTYPES:
+    raise UserError(f"{file}: tensor {name!r} is {got.get_dtype()} {tuple(got.get_shape())}"
+                    f" but {CONFIG_FILE} implies a float32/bfloat16/float16 {want} "
+                    f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
+                    f"checkpoint matches its {CONFIG_FILE}.")
+  if mesh is not None:
+    var.set_value(_sharded_read(got, var, transpose, mesh))
+    return
+  x = f.get_tensor(name)
+  _set(var, x.T if transpose else x, mesh)
 
 
 def _sharded_read(tensor_slice, var: nnx.Variable, transpose: bool,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lost_jax import configs, errors
+from lost_jax import configs, errors, progress
 from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
@@ -32,7 +33,7 @@ from lost_jax.parallel import distributed
 from lost_jax.recipes.base import load_base, tokenizer_path
 from lost_jax.recipes import inputs
 from lost_jax.recipes.lm import next_token_nll
-from lost_jax.training import checkpoint, metrics, runtime
+from lost_jax.training import checkpoint, metrics, optim, runtime
 from lost_jax.training.state import Setup, make_setup as make_state_setup
 from lost_jax.training.trainer import Recipe, Trainer
 
@@ -116,7 +117,7 @@ class SparseSchedule:
 def schedule(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan) -> SparseSchedule:
   """The run's SparseSchedule (sparsity from step start_frac * steps, if any layer is sparse)."""
   return SparseSchedule(cfg.data.seq_len, cfg.sparse.bucket,
-                        int(cfg.sparse.start_frac * cfg.train.steps),
+                        int(cfg.sparse.start_frac * optim.schedule_steps(cfg.train)),
                         bool(cfg.sparse.enabled and plan.estimator_layers()),
                         bool(cfg.sparse.get("dense_outputs", True)))
 
@@ -163,52 +164,62 @@ def abstract_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return make_setup(built["cfg"], module, built["plan"], mesh), built["cfg"]
 
 
-def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                          quiet: bool = False, stop_at: int | None = None,
-                          evaluate_only: bool = False) -> dict:
-  """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`.
-
-  evaluate_only: evaluate the finished run's final checkpoint (step train.steps) on the
-  current eval data, without training or writing metrics (re-scoring a finished run).
-  """
-  cfg, mesh = runtime.start(cfg, "finetune")
+def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest, *,
+               show: bool = True) -> Callable[[dict], dict]:
+  """`state -> {eval_loss, eval_tokens, eval_accuracy}` on the run's held-out examples
+  (accuracy by greedy decoding of the first train.accuracy_examples of them, if any)."""
   nproc, pidx = jax.process_count(), jax.process_index()
-  local_batch = cfg.train.batch_size // nproc
-  workdir = runtime.make_workdir(workdir)
-
-  module, plan, cfg = adapted_model(cfg, workdir, mesh)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
-                 "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
-                 "sparse": json.loads(cfg.sparse.to_json()),
-                 "inputs": inputs.fingerprint(cfg, "finetune")}
-  run = runtime.open_workdir(workdir, cfg, fingerprint)
-  train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
+  eval_batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size // nproc,
                                             process_index=pidx, process_count=nproc)
-  eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch, process_index=pidx,
-                                            process_count=nproc)
   eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
 
-  trainer = Trainer(recipe(cfg, module, plan), cfg.train, mesh,
-                    moment_dtype=jnp.dtype(cfg.model.param_dtype))
-  state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
-
   def evaluate(state) -> dict:
-    out = trainer.eval_loss(state["params"], rest, eval_batches)
+    out = trainer.eval_loss(state["params"], rest, eval_batches, show=show)
     if eval_records:
       out["eval_accuracy"] = accuracy(trainer.setup.graphdef, state["params"], rest,
                                       eval_records, tok, cfg.data.max_prompt_len,
                                       cfg.data.max_new_tokens, cfg.data.template,
-                                      final_answer=cfg.data.task == "gsm")
+                                      final_answer=cfg.data.task == "gsm", show=show)
     return out
 
-  if evaluate_only and cfg.train.steps:
-    if start != cfg.train.steps:
-      raise UserError(f"workdir {workdir} has no checkpoint of the final step "
-                      f"{cfg.train.steps} to evaluate (latest: {start or 'none'}). "
-                      "Fix: finish the run first (the same command without re-scoring).")
-    runtime.unlock_workdir(run.path)
-    return {"step": start, **evaluate(state)}
+  return evaluate
+
+
+def _fingerprint(cfg: ml_collections.FrozenConfigDict, vocab_size: int) -> dict:
+  return {**checkpoint.model_fingerprint(cfg, vocab_size),
+          "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
+          "sparse": json.loads(cfg.sparse.to_json()),
+          "inputs": inputs.fingerprint(cfg, "finetune")}
+
+
+def _trainer(cfg: ml_collections.FrozenConfigDict, module: SparseLoRALlama,
+             plan: sl_plan.SparsityPlan, mesh: jax.sharding.Mesh) -> Trainer:
+  return Trainer(recipe(cfg, module, plan), cfg.train, mesh,
+                 moment_dtype=jnp.dtype(cfg.model.param_dtype))
+
+
+def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                          quiet: bool = False, stop_at: int | None = None) -> dict:
+  """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`.
+
+  train.steps=0 in a new workdir evaluates the base zero-shot (written as step 0); a workdir
+  whose checkpoint is past train.steps is refused (`lost_jax.main evaluate` scores it).
+  """
+  cfg, mesh = runtime.start(cfg, "finetune")
+  nproc, pidx = jax.process_count(), jax.process_index()
+  workdir = runtime.make_workdir(workdir)
+  runtime.check_step_count(workdir, cfg.train.steps)   # before the base is loaded
+
+  module, plan, cfg = adapted_model(cfg, workdir, mesh)
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
+  cfg = run.cfg
+  train_iter = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
+                                            seed=cfg.seed, process_index=pidx,
+                                            process_count=nproc)
+  trainer = _trainer(cfg, module, plan, mesh)
+  state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
+  evaluate = evaluation(cfg, tok, trainer, rest, show=not quiet)
   if cfg.train.steps == 0:   # zero-shot: LoRA's B starts at zero, so this is the base model
     result = {"step": 0, **evaluate(state)}
     metrics.MetricWriter(workdir, enabled=pidx == 0).write(0, result)
@@ -218,15 +229,49 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                      stop_at=stop_at)
 
 
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                        *, quiet: bool = False) -> dict:
+  """{"step", eval_loss, eval_tokens, eval_accuracy} of the fine-tune's checkpoint `step`
+  (default: the newest): its adapters on the base `cfg.init` names; writes nothing but the
+  estimator cache."""
+  cfg, mesh = runtime.start(cfg, "finetune")
+  ckpt, step = runtime.open_checkpoint(workdir, cfg, step)   # before the base is loaded
+  try:
+    module, plan, cfg = adapted_model(cfg, workdir, mesh)
+    tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+    ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
+    trainer = _trainer(cfg, module, plan, mesh)
+    state, rest = trainer.restore(ckpt, step)
+  finally:
+    ckpt.close()
+  return {"step": step, **evaluation(cfg, tok, trainer, rest, show=not quiet)(state)}
+
+
+def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+  """The eval metrics of the base `cfg.init` names with no adapters (zero-shot: LoRA's B
+  starts at zero), on the preset's held-out examples; `workdir` caches the estimators."""
+  cfg, mesh = runtime.start(cfg, "finetune")
+  workdir = runtime.make_workdir(workdir)
+  module, plan, cfg = adapted_model(cfg, workdir, mesh)
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  trainer = _trainer(cfg, module, plan, mesh)
+  state, rest = trainer.setup.init(jax.random.key(cfg.seed))
+  return evaluation(cfg, tok, trainer, rest, show=not quiet)(state)
+
+
 def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
              template: str = "alpaca", batch_size: int = 32,
-             final_answer: bool = False) -> float:
-  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model."""
+             final_answer: bool = False, show: bool = True) -> float:
+  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model (a progress bar
+  of the problems answered, with an ETA, when `show`)."""
   model = nnx.merge(graphdef, params, rest).model
   generated = []
-  for i in range(0, len(records), batch_size):
-    chunk = records[i:i + batch_size]
-    ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
-    generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
-                                                max_new_tokens=max_new)))
+  with progress.bar(len(records), "eval accuracy (greedy decoding)", "problem",
+                    enabled=show, leave=False) as answered:
+    for i in range(0, len(records), batch_size):
+      chunk = records[i:i + batch_size]
+      ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
+      generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
+                                                  max_new_tokens=max_new)))
+      answered.update(len(chunk))
   return instruct.exact_match(np.concatenate(generated), records, tok, final_answer)

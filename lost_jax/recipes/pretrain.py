@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,37 @@ def eval_batch_count(cfg: ml_collections.ConfigDict) -> int:
   return cfg.train.eval_batches
 
 
+def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest, *,
+               show: bool = True) -> Callable[[dict], dict]:
+  """`state -> {eval_loss, eval_ppl, eval_tokens}` on the run's validation batches."""
+  nproc, pidx = jax.process_count(), jax.process_index()
+  eval_batches = data.make_eval_batches(cfg.data, tok, cfg.train.batch_size // nproc,
+                                        eval_batch_count(cfg), process_index=pidx,
+                                        process_count=nproc)
+
+  def evaluate(state) -> dict:
+    out = trainer.eval_loss(state["params"], rest, eval_batches, show=show)
+    return {"eval_loss": out["eval_loss"], "eval_ppl": math.exp(min(out["eval_loss"], 50.0)),
+            "eval_tokens": out["eval_tokens"]}
+
+  return evaluate
+
+
+def _tokenizer(cfg: ml_collections.FrozenConfigDict):
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  tokenizer.check_vocab(tok, cfg.model.vocab_size)
+  return tok
+
+
+def _fingerprint(cfg: ml_collections.FrozenConfigDict, vocab_size: int) -> dict:
+  return {**checkpoint.model_fingerprint(cfg, vocab_size),
+          "inputs": inputs.fingerprint(cfg, "pretrain")}
+
+
+def _trainer(cfg: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+  return Trainer(recipe(cfg), cfg.train, mesh, moment_dtype=jnp.dtype(cfg.model.param_dtype))
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                        quiet: bool = False, stop_at: int | None = None) -> dict:
   """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics.
@@ -58,25 +90,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   """
   cfg, mesh = runtime.start(cfg, "pretrain")
   nproc, pidx = jax.process_count(), jax.process_index()
-  local_batch = cfg.train.batch_size // nproc
-
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  tokenizer.check_vocab(tok, cfg.model.vocab_size)
-  run = runtime.open_workdir(workdir, cfg, {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
-                                            "inputs": inputs.fingerprint(cfg, "pretrain")})
-  train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
-                                        process_index=pidx, process_count=nproc)
-  eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, eval_batch_count(cfg),
-                                        process_index=pidx, process_count=nproc)
-
-  trainer = Trainer(recipe(cfg), cfg.train, mesh,
-                    moment_dtype=jnp.dtype(cfg.model.param_dtype))
+  tok = _tokenizer(cfg)
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
+  cfg = run.cfg
+  train_iter = data.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
+                                        seed=cfg.seed, process_index=pidx, process_count=nproc)
+  trainer = _trainer(cfg, mesh)
   state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
-
-  def evaluate(state) -> dict:
-    out = trainer.eval_loss(state["params"], rest, eval_batches)
-    return {"eval_loss": out["eval_loss"], "eval_ppl": math.exp(min(out["eval_loss"], 50.0)),
-            "eval_tokens": out["eval_tokens"]}
-
-  return trainer.fit(state, rest, start, train_iter, run, evaluate, quiet=quiet,
+  return trainer.fit(state, rest, start, train_iter, run,
+                     evaluation(cfg, tok, trainer, rest, show=not quiet), quiet=quiet,
                      stop_at=stop_at)
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                        *, quiet: bool = False) -> dict:
+  """{"step", eval_loss, eval_ppl, eval_tokens} of the run's checkpoint `step` (default: the
+  newest) on its validation batches; reads the workdir only."""
+  cfg, mesh = runtime.start(cfg, "pretrain")
+  ckpt, step = runtime.open_checkpoint(workdir, cfg, step)
+  tok = _tokenizer(cfg)
+  trainer = _trainer(cfg, mesh)
+  try:
+    ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same data
+    state, rest = trainer.restore(ckpt, step)
+  finally:
+    ckpt.close()
+  return {"step": step, **evaluation(cfg, tok, trainer, rest, show=not quiet)(state)}

@@ -40,6 +40,7 @@ def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
   config.train (learning rate, step count, ...), listed as `schedule`.
   """
   train_cfg = cfg.train.to_dict()
+  train_cfg.pop("schedule_steps", None)   # resolved on resume: `fingerprint["schedule_steps"]`
   # model.perf is left out: a checkpoint written with one attention kernel or matmul backward
   # (e.g. on a GPU) resumes with another (e.g. on a CPU).
   model = {k: v for k, v in cfg.model.to_dict().items() if k != "perf"}
@@ -77,6 +78,20 @@ ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoin
 CHECKPOINT_DIR = "checkpoints"   # under the workdir
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of a workdir's finished checkpoints, oldest first ([] when it has none);
+  reads only the directory listing and creates nothing."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  mgr = ocp.CheckpointManager(directory, item_names=ITEMS,
+                              options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return sorted(mgr.all_steps())
+  finally:
+    mgr.close()
+
+
 def read_params(workdir: str, log: Callable[[str], None] | None = None
                 ) -> tuple[int | None, Any]:
   """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint that
@@ -98,7 +113,7 @@ def read_params(workdir: str, log: Callable[[str], None] | None = None
       try:
         saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any unreadable part
-        failed.append((step, _reason(e)))
+        failed.append((step, failure_reason(e)))
         continue
       unmute_output()
       for bad, reason in failed:
@@ -135,11 +150,12 @@ class Checkpointer:
       raise ValueError(f"its meta item does not describe step {step}")
     return meta
 
-  def check_compatible(self, fingerprint: dict) -> None:
+  def check_compatible(self, fingerprint: dict) -> dict | None:
     """Refuse (before anything is compiled or overwritten) a workdir of another model config.
 
-    Checked against the newest checkpoint whose metadata reads; a damaged one is left for
-    `restore_latest` to report.
+    Checked against the newest checkpoint whose metadata reads (returned: {step,
+    fingerprint}; None when there is none); a damaged one is left for `restore_latest` to
+    report.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -157,7 +173,8 @@ class Checkpointer:
       if allowed and jax.process_index() == 0:
         print(f"resuming step {step} with changed settings:\n  " + "\n  ".join(allowed),
               flush=True)
-      return
+      return meta
+    return None
 
   def save(self, step: int, state, rest, data_iter, fingerprint: dict, *,
            force: bool = False) -> bool:
@@ -171,10 +188,12 @@ class Checkpointer:
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state, abstract_rest, data_iter):
-    """Restore into arrays with the shardings of the abstract trees; data_iter is set in place."""
+    """Restore into arrays with the shardings of the abstract trees; data_iter is set in place
+    (None: the data position is not read, as for an evaluation)."""
     self._meta(step)
-    items = dict(state=ocp.args.StandardRestore(abstract_state),
-                 data=grain.checkpoint.CheckpointRestore(data_iter))
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     has_rest = abstract_rest is not None and jax.tree.leaves(abstract_rest)
     if has_rest:
       items["rest"] = ocp.args.StandardRestore(abstract_rest)
@@ -203,7 +222,7 @@ class Checkpointer:
       try:
         state, rest = self.restore(step, abstract_state, abstract_rest, data_iter)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable part
-        failed.append((step, _reason(e)))
+        failed.append((step, failure_reason(e)))
         continue
       unmute_output()
       for bad, reason in failed:
@@ -244,7 +263,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
   """The root cause of a failed restore (e.g. tensorstore's OUT_OF_RANGE), on one line."""
   while e.__cause__ is not None:
     e = e.__cause__

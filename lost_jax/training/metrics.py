@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import tqdm
@@ -55,6 +56,27 @@ def _summary_writer_cls():
   return SummaryWriter
 
 
+EVALUATIONS = "evaluations.jsonl"
+
+
+def append_evaluation(workdir: str, row: dict) -> dict:
+  """Append one evaluation (labelled with what was evaluated) to <workdir>/evaluations.jsonl
+  on process 0, stamped with the UTC time; the training metrics are left alone."""
+  row = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, EVALUATIONS), "a") as f:
+      f.write(json.dumps(row) + "\n")
+  return row
+
+
+def read_evaluations(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, EVALUATIONS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -70,27 +92,65 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
+class StepClock:
+  """Seconds per step in steady state, for the ETA.
+
+  The first `warmup` steps after `start` hold compilation (and the first allocations), so
+  the rate is measured from the end of step start + warmup on; until a step after that is
+  marked, the last interval between two marked steps stands in (None before two marks).
+  """
+
+  def __init__(self, start: int, warmup: int = 2, clock: Callable[[], float] = time.time):
+    self.start, self.warmup, self.clock = start, warmup, clock
+    self.ref: tuple[int, float] | None = None      # (step, time) at the end of warm-up
+    self.prev: tuple[int, float] | None = None
+    self.last: tuple[int, float] | None = None
+
+  def mark(self, step: int, now: float | None = None) -> None:
+    """Step `step` has finished (at `now`, default the clock)."""
+    now = self.clock() if now is None else now
+    if self.ref is None and step >= self.start + self.warmup:
+      self.ref = (step, now)
+    self.prev, self.last = self.last, (step, now)
+
+  def seconds_per_step(self) -> float | None:
+    if self.ref is not None and self.last[0] > self.ref[0]:
+      return (self.last[1] - self.ref[1]) / (self.last[0] - self.ref[0])
+    if self.prev is not None and self.last[0] > self.prev[0]:
+      return (self.last[1] - self.prev[1]) / (self.last[0] - self.prev[0])
+    return None
+
+  def eta(self, step: int, total: int) -> str:
+    """H:MM:SS left for steps step..total at the steady-state rate ('?' before one is known)."""
+    rate = self.seconds_per_step()
+    if rate is None:
+      return "?"
+    return format_seconds(rate * max(total - step, 0))
+
+
+def format_seconds(secs: float) -> str:
+  """H:MM:SS (hours may exceed 24)."""
+  secs = int(round(secs))
+  return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
 class Progress:
   """A tqdm bar (step, ETA) plus one printed line per logged step."""
 
   def __init__(self, total: int, start: int, enabled: bool = True):
     self.bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, unit="step",
                          dynamic_ncols=True, mininterval=1.0)
-    self.start_time = time.time()
-    self.start = start
+    self.clock = StepClock(start)
 
   def update(self, step: int) -> None:
+    self.clock.mark(step)
     self.bar.update(step - self.bar.n)
 
   def log(self, line: str) -> None:
     self.bar.write(line)
 
   def eta(self, step: int, total: int) -> str:
-    done = step - self.start
-    if done <= 0:
-      return "?"
-    secs = (time.time() - self.start_time) / done * (total - step)
-    return time.strftime("%H:%M:%S", time.gmtime(secs))
+    return self.clock.eta(step, total)
 
   def close(self) -> None:
     self.bar.close()

@@ -19,12 +19,20 @@ from lost_jax.errors import UserError
 MIN_8BIT_SIZE = 4096     # smaller moments stay unquantised (bitsandbytes' min_8bit_size).
 
 
-def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to train.lr over warmup_frac of steps, cosine decay to min_lr_ratio * lr."""
-  warmup = max(1, int(train.warmup_frac * train.steps))
+def schedule_steps(train: ml_collections.ConfigDict) -> int:
+  """The steps the lr schedule spans: train.steps, or on a resumed run the length
+  `train.extend` kept (`runtime.open_workdir` records it as train.schedule_steps)."""
+  return int(train.get("schedule_steps") or train.steps)
+
+
+def lr_schedule(train: ml_collections.ConfigDict, steps: int | None = None) -> optax.Schedule:
+  """Linear warmup to train.lr over warmup_frac of the schedule's steps (`schedule_steps`, or
+  `steps`), cosine decay to min_lr_ratio * lr at its end, then held there."""
+  steps = schedule_steps(train) if steps is None else steps
+  warmup = max(1, int(train.warmup_frac * steps))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.lr, warmup_steps=warmup,
-      decay_steps=max(train.steps, warmup + 1), end_value=train.lr * train.min_lr_ratio)
+      decay_steps=max(steps, warmup + 1), end_value=train.lr * train.min_lr_ratio)
 
 
 def _paths(params: nnx.State):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ from lost_jax import configs, files
 from lost_jax.errors import UserError
 from lost_jax.parallel import sharding
 from lost_jax.parallel.distributed import initialize_distributed
-from lost_jax.training import checkpoint
+from lost_jax.training import checkpoint, optim
 
 
 class StopFlag:
@@ -158,22 +159,125 @@ def start(cfg: ml_collections.ConfigDict, command: str
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-  """The run's directory: its checkpointer and the fingerprint checkpoints must match."""
+  """The run's directory: its checkpointer, the fingerprint checkpoints must match, and the
+  run config as resolved against its checkpoints (train.schedule_steps set)."""
   path: str
   ckpt: checkpoint.Checkpointer
   fingerprint: dict
+  cfg: ml_collections.FrozenConfigDict | None = None
+
+
+def check_step_count(workdir: str, steps: int) -> None:
+  """Refuse a train.steps below the step of the workdir's newest checkpoint: the run would
+  train nothing and label that checkpoint's weights with the smaller step."""
+  saved = checkpoint.saved_steps(workdir)
+  if saved and saved[-1] > steps:
+    raise UserError(
+        f"--workdir={workdir} holds a checkpoint of step {saved[-1]}, past "
+        f"config.train.steps={steps}: nothing would be trained and its weights would be "
+        f"labelled step {steps}. Fix: evaluate it with `python -m lost_jax.main evaluate "
+        f"--workdir={workdir}` (--step=N for an older one), or pass "
+        f"--config.train.steps above {saved[-1]} to train further.")
+
+
+def resumed_schedule(train: ml_collections.ConfigDict, saved: dict | None
+                     ) -> tuple[int, str | None]:
+  """(steps the lr schedule spans, a line saying what a resume does to it, or None).
+
+  A fresh run's schedule spans train.steps. A resumed run that changes train.steps either
+  rebuilds it over the new count (`train.extend=stretch`: the lr at the resumed step moves)
+  or keeps the one its checkpoint was trained with (`constant`: steps past its end hold its
+  final lr); the length is recorded in every checkpoint, so a later resume keeps it.
+  """
+  if saved is None:
+    return int(train.steps), None
+  fp = saved["fingerprint"]
+  old = int(fp.get("schedule_steps") or fp.get("schedule", {}).get("steps") or train.steps)
+  step, mode = int(saved["step"]), train.get("extend", "stretch")
+  new = int(train.steps) if mode == "stretch" else old
+  if new == old and train.steps <= old:
+    return old, None
+  lr = lambda length: float(optim.lr_schedule(train, length)(step))
+  end_lr = train.lr * train.min_lr_ratio
+  if new != old:
+    return new, (f"lr schedule (train.extend=stretch): rebuilt over {new} steps instead of "
+                 f"{old}, so the lr at the resumed step {step} moves from {lr(old):.3e} to "
+                 f"{lr(new):.3e}. To keep the {old}-step schedule and hold its final lr "
+                 f"{end_lr:.3e} for the added steps, pass --config.train.extend=constant.")
+  return old, (f"lr schedule (train.extend=constant): the {old}-step schedule is kept; the lr "
+               f"at the resumed step {step} stays {lr(old):.3e} and steps {old}..{train.steps} "
+               f"hold its final lr {end_lr:.3e}.")
 
 
 def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict) -> RunDir:
   """Lock the workdir (process 0: one run per workdir), check that its checkpoints fit this
-  config and can be written, then record the resolved config."""
+  config and can be written, resolve the lr schedule's length against them
+  (`resumed_schedule`), then record the resolved config.
+
+  The returned RunDir's cfg (train.schedule_steps set) is the one to train with, and its
+  fingerprint (with schedule_steps) the one to save.
+  """
   workdir = make_workdir(workdir)
+  check_step_count(workdir, cfg.train.steps)
   if jax.process_index() == 0:
     lock_workdir(workdir)
     check_writable(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), "the checkpoint directory")
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
                                  keep=cfg.train.keep_checkpoints)
-  ckpt.check_compatible(fingerprint)
+  saved = ckpt.check_compatible(fingerprint)
+  length, note = resumed_schedule(cfg.train, saved)
+  cfg = configs.with_group(cfg, train=dict(cfg.train.to_dict(), schedule_steps=length))
   if jax.process_index() == 0:
+    if note:
+      print(note, flush=True)
     files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
-  return RunDir(workdir, ckpt, fingerprint)
+  return RunDir(workdir, ckpt, {**fingerprint, "schedule_steps": length}, cfg)
+
+
+RUN_CONFIG = "config.json"
+# model.perf settings resolved from the platform a run trained on: an evaluation resolves
+# them again for the platform it runs on (the numbers do not depend on them).
+_PLATFORM_PERF = ("matmul_backward", "attention", "attention_impl")
+
+
+def read_run_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(command, config) of the run in `workdir`, from the config.json it recorded: 'finetune'
+  for a config with a lora group, else 'pretrain'. A directory that is no run is refused."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} does not exist. Fix: pass the --workdir a pretrain "
+                    "or finetune command trained in.")
+  try:
+    with open(path) as f:
+      run = json.load(f)
+    run["model"], run["train"]   # pylint: disable=pointless-statement
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"--workdir={workdir} is not a lost_jax run ({RUN_CONFIG} is missing or "
+                    f"is not a run config: {type(e).__name__}). Fix: pass the --workdir a "
+                    "pretrain or finetune command trained in; to evaluate a base model alone, "
+                    "pass --config=configs/finetune.py:<preset> --config.init.path=BASE "
+                    "and a new --workdir.") from e
+  for key in _PLATFORM_PERF:
+    if key in run["model"].get("perf", {}):
+      run["model"]["perf"][key] = "auto"
+  return ("finetune" if "lora" in run else "pretrain"), ml_collections.ConfigDict(run)
+
+
+def open_checkpoint(workdir: str, cfg: ml_collections.ConfigDict, step: int | None
+                    ) -> tuple[checkpoint.Checkpointer, int]:
+  """(the run's checkpointer, `step` or its newest checkpoint's), for reading only; a run
+  without checkpoints or without that step is refused."""
+  saved = checkpoint.saved_steps(workdir)
+  if not saved:
+    raise UserError(f"--workdir={workdir} has no checkpoint yet. Fix: train it first (the "
+                    "pretrain or finetune command with this --workdir), or wait for its first "
+                    "checkpoint (config.train.ckpt_every).")
+  if step is None:
+    step = saved[-1]
+  elif step not in saved:
+    raise UserError(f"--workdir={workdir} has no checkpoint of step {step} (saved: "
+                    f"{', '.join(map(str, saved))}; older ones are deleted past "
+                    f"config.train.keep_checkpoints). Fix: pass --step= one of those, or none "
+                    "for the newest.")
+  return checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
+                                 keep=cfg.train.keep_checkpoints), step

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lost_jax.errors import TrainingDiverged
+from lost_jax import progress
+from lost_jax.errors import TrainingDiverged, UserError
 from lost_jax.training import checkpoint, metrics, runtime
 from lost_jax.training.runtime import RunDir, StopFlag
 from lost_jax.training.state import Setup, make_setup, to_global
@@ -78,10 +79,26 @@ class Trainer:
       rest = setup.place_rest()
     return state, rest, start
 
-  def eval_loss(self, params, rest, batches) -> dict:
-    """Exact token-weighted mean loss over `batches` (host batches of this process)."""
+  def restore(self, ckpt: checkpoint.Checkpointer, step: int):
+    """(state, rest) of checkpoint `step` in the setup's shardings, for an evaluation (the
+    data position is not read); one UserError when it cannot be restored."""
+    setup = self.setup
+    try:
+      state, rest = ckpt.restore(
+          step, checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+          checkpoint.abstract_with_shardings(setup.abstract_rest, setup.rest_shardings)
+          if self.recipe.save_rest else None, None)
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable part
+      raise UserError(f"checkpoint step {step} in {ckpt.directory} cannot be restored "
+                      f"({checkpoint.failure_reason(e)}). Fix: pass an intact one with --step "
+                      "(a damaged one is moved aside when the run resumes).") from e
+    return state, (setup.place_rest() if rest is None else rest)
+
+  def eval_loss(self, params, rest, batches, *, show: bool = True) -> dict:
+    """Exact token-weighted mean loss over `batches` (host batches of this process); a
+    progress bar of the batches when `show`."""
     nll, weight = 0.0, 0.0
-    for batch in batches:
+    for batch in progress.track(batches, "eval loss", "batch", enabled=show, leave=False):
       static = self.recipe.static(batch, None)
       n, w = self.eval_step(params, rest, to_global(batch, self.mesh), static)
       nll, weight = nll + float(n), weight + float(w)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lost_jax import files
+from lost_jax import files, progress
 from lost_jax.layers.linear import check_rank
 from lost_jax.adapters.lora import Linear
 from lost_jax.models.llama import projection
@@ -43,7 +43,7 @@ def build_estimators(model, rank: int = 8, layers: Sequence[int] | None = None) 
   """{'layer_i': {m: {'p': [n, r], 'q': [r, m']}} for m in gate, up, q, k, v} (float32)."""
   layers = range(len(model.layers)) if layers is None else layers
   est = {}
-  for i in layers:
+  for i in progress.track(list(layers), "SparseLoRA estimators (SVD)", "layer"):
     block = model.layers[i]
     est[layer_key(i)] = {}
     for name in EST_MODULES:

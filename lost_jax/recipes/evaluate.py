@@ -1,0 +1,42 @@
+"""Evaluation alone: a run's checkpoint, or a fine-tune preset's base with no adapters.
+
+`evaluate_run(workdir, step)` reads the run's recorded config.json (so its own eval set and
+settings), restores checkpoint `step` (default: the newest) and scores it as the run's end of
+training did: perplexity and loss for pre-training, loss and exact-match accuracy for a
+fine-tune. `evaluate_base(cfg, workdir)` scores a fine-tune preset's base zero-shot. Each
+result is appended to `<workdir>/evaluations.jsonl`, never to the training metrics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from lost_jax.recipes import finetune, pretrain
+from lost_jax.training import metrics, runtime
+
+ZERO_SHOT = "base (zero-shot)"
+
+
+def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) -> dict:
+  """{"step", **eval metrics} of the run in `workdir` at checkpoint `step` (newest if None)."""
+  command, cfg = runtime.read_run_config(workdir)
+  recipe = pretrain if command == "pretrain" else finetune
+  out = recipe.evaluate_checkpoint(cfg, workdir, step, quiet=quiet)
+  checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(out["step"]))
+  metrics.append_evaluation(workdir, {"step": out["step"], "checkpoint": checkpoint,
+                                      "recipe": command, **_floats(out, "step")})
+  return out
+
+
+def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+  """{"model": "base (zero-shot)", **eval metrics} of the fine-tune config's base alone."""
+  out = finetune.evaluate_base(cfg, workdir, quiet=quiet)
+  metrics.append_evaluation(workdir, {"model": ZERO_SHOT, "base": cfg.init.path or
+                                      cfg.init.source, "recipe": "finetune", **_floats(out)})
+  return {"model": ZERO_SHOT, **out}
+
+
+def _floats(out: dict, *drop: str) -> dict:
+  return {k: float(v) for k, v in out.items() if k not in drop}
