@@ -1,0 +1,144 @@
+"""Evaluation alone (`lost_jax.recipes.evaluate`, `python -m lost_jax.main evaluate`): a run's
+checkpoint scores what the run printed when it reached that step; a base alone is zero-shot."""
+
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+
+from helpers import ROOT, subprocess_env, tiny_finetune_config, tiny_pretrain_config
+from lost_jax.commands import evaluate as evaluate_command
+from lost_jax.errors import UserError
+from lost_jax.recipes import evaluate, finetune, pretrain
+from lost_jax.training import metrics
+
+
+def _finetune_config(steps: int):
+  """tiny_finetune_config on a random 4-layer base (its sparse layers are 1-3)."""
+  cfg = tiny_finetune_config(None, steps=steps)
+  cfg.model.n_layers = 4
+  cfg.train.eval_every = cfg.train.ckpt_every = max(steps, 1)
+  return cfg
+
+
+def _evals(workdir) -> dict[int, dict]:
+  """{step: the eval row the run wrote at that step} of metrics.jsonl."""
+  return {r["step"]: r for r in metrics.read_metrics(str(workdir)) if "eval_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+  """A finished 6-step tiny pre-training run with checkpoints (and evals) at steps 3 and 6."""
+  workdir = str(tmp_path_factory.mktemp("evaluate") / "pre")
+  cfg = tiny_pretrain_config("lost", steps=6, batch_size=4, eval_every=3, eval_batches=2,
+                             log_every=1, ckpt_every=3, keep_checkpoints=3)
+  pretrain.train_and_evaluate(cfg, workdir, quiet=True)
+  return workdir
+
+
+@pytest.mark.slow
+def test_a_pretraining_runs_checkpoints_score_what_the_run_printed(pretrained, tmp_path):
+  workdir = shutil.copytree(pretrained, str(tmp_path / "run"))
+  printed = _evals(workdir)
+  newest = evaluate.evaluate_run(workdir, quiet=True)
+  older = evaluate.evaluate_run(workdir, step=3, quiet=True)
+  assert newest["step"] == 6 and older["step"] == 3
+  for out in (newest, older):
+    for key in ("eval_loss", "eval_ppl", "eval_tokens"):
+      assert out[key] == pytest.approx(printed[out["step"]][key], rel=1e-6), key
+  assert printed[3]["eval_loss"] != pytest.approx(printed[6]["eval_loss"], rel=1e-6)
+  # Labelled with the step and checkpoint, in evaluations.jsonl only.
+  rows = metrics.read_evaluations(workdir)
+  assert [(r["step"], r["checkpoint"].rsplit("/", 2)[1:]) for r in rows] == [
+      (6, ["checkpoints", "6"]), (3, ["checkpoints", "3"])]
+  assert all(r["recipe"] == "pretrain" and r["time"].endswith("Z") for r in rows)
+  assert metrics.read_metrics(workdir) == metrics.read_metrics(pretrained)
+
+
+@pytest.mark.slow
+def test_the_command_prints_the_step_it_evaluated(pretrained, tmp_path):
+  workdir = shutil.copytree(pretrained, str(tmp_path / "run"))
+  proc = subprocess.run([sys.executable, "-m", "lost_jax.main", "evaluate",
+                         f"--workdir={workdir}", "--step=3"], capture_output=True, text=True,
+                        timeout=600, cwd=ROOT, env=subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  done = re.search(r"^done: step (\d+) \| eval_loss (\S+) \| eval_ppl (\S+)", proc.stdout, re.M)
+  assert done and int(done[1]) == 3, proc.stdout
+  assert float(done[2]) == pytest.approx(_evals(workdir)[3]["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_finetunes_checkpoints_score_its_loss_and_accuracy(tmp_path):
+  workdir = str(tmp_path / "ft")
+  cfg = _finetune_config(4)
+  cfg.train.update(dict(ckpt_every=2, eval_every=2, keep_checkpoints=3))
+  finetune.finetune_and_evaluate(cfg, workdir, quiet=True)
+  printed = _evals(workdir)
+  for step in (None, 2):
+    out = evaluate.evaluate_run(workdir, step, quiet=True)
+    assert out["step"] == (step or 4)
+    for key in ("eval_loss", "eval_tokens", "eval_accuracy"):
+      assert out[key] == pytest.approx(printed[out["step"]][key], rel=1e-6), key
+  assert printed[2]["eval_loss"] != pytest.approx(printed[4]["eval_loss"], rel=1e-6)
+  # Training to fewer steps than the checkpoint's is refused (before the base is loaded).
+  fewer = _finetune_config(0)
+  with pytest.raises(UserError, match="holds a checkpoint of step 4, past config.train.steps=0"
+                     r".*lost_jax.main evaluate --workdir="):
+    finetune.finetune_and_evaluate(fewer, workdir, quiet=True)
+  assert max(_evals(workdir)) == 4
+
+
+@pytest.mark.slow
+def test_a_base_alone_is_scored_zero_shot_as_a_zero_step_finetune(tmp_path):
+  zero = _finetune_config(0)
+  trained_zero = finetune.finetune_and_evaluate(zero, str(tmp_path / "zero"), quiet=True)
+  cfg = _finetune_config(50)        # the preset's own step count
+  out = evaluate.evaluate_base(cfg, str(tmp_path / "base"), quiet=True)
+  assert out["model"] == evaluate.ZERO_SHOT
+  for key in ("eval_loss", "eval_tokens", "eval_accuracy"):
+    assert out[key] == pytest.approx(trained_zero[key], rel=1e-6), key
+  (row,) = metrics.read_evaluations(str(tmp_path / "base"))
+  assert row["model"] == evaluate.ZERO_SHOT and row["base"] == "random" and "step" not in row
+  assert not metrics.read_metrics(str(tmp_path / "base"))
+
+
+class _Flags:
+  """What lost_jax.main hands a command: the flag values, and flags["config"].present."""
+
+  def __init__(self, workdir, step, config):
+    self.workdir, self.step, self.config = workdir, step, config
+
+  def __getitem__(self, name):
+    return types.SimpleNamespace(present=getattr(self, name) is not None)
+
+
+@pytest.mark.parametrize("make, flags, message", [
+    (None, dict(), "does not exist"),
+    ("empty", dict(), r"is not a lost_jax run \(config.json is missing"),
+    ("no_checkpoint", dict(), "has no checkpoint yet"),
+    pytest.param("run", dict(step=5), r"has no checkpoint of step 5 \(saved: 3, 6;",
+                 marks=pytest.mark.slow),
+    pytest.param("run", dict(step=-1), "--step=-1 is negative", marks=pytest.mark.slow),
+    pytest.param("run", dict(config="finetune"), "holds a run's checkpoints",
+                 marks=pytest.mark.slow),
+    ("empty", dict(config="pretrain"), "is a pre-training config"),
+    ("empty", dict(config="finetune", step=3), "--step picks a run's checkpoint"),
+])
+def test_evaluate_refuses_in_one_line(make, flags, message, request, tmp_path):
+  from lost_jax import configs  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  if make == "run":             # refused before anything is written
+    workdir = request.getfixturevalue("pretrained")
+  elif make:
+    workdir.mkdir()
+  if make == "no_checkpoint":   # a run that has not saved yet
+    (workdir / "config.json").write_text(configs.pretrain_config("quickstart", "lost").to_json())
+  config = {"pretrain": lambda: configs.pretrain_config("quickstart", "lost"),
+            "finetune": lambda: configs.finetune_config("quickstart")}.get(flags.pop(
+                "config", None), lambda: None)()
+  with pytest.raises(UserError, match=message) as e:
+    evaluate_command.main(_Flags(str(workdir), flags.get("step"), config))
+  assert "Fix:" in str(e.value) and "\n" not in str(e.value)
