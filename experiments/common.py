@@ -13,12 +13,11 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 
-from lost_jax import configs
+from lost_jax import configs, usage
 from lost_jax.training import xla_setup
 
 # Baselines whose rank is re-derived so their projection parameters match LOST's.
 MATCHED_KINDS = ("low_rank", "cola", "sltrain")
-HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull")
 
 
 def config_arg(config_flag) -> str:
@@ -35,14 +34,8 @@ def check_names(names: Iterable[str], allowed: Iterable[str], what: str) -> None
     raise app.UsageError(f"unknown {what} {bad}; choose from {allowed}")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that --help / --helpfull print the usage and exit 0 (absl: 1)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  asked = [a for a in argv[1:] if a in HELP_FLAGS]
-  if asked:
-    app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True)
-    sys.exit(0)
-  return app.parse_flags_with_usage(argv)
+# absl's parsing with --help / -h / --helpfull printing the usage and exiting 0 (absl: 1).
+parse_flags = usage.parse_flags
 
 
 def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None]) -> None:
@@ -51,7 +44,8 @@ def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None])
   from absl import app, logging  # pylint: disable=g-import-not-at-top
   flag_values = define_flags()
   logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
-  app.run(lambda argv: _main_or_interrupted(main, argv, flag_values), flags_parser=parse_flags)
+  app.run(lambda argv: _main_or_interrupted(main, argv, flag_values),
+          flags_parser=usage.parse_flags)
 
 
 def _main_or_interrupted(main, argv, flag_values):

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lost_jax import errors
+from lost_jax import errors, usage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).",
                                           lock_config=True)
@@ -80,6 +80,7 @@ def _flag_error_fix(message: str) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing and config loading, with every failure as one `error:` line."""
+  usage.exit_on_help(argv)
   try:
     rest = flags.FLAGS(argv)
     if _CONFIG.value is not None:

@@ -286,3 +286,22 @@ def test_nf4_base_bytes_equal_the_quantised_model():
     params = nnx.as_pure(nnx.state(build(quantize), nnx.Param))
     held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert held == accounting.base_weight_bytes(cfg.model, quantize, 2), quantize
+
+
+def test_compare_says_why_lost_needs_more_memory_and_shows_the_micro_batched_totals():
+  cfg = configs.pretrain_config("llama_1b", "lost")
+  rows = accounting.compare("llama_1b", like=cfg)
+  why, lost, micro = accounting.explain_compare(rows, cfg)
+  full = accounting.memory_estimate(configs.pretrain_config("llama_1b", "full_rank"))
+  gib = lambda b: f"{b / 2 ** 30:.2f}"
+  assert (f"activations dominate: {gib(full['activations'])} of {gib(full['total'])} GiB for "
+          "full_rank") in why and "131,072 tokens of one pass" in why and "without remat" in why
+  lost_mem = accounting.memory_estimate(cfg)
+  assert f"keeps {gib(lost_mem['activations'] - full['activations'])} GiB more" in lost
+  totals = {}
+  for method in configs.METHODS:
+    one = configs.pretrain_config("llama_1b", method)
+    one.train.microbatches = 16
+    totals[method] = gib(accounting.memory_estimate(one)["total"])
+  assert micro.endswith(" | ".join(f"{m} {t}" for m, t in totals.items())), micro
+  assert float(totals["lost"]) < float(totals["full_rank"])

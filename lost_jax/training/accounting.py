@@ -20,7 +20,7 @@ import math
 
 import ml_collections
 
-from lost_jax import configs
+from lost_jax import configs, usage
 from lost_jax.ops.quant import STATE_BLOCK
 from lost_jax.training.optim import MIN_8BIT_SIZE
 
@@ -388,6 +388,42 @@ def format_table(rows: list[dict], cfg: ml_collections.ConfigDict) -> str:
   return "\n".join(lines)
 
 
+MICROBATCHED = 16   # the micro-batch count `explain_compare` shows beside a one-pass config
+
+
+def explain_compare(rows: list[dict], cfg: ml_collections.ConfigDict) -> list[str]:
+  """What dominates `compare` rows (activations of one pass, without remat) and why LOST's
+  total can exceed full-rank's, with the totals micro-batched beside them."""
+  t, by = cfg.train, {r["method"]: r for r in rows}
+  tokens = rows[0]["tokens_per_pass"]
+  full, lost = by.get("full_rank"), by.get("lost")
+  if full is None:
+    return []
+  gib = lambda b: f"{b / _GIB:.2f}"
+  mem = full["memory"]
+  remat = "with" if cfg.model.remat else "without"
+  lines = [f"why: activations dominate: {gib(mem['activations'])} of {gib(mem['total'])} GiB "
+           f"for full_rank, saved for backward over the {tokens:,} tokens of one pass "
+           f"({t.batch_size // t.microbatches} sequences x {cfg.data.seq_len}), {remat} remat."]
+  if lost is not None and lost["memory"]["total"] > mem["total"]:
+    state = lambda r: sum(r["memory"][k] for k in ("weights", "gradients", "optimizer"))
+    extra = lost["memory"]["activations"] - mem["activations"]
+    lines.append(
+        f"  lost saves {gib(state(full) - state(lost))} GiB of weights, gradients and optimizer "
+        f"state but keeps {gib(extra)} GiB more activations: each factored projection also "
+        "saves x @ A (rank r), its SiLU and the kept input channels per token, beside what a "
+        "dense block keeps.")
+  micro = t.microbatches * MICROBATCHED
+  if t.batch_size % micro == 0:
+    like = ml_collections.ConfigDict(cfg.to_dict())
+    like.train.microbatches = micro
+    again = {r["method"]: r["memory"]["total"] for r in compare(cfg.name.partition(",")[0],
+                                                                  like=like)}
+    lines.append(f"  micro-batched (train.microbatches={micro}: {tokens // MICROBATCHED:,} tokens "
+                 "per pass), total GiB: " + " | ".join(f"{m} {gib(b)}" for m, b in again.items()))
+  return lines
+
+
 def _main(argv, config_flag, compare_flag):
   from absl import app
   if len(argv) > 1:
@@ -408,6 +444,7 @@ def _main(argv, config_flag, compare_flag):
     raise SystemExit(2) from None
   if compare_flag.value:
     print(format_table(rows, cfg))
+    print("\n".join(explain_compare(rows, cfg)))
     return
   r = rows[0]
   p = r["params"]
@@ -427,7 +464,8 @@ def run():
       "config", None, "Run config, e.g. configs/pretrain.py:llama_1b,lost.", lock_config=True)
   compare_flag = flags.DEFINE_bool("compare", False, "One row per method at the config's size.")
   flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: _main(argv, config_flag, compare_flag))
+  app.run(lambda argv: _main(argv, config_flag, compare_flag),
+          flags_parser=usage.parse_flags)
 
 
 if __name__ == "__main__":
