@@ -8,6 +8,8 @@ the base alone (no adapters: zero-shot) on the preset's eval set. Both append th
 
 from __future__ import annotations
 
+import os
+
 from lost_jax import configs
 from lost_jax.errors import UserError
 from lost_jax.recipes import evaluate
@@ -16,7 +18,7 @@ from lost_jax.training import checkpoint
 
 def main(flags) -> dict:
   """The eval metrics `done:` prints: {"step", ...} of a run, {"model", ...} of a base."""
-  workdir, step = flags.workdir, flags.step
+  workdir, step = os.path.expanduser(flags.workdir), flags.step
   if step is not None and step < 0:
     raise UserError(f"--step={step} is negative. Fix: pass a saved checkpoint's step, or no "
                     "--step for the newest.")

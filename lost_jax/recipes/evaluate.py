@@ -21,6 +21,7 @@ ZERO_SHOT = "base (zero-shot)"
 
 def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) -> dict:
   """{"step", **eval metrics} of the run in `workdir` at checkpoint `step` (newest if None)."""
+  workdir = os.path.expanduser(workdir)
   command, cfg = runtime.read_run_config(workdir)
   recipe = pretrain if command == "pretrain" else finetune
   out = recipe.evaluate_checkpoint(cfg, workdir, step, quiet=quiet)
@@ -32,6 +33,7 @@ def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) 
 
 def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
   """{"model": "base (zero-shot)", **eval metrics} of the fine-tune config's base alone."""
+  workdir = os.path.expanduser(workdir)
   out = finetune.evaluate_base(cfg, workdir, quiet=quiet)
   metrics.append_evaluation(workdir, {"model": ZERO_SHOT, "base": cfg.init.path or
                                       cfg.init.source, "recipe": "finetune", **_floats(out)})

@@ -26,10 +26,7 @@ class MetricWriter:
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a+b") as f:
-      torn = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
-      f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
+    append_jsonl(self.path, {"step": int(step), **{k: float(v) for k, v in scalars.items()}})
     for key, value in scalars.items():
       if math.isfinite(float(value)):   # a skipped step's NaN loss stays in metrics.jsonl only
         self._tb.add_scalar(key, float(value), int(step))
@@ -56,29 +53,15 @@ def _summary_writer_cls():
   return SummaryWriter
 
 
-EVALUATIONS = "evaluations.jsonl"
+def append_jsonl(path: str, row: dict) -> None:
+  """Append `row` as one JSON line, starting a new line after one a kill tore."""
+  with open(path, "a+b") as f:
+    torn = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+    f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
 
 
-def append_evaluation(workdir: str, row: dict) -> dict:
-  """Append one evaluation (labelled with what was evaluated) to <workdir>/evaluations.jsonl
-  on process 0, stamped with the UTC time; the training metrics are left alone."""
-  row = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, EVALUATIONS), "a") as f:
-      f.write(json.dumps(row) + "\n")
-  return row
-
-
-def read_evaluations(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, EVALUATIONS)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON lines of `path` ([] when it is missing), skipping one torn by a kill."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -90,6 +73,26 @@ def read_metrics(workdir: str) -> list[dict]:
     except json.JSONDecodeError:   # a line torn by a kill mid-append (the resume goes on below)
       continue
   return records
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+EVALUATIONS = "evaluations.jsonl"
+
+
+def append_evaluation(workdir: str, row: dict) -> dict:
+  """Append one evaluation (labelled with what was evaluated) to <workdir>/evaluations.jsonl
+  on process 0, stamped with the UTC time; the training metrics are left alone."""
+  row = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  if jax.process_index() == 0:
+    append_jsonl(os.path.join(workdir, EVALUATIONS), row)
+  return row
+
+
+def read_evaluations(workdir: str) -> list[dict]:
+  return read_jsonl(os.path.join(workdir, EVALUATIONS))
 
 
 class StepClock:
