@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -98,30 +99,35 @@ def read_evaluations(workdir: str) -> list[dict]:
 class StepClock:
   """Seconds per step in steady state, for the ETA.
 
-  The first `warmup` steps after `start` hold compilation (and the first allocations), so
-  the rate is measured from the end of step start + warmup on; until a step after that is
-  marked, the last interval between two marked steps stands in (None before two marks).
+  The median time per step over the last `window` steps, leaving out the first `warmup`
+  steps after `start` (compilation, first allocations): one-off pauses (a new step shape
+  compiled, an evaluation, a checkpoint) do not inflate it, and it follows a lasting change
+  of pace (SparseLoRA's sparse phase) within window / 2 steps. Until a step after the
+  warm-up is marked, the last interval between two marked steps stands in.
   """
 
-  def __init__(self, start: int, warmup: int = 2, clock: Callable[[], float] = time.time):
-    self.start, self.warmup, self.clock = start, warmup, clock
-    self.ref: tuple[int, float] | None = None      # (step, time) at the end of warm-up
-    self.prev: tuple[int, float] | None = None
-    self.last: tuple[int, float] | None = None
+  def __init__(self, start: int, warmup: int = 2, window: int = 20,
+               clock: Callable[[], float] = time.time):
+    self.start, self.warmup, self.window, self.clock = start, warmup, window, clock
+    self.intervals: list[float] = []               # seconds per step after the warm-up
+    self.last: tuple[int, float] | None = None     # (step, time) of the newest mark
+    self.first_interval: float | None = None       # before any interval after the warm-up
 
   def mark(self, step: int, now: float | None = None) -> None:
     """Step `step` has finished (at `now`, default the clock)."""
     now = self.clock() if now is None else now
-    if self.ref is None and step >= self.start + self.warmup:
-      self.ref = (step, now)
-    self.prev, self.last = self.last, (step, now)
+    if self.last is not None and step > self.last[0]:
+      per_step = (now - self.last[1]) / (step - self.last[0])
+      if self.last[0] >= self.start + self.warmup:
+        self.intervals = (self.intervals + [per_step])[-self.window:]
+      else:
+        self.first_interval = per_step
+    self.last = (step, now)
 
   def seconds_per_step(self) -> float | None:
-    if self.ref is not None and self.last[0] > self.ref[0]:
-      return (self.last[1] - self.ref[1]) / (self.last[0] - self.ref[0])
-    if self.prev is not None and self.last[0] > self.prev[0]:
-      return (self.last[1] - self.prev[1]) / (self.last[0] - self.prev[0])
-    return None
+    if self.intervals:
+      return statistics.median(self.intervals)
+    return self.first_interval
 
   def eta(self, step: int, total: int) -> str:
     """H:MM:SS left for steps step..total at the steady-state rate ('?' before one is known)."""
