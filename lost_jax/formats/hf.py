@@ -9,6 +9,7 @@ exports are always untied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lost_jax import configs as configs_lib
@@ -107,6 +108,11 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
               if kind == "llama3" else {}))
     except KeyError as e:
       _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
+  missing = [field for field in _REQUIRED if field not in hf]
+  if missing:
+    raise UserError(f"{where}: {', '.join(missing)} missing. Fix: use the config.json saved "
+                    "with the checkpoint (a LlamaForCausalLM config names all of "
+                    f"{', '.join(_REQUIRED)})")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim")
   if head_dim is not None and head_dim * heads != d:
@@ -131,8 +137,31 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError as e:
+    raise UserError(f"{path} is missing. Fix: give a complete Hugging Face model directory "
+                    "(config.json + model.safetensors)") from e
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}). Fix: restore "
+                    "the file (download or export the model again)") from e
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str, framework: str):
+  """safe_open, with a damaged file (truncated, not safetensors) as one UserError."""
+  try:
+    handle = safe_open(file, framework=framework)
+  except (OSError, SafetensorError) as e:
+    raise UserError(f"{file} is not a readable safetensors file ({e}). Fix: restore the "
+                    "file (download or export the model again)") from e
+  with handle as f:
+    yield f
 
 
 def load_hf_config(path: str) -> ml_collections.ConfigDict:
@@ -197,7 +226,7 @@ def _tensor_files(path: str) -> dict[str, str]:
             for name, file in _read_json(index)["weight_map"].items()}
   single = os.path.join(path, WEIGHTS_FILE)
   if os.path.exists(single):
-    with safe_open(single, framework="flax") as f:
+    with _open_safetensors(single, "flax") as f:
       return {name: single for name in f.keys()}
   raise UserError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
                           "HF model with save_pretrained(..., safe_serialization=True); "
@@ -238,7 +267,7 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
   for name, file in files.items():
     by_file.setdefault(file, []).append(name)
   for file, file_names in sorted(by_file.items()):
-    with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
+    with _open_safetensors(file, "flax" if mesh is None else "numpy") as f:
       for name in file_names:
         attr, transpose = names[name]
         var = get_path(model, attr)
