@@ -77,14 +77,31 @@ ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoin
 def read_params(workdir: str) -> tuple[int | None, Any]:
   """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint;
   (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
+  step, params, _ = read_saved(workdir)
+  return step, params
+
+
+def read_saved(workdir: str, step: int | None = None) -> tuple[int | None, Any, Any]:
+  """(step, parameters, frozen rest or None) of a workdir's checkpoint `step` (newest when
+  None) as pure trees of host arrays; (None, None, None) when it has no checkpoint. A step it
+  does not hold is one error line naming the steps it does."""
   mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                               item_names=ITEMS)
   try:
-    step = mgr.latest_step()
+    steps = sorted(mgr.all_steps())
     if step is None:
-      return None, None
-    saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, saved["state"]["params"]
+      step = steps[-1] if steps else None
+    if step is None:
+      return None, None, None
+    if step not in steps:
+      raise UserError(f"workdir {workdir} has no checkpoint of step {step} (it has "
+                      f"{', '.join(map(str, steps)) or 'none'}). Fix: pass --step= one of "
+                      "those, or leave --step out for the newest")
+    items = dict(state=ocp.args.StandardRestore())
+    if os.path.isdir(os.path.join(mgr.directory, str(step), "rest")):
+      items["rest"] = ocp.args.StandardRestore()
+    saved = mgr.restore(step, args=ocp.args.Composite(**items))
+    return step, saved["state"]["params"], saved.get("rest") if "rest" in items else None
   finally:
     mgr.close()
 
