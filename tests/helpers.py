@@ -141,6 +141,17 @@ def byte_level_tokenizer_json(folder, vocab_size, chat_template: str = ""):
        **({"chat_template": chat_template} if chat_template else {})}))
 
 
+def hf_from_pretrained(path):
+  """transformers' float32 LlamaForCausalLM of a HF directory, in eval mode."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  # transformers >= 4.56 renamed from_pretrained's torch_dtype to dtype.
+  major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+  key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+  return transformers.LlamaForCausalLM.from_pretrained(path, **{key: torch.float32}).eval()
+
+
 # ------------------------------------------------------------------------- models and batches
 
 

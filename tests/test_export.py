@@ -37,9 +37,7 @@ def hf_logits(model, tokens=TOKENS_BxL) -> np.ndarray:
     return model(torch.tensor(tokens)).logits.float().numpy()
 
 
-def from_pretrained(path):
-  torch, transformers = _torch()
-  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+from_pretrained = helpers.hf_from_pretrained
 
 
 def hf_base(folder, tied: bool, chat: bool = True) -> str:
@@ -176,6 +174,8 @@ def test_pretrained_run_exports_sharded_with_its_stdlib_tokenizer(pretrained_wor
   from safetensors import safe_open
   with safe_open(str(tmp_path / "cli" / "model.safetensors"), "numpy") as f:
     assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  auto = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "cli"))
+  assert type(auto).__name__ == "LlamaForCausalLM"
 
 
 def test_sentencepiece_conversion_matches_on_held_out_code():

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 
-from lost_jax.adapters.lora import LoRALinear, lora_targets, merge_lora
+from lost_jax.adapters.lora import lora_targets, merge_lora
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.data import tokenizer_files
 from lost_jax.errors import UserError
@@ -77,8 +77,8 @@ def generation_config(tok: tokenizer_lib.HFTokenizer, files: dict[str, str]) -> 
   """generation_config.json: BOS, PAD and EOS ids; EOS also lists the chat template's
   end-of-turn token(s) so that generation stops at the end of the assistant's turn."""
   template = json.loads(files[tokenizer_lib.TOKENIZER_CONFIG]).get("chat_template", "")
-  eos = list(dict.fromkeys([i for i in [tok.eos_id] if i >= 0] + tokenizer_files.end_of_turn_tokens(
-      files[tokenizer_lib.TOKENIZER_JSON], template)))
+  turn_ends = tokenizer_files.end_of_turn_tokens(files[tokenizer_lib.TOKENIZER_JSON], template)
+  eos = list(dict.fromkeys([i for i in [tok.eos_id] if i >= 0] + turn_ends))
   out = {"bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
          "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
          "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None}
@@ -105,7 +105,6 @@ def _adapters(model) -> dict:
   for i, block in enumerate(model.layers):
     for t in lora_targets(model):
       lin = projection(block, t)
-      assert isinstance(lin, LoRALinear)
       out[(i, t)] = (lin.lora_a[...], lin.lora_b[...])
   return out
 
@@ -148,8 +147,7 @@ def export_run(workdir: str, out: str, *, format: str = "hf", dtype: str = "bflo
         say(f"export: densifying the {cfg.model.linear.kind} projections (exact)", flush=True)
         hf.densify(model)
       gen = generation_config(tok, files)
-      overrides = {"max_position_embeddings": _context_length(cfg, kind),
-                   **{k: v for k, v in gen.items()}}
+      overrides = {"max_position_embeddings": _context_length(cfg, kind), **gen}
       written = hf.save_hf_llama(model, tmp, dtype=dtype, config_overrides=overrides,
                                  max_shard_bytes=max_shard_bytes, progress=progress)
       tokenizer_files.write_files(tmp, {GENERATION_CONFIG: json.dumps(gen, indent=2) + "\n"})
