@@ -603,7 +603,7 @@ def test_a_base_run_whose_newest_checkpoint_is_damaged_is_read_from_the_previous
   assert sorted(os.listdir(ckpts)) == ["60", "61"]          # a base is never changed
   _truncate_a_data_file(os.path.join(ckpts, "60"))
   with pytest.raises(errors.UserError, match=r"no checkpoint of .* can be read: step 61: .*; "
-                     r"step 60: .*Fix: point config.init.path at a run with an intact"):
+                     r"step 60: .*Fix: point at a run with an intact"):
     checkpoint.read_params(pretrained_copy)
 
 

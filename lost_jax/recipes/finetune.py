@@ -24,7 +24,7 @@ from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora.model import SparseLoRALlama
-from lost_jax.data import instruct, tokenizer
+from lost_jax.data import instruct, tokenizer, tokenizer_files
 from lost_jax.errors import UserError
 from lost_jax.training import accounting
 from lost_jax.models.generate import greedy_generate
@@ -183,6 +183,9 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                  "sparse": json.loads(cfg.sparse.to_json()),
                  "inputs": inputs.fingerprint(cfg, "finetune")}
   run = runtime.open_workdir(workdir, cfg, fingerprint)
+  if pidx == 0:   # the base's tokenizer and chat template, for export and generation
+    tokenizer_files.record_run_tokenizer(workdir, tok,
+                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
   train_iter = instruct.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                             process_index=pidx, process_count=nproc)
   eval_batches = instruct.make_eval_batches(cfg.data, tok, local_batch, process_index=pidx,

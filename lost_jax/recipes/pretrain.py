@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lost_jax.data import text as data
-from lost_jax.data import tokenizer
+from lost_jax.data import tokenizer, tokenizer_files
 from lost_jax.training import accounting
 from lost_jax.models.llama import Llama
 from lost_jax.recipes import inputs
@@ -64,6 +64,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   tokenizer.check_vocab(tok, cfg.model.vocab_size)
   run = runtime.open_workdir(workdir, cfg, {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
                                             "inputs": inputs.fingerprint(cfg, "pretrain")})
+  if pidx == 0:
+    tokenizer_files.record_run_tokenizer(run.path, tok,
+                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
   train_iter = data.make_train_iterator(cfg.data, tok, local_batch, seed=cfg.seed,
                                         process_index=pidx, process_count=nproc)
   eval_batches = data.make_eval_batches(cfg.data, tok, local_batch, eval_batch_count(cfg),
