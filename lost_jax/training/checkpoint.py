@@ -77,14 +77,31 @@ ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoin
 def read_params(workdir: str) -> tuple[int | None, Any]:
   """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint;
   (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
+  step, params, _ = read_checkpoint(workdir)
+  return step, params
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int | None, Any, Any]:
+  """(step, parameters, frozen variables or None) of a workdir's checkpoint `step` (default:
+  the newest) as pure trees; (None, None, None) when it has none. A step it does not hold is
+  refused in one line naming the ones it does."""
   mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                               item_names=ITEMS)
   try:
-    step = mgr.latest_step()
+    steps = sorted(mgr.all_steps())
+    if not steps:
+      return None, None, None
     if step is None:
-      return None, None
-    saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, saved["state"]["params"]
+      step = steps[-1]
+    elif step not in steps:
+      raise UserError(f"workdir {workdir} has no checkpoint of step {step} (it has steps "
+                      f"{steps}). Fix: --step={steps[-1]} or leave --step out for the newest")
+    items = {"state": ocp.args.StandardRestore()}
+    has_rest = os.path.isdir(os.path.join(mgr.directory, str(step), "rest"))
+    if has_rest:
+      items["rest"] = ocp.args.StandardRestore()
+    saved = mgr.restore(step, args=ocp.args.Composite(**items))
+    return step, saved["state"]["params"], saved["rest"] if has_rest else None
   finally:
     mgr.close()
 
