@@ -271,12 +271,9 @@ def _prompt_of(record, path: str, line: int):
   if isinstance(record, dict) and isinstance(record.get("prompt"), str):
     return record["prompt"]
   if isinstance(record, dict) and isinstance(record.get("instruction"), str):
-    return "\n".join(x for x in (record["instruction"], record.get("input") or "") if x)
+    return instruct.user_text(record)
   messages = record.get("messages") if isinstance(record, dict) else None
-  if isinstance(messages, list) and messages and all(
-      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
-                                                                               str)
-      for m in messages):
+  if instruct.is_chat(messages):
     if messages[-1]["role"] == "assistant":   # a training chat: complete its last answer
       return instruct.prompt_messages({"messages": messages})
     return messages

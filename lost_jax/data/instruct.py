@@ -46,15 +46,25 @@ _FORMS = ('{"messages": [{"role": ..., "content": ...}, ...]}, '
           '{"instruction", "input" (optional), "output"} or {"prompt", "completion"}')
 
 
+def is_chat(messages) -> bool:
+  """A non-empty list of {"role": str, "content": str} messages."""
+  return isinstance(messages, list) and bool(messages) and all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
+                                                                               str)
+      for m in messages)
+
+
+def user_text(record: dict) -> str:
+  """Alpaca's instruction and input (if any) as one user message, joined by a newline."""
+  return "\n".join(x for x in (record["instruction"], record.get("input") or "") if x)
+
+
 def record_form(record) -> str | None:
   """'chat', 'alpaca' or 'completion' (see the module docstring), or None for no known form."""
   if not isinstance(record, dict):
     return None
   messages = record.get("messages")
-  if isinstance(messages, list) and messages and all(
-      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
-                                                                               str)
-      for m in messages) and any(m["role"] == "assistant" for m in messages):
+  if is_chat(messages) and any(m["role"] == "assistant" for m in messages):
     return "chat"
   if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
     return "alpaca"
@@ -70,8 +80,8 @@ def to_messages(record: dict) -> list[dict]:
   if form == "chat":
     return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
   if form == "alpaca":
-    user = "\n".join(x for x in (record["instruction"], record.get("input") or "") if x)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    return [{"role": "user", "content": user_text(record)},
+            {"role": "assistant", "content": record["output"]}]
   return [{"role": "user", "content": record["prompt"]},
           {"role": "assistant", "content": record["completion"]}]
 
