@@ -24,9 +24,9 @@ LLAMA3_STYLE = (
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday: ' + strftime_now('%Y') + "
     "'\\n\\n' + system + '<|eot_id|>' }}\n"
     "{%- for m in rest %}\n"
-    "  {%- if m['role'] not in ['user', 'assistant'] %}\n"
+    "  {% if m['role'] not in ['user', 'assistant'] %}\n"   # trim_blocks, lstrip_blocks
     "    {{- raise_exception('Roles must be user or assistant, not ' + m['role']) }}\n"
-    "  {%- endif %}\n"
+    "  {% endif %}\n"
     "  {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}\n"
     "  {%- if m['role'] == 'assistant' %}\n"
     "    {%- generation %}{{ m['content'] | trim + '<|eot_id|>' }}{% endgeneration %}\n"
