@@ -125,3 +125,24 @@ def test_errors_are_one_line_before_loading(tmp_path):
     command.read_prompts(None, str(tmp_path / "p.jsonl"))
   (tmp_path / "p.txt").write_text("first\n\nsecond\n")
   assert command.read_prompts(None, str(tmp_path / "p.txt")) == ["first", "second"]
+
+
+@pytest.mark.slow
+def test_a_lost_pretraining_run_loads_at_the_chosen_step(tmp_path):
+  """--workdir of a pre-training run (LOST: frozen channel indices beside the parameters):
+  the model holds that step's parameters, and prompts are plain text (no chat template)."""
+  import jax
+  from flax import nnx
+
+  import helpers
+  from lost_jax.recipes import pretrain
+  workdir = str(tmp_path / "pt")
+  pretrain.train_and_evaluate(helpers.pipeline_config(steps=4), workdir, quiet=True)
+  gen = command.load(workdir=workdir, step=2, log=lambda line: None)
+  _, state = helpers.saved_state(workdir, 2)
+  got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(gen.model, nnx.Param)))
+  want = jax.tree.leaves(state["params"])
+  assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+  assert gen.template == command.RAW
+  assert command.prompt_ids(gen, "x = 1") == gen.tokenizer.encode("x = 1")
+  assert len(command.complete(gen, ["def f(x):"], max_tokens=3)) == 1

@@ -44,6 +44,8 @@ class Generator:
   tokenizer: Tokenizer
   template: str
   source: str      # what was loaded, for the log
+  bos: bool = True   # plain-text prompts start with BOS if the tokenizer adds it (not after
+                     # lost_jax pre-training, whose documents never started with it)
 
 
 def _log(line: str) -> None:
@@ -139,7 +141,7 @@ def _load_pretrain(workdir: str, step: int | None, log) -> Generator:
   tok = tokenizer.load_tokenizer(ml_collections.ConfigDict(run["data"]), model_cfg.vocab_size)
   template = "base" if tok.chat_template else RAW
   log(f"loaded step {found} of {workdir} in {time.time() - start:.1f}s (template {template})")
-  return Generator(model, tok, template, f"{workdir} step {found}")
+  return Generator(model, tok, template, f"{workdir} step {found}", bos=False)
 
 
 def _load_base(path: str, log) -> Generator:
@@ -188,7 +190,8 @@ def prompt_ids(gen: Generator, prompt: str | list[dict]) -> list[int]:
     if not isinstance(prompt, str):
       raise UserError("a chat prompt needs a model with a chat template. Fix: give the "
                       "prompt as text")
-    return ([tok.bos_id] if tok.add_bos and tok.bos_id >= 0 else []) + tok.encode(prompt)
+    bos = gen.bos and tok.add_bos and tok.bos_id >= 0
+    return ([tok.bos_id] if bos else []) + tok.encode(prompt)
   messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
   record = {"messages": list(messages) + [{"role": "assistant", "content": ""}]}
   return instruct.prompt_ids(record, tok, 1 << 30, gen.template)
