@@ -85,15 +85,16 @@ def test_top_p_logits_match_numpy():
 def test_sampling_follows_the_tempered_nucleus_distribution():
   logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0, -3.0]])
   temperature, top_p = 0.7, 0.9
-  keys = jax.random.split(jax.random.key(3), 20000)
-  draws = np.asarray(jax.vmap(lambda k: generate.next_token(logits, k, temperature, top_p))(keys))
+  # 10000 rows of the same logits: 10000 independent draws
+  draws = np.asarray(generate.next_token(jnp.tile(logits, (10000, 1)), jax.random.key(3),
+                                         temperature, top_p))
   freq = np.bincount(draws.ravel(), minlength=5) / draws.size
   z = np.asarray(logits[0]) / temperature
   p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
   keep = np.cumsum(p) - p < top_p          # sorted already: the first three tokens
   want = np.where(keep, p, 0) / p[keep].sum()
-  np.testing.assert_allclose(freq, want, atol=0.01)
-  assert int(generate.next_token(logits, keys[0], 0.0, top_p)[0]) == 0   # greedy
+  np.testing.assert_allclose(freq, want, atol=0.015)   # 3 standard errors
+  assert int(generate.next_token(logits, jax.random.key(3), 0.0, top_p)[0]) == 0   # greedy
 
 
 @pytest.mark.slow

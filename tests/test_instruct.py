@@ -242,6 +242,10 @@ def test_resolve_template():
     instruct.resolve_template("base", tok)
   with pytest.raises(UserError, match="unknown"):
     instruct.resolve_template("vicuna", tok)
+  cfg = configs.finetune_config("quickstart")
+  cfg.data.template = "vicuna"    # refused with the config, before anything is loaded
+  with pytest.raises(UserError, match=r"config.data.template: 'vicuna' is unknown"):
+    configs.validate(cfg, "finetune")
 
 
 def test_load_records_of_every_form_and_a_bad_line(tmp_path):
