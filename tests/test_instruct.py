@@ -12,18 +12,36 @@ from lost_jax.errors import UserError
 
 
 class FakeTokenizer:
-  """Characters -> ids 10.. (printable ASCII and newline); pad 0, eos 1, bos 3."""
+  """Characters -> ids 10.. (printable ASCII and newline); pad 0, eos 1, bos 3 (special:
+  decoded as nothing)."""
   pad_id, eos_id, bos_id = 0, 1, 3
+  chat_template, path, name = "", "", "fake"
 
   def encode(self, text):
     return [10 + ord(c) for c in text]
 
   def decode(self, ids):
-    return "".join(chr(i - 10) for i in ids)
+    return "".join(chr(i - 10) for i in ids if i >= 10)
+
+  def id_to_token(self, i):
+    return {0: "<pad>", 1: "</s>", 3: "<s>"}.get(i) or chr(i - 10)
+
+
+# A chat template whose assistant turns end with '|' (one character: one token here).
+TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}"
+            "{% if m['role'] == 'assistant' %}{{ '|' }}{% endif %}{{ '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+
+
+def chat_tokenizer():
+  tok = FakeTokenizer()
+  tok.chat_template = TEMPLATE
+  return tok
 
 
 def test_left_padded_example_layout_by_hand():
-  ex = instruct.left_padded_example([3, 11, 12], [20, 21, 1], seq_len=8, pad_id=0)
+  ex = instruct.left_padded_example([3, 11, 12, 20, 21, 1], [0, 0, 0, 1, 1, 1], seq_len=8,
+                                   pad_id=0)
   # sequence 3 11 12 20 21 1 -> 5 (input, target) pairs, 3 pads on the left
   np.testing.assert_array_equal(ex["inputs"], [0, 0, 0, 3, 11, 12, 20, 21])
   np.testing.assert_array_equal(ex["targets"], [0, 0, 0, 11, 12, 20, 21, 1])
@@ -80,10 +98,10 @@ def test_load_records_json_jsonl_gz_and_errors(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
     instruct.load_records(str(tmp_path / "missing.json"))
   (tmp_path / "bad.json").write_text('[{"instruction": "i"}]')
-  with pytest.raises(ValueError, match="lacks 'instruction' or 'output'"):
+  with pytest.raises(ValueError, match="record 0 .*no known form"):
     instruct.load_records(str(tmp_path / "bad.json"))
   (tmp_path / "broken.jsonl").write_text('{"instruction": ')
-  with pytest.raises(ValueError, match="not valid JSON"):
+  with pytest.raises(ValueError, match="line 1 is not valid JSON"):
     instruct.load_records(str(tmp_path / "broken.jsonl"))
   (tmp_path / "empty.json").write_text("[]")
   with pytest.raises(ValueError, match="no records"):
@@ -152,8 +170,95 @@ def test_chatml_template_and_final_answer_match():
   assert instruct.final_number("3 + 4 = 7. The answer is 7.") == "7"
   assert instruct.final_number("no digits") is None
   tok = FakeTokenizer()
-  recs = [{"output": "1 + 1 = 2. The answer is 2."}, {"output": "The answer is 5."}]
+  recs = [{"instruction": "i", "output": "1 + 1 = 2. The answer is 2."},
+          {"prompt": "p", "completion": "The answer is 5."}]
   gen = np.array([[10 + ord(c) for c in "so it is 2".ljust(16)] + [1],
                   [10 + ord(c) for c in "The answer is 50"] + [1]])
   assert instruct.exact_match(gen, recs, tok, final_answer=True) == 0.5
   assert instruct.exact_match(gen, recs, tok) == 0.0
+
+
+def test_chat_records_loss_on_every_assistant_turn_by_hand():
+  tok = chat_tokenizer()
+  rec = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": "A"}]}
+  ids, mask = instruct.encode_example(rec, tok, max_prompt_len=64, max_len=128, template="base")
+  # the text up to the last answer's end of turn, by hand: answers 'Yo|' and 'A|' carry loss
+  parts = [("<system>S\n<user>Hi\n<assistant>", 0), ("Yo|", 1), ("\n<user>Q\n<assistant>", 0),
+           ("A|", 1)]
+  assert ids == tok.encode("".join(p for p, _ in parts))
+  assert mask == [w for p, w in parts for _ in p]
+  ex = instruct.left_padded_example(ids, mask, seq_len=64, pad_id=0)
+  pad = 64 - (len(ids) - 1)
+  # target t is ids[t + 1]: weight 1 exactly on targets 'Y', 'o', '|', 'A', '|'
+  targets = [chr(t - 10) for t, w in zip(ex["targets"][pad:], ex["weights"][pad:]) if w]
+  assert targets == list("Yo|A|") and ex["weights"][:pad].sum() == 0
+  # the generation prompt: every turn before the last answer, then the assistant's header
+  assert instruct.prompt_ids(rec, tok, 64, "base") == tok.encode(
+      "<system>S\n<user>Hi\n<assistant>Yo|\n<user>Q\n<assistant>")
+  assert instruct.reference(rec) == "A"
+  assert instruct.stop_ids(tok, "base") == (tok.eos_id, tok.encode("|")[0])
+
+
+def test_alpaca_and_completion_records_under_a_chat_template_by_hand():
+  tok = chat_tokenizer()
+  for rec, user, answer in (
+      ({"instruction": "Add.", "input": "2 3", "output": "5"}, "Add.\n2 3", "5"),
+      ({"instruction": "Hi.", "output": "Yo"}, "Hi.", "Yo"),
+      ({"prompt": "P?", "completion": "C."}, "P?", "C.")):
+    ids, mask = instruct.encode_example(rec, tok, 64, 128, "base")
+    head = f"<user>{user}\n<assistant>"
+    assert ids == tok.encode(head + answer + "|")
+    assert mask == [0] * len(head) + [1] * (len(answer) + 1)
+  # A prompt longer than max_prompt_len keeps its head; the total is cut to max_len.
+  ids, mask = instruct.encode_example({"prompt": "x" * 20, "completion": "abc"}, tok, 10, 12,
+                                      "base")
+  assert ids == tok.encode("<user>xxxx") + tok.encode("ab") and mask == [0] * 10 + [1, 1]
+
+
+def test_hand_written_templates_take_every_form():
+  tok = FakeTokenizer()
+  want = instruct.encode_example({"instruction": "P?", "output": "C."}, tok, 64, 128, "plain")
+  for rec in ({"prompt": "P?", "completion": "C."},
+              {"messages": [{"role": "user", "content": "P?"},
+                            {"role": "assistant", "content": "C."}]}):
+    assert instruct.encode_example(rec, tok, 64, 128, "plain") == want
+  ids, mask = want
+  assert ids == [tok.bos_id] + tok.encode("P?\n\nAnswer: C.") + [tok.eos_id]
+  assert mask == [0] * (1 + len("P?\n\nAnswer: ")) + [1, 1, 1]
+  multi = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "P"},
+                        {"role": "assistant", "content": "C"}]}
+  with pytest.raises(UserError, match="template=base"):
+    instruct.encode_example(multi, tok, 64, 128, "alpaca")
+
+
+def test_resolve_template():
+  tok = FakeTokenizer()
+  assert instruct.resolve_template("auto", tok) == "alpaca"
+  assert instruct.resolve_template("auto", chat_tokenizer()) == "base"
+  assert instruct.resolve_template("plain", chat_tokenizer()) == "plain"
+  with pytest.raises(UserError, match="template=base but the tokenizer 'fake' has no chat"):
+    instruct.resolve_template("base", tok)
+  with pytest.raises(UserError, match="unknown"):
+    instruct.resolve_template("vicuna", tok)
+  cfg = configs.finetune_config("quickstart")
+  cfg.data.template = "vicuna"    # refused with the config, before anything is loaded
+  with pytest.raises(UserError, match=r"config.data.template: 'vicuna' is unknown"):
+    configs.validate(cfg, "finetune")
+
+
+def test_load_records_of_every_form_and_a_bad_line(tmp_path):
+  recs = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+          {"instruction": "i", "output": "o"}, {"prompt": "p", "completion": "c"}]
+  path = tmp_path / "mixed.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+  assert instruct.load_records(str(path)) == recs
+  bad = recs + [{"messages": [{"role": "user", "content": "no answer"}]}]
+  path.write_text("\n".join(json.dumps(r) for r in bad[:2]) + "\n\n" +
+                  "\n".join(json.dumps(r) for r in bad[2:]))
+  with pytest.raises(UserError, match=r"mixed.jsonl' line 5: a record of no known form"):
+    instruct.load_records(str(path))
+  (tmp_path / "list.json").write_text(json.dumps([recs[0], {"question": "q"}]))
+  with pytest.raises(UserError, match=r"list.json' record 1 .*keys \['question'\]"):
+    instruct.load_records(str(tmp_path / "list.json"))

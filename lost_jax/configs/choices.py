@@ -29,6 +29,12 @@ SPARSE_INITS = ("complement", "weight", "random_channels")
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
 
 
+# Fine-tuning prompt templates (data.template): auto = the base's own chat template when its
+# tokenizer has one (else alpaca), base = that template (refused without one), then the
+# hand-written single-turn ones.
+TEMPLATES = ("auto", "base", "alpaca", "plain", "chatml")
+
+
 
 
 

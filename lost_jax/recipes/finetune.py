@@ -178,6 +178,9 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
   module, plan, cfg = adapted_model(cfg, workdir, mesh)
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  # `auto` decided once, before the fingerprint: a run records the template it trains with.
+  cfg = configs.with_group(cfg, data=dict(
+      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
   fingerprint = {**checkpoint.model_fingerprint(cfg, tok.vocab_size),
                  "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
                  "sparse": json.loads(cfg.sparse.to_json()),
@@ -224,12 +227,15 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
              template: str = "alpaca", batch_size: int = 32,
              final_answer: bool = False) -> float:
-  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model."""
+  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model, each answer
+  ending at EOS or the template's end-of-turn token."""
   model = nnx.merge(graphdef, params, rest).model
+  stop = instruct.stop_ids(tok, template)
   generated = []
   for i in range(0, len(records), batch_size):
     chunk = records[i:i + batch_size]
     ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
     generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
-                                                max_new_tokens=max_new)))
-  return instruct.exact_match(np.concatenate(generated), records, tok, final_answer)
+                                                max_new_tokens=max_new, stop_ids=stop,
+                                                pad_id=tok.pad_id)))
+  return instruct.exact_match(np.concatenate(generated), records, tok, final_answer, stop)
