@@ -103,7 +103,7 @@ def test_cli_prints_a_completion(chat_run, tmp_path):
 def test_errors_are_one_line_before_loading(tmp_path):
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.json").write_text(json.dumps(
-      {"model": {}, "train": {}, "lora": {}, "init": {}}))
+      {"model": {"linear": {"kind": "dense"}}, "train": {}, "lora": {}, "init": {}}))
   cases = [
       (dict(workdir=str(tmp_path / "none"), prompt=["x"]), "is not a lost_jax run"),
       (dict(workdir=str(tmp_path / "run"), prompt=["x"]), "has no checkpoint yet"),
@@ -118,7 +118,7 @@ def test_errors_are_one_line_before_loading(tmp_path):
     with pytest.raises(UserError, match=match):
       command.main(flags(**kw))
   (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
-  with pytest.raises(UserError, match=r"no checkpoint of --step=3 \(it has steps \[4\]\)"):
+  with pytest.raises(UserError, match=r"no checkpoint of step 3 \(it has 4\)"):
     command.main(flags(workdir=str(tmp_path / "run"), prompt=["x"], step=3))
   (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"question": "b"}\n')
   with pytest.raises(UserError, match="p.jsonl line 2: no prompt"):

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from flax import nnx
 
 from lost_jax.data import instruct, tokenizer
 from lost_jax.data.tokenizer import Tokenizer
@@ -33,7 +32,6 @@ from lost_jax.models import generate as decoding
 from lost_jax.models.llama import Llama
 
 RAW = "none"     # the template of a model without one: the prompt text as it is
-_PERF_AUTO = ("matmul_backward", "attention", "attention_impl", "layer_loop")
 
 
 @dataclasses.dataclass
@@ -52,96 +50,25 @@ def _log(line: str) -> None:
   print(line, flush=True)
 
 
-def run_kind(workdir: str) -> str:
-  """'finetune' or 'pretrain' for a lost_jax workdir; one error line for anything else."""
-  config = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir) or not os.path.isfile(config):
-    raise UserError(f"--workdir={workdir} is not a lost_jax run (no config.json). Fix: give "
-                    "the --workdir of a finetune or pretrain run, or --base=<model>")
-  with open(config) as f:
-    run = json.load(f)
-  if "lora" in run and "init" in run:
-    return "finetune"
-  if "model" in run and "train" in run:
-    return "pretrain"
-  raise UserError(f"--workdir={workdir}: its config.json is not a lost_jax run's. Fix: give "
-                  "a finetune or pretrain --workdir, or --base=<model> for a HF/GGUF model")
-
-
-def _finished_steps(workdir: str) -> list[int]:
-  folder = os.path.join(workdir, "checkpoints")
-  names = os.listdir(folder) if os.path.isdir(folder) else []
-  return sorted(int(n) for n in names if n.isdigit())
-
-
-def _check_checkpoint(workdir: str, step: int | None) -> None:
-  """Refuse, before any model is loaded, a run with no checkpoint (or not of `step`)."""
-  steps = _finished_steps(workdir)
-  if not steps:
-    raise UserError(f"--workdir={workdir} has no checkpoint yet. Fix: let the run save one "
-                    "(train.ckpt_every), or give --base=<model> for the base alone")
-  if step is not None and step not in steps:
-    raise UserError(f"--workdir={workdir} has no checkpoint of --step={step} (it has steps "
-                    f"{steps}). Fix: --step={steps[-1]}, or leave --step out for the newest")
-
-
-def _auto_perf(model: dict) -> dict:
-  """A saved model config with its platform choices back to 'auto' (re-chosen here)."""
-  model = json.loads(json.dumps(model))
-  for key in _PERF_AUTO:
-    if key in model.get("perf", {}):
-      model["perf"][key] = "auto"
-  return model
+def _load_run(workdir: str, step: int | None, log) -> Generator:
+  """A fine-tune (its base + adapters; decoded densely) or a pre-training run, in float32."""
+  from lost_jax.recipes import saved_run  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  log(f"loading the run {workdir} ...")
+  run = saved_run.load_run(workdir, step)
+  tok = tokenizer.load_tokenizer(run.cfg.data, run.cfg.model.vocab_size)
+  if run.kind == "finetune":
+    template = instruct.resolve_template(run.cfg.data.template, tok)
+  else:
+    template = "base" if tok.chat_template else RAW
+  log(f"loaded step {run.step} of {workdir} in {time.time() - start:.1f}s "
+      f"(template {template})")
+  return Generator(run.model, tok, template, f"{workdir} step {run.step}",
+                   bos=run.kind == "finetune")
 
 
 def _host_precision() -> str:
   return "float32" if jax.default_backend() == "cpu" else "mixed"
-
-
-def _load_finetune(workdir: str, step: int | None, log) -> Generator:
-  from lost_jax.adapters.lora import LoRAParam  # pylint: disable=g-import-not-at-top
-  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
-  from lost_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    run = json.load(f)
-  run["model"] = _auto_perf(run["model"])
-  run["sparse"]["enabled"] = False      # dense inference: no SparseLoRA estimators
-  cfg = ml_collections.ConfigDict(run)
-  start = time.time()
-  log(f"loading the base {cfg.init.path} and the LoRA adapters of {workdir} ...")
-  module, _, cfg = finetune.adapted_model(cfg, None)
-  found, params, _ = checkpoint.read_saved(workdir, step)
-  state = nnx.state(module, LoRAParam)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  nnx.update(module, state)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  template = instruct.resolve_template(cfg.data.template, tok)
-  log(f"loaded step {found} of {workdir} in {time.time() - start:.1f}s "
-      f"(template {template})")
-  return Generator(module.model, tok, template, f"{workdir} step {found}")
-
-
-def _load_pretrain(workdir: str, step: int | None, log) -> Generator:
-  from lost_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    run = json.load(f)
-  model_cfg = ml_collections.ConfigDict(_auto_perf(run["model"]))
-  if jax.default_backend() == "cpu":    # bfloat16 matmuls are slow on a CPU
-    model_cfg.dtype = model_cfg.param_dtype = "float32"
-  start = time.time()
-  log(f"loading the pre-training run {workdir} ...")
-  found, params, rest = checkpoint.read_saved(workdir, step)
-  abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-  dtype = jnp.dtype(model_cfg.param_dtype)
-  nnx.replace_by_pure_dict(abs_params, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
-  if rest is not None:
-    nnx.replace_by_pure_dict(abs_rest, jax.tree.map(jnp.asarray, rest))
-  model = nnx.merge(graphdef, abs_params, abs_rest)
-  tok = tokenizer.load_tokenizer(ml_collections.ConfigDict(run["data"]), model_cfg.vocab_size)
-  template = "base" if tok.chat_template else RAW
-  log(f"loaded step {found} of {workdir} in {time.time() - start:.1f}s (template {template})")
-  return Generator(model, tok, template, f"{workdir} step {found}", bos=False)
 
 
 def _load_base(path: str, log) -> Generator:
@@ -151,8 +78,7 @@ def _load_base(path: str, log) -> Generator:
     raise UserError(f"--base={path} is none of the models generate reads. Fix: give a HF "
                     "LLaMA directory, a LLaMA GGUF file or a lost_jax pre-training workdir")
   if kind == "pretrain":
-    _check_checkpoint(path, None)
-    return _load_pretrain(path, None, log)
+    return _load_run(path, None, log)
   cfg = ml_collections.ConfigDict(dict(
       init=dict(source=kind, path=path), train=dict(precision=_host_precision()),
       data=dict(tokenizer=""), seed=0))
@@ -178,9 +104,7 @@ def load(workdir: str | None = None, base: str | None = None, step: int | None =
       raise UserError(f"--base={base} does not exist. Fix: give a HF directory, GGUF file or "
                       "pre-training workdir")
     return _load_base(os.path.expanduser(base), log)
-  kind = run_kind(workdir)
-  _check_checkpoint(workdir, step)
-  return (_load_finetune if kind == "finetune" else _load_pretrain)(workdir, step, log)
+  return _load_run(os.path.expanduser(workdir), step, log)
 
 
 def prompt_ids(gen: Generator, prompt: str | list[dict]) -> list[int]:

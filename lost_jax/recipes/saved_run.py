@@ -19,6 +19,9 @@ from lost_jax.recipes.base import load_base
 from lost_jax.training import checkpoint
 
 
+_PLATFORM_CHOICES = ("matmul_backward", "attention", "attention_impl", "layer_loop")
+
+
 @dataclasses.dataclass
 class SavedRun:
   """kind: 'pretrain' or 'finetune'; cfg: the run's config.json; model: float32 Llama (a
@@ -41,6 +44,9 @@ def run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
     raise UserError(f"--workdir={workdir} is not a lost_jax run ({path} is missing or has no "
                     f"model group: {type(e).__name__}). Fix: pass the --workdir of a "
                     "pretrain or finetune run") from e
+  for key in _PLATFORM_CHOICES:   # chosen for the platform it trained on: re-chosen here
+    if key in cfg["model"].get("perf", {}):
+      cfg["model"]["perf"][key] = "auto"
   return ml_collections.ConfigDict(cfg), "finetune" if "lora" in cfg else "pretrain"
 
 
@@ -71,7 +77,7 @@ def load_run(workdir: str, step: int | None = None) -> SavedRun:
   found, params, rest = checkpoint.read_saved(workdir, step)
   if found is None:
     raise UserError(f"workdir {workdir} has no checkpoint yet. Fix: let the run save one "
-                    "(train.ckpt_every, or its end), then export")
+                    "(train.ckpt_every, or its end), then run this command again")
   if kind == "pretrain":
     model = abstract_model(cfg)
     _fill(model, nnx.Param, params)
