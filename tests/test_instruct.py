@@ -51,13 +51,58 @@ def test_left_padded_example_layout_by_hand():
   np.testing.assert_array_equal(ex["weights"], [0, 0, 0, 0, 0, 1, 1, 1])
 
 
-def test_truncation_keeps_prompt_head_and_caps_the_length():
+def test_truncation_keeps_bos_and_the_prompt_end_and_caps_the_length():
   tok = FakeTokenizer()
-  record = {"instruction": "x" * 30, "input": "", "output": "123456789"}
+  record = {"instruction": "x" * 30 + "END?", "input": "", "output": "123456789"}
   prompt, output = instruct.encode_record(record, tok, max_prompt_len=10, max_len=14)
   assert len(prompt) == 10 and prompt[0] == tok.bos_id
-  assert prompt[1:] == tok.encode(instruct.render_prompt(record))[:9]
+  assert prompt[1:] == tok.encode(instruct.render_prompt(record))[-9:]   # the answer cue
   assert len(prompt) + len(output) == 14 and output == tok.encode("1234")
+  assert instruct.fit_prompt([3, 20, 21, 22, 23, 24], 4, bos_id=3) == [3, 22, 23, 24]
+  assert instruct.fit_prompt([20, 21, 22, 23, 24], 3, bos_id=3) == [22, 23, 24]
+  assert instruct.fit_prompt([3, 20], 4, bos_id=3) == [3, 20]
+
+
+def test_chat_truncation_keeps_the_assistant_header_and_the_whole_answer():
+  tok = chat_tokenizer()
+  record = {"messages": [{"role": "user", "content": "q" * 40 + "LAST"},
+                         {"role": "assistant", "content": "42"}]}
+  ids, mask = instruct.encode_example(record, tok, max_prompt_len=20, max_len=100,
+                                      template="base")
+  prompt = [i for i, m in zip(ids, mask) if not m]
+  answer = [i for i, m in zip(ids, mask) if m]
+  assert len(prompt) == 20 and tok.decode(prompt) == "qqqqLAST\n<assistant>"
+  assert tok.decode(answer) == "42|"
+  assert instruct.prompt_ids(record, tok, 20, "base") == prompt
+
+
+def test_long_prompts_are_counted_or_refused():
+  tok = FakeTokenizer()
+  records = [{"instruction": "x" * n, "input": "", "output": "1"} for n in (2, 50, 3, 60)]
+  cfg = configs.finetune_config("quickstart").data
+  cfg.max_prompt_len = 40
+  assert instruct.long_prompts(records, tok, cfg, "plain") == [1, 3]
+  lines = []
+  instruct.check_prompt_lengths(records, tok, cfg, "plain", "training", log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith("data: 2 of 4 training prompts exceed "
+                                                 "max_prompt_len=40 tokens")
+  cfg.truncate = "refuse"
+  with pytest.raises(UserError, match=r"2 of 4 training prompts are longer \(the first: "
+                     r"record 1\)"):
+    instruct.check_prompt_lengths(records, tok, cfg, "plain", "training")
+
+
+def test_without_an_eval_file_the_eval_records_are_held_out_of_training(tmp_path):
+  records = [{"instruction": f"q{i}", "input": "", "output": str(i)} for i in range(10)]
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(records))
+  cfg = configs.finetune_config("quickstart").data
+  cfg.update(dict(task="files", train_file=str(path), eval_file="", eval_size=3))
+  train, held = instruct.task_records(cfg, "train"), instruct.task_records(cfg, "eval")
+  assert train == records[:7] and held == records[7:]
+  cfg.eval_size = 10
+  with pytest.raises(UserError, match="eval_size=10: train_file holds 10 records"):
+    instruct.task_records(cfg, "train")
 
 
 def test_templates():
@@ -211,10 +256,10 @@ def test_alpaca_and_completion_records_under_a_chat_template_by_hand():
     head = f"<user>{user}\n<assistant>"
     assert ids == tok.encode(head + answer + "|")
     assert mask == [0] * len(head) + [1] * (len(answer) + 1)
-  # A prompt longer than max_prompt_len keeps its head; the total is cut to max_len.
+  # A prompt longer than max_prompt_len keeps its end; the total is cut to max_len.
   ids, mask = instruct.encode_example({"prompt": "x" * 20, "completion": "abc"}, tok, 10, 12,
                                       "base")
-  assert ids == tok.encode("<user>xxxx") + tok.encode("ab") and mask == [0] * 10 + [1, 1]
+  assert ids == tok.encode("assistant>") + tok.encode("ab") and mask == [0] * 10 + [1, 1]
 
 
 def test_hand_written_templates_take_every_form():

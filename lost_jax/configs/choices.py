@@ -33,6 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
 # tokenizer has one (else alpaca), base = that template (refused without one), then the
 # hand-written single-turn ones.
 TEMPLATES = ("auto", "base", "alpaca", "plain", "chatml")
+TRUNCATIONS = ("left", "refuse")   # data.truncate: a prompt longer than max_prompt_len
 
 
 

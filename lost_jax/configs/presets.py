@@ -230,6 +230,11 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       # GGUF metadata, pre-training run's setting)
       tokenizer="",
       seq_len=seq_len, max_prompt_len=prompt_len,
+      # a longer prompt: 'left' keeps its end (BOS + the last tokens: the question's end and
+      # the answer cue), counted in the log; 'refuse' stops at start-up naming the record
+      truncate="left",
+      # built-in tasks: examples generated; files without eval_file: the last eval_size
+      # records of train_file are held out of training and evaluated
       train_size=4000, eval_size=128, seed=0,
       max_new_tokens=8 if quick else 64,
       # stdlib-tokenizer settings shared with pre-training's loader:

@@ -8,7 +8,8 @@ import ml_collections
 
 from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, INITS,
                                       LAYER_LOOPS, LINEAR_KINDS, MATMUL_BACKWARDS, OPTIMIZERS,
-                                      PRECISIONS, ROPE_TYPES, SPARSE_INITS, TEMPLATES)
+                                      PRECISIONS, ROPE_TYPES, SPARSE_INITS, TEMPLATES,
+                                      TRUNCATIONS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity
 from lost_jax.configs.schema import projection_shapes
 from lost_jax.errors import UserError
@@ -212,6 +213,8 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   _in_range("data.max_new_tokens", d.max_new_tokens, 1, _INF, "e.g. 64", integer=True)
   if d.template not in TEMPLATES:
     _fail("data.template", f"{d.template!r} is unknown", f"one of {TEMPLATES}")
+  if d.get("truncate", "left") not in TRUNCATIONS:
+    _fail("data.truncate", f"{d.truncate!r} is unknown", f"one of {TRUNCATIONS}")
   _in_range("train.accuracy_examples", cfg.train.accuracy_examples, 0, _INF,
             "0 (no accuracy) or a count of eval examples", integer=True)
   if n_layers is not None:

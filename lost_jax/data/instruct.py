@@ -163,13 +163,23 @@ def render_prompt(record: dict, template: str = "alpaca") -> str:
   return text.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
+def fit_prompt(ids: list[int], max_prompt_len: int, bos_id: int) -> list[int]:
+  """A prompt cut to max_prompt_len from the left: its BOS (if it starts with one) and its
+  last tokens, so the question's end and the answer cue survive."""
+  if len(ids) <= max_prompt_len:
+    return ids
+  head = ids[:1] if ids and ids[0] == bos_id and bos_id >= 0 else []
+  return head + ids[len(ids) - (max_prompt_len - len(head)):]
+
+
 def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int,
                   template: str = "alpaca"):
   """(prompt ids, output ids + EOS) under a hand-written template, the prompt cut to
-  max_prompt_len, the total to max_len."""
-  prompt = tokenizer.encode(render_prompt(record, template))[:max_prompt_len]
+  max_prompt_len (`fit_prompt`), the total to max_len."""
+  prompt = tokenizer.encode(render_prompt(record, template))
   if getattr(tokenizer, "add_bos", tokenizer.bos_id >= 0):
-    prompt = [tokenizer.bos_id] + prompt[:max_prompt_len - 1]
+    prompt = [tokenizer.bos_id] + prompt
+  prompt = fit_prompt(prompt, max_prompt_len, tokenizer.bos_id)
   output = tokenizer.encode(to_alpaca(record)["output"]) + [tokenizer.eos_id]
   return prompt, output[:max(0, max_len - len(prompt))]
 
@@ -177,14 +187,15 @@ def encode_record(record: dict, tokenizer, max_prompt_len: int, max_len: int,
 def encode_example(record: dict, tokenizer, max_prompt_len: int, max_len: int,
                    template: str = "alpaca") -> tuple[list[int], list[int]]:
   """(token ids, 0/1 loss mask) of a training record: the text before the first answer token
-  cut to max_prompt_len (its head kept), the whole to max_len."""
+  cut to max_prompt_len (`fit_prompt`), the whole to max_len."""
   if template != "base":
     prompt, output = encode_record(record, tokenizer, max_prompt_len, max_len, template)
     return prompt + output, [0] * len(prompt) + [1] * len(output)
   ids, mask = chat.encode_chat(to_messages(record), tokenizer, chat_template(tokenizer))
   first = mask.index(1) if 1 in mask else len(mask)
   if first > max_prompt_len:
-    ids, mask = ids[:max_prompt_len] + ids[first:], mask[:max_prompt_len] + mask[first:]
+    prompt = fit_prompt(ids[:first], max_prompt_len, tokenizer.bos_id)
+    ids, mask = prompt + ids[first:], [0] * len(prompt) + mask[first:]
   return ids[:max_len], mask[:max_len]
 
 
@@ -194,8 +205,9 @@ def prompt_ids(record: dict, tokenizer, max_prompt_len: int, template: str = "al
   answer and the assistant's header), cut to max_prompt_len."""
   if template != "base":
     return encode_record(record, tokenizer, max_prompt_len, max_prompt_len, template)[0]
-  return chat.encode_prompt(prompt_messages(record), tokenizer,
-                            chat_template(tokenizer))[:max_prompt_len]
+  return fit_prompt(chat.encode_prompt(prompt_messages(record), tokenizer,
+                                      chat_template(tokenizer)), max_prompt_len,
+                    tokenizer.bos_id)
 
 
 def left_padded_example(ids: list[int], mask: list[int], seq_len: int,
@@ -383,12 +395,43 @@ def task_records(data_cfg, split: str) -> list[dict]:
       return make(count, seed=data_cfg.seed)
     seen = {r["input"] for r in make(data_cfg.train_size, seed=data_cfg.seed)}
     return held_out(make, count, data_cfg.seed + 1, seen)
-  if split == "train":
-    return load_records(data_cfg.train_file, "config.data.train_file")
   if data_cfg.eval_file:
-    return load_records(data_cfg.eval_file, "config.data.eval_file")
+    field, path = ("train_file", data_cfg.train_file) if split == "train" else (
+        "eval_file", data_cfg.eval_file)
+    return load_records(path, f"config.data.{field}")
+  # No eval file: the last eval_size records are held out of training and evaluated.
   records = load_records(data_cfg.train_file, "config.data.train_file")
-  return records[-data_cfg.eval_size:]
+  held = data_cfg.eval_size
+  if not 0 < held < len(records):
+    raise UserError(f"config.data.eval_size={held}: train_file holds {len(records)} records, "
+                    "and with no eval_file the last eval_size of them are held out for "
+                    "evaluation. Fix: an eval_size between 1 and "
+                    f"{len(records) - 1}, or set config.data.eval_file")
+  return records[:-held] if split == "train" else records[-held:]
+
+
+def long_prompts(records: list[dict], tokenizer, data_cfg, template: str) -> list[int]:
+  """Indices of the records whose prompt exceeds data.max_prompt_len (before `fit_prompt`)."""
+  limit = 1 << 30
+  return [i for i, r in enumerate(records)
+          if len(prompt_ids(r, tokenizer, limit, template)) > data_cfg.max_prompt_len]
+
+
+def check_prompt_lengths(records: list[dict], tokenizer, data_cfg, template: str,
+                         split: str, log=print) -> None:
+  """Refuse (data.truncate='refuse') or count in the log (the default 'left') the prompts
+  longer than data.max_prompt_len."""
+  long = long_prompts(records, tokenizer, data_cfg, template)
+  if not long:
+    return
+  if data_cfg.get("truncate", "left") == "refuse":
+    raise UserError(f"config.data.max_prompt_len={data_cfg.max_prompt_len}: {len(long)} of "
+                    f"{len(records)} {split} prompts are longer (the first: record {long[0]}). "
+                    "Fix: raise max_prompt_len (and seq_len), shorten those records, or set "
+                    "config.data.truncate=left to keep their last tokens")
+  log(f"data: {len(long)} of {len(records)} {split} prompts exceed max_prompt_len="
+      f"{data_cfg.max_prompt_len} tokens; their first tokens are cut (data.truncate=left "
+      "keeps BOS and the end: the question's end and the answer cue)")
 
 
 class _Encode(grain.transforms.Map):
@@ -416,12 +459,14 @@ def make_train_iterator(data_cfg, tokenizer, batch_size: int, *, seed: int,
                     f"{global_batch}. Fix: more records or a smaller config.train.batch_size.")
   encode = _Encode(tokenizer, data_cfg)
   # Refused now, not when the first batch is drawn: records a hand-written template cannot
-  # render, a chat template that refuses the data.
+  # render, a chat template that refuses the data, prompts too long under truncate=refuse.
   if encode.template in HAND_WRITTEN:
     for record in records:
       to_alpaca(record)
   else:
     encode.map(records[0])
+  check_prompt_lengths(records, tokenizer, data_cfg, encode.template, "training",
+                       log=print if process_index == 0 else (lambda _: None))
   ds = (grain.MapDataset.source(records).shuffle(seed=seed).repeat()
         .map(encode).batch(global_batch, drop_remainder=True)
         .map(ProcessRows(process_index, process_count)))
@@ -433,7 +478,10 @@ def make_eval_batches(data_cfg, tokenizer, batch_size: int, *, process_index: in
   """Every eval record as left-padded loss batches (the last one padded with weight 0):
   global batches of batch_size * process_count rows, of which this process keeps its own."""
   enc = _Encode(tokenizer, data_cfg)
-  rows = [enc.map(r) for r in task_records(data_cfg, "eval")]
+  records = task_records(data_cfg, "eval")
+  check_prompt_lengths(records, tokenizer, data_cfg, enc.template, "eval",
+                       log=print if process_index == 0 else (lambda _: None))
+  rows = [enc.map(r) for r in records]
   blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
   global_batch = batch_size * process_count
   rows += [blank] * (-len(rows) % global_batch)
