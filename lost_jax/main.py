@@ -29,7 +29,8 @@ _BASE = flags.DEFINE_string("base", None, "generate: a base model (HF directory,
                             "lost_jax pre-training workdir) instead of --workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: a user message (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "generate: a text file, one user "
-                                    "message per line, or a JSONL file of {\"prompt\": ...}.")
+                                    "message per line, or a JSONL file of {\"prompt\": ...} "
+                                    "or {\"messages\": [...]} records.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "generate: new tokens at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy decoding.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (temperature > 0).")

@@ -117,6 +117,41 @@ def tiny_finetune_config(base: str | None = None, *, sparse: bool = True, steps:
   return cfg
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def byte_level_tokenizer_json(folder, vocab_size, chat_template: str = ""):
+  """A byte-level BPE tokenizer.json of at most vocab_size entries, trained on arithmetic text
+  (with a chat template: ChatML's special tokens too, in tokenizer_config.json)."""
+  from lost_jax.data import instruct
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  chat = ["<|im_start|>", "<|im_end|>"] if chat_template else []
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", *chat],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([r["input"] + " " + r["output"]
+                           for r in instruct.arithmetic_records(200, 0)], trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+       **({"chat_template": chat_template} if chat_template else {})}))
+
+
+def hf_from_pretrained(path):
+  """transformers' float32 LlamaForCausalLM of a HF directory, in eval mode."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  # transformers >= 4.56 renamed from_pretrained's torch_dtype to dtype.
+  major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+  key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+  return transformers.LlamaForCausalLM.from_pretrained(path, **{key: torch.float32}).eval()
+
+
 # ------------------------------------------------------------------------- models and batches
 
 

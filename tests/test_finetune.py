@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import smollm2_gguf, tiny_finetune_config
+from helpers import byte_level_tokenizer_json, smollm2_gguf, tiny_finetune_config
 from lost_jax import configs
 from lost_jax.recipes import base as base_lib
 from lost_jax.recipes import finetune
@@ -73,7 +73,7 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
   with pytest.raises(ValueError, match=r"neither tokenizer\.json nor tokenizer\.model\. Fix: "
                      r"set config\.data\.tokenizer"):
     finetune.finetune_and_evaluate(cfg, str(tmp_path / "run0"), quiet=True)
-  _byte_level_tokenizer_json(tmp_path / "hf", 512)
+  byte_level_tokenizer_json(tmp_path / "hf", 512)
   cfg = tiny_finetune_config(str(tmp_path / "hf"), steps=4)   # source auto-detected as hf
   cfg.train.update(dict(eval_every=4, accuracy_examples=4))
   out = finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
@@ -81,22 +81,6 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["model"]["n_kv_heads"] == 2 and saved["model"]["d_model"] == 64
   assert saved["data"]["tokenizer"].endswith("tokenizer.json")
-
-
-def _byte_level_tokenizer_json(folder, vocab_size):
-  """A byte-level BPE tokenizer.json of at most vocab_size entries, trained on arithmetic text."""
-  from lost_jax.data import instruct
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([r["input"] + " " + r["output"]
-                           for r in instruct.arithmetic_records(200, 0)], trainer)
-  tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
-      {"eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}))
 
 
 @pytest.mark.parametrize("what", ["nothing", "empty_dir", "text_file", "mismatch"])

@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from helpers import tiny_model_config
+from helpers import hf_from_pretrained, tiny_model_config
 from lost_jax import configs
 from lost_jax.formats import hf
 from lost_jax.layers.linear import DenseLinear
@@ -270,14 +270,6 @@ def _torch():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   return torch, transformers
-
-
-def hf_from_pretrained(path):
-  torch, transformers = _torch()
-  # transformers >= 4.56 renamed from_pretrained's torch_dtype to dtype.
-  major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
-  key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-  return transformers.LlamaForCausalLM.from_pretrained(path, **{key: torch.float32}).eval()
 
 
 def hf_logits(hf_model, tokens=TOKENS_BxL):

@@ -12,18 +12,36 @@ from lost_jax.errors import UserError
 
 
 class FakeTokenizer:
-  """Characters -> ids 10.. (printable ASCII and newline); pad 0, eos 1, bos 3."""
+  """Characters -> ids 10.. (printable ASCII and newline); pad 0, eos 1, bos 3 (special:
+  decoded as nothing)."""
   pad_id, eos_id, bos_id = 0, 1, 3
+  chat_template, path, name = "", "", "fake"
 
   def encode(self, text):
     return [10 + ord(c) for c in text]
 
   def decode(self, ids):
-    return "".join(chr(i - 10) for i in ids)
+    return "".join(chr(i - 10) for i in ids if i >= 10)
+
+  def id_to_token(self, i):
+    return {0: "<pad>", 1: "</s>", 3: "<s>"}.get(i) or chr(i - 10)
+
+
+# A chat template whose assistant turns end with '|' (one character: one token here).
+TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}"
+            "{% if m['role'] == 'assistant' %}{{ '|' }}{% endif %}{{ '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+
+
+def chat_tokenizer():
+  tok = FakeTokenizer()
+  tok.chat_template = TEMPLATE
+  return tok
 
 
 def test_left_padded_example_layout_by_hand():
-  ex = instruct.left_padded_example([3, 11, 12], [20, 21, 1], seq_len=8, pad_id=0)
+  ex = instruct.left_padded_example([3, 11, 12, 20, 21, 1], [0, 0, 0, 1, 1, 1], seq_len=8,
+                                   pad_id=0)
   # sequence 3 11 12 20 21 1 -> 5 (input, target) pairs, 3 pads on the left
   np.testing.assert_array_equal(ex["inputs"], [0, 0, 0, 3, 11, 12, 20, 21])
   np.testing.assert_array_equal(ex["targets"], [0, 0, 0, 11, 12, 20, 21, 1])
@@ -33,13 +51,58 @@ def test_left_padded_example_layout_by_hand():
   np.testing.assert_array_equal(ex["weights"], [0, 0, 0, 0, 0, 1, 1, 1])
 
 
-def test_truncation_keeps_prompt_head_and_caps_the_length():
+def test_truncation_keeps_bos_and_the_prompt_end_and_caps_the_length():
   tok = FakeTokenizer()
-  record = {"instruction": "x" * 30, "input": "", "output": "123456789"}
+  record = {"instruction": "x" * 30 + "END?", "input": "", "output": "123456789"}
   prompt, output = instruct.encode_record(record, tok, max_prompt_len=10, max_len=14)
   assert len(prompt) == 10 and prompt[0] == tok.bos_id
-  assert prompt[1:] == tok.encode(instruct.render_prompt(record))[:9]
+  assert prompt[1:] == tok.encode(instruct.render_prompt(record))[-9:]   # the answer cue
   assert len(prompt) + len(output) == 14 and output == tok.encode("1234")
+  assert instruct.fit_prompt([3, 20, 21, 22, 23, 24], 4, bos_id=3) == [3, 22, 23, 24]
+  assert instruct.fit_prompt([20, 21, 22, 23, 24], 3, bos_id=3) == [22, 23, 24]
+  assert instruct.fit_prompt([3, 20], 4, bos_id=3) == [3, 20]
+
+
+def test_chat_truncation_keeps_the_assistant_header_and_the_whole_answer():
+  tok = chat_tokenizer()
+  record = {"messages": [{"role": "user", "content": "q" * 40 + "LAST"},
+                         {"role": "assistant", "content": "42"}]}
+  ids, mask = instruct.encode_example(record, tok, max_prompt_len=20, max_len=100,
+                                      template="base")
+  prompt = [i for i, m in zip(ids, mask) if not m]
+  answer = [i for i, m in zip(ids, mask) if m]
+  assert len(prompt) == 20 and tok.decode(prompt) == "qqqqLAST\n<assistant>"
+  assert tok.decode(answer) == "42|"
+  assert instruct.prompt_ids(record, tok, 20, "base") == prompt
+
+
+def test_long_prompts_are_counted_or_refused():
+  tok = FakeTokenizer()
+  records = [{"instruction": "x" * n, "input": "", "output": "1"} for n in (2, 50, 3, 60)]
+  cfg = configs.finetune_config("quickstart").data
+  cfg.max_prompt_len = 40
+  assert instruct.long_prompts(records, tok, cfg, "plain") == [1, 3]
+  lines = []
+  instruct.check_prompt_lengths(records, tok, cfg, "plain", "training", log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith("data: 2 of 4 training prompts exceed "
+                                                 "max_prompt_len=40 tokens")
+  cfg.truncate = "refuse"
+  with pytest.raises(UserError, match=r"2 of 4 training prompts are longer \(the first: "
+                     r"record 1\)"):
+    instruct.check_prompt_lengths(records, tok, cfg, "plain", "training")
+
+
+def test_without_an_eval_file_the_eval_records_are_held_out_of_training(tmp_path):
+  records = [{"instruction": f"q{i}", "input": "", "output": str(i)} for i in range(10)]
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(records))
+  cfg = configs.finetune_config("quickstart").data
+  cfg.update(dict(task="files", train_file=str(path), eval_file="", eval_size=3))
+  train, held = instruct.task_records(cfg, "train"), instruct.task_records(cfg, "eval")
+  assert train == records[:7] and held == records[7:]
+  cfg.eval_size = 10
+  with pytest.raises(UserError, match="eval_size=10: train_file holds 10 records"):
+    instruct.task_records(cfg, "train")
 
 
 def test_templates():
@@ -80,10 +143,10 @@ def test_load_records_json_jsonl_gz_and_errors(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
     instruct.load_records(str(tmp_path / "missing.json"))
   (tmp_path / "bad.json").write_text('[{"instruction": "i"}]')
-  with pytest.raises(ValueError, match="lacks 'instruction' or 'output'"):
+  with pytest.raises(ValueError, match="record 0 .*no known form"):
     instruct.load_records(str(tmp_path / "bad.json"))
   (tmp_path / "broken.jsonl").write_text('{"instruction": ')
-  with pytest.raises(ValueError, match="not valid JSON"):
+  with pytest.raises(ValueError, match="line 1 is not valid JSON"):
     instruct.load_records(str(tmp_path / "broken.jsonl"))
   (tmp_path / "empty.json").write_text("[]")
   with pytest.raises(ValueError, match="no records"):
@@ -152,8 +215,95 @@ def test_chatml_template_and_final_answer_match():
   assert instruct.final_number("3 + 4 = 7. The answer is 7.") == "7"
   assert instruct.final_number("no digits") is None
   tok = FakeTokenizer()
-  recs = [{"output": "1 + 1 = 2. The answer is 2."}, {"output": "The answer is 5."}]
+  recs = [{"instruction": "i", "output": "1 + 1 = 2. The answer is 2."},
+          {"prompt": "p", "completion": "The answer is 5."}]
   gen = np.array([[10 + ord(c) for c in "so it is 2".ljust(16)] + [1],
                   [10 + ord(c) for c in "The answer is 50"] + [1]])
   assert instruct.exact_match(gen, recs, tok, final_answer=True) == 0.5
   assert instruct.exact_match(gen, recs, tok) == 0.0
+
+
+def test_chat_records_loss_on_every_assistant_turn_by_hand():
+  tok = chat_tokenizer()
+  rec = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": "A"}]}
+  ids, mask = instruct.encode_example(rec, tok, max_prompt_len=64, max_len=128, template="base")
+  # the text up to the last answer's end of turn, by hand: answers 'Yo|' and 'A|' carry loss
+  parts = [("<system>S\n<user>Hi\n<assistant>", 0), ("Yo|", 1), ("\n<user>Q\n<assistant>", 0),
+           ("A|", 1)]
+  assert ids == tok.encode("".join(p for p, _ in parts))
+  assert mask == [w for p, w in parts for _ in p]
+  ex = instruct.left_padded_example(ids, mask, seq_len=64, pad_id=0)
+  pad = 64 - (len(ids) - 1)
+  # target t is ids[t + 1]: weight 1 exactly on targets 'Y', 'o', '|', 'A', '|'
+  targets = [chr(t - 10) for t, w in zip(ex["targets"][pad:], ex["weights"][pad:]) if w]
+  assert targets == list("Yo|A|") and ex["weights"][:pad].sum() == 0
+  # the generation prompt: every turn before the last answer, then the assistant's header
+  assert instruct.prompt_ids(rec, tok, 64, "base") == tok.encode(
+      "<system>S\n<user>Hi\n<assistant>Yo|\n<user>Q\n<assistant>")
+  assert instruct.reference(rec) == "A"
+  assert instruct.stop_ids(tok, "base") == (tok.eos_id, tok.encode("|")[0])
+
+
+def test_alpaca_and_completion_records_under_a_chat_template_by_hand():
+  tok = chat_tokenizer()
+  for rec, user, answer in (
+      ({"instruction": "Add.", "input": "2 3", "output": "5"}, "Add.\n2 3", "5"),
+      ({"instruction": "Hi.", "output": "Yo"}, "Hi.", "Yo"),
+      ({"prompt": "P?", "completion": "C."}, "P?", "C.")):
+    ids, mask = instruct.encode_example(rec, tok, 64, 128, "base")
+    head = f"<user>{user}\n<assistant>"
+    assert ids == tok.encode(head + answer + "|")
+    assert mask == [0] * len(head) + [1] * (len(answer) + 1)
+  # A prompt longer than max_prompt_len keeps its end; the total is cut to max_len.
+  ids, mask = instruct.encode_example({"prompt": "x" * 20, "completion": "abc"}, tok, 10, 12,
+                                      "base")
+  assert ids == tok.encode("assistant>") + tok.encode("ab") and mask == [0] * 10 + [1, 1]
+
+
+def test_hand_written_templates_take_every_form():
+  tok = FakeTokenizer()
+  want = instruct.encode_example({"instruction": "P?", "output": "C."}, tok, 64, 128, "plain")
+  for rec in ({"prompt": "P?", "completion": "C."},
+              {"messages": [{"role": "user", "content": "P?"},
+                            {"role": "assistant", "content": "C."}]}):
+    assert instruct.encode_example(rec, tok, 64, 128, "plain") == want
+  ids, mask = want
+  assert ids == [tok.bos_id] + tok.encode("P?\n\nAnswer: C.") + [tok.eos_id]
+  assert mask == [0] * (1 + len("P?\n\nAnswer: ")) + [1, 1, 1]
+  multi = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "P"},
+                        {"role": "assistant", "content": "C"}]}
+  with pytest.raises(UserError, match="template=base"):
+    instruct.encode_example(multi, tok, 64, 128, "alpaca")
+
+
+def test_resolve_template():
+  tok = FakeTokenizer()
+  assert instruct.resolve_template("auto", tok) == "alpaca"
+  assert instruct.resolve_template("auto", chat_tokenizer()) == "base"
+  assert instruct.resolve_template("plain", chat_tokenizer()) == "plain"
+  with pytest.raises(UserError, match="template=base but the tokenizer 'fake' has no chat"):
+    instruct.resolve_template("base", tok)
+  with pytest.raises(UserError, match="unknown"):
+    instruct.resolve_template("vicuna", tok)
+  cfg = configs.finetune_config("quickstart")
+  cfg.data.template = "vicuna"    # refused with the config, before anything is loaded
+  with pytest.raises(UserError, match=r"config.data.template: 'vicuna' is unknown"):
+    configs.validate(cfg, "finetune")
+
+
+def test_load_records_of_every_form_and_a_bad_line(tmp_path):
+  recs = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+          {"instruction": "i", "output": "o"}, {"prompt": "p", "completion": "c"}]
+  path = tmp_path / "mixed.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+  assert instruct.load_records(str(path)) == recs
+  bad = recs + [{"messages": [{"role": "user", "content": "no answer"}]}]
+  path.write_text("\n".join(json.dumps(r) for r in bad[:2]) + "\n\n" +
+                  "\n".join(json.dumps(r) for r in bad[2:]))
+  with pytest.raises(UserError, match=r"mixed.jsonl' line 5: a record of no known form"):
+    instruct.load_records(str(path))
+  (tmp_path / "list.json").write_text(json.dumps([recs[0], {"question": "q"}]))
+  with pytest.raises(UserError, match=r"list.json' record 1 .*keys \['question'\]"):
+    instruct.load_records(str(tmp_path / "list.json"))

@@ -603,7 +603,7 @@ def test_a_base_run_whose_newest_checkpoint_is_damaged_is_read_from_the_previous
   assert sorted(os.listdir(ckpts)) == ["60", "61"]          # a base is never changed
   _truncate_a_data_file(os.path.join(ckpts, "60"))
   with pytest.raises(errors.UserError, match=r"no checkpoint of .* can be read: step 61: .*; "
-                     r"step 60: .*Fix: point config.init.path at a run with an intact"):
+                     r"step 60: .*Fix: point at a run with an intact"):
     checkpoint.read_params(pretrained_copy)
 
 
@@ -631,3 +631,38 @@ def test_data_worker_processes_print_nothing_on_ctrl_c_or_after_a_resume(tmp_pat
   assert f"done: step {stopped + 2}" in resumed.stdout
   assert "Traceback" not in resumed.stderr and "Exception ignored" not in resumed.stderr, \
       resumed.stderr[-3000:]
+
+
+def test_damaged_base_files_are_one_line(tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from helpers import TINY_MODEL, smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs  # pylint: disable=g-import-not-at-top
+  from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  from lost_jax.formats import hf  # pylint: disable=g-import-not-at-top
+  from lost_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
+  cfg = configs.model_config("quickstart")
+  cfg.update(TINY_MODEL)
+  base = str(tmp_path / "hf")
+  hf.save_hf_llama(Llama(cfg, rngs=nnx.Rngs(0)), base, dtype="float32")
+  weights, config = os.path.join(base, "model.safetensors"), os.path.join(base, "config.json")
+  good_weights, good_config = open(weights, "rb").read(), open(config).read()
+  hf.load_hf_llama(base)                                            # intact: loads
+  damage = [
+      (weights, good_weights[:len(good_weights) // 2], "is not a readable safetensors file"),
+      (weights, b"garbage" * 100, "is not a readable safetensors file"),
+      (config, json.dumps({k: v for k, v in json.loads(good_config).items()
+                           if k != "hidden_size"}), "config.json: hidden_size missing"),
+      (config, "{garbage", "cannot be read as JSON"),
+  ]
+  for path, content, expected in damage:
+    with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+      f.write(content)
+    with pytest.raises(errors.UserError, match=expected):
+      hf.load_hf_llama(base)
+    open(weights, "wb").write(good_weights)
+    open(config, "w").write(good_config)
+  cut = tmp_path / "cut.gguf"
+  with open(smollm2_gguf(), "rb") as f:
+    cut.write_bytes(f.read(200_000))                     # the header, then cut short
+  with pytest.raises(errors.UserError, match="is not a readable GGUF file .*cut short"):
+    gguf_lib.load_gguf_llama(str(cut))

@@ -33,6 +33,13 @@ OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
 EXTEND_MODES = ("stretch", "constant")
 
 
+# Fine-tuning prompt templates (data.template): auto = the base's own chat template when its
+# tokenizer has one (else alpaca), base = that template (refused without one), then the
+# hand-written single-turn ones.
+TEMPLATES = ("auto", "base", "alpaca", "plain", "chatml")
+TRUNCATIONS = ("left", "refuse")   # data.truncate: a prompt longer than max_prompt_len
+
+
 
 
 

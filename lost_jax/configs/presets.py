@@ -226,11 +226,18 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",
       train_file="", eval_file="",
-      template="plain" if quick else "alpaca",   # prompt template: alpaca | plain | chatml
+      # prompt template: auto (the base's chat template if its tokenizer has one, else
+      # alpaca) | base | alpaca | plain | chatml; quickstart's base (a pre-training run) has none
+      template="plain" if quick else "auto",
       # SentencePiece .model, tokenizer.json, HF dir or .gguf; "" = the base's own (HF dir,
       # GGUF metadata, pre-training run's setting)
       tokenizer="",
       seq_len=seq_len, max_prompt_len=prompt_len,
+      # a longer prompt: 'left' keeps its end (BOS + the last tokens: the question's end and
+      # the answer cue), counted in the log; 'refuse' stops at start-up naming the record
+      truncate="left",
+      # built-in tasks: examples generated; files without eval_file: the last eval_size
+      # records of train_file are held out of training and evaluated
       train_size=4000, eval_size=128, seed=0,
       max_new_tokens=8 if quick else 64,
       # stdlib-tokenizer settings shared with pre-training's loader:
@@ -246,9 +253,10 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
   cfg.mesh = mesh_config()
   if preset.startswith("smollm2"):
-    # CPU-sized: the instruct model's chat format, its own tokenizer (from the GGUF), short
-    # runs; float32 compute (bf16 matmuls are slow on CPU).
-    cfg.data.update(dict(task=task, template="chatml", max_new_tokens=64 if task == "gsm" else 8,
+    # CPU-sized: the instruct model's own chat template and tokenizer (from the GGUF; for one
+    # user turn it renders what `chatml` writes, token for token), short runs; float32
+    # compute (bf16 matmuls are slow on CPU).
+    cfg.data.update(dict(task=task, template="base", max_new_tokens=64 if task == "gsm" else 8,
                          train_size=4000, eval_size=500))
     cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
                           accuracy_examples=500, ckpt_every=40))

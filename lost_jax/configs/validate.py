@@ -8,7 +8,8 @@ import ml_collections
 
 from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, EXTEND_MODES,
                                       INITS, LAYER_LOOPS, LINEAR_KINDS, MATMUL_BACKWARDS,
-                                      OPTIMIZERS, PRECISIONS, ROPE_TYPES, SPARSE_INITS)
+                                      OPTIMIZERS, PRECISIONS, ROPE_TYPES, SPARSE_INITS, TEMPLATES,
+                                      TRUNCATIONS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity
 from lost_jax.configs.schema import projection_shapes
 from lost_jax.errors import UserError
@@ -213,6 +214,10 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   _in_range("data.max_prompt_len", d.max_prompt_len, 1, d.seq_len - 1,
             f"a prompt length below data.seq_len={d.seq_len}", integer=True)
   _in_range("data.max_new_tokens", d.max_new_tokens, 1, _INF, "e.g. 64", integer=True)
+  if d.template not in TEMPLATES:
+    _fail("data.template", f"{d.template!r} is unknown", f"one of {TEMPLATES}")
+  if d.get("truncate", "left") not in TRUNCATIONS:
+    _fail("data.truncate", f"{d.truncate!r} is unknown", f"one of {TRUNCATIONS}")
   _in_range("train.accuracy_examples", cfg.train.accuracy_examples, 0, _INF,
             "0 (no accuracy) or a count of eval examples", integer=True)
   if n_layers is not None:

@@ -23,7 +23,7 @@ import platform
 import sentencepiece as spm
 
 from lost_jax import files
-from lost_jax.data import sources
+from lost_jax.data import chat, sources
 from lost_jax.errors import UserError
 
 # Bump when the training recipe or the corpus selection changes, so old caches are not reused.
@@ -47,6 +47,7 @@ class Tokenizer(abc.ABC):
   eos_id: int
   pad_id: int
   add_bos: bool      # prompts start with bos_id (LLaMA) or not (T5, SmolLM2)
+  chat_template: str = ""   # the Jinja chat template stored with it ('' if none)
 
   @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
@@ -56,6 +57,10 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def decode(self, ids) -> str:
     """Text of `ids`, special tokens dropped."""
+
+  @abc.abstractmethod
+  def id_to_token(self, token_id: int) -> str:
+    """The vocabulary entry of `token_id` (a special token's text, e.g. '<|im_end|>')."""
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
@@ -82,11 +87,16 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def id_to_token(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
+
   def __getstate__(self):  # SentencePieceProcessor does not pickle; grain workers need it.
-    return {"proto": self._proto, "name": self.name, "path": self.path}
+    return {"proto": self._proto, "name": self.name, "path": self.path,
+            "chat_template": self.chat_template}
 
   def __setstate__(self, state):
     self.__init__(state["proto"], state["name"], state["path"])
+    self.chat_template = state.get("chat_template", "")
 
 
 class HFTokenizer(Tokenizer):
@@ -112,6 +122,14 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def id_to_token(self, token_id: int) -> str:
+    return self._tok.id_to_token(int(token_id)) or ""
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids, each token's (start, end) character offsets in `text`)."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
   def token_id(self, token: str) -> int:
     """Id of a vocabulary entry, or -1."""
     i = self._tok.token_to_id(token)
@@ -119,12 +137,14 @@ class HFTokenizer(Tokenizer):
 
   def __getstate__(self):
     return {"json": self._json, "name": self.name, "path": self.path, "bos_id": self.bos_id,
-            "eos_id": self.eos_id, "pad_id": self.pad_id, "add_bos": self.add_bos}
+            "eos_id": self.eos_id, "pad_id": self.pad_id, "add_bos": self.add_bos,
+            "chat_template": self.chat_template}
 
   def __setstate__(self, state):
     self.__init__(state["json"], bos_id=state["bos_id"], eos_id=state["eos_id"],
                   pad_id=state["pad_id"], add_bos=state["add_bos"], name=state["name"],
                   path=state["path"])
+    self.chat_template = state.get("chat_template", "")
 
 
 def _token_text(value) -> str | None:
@@ -201,7 +221,8 @@ def load_sentencepiece(path: str, name: str = "") -> SentencePieceTokenizer:
 
 def from_path(path: str, name: str = "") -> Tokenizer | None:
   """The tokenizer a file or HF directory holds (tokenizer.json first, then tokenizer.model,
-  a .gguf file's metadata), or None when a directory has none."""
+  a .gguf file's metadata), or None when a directory has none; with the chat template stored
+  beside it (`chat.read_chat_template`)."""
   path = os.path.expanduser(path)
   if os.path.isdir(path):
     for fname in (TOKENIZER_JSON, SENTENCEPIECE_MODEL):
@@ -209,10 +230,13 @@ def from_path(path: str, name: str = "") -> Tokenizer | None:
         return from_path(os.path.join(path, fname), name)
     return None
   if path.endswith(".gguf"):
-    return load_gguf_tokenizer(path, name)
-  if path.endswith(".json"):
-    return load_tokenizer_json(path, name)
-  return load_sentencepiece(path, name)
+    tok = load_gguf_tokenizer(path, name)
+  elif path.endswith(".json"):
+    tok = load_tokenizer_json(path, name)
+  else:
+    tok = load_sentencepiece(path, name)
+  tok.chat_template = chat.read_chat_template(path)
+  return tok
 
 
 def cache_dir() -> str:

@@ -10,6 +10,8 @@ tokenizer of `tokenizer.ggml.*` is returned as tokenizer.json text (built with t
 
 from __future__ import annotations
 
+import struct
+
 import jax
 import ml_collections
 import numpy as np
@@ -36,9 +38,11 @@ def open_reader(path: str):
   import gguf  # pylint: disable=g-import-not-at-top
   try:
     return gguf.GGUFReader(path)
-  except (ValueError, OSError) as e:
-    raise UserError(f"config.init.path={path!r} is not a readable GGUF file ({e}). Fix: give a "
-                    "llama.cpp .gguf model file") from e
+  except (ValueError, OSError, IndexError, KeyError, EOFError, struct.error) as e:
+    # A file cut short (an interrupted download) fails as an IndexError of numpy's memmap.
+    raise UserError(f"config.init.path={path!r} is not a readable GGUF file "
+                    f"({type(e).__name__}: {e}). Fix: give a complete llama.cpp .gguf model "
+                    "file (download it again if it was cut short)") from e
 
 
 def metadata(reader) -> dict:

@@ -4,11 +4,12 @@ HF `nn.Linear` weights are [out, in]; lost_jax kernels are [in, out], so project
 transposed both ways. HF LLaMA's q/k projections use the same rotate-half RoPE as
 `model.apply_rope`, so no head permutation is needed (tests/test_hf.py checks logits against
 transformers). Tied embeddings are read by copying the embedding into the untied `lm_head`;
-exports are always untied.
+an export is tied again when the LM head still equals the embedding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lost_jax import configs as configs_lib
@@ -108,6 +110,11 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
               if kind == "llama3" else {}))
     except KeyError as e:
       _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
+  missing = [field for field in _REQUIRED if field not in hf]
+  if missing:
+    raise UserError(f"{where}: {', '.join(missing)} missing. Fix: use the config.json saved "
+                    "with the checkpoint (a LlamaForCausalLM config names all of "
+                    f"{', '.join(_REQUIRED)})")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim")
   if head_dim is not None and head_dim * heads != d:
@@ -132,8 +139,31 @@ def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bo
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError as e:
+    raise UserError(f"{path} is missing. Fix: give a complete Hugging Face model directory "
+                    "(config.json + model.safetensors)") from e
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}). Fix: restore "
+                    "the file (download or export the model again)") from e
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str, framework: str):
+  """safe_open, with a damaged file (truncated, not safetensors) as one UserError."""
+  try:
+    handle = safe_open(file, framework=framework)
+  except (OSError, SafetensorError) as e:
+    raise UserError(f"{file} is not a readable safetensors file ({e}). Fix: restore the "
+                    "file (download or export the model again)") from e
+  with handle as f:
+    yield f
 
 
 def load_hf_config(path: str) -> ml_collections.ConfigDict:
@@ -198,7 +228,7 @@ def _tensor_files(path: str) -> dict[str, str]:
             for name, file in _read_json(index)["weight_map"].items()}
   single = os.path.join(path, WEIGHTS_FILE)
   if os.path.exists(single):
-    with safe_open(single, framework="flax") as f:
+    with _open_safetensors(single, "flax") as f:
       return {name: single for name in f.keys()}
   raise UserError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}. Fix: save the "
                           "HF model with save_pretrained(..., safe_serialization=True); "
@@ -240,7 +270,7 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
     by_file.setdefault(file, []).append(name)
   with progress.bar(len(files), "loading HF base", "tensor") as read:
     for file, file_names in sorted(by_file.items()):
-      with safe_open(file, framework="flax" if mesh is None else "numpy") as f:
+      with _open_safetensors(file, "flax" if mesh is None else "numpy") as f:
         for name in file_names:
           _read_tensor(f, name, names[name], model, mesh, file)
           read.update(1)
@@ -302,8 +332,11 @@ def _set(var: nnx.Variable, x: jax.Array, mesh: jax.sharding.Mesh | None):
 # ---------------------------------------------------------------------------- densify
 
 
-def _is_identity(layer) -> bool:
-  return layer.act is layers_lib.ACTIVATIONS["identity"]
+def has_nonlinear_factors(layer: nnx.Module) -> bool:
+  """Whether a projection applies an activation between its factors (LOST and CoLA with
+  silu): then no single matrix equals it, and it has no HF LLaMA form."""
+  return (isinstance(layer, (lost_layers.LOSTLinear, layers_lib.LowRankLinear))
+          and layer.act is not layers_lib.ACTIVATIONS["identity"])
 
 
 def _matmul_t(a_NxR: jax.Array, b_MxR: jax.Array) -> jax.Array:
@@ -317,8 +350,7 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
     return layer.kernel[...].astype(jnp.float32)
   n, m = layer.in_features, layer.out_features
   name = type(layer).__name__
-  if isinstance(layer, (lost_layers.LOSTLinear, layers_lib.LowRankLinear)) and not _is_identity(
-      layer):
+  if has_nonlinear_factors(layer):
     raise ValueError(f"{name} has a nonlinear activation between its factors (silu: LOST/CoLA), "
                      "so no dense kernel reproduces it and it cannot be exported as a LLaMA. "
                      "Fix: train with model.linear.activation='identity' to export.")
@@ -362,9 +394,42 @@ def densify(model: Llama) -> Llama:
 # ---------------------------------------------------------------------------- export
 
 
+SHARD_BYTES = 5_000_000_000   # HF's default max_shard_size (5 GB)
+
+
+def shard_names(sizes: dict[str, int], max_shard_bytes: int | None) -> dict[str, str]:
+  """Tensor name -> file, in order: one model.safetensors, or HF's
+  model-0000i-of-0000n.safetensors shards of at most max_shard_bytes (a tensor larger than
+  that gets a shard of its own)."""
+  groups: list[list[str]] = [[]]
+  used = 0
+  for name, size in sizes.items():
+    if max_shard_bytes and groups[-1] and used + size > max_shard_bytes:
+      groups.append([])
+      used = 0
+    groups[-1].append(name)
+    used += size
+  if len(groups) == 1:
+    return {name: WEIGHTS_FILE for name in groups[0]}
+  return {name: f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+          for i, group in enumerate(groups) for name in group}
+
+
+def is_tied(model: Llama) -> bool:
+  """Whether the LM head is exactly the transposed embedding (a tied checkpoint's import)."""
+  return bool(np.array_equal(np.asarray(model.lm_head.kernel[...]).T,
+                             np.asarray(model.embed.embedding[...])))
+
+
 def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
-                  config_overrides: dict | None = None) -> None:
-  """Write config.json + model.safetensors loadable by LlamaForCausalLM.from_pretrained."""
+                  config_overrides: dict | None = None, tie: bool | None = None,
+                  max_shard_bytes: int | None = SHARD_BYTES, progress: bool = False) -> dict:
+  """Write config.json + model.safetensors (or HF-style shards and their index) loadable by
+  LlamaForCausalLM.from_pretrained; files are mode 0644. Returns {"tensors", "bytes", "files"}.
+
+  tie: write tie_word_embeddings=true and no lm_head.weight; None: tie exactly when the LM head
+  equals the transposed embedding (a tied base, e.g. SmolLM2, imported and fine-tuned).
+  """
   if dtype not in _DTYPES.values():
     raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES.values())}.")
   cfg = model.cfg
@@ -380,13 +445,82 @@ def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
     if tuple(p) not in covered:
       raise ValueError(f"parameter {_path_str(p)} has no place in a HF LLaMA checkpoint. Fix: "
                        "merge adapters into the base kernels (or drop them) before export.")
-  tensors = {}
-  for name, (attr, transpose) in names.items():
-    x = np.asarray(jax.device_get(get_path(model, attr)[...].astype(dtype)))
-    tensors[name] = np.ascontiguousarray(x.T if transpose else x)
-  config = hf_config(cfg, dtype, config_overrides)
+  tie = is_tied(model) if tie is None else tie
+  if tie:
+    names.pop("lm_head.weight")
+  config = hf_config(cfg, dtype, {**(config_overrides or {}), "tie_word_embeddings": tie})
+  itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+  sizes = {name: int(np.prod(get_path(model, attr).shape)) * itemsize
+           for name, (attr, _) in names.items()}
+  files = shard_names(sizes, max_shard_bytes)
   os.makedirs(path, exist_ok=True)
-  # The "format" tag is what save_pretrained writes; older transformers check it.
-  save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+  bar = tqdm.tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, disable=not progress,
+                  desc="writing tensors", mininterval=1.0)
+  for file in dict.fromkeys(files.values()):     # one shard in host memory at a time
+    tensors = {}
+    for name in (n for n, f in files.items() if f == file):
+      attr, transpose = names[name]
+      x = np.asarray(jax.device_get(get_path(model, attr)[...].astype(dtype)))
+      tensors[name] = np.ascontiguousarray(x.T if transpose else x)
+    # The "format" tag is what save_pretrained writes; older transformers check it.
+    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    os.chmod(os.path.join(path, file), 0o644)
+    bar.update(sum(sizes[n] for n in tensors))
+  bar.close()
+  written = {CONFIG_FILE: config}
+  if len(set(files.values())) > 1:
+    written[INDEX_FILE] = {"metadata": {"total_size": sum(sizes.values())},
+                           "weight_map": dict(sorted(files.items()))}
+  for fname, content in written.items():
+    with open(os.path.join(path, fname), "w") as f:
+      json.dump(content, f, indent=2)
+    os.chmod(os.path.join(path, fname), 0o644)
+  return {"tensors": len(files), "bytes": sum(sizes.values()),
+          "files": sorted(set(files.values()))}
+
+
+# ---------------------------------------------------------------------------- PEFT LoRA
+
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def hf_module_name(layer: int, projection: str) -> str:
+  """HF module path of lost_jax projection `projection` (q ... down) in block `layer`."""
+  if projection in _ATTN:
+    return f"model.layers.{layer}.self_attn.{_ATTN[projection]}"
+  return f"model.layers.{layer}.mlp.{_MLP[projection]}"
+
+
+def save_peft_lora(adapters: dict[tuple[int, str], tuple[Any, Any]], path: str, *,
+                   rank: int, alpha: float, dropout: float = 0.0,
+                   base_model: str | None = None, dtype: str = "float32") -> dict:
+  """Write adapter_model.safetensors + adapter_config.json of a PEFT LoRA adapter.
+
+  adapters: (layer, projection) -> (lora_a [n, r], lora_b [r, m]) in lost_jax's layout
+  (y = x @ kernel + alpha / r * x @ a @ b); PEFT stores lora_A.weight [r, n] and lora_B.weight
+  [m, r] (torch Linear layout) under `base_model.model.<module>` and scales by lora_alpha / r.
+  """
+  if dtype not in _DTYPES.values():
+    raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES.values())}.")
+  tensors = {}
+  for (layer, proj), (a_NxR, b_RxM) in sorted(adapters.items()):
+    prefix = f"base_model.model.{hf_module_name(layer, proj)}"
+    for key, x in ((f"{prefix}.lora_A.weight", a_NxR), (f"{prefix}.lora_B.weight", b_RxM)):
+      tensors[key] = np.ascontiguousarray(np.asarray(jnp.asarray(x).astype(dtype)).T)
+  targets = sorted({(_ATTN | _MLP)[proj] for _, proj in adapters})
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank),
+            "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "base_model_name_or_path": base_model, "modules_to_save": None,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+            "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+  os.makedirs(path, exist_ok=True)
+  save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+  with open(os.path.join(path, ADAPTER_CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
+  for fname in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
+    os.chmod(os.path.join(path, fname), 0o644)
+  return {"tensors": len(tensors), "bytes": sum(x.nbytes for x in tensors.values()),
+          "files": [ADAPTER_WEIGHTS_FILE]}

@@ -13,8 +13,8 @@ import os
 
 import ml_collections
 
-from lost_jax.recipes import finetune, pretrain
-from lost_jax.training import metrics, runtime
+from lost_jax.recipes import finetune, pretrain, saved_run
+from lost_jax.training import metrics
 
 ZERO_SHOT = "base (zero-shot)"
 
@@ -22,7 +22,7 @@ ZERO_SHOT = "base (zero-shot)"
 def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) -> dict:
   """{"step", **eval metrics} of the run in `workdir` at checkpoint `step` (newest if None)."""
   workdir = os.path.expanduser(workdir)
-  command, cfg = runtime.read_run_config(workdir)
+  cfg, command = saved_run.run_config(workdir)
   recipe = pretrain if command == "pretrain" else finetune
   out = recipe.evaluate_checkpoint(cfg, workdir, step, quiet=quiet)
   checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(out["step"]))

@@ -25,7 +25,7 @@ from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora.model import SparseLoRALlama
-from lost_jax.data import instruct, tokenizer
+from lost_jax.data import instruct, tokenizer, tokenizer_files
 from lost_jax.errors import UserError
 from lost_jax.training import accounting
 from lost_jax.models.generate import greedy_generate
@@ -185,6 +185,17 @@ def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest
   return evaluate
 
 
+def _adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
+                           mesh: jax.sharding.Mesh):
+  """(module, plan, run config, tokenizer): `adapted_model` and the base's tokenizer, with
+  data.template `auto` decided once (a run records the template it trains with)."""
+  module, plan, cfg = adapted_model(cfg, workdir, mesh)
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  cfg = configs.with_group(cfg, data=dict(
+      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
+  return module, plan, cfg, tok
+
+
 def _fingerprint(cfg: ml_collections.FrozenConfigDict, vocab_size: int) -> dict:
   return {**checkpoint.model_fingerprint(cfg, vocab_size),
           "lora": json.loads(cfg.lora.to_json()), "init": json.loads(cfg.init.to_json()),
@@ -210,10 +221,12 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   workdir = runtime.make_workdir(workdir)
   runtime.check_step_count(workdir, cfg.train.steps)   # before the base is loaded
 
-  module, plan, cfg = adapted_model(cfg, workdir, mesh)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
   run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
   cfg = run.cfg
+  if pidx == 0:   # the base's tokenizer and chat template, for export and generation
+    tokenizer_files.record_run_tokenizer(workdir, tok,
+                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
   train_iter = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
                                             seed=cfg.seed, process_index=pidx,
                                             process_count=nproc)
@@ -237,8 +250,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int 
   cfg, mesh = runtime.start(cfg, "finetune")
   ckpt, step = runtime.open_checkpoint(workdir, cfg, step)   # before the base is loaded
   try:
-    module, plan, cfg = adapted_model(cfg, workdir, mesh)
-    tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+    module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
     ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
     trainer = _trainer(cfg, module, plan, mesh)
     state, rest = trainer.restore(ckpt, step)
@@ -252,8 +264,7 @@ def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool =
   starts at zero), on the preset's held-out examples; `workdir` caches the estimators."""
   cfg, mesh = runtime.start(cfg, "finetune")
   workdir = runtime.make_workdir(workdir)
-  module, plan, cfg = adapted_model(cfg, workdir, mesh)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
   trainer = _trainer(cfg, module, plan, mesh)
   state, rest = trainer.setup.init(jax.random.key(cfg.seed))
   return evaluation(cfg, tok, trainer, rest, show=not quiet)(state)
@@ -262,9 +273,11 @@ def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool =
 def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int,
              template: str = "alpaca", batch_size: int = 32,
              final_answer: bool = False, show: bool = True) -> float:
-  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model (a progress bar
-  of the problems answered, with an ETA, when `show`)."""
+  """Exact-match accuracy of greedy (KV-cache) answers of the adapted model, each answer
+  ending at EOS or the template's end-of-turn token (a progress bar of the problems
+  answered, with an ETA, when `show`)."""
   model = nnx.merge(graphdef, params, rest).model
+  stop = instruct.stop_ids(tok, template)
   generated = []
   with progress.bar(len(records), "eval accuracy (greedy decoding)", "problem",
                     enabled=show, leave=False) as answered:
@@ -272,6 +285,7 @@ def accuracy(graphdef, params, rest, records, tok, prompt_len: int, max_new: int
       chunk = records[i:i + batch_size]
       ids, mask = instruct.prompt_batch(chunk, tok, prompt_len, template)
       generated.append(np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
-                                                  max_new_tokens=max_new)))
+                                                  max_new_tokens=max_new, stop_ids=stop,
+                                                  pad_id=tok.pad_id)))
       answered.update(len(chunk))
-  return instruct.exact_match(np.concatenate(generated), records, tok, final_answer)
+  return instruct.exact_match(np.concatenate(generated), records, tok, final_answer, stop)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lost_jax.data import text as data
-from lost_jax.data import tokenizer
+from lost_jax.data import tokenizer, tokenizer_files
 from lost_jax.training import accounting
 from lost_jax.models.llama import Llama
 from lost_jax.recipes import inputs
@@ -93,6 +93,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   tok = _tokenizer(cfg)
   run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
   cfg = run.cfg
+  if pidx == 0:
+    tokenizer_files.record_run_tokenizer(run.path, tok,
+                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
   train_iter = data.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
                                         seed=cfg.seed, process_index=pidx, process_count=nproc)
   trainer = _trainer(cfg, mesh)

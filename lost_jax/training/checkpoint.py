@@ -92,13 +92,22 @@ def saved_steps(workdir: str) -> list[int]:
     mgr.close()
 
 
-def read_params(workdir: str, log: Callable[[str], None] | None = None
-                ) -> tuple[int | None, Any]:
+def read_params(workdir: str) -> tuple[int | None, Any]:
   """(step, parameters as a pure tree of host arrays) of a workdir's newest checkpoint that
-  reads; (None, None) when it has none. Reads nothing else (no optimizer state, no iterator).
+  reads; (None, None) when it has none. Reads nothing else (no optimizer state, no iterator)."""
+  step, params, _ = read_saved(workdir)
+  return step, params
 
-  For a run used as a base (read only): a damaged newer checkpoint is reported in one line and
-  skipped, never moved; when none reads, one UserError lists why each failed.
+
+def read_saved(workdir: str, step: int | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[int | None, Any, Any]:
+  """(step, parameters, frozen rest or None) of a workdir's checkpoint `step` as pure trees of
+  host arrays; (None, None, None) when it has no checkpoint. A step it does not hold is one
+  error line naming the steps it does.
+
+  `step=None` reads the newest checkpoint that reads: the run is read only (a base, an
+  export), so a damaged newer checkpoint is reported in one line and skipped, never moved;
+  when none reads, one UserError lists why each failed.
   """
   log = log or _print_on_main
   mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
@@ -106,28 +115,36 @@ def read_params(workdir: str, log: Callable[[str], None] | None = None
   failed = []
   try:
     steps = sorted(mgr.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise UserError(f"workdir {workdir} has no checkpoint of step {step} (it has "
+                      f"{', '.join(map(str, sorted(steps))) or 'none'}). Fix: pass --step= one "
+                      "of those, or leave --step out for the newest")
     if steps:
       _silence_abandoned_reads()
       mute_output()
-    for step in steps:
+    for candidate in [step] if step is not None else steps:
+      items = dict(state=ocp.args.StandardRestore())
+      if os.path.isdir(os.path.join(mgr.directory, str(candidate), "rest")):
+        items["rest"] = ocp.args.StandardRestore()
       try:
-        saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        saved = mgr.restore(candidate, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except  # any unreadable part
-        failed.append((step, failure_reason(e)))
+        failed.append((candidate, failure_reason(e)))
         continue
       unmute_output()
       for bad, reason in failed:
-        log(f"checkpoint step {bad} of {workdir} is damaged ({reason}); using step {step}")
-      return step, saved["state"]["params"]
+        log(f"checkpoint step {bad} of {workdir} is damaged ({reason}); using step "
+            f"{candidate}")
+      return candidate, saved["state"]["params"], saved.get("rest") if "rest" in items else None
   finally:
     mgr.close()
   if failed:
     raise UserError(
         f"no checkpoint of {workdir} can be read: " +
         "; ".join(f"step {s}: {r}" for s, r in failed) +
-        ". Fix: point config.init.path at a run with an intact checkpoint (this command "
-        "changes nothing in it).")
-  return None, None
+        ". Fix: point at a run with an intact checkpoint (or another --step); reading "
+        "changes nothing in it.")
+  return None, None, None
 
 
 class Checkpointer:

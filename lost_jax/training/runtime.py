@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -232,35 +231,6 @@ def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict
       print(note, flush=True)
     files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   return RunDir(workdir, ckpt, {**fingerprint, "schedule_steps": length}, cfg)
-
-
-RUN_CONFIG = "config.json"
-# model.perf settings resolved from the platform a run trained on: an evaluation resolves
-# them again for the platform it runs on (the numbers do not depend on them).
-_PLATFORM_PERF = ("matmul_backward", "attention", "attention_impl")
-
-
-def read_run_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
-  """(command, config) of the run in `workdir`, from the config.json it recorded: 'finetune'
-  for a config with a lora group, else 'pretrain'. A directory that is no run is refused."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isdir(workdir):
-    raise UserError(f"--workdir={workdir} does not exist. Fix: pass the --workdir a pretrain "
-                    "or finetune command trained in.")
-  try:
-    with open(path) as f:
-      run = json.load(f)
-    run["model"], run["train"]   # pylint: disable=pointless-statement
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"--workdir={workdir} is not a lost_jax run ({RUN_CONFIG} is missing or "
-                    f"is not a run config: {type(e).__name__}). Fix: pass the --workdir a "
-                    "pretrain or finetune command trained in; to evaluate a base model alone, "
-                    "pass --config=configs/finetune.py:<preset> --config.init.path=BASE "
-                    "and a new --workdir.") from e
-  for key in _PLATFORM_PERF:
-    if key in run["model"].get("perf", {}):
-      run["model"]["perf"][key] = "auto"
-  return ("finetune" if "lora" in run else "pretrain"), ml_collections.ConfigDict(run)
 
 
 def open_checkpoint(workdir: str, cfg: ml_collections.ConfigDict, step: int | None
