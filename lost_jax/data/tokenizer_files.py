@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
+from lost_jax import files
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.errors import UserError
 
@@ -171,26 +171,12 @@ def _check_conversion(tok: tokenizer_lib.Tokenizer, backend) -> None:
                     "). Fix: give the model's own tokenizer.json as config.data.tokenizer")
 
 
-def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-  """Write text to path through a temporary file in the same directory and a rename."""
-  folder = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_files(folder: str, files: dict[str, str]) -> None:
-  """Each file of `files` into folder (created), atomically one by one, mode 0644."""
+def write_files(folder: str, contents: dict[str, str]) -> None:
+  """Each file of `contents` (name -> text) into folder (created), atomically one by one,
+  mode 0644."""
   os.makedirs(folder, exist_ok=True)
-  for fname, text in files.items():
-    write_atomic(os.path.join(folder, fname), text)
+  for fname, text in contents.items():
+    files.atomic_write(os.path.join(folder, fname), text)
 
 
 def chat_template_of(path: str) -> str:
