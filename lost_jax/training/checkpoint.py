@@ -112,32 +112,27 @@ def read_saved(workdir: str, step: int | None = None,
   log = log or _print_on_main
   mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                               item_names=ITEMS)
-  failed = []
   try:
     steps = sorted(mgr.all_steps(), reverse=True)
     if step is not None and step not in steps:
       raise UserError(f"workdir {workdir} has no checkpoint of step {step} (it has "
                       f"{', '.join(map(str, sorted(steps))) or 'none'}). Fix: pass --step= one "
                       "of those, or leave --step out for the newest")
-    if steps:
-      _silence_abandoned_reads()
-      mute_output()
-    for candidate in [step] if step is not None else steps:
+
+    def restore(candidate):
       items = dict(state=ocp.args.StandardRestore())
       if os.path.isdir(os.path.join(mgr.directory, str(candidate), "rest")):
         items["rest"] = ocp.args.StandardRestore()
-      try:
-        saved = mgr.restore(candidate, args=ocp.args.Composite(**items))
-      except Exception as e:  # pylint: disable=broad-except  # any unreadable part
-        failed.append((candidate, failure_reason(e)))
-        continue
-      unmute_output()
-      for bad, reason in failed:
-        log(f"checkpoint step {bad} of {workdir} is damaged ({reason}); using step "
-            f"{candidate}")
-      return candidate, saved["state"]["params"], saved.get("rest") if "rest" in items else None
+      saved = mgr.restore(candidate, args=ocp.args.Composite(**items))
+      return saved["state"]["params"], saved.get("rest") if "rest" in items else None
+
+    found, saved, failed = first_restorable([step] if step is not None else steps, restore)
   finally:
     mgr.close()
+  if found is not None:
+    for bad, reason in failed:
+      log(f"checkpoint step {bad} of {workdir} is damaged ({reason}); using step {found}")
+    return found, *saved
   if failed:
     raise UserError(
         f"no checkpoint of {workdir} can be read: " +
@@ -145,6 +140,31 @@ def read_saved(workdir: str, step: int | None = None,
         ". Fix: point at a run with an intact checkpoint (or another --step); reading "
         "changes nothing in it.")
   return None, None, None
+
+
+def first_restorable(steps: list[int], restore: Callable[[int], Any]
+                     ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """(step, restore(step)) of the first of `steps` that restores, with [(step, why)] of those
+  before it that failed; (None, None, failed) when none does.
+
+  Output is muted from before the first attempt: a failing restore's abandoned reads start
+  printing as soon as orbax closes its event loop, before control returns here; some print
+  from native threads past any Python hook, so the CLI (only) also mutes the output
+  descriptors until a restore succeeds (its error line goes to the saved stderr).
+  """
+  failed = []
+  if steps:
+    _silence_abandoned_reads()
+    mute_output()
+  for step in steps:
+    try:
+      out = restore(step)
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable part
+      failed.append((step, failure_reason(e)))
+      continue
+    unmute_output()
+    return step, out, failed
+  return None, None, failed
 
 
 class Checkpointer:
@@ -226,28 +246,16 @@ class Checkpointer:
     is moved and a UserError lists why each failed.
     """
     log = log or _print_on_main
-    failed = []
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    if steps:
-      # Both before the first attempt: a failing restore's abandoned reads start printing as
-      # soon as orbax closes its event loop, before control returns here; some print from
-      # native threads past any Python hook, so the CLI (only) also mutes the output
-      # descriptors until a restore succeeds (its error line goes to the saved stderr).
-      _silence_abandoned_reads()
-      mute_output()
-    for step in steps:
-      try:
-        state, rest = self.restore(step, abstract_state, abstract_rest, data_iter)
-      except Exception as e:  # pylint: disable=broad-except  # any unreadable part
-        failed.append((step, failure_reason(e)))
-        continue
-      unmute_output()
+    step, restored, failed = first_restorable(
+        sorted(self.manager.all_steps(), reverse=True),
+        lambda s: self.restore(s, abstract_state, abstract_rest, data_iter))
+    if step is not None:
       for bad, reason in failed:
         log(f"checkpoint step {bad} is damaged ({reason}); moved it to "
             f"{self._move_aside(bad)} and resumed from step {step}")
       if failed:
         self.manager.reload()
-      return step, state, rest
+      return step, *restored
     if failed:
       raise UserError(
           f"no checkpoint in {self.directory} can be restored: " +
