@@ -38,10 +38,22 @@ def _start(job: dict, nproc: int) -> list[subprocess.Popen]:
 
 
 def _finish(procs, timeout=600) -> list[dict]:
-  out = []
+  """Each process's RESULT; if one fails, the others are stopped and every output is shown."""
+  texts = []
   for p in procs:
-    text, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, text[-4000:]
+    try:
+      texts.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+      p.kill()
+      texts.append(p.communicate()[0] + "\n(killed after the timeout)")
+    if p.returncode != 0:
+      for q in procs:
+        q.kill()
+  shown = "\n".join(f"--- process {i} (exit {p.returncode}):\n{t[-3000:]}"
+                     for i, (p, t) in enumerate(zip(procs, texts + [""] * len(procs))))
+  assert all(p.returncode == 0 for p in procs), shown
+  out = []
+  for text in texts:
     out.append(json.loads(text.split("RESULT", 1)[1]))
   return out
 

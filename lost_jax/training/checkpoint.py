@@ -81,15 +81,10 @@ CHECKPOINT_DIR = "checkpoints"   # under the workdir
 def saved_steps(workdir: str) -> list[int]:
   """The steps of a workdir's finished checkpoints, oldest first ([] when it has none);
   reads only the directory listing and creates nothing."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return []
-  mgr = ocp.CheckpointManager(directory, item_names=ITEMS,
-                              options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    return sorted(mgr.all_steps())
-  finally:
-    mgr.close()
+  # No CheckpointManager: one makes multi-process barriers (root metadata), and a listing
+  # must not, since processes may see the directory appear at different times.
+  return sorted(ocp.path.step.checkpoint_steps(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)))
 
 
 def read_params(workdir: str) -> tuple[int | None, Any]:
