@@ -74,6 +74,7 @@ def test_logits_match_transformers_gguf_loading(models):
   q.set_value(saved)
 
 
-def test_refuses_non_llama_architecture():
-  with pytest.raises(ValueError, match=r"general\.architecture='qwen2'.*Fix"):
-    gguf_lib.model_config({"general.architecture": "qwen2"}, "x.gguf")
+def test_refuses_unknown_architecture():
+  with pytest.raises(ValueError, match=r"general\.architecture='falcon' is not one lost_jax "
+                     r"reads.*Fix: use a GGUF of architecture llama, qwen2, qwen3, gemma3"):
+    gguf_lib.model_config({"general.architecture": "falcon"}, "x.gguf")

@@ -68,8 +68,7 @@ def _context_length(cfg, kind: str) -> int:
       with open(os.path.join(cfg.init.path, hf.CONFIG_FILE)) as f:
         return int(json.load(f).get("max_position_embeddings", cfg.data.seq_len))
     if base == "gguf":
-      meta = gguf.metadata(gguf.open_reader(cfg.init.path))
-      return int(meta.get("llama.context_length", cfg.data.seq_len))
+      return gguf.read(cfg.init.path)[0]["max_position_embeddings"]
   return int(cfg.data.seq_len)
 
 
