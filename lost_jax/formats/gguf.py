@@ -71,6 +71,7 @@ def _refuse(path: str, what: str, fix: str):
 
 # GGUF general.architecture -> (transformers model_type, its CausalLM class). llama.cpp writes
 # Mistral (v0.1-v0.3) as 'llama' with no sliding window: it loads as the LLaMA llama.cpp runs.
+# A field is set only where the family's transformers config has it.
 ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
@@ -107,9 +108,6 @@ def hf_config(meta: dict, tensor_names=(), path: str = "") -> dict:
     _refuse(path, "it stores RoPE frequency factors (rope_freqs.weight, LLaMA-3.1 style)",
             "load the HF checkpoint directory instead (config.json rope_scaling is read)")
   model_type, cls = ARCHITECTURES[arch]
-  name = str(meta.get("general.name", "")).lower()
-  if arch == "llama" and "mistral" in name:
-    model_type, cls = "mistral", "MistralForCausalLM"
   get_id = lambda key: (None if meta.get(f"tokenizer.ggml.{key}") is None
                         else int(meta[f"tokenizer.ggml.{key}"]))
   theta = float(g("rope.freq_base", 10_000.0))
@@ -122,7 +120,6 @@ def hf_config(meta: dict, tensor_names=(), path: str = "") -> dict:
       "num_hidden_layers": int(g("block_count")),
       "num_attention_heads": heads,
       "num_key_value_heads": int(g("attention.head_count_kv") or heads),
-      "head_dim": head_dim,
       "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
       "rope_theta": theta,
       "rope_scaling": _rope_scaling(g, path, arch),
@@ -131,13 +128,14 @@ def hf_config(meta: dict, tensor_names=(), path: str = "") -> dict:
       "bos_token_id": get_id("bos_token_id"),
       "eos_token_id": get_id("eos_token_id"),
       "pad_token_id": get_id("padding_token_id"),
-      "attention_bias": arch == "qwen2",
       "torch_dtype": "float32",
   }
+  if arch != "qwen2":   # Qwen2: always q/k/v biases, head_dim = hidden_size / heads
+    hf.update(head_dim=head_dim, attention_bias=False)
   if arch != "gemma3":
     hf["hidden_act"] = "silu"
-  if model_type in ("llama", "mistral"):
-    hf.update(mlp_bias=False, sliding_window=None)
+  if arch == "llama":
+    hf["mlp_bias"] = False
   if arch == "qwen2":
     hf.update(use_sliding_window=False, sliding_window=None)
   if arch == "gemma3":
@@ -216,7 +214,7 @@ def hf_tensor_names(hf: dict) -> list[str]:
     layer += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
   names = [f"model.layers.{i}.{p}.weight" for i in range(hf["num_hidden_layers"])
            for p in layer]
-  if hf.get("attention_bias"):
+  if kind == "qwen2" or hf.get("attention_bias"):
     names += [f"model.layers.{i}.self_attn.{p}_proj.bias"
               for i in range(hf["num_hidden_layers"]) for p in "qkv"]
   names += ["model.embed_tokens.weight", "model.norm.weight"]
