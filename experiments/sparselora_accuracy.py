@@ -210,7 +210,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
                  cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
                  rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
-           f"Command: `{command}`", "",
+           common.page_head(command),
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
            f"`{cfg.data.task}`, template `{cfg.data.template}`, {cfg.train.steps} steps x batch "
            f"{cfg.train.batch_size}, seq_len {cfg.data.seq_len}, lr {cfg.train.lr}, LoRA r"
