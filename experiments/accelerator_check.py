@@ -195,4 +195,5 @@ if __name__ == "__main__":
                     "writes no document.")
   flags.DEFINE_string("out_md", None, "Report path (default docs/benchmarks/<device>.md; '' = "
                       "print only).")
+  common.code_version_line()   # the code this run starts on
   app.run(_main, flags_parser=common.parse_flags)

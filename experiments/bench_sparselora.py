@@ -370,4 +370,5 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
+  common.code_version_line()   # the code this run starts on
   app.run(_main, flags_parser=common.parse_flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shlex
@@ -42,6 +43,7 @@ parse_flags = usage.parse_flags
 def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None]) -> None:
   """`if __name__ == "__main__"` of an experiment: XLA defaults, flags, quiet logs, app.run."""
   xla_setup.configure()   # before the first JAX computation
+  code_version_line()     # the code this run starts on, before anything can edit it
   from absl import app, logging  # pylint: disable=g-import-not-at-top
   flag_values = define_flags()
   logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
@@ -116,17 +118,18 @@ def _git(*args: str) -> str:
   return out.stdout.strip()
 
 
-def code_version_line(stale: str = "") -> str:
-  """'Code version: commit <sha>[ + uncommitted changes], lost_jax sources <hash>.' -- the line
-  every generated page carries under its command (tests/test_pages.py requires it). `stale`:
-  what changed in the code since the page's numbers were made, when they were not made now."""
+@functools.lru_cache(maxsize=None)
+def code_version_line() -> str:
+  """'Code version: commit <sha>[ + uncommitted changes], lost_jax sources <hash>.': the line
+  every generated page carries under its command (tests/test_pages.py requires it). Read once
+  per process (run_main reads it at start), so a page names the code its run started on."""
   from experiments import runs  # pylint: disable=g-import-not-at-top
   commit = _git("rev-parse", "--short=10", "HEAD") or "unknown (no git checkout)"
   dirty = _git("status", "--porcelain", "--", "lost_jax", "experiments", "configs")
   line = (f"Code version: commit {commit}"
           + (" + uncommitted changes" if dirty else "")
           + f", lost_jax sources {runs.sources_hash()} (experiments/runs.sources_hash).")
-  return line + (f" {stale}" if stale else "")
+  return line
 
 
 def page_head(command: str, version_line: str | None = None) -> str:

@@ -114,6 +114,7 @@ def _main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
+  common.code_version_line()   # the code this run starts on
   if f.platform == "tpu":
     # Compile for TPU without one: keep the CPU as jax's runtime backend and silence
     # libtpu's search for TPU workers and a metadata server.

@@ -417,4 +417,5 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = define_flags()
+  common.code_version_line()   # the code this run starts on
   app.run(lambda argv: _main(argv, _flags), flags_parser=common.parse_flags)
