@@ -118,6 +118,11 @@ def _git(*args: str) -> str:
   return out.stdout.strip()
 
 
+def last_commit(path: str) -> str:
+  """The short hash of the last commit that changed `path` ('' outside a checkout)."""
+  return _git("log", "-1", "--format=%h", "--", os.path.abspath(path))
+
+
 @functools.lru_cache(maxsize=None)
 def code_version_line() -> str:
   """'Code version: commit <sha>[ + uncommitted changes], lost_jax sources <hash>.': the line
