@@ -90,8 +90,6 @@ def drop_checkpoints(workdir_root: str, key: str) -> None:
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Pages under docs/ that are written by hand (tests/test_pages.py checks every other page).
-HAND_WRITTEN_PAGES = ("docs/guides/", "docs/benchmarks/throughput_notes.md")
 
 
 def command_line(argv: list[str] | None = None) -> str:
