@@ -11,7 +11,7 @@ from experiments import common
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Written by hand, not by a script: the guides, and the notes throughput.md includes.
 HAND_WRITTEN = ("docs/guides/", "docs/benchmarks/throughput_notes.md")
-COMMAND = re.compile(r"^Commands? \(from the repository root[^)]*\):|^Commands?:", re.M)
+COMMAND = re.compile(r"^Commands?(?: \([^)]*\))?:", re.M)
 RUN_AS_MODULE = re.compile(r"python -m experiments\.\w+")
 OLD_FORM = re.compile(r"python experiments/\w+\.py")   # scripts run as modules now
 CODE_VERSION = re.compile(r"^Code version: commit [0-9a-f]{7,40}\b", re.M)
