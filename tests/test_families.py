@@ -10,6 +10,7 @@ from flax import nnx
 from lost_jax import configs
 from lost_jax.errors import UserError
 from lost_jax.formats import hf
+from lost_jax.models.llama import Llama
 from lost_jax.training import accounting
 
 torch = pytest.importorskip("torch")
@@ -99,6 +100,15 @@ def test_family_import_and_export_match_transformers(family, tmp_path):
     unwindowed = logits(model)
     np.testing.assert_allclose(unwindowed[:, :WINDOW], ref[:, :WINDOW], atol=1e-4, rtol=0)
     assert np.abs(unwindowed[:, WINDOW:] - ref[:, WINDOW:]).max() > 1e-2
+    for block in model.layers:
+      block.attn.sliding_window = WINDOW
+    # The other kernel, and (Gemma 3's mixed local/global layers) the scanned layer loop
+    # whose per-layer flags are traced, honour the window too.
+    model.cfg.perf.attention = "dot_product_attention"
+    model.cfg.perf.attention_impl = "xla"
+    if family == "gemma3_text":
+      model.cfg.perf.layer_loop = "scan"
+    np.testing.assert_allclose(logits(model), ref, atol=1e-4, rtol=0)
 
 
 def test_unknown_families_and_features_are_refused_in_one_line():
@@ -176,6 +186,21 @@ def test_lora_and_sparselora_run_on_family_models(family, tmp_path):
                              rtol=0)
   assert np.abs(np.asarray(sparse) - logits(model, tokens)).max() > 1e-2   # it restricted
 
+  if family == "gemma3_text":   # one family pays for compiling the backward
+    sparse_lora_step_grads_are_finite(model, tokens, est, plan)
+
+  lora.merge_lora(model)
+  hf.save_hf_llama(model, str(tmp_path / "merged"), dtype="float32")
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
+                                                           dtype=torch.float32).eval()
+  np.testing.assert_allclose(hf_logits(back), logits(model), atol=1e-4, rtol=0)
+
+
+def sparse_lora_step_grads_are_finite(model, tokens, est, plan):
+  """LoRA gradients through SparseLoRA's restricted forward: every adapter gets a finite,
+  non-zero one."""
+  from lost_jax.adapters import lora   # pylint: disable=g-import-not-at-top
+  from lost_jax.adapters.sparselora import model as sl   # pylint: disable=g-import-not-at-top
   graphdef, params, rest = nnx.split(model, lora.LoRAParam, ...)
 
   def loss(params):
@@ -184,11 +209,32 @@ def test_lora_and_sparselora_run_on_family_models(family, tmp_path):
 
   grads = jax.jit(jax.grad(loss))(params)
   leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
-  assert len(leaves) == 2 * 7 * n and all(np.isfinite(g).all() for g in leaves)
+  assert len(leaves) == 2 * 7 * len(model.layers) and all(np.isfinite(g).all() for g in leaves)
   assert all(np.abs(g).max() > 0 for g in leaves)
 
-  lora.merge_lora(model)
-  hf.save_hf_llama(model, str(tmp_path / "merged"), dtype="float32")
-  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
-                                                           dtype=torch.float32).eval()
-  np.testing.assert_allclose(hf_logits(back), logits(model), atol=1e-4, rtol=0)
+
+@pytest.mark.parametrize("size", configs.FAMILY_SIZES)
+def test_family_pretraining_presets_build_and_count(size):
+  """Each family-shaped LOST preset builds (abstractly) with the parameters accounting counts;
+  the Gemma 3 one (GeGLU, 5 local : 1 global, two RoPE bases) takes a finite LOST step."""
+  cfg = configs.pretrain_config(size, "lost")
+  configs.validate_pretrain(cfg)
+  model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
+  n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert n == accounting.count_params(cfg.model)["total"]
+  if size != "gemma3_quickstart":
+    return
+  # Smaller, and scanned: one block compiled, its local/global flag a scanned input.
+  cfg.model.update(dtype="float32", vocab_size=VOCAB, d_model=64, ffn_dim=96)
+  cfg.model.perf.layer_loop = "scan"
+  model = Llama(cfg.model, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.RandomState(1).randint(0, VOCAB, (2, 80)))   # > window 64
+
+  def loss(m):
+    logp = jax.nn.log_softmax(m(tokens[:, :-1]))
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+  leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+  assert np.isfinite(float(value)) and all(np.isfinite(g).all() for g in leaves)
+  assert abs(float(value) - np.log(VOCAB)) < 1.0
