@@ -120,13 +120,13 @@ def report(proto, results: dict[str, list[dict]], *, lr: float, name: str, comma
   first = variant_config(proto, REFERENCE, lr, seeds[0])
   parts = [
       f"# {name}: LOST ablations at LOST's tuned learning rate\n",
-      f"Command (from the repository root):\n\n```\n{command}\n```\n",
+      common.page_head(command),
       f"Protocol: experiments/compare_methods.py (D256): {compare_report.shared_setup(first)} "
       f"{proto.sweep_steps} steps ({proto.tokens(proto.sweep_steps):,} tokens); block "
       f"learning rate {lr:g} (LOST's chosen rate in the comparison's sweep), shared "
       f"learning rate {first.train.shared_lr:g}; seeds {', '.join(map(str, seeds))}.\n",
-      f"Measured on {common.environment()}. Code version: "
-      f"`{json.dumps(runs.code_version(), sort_keys=True)}`.\n",
+      f"Measured on {common.environment()}. Code version of these results (a result is "
+      f"reused only under the same one): `{json.dumps(runs.code_version(), sort_keys=True)}`.\n",
       common.markdown_table(header, table) + "\n",
       "A gap whose seed min-max ranges overlap LOST's (\"overlap\") is not an established "
       "difference.\n",

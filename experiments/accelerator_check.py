@@ -103,7 +103,7 @@ def sparselora_setup(smoke: bool):
 
 def report(result: dict, command: str) -> str:
   dev = result["device"]
-  lines = [f"# lost_jax on {dev}", "", f"Command: `{command}`", "",
+  lines = [f"# lost_jax on {dev}", "", common.page_head(command),
            f"jax {jax.__version__} | {result['platform']} | {result['n_devices']} device(s), "
            f"one used | total {result['seconds']:.0f} s", "",
            "## Parity tests on the device", "",
@@ -179,8 +179,7 @@ def _main(argv):
           file=sys.stderr)
     sys.exit(2)
   result = run(fl.smoke)
-  command = "python -m experiments.accelerator_check " + " ".join(sys.argv[1:])
-  text = report(result, command.strip())
+  text = report(result, common.command_line())
   print(text)
   if out_md:
     os.makedirs(os.path.dirname(out_md) or ".", exist_ok=True)
@@ -196,4 +195,5 @@ if __name__ == "__main__":
                     "writes no document.")
   flags.DEFINE_string("out_md", None, "Report path (default docs/benchmarks/<device>.md; '' = "
                       "print only).")
+  common.code_version_line()   # the code this run starts on
   app.run(_main, flags_parser=common.parse_flags)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -359,8 +358,7 @@ def _main(argv):
                          bucket=fl.bucket, lora_rank=fl.lora_rank, lora_alpha=fl.lora_alpha,
                          estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,
                          exact_svd=fl.exact_svd, seed=fl.seed, full_logits=fl.full_logits)
-  command = "python -m experiments.bench_sparselora " + " ".join(sys.argv[1:])
-  text = bench_report.report(result, cfg, plan_text, command.strip())
+  text = bench_report.report(result, cfg, plan_text, common.command_line())
   print(text)
   if fl.out_md:
     os.makedirs(os.path.dirname(fl.out_md) or ".", exist_ok=True)
@@ -372,4 +370,5 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
+  common.code_version_line()   # the code this run starts on
   app.run(_main, flags_parser=common.parse_flags)

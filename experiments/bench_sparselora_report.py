@@ -9,6 +9,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import common
+
+
 def summary(result: dict) -> dict[str, float]:
   """Speedup (ratio of medians, median of per-step ratios), FLOP ratio, estimator share."""
   t = result["timings"]
@@ -43,8 +46,7 @@ def report(result: dict, cfg: ml_collections.ConfigDict, plan_text: str, command
   lines = [
       "# SparseLoRA vs LoRA train-step time",
       "",
-      f"Command: `{command}`",
-      "",
+      common.page_head(command),
       f"Device: {dev.platform} ({dev.device_kind}, {os.cpu_count()} cores, "
       f"{platform.processor() or platform.machine()}) | jax {jax.__version__} | "
       f"compute dtype {cfg.dtype}, params float32 | 1-min load average while timing "

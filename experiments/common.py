@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 from typing import Any, Callable, Iterable
 
@@ -41,6 +43,7 @@ parse_flags = usage.parse_flags
 def run_main(define_flags: Callable[[], Any], main: Callable[[list, Any], None]) -> None:
   """`if __name__ == "__main__"` of an experiment: XLA defaults, flags, quiet logs, app.run."""
   xla_setup.configure()   # before the first JAX computation
+  code_version_line()     # the code this run starts on, before anything can edit it
   from absl import app, logging  # pylint: disable=g-import-not-at-top
   flag_values = define_flags()
   logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO
@@ -86,10 +89,58 @@ def drop_checkpoints(workdir_root: str, key: str) -> None:
   shutil.rmtree(os.path.join(workdir_root, key, "checkpoints"), ignore_errors=True)
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def command_line(argv: list[str] | None = None) -> str:
-  """The shell command that reproduces this invocation."""
+  """The shell command that reproduces this invocation from the repository root:
+  `python -m experiments.NAME ARGS` (the way the scripts run), argv[0] replaced."""
   argv = list(sys.argv if argv is None else argv)
-  return " ".join(["python"] + [shlex.quote(a) for a in argv])
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name.startswith("experiments."):
+    prog = ["-m", spec.name]
+  else:   # run as a file, or imported by a test: name the module the file is
+    rel = os.path.relpath(os.path.abspath(argv[0]), _REPO) if argv else ""
+    prog = (["-m", rel[:-3].replace(os.sep, ".")]
+            if rel.startswith("experiments" + os.sep) and rel.endswith(".py") else [argv[0]])
+  return " ".join(["python"] + prog + [shlex.quote(a) for a in argv[1:]])
+
+
+def _git(*args: str) -> str:
+  """`git ARGS` in the repository, stripped; '' without git or a checkout."""
+  try:
+    out = subprocess.run(["git", "-C", _REPO, *args], capture_output=True, text=True,
+                         timeout=30, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  return out.stdout.strip()
+
+
+def last_commit(path: str) -> str:
+  """The short hash of the last commit that changed `path` ('' outside a checkout)."""
+  return _git("log", "-1", "--format=%h", "--", os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=None)
+def code_version_line() -> str:
+  """'Code version: commit <sha>[ + uncommitted changes], lost_jax sources <hash>.': the line
+  every generated page carries under its command (tests/test_pages.py requires it). Read once
+  per process (run_main reads it at start), so a page names the code its run started on."""
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  commit = _git("rev-parse", "--short=10", "HEAD") or "unknown (no git checkout)"
+  dirty = _git("status", "--porcelain", "--", "lost_jax", "experiments", "configs")
+  line = (f"Code version: commit {commit}"
+          + (" + uncommitted changes" if dirty else "")
+          + f", lost_jax sources {runs.sources_hash()} (experiments/runs.sources_hash).")
+  return line
+
+
+def page_head(command: str, version_line: str | None = None) -> str:
+  """The lines under a generated page's title: the command that wrote it (from the repository
+  root) and the code version its numbers were made on (`version_line`, recorded when they
+  were measured; default: this checkout's code_version_line())."""
+  return (f"Command (from the repository root):\n\n```\n{command}\n```\n\n"
+          f"{version_line or code_version_line()}\n")
 
 
 def environment() -> str:

@@ -192,10 +192,9 @@ def report(s: dict, cfg: ml_collections.ConfigDict, name: str, command: str,
             f"{a.get('eval_accuracy', float('nan')):.3f}", "within" if ft_ok else "**outside**"]
   parts = [
       f"# {name}: 8-bit optimizer states and a 4-bit frozen base vs full precision\n",
-      f"Command (from the repository root):\n\n```\n{command}\n```\n",
+      common.page_head(command),
       setup_line(cfg, eval_tokens) + "\n",
-      f"Measured on {common.environment()}. Code version (experiments/runs.code_version): "
-      f"`{s['code_version']['sources']}`.\n",
+      f"Measured on {common.environment()}.\n",
       "## 8-bit AdamW states (pre-training)\n",
       "`train.optimizer=adamw8bit`: Adam's moments stored block-wise (256 values per float32 "
       "scale) under the dynamic 8-bit map, mu directly and the second moment as sqrt(nu); "

@@ -20,7 +20,6 @@ tables are written by `experiments.memory_report`.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Callable, Iterable
 
 import jax
@@ -115,6 +114,7 @@ def _main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
+  common.code_version_line()   # the code this run starts on
   if f.platform == "tpu":
     # Compile for TPU without one: keep the CPU as jax's runtime backend and silence
     # libtpu's search for TPU workers and a metadata server.
@@ -142,16 +142,14 @@ def _main(argv):
     if ft_rows:
       print(report.finetune_table(ft_rows))
     print("\n".join(report.low_bit_lines(rows32, rows8, ft_rows)))
-    report.write_low_bit_markdown(f.low_bit_md, "python -m experiments.memory " + " ".join(
-        sys.argv[1:]), rows32, rows8, ft_rows)
+    report.write_low_bit_markdown(f.low_bit_md, common.command_line(), rows32, rows8, ft_rows)
     return
   if f.loss_md:    # only the plain-vs-fused loss page
     rows = loss_rows(f.loss_size, f.loss_methods, [int(c) for c in f.loss_chunks],
                      vocab=f.loss_vocab, batch=f.loss_batch, seq_len=f.loss_seq_len,
                      remat=f.remat, **kwargs)
     print(report.loss_table(rows))
-    report.write_loss_markdown(f.loss_md, "python -m experiments.memory "
-                               + " ".join(sys.argv[1:]), rows)
+    report.write_loss_markdown(f.loss_md, common.command_line(), rows)
     return
   rows = run(f.sizes, f.methods, microbatch=micro, remat=f.remat, **kwargs)
   print(report.markdown_table(rows))
@@ -175,7 +173,7 @@ def _main(argv):
   print("\n".join(report.summary_lines(rows)
                   + report.target_lines(rows, swept, remat_rows=remat_rows)))
   if f.out_md:
-    command = "python -m experiments.memory " + " ".join(sys.argv[1:])
+    command = common.command_line()
     image = os.path.relpath(f.out_png, os.path.dirname(f.out_md) or ".") if f.out_png else ""
     report.write_markdown(rows, f.out_md, command, swept, remat_rows, image, loop_rows)
   if f.out_png:

@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from experiments import common
 from lost_jax.measure.compiled import GIB
 
 TARGET = 0.55    # the issue's bound on LOST's total / full-rank's total at 1B and 7B.
@@ -269,7 +270,7 @@ def write_markdown(rows: list[dict], path: str, command: str, swept: list[dict] 
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   swept = swept or []
   parts = ["# Training-step memory, compiled ahead of time\n",
-           f"Command: `{command}`\n", settings_line(rows) + ". Memory in GiB per device.\n",
+           common.page_head(command), settings_line(rows) + ". Memory in GiB per device.\n",
            f"![memory per method]({image})\n" if image else "",
            markdown_table(rows) + "\n", columns_line(rows[0]["platform"]) + "\n",
            "\n".join(f"- {line}" for line in summary_lines(rows)
@@ -385,7 +386,7 @@ def write_low_bit_markdown(path: str, command: str, rows32: list[dict], rows8: l
                            ft_rows: list[dict]) -> None:
   """The 8-bit-state and 4-bit-base memory page."""
   parts = ["# Memory with 8-bit optimizer states and a 4-bit frozen base\n",
-           f"Command: `{command}`\n"]
+           common.page_head(command)]
   if rows8:
     parts += [settings_line(rows8) + ". Memory in GiB per device.\n",
               "## Pre-training: 32-bit vs 8-bit AdamW states\n", low_bit_table(rows32, rows8)
@@ -427,7 +428,7 @@ def write_loss_markdown(path: str, command: str, rows: list[dict]) -> None:
   r = rows[0]
   logits = r["microbatch"] * r["seq_len"] * r["vocab"] * 4
   parts = ["# Training-step memory: plain vs fused LM head + cross-entropy\n",
-           f"Command: `{command}`\n",
+           common.page_head(command),
            settings_line(rows) + f" | vocab {r['vocab']}"
            + (" (LLaMA-3)" if r["vocab"] == 128256 else "") + ". Memory in GiB per device.\n",
            loss_table(rows) + "\n",

@@ -23,6 +23,7 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 
 import jax  # pylint: disable=g-import-not-at-top
 
+from experiments import common  # pylint: disable=g-import-not-at-top
 from lost_jax.measure import compiled as compiled_lib  # pylint: disable=g-import-not-at-top
 from lost_jax.measure import step_memory  # pylint: disable=g-import-not-at-top
 from lost_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
@@ -74,7 +75,7 @@ def run(size: str, methods, *, microbatches: int, overrides: dict | None = None,
 
 def markdown(rows: list[dict], command: str, title: str) -> str:
   """A titled markdown table of run()'s rows."""
-  lines = [f"### {title}", "", f"`{command}`", "",
+  lines = [f"### {title}", "", f"`{command}`", "", common.code_version_line(), "",
            "| size | method | mesh | arguments / device (GiB) | x 1 device | temporaries / "
            "device (GiB) | x 1 device | batch all-gathers |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -102,4 +103,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  common.code_version_line()   # the code this run starts on
   main(sys.argv[1:])

@@ -143,7 +143,8 @@ def one_run(cfg, workdir: str) -> dict:
             # the first logged windows hold compilation (dense phase, then sparse)
             "step_time": statistics.median(times[2:] or times) if times else None,
             "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
-            "steps": cfg.train.steps, "wall_s": time.time() - t0, "eval_set": eval_set(cfg)}
+            "steps": cfg.train.steps, "wall_s": time.time() - t0, "eval_set": eval_set(cfg),
+            "code_version": common.code_version_line()}
   runs.write_json(path, result)
   return result
 
@@ -186,15 +187,38 @@ def _ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}"      # '-': the layer keeps that part dense
 
 
-def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
+def results_code_line(results: dict, results_commit: str = "") -> str:
+  """Which code the stored runs were trained on (each result's 'code_version', recorded at
+  training time)."""
+  made = sorted({r.get("code_version") or "" for r in results.values()})
+  names = {v: [n for n in results if (results[n].get("code_version") or "") == v] for v in made}
+  parts = [f"{', '.join(names[v])}: {v.removeprefix('Code version: ')}" for v in made if v]
+  if "" in names:
+    parts.append(f"{', '.join(names[''])}: not recorded in the result (trained before results "
+                 "recorded their code"
+                 + (f"; the stored results were last committed at {results_commit}"
+                    if results_commit else "") + ")")
+  return "Runs trained on: " + "; ".join(parts) + "."
+
+
+def report(results: dict, ov: dict, cfg, command: str, seeds: int,
+           results_commit: str = "") -> str:
   def cell(name, key, fmt):
     done = [n for n in results if n == name or n.startswith(name + "_s")]
     vals = [results[n][key] for n in done if results[n].get(key) is not None]
     if not vals:
       return "-" if done else "pending"      # finished without it (zero-shot: no steps)
-    m = fmt.format(statistics.mean(vals))
-    return m + (f" ± {fmt.format(statistics.pstdev(vals))} (n={len(vals)})" if len(vals) > 1
+    m = fmt.format(statistics.mean(vals))   # ± the sample std (ddof=1) over seeds
+    return m + (f" ± {fmt.format(statistics.stdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
+
+  specs = run_specs(seeds)
+
+  def forward(name):   # the forward the run's eval loss is computed under
+    o = specs.get(name, specs.get(name + "_s0", {}))
+    if o.get("sparse.enabled") is False:
+      return "dense"
+    return "sparse (outputs too)" if o.get("sparse.dense_outputs") is False else "sparse context"
   names = ["zero_shot", "lora", "sparselora", *VARIANTS, *ABLATIONS]
   late = VARIANTS["sparselora_late"]
   scored_on = eval_set(cfg)
@@ -207,10 +231,10 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
          and results[k].get("flops_per_step")]
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss", "{:.4f}"),
-                 cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
+                 forward(n), cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
                  rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
-           f"Command: `{command}`", "",
+           common.page_head(command),
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
            f"`{cfg.data.task}`, template `{cfg.data.template}`, {cfg.train.steps} steps x batch "
            f"{cfg.train.batch_size}, seq_len {cfg.data.seq_len}, lr {cfg.train.lr}, LoRA r"
@@ -219,11 +243,15 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int) -> str:
            f"{cfg.sparse.start_frac:.0%} of steps; sparselora_late: FFN "
            f"`{late['sparse.ffn']}`, attention `{late['sparse.attn'] or 'dense'}`. Accuracy: "
            f"exact match of the final number on {n_eval} held-out problems (greedy, dense "
-           f"inference; eval set {scored_on['sha256']}); eval loss: SparseLoRA runs' under "
-           f"their sparse forward (context tokens sparse), the others' dense; seeds {seeds} for "
-           f"LoRA and SparseLoRA (mean ± std). {common.environment()}.", "",
-           common.markdown_table(["run", "accuracy", "eval loss", "step s", "TFLOPs/step",
-                                  "FLOPs vs LoRA"], rows), "",
+           f"inference; eval set {scored_on['sha256']}); eval loss: under the forward the "
+           "run trained with, named in the next column (sparse context: the context tokens "
+           "through the selected channels, the output tokens dense), so the SparseLoRA rows' "
+           "losses are not losses of the same forward as LoRA's (the stored results have no "
+           f"dense-forward loss); seeds {seeds} for LoRA and SparseLoRA (mean ± sample std, "
+           f"ddof=1). {common.environment()}.", "",
+           results_code_line(results, results_commit), "",
+           common.markdown_table(["run", "accuracy", "eval loss", "eval-loss forward",
+                                  "step s", "TFLOPs/step", "FLOPs vs LoRA"], rows), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
            "the machine at varying load, so their ratios are not speed results "
            "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "
@@ -262,11 +290,13 @@ def plot(results: dict, path: str) -> None:
 def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, "sparselora_smollm2")
+  results_commit = common.last_commit(stem + ".json")   # before it is rewritten
   runs.write_json(stem + ".json", {"runs": results, "overlap": ov})
   with open(stem + ".md", "w") as f:
     # --runs / --report_only only decide what is trained now, not what the report holds
-    argv = [a for a in sys.argv if not a.startswith(("--runs", "--report_only", "--noreport"))]
-    f.write(report(results, ov, cfg, common.command_line(argv), seeds))
+    argv = [a for a in sys.argv
+            if not a.startswith(("--runs", "--report_only", "--noreport", "--from_json"))]
+    f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit))
   plot(results, stem + ".png")
   return stem + ".md"
 
@@ -274,6 +304,12 @@ def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str
 def main(argv, flags):
   del argv
   cfg0 = flags.config
+  if flags.from_json:   # re-render the page from a stored JSON (its runs and overlap)
+    with open(flags.from_json) as f:
+      stored = json.load(f)
+    out = write_outputs(stored["runs"], stored["overlap"], cfg0, flags.seeds, flags.out_dir)
+    print(f"wrote {out}")
+    return
   root = flags.workdir_root
   specs = run_specs(flags.seeds)
   only = [] if flags.report_only else ([s for s in flags.runs.split(",") if s] or list(specs))
@@ -316,6 +352,8 @@ def define_flags():
                       "reported if finished.")
   flags.DEFINE_bool("overlap", True, "Measure the estimator/oracle channel overlap.")
   flags.DEFINE_bool("report_only", False, "Only rewrite the report from the finished runs.")
+  flags.DEFINE_string("from_json", "", "Only rewrite the report from this stored JSON "
+                      "(docs/results/sparselora_smollm2.json: the runs' results and overlap).")
   return flags.FLAGS
 
 

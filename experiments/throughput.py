@@ -231,7 +231,7 @@ def report(result: dict, command: str, notes: str = "", image: str = "") -> str:
   quiet = max(result["load_before"], result["load_after"]) < LOAD_LIMIT
   parts = [
       "# Training throughput and MFU (CPU)\n",
-      f"Command: `{command}`\n",
+      common.page_head(command, result.get("code_version")),
       f"Device: {cpu_model()}, {os.cpu_count()} cores; {common.environment()}.\n",
       f"Model: {result['size']} dims (d_model {m['d_model']}, ffn {m['ffn_dim']}, "
       f"{m['n_layers']} layers, {m['n_heads']} heads, vocab {m['vocab_size']}, untied head). "
@@ -373,7 +373,8 @@ def _main(argv, flag_values):
                rounds=f.rounds, steps_per_round=f.steps_per_round,
                overrides=config_flags.get_override_values(f["config"]),
                extra_runners=extra, extra_flops=extra_flops)
-  result.update(command=common.command_line(), notes=_read(f.notes))
+  result.update(command=common.command_line(), code_version=common.code_version_line(),
+                notes=_read(f.notes))
   print(write_outputs(result, f.out_md, f.out_json, f.out_png))
 
 
@@ -416,4 +417,5 @@ if __name__ == "__main__":
   xla_setup.configure()   # before the first JAX computation
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = define_flags()
+  common.code_version_line()   # the code this run starts on
   app.run(lambda argv: _main(argv, _flags), flags_parser=common.parse_flags)

@@ -29,11 +29,7 @@ def test_cached_greedy_decoding_matches_uncached(kind):
                                    max_new_tokens=5))
   assert out.shape == (3, 5)
   for r in range(3):
-    seq = [int(t) for t in prompts[r][mask[r].astype(bool)]]
-    for _ in range(5):
-      logits = model(jnp.asarray([seq], jnp.int32))
-      seq.append(int(jnp.argmax(logits[0, -1])))
-    assert seq[-5:] == out[r].tolist()
+    assert_greedy(model, prompts[r][mask[r].astype(bool)].tolist(), out[r].tolist())
 
 
 def tiny_model():
@@ -42,11 +38,13 @@ def tiny_model():
   return Llama(cfg, rngs=nnx.Rngs(0))
 
 
-def uncached_greedy(model, prompt, steps):
-  seq = list(prompt)
-  for _ in range(steps):
-    seq.append(int(jnp.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1])))
-  return seq[len(prompt):]
+def assert_greedy(model, prompt, continuation):
+  """`continuation` is what greedy decoding without a cache gives: the model is causal, so one
+  full forward over prompt + continuation holds every step's logits, and each token must be
+  the argmax at the position before it."""
+  logits = np.asarray(model(jnp.asarray([prompt + continuation], jnp.int32)))[0]
+  n = len(prompt)
+  assert np.argmax(logits[n - 1:-1], axis=-1).tolist() == continuation
 
 
 @pytest.mark.slow
@@ -54,7 +52,10 @@ def test_each_row_stops_at_its_first_stop_token():
   model = tiny_model()
   prompts = np.array([[0, 5, 9, 11], [7, 3, 2, 8]], np.int32)
   mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32)
-  free = [uncached_greedy(model, p[m.astype(bool)].tolist(), 6) for p, m in zip(prompts, mask)]
+  free = np.asarray(generate.greedy_generate(model, jnp.asarray(prompts), jnp.asarray(mask), 6
+                                             )).tolist()
+  for p, m, cont in zip(prompts, mask, free):
+    assert_greedy(model, p[m.astype(bool)].tolist(), cont)
   # Stop row 0 at its third token (a token it would emit); row 1 at whatever comes first of
   # those, or never: each row's output is its free continuation up to and including the
   # first stop token, then pad_id.

@@ -81,9 +81,8 @@ def test_load_hf_config_reads_both_transformers_layouts(tmp_path):
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),   # lacks its frequency bands
     ("attention_bias", True),
     ("mlp_bias", True),
-    ("head_dim", 32),
     ("hidden_act", "gelu"),
-    ("model_type", "qwen2"),
+    ("model_type", "phi3"),
 ])
 def test_load_hf_config_refuses_what_llama_cannot_represent(tmp_path, field, value):
   path = write_config(tmp_path, hf_dict(**{field: value}))

@@ -93,6 +93,8 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
                                        "eval_set": scored}
   results = {"zero_shot": run(0.02, None, None), "lora_s0": run(0.6, 9.0, 2e12),
              "lora_s1": run(0.62, 9.0, 2e12), "sparselora_s0": run(0.3, 8.0, 1.5e12)}
+  for name in ("zero_shot", "lora_s0", "lora_s1"):
+    results[name]["code_version"] = "Code version: commit abc, lost_jax sources 12."
   ov = {"ffn": {"12": 0.15, "16": 0.25}, "attn_v": {"16": 0.5}}    # keys as read from JSON
   text = sparselora_accuracy.report(results, ov, cfg, "cmd", seeds=2)
   rows = {}
@@ -100,8 +102,12 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
     if line.startswith("| ") and not line.startswith("| ---"):
       cells = [c.strip() for c in line.strip("|").split("|")]
       rows[cells[0]] = cells[1:]
-  assert rows["zero_shot"][:3] == ["0.020", "0.0500", "-"]     # finished; it takes no steps
-  assert rows["lora"][0] == "0.610 ± 0.010 (n=2)"
-  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][4] == "0.75"
-  assert rows["random_channels"][:3] == ["pending"] * 3         # not run yet
+  assert rows["zero_shot"][:4] == ["0.020", "0.0500", "dense", "-"]   # finished; no steps
+  assert rows["lora"][0] == "0.610 ± 0.014 (n=2)"     # sample std: 0.02 / sqrt(2)
+  assert rows["lora"][2] == "dense" and rows["sparselora"][2] == "sparse context"
+  assert rows["sparse_outputs"][2] == "sparse (outputs too)"
+  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][5] == "0.75"
+  assert "Runs trained on: zero_shot, lora_s0, lora_s1: commit abc" in text
+  assert "sparselora_s0: not recorded in the result" in text
+  assert rows["random_channels"][:2] == ["pending"] * 2         # not run yet
   assert rows["12"] == ["0.15", "-"] and rows["16"] == ["0.25", "0.50"]

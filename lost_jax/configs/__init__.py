@@ -7,20 +7,22 @@ resolved once (`resolve`) and is locked (frozen) from then on.
 """
 
 from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, EXTEND_MODES,
-                                      INITS, LAYER_LOOPS, LINEAR_KINDS, LOSS_CHUNK,
-                                      MATMUL_BACKWARDS, METHODS, OPTIMIZERS, PLATFORMS,
-                                      PRECISIONS, ROPE_TYPES, SIZES, SPARSE_INITS, STEP_PRESETS)
+                                      FAMILIES, FAMILY_SIZES, INITS, LAYER_LOOPS, LINEAR_KINDS,
+                                      LOSS_CHUNK, MATMUL_BACKWARDS, METHODS, MLP_ACTIVATIONS,
+                                      NORM_SCALES, OPTIMIZERS, PLATFORMS, PRECISIONS, ROPE_TYPES,
+                                      SIZES, SPARSE_INITS, STEP_PRESETS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity, parse_layers
-from lost_jax.configs.presets import (FINETUNE_PRESETS, SMOLLM2_ATTN, SMOLLM2_FFN,
-                                      SMOLLM2_LATE_ATTN, SMOLLM2_LATE_FFN, FinetunePreset,
-                                      finetune_config, matched_rank, model_config,
-                                      pretrain_config, smollm2_gguf_path,
-                                      gemma3_gguf_path)
+from lost_jax.configs.presets import (FAMILY_ARCH, FAMILY_SIZE_MODELS, FINETUNE_PRESETS,
+                                      SMOLLM2_ATTN, SMOLLM2_FFN, SMOLLM2_LATE_ATTN,
+                                      SMOLLM2_LATE_FFN, FinetunePreset, finetune_config,
+                                      gemma3_gguf_path, matched_rank, model_config,
+                                      pretrain_config, smollm2_gguf_path)
 from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_paths, is_resolved,
                                       resolve, resolve_perf, validate, with_group,
                                       with_resolved_perf)
-from lost_jax.configs.schema import (data_config, linear_config, lost_keep, mesh_config,
-                                     perf_config, projection_shapes, rope_scaling_config)
+from lost_jax.configs.schema import (ARCH_DEFAULTS, Arch, data_config, head_dim, linear_config,
+                                     lost_keep, mesh_config, perf_config, projection_shapes,
+                                     rope_scaling_config)
 from lost_jax.configs.validate import (validate_finetune, validate_finetune_base,
                                        validate_model, validate_pretrain, validate_train)
 
@@ -29,12 +31,16 @@ __all__ = [
     "ATTENTION_IMPLS",
     "ATTENTIONS",
     "EXTEND_MODES",
+    "FAMILIES",
+    "FAMILY_SIZES",
     "INITS",
     "LAYER_LOOPS",
     "LINEAR_KINDS",
     "LOSS_CHUNK",
     "MATMUL_BACKWARDS",
     "METHODS",
+    "MLP_ACTIVATIONS",
+    "NORM_SCALES",
     "OPTIMIZERS",
     "PLATFORMS",
     "PRECISIONS",
@@ -44,6 +50,8 @@ __all__ = [
     "STEP_PRESETS",
     "parse_layer_sparsity",
     "parse_layers",
+    "FAMILY_ARCH",
+    "FAMILY_SIZE_MODELS",
     "FINETUNE_PRESETS",
     "SMOLLM2_ATTN",
     "SMOLLM2_FFN",
@@ -65,7 +73,10 @@ __all__ = [
     "validate",
     "with_group",
     "with_resolved_perf",
+    "ARCH_DEFAULTS",
+    "Arch",
     "data_config",
+    "head_dim",
     "linear_config",
     "lost_keep",
     "mesh_config",

@@ -11,6 +11,11 @@ SIZES = ("quickstart", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "lla
 STEP_PRESETS = {"llama_7b_40k": ("llama_7b", 40_000)}
 
 
+# Pre-training sizes shaped like another family (presets.FAMILY_SIZES): quickstart-sized.
+FAMILY_SIZES = ("qwen2_quickstart", "qwen3_quickstart", "mistral_quickstart",
+                "gemma3_quickstart")
+
+
 METHODS = ("full_rank", "lost", "low_rank", "cola", "sltrain", "galore")
 
 
@@ -18,6 +23,12 @@ LINEAR_KINDS = ("dense", "lost", "low_rank", "cola", "sltrain")
 
 
 ACTIVATIONS = ("silu", "identity")
+
+
+# Architecture settings (`model.<field>`, schema.ARCH_DEFAULTS). FAMILIES are HF model_types.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+NORM_SCALES = ("w", "1+w")
 
 
 INITS = ("kaiming", "normal")

@@ -7,9 +7,10 @@ from typing import NamedTuple
 
 import ml_collections
 
-from lost_jax.configs.choices import METHODS, SIZES, STEP_PRESETS
-from lost_jax.configs.schema import (data_config, linear_config, lost_keep, mesh_config,
-                                     perf_config, projection_shapes, rope_scaling_config)
+from lost_jax.configs.choices import FAMILY_SIZES, METHODS, SIZES, STEP_PRESETS
+from lost_jax.configs.schema import (ARCH_DEFAULTS, data_config, linear_config, lost_keep,
+                                     mesh_config, perf_config, projection_shapes,
+                                     rope_scaling_config)
 from lost_jax.errors import UserError
 
 
@@ -43,22 +44,53 @@ _GALORE = {
 }
 
 
+# Architecture settings (schema.ARCH_DEFAULTS) of each family at its published defaults
+# (window / bases / attention scale of the real models; sizes set their own).
+FAMILY_ARCH = {
+    "llama": {},
+    "mistral": dict(family="mistral", sliding_window=4096, attention_pattern="L"),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "qwen3": dict(family="qwen3", qk_norm=True),
+    "gemma3_text": dict(family="gemma3_text", qk_norm=True, mlp_activation="gelu_tanh",
+                        norm_scale="1+w", embed_scale=True, post_norms=True,
+                        sliding_window=512, attention_pattern="LLLLLG", rope_theta=1e6,
+                        rope_local_theta=10_000.0),
+}
+
+
+# Family-shaped pre-training sizes: quickstart's shape and schedule with one kv head and the
+# family's features (head_dim 64 != 128 / 4 for Qwen3 and Gemma 3; a 64-token window on
+# 128-token sequences; Gemma 3's 5 local : 1 global over 6 layers).
+FAMILY_SIZE_MODELS = {
+    "qwen2_quickstart": dict(FAMILY_ARCH["qwen2"], n_kv_heads=1),
+    "qwen3_quickstart": dict(FAMILY_ARCH["qwen3"], n_kv_heads=1, head_dim=64),
+    "mistral_quickstart": dict(FAMILY_ARCH["mistral"], n_kv_heads=1, sliding_window=64),
+    "gemma3_quickstart": dict(FAMILY_ARCH["gemma3_text"], n_kv_heads=1, head_dim=64,
+                              n_layers=6, sliding_window=64, query_pre_attn_scalar=64.0),
+}
+assert tuple(FAMILY_SIZE_MODELS) == FAMILY_SIZES
+
+
 def pretrain_config(size: str, method: str) -> ml_collections.ConfigDict:
   """The full run config of a `<size>,<method>` preset."""
-  if size not in _SIZES and size not in STEP_PRESETS:
+  if size not in _SIZES and size not in STEP_PRESETS and size not in FAMILY_SIZE_MODELS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown size {size!r}. "
-                    f"Fix: choose one of {SIZES + tuple(STEP_PRESETS)}")
+                    f"Fix: choose one of {SIZES + tuple(STEP_PRESETS) + FAMILY_SIZES}")
   if method not in METHODS:
     raise UserError(f"--config=configs/pretrain.py:<size>,<method>: unknown method "
                     f"{method!r}. Fix: choose one of {METHODS}")
   preset = size
-  size, steps = STEP_PRESETS.get(preset) or (preset, _SIZES[preset]["steps"])
+  family = FAMILY_SIZE_MODELS.get(preset)
+  if family is not None:
+    size = "quickstart"
+  size, steps = STEP_PRESETS.get(preset) or (size, _SIZES[size]["steps"])
   s = dict(_SIZES[size], steps=steps)
   galore = _GALORE[size]
   cfg = ml_collections.ConfigDict()
   cfg.name = f"{preset},{method}"
   cfg.seed = 0
   cfg.model = model_config(size)
+  cfg.model.update(family or {})
   lin = cfg.model.linear
   lost_rank = s["rank"]
   if method == "lost":
@@ -337,6 +369,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       remat=False,
       linear=linear_config(),
       perf=perf_config(),
+      **ARCH_DEFAULTS,
   ))
 
 

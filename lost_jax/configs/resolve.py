@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from lost_jax.configs.choices import PLATFORMS, PRECISIONS
-from lost_jax.configs.schema import perf_config
+from lost_jax.configs.schema import Arch, perf_config
 from lost_jax.configs.validate import validate_finetune, validate_pretrain
 from lost_jax.errors import UserError
 
@@ -30,6 +30,8 @@ def resolve_perf(model: ml_collections.ConfigDict, platform: str) -> None:
     perf.matmul_backward = "cpu_transposed" if platform == "cpu" else "xla"
   if perf.attention == "auto":
     perf.attention = {"cpu": "blocked", "gpu": "dot_product_attention"}.get(platform, "splash")
+    if perf.attention == "splash" and any(Arch.of(model).local_layers(model.n_layers)):
+      perf.attention = "blocked"   # splash has no sliding-window layers (validate_model)
   if perf.attention == "splash" and perf.attention_impl == "auto":
     perf.attention_impl = "pallas" if platform == "tpu" else "interpret"
   if perf.layer_loop == "auto":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import ml_collections
 
@@ -67,12 +68,69 @@ def rope_scaling_config(type: str = "default", factor: float = 1.0,  # pylint: d
       original_max_position_embeddings=int(original_max_position_embeddings)))
 
 
+# Architecture settings of the one decoder (model config fields). The defaults are LLaMA's;
+# the other families (Qwen2/3, Mistral, Gemma 3) set some of them (`presets.FAMILIES`).
+ARCH_DEFAULTS = dict(
+    family="llama",          # the HF architecture a dense model exports as (formats/hf.py)
+    head_dim=0,              # per-head width; 0: d_model // n_heads
+    qkv_bias=False,          # q/k/v output biases (Qwen2)
+    qk_norm=False,           # RMSNorm over each q and k head before RoPE (Qwen3, Gemma 3)
+    mlp_activation="silu",   # gated FFN: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    norm_scale="w",          # RMSNorm multiplier: w (LLaMA) | 1+w (Gemma: scales stored as w)
+    embed_scale=False,       # embeddings x sqrt(d_model), in the compute dtype (Gemma)
+    post_norms=False,        # RMSNorm on the attention and FFN outputs too (Gemma 3)
+    sliding_window=0,        # keys a local layer sees (itself included); 0: no local layers
+    # per-layer attention, repeated over the layers: G global, L local (sliding_window);
+    # Gemma 3: LLLLLG; Mistral: L.
+    attention_pattern="G",
+    rope_local_theta=0.0,    # RoPE base of local layers; 0: rope_theta
+    query_pre_attn_scalar=0.0,   # attention scale = this ** -0.5 (Gemma); 0: head_dim
+)
+
+
+class Arch(NamedTuple):
+  """A model config's architecture settings, absent fields (older configs) at their defaults."""
+  family: str
+  head_dim: int
+  qkv_bias: bool
+  qk_norm: bool
+  mlp_activation: str
+  norm_scale: str
+  embed_scale: bool
+  post_norms: bool
+  sliding_window: int
+  attention_pattern: str
+  rope_local_theta: float
+  query_pre_attn_scalar: float
+
+  @classmethod
+  def of(cls, model: ml_collections.ConfigDict) -> "Arch":
+    arch = cls(**{k: model.get(k, v) for k, v in ARCH_DEFAULTS.items()})
+    return arch._replace(head_dim=arch.head_dim or model.d_model // model.n_heads)
+
+  def local_layers(self, n_layers: int) -> tuple[int, ...]:
+    """1 for each local (sliding-window) layer, 0 for each global one."""
+    if not self.sliding_window:
+      return (0,) * n_layers
+    pattern = self.attention_pattern
+    return tuple(int(pattern[i % len(pattern)] == "L") for i in range(n_layers))
+
+  @property
+  def attn_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+  """Per-head width: model.head_dim, or d_model // n_heads when it is 0 or absent."""
+  return model.get("head_dim", 0) or model.d_model // model.n_heads
+
+
 def projection_shapes(model: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
   """(name, in n, out m) of every q/k/v/o/gate/up/down of one block."""
   d, f = model.d_model, model.ffn_dim
-  hd = d // model.n_heads
-  kv = model.n_kv_heads * hd
-  return [("q", d, d), ("k", d, kv), ("v", d, kv), ("o", d, d),
+  hd = head_dim(model)
+  q, kv = model.n_heads * hd, model.n_kv_heads * hd
+  return [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d),
           ("gate", d, f), ("up", d, f), ("down", f, d)]
 
 

@@ -7,11 +7,12 @@ import math
 import ml_collections
 
 from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, EXTEND_MODES,
-                                      INITS, LAYER_LOOPS, LINEAR_KINDS, MATMUL_BACKWARDS,
+                                      FAMILIES, INITS, LAYER_LOOPS, LINEAR_KINDS,
+                                      MATMUL_BACKWARDS, MLP_ACTIVATIONS, NORM_SCALES,
                                       OPTIMIZERS, PRECISIONS, ROPE_TYPES, SPARSE_INITS, TEMPLATES,
                                       TRUNCATIONS)
 from lost_jax.configs.layer_ranges import parse_layer_sparsity
-from lost_jax.configs.schema import projection_shapes
+from lost_jax.configs.schema import Arch, projection_shapes
 from lost_jax.errors import UserError
 
 
@@ -96,15 +97,19 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _in_range(f"model.{name}", model[name], 1, _INF, "a positive integer", integer=True)
   for name in ("rope_theta", "norm_eps", "init_std"):
     _in_range(f"model.{name}", model[name], 0.0, _INF, "a positive number", lo_open=True)
-  if model.d_model % model.n_heads:
+  _in_range("model.head_dim", model.get("head_dim", 0), 0, _INF, "0 (d_model // n_heads) or "
+            "the per-head width", integer=True)
+  if not model.get("head_dim", 0) and model.d_model % model.n_heads:
     _fail("model.n_heads", f"{model.n_heads} heads do not divide d_model={model.d_model}",
-          "pick n_heads dividing d_model")
+          "pick n_heads dividing d_model, or set model.head_dim")
   if model.n_heads % model.n_kv_heads:
     _fail("model.n_kv_heads", f"{model.n_kv_heads} kv heads do not divide "
           f"n_heads={model.n_heads}", "pick n_kv_heads dividing n_heads")
-  if (model.d_model // model.n_heads) % 2:
-    _fail("model.n_heads", f"head dim {model.d_model // model.n_heads} is odd", "RoPE needs an "
-          "even head dim; change d_model or n_heads")
+  arch = Arch.of(model)
+  if arch.head_dim % 2:
+    _fail("model.head_dim", f"head dim {arch.head_dim} is odd", "RoPE needs an even head dim; "
+          "change head_dim (or d_model / n_heads)")
+  _validate_arch(model, arch)
   perf = model.get("perf")
   if perf is not None:
     for field, value, allowed in (
@@ -162,6 +167,31 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
             "use 0 for all remaining components or a positive count")
   if lin.kind == "sltrain" and not 0.0 < lin.density <= 1.0:
     _fail("model.linear.density", f"{lin.density} is outside (0, 1]", "use e.g. 0.03")
+
+
+def _validate_arch(model: ml_collections.ConfigDict, arch: Arch) -> None:
+  """The architecture settings (schema.ARCH_DEFAULTS) and the attention kernel they need."""
+  for field, value, allowed in (("family", arch.family, FAMILIES),
+                                ("mlp_activation", arch.mlp_activation, MLP_ACTIVATIONS),
+                                ("norm_scale", arch.norm_scale, NORM_SCALES)):
+    if value not in allowed:
+      _fail(f"model.{field}", f"unknown choice {value!r}", f"use one of {allowed}")
+  for field in ("qkv_bias", "qk_norm", "embed_scale", "post_norms"):
+    if not isinstance(getattr(arch, field), bool):
+      _fail(f"model.{field}", f"{getattr(arch, field)!r} is not a bool", "True or False")
+  _in_range("model.sliding_window", arch.sliding_window, 0, _INF, "0 (every layer global) or "
+            "the keys a local layer sees, e.g. 4096", integer=True)
+  for field in ("rope_local_theta", "query_pre_attn_scalar"):
+    _in_range(f"model.{field}", getattr(arch, field), 0.0, _INF, "0 (the default) or a "
+              "positive number")
+  pattern = arch.attention_pattern
+  if not isinstance(pattern, str) or not pattern or set(pattern) - {"L", "G"}:
+    _fail("model.attention_pattern", f"{pattern!r} is not a string of L (local) and G "
+          "(global) layers", "e.g. 'G' (every layer global), 'L' or 'LLLLLG' (Gemma 3)")
+  perf = model.get("perf")
+  if any(arch.local_layers(model.n_layers)) and perf is not None and perf.attention == "splash":
+    _fail("model.perf.attention", "'splash' does not implement sliding-window (local) layers",
+          "set model.perf.attention to blocked or dot_product_attention")
 
 
 def validate_pretrain(cfg: ml_collections.ConfigDict) -> None:

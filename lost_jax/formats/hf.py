@@ -1,10 +1,14 @@
-"""Hugging Face LLaMA checkpoints <-> lost_jax `Llama` (safetensors; torch is not needed).
+"""Hugging Face checkpoints <-> lost_jax `Llama` (safetensors; torch is not needed).
 
-HF `nn.Linear` weights are [out, in]; lost_jax kernels are [in, out], so projections are
-transposed both ways. HF LLaMA's q/k projections use the same rotate-half RoPE as
-`model.apply_rope`, so no head permutation is needed (tests/test_hf.py checks logits against
-transformers). Tied embeddings are read by copying the embedding into the untied `lm_head`;
-an export is tied again when the LM head still equals the embedding.
+Families (HF model_type): llama, mistral, qwen2, qwen3, gemma3_text (and a `gemma3` config's
+text_config); each is a set of `configs.Arch` settings of the one decoder, read from and
+written to config.json here. HF `nn.Linear` weights are [out, in]; lost_jax kernels are
+[in, out], so projections are transposed both ways. HF's q/k projections use the same
+rotate-half RoPE as `model.apply_rope`, so no head permutation is needed (tests/test_hf.py and
+tests/test_families.py check logits against transformers). Tied embeddings are read by copying
+the embedding into the untied `lm_head`; an export is tied again when the LM head still equals
+the embedding. `load_hf_tensors` builds a model from a config dict and named tensors in memory
+(the GGUF readers' way in).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +43,35 @@ _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def tensor_map(n_layers: int) -> dict[str, tuple[tuple[str | int, ...], bool]]:
-  """HF tensor name -> (lost_jax attribute path, transposed?) for a dense Llama."""
+# HF names of a block's norms: LLaMA's post_attention_layernorm is the pre-FFN norm; Gemma 3
+# (post_norms) has four, its post_attention_layernorm normalising the attention output.
+_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_POST_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+               "mlp_norm": "pre_feedforward_layernorm",
+               "mlp_post_norm": "post_feedforward_layernorm"}
+
+
+def tensor_map(n_layers: int, arch: configs_lib.Arch | None = None
+               ) -> dict[str, tuple[tuple[str | int, ...], bool]]:
+  """HF tensor name -> (lost_jax attribute path, transposed?) for a dense Llama of `arch`
+  (default: LLaMA's settings)."""
   names = {
       "model.embed_tokens.weight": (("embed", "embedding"), False),
       "model.norm.weight": (("final_norm", "scale"), False),
       "lm_head.weight": (("lm_head", "kernel"), True),
   }
+  post, bias = arch is not None and arch.post_norms, arch is not None and arch.qkv_bias
+  qk_norm = arch is not None and arch.qk_norm
   for i in range(n_layers):
     p = f"model.layers.{i}."
-    names[p + "input_layernorm.weight"] = (("layers", i, "attn_norm", "scale"), False)
-    names[p + "post_attention_layernorm.weight"] = (("layers", i, "mlp_norm", "scale"), False)
+    for ours, theirs in (_POST_NORMS if post else _NORMS).items():
+      names[f"{p}{theirs}.weight"] = (("layers", i, ours, "scale"), False)
     for ours, theirs in _ATTN.items():
       names[f"{p}self_attn.{theirs}.weight"] = (("layers", i, "attn", ours, "kernel"), True)
+      if bias and ours != "o":
+        names[f"{p}self_attn.{theirs}.bias"] = (("layers", i, "attn", f"{ours}_bias"), False)
+    for ours in ("q_norm", "k_norm") if qk_norm else ():
+      names[f"{p}self_attn.{ours}.weight"] = (("layers", i, "attn", ours, "scale"), False)
     for ours, theirs in _MLP.items():
       names[f"{p}mlp.{theirs}.weight"] = (("layers", i, "mlp", ours, "kernel"), True)
   return names
@@ -77,65 +97,147 @@ def _path_str(path) -> str:
 # ---------------------------------------------------------------------------- config.json
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_LAYER_TYPES = {"full_attention": "G", "sliding_attention": "L"}
+
+
 def _refuse(where: str, field: str, value: Any, why: str, fix: str):
-  raise UserError(f"{where}: {field}={value!r} {why}; lost_jax's Llama cannot represent it. "
+  raise UserError(f"{where}: {field}={value!r} {why}; lost_jax's decoder cannot represent it. "
                   f"Fix: {fix}")
 
 
+def _text_config(hf: dict, where: str) -> dict:
+  """The text model's config: a `gemma3` (multimodal) config's text_config, else hf itself."""
+  if hf.get("model_type") != "gemma3":
+    return hf
+  text = hf.get("text_config")
+  if not isinstance(text, dict):
+    _refuse(where, "text_config", text, "is not a Gemma 3 text config",
+            "use a config.json with a text_config (or a gemma3_text checkpoint)")
+  return {"model_type": "gemma3_text", **text}
+
+
+def _rope_scaling(where: str, field: str, value: dict | None) -> ml_collections.ConfigDict:
+  """configs.rope_scaling_config of one HF rope dict (rope_scaling or rope_parameters)."""
+  kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+  if kind == "default":
+    return configs_lib.rope_scaling_config()
+  if kind not in configs_lib.ROPE_TYPES:
+    _refuse(where, field, value, "rescales RoPE in a way lost_jax does not implement",
+            f"use a checkpoint whose rope_type is one of {configs_lib.ROPE_TYPES}")
+  try:
+    return configs_lib.rope_scaling_config(
+        kind, value["factor"], **({k: value[k] for k in (
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            if kind == "llama3" else {}))
+  except KeyError as e:
+    _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
+
+
+def _layer_pattern(hf: dict, family: str, n_layers: int, where: str) -> tuple[str, int]:
+  """(attention_pattern, sliding_window) of the HF config: 'G' and 0 without local layers."""
+  window = hf.get("sliding_window") or 0
+  if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    window = 0             # transformers ignores sliding_window unless use_sliding_window
+  if family == "llama" or not window:
+    return "G", 0
+  types = hf.get("layer_types")
+  if types is None:        # configs written before transformers listed layer_types
+    if family == "mistral":
+      types = ["sliding_attention"] * n_layers
+    elif family == "gemma3_text":
+      every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+      types = ["sliding_attention" if (i + 1) % every else "full_attention"
+               for i in range(n_layers)]
+    else:
+      first = hf.get("max_window_layers", n_layers)
+      types = ["sliding_attention" if i >= first else "full_attention"
+               for i in range(n_layers)]
+  if len(types) != n_layers or set(types) - set(_LAYER_TYPES):
+    _refuse(where, "layer_types", types, f"is not {n_layers} of {tuple(_LAYER_TYPES)}",
+            "use the config.json saved with the checkpoint")
+  if family == "mistral" and set(types) != {"sliding_attention"}:
+    _refuse(where, "layer_types", types, "mixes layer types in a Mistral",
+            "use a Gemma 3 or Qwen config for mixed local/global layers")
+  letters = "".join(_LAYER_TYPES[t] for t in types)
+  if "L" not in letters:
+    return "G", 0
+  period = next(p for p in range(1, n_layers + 1)
+                if all(letters[i] == letters[i % p] for i in range(n_layers)))
+  return letters[:period], int(window)
+
+
 def _config_from_hf(hf: dict, where: str) -> tuple[ml_collections.ConfigDict, bool]:
-  """(lost_jax model config, tie_word_embeddings) from a parsed HF LLaMA config.json."""
-  if hf.get("model_type", "llama") != "llama":
-    _refuse(where, "model_type", hf["model_type"], "is not a LLaMA",
-            "convert a LlamaForCausalLM checkpoint")
-  act = hf.get("hidden_act", "silu")
-  if act not in ("silu", "swish"):
-    _refuse(where, "hidden_act", act, "is not SiLU (SwiGLU)", "use a silu checkpoint")
-  for field in ("attention_bias", "mlp_bias"):
-    if hf.get(field, False):
-      _refuse(where, field, hf[field], "adds biases", "use a bias-free LLaMA checkpoint")
-  # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
+  """(lost_jax model config, tie_word_embeddings) from a parsed HF config.json of a family in
+  ARCHITECTURES; one UserError for anything the decoder cannot represent."""
+  hf = _text_config(hf, where)
+  family = hf.get("model_type", "llama")
+  if family not in ARCHITECTURES:
+    _refuse(where, "model_type", family, "is not a supported family",
+            f"convert a checkpoint of one of {tuple(ARCHITECTURES)}")
+  gemma = family == "gemma3_text"
+  act_field = "hidden_activation" if gemma else "hidden_act"
+  act = hf.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
+  if act not in _HF_ACTIVATIONS:
+    _refuse(where, act_field, act, "is not SiLU (SwiGLU) or tanh GELU (GeGLU)",
+            "use a silu or gelu_pytorch_tanh checkpoint")
+  for field in ("attention_bias", "mlp_bias", "final_logit_softcapping",
+                "attn_logit_softcapping", "use_bidirectional_attention"):
+    if hf.get(field):
+      _refuse(where, field, hf[field], "is not implemented (biases on o or the FFN, logit "
+              "softcapping, bidirectional attention)", f"use a checkpoint without {field}")
+  # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters, per layer
+  # type for Gemma 3 ({"full_attention": ..., "sliding_attention": ...}).
   rope = hf.get("rope_parameters") or {}
+  local_rope = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)} if gemma else {}
+  if "full_attention" in rope or "sliding_attention" in rope:
+    local_rope = rope.get("sliding_attention") or local_rope
+    rope = rope.get("full_attention") or {}
   scaling = configs_lib.rope_scaling_config()
   for field, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope)):
-    kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
-    if kind == "default":
-      continue
-    if kind not in configs_lib.ROPE_TYPES:
-      _refuse(where, field, value, "rescales RoPE in a way lost_jax does not implement",
-              f"use a checkpoint whose rope_type is one of {configs_lib.ROPE_TYPES}")
-    try:
-      scaling = configs_lib.rope_scaling_config(
-          kind, value["factor"], **({k: value[k] for k in (
-              "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-              if kind == "llama3" else {}))
-    except KeyError as e:
-      _refuse(where, field, value, f"lacks {e}", "complete the rope settings in config.json")
+    if (value or {}).get("rope_type", (value or {}).get("type", "default")) != "default":
+      scaling = _rope_scaling(where, field, value)
+  if local_rope.get("rope_type", "default") != "default":
+    _refuse(where, "rope_parameters.sliding_attention", local_rope, "rescales the local "
+            "layers' RoPE", "use a checkpoint whose local layers use the default RoPE")
   missing = [field for field in _REQUIRED if field not in hf]
   if missing:
     raise UserError(f"{where}: {', '.join(missing)} missing. Fix: use the config.json saved "
-                    "with the checkpoint (a LlamaForCausalLM config names all of "
+                    f"with the checkpoint (a {ARCHITECTURES[family]} config names all of "
                     f"{', '.join(_REQUIRED)})")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
-  head_dim = hf.get("head_dim")
-  if head_dim is not None and head_dim * heads != d:
-    _refuse(where, "head_dim", head_dim, f"differs from hidden_size / num_attention_heads = "
-            f"{d}/{heads}", "use a checkpoint with head_dim * heads == hidden_size")
+  # Qwen3 and Gemma 3 default head_dim to 128 / 256 when config.json leaves it out.
+  head_dim = hf.get("head_dim") or {"qwen3": 128, "gemma3_text": 256}.get(family, d // heads)
+  n_layers = hf["num_hidden_layers"]
+  pattern, window = _layer_pattern(hf, family, n_layers, where)
 
   # Start from a preset so any field this file does not set keeps the library default.
   cfg = configs_lib.model_config("quickstart")
   cfg.vocab_size = hf["vocab_size"]
   cfg.d_model = d
   cfg.ffn_dim = hf["intermediate_size"]
-  cfg.n_layers = hf["num_hidden_layers"]
+  cfg.n_layers = n_layers
   cfg.n_heads = heads
   cfg.n_kv_heads = hf.get("num_key_value_heads") or heads
-  cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta",
+                                                       1e6 if gemma else 10_000.0)))
   cfg.rope_scaling = scaling
   cfg.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
   cfg.init_std = float(hf.get("initializer_range", 0.02))
   cfg.linear = configs_lib.linear_config("dense")
+  cfg.update(dict(
+      family=family,
+      head_dim=0 if head_dim * heads == d else int(head_dim),   # 0: d_model // n_heads
+      qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "gemma3_text"),
+      mlp_activation=_HF_ACTIVATIONS[act], norm_scale="1+w" if gemma else "w",
+      embed_scale=gemma, post_norms=gemma, sliding_window=window, attention_pattern=pattern,
+      rope_local_theta=float(local_rope["rope_theta"]) if gemma else 0.0,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if gemma else 0.0))
   configs_lib.validate_model(cfg)
-  return cfg, bool(hf.get("tie_word_embeddings", False))
+  return cfg, bool(hf.get("tie_word_embeddings", gemma))
 
 
 def _read_json(path: str) -> dict:
@@ -175,34 +277,83 @@ def load_hf_config(path: str) -> ml_collections.ConfigDict:
 
 def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "bfloat16",
               overrides: dict | None = None) -> dict:
-  """config.json contents of a LlamaForCausalLM equal to a dense lost_jax model config."""
+  """config.json contents of the HF model (model.family's architecture) equal to a dense
+  lost_jax model config; a setting the family's config cannot hold is refused."""
+  arch = configs_lib.Arch.of(cfg)
+  family = arch.family
+  n = cfg.n_layers
+  local = arch.local_layers(n)
+  types = ["sliding_attention" if x else "full_attention" for x in local]
   hf = {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
+      "architectures": [ARCHITECTURES[family]],
+      "model_type": family,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model,
       "intermediate_size": cfg.ffn_dim,
-      "num_hidden_layers": cfg.n_layers,
+      "num_hidden_layers": n,
       "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads,
-      "head_dim": cfg.d_model // cfg.n_heads,
-      "hidden_act": "silu",
+      "head_dim": arch.head_dim,
       "rms_norm_eps": cfg.norm_eps,
       # transformers 5 also reads these legacy keys; older versions read nothing else.
       "rope_theta": cfg.rope_theta,
       "rope_scaling": _hf_rope_scaling(cfg),
-      "attention_bias": False,
       "attention_dropout": 0.0,
-      "mlp_bias": False,
       "tie_word_embeddings": False,
       "initializer_range": cfg.init_std,
       "max_position_embeddings": 2048,   # lost_jax's RoPE has no limit; override as needed.
       "torch_dtype": dtype,
       "dtype": dtype,
   }
+  act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[arch.mlp_activation]
+  hf["hidden_activation" if family == "gemma3_text" else "hidden_act"] = act
+  if family != "qwen2":      # Qwen2's q/k/v biases are implied by its architecture
+    hf["attention_bias"] = False
+  if family == "llama":
+    hf["mlp_bias"] = False
+  if family == "mistral":
+    hf["sliding_window"] = arch.sliding_window or None
+  if family in ("qwen2", "qwen3"):
+    hf.update(use_sliding_window=any(local), sliding_window=arch.sliding_window or None,
+              max_window_layers=local.index(1) if any(local) else n, layer_types=types)
+  if family == "gemma3_text":
+    hf.update(sliding_window=arch.sliding_window or 4096, layer_types=types,
+              rope_local_base_freq=arch.rope_local_theta or cfg.rope_theta,
+              # transformers types it int (a float is refused)
+              query_pre_attn_scalar=_int_if_whole(arch.query_pre_attn_scalar or arch.head_dim),
+              final_logit_softcapping=None, attn_logit_softcapping=None)
   hf.update(overrides or {})
-  _config_from_hf(hf, "hf_config(overrides=...)")   # an override must stay representable.
+  # An override must stay representable, and the family must hold every setting.
+  back, _ = _config_from_hf(hf, "hf_config(overrides=...)")
+  _check_family(cfg, back)
   return hf
+
+
+def _int_if_whole(x: float) -> int | float:
+  return int(x) if float(x).is_integer() else x
+
+
+def _effective_arch(cfg: ml_collections.ConfigDict) -> configs_lib.Arch:
+  """cfg's architecture with equivalent spellings made equal (pattern as per-layer flags,
+  0 defaults replaced by the values they stand for)."""
+  arch = configs_lib.Arch.of(cfg)
+  local = arch.local_layers(cfg.n_layers)
+  return arch._replace(attention_pattern=local,
+                       sliding_window=arch.sliding_window if any(local) else 0,
+                       rope_local_theta=(arch.rope_local_theta or cfg.rope_theta)
+                       if any(local) else 0.0,
+                       query_pre_attn_scalar=arch.attn_scale)
+
+
+def _check_family(cfg: ml_collections.ConfigDict, back: ml_collections.ConfigDict) -> None:
+  """Refuse a model whose architecture settings its family's config.json cannot carry."""
+  want, got = _effective_arch(cfg), _effective_arch(back)
+  for field in configs_lib.ARCH_DEFAULTS:
+    if getattr(want, field) != getattr(got, field):
+      raise UserError(f"model.{field}={cfg.get(field)!r} has no place in a {want.family} "
+                      f"config.json ({ARCHITECTURES[want.family]} would read "
+                      f"{back.get(field)!r}). Fix: set model.family to one of "
+                      f"{tuple(ARCHITECTURES)} that has it, or export another model.")
 
 
 def _hf_rope_scaling(cfg: ml_collections.ConfigDict) -> dict | None:
@@ -237,34 +388,76 @@ def _tensor_files(path: str) -> dict[str, str]:
 
 def _check_names(available: set[str], expected: set[str], path: str, cfg):
   missing, unexpected = sorted(expected - available), sorted(available - expected)
-  shape = f"a {cfg.n_layers}-layer LLaMA per {CONFIG_FILE}"
+  family = configs_lib.Arch.of(cfg).family
+  shape = f"a {cfg.n_layers}-layer {family} per {CONFIG_FILE}"
   if missing:
     raise UserError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) "
                     f"but {shape} needs it. Fix: check the checkpoint is complete and matches "
                     f"its {CONFIG_FILE}.")
   if unexpected:
     raise UserError(f"{path}: tensor {unexpected[0]!r} is unexpected ({len(unexpected)} in all) "
-                    f"for {shape}. Fix: check the checkpoint is a plain LlamaForCausalLM that "
-                    f"matches its {CONFIG_FILE}.")
+                    f"for {shape}. Fix: check the checkpoint is a plain "
+                    f"{ARCHITECTURES[family]} that matches its {CONFIG_FILE}.")
+
+
+def _plan_import(hf: dict, where: str, available: Iterable[str], dtype: str,
+                 param_dtype: str) -> tuple[Llama, dict, bool]:
+  """(abstract model, HF name -> (path, transposed?) of the tensors to read, tied) of a HF
+  config whose checkpoint holds the tensors `available`; refuses a missing or extra one."""
+  cfg, tied = _config_from_hf(hf, where)
+  cfg.dtype, cfg.param_dtype = dtype, param_dtype
+  names = tensor_map(cfg.n_layers, configs_lib.Arch.of(cfg))
+  if tied:   # HF ignores a stored lm_head.weight when tied; so do we.
+    names.pop("lm_head.weight")
+  # Older checkpoints store the RoPE frequency buffer; it is recomputed from rope_theta.
+  available = {k for k in available
+               if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+  _check_names(available, set(names), where, cfg)
+  # Abstract build: no random full-size initialisation; every value comes from the file.
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), names, tied
+
+
+def _finish_import(model: Llama, tied: bool, mesh: jax.sharding.Mesh | None) -> Llama:
+  if tied:
+    _set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)
+  for p, var in nnx.to_flat_state(nnx.state(model)):
+    if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+      raise ValueError(f"lost_jax parameter {_path_str(p)} has no HF tensor in tensor_map. Fix: "
+                       "extend lost_jax.hf.tensor_map for the new parameter.")
+  return model
+
+
+def load_hf_tensors(hf: dict, names: Iterable[str], get_tensor: Callable[[str], Any], *,
+                    dtype: str = "float32", param_dtype: str = "float32",
+                    mesh: jax.sharding.Mesh | None = None, where: str = "HF config") -> Llama:
+  """A dense Llama from a parsed HF config.json dict and HF-named tensors held in memory.
+
+  names: every tensor name the checkpoint has (a missing or extra one is refused);
+  get_tensor(name) -> array in HF layout ([out, in] for linear weights), any float dtype.
+  `where` names the source in error messages.
+  """
+  model, targets, tied = _plan_import(hf, where, names, dtype, param_dtype)
+  for name, (attr, transpose) in progress.track(list(targets.items()), "loading HF base",
+                                                "tensor"):
+    x = np.asarray(get_tensor(name))
+    var = get_path(model, attr)
+    want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+    if x.shape != want:
+      raise UserError(f"{where}: tensor {name!r} is {x.shape} but the config implies {want} "
+                      f"(lost_jax {_path_str(attr)} {tuple(var.shape)}). Fix: check the "
+                      "tensors match the config.")
+    _set(var, x.T if transpose else x, mesh)
+  return _finish_import(model, tied, mesh)
 
 
 def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
                   mesh: jax.sharding.Mesh | None = None) -> Llama:
-  """A dense lost_jax Llama holding a HF LLaMA checkpoint (f32/bf16/f16 safetensors)."""
-  cfg, tied = _config_from_hf(_read_json(os.path.join(path, CONFIG_FILE)),
-                              os.path.join(path, CONFIG_FILE))
-  cfg.dtype, cfg.param_dtype = dtype, param_dtype
-  names = tensor_map(cfg.n_layers)
-  if tied:   # HF ignores a stored lm_head.weight when tied; so do we.
-    names.pop("lm_head.weight")
+  """A dense lost_jax Llama holding a HF checkpoint of any supported family (f32/bf16/f16
+  safetensors)."""
+  where = os.path.join(path, CONFIG_FILE)
   files = _tensor_files(path)
-  # Older checkpoints store the RoPE frequency buffer; it is recomputed from rope_theta.
-  files = {k: v for k, v in files.items()
-           if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
-  _check_names(set(files), set(names), path, cfg)
-
-  # Abstract build: no random full-size initialisation; every value comes from the file.
-  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  model, names, tied = _plan_import(_read_json(where), path, files, dtype, param_dtype)
+  files = {k: v for k, v in files.items() if k in names}
   by_file: dict[str, list[str]] = {}
   for name, file in files.items():
     by_file.setdefault(file, []).append(name)
@@ -274,13 +467,7 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
         for name in file_names:
           _read_tensor(f, name, names[name], model, mesh, file)
           read.update(1)
-  if tied:
-    _set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)
-  for p, var in nnx.to_flat_state(nnx.state(model)):
-    if isinstance(var.get_value(), jax.ShapeDtypeStruct):
-      raise ValueError(f"lost_jax parameter {_path_str(p)} has no HF tensor in tensor_map. Fix: "
-                       "extend lost_jax.hf.tensor_map for the new parameter.")
-  return model
+  return _finish_import(model, tied, mesh)
 
 
 def _read_tensor(f, name: str, target: tuple[tuple[str | int, ...], bool], model: Llama,
@@ -439,11 +626,11 @@ def save_hf_llama(model: Llama, path: str, *, dtype: str = "bfloat16",
       raise ValueError(f"{_path_str(p)} is a {type(layer).__name__}; a HF LLaMA stores dense "
                        "weights. Fix: call lost_jax.hf.densify(model) first (exact only for "
                        "identity activations) or merge LoRA adapters into the base kernels.")
-  names = tensor_map(cfg.n_layers)
+  names = tensor_map(cfg.n_layers, configs_lib.Arch.of(cfg))
   covered = {attr for attr, _ in names.values()}
   for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if tuple(p) not in covered:
-      raise ValueError(f"parameter {_path_str(p)} has no place in a HF LLaMA checkpoint. Fix: "
+      raise ValueError(f"parameter {_path_str(p)} has no place in a HF checkpoint. Fix: "
                        "merge adapters into the base kernels (or drop them) before export.")
   tie = is_tied(model) if tie is None else tie
   if tie:

@@ -88,7 +88,7 @@ def sparselora_step_flops(cfg: ml_collections.ConfigDict, plan: sl_plan.Sparsity
   through Q (attention), for every layer with a non-zero sparsity.
   """
   d, f, h, kv = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads
-  hd = d // h
+  hd = configs.head_dim(cfg)
   n_tok = batch * seq_len
   n_dense = batch * dense_len
   n_ctx = n_tok - n_dense
@@ -123,8 +123,12 @@ def sparselora_step_flops(cfg: ml_collections.ConfigDict, plan: sl_plan.Sparsity
     n, m = shapes[name]
     last_tokens = tail if name in ("o", "gate", "up", "down") else n_tok
     lora += ((cfg.n_layers - 1) * n_tok + last_tokens) * 3 * 2 * r * (n + m)
-  pairs = batch * seq_len * (seq_len + 1) // 2
-  attention = cfg.n_layers * 3 * 2 * 2 * h * hd * pairs
+  # Causal (query, key) pairs a layer scores; a local layer only its window's keys.
+  window = configs.Arch.of(cfg).sliding_window
+  pairs = sum(batch * (seq_len * (seq_len + 1) // 2 if not local else
+                       sum(min(q + 1, window) for q in range(seq_len)))
+              for local in configs.Arch.of(cfg).local_layers(cfg.n_layers))
+  attention = 3 * 2 * 2 * h * hd * pairs
   head = 2 * 2 * batch * logits_len * d * cfg.vocab_size
   return {"base": base, "lora": lora, "attention": attention, "head": head, "estimator": est,
           "total": base + lora + attention + head + est}

@@ -2,6 +2,11 @@
 
 Pre-norm RMSNorm, RoPE (HF rotate-half convention), SwiGLU, causal GQA attention that honours
 packed-sequence segment ids, untied LM head. Norms, softmax and logits run in float32.
+The other families are settings of the same forward (`configs.Arch`): head_dim apart from
+d_model / n_heads, q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), GeGLU, the
+(1 + w) RMSNorm scale, scaled embeddings and post-attention/FFN norms (Gemma), and local
+sliding-window layers with their own RoPE base (Mistral, Gemma 3). What differs by layer (local
+or global) is a per-layer flag the layer loop passes in (scanned under layer_loop='scan').
 
 This is the only decoder forward: training, decoding (`generate`, through a `Cache`) and
 SparseLoRA (`sparselora`, through per-layer channel plans) all run `Llama.__call__`. What they
@@ -28,7 +33,7 @@ from flax import nnx
 from lost_jax import configs as configs_lib
 from lost_jax.layers.factory import make_linear
 from lost_jax.layers.linear import DenseLinear
-from lost_jax.ops.attention import attention_core, cache_attention
+from lost_jax.ops.attention import attention_core, cache_attention, is_global, window_mask
 from lost_jax.ops.matmul import matmul
 from lost_jax.parallel.sharding import constrain_batch, constrain_logical
 
@@ -37,11 +42,14 @@ def as_dtype(name: str | Any):
   return jnp.dtype(name) if isinstance(name, str) else name
 
 
-def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-  """x * rsqrt(mean(x^2) + eps) * scale, in float32; returns float32 [B, L, D]."""
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, plus_one: bool = False
+             ) -> jax.Array:
+  """x * rsqrt(mean(x^2) + eps) * scale (or (1 + scale): Gemma) over the last axis, in
+  float32; returns float32 [..., D]."""
   x = x_BxLxD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-  return x * scale_D.astype(jnp.float32)
+  scale = scale_D.astype(jnp.float32)
+  return x * (1.0 + scale if plus_one else scale)
 
 
 @jax.custom_vjp
@@ -72,6 +80,19 @@ def _swiglu_bwd(residuals, dy_BxF):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# The gated FFN's activation by model.mlp_activation (gelu_tanh: HF's gelu_pytorch_tanh).
+GATE_ACTIVATIONS = {"silu": jax.nn.silu,
+                    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def gated(gate_BxF: jax.Array, up_BxF: jax.Array, activation: str) -> jax.Array:
+  """act(gate) * up [..., F] in float32 math, in up's dtype (silu: the fused `swiglu`)."""
+  if activation == "silu":
+    return swiglu(gate_BxF, up_BxF)
+  g, u = gate_BxF.astype(jnp.float32), up_BxF.astype(jnp.float32)
+  return (GATE_ACTIVATIONS[activation](g) * u).astype(up_BxF.dtype)
 
 
 class RopeScaling(NamedTuple):
@@ -152,7 +173,7 @@ class Cache(NamedTuple):
   @classmethod
   def zeros(cls, cfg, batch: int, slots: int, valid_BxS: jax.Array, dtype) -> "Cache":
     """An empty cache laid out for cfg's (resolved) layer loop."""
-    shape = (batch, slots, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)
+    shape = (batch, slots, cfg.n_kv_heads, configs_lib.head_dim(cfg))
     if cfg.perf.get("layer_loop") == "scan":
       shape = (cfg.n_layers,) + shape
       return cls((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), 0, valid_BxS)
@@ -161,17 +182,20 @@ class Cache(NamedTuple):
     return cls(kv, 0, valid_BxS)
 
 
-def dense_projection(name: str, lin, x_BxLxN: jax.Array) -> jax.Array:
-  """A projection run as itself (base + LoRA delta on every channel and token)."""
+def dense_projection(name: str, lin, x_BxLxN: jax.Array, bias_M: jax.Array | None = None
+                     ) -> jax.Array:
+  """A projection run as itself (base + LoRA delta on every channel and token) + its bias."""
   del name
-  return lin(x_BxLxN)
+  y = lin(x_BxLxN)
+  return y if bias_M is None else y + bias_M.astype(y.dtype)
 
 
 class DenseChannels:
   """Channel plan of a dense layer: every projection on every channel (the default)."""
 
   def attention_projection(self, attn, h_BxLxD: jax.Array):
-    """(name, linear, x) -> y used for q, k, v and o of this layer, given its normed input."""
+    """(name, linear, x, bias) -> y used for q, k, v and o of this layer, given its normed
+    input (bias: the output bias or None)."""
     del attn, h_BxLxD
     return dense_projection
 
@@ -236,57 +260,97 @@ def scan_blocks(blocks, body, x, xs=None, *, remat: bool = False):
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, param_dtype: Any):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+  """RMSNorm over the last axis; plus_one (Gemma) multiplies by (1 + scale), scale init 0."""
+
+  def __init__(self, dim: int, eps: float, param_dtype: Any, plus_one: bool = False):
+    self.eps, self.plus_one = eps, plus_one
+    init = jnp.zeros if plus_one else jnp.ones
+    self.scale = nnx.Param(init((dim,), param_dtype), axes=("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return rms_norm(x, self.scale[...], self.eps)
+    return rms_norm(x, self.scale[...], self.eps, self.plus_one)
+
+
+def make_norm(cfg: ml_collections.ConfigDict, dim: int | None = None) -> RMSNorm:
+  """The model's RMSNorm over dim (default d_model) in its scale convention."""
+  return RMSNorm(cfg.d_model if dim is None else dim, cfg.norm_eps, as_dtype(cfg.param_dtype),
+                 configs_lib.Arch.of(cfg).norm_scale == "1+w")
 
 
 class Embed(nnx.Module):
-  def __init__(self, vocab: int, dim: int, *, std: float, param_dtype: Any, rngs: nnx.Rngs):
+  """Token embedding; scale (Gemma: sqrt(d_model)) multiplies it in the compute dtype."""
+
+  def __init__(self, vocab: int, dim: int, *, std: float, param_dtype: Any, rngs: nnx.Rngs,
+               scale: float = 1.0):
     table = std * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
     self.embedding = nnx.Param(table.astype(param_dtype), axes=("vocab", "embed"))
+    self.scale = scale
 
   def __call__(self, tokens_BxL: jax.Array, dtype) -> jax.Array:
     table = constrain_logical(self.embedding[...], ("vocab", None))   # gather the fsdp shards
-    return jnp.take(table, tokens_BxL, axis=0).astype(dtype)
+    x = jnp.take(table, tokens_BxL, axis=0).astype(dtype)
+    return x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
 
 
 class Attention(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, h, g = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
-    self.n_heads, self.n_kv_heads, self.head_dim = h, g, d // h
+    arch = configs_lib.Arch.of(cfg)
+    d, h, g, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, arch.head_dim
+    self.n_heads, self.n_kv_heads, self.head_dim = h, g, hd
     self.rope_theta = cfg.rope_theta
+    self.rope_local_theta = arch.rope_local_theta   # 0: local layers use the global rope
+    self.sliding_window = arch.sliding_window
+    self.scale = arch.attn_scale
     self.perf = cfg.perf
     self.rope_scaling = rope_scaling_of(cfg)
-    kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+    pdt = as_dtype(cfg.param_dtype)
+    kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=pdt,
               init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
-    hd = self.head_dim
     self.q = make_linear(cfg.linear, d, h * hd, axes=("embed", "heads"), **kw)
     self.k = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.v = make_linear(cfg.linear, d, g * hd, axes=("embed", "kv_heads"), **kw)
     self.o = make_linear(cfg.linear, h * hd, d, axes=("heads", "embed"), **kw)
+    bias = lambda n, axis: (nnx.Param(jnp.zeros((n,), pdt), axes=(axis,)) if arch.qkv_bias
+                            else None)
+    self.q_bias, self.k_bias = bias(h * hd, "heads"), bias(g * hd, "kv_heads")
+    self.v_bias = bias(g * hd, "kv_heads")
+    self.q_norm = make_norm(cfg, hd) if arch.qk_norm else None
+    self.k_norm = make_norm(cfg, hd) if arch.qk_norm else None
+
+  def rope(self, positions_BxL: jax.Array, local: int | jax.Array):
+    """cos, sin [B, L, 1, hd] of a global (local=0) or local (1; traced under a scan) layer."""
+    cos, sin = rope_tables(positions_BxL, self.head_dim, self.rope_theta, self.rope_scaling)
+    if self.rope_local_theta and not is_global(local):
+      cos_l, sin_l = rope_tables(positions_BxL, self.head_dim, self.rope_local_theta)
+      cos, sin = jnp.where(local, cos_l, cos), jnp.where(local, sin_l, sin)
+    return cos, sin
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
-               cache: LayerCache | None = None, rows_from: int = 0):
+               cache: LayerCache | None = None, rows_from: int = 0,
+               local: int | jax.Array = 0):
     """[B, L, D] -> [B, L, D]; with a cache, (y, LayerCache with this step's keys written).
 
     rows_from (static): keys and values of every position, queries too, but the output
     projection runs on positions >= rows_from only: y is [B, L - rows_from, D], computed
     densely (the caller's plan runs those rows dense: `dense_from`).
+    local: 1 for a sliding-window layer (its window and RoPE base), 0 for a global one; a
+    python int, or a traced int32 under a layer scan.
     """
     b, length, _ = x_BxLxD.shape
     hd = self.head_dim
     proj = channels.attention_projection(self, x_BxLxD)
-    q = proj("q", self.q, x_BxLxD).reshape(b, length, self.n_heads, hd)
-    k = proj("k", self.k, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    v = proj("v", self.v, x_BxLxD).reshape(b, length, self.n_kv_heads, hd)
-    cos, sin = rope_tables(positions_BxL, hd, self.rope_theta, self.rope_scaling)
+    bias = lambda p: None if p is None else p[...]
+    q = proj("q", self.q, x_BxLxD, bias(self.q_bias)).reshape(b, length, self.n_heads, hd)
+    k = proj("k", self.k, x_BxLxD, bias(self.k_bias)).reshape(b, length, self.n_kv_heads, hd)
+    v = proj("v", self.v, x_BxLxD, bias(self.v_bias)).reshape(b, length, self.n_kv_heads, hd)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
+    cos, sin = self.rope(positions_BxL, local)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    window = self.sliding_window * local
     if cache is None:
-      out = attention_core(self.perf, q, k, v, segment_ids_BxL)
+      out = attention_core(self.perf, q, k, v, segment_ids_BxL, window=window,
+                           scale=self.scale)
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
                                                   cache.start, 1)
@@ -294,8 +358,11 @@ class Attention(nnx.Module):
                                                   cache.start, 1)
       slots = k_all.shape[1]
       q_slot = cache.start + jnp.arange(length)
-      mask = (q_slot[:, None] >= jnp.arange(slots)[None, :])[None] & cache.valid[:, None, :]
-      out = cache_attention(q, k_all, v_all, mask)
+      mask = q_slot[:, None] >= jnp.arange(slots)[None, :]
+      if not is_global(window):   # slot distance = position distance within a sequence
+        mask = mask & window_mask(q_slot[:, None], jnp.arange(slots)[None, :], window)
+      mask = mask[None] & cache.valid[:, None, :]
+      out = cache_attention(q, k_all, v_all, mask, self.scale)
       cache = cache._replace(k=k_all, v=v_all)
     out = out.reshape(b, length, self.n_heads * hd)
     if rows_from:
@@ -310,38 +377,47 @@ class MLP(nnx.Module):
     kw = dict(dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
               init_std=cfg.init_std, backward=cfg.perf.matmul_backward, rngs=rngs)
     d, f = cfg.d_model, cfg.ffn_dim
+    self.activation = configs_lib.Arch.of(cfg).mlp_activation
     self.gate = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
     self.up = make_linear(cfg.linear, d, f, axes=("embed", "mlp"), **kw)
     self.down = make_linear(cfg.linear, f, d, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x_BxLxD):
-    return self.down(swiglu(self.gate(x_BxLxD), self.up(x_BxLxD)))
+    return self.down(gated(self.gate(x_BxLxD), self.up(x_BxLxD), self.activation))
 
 
 class Block(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    pdt = as_dtype(cfg.param_dtype)
     self.dtype = as_dtype(cfg.dtype)
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    post = configs_lib.Arch.of(cfg).post_norms
+    self.attn_norm = make_norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.attn_post_norm = make_norm(cfg) if post else None
+    self.mlp_norm = make_norm(cfg)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp_post_norm = make_norm(cfg) if post else None
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, channels=DENSE,
-               cache: LayerCache | None = None, rows_from: int = 0):
+               cache: LayerCache | None = None, rows_from: int = 0,
+               local: int | jax.Array = 0):
     """[B, L, D] -> [B, L - rows_from, D] (and the updated LayerCache when one is given).
 
     rows_from (static, >= channels.dense_from()): past attention, which reads every
     position's keys and values, only positions >= rows_from are computed (dense).
+    local: this layer's sliding-window flag (`Attention`).
     """
     h = self.attn_norm(x_BxLxD).astype(self.dtype)
     a = self.attn(h, positions_BxL, segment_ids_BxL, channels=channels, cache=cache,
-                  rows_from=rows_from)
+                  rows_from=rows_from, local=local)
     if cache is not None:
       a, cache = a
+    if self.attn_post_norm is not None:
+      a = self.attn_post_norm(a)
     x = x_BxLxD[:, rows_from:] + a.astype(x_BxLxD.dtype)
     h = self.mlp_norm(x).astype(self.dtype)
     mlp = self.mlp(h) if rows_from else channels.mlp(self.mlp, h)
+    if self.mlp_post_norm is not None:
+      mlp = self.mlp_post_norm(mlp)
     x = x + mlp.astype(x.dtype)
     return x if cache is None else (x, cache)
 
@@ -374,10 +450,13 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.dtype = as_dtype(cfg.dtype)
     pdt = as_dtype(cfg.param_dtype)
+    arch = configs_lib.Arch.of(cfg)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt,
-                       rngs=rngs)
+                       rngs=rngs, scale=cfg.d_model ** 0.5 if arch.embed_scale else 1.0)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    # Per-layer sliding-window flags: python ints when every layer agrees (no traced flag).
+    self.local = arch.local_layers(cfg.n_layers)
+    self.final_norm = make_norm(cfg)
     self.lm_head = DenseLinear(cfg.d_model, cfg.vocab_size, dtype=self.dtype, param_dtype=pdt,
                                init_std=cfg.init_std, axes=("embed", "vocab"),
                                backward=cfg.perf.matmul_backward, rngs=rngs)
@@ -408,10 +487,11 @@ class Llama(nnx.Module):
       raise ValueError("the Cache layout does not match model.perf.layer_loop. Fix: build it "
                        "with Cache.zeros(model.cfg, ...).")
 
-    def layer(blk, y, ch, kv, rows_from=0):
+    def layer(blk, y, ch, kv, local, rows_from=0):
       """One block on the residual stream y; kv: this layer's (k, v) cache or None."""
       lc = None if kv is None else LayerCache(*kv, cache.start, cache.valid)
-      y = blk(y, positions_BxL, segment_ids_BxL, channels=ch, cache=lc, rows_from=rows_from)
+      y = blk(y, positions_BxL, segment_ids_BxL, channels=ch, cache=lc, rows_from=rows_from,
+              local=local)
       if lc is not None:
         y, lc = y
       return constrain_batch(y), (None if lc is None else (lc.k, lc.v))  # split by batch
@@ -421,8 +501,13 @@ class Llama(nnx.Module):
     # The residual stream stays in the compute dtype; blocks normalise in float32.
     x = constrain_batch(self.embed(tokens_BxL, self.dtype))
     if scan:
-      x, kv = scan_blocks(self.layers, lambda blk, y, kv: layer(blk, y, DENSE, kv), x,
-                          None if cache is None else cache.kv, remat=remat)
+      # A mixed local/global stack scans its per-layer flags with the blocks.
+      mixed = len(set(self.local)) > 1
+      flags = jnp.asarray(self.local, jnp.int32) if mixed else None
+      x, kv = scan_blocks(
+          self.layers,
+          lambda blk, y, xs: layer(blk, y, DENSE, xs[0], xs[1] if mixed else self.local[0]),
+          x, (None if cache is None else cache.kv, flags), remat=remat)
     else:
       kv = []
       for i, block in enumerate(self.layers):
@@ -433,11 +518,12 @@ class Llama(nnx.Module):
         dense_from = getattr(ch, "dense_from", lambda: length)()
         last = i == len(self.layers) - 1 and dense_from <= logits_from
         rows = logits_from if last else 0
+        local = self.local[i]
         if remat:
-          x = remat_call(lambda blk, y, ch=ch, rows=rows: layer(blk, y, ch, None, rows)[0],
-                         block, x)
+          x = remat_call(lambda blk, y, ch=ch, rows=rows, local=local:
+                         layer(blk, y, ch, None, local, rows)[0], block, x)
         else:
-          x, kv_i = layer(block, x, ch, None if cache is None else cache.kv[i], rows)
+          x, kv_i = layer(block, x, ch, None if cache is None else cache.kv[i], local, rows)
           kv.append(kv_i)
       kv = tuple(kv)
     x = x[:, logits_from - (length - x.shape[1]):]          # the rows left from logits_from

@@ -14,12 +14,29 @@ from lost_jax.ops.matmul import batched_matmul
 from lost_jax.parallel.sharding import BATCH
 
 
+def is_global(window: int | jax.Array) -> bool:
+  """Whether a layer's window is statically 0 (global attention: no window mask at all)."""
+  return isinstance(window, int) and window == 0
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | jax.Array) -> jax.Array:
+  """True where key position k_pos is one of the `window` latest keys of query q_pos (itself
+  included: HF's kv > q - window); every key where window is 0 (a traced global layer)."""
+  return (q_pos - k_pos < window) | (window == 0)
+
+
 def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
-                   q_start: int = 0, q_len: int | None = None) -> jax.Array:
-  """Causal mask [B or 1, 1, Lq, L], also blocking attention across packed documents."""
+                   q_start: int = 0, q_len: int | None = None,
+                   window: int | jax.Array = 0) -> jax.Array:
+  """Causal mask [B or 1, 1, Lq, L], also blocking attention across packed documents and,
+  with a window (local layers), keys more than window - 1 positions back."""
   q_len = length if q_len is None else q_len
   q_pos = q_start + jnp.arange(q_len)[:, None]
-  mask = (q_pos >= jnp.arange(length)[None, :])[None, None]
+  k_pos = jnp.arange(length)[None, :]
+  mask = q_pos >= k_pos
+  if not is_global(window):
+    mask = mask & window_mask(q_pos, k_pos, window)
+  mask = mask[None, None]
   if segment_ids_BxL is not None:
     seg_q = jax.lax.dynamic_slice_in_dim(segment_ids_BxL, q_start, q_len, axis=1)
     mask = mask & (seg_q[:, None, :, None] == segment_ids_BxL[:, None, None, :])
@@ -28,8 +45,11 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
 
 def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
               segment_ids_BxL: jax.Array | None, q_block: int = 128,
-              backward: str = "xla") -> jax.Array:
+              backward: str = "xla", window: int | jax.Array = 0,
+              scale: float | None = None) -> jax.Array:
   """Causal GQA attention (query head h uses kv head h // (H / G)); softmax in f32; [B,L,H,K].
+
+  window: keys a query sees (local layers; 0: all); scale: of the scores (None: K ** -0.5).
 
   Queries run in blocks of q_block positions, each against the keys up to its last position
   only: the fully masked (future) key blocks are never computed, ~(n+1)/2n of the L x L
@@ -44,7 +64,7 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   g = k_BxLxGxK.shape[2]
   r = h // g
   # Scaling q (L x H x K values) is cheaper than scaling the scores (L x L x H).
-  q = q_BxLxHxK * jnp.asarray(hd ** -0.5, q_BxLxHxK.dtype)
+  q = q_BxLxHxK * jnp.asarray(hd ** -0.5 if scale is None else scale, q_BxLxHxK.dtype)
   q = q.reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)             # [B,G,R,L,K]
   k = k_BxLxGxK.transpose(0, 2, 1, 3)                                     # [B,G,L,K]
   v = v_BxLxGxK.transpose(0, 2, 1, 3)
@@ -61,7 +81,7 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
     scores = batched_matmul(q_blk, k[:, :, :stop], transpose_b=True, backward=backward
                             ).reshape(b, g, r, n, stop)
     seg = None if segment_ids_BxL is None else segment_ids_BxL[:, :stop]
-    mask = attention_mask(seg, stop, start, n)[:, :, None]              # [B,1,1,n,stop]
+    mask = attention_mask(seg, stop, start, n, window)[:, :, None]              # [B,1,1,n,stop]
     # An additive mask: its gradient is the identity (exp() already zeroes masked entries),
     # where a select would cost one more [q, keys]-sized pass in the backward.
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
@@ -77,17 +97,24 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
                           segment_ids_BxL: jax.Array | None,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, window: int | jax.Array = 0,
+                          scale: float | None = None) -> jax.Array:
   """Causal GQA attention through `jax.nn.dot_product_attention` (fused kernels), [B,L,H,K].
 
   implementation None lets jax choose; 'cudnn' is GPU flash attention, 'xla' runs anywhere.
-  Packed segments become a [B, 1, L, L] mask (which the cuDNN kernel may refuse).
+  Packed segments and a window (local layers; possibly traced, in a layer scan) become a
+  [B or 1, 1, L, L] mask (which the cuDNN kernel may refuse).
   """
   mask = None
   if segment_ids_BxL is not None:
     mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+  if not is_global(window):
+    length = q_BxLxHxK.shape[1]
+    near = window_mask(jnp.arange(length)[:, None], jnp.arange(length)[None, :], window)
+    mask = near[None, None] if mask is None else mask & near[None, None]
   return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
-                                      is_causal=True, implementation=implementation)
+                                      is_causal=True, scale=scale,
+                                      implementation=implementation)
 
 
 SPLASH_LANE = 128     # the TPU kernel's sequence blocks are multiples of 128 positions
@@ -121,7 +148,8 @@ def _splash_kernel(n_heads: int, length: int, interpret: bool):
 
 
 def splash_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
-                     segment_ids_BxL: jax.Array | None, interpret: bool = False) -> jax.Array:
+                     segment_ids_BxL: jax.Array | None, interpret: bool = False,
+                     scale: float | None = None) -> jax.Array:
   """Causal GQA attention through jax's Pallas TPU splash kernel, [B, L, H, K].
 
   The sequence is padded at the end to a multiple of SPLASH_LANE (causality keeps real
@@ -136,7 +164,7 @@ def splash_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
 
   def per_shard(q, k, v, seg):
     pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
-    q = jnp.pad(q * jnp.asarray(hd ** -0.5, q.dtype), pad).transpose(0, 2, 1, 3)  # [B,H,L,K]
+    q = jnp.pad(q * jnp.asarray(hd ** -0.5 if scale is None else scale, q.dtype), pad).transpose(0, 2, 1, 3)  # [B,H,L,K]
     k, v = (jnp.pad(a, pad).transpose(0, 2, 1, 3) for a in (k, v))
     if seg is None:
       out = jax.vmap(kernel)(q, k, v)
@@ -163,28 +191,38 @@ def _segments(q_ids, kv_ids):
   return sk.SegmentIds(q_ids, kv_ids)
 
 
-def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
-  """The attention kernel named by perf.attention (resolved), [B, L, H, K]."""
+def attention_core(perf, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, *,
+                   window: int | jax.Array = 0, scale: float | None = None) -> jax.Array:
+  """The attention kernel named by perf.attention (resolved), [B, L, H, K].
+
+  window: keys each query sees (a local layer; 0: all); scale: of the scores (None: K**-0.5).
+  """
   if perf.attention == "blocked":
     return attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
-                     backward=perf.matmul_backward)
+                     backward=perf.matmul_backward, window=window, scale=scale)
   if perf.attention == "dot_product_attention":
     impl = None if perf.attention_impl == "auto" else perf.attention_impl
-    return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl)
+    return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl,
+                                 window=window, scale=scale)
   if perf.attention == "splash":
+    if not is_global(window):
+      raise ValueError("model.perf.attention='splash' has no sliding-window layers. Fix: "
+                       "model.perf.attention='blocked' or 'dot_product_attention'.")
     return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
-                            interpret=perf.attention_impl == "interpret")
+                            interpret=perf.attention_impl == "interpret", scale=scale)
   raise ValueError(f"model.perf.attention={perf.attention!r} is unresolved or unknown. "
                    f"Fix: one of {configs_lib.ATTENTIONS} (configs.resolve_perf).")
 
 
-def cache_attention(q_BxTxHxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxTxS) -> jax.Array:
+def cache_attention(q_BxTxHxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxTxS,
+                    scale: float | None = None) -> jax.Array:
   """Attention of T new queries over an S-slot cache (GQA), softmax in float32, [B,T,H,K]."""
   b, t, h, hd = q_BxTxHxK.shape
   g = k_cache_BxSxGxK.shape[2]
   q = q_BxTxHxK.reshape(b, t, g, h // g, hd)
   scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_cache_BxSxGxK,
-                      preferred_element_type=jnp.float32) * (hd ** -0.5)
+                      preferred_element_type=jnp.float32) * (hd ** -0.5 if scale is None
+                                                             else scale)
   scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_BxSxGxK.dtype)
   return jnp.einsum("bgrts,bsgk->btgrk", probs, v_cache_BxSxGxK).reshape(b, t, h, hd)

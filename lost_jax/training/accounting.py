@@ -76,11 +76,15 @@ def linear_flops(kind: str, n: int, m: int, lin: ml_collections.ConfigDict) -> i
 
 
 def count_params(model: ml_collections.ConfigDict) -> dict[str, int]:
-  """Parameter counts of `lost_jax.Llama(model)`: RMSNorm scales only, no biases, untied head."""
+  """Parameter counts of `lost_jax.Llama(model)`: projections, RMSNorm scales (2 a block,
+  4 with post_norms, + q/k norms of head_dim), q/k/v biases, untied head (a tied HF
+  checkpoint counts the embedding once: total - lm_head)."""
   lin, d, v = model.linear, model.d_model, model.vocab_size
+  arch = configs.Arch.of(model)
   shapes = configs.projection_shapes(model)
   proj_per_layer = sum(linear_params(lin.kind, n, m, lin) for _, n, m in shapes)
-  norms_per_layer = 2 * d                           # attn_norm.scale, mlp_norm.scale
+  proj_per_layer += (model.n_heads + 2 * model.n_kv_heads) * arch.head_dim * arch.qkv_bias
+  norms_per_layer = (4 if arch.post_norms else 2) * d + 2 * arch.head_dim * arch.qk_norm
   counts = dict(
       embeddings=v * d,
       projections=model.n_layers * proj_per_layer,
@@ -97,12 +101,16 @@ def count_params(model: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> int:
-  """Forward FLOPs per token: projections + full (non-causal) attention + LM head."""
+  """Forward FLOPs per token: projections + full (non-causal) attention over seq_len keys, or
+  the window's keys in a local layer + LM head."""
   lin = model.linear
+  arch = configs.Arch.of(model)
   proj = sum(linear_flops(lin.kind, n, m, lin) for _, n, m in configs.projection_shapes(model))
-  q_dim = model.n_heads * (model.d_model // model.n_heads)
-  attn = 2 * 2 * seq_len * q_dim                    # QK^T and AV
-  return model.n_layers * (proj + attn) + 2 * model.d_model * model.vocab_size
+  q_dim = model.n_heads * arch.head_dim
+  keys = sum(min(seq_len, arch.sliding_window) if local else seq_len
+             for local in arch.local_layers(model.n_layers))
+  attn = 2 * 2 * keys * q_dim                       # QK^T and AV, summed over the layers
+  return model.n_layers * proj + attn + 2 * model.d_model * model.vocab_size
 
 
 def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -142,7 +150,7 @@ def block_activation_bytes_per_token(model: ml_collections.ConfigDict, seq_len: 
   when computing in float32).
   """
   lin, d, f = model.linear, model.d_model, model.ffn_dim
-  hd = d // model.n_heads
+  hd = configs.head_dim(model)
   q_dim, kv_dim = model.n_heads * hd, model.n_kv_heads * hd
   extras = sum(linear_activation_entries(lin.kind, n, m, lin)
                for _, n, m in configs.projection_shapes(model))

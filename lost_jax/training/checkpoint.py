@@ -22,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lost_jax import configs
 from lost_jax.errors import UserError, mute_output, one_line, unmute_output
 
 # Fingerprint entries a resumed run may change (the differences are printed); every other
@@ -43,7 +44,10 @@ def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
   train_cfg.pop("schedule_steps", None)   # resolved on resume: `fingerprint["schedule_steps"]`
   # model.perf is left out: a checkpoint written with one attention kernel or matmul backward
   # (e.g. on a GPU) resumes with another (e.g. on a CPU).
-  model = {k: v for k, v in cfg.model.to_dict().items() if k != "perf"}
+  # Architecture settings at their (LLaMA) defaults are left out too, so checkpoints written
+  # before the settings existed still match.
+  model = {k: v for k, v in cfg.model.to_dict().items()
+           if k != "perf" and not (k in configs.ARCH_DEFAULTS and v == configs.ARCH_DEFAULTS[k])}
   fingerprint = {
       "model": model, "seq_len": cfg.data.seq_len,
       "tokenizer_vocab": int(vocab_size), "global_batch": int(train_cfg.pop("batch_size")),

@@ -15,7 +15,8 @@ LoRA delta is added, then RoPE and attention run dense over all tokens and all h
 
 Channel scores:
 - FFN: x_bar = mean of the normed hidden state over the valid sparse-prefix tokens of each
-  sequence [B, D]; score_j = || silu(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j ||_2 over the batch.
+  sequence [B, D]; score_j = || act(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j ||_2 over the batch
+  (act: the model's gated activation, silu or gelu_tanh).
 - attention (all valid sparse-prefix tokens, no averaging): per-column norms ||y[:, c]||_2
   of y = x P Q (computed exactly through the r x r Gram matrix of x P, so [N, m] estimates are
   never materialised). kv channel (kv head j, dim d):
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lost_jax.models.llama import dense_projection
+from lost_jax.models.llama import GATE_ACTIVATIONS, dense_projection
 from lost_jax.ops.select import top_k_indices
 from lost_jax.adapters.sparselora.estimator import layer_key
 from lost_jax.adapters.sparselora.plan import SparsityPlan, StepLengths
@@ -55,8 +56,9 @@ def ffn_indices(mlp, x_BxLxD, mask_BxL, est_layer, sparsity, mode):
   if mode == "random":
     return top_k_indices(random_scores(x, f, 0), k)
   if mode == "svd":
-    return top_k_indices(ffn_scores(x, mask_BxL, est_layer["gate"], est_layer["up"]), k)
-  act = jax.nn.silu(mlp.gate(x)) * mlp.up(x)
+    return top_k_indices(ffn_scores(x, mask_BxL, est_layer["gate"], est_layer["up"],
+                                    mlp.activation), k)
+  act = GATE_ACTIVATIONS[mlp.activation](mlp.gate(x)) * mlp.up(x)
   return top_k_indices(column_norms(act, mask_BxL), k)
 
 

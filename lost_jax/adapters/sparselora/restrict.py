@@ -12,6 +12,7 @@ from lost_jax.ops import quant
 from lost_jax.ops.select import take_cols
 from lost_jax.adapters.lora import Linear, LoRALinear
 from lost_jax.adapters.sparselora.select import AttnIndices
+from lost_jax.models.llama import GATE_ACTIVATIONS
 
 
 def _cast(lin: Linear, a: jax.Array) -> jax.Array:
@@ -119,18 +120,20 @@ def in_rows(lin: Linear, x_BxLxN: jax.Array, idx_K: jax.Array, how: str = "gathe
 
 def restricted_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array, how: str = "gather"
                    ) -> jax.Array:
-  """down(silu(gate(x)) * up(x)) with base channels restricted to idx, [B, L, D]."""
+  """down(act(gate(x)) * up(x)) with base channels restricted to idx, [B, L, D] (act: the
+  model's gated activation, silu or gelu_tanh)."""
   gate, up, down = mlp.gate, mlp.up, mlp.down
+  act_fn = GATE_ACTIVATIONS[mlp.activation]
   if how == "gather" and not isinstance(gate, LoRALinear) and not isinstance(up, LoRALinear):
     # No adapter feeds the intermediate: it is exactly zero off idx, so stay compact.
     g = _cast(gate, x_BxLxD) @ _kernel_cols(gate, idx_K)
     u = _cast(up, x_BxLxD) @ _kernel_cols(up, idx_K)
-    act = jax.nn.silu(g) * u
+    act = act_fn(g) * u
     y = _cast(down, act) @ _kernel_rows(down, idx_K)
     if isinstance(down, LoRALinear):
       y = y + down.delta(_scatter(act, idx_K, down.in_features))
     return y
-  act = jax.nn.silu(out_cols(gate, x_BxLxD, idx_K, how)) * out_cols(up, x_BxLxD, idx_K, how)
+  act = act_fn(out_cols(gate, x_BxLxD, idx_K, how)) * out_cols(up, x_BxLxD, idx_K, how)
   return in_rows(down, act, idx_K, how)
 
 
@@ -158,17 +161,26 @@ def _dense_base(lin: Linear, x: jax.Array) -> jax.Array:
   return lin.base(x) if isinstance(lin, LoRALinear) else lin(x)
 
 
-def restricted_projection(name: str, lin: Linear, x_BxLxN: jax.Array, idx: AttnIndices,
+def restricted_projection(name: str, lin: Linear, x_BxLxN: jax.Array,
+                          bias_M: jax.Array | None = None, *, idx: AttnIndices,
                           n_sparse: int, how: str = "gather") -> jax.Array:
   """q/k/v (kept output columns) or o (kept input rows) restricted on tokens [:n_sparse].
 
   The base runs restricted on the context and full on the suffix; the LoRA delta runs once
-  over all tokens (one adapter matmul chain per projection, not one per token group).
+  over all tokens (one adapter matmul chain per projection, not one per token group). A q/k/v
+  output bias is restricted with its columns: the context keeps the kept channels' biases.
   """
   xs, xd = _split(x_BxLxN, n_sparse)
   if name == "o":
     sparse = _in_rows_base(lin, xs, idx.o, how)
   else:
-    sparse = _out_cols_base(lin, xs, getattr(idx, name), how)
-  y = _join(sparse, _dense_base(lin, xd) if xd.shape[1] else None)
-  return _plus_delta(y, lin, x_BxLxN)
+    cols = getattr(idx, name)
+    sparse = _out_cols_base(lin, xs, cols, how)
+    if bias_M is not None:
+      sparse = sparse + (bias_M * _channel_mask(cols, lin.out_features, bias_M.dtype)
+                         ).astype(sparse.dtype)
+  dense = None
+  if xd.shape[1]:
+    dense = _dense_base(lin, xd)
+    dense = dense if bias_M is None else dense + bias_M.astype(dense.dtype)
+  return _plus_delta(_join(sparse, dense), lin, x_BxLxN)

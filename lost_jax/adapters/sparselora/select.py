@@ -11,6 +11,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from lost_jax.ops.select import top_k_indices
+from lost_jax.models.llama import GATE_ACTIVATIONS
 
 
 def keep_count(n: int, sparsity: float) -> int:
@@ -49,12 +50,13 @@ def low_rank_column_norms(x_BxLxD: jax.Array, mask_BxL: jax.Array | None, p_DxR:
 
 
 def ffn_scores(x_BxLxD: jax.Array, mask_BxL: jax.Array | None, est_gate: dict,
-               est_up: dict) -> jax.Array:
-  """score_j = ||silu(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j||_2 over the batch, [F]."""
+               est_up: dict, activation: str = "silu") -> jax.Array:
+  """score_j = ||act(x_bar P_g Q_g)_j * (x_bar P_u Q_u)_j||_2 over the batch, [F]; act is the
+  model's gated activation (`llama.GATE_ACTIVATIONS`: silu, gelu_tanh)."""
   x_bar = masked_mean(x_BxLxD, mask_BxL)
   g = (x_bar @ est_gate["p"]) @ est_gate["q"]
   u = (x_bar @ est_up["p"]) @ est_up["q"]
-  act = jax.nn.silu(g) * u
+  act = GATE_ACTIVATIONS[activation](g) * u
   return jnp.sqrt(jnp.sum(act * act, axis=0))
 
 
