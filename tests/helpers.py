@@ -244,6 +244,19 @@ def gemma3_gguf() -> str:
   return path
 
 
+def logits_diff(ours, ref, ids_BxL: np.ndarray, label: str) -> float:
+  """max |logits of lost_jax model `ours` - logits of transformers model `ref`| on ids, printed
+  with the largest |logit|."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    want = ref(torch.tensor(ids_BxL, dtype=torch.long)).logits.numpy()
+  diff = float(np.abs(np.asarray(ours(jnp.asarray(ids_BxL, jnp.int32))) - want).max())
+  print(f"{label}: max |logits - transformers| = {diff:.3g} (max |logit| "
+        f"{np.abs(want).max():.3g})")
+  return diff
+
+
 def write_gguf(path: str, arch: str, meta: dict, tensors: dict, quant: dict | None = None):
   """A GGUF file written by the gguf package: metadata (bool / int (uint32) / float / str /
   list values) and float32 tensors [out, in], stored as `quant[name]` (a gguf type) if given."""

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import gemma3_gguf
+from helpers import gemma3_gguf, logits_diff
 from lost_jax import configs
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.formats import gguf as gguf_lib
@@ -60,15 +60,27 @@ def test_gemma3_tokenizer_ids_equal_transformers(path):
   assert tok.encode("<start_of_turn>") == [105] and tok.encode("\n\n") == [108]
 
 
+LONG = ("In the early morning light, the old lighthouse keeper climbed the spiral stairs one more "
+        "time, counting each of the 117 steps as he had done for forty years. The sea below was "
+        "calm, and far away a fishing boat was heading home with its nets full. He polished the "
+        "great lens, wrote the date in his logbook, and wondered who would climb these stairs "
+        "after him.")
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n",
+           "Question: What is 12 + 30?\nAnswer:"]
+
+
 @pytest.mark.slow
-def test_gemma3_gguf_reads_as_transformers_reads_it(path):
+def test_gemma3_gguf_matches_transformers(path):
+  """Config, tensors of every quant type, logits on 64 tokens and greedy continuations."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lost_jax.models import generate  # pylint: disable=g-import-not-at-top
   hf, tensors = gguf_lib.read(path)
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   assert type(ref).__name__ == "Gemma3ForCausalLM" == hf["architectures"][0]
-  assert sum(p.numel() for p in ref.parameters()) == 268_098_176
+  assert sum(p.numel() for p in ref.parameters()) == 268_098_176       # 268.1M, tied
   ours_cfg = transformers.AutoConfig.for_model(**hf).to_dict()
   ref_cfg = ref.config.to_dict()
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -79,7 +91,25 @@ def test_gemma3_gguf_reads_as_transformers_reads_it(path):
     assert ours_cfg[key] == ref_cfg[key], key
   assert hf["layer_types"].count("full_attention") == 3 and hf["head_dim"] == 256
   state = ref.state_dict()
-  np.testing.assert_array_equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"])
-  assert sorted(tensors) == sorted(state)
-  for key, want in state.items():     # dequantised bit for bit, norms stored as 1 + w undone
-    np.testing.assert_array_equal(tensors[key], want.numpy(), err_msg=key)
+  assert sorted(tensors) == sorted(k for k in state if k != "lm_head.weight")
+  # Layer 0 holds every quant type of the file (Q4_K, Q5_0, Q6_K, Q8_0, F32 norms as 1 + w).
+  for key in (k for k in tensors if k.startswith("model.layers.0.")):
+    np.testing.assert_array_equal(tensors[key], state[key].numpy(), err_msg=key)
+
+  ours = gguf_lib.load_gguf_llama(path)
+  tok = tokenizer_lib.from_path(path)
+  ids = np.array([[tok.bos_id] + tok.encode(LONG)][0][:64], np.int32)[None]
+  assert ids.shape == (1, 64)
+  assert logits_diff(ours, ref, ids, "Gemma-3-270M GGUF, 64 tokens") < 1e-3
+  # One left-padded batch (one compiled decode loop); transformers continues each alone.
+  rows = [[tok.bos_id] + tok.encode(p) for p in PROMPTS]
+  width = max(map(len, rows))
+  ids = np.array([[tok.pad_id] * (width - len(r)) + r for r in rows], np.int32)
+  mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+  mine = np.asarray(generate.greedy_generate(ours, jnp.asarray(ids), jnp.asarray(mask), 16))
+  for prompt, row, new in zip(PROMPTS, rows, mine.tolist()):
+    with torch.no_grad():
+      theirs = ref.generate(torch.tensor([row]), max_new_tokens=16,
+                            do_sample=False)[0, len(row):].tolist()
+    assert len(theirs) == 16 and new == theirs, prompt
+    print(f"{prompt!r} -> {tok.decode(theirs)!r}")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import smollm2_gguf, write_gguf
+from helpers import logits_diff, smollm2_gguf, write_gguf
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.errors import UserError
 from lost_jax.formats import gguf as gguf_lib
@@ -55,23 +55,17 @@ def test_config_from_metadata(models):
 
 @pytest.mark.slow
 def test_logits_match_transformers_gguf_loading(models):
-  ours, ref, tok, torch = models
+  ours, ref, tok, _ = models
   ids = np.array([tok.encode(TEXT)], np.int32)
   assert ids.shape[1] >= 12
-  with torch.no_grad():
-    want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  got = np.asarray(ours(jnp.asarray(ids)))
-  diff = np.abs(got - want).max()
-  print(f"SmolLM2 GGUF: max |logits - transformers| = {diff:.3g} (max |logit| "
-        f"{np.abs(want).max():.3g})")
-  assert diff < 1e-3
+  assert logits_diff(ours, ref, ids, "SmolLM2 GGUF") < 1e-3
   # Tied embeddings: the GGUF has no output.weight; the head is the embedding.
   np.testing.assert_array_equal(ours.lm_head.kernel[...], ours.embed.embedding[...].T)
   # Without undoing the q/k permutation the logits are far off: the test has teeth.
   q = ours.layers[0].attn.q.kernel
   saved = q[...]
   q.set_value(jnp.asarray(_llama_cpp_permute(np.asarray(saved).T, 9).T))
-  assert np.abs(np.asarray(ours(jnp.asarray(ids))) - want).max() > 1e-2
+  assert logits_diff(ours, ref, ids, "SmolLM2 GGUF, q rows still permuted") > 1e-2
   q.set_value(saved)
 
 
@@ -79,6 +73,13 @@ def test_refuses_unknown_architecture():
   with pytest.raises(ValueError, match=r"general\.architecture='falcon' is not one lost_jax "
                      r"reads.*Fix: use a GGUF of architecture llama, qwen2, qwen3, gemma3"):
     gguf_lib.model_config({"general.architecture": "falcon"}, "x.gguf")
+  with pytest.raises(UserError, match=r"metadata gemma3\.feed_forward_length, "
+                     r"gemma3\.attention\.sliding_window missing\. Fix"):
+    gguf_lib.hf_config({"general.architecture": "gemma3", "gemma3.embedding_length": 8,
+                        "gemma3.block_count": 1, "gemma3.attention.head_count": 1}, (), "x.gguf")
+  with pytest.raises(UserError, match=r"add_space_prefix, LLaMA-2 style.*Fix: set "
+                     r"config\.data\.tokenizer"):
+    gguf_lib.tokenizer_json({"tokenizer.ggml.model": "llama"}, "x.gguf")
 
 
 # ------------------------------------------------------------------- tiny files of each family

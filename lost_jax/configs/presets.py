@@ -207,8 +207,9 @@ for _task in ("gsm", "arithmetic"):
 
 # Gemma-3-270M (base), 18 layers (every 6th global); the same recipe scaled to 18 layers
 # (layer l of 32 -> round(l * 18 / 32); attention's gaps vanish at this depth).
-_GEMMA3_270M = dict(vocab_size=262144, d_model=640, ffn_dim=2048, n_layers=18, n_heads=4,
-                    n_kv_heads=1, rope_theta=1_000_000.0, norm_eps=1e-6)
+_GEMMA3_270M = dict(FAMILY_ARCH["gemma3_text"], vocab_size=262144, d_model=640, ffn_dim=2048,
+                    n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+                    query_pre_attn_scalar=256.0, norm_eps=1e-6)
 
 
 GEMMA3_FFN, GEMMA3_ATTN = "0.9@7-16", "0.6@10-16"

@@ -21,9 +21,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from lost_jax import progress
 from lost_jax.formats import gguf_file
 from lost_jax.formats import hf as hf_lib
 from lost_jax.errors import UserError
@@ -81,6 +79,7 @@ ARCHITECTURES = {
 # llama.cpp's fixed Gemma 3 layout (llama-model.cpp) where the file states none: every 6th
 # layer global, the local (sliding-window) layers at RoPE base 10k.
 _GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10_000.0
+_REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
 def hf_config(meta: dict, tensor_names=(), path: str = "") -> dict:
@@ -95,6 +94,11 @@ def hf_config(meta: dict, tensor_names=(), path: str = "") -> dict:
             f"use a GGUF of architecture {', '.join(ARCHITECTURES)}, or the model's Hugging "
             "Face directory")
   g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+  needed = _REQUIRED + (("attention.sliding_window",) if arch == "gemma3" else ())
+  missing = [f"{arch}.{key}" for key in needed if g(key) is None]
+  if missing:
+    raise UserError(f"config.init.path={path!r}: metadata {', '.join(missing)} missing. Fix: "
+                    "give a complete llama.cpp .gguf model file")
   d, heads = int(g("embedding_length")), int(g("attention.head_count"))
   head_dim = int(g("attention.key_length") or d // heads)
   if int(g("attention.value_length") or head_dim) != head_dim:
@@ -157,7 +161,7 @@ def _gemma3_fields(g, hf: dict, theta: float) -> dict:
   """Gemma3TextConfig's own fields; llama.cpp's fixed values where the file is silent."""
   n = hf["num_hidden_layers"]
   pattern = g("attention.sliding_window_pattern", _GEMMA3_PATTERN)
-  if isinstance(pattern, (list, tuple)):   # per layer: True = sliding window
+  if not np.isscalar(pattern):   # per layer: True = sliding window
     local = [bool(p) for p in pattern]
   else:
     local = [(i + 1) % int(pattern) != 0 for i in range(n)]
@@ -280,24 +284,12 @@ def read(path: str) -> tuple[dict, Tensors]:
 
 def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
                     mesh: jax.sharding.Mesh | None = None) -> Llama:
-  """A dense lost_jax Llama holding a GGUF model (any gguf quant type)."""
+  """A dense lost_jax Llama holding a GGUF model of any family `read` knows (any gguf quant
+  type), imported as the HF checkpoint it describes."""
   hf, tensors = read(path)
-  cfg, tied = hf_lib._config_from_hf(hf, path)
-  cfg.dtype, cfg.param_dtype = dtype, param_dtype
-  targets = hf_lib.tensor_map(cfg.n_layers)
-  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  for name in progress.track(list(tensors), "loading GGUF base", "tensor"):
-    attr, transpose = targets[name]
-    x = tensors[name]
-    var = hf_lib.get_path(model, attr)
-    want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-    if x.shape != want:
-      raise UserError(f"config.init.path={path!r}: tensor {tensors.names[name]!r} is "
-                      f"{x.shape} but the metadata implies {want}. Fix: check the file.")
-    hf_lib._set(var, x.T if transpose else x, mesh)
-  if tied:
-    hf_lib._set(model.lm_head.kernel, model.embed.embedding[...].T, mesh)
-  return model
+  return hf_lib.load_hf_tensors(hf, list(tensors), tensors.__getitem__, dtype=dtype,
+                                param_dtype=param_dtype, mesh=mesh,
+                                where=f"config.init.path={path!r}")
 
 
 # ---------------------------------------------------------------------------- tokenizer
