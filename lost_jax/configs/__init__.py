@@ -10,7 +10,8 @@ from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, 
                                       INITS, LAYER_LOOPS, LINEAR_KINDS, LOSS_CHUNK,
                                       MATMUL_BACKWARDS, METHODS, OPTIMIZERS, PLATFORMS,
                                       PRECISIONS, ROPE_TYPES, SIZES, SPARSE_INITS, STEP_PRESETS)
-from lost_jax.configs.layer_ranges import parse_layer_sparsity, parse_layers
+from lost_jax.configs.layer_ranges import (format_layer_sparsity, parse_layer_sparsity,
+                                           parse_layers)
 from lost_jax.configs.presets import (FINETUNE_PRESETS, SMOLLM2_ATTN, SMOLLM2_FFN,
                                       SMOLLM2_LATE_ATTN, SMOLLM2_LATE_FFN, FinetunePreset,
                                       finetune_config, matched_rank, model_config,
@@ -20,8 +21,9 @@ from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_pat
                                       with_resolved_perf)
 from lost_jax.configs.schema import (data_config, linear_config, lost_keep, mesh_config,
                                      perf_config, projection_shapes, rope_scaling_config)
-from lost_jax.configs.validate import (validate_finetune, validate_finetune_base,
-                                       validate_model, validate_pretrain, validate_train)
+from lost_jax.configs.validate import (parse_sparsity_list, validate_finetune,
+                                       validate_finetune_base, validate_model,
+                                       validate_pretrain, validate_train)
 
 __all__ = [
     "ACTIVATIONS",
@@ -41,6 +43,7 @@ __all__ = [
     "SIZES",
     "SPARSE_INITS",
     "STEP_PRESETS",
+    "format_layer_sparsity",
     "parse_layer_sparsity",
     "parse_layers",
     "FINETUNE_PRESETS",
@@ -70,6 +73,7 @@ __all__ = [
     "perf_config",
     "projection_shapes",
     "rope_scaling_config",
+    "parse_sparsity_list",
     "validate_finetune",
     "validate_finetune_base",
     "validate_model",

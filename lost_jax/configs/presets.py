@@ -222,6 +222,11 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       mode="svd",              # channel choice: svd estimator | oracle (exact) | random
       dense_outputs=True,      # False: output tokens sparse too (ablation)
       bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
+      # a plan file (`lost_jax.main calibrate`'s plan.json): replaces ffn and attn
+      plan="",
+      # calibrate: training batches measured, and the sparsities tried per layer and part
+      calibration_batches=2,
+      calibration_sparsities="0.5,0.7,0.9,0.95,0.99",
   ))
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",

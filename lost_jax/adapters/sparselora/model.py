@@ -131,7 +131,8 @@ def _layer_est(estimators, i: int, modules):
 def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
             dense_len: int, positions_BxL: jax.Array | None = None,
             segment_ids_BxL: jax.Array | None = None, valid_BxL: jax.Array | None = None,
-            return_indices: bool = False, logits_from: int = 0, head: bool = True):
+            return_indices: bool = False, logits_from: int = 0, head: bool = True,
+            wrap=None):
   """SparseLoRA Llama forward: float32 logits [B, L - logits_from, V] (+ indices if asked).
 
   `model(...)` with one `LayerChannels` per layer. plan and dense_len are static (python);
@@ -139,6 +140,7 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
   positions: with L - dense_len, only the dense suffix, which holds every loss position,
   pays for the [D, V] matmul. head=False: hidden states instead of logits (`Llama`).
+  wrap: LayerChannels -> the layer's channel plan (calibration's per-layer probes).
   If positions >= logits_from are dense in the last layer, its o and MLP run on those rows
   only (`Llama`), so that layer selects no FFN channels (its "ffn" index is None).
   """
@@ -159,10 +161,11 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   channels = [LayerChannels(layer=i, plan=plan, estimators=estimators,
                             n_sparse=length - dense_len, valid_BxL=valid_BxL, how=how)
               for i in range(plan.n_layers)]
+  plans = channels if wrap is None else [wrap(ch) for ch in channels]
   # A step with no sparse layer runs the plain dense forward (any model.perf.layer_loop).
   dense = dense_len == length or not any(plan.ffn + plan.attn)
   logits = model(tokens_BxL, positions_BxL, segment_ids_BxL, logits_from=logits_from,
-                 channels=None if dense else channels, head=head)
+                 channels=None if dense else plans, head=head)
   return (logits, [ch.indices for ch in channels]) if return_indices else logits
 
 
