@@ -97,7 +97,7 @@ def test_calibrated_plan_is_within_budget_and_measured_right(calibrated):
   for part, s, layer in [("ffn", 0.75, 0), ("attn", 0.75, 1)]:
     k = {"ffn": 128, "attn": 32}[part]
     got = stored[f"{part} k={int(k * (1 - s) + 1e-6)} layer={layer}"][0]
-    want = loss(sl_cal.part_plan(part, s, 2, layers=[layer]))
+    want = loss(sl_cal.part_plan(part, s, sl_plan.SparsityPlan.dense(2), layers=[layer]))
     assert got[0] / got[1] == pytest.approx(want, rel=1e-5), (part, s, layer)
     assert abs(want - dense) > 1e-4    # the probe is not the dense forward
     assert record["measured"][f"{part} {layer}"][f"{s:g}"] == pytest.approx(want / dense - 1,
@@ -129,6 +129,7 @@ def test_budgets_resume_and_dense_at_zero(calibrated):
     calibrate.calibrate(_cfg(calibration_batches=2), workdir, quiet=True)
 
 
+@pytest.mark.slow   # a 2-step fine-tune with the plan, a refused resume, a refused depth
 def test_plan_file_into_finetune_and_refusals(calibrated, tmp_path):
   workdir, record = calibrated
   plan_path = os.path.join(workdir, calibrate.PLAN_FILE)

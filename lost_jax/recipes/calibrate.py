@@ -87,7 +87,7 @@ def _fingerprint(cfg: ml_collections.FrozenConfigDict) -> dict:
           "data": json.loads(cfg.data.to_json()), "seed": cfg.seed,
           "batch_size": cfg.train.batch_size, "batches": sp.calibration_batches,
           "sparse": {k: sp.get(k) for k in ("mode", "estimator_rank", "bucket",
-                                            "dense_outputs")}}
+                                            "dense_outputs", "estimator_tokens")}}
 
 
 class Measurements:
@@ -157,7 +157,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
                                        probe=target is not None))
                     for b, n in zip(batches, lengths)]
 
-  dense_plan = sl_plan.SparsityPlan.dense(n_layers)
+  dense_plan = sl_plan.plan_from_config(sp, n_layers)   # ffn and attn '': the run's settings
   dense = store.get("dense", measure(dense_plan))
   sparsities = configs.parse_sparsity_list(sp.calibration_sparsities,
                                            "sparse.calibration_sparsities")
@@ -173,7 +173,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
   with progress.bar(len(todo), "calibrating (one part of one layer sparse)", "probe",
                     enabled=not quiet) as bar:
     for (part, k), s in sorted(probes.items()):
-      plan = sl_cal.part_plan(part, s, n_layers, sp.mode)
+      plan = sl_cal.part_plan(part, s, dense_plan)
       for i in range(n_layers):
         key = f"{part} k={k} layer={i}"
         cached = key in store.results
@@ -183,12 +183,12 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
   base_flops = _step_flops(cfg, dense_plan, lengths)
   groups = {(part, i): [sl_cal.Option(s, increase[(part, kept[(part, s)], i)],
                                       base_flops - _step_flops(cfg, sl_cal.plan_of(
-                                          {(part, i): s}, n_layers, sp.mode), lengths))
+                                          {(part, i): s}, dense_plan), lengths))
                         for s in sparsities]
             for part in sl_cal.PARTS for i in range(n_layers)}
   choice = sl_cal.choose_plan(groups, budget) if budget > 0 else {}
   while True:
-    plan = sl_cal.plan_of(choice, n_layers, sp.mode)
+    plan = sl_cal.plan_of(choice, dense_plan)
     loss = store.get(_plan_key(plan), measure(plan)) if choice else dense
     if loss / dense - 1.0 <= budget or not choice:
       break

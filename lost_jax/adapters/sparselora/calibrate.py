@@ -12,6 +12,7 @@ multiple-choice knapsack, solved exactly on a fixed grid of loss increase).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Sequence
 
@@ -58,21 +59,18 @@ def probe_wrap(target: jax.Array):
   return lambda ch: ProbeChannels(ch, target == ch.layer)
 
 
-def part_plan(part: str, sparsity: float, n_layers: int, mode: str = "svd",
+def plan_of(choice: dict[tuple[str, int], float], like: SparsityPlan) -> SparsityPlan:
+  """The plan of {(part, layer): sparsity} (absent: dense), `like`'s other settings."""
+  n = like.n_layers
+  return dataclasses.replace(like, ffn=tuple(choice.get(("ffn", i), 0.0) for i in range(n)),
+                             attn=tuple(choice.get(("attn", i), 0.0) for i in range(n)))
+
+
+def part_plan(part: str, sparsity: float, like: SparsityPlan,
               layers: Sequence[int] | None = None) -> SparsityPlan:
-  """`part` at `sparsity` on `layers` (default: all), the other part dense."""
-  layers = range(n_layers) if layers is None else layers
-  values = tuple(sparsity if i in layers else 0.0 for i in range(n_layers))
-  dense = (0.0,) * n_layers
-  return SparsityPlan(values if part == "ffn" else dense, values if part == "attn" else dense,
-                      mode)
-
-
-def plan_of(choice: dict[tuple[str, int], float], n_layers: int, mode: str = "svd"
-            ) -> SparsityPlan:
-  """The SparsityPlan of {(part, layer): sparsity} (absent: dense)."""
-  return SparsityPlan(tuple(choice.get(("ffn", i), 0.0) for i in range(n_layers)),
-                      tuple(choice.get(("attn", i), 0.0) for i in range(n_layers)), mode)
+  """`part` at `sparsity` on `layers` (default: all), the other part dense; like `like`."""
+  layers = range(like.n_layers) if layers is None else layers
+  return plan_of({(part, i): sparsity for i in layers}, like)
 
 
 class Option(NamedTuple):

@@ -100,21 +100,28 @@ class LayerChannels:
       return dense_projection
     est = (_layer_est(self.estimators, self.layer, ("q", "k", "v"))
            if self.plan.mode == "svd" else None)
-    idx = attn_indices(attn, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
-                        est, self.plan.attn[self.layer], self.plan.mode)
+    idx = attn_indices(attn, *self._estimator_inputs(h_BxLxD), est, self.plan.attn[self.layer],
+                       self.plan.mode)
     self.indices["attn"] = idx
     return functools.partial(restricted_projection, idx=idx, n_sparse=self.n_sparse,
-                             how=self.how)
+                             how=self.how, block_grad=self.plan.block_input_grad)
+
+  def _estimator_inputs(self, h_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(h, valid) of the tokens the channel scores see: the context, or every token."""
+    if self.plan.estimator_tokens == "all":
+      return h_BxLxD, self.valid_BxL
+    return h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse]
 
   def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
     if not self._sparse("ffn"):
       return mlp(h_BxLxD)
     est = (_layer_est(self.estimators, self.layer, ("gate", "up"))
            if self.plan.mode == "svd" else None)
-    idx = ffn_indices(mlp, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
-                       est, self.plan.ffn[self.layer], self.plan.mode)
+    idx = ffn_indices(mlp, *self._estimator_inputs(h_BxLxD), est, self.plan.ffn[self.layer],
+                      self.plan.mode)
     self.indices["ffn"] = idx
-    return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how)
+    return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how,
+                      self.plan.block_input_grad)
 
 
 def _layer_est(estimators, i: int, modules):

@@ -13,6 +13,7 @@ from lost_jax.errors import UserError
 
 
 MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
+ESTIMATOR_TOKENS = ("context", "all")
 
 
 
@@ -23,6 +24,8 @@ class SparsityPlan:
   ffn: tuple[float, ...]
   attn: tuple[float, ...]
   mode: str = "svd"
+  estimator_tokens: str = "context"   # what the channel scores see: context | all tokens
+  block_input_grad: bool = False      # no input gradient through the restricted base paths
 
   def __post_init__(self):
     object.__setattr__(self, "ffn", tuple(float(s) for s in self.ffn))
@@ -36,6 +39,9 @@ class SparsityPlan:
                        "Fix: use the fraction of channels dropped, e.g. 0.9.")
     if self.mode not in MODES:
       raise ValueError(f"SparsityPlan: mode={self.mode!r} is unknown. Fix: one of {MODES}.")
+    if self.estimator_tokens not in ESTIMATOR_TOKENS:
+      raise ValueError(f"SparsityPlan: estimator_tokens={self.estimator_tokens!r} is unknown. "
+                       f"Fix: one of {ESTIMATOR_TOKENS}.")
 
   @property
   def n_layers(self) -> int:
@@ -101,7 +107,9 @@ def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:
     return SparsityPlan.dense(n_layers)
   return SparsityPlan(parse_layer_sparsity(sparse_cfg.ffn, n_layers, "sparse.ffn"),
                       parse_layer_sparsity(sparse_cfg.attn, n_layers, "sparse.attn"),
-                      sparse_cfg.get("mode", "svd"))
+                      sparse_cfg.get("mode", "svd"),
+                      sparse_cfg.get("estimator_tokens", "context"),
+                      bool(sparse_cfg.get("block_input_grad", False)))
 
 
 PLAN_FORMAT = "lost_jax_sparselora_plan/1"
