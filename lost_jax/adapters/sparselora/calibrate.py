@@ -43,9 +43,9 @@ class ProbeChannels:
     if sparse is dense_projection:
       return sparse
 
-    def projection(name, lin, x):
-      return jax.lax.cond(self.on, lambda x: sparse(name, lin, x),
-                          lambda x: dense_projection(name, lin, x), x)
+    def projection(name, lin, x, bias=None):
+      return jax.lax.cond(self.on, lambda x: sparse(name, lin, x, bias),
+                          lambda x: dense_projection(name, lin, x, bias), x)
     return projection
 
   def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
