@@ -131,10 +131,11 @@ def test_another_process_count_reads_the_shared_data_position_or_is_refused(tmp_
   assert shared.resume_note(meta) == (
       "resuming a checkpoint written on 2 processes on 2 devices (data=2) (parameters and "
       "optimizer state re-sharded; the same global batches follow)")
-  assert shared._data_state(5) == {"position": 40}      # pylint: disable=protected-access
+  assert shared._data_state(5) == {"position": 40}   # pylint: disable=protected-access
   assert shared.resume_note(dict(meta, topology=one)) is None
   own = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, topology=one, shared_data=False)
-  for refuse in (lambda: own.resume_note(meta), lambda: own._data_state(5)):  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  for refuse in (lambda: own.resume_note(meta), lambda: own._data_state(5)):
     with pytest.raises(UserError, match=r"written by 2 process\(es\), each streaming its own "
                        r"data files .* Fix: resume with config.mesh.num_processes=2"):
       refuse()
