@@ -1,6 +1,6 @@
 """Two OS processes (one CPU device each, gloo collectives over 127.0.0.1) against one process
-on two fake devices: same losses, exact resume from 2 processes in 1 and from 1 in 2, agreed
-preemption, agreed SparseLoRA shapes."""
+on two fake devices: same losses, exact resume from 2 processes in 1, from 1 in 2 and after a
+SIGKILL, agreed preemption, agreed SparseLoRA shapes."""
 
 import json
 import os
@@ -81,29 +81,42 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   assert 2 <= step < 100, step
   assert sorted(int(d) for d in os.listdir(os.path.join(mp, "checkpoints"))
                 if d.isdigit())[-1] == step       # ... and that checkpoint is complete
-  # 2. Resume in 1 process (on 2 devices) for two steps, then in 2 processes for two more; the
-  #    1-process reference runs uninterrupted; the 2-process fine-tune runs.
+  # 2. Resume in 1 process (on 2 devices) for two steps, then in 2 processes until one of them
+  #    is SIGKILLed past the next step (the other is then killed too); both are restarted.
+  #    The 1-process reference runs uninterrupted; the 2-process fine-tune runs.
+  end = step + 12
   in_one = _start(dict(pre, workdir=mp, stop_at=step + 2), 1)
-  straight = _start(dict(pre, workdir=ref, stop_at=step + 4), 1)
+  straight = _start(dict(pre, workdir=ref, stop_at=end), 1)
   ft_mp = _start(dict(ft, workdir=str(tmp_path / "ft_mp")), 2)
   (one_proc,) = _finish(in_one)
-  in_two = _finish(_start(dict(pre, workdir=mp, stop_at=step + 4), 2))
+  killed = _start(dict(pre, workdir=mp, stop_at=end), 2)
+  while max(s for s, _ in _losses(mp)) < step + 3 and time.time() < deadline + 600:
+    assert all(p.poll() is None for p in killed), killed[0].communicate()[0][-3000:]
+    time.sleep(0.2)
+  for p in killed[::-1]:
+    p.kill()
+    time.sleep(1.0)
+  killed_out = [p.communicate()[0] for p in killed]
+  assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, killed_out[0][-3000:]
+  kept = max(int(d) for d in os.listdir(os.path.join(mp, "checkpoints")) if d.isdigit())
+  assert step + 2 <= kept < end, kept
+  _finish(_start(dict(pre, workdir=mp, stop_at=end), 2))
   _finish(straight)
   assert ("resuming a checkpoint written on 2 processes with 2 devices (data=2) on 2 devices "
           "(data=2)") in one_proc["output"], one_proc["output"][-2000:]
   assert ("resuming a checkpoint written on 2 devices (data=2) on 2 processes with 2 devices "
-          "(data=2)") in in_two[0]["output"], in_two[0]["output"][-2000:]
+          "(data=2)") in killed_out[0], killed_out[0][-2000:]
   a, b = _losses(ref), _losses(mp)
-  assert [s for s, _ in a] == list(range(1, step + 5))
-  # The SIGTERM run logged steps past the last one it reports only if it got there: keep
-  # each step's last logged loss (the resumed runs rewrite none it had not logged).
+  assert [s for s, _ in a] == list(range(1, end + 1))
+  # The SIGTERM and SIGKILLed runs logged steps past their last checkpoint: keep each step's
+  # last logged loss (the restarted runs log those steps again).
   got = dict(b)
   assert sorted(got) == [s for s, _ in a]
   np.testing.assert_allclose([got[s] for s, _ in a], [l for _, l in a], rtol=1e-6)
   assert [got[s] for s, _ in a] == [l for _, l in a]          # and in fact bit for bit
   print("pretrain losses 1 process x 2 devices:", a)
-  print("pretrain losses 2 processes (SIGTERM at", step, "then resumed in 1, then in 2):",
-        sorted(got.items()))
+  print("pretrain losses 2 processes (SIGTERM at", step, "then resumed in 1, then in 2, "
+        "SIGKILL past step", kept, "then restarted):", sorted(got.items()))
   # 3. SparseLoRA: process 0's eval rows ask for a shorter dense suffix than process 1's;
   #    both compile the agreed (max) length, and the metric is the 1-process one.
   (one,), two = _finish(ft_ref), _finish(ft_mp)
