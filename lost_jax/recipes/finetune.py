@@ -241,7 +241,7 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   runtime.check_step_count(workdir, cfg.train.steps)   # before the base is loaded
 
   module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
-  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh)
   cfg = run.cfg
   if pidx == 0:   # the base's tokenizer and chat template, for export and generation
     tokenizer_files.record_run_tokenizer(workdir, tok,
