@@ -1,6 +1,9 @@
 """Command line: `python -m lost_jax.main COMMAND --workdir=... [flags]`.
 
 - pretrain, finetune: `--config=configs/...py:<preset> --workdir=RUN` trains (and resumes).
+- calibrate: `--config=configs/finetune.py:<preset> --workdir=DIR [--budget=0.02]` measures
+  the base's per-layer sparsity costs on the training data and writes DIR/plan.json, which
+  finetune takes as --config.sparse.plan=DIR/plan.json.
 - evaluate, generate, export: act on a run's checkpoint (`lost_jax/commands/`).
 
 A mistake in the command line, settings, data, tokenizer or workdir prints one line,
@@ -38,6 +41,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"], "export: hf (a merged model "
                             "transformers loads) or peft (LoRA adapter files for the HF base).")
+_BUDGET = flags.DEFINE_float("budget", 0.02, "calibrate: the loss increase the plan may "
+                             "cost, relative to the dense loss (0: the dense plan).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                            "export: the dtype of the written weights.")
 
@@ -121,7 +126,7 @@ def _where_it_failed(e: Exception) -> str:
   return f"{type(e).__name__}: {e}{place}"
 
 
-TRAIN_COMMANDS = ("pretrain", "finetune")
+TRAIN_COMMANDS = ("pretrain", "finetune", "calibrate")   # take --config (calibrate: finetune's)
 RUN_COMMANDS = ("evaluate", "generate", "export")   # act on a finished (or running) run
 
 
@@ -135,6 +140,7 @@ def _require(command: str) -> None:
   given = {name for name in ("config", "workdir", "base", "prompt", "prompts_file", "out")
            if flags.FLAGS[name].present}
   need = {"pretrain": [("config",), ("workdir",)], "finetune": [("config",), ("workdir",)],
+          "calibrate": [("config",), ("workdir",)],
           "evaluate": [("workdir",)], "generate": [("workdir", "base"), ("prompt", "prompts_file")],
           "export": [("workdir",), ("out",)]}[command]
   for options in need:
@@ -149,15 +155,21 @@ def _require(command: str) -> None:
 def _train(command: str) -> dict:
   from lost_jax import configs
   from lost_jax.training import xla_setup
+  kind = "finetune" if command == "calibrate" else command
   try:   # every setting that can be checked without JAX, before it is even imported
     configs.expand_user_paths(_CONFIG.value)
-    configs.validate(_CONFIG.value, command)
+    configs.validate(_CONFIG.value, kind)
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   xla_setup.configure()   # before the first JAX computation
   errors.cli_output_guard = True
   from lost_jax.training import runtime
-  cfg = runtime.resolve_config(_CONFIG.value, command, validated=True)   # once, then locked
+  cfg = runtime.resolve_config(_CONFIG.value, kind, validated=True)   # once, then locked
+  if command == "calibrate":
+    from lost_jax.recipes import calibrate
+    record = calibrate.calibrate(cfg, _WORKDIR.value, _BUDGET.value)
+    return {"plan": os.path.join(_WORKDIR.value, calibrate.PLAN_FILE),
+            "loss_increase": record["increase"], "flops_vs_lora": record["flops_vs_lora"]}
   if command == "pretrain":
     from lost_jax.recipes import pretrain
     return pretrain.train_and_evaluate(cfg, _WORKDIR.value)

@@ -114,3 +114,132 @@ def test_extend_is_validated():
   with pytest.raises(UserError, match=r"train.extend: unknown mode 'linear'.*Fix: use one of "
                      r"\('stretch', 'constant'\)"):
     configs.validate(cfg, "pretrain")
+
+
+def test_another_process_count_reads_the_shared_data_position_or_is_refused(tmp_path):
+  """A checkpoint of an older version (no topology in its meta) written by 2 processes: the
+  process count comes from its data files; shared data resumes from process 0's position,
+  per-process file streams are refused in one line."""
+  data = tmp_path / "checkpoints" / "5" / "data"
+  data.mkdir(parents=True)
+  for i in range(2):
+    (data / f"process_{i}-of-2.json").write_text(json.dumps({"position": 40}))
+  one = {"processes": 1, "devices": 2, "mesh": {"data": 2, "fsdp": 1, "tensor": 1}}
+  meta = {"step": 5, "fingerprint": {}}
+  shared = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, topology=one)
+  assert shared.written_on(meta) == {"processes": 2}
+  assert shared.resume_note(meta) == (
+      "resuming a checkpoint written on 2 processes on 2 devices (data=2) (parameters and "
+      "optimizer state re-sharded; the same global batches follow)")
+  assert shared._data_state(5) == {"position": 40}   # pylint: disable=protected-access
+  assert shared.resume_note(dict(meta, topology=one)) is None
+  own = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, topology=one, shared_data=False)
+  # pylint: disable-next=protected-access
+  for refuse in (lambda: own.resume_note(meta), lambda: own._data_state(5)):
+    with pytest.raises(UserError, match=r"written by 2 process\(es\), each streaming its own "
+                       r"data files .* Fix: resume with config.mesh.num_processes=2"):
+      refuse()
+  assert checkpoint.describe_topology(
+      {"processes": 4, "devices": 32, "mesh": {"data": 2, "fsdp": 16, "tensor": 1}}) == \
+      "4 processes with 32 devices (data=2, fsdp=16)"
+
+
+_RESHARD_SCRIPT = r"""
+import contextlib, io, json, os, shutil, sys
+from lost_jax.training import xla_setup
+xla_setup.configure()
+import jax
+import numpy as np
+from helpers import pipeline_config, saved_state
+from lost_jax.data import text, tokenizer
+from lost_jax.recipes import pretrain
+from lost_jax.training import checkpoint, metrics
+
+root = sys.argv[1]
+devs = jax.devices()
+straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
+
+def cfg(data, fsdp):
+  c = pipeline_config(steps=100, batch_size=8, warmup_frac=0.0, eval_every=1000,
+                      keep_checkpoints=10)
+  c.model.n_layers = 1      # compiles dominate: one layer per mesh
+  c.mesh.update(dict(data=data, fsdp=fsdp))
+  return c
+
+def run(c, workdir, stop_at, devices):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    pretrain.train_and_evaluate(c, workdir, quiet=True, stop_at=stop_at, devices=devices)
+  return [l for l in out.getvalue().splitlines() if l.startswith("resuming")]
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+def host(tree):
+  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype,
+          jax.dtypes.prng_key) else x) for x in jax.tree.leaves(tree)]
+
+# A straight run on 8 devices (fsdp=8); its step-2 checkpoint is copied to a second workdir,
+# which resumes on 4 devices (data=2, fsdp=2) to step 4, then on 1 device to step 6.
+run(cfg(1, 8), straight, 6, devs)
+shutil.copytree(straight, resumed)
+for step in ("4", "6"):
+  shutil.rmtree(os.path.join(resumed, "checkpoints", step))
+os.remove(os.path.join(resumed, "metrics.jsonl"))
+lines = run(cfg(2, 2), resumed, 4, devs[:4]) + run(cfg(1, 1), resumed, 6, devs[:1])
+
+# Restore the 8-device step-2 checkpoint directly on sub-meshes: state and data position.
+c = cfg(1, 8)
+tok = tokenizer.load_tokenizer(c.data, c.model.vocab_size)
+stream = text.make_train_iterator(c.data, tok, 8, seed=c.seed)
+third = [next(stream) for _ in range(3)][2]     # the batch of step 3 in the straight run
+_, raw = saved_state(straight, 2)
+exact = {}
+for data, fsdp, n in ((2, 2, 4), (1, 1, 1)):
+  c = cfg(data, fsdp)
+  mesh = jax.make_mesh((data, fsdp, 1), ("data", "fsdp", "tensor"), devices=devs[:n])
+  setup = pretrain.make_setup(c, mesh)
+  ckpt = checkpoint.Checkpointer(straight, every=2, keep=10)
+  it = text.make_train_iterator(c.data, tok, 8, seed=c.seed)
+  state, _ = ckpt.restore(2, checkpoint.abstract_with_shardings(setup.abstract_state,
+                                                                setup.state_shardings),
+                          None, it)
+  ckpt.close()
+  batch = next(it)
+  leaves = jax.tree.leaves(state)
+  exact[n] = dict(
+      state=all(np.array_equal(a, b) for a, b in zip(host(state), host(raw))),
+      devices=sorted({len(x.sharding.device_set) for x in leaves}),
+      split=sum(x.sharding.shard_shape(x.shape) != x.shape for x in leaves),
+      data=all(np.array_equal(batch[k], third[k]) for k in third))
+print("RESULT" + json.dumps(dict(lines=lines, straight=losses(straight),
+                                 resumed=losses(resumed), exact=exact)))
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_8_devices_resumes_on_4_and_on_1_device(tmp_path):
+  """8 devices (fsdp=8) -> 4 (data=2, fsdp=2) -> 1, in one process with 8 fake devices."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from helpers import ROOT, subprocess_env  # pylint: disable=g-import-not-at-top
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                       JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _RESHARD_SCRIPT, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT")[-1])
+  assert out["lines"] == [
+      "resuming a checkpoint written on 8 devices (fsdp=8) on 4 devices (data=2, fsdp=2) "
+      "(parameters and optimizer state re-sharded; the same global batches follow)",
+      "resuming a checkpoint written on 4 devices (data=2, fsdp=2) on 1 device "
+      "(parameters and optimizer state re-sharded; the same global batches follow)"], out
+  four, one = out["exact"]["4"], out["exact"]["1"]
+  assert four["state"] and four["data"] and four["devices"] == [4] and four["split"] > 0, four
+  assert one["state"] and one["data"] and one["devices"] == [1] and one["split"] == 0, one
+  straight = {int(k): v for k, v in out["straight"].items()}
+  resumed = {int(k): v for k, v in out["resumed"].items()}
+  assert sorted(straight) == list(range(1, 7)) and sorted(resumed) == [3, 4, 5, 6]
+  # Another mesh reduces in another order: equal to float32 rounding, not bit for bit.
+  np.testing.assert_allclose([resumed[s] for s in range(3, 7)],
+                             [straight[s] for s in range(3, 7)], rtol=2e-6)
+  print("losses 8 devices:", straight, "resumed on 4 then 1:", resumed)

@@ -1,5 +1,6 @@
 """Two OS processes (one CPU device each, gloo collectives over 127.0.0.1) against one process
-on two fake devices: same losses, exact resume, agreed preemption, agreed SparseLoRA shapes."""
+on two fake devices: same losses, exact resume from 2 processes in 1, from 1 in 2 and after a
+SIGKILL, agreed preemption, agreed SparseLoRA shapes."""
 
 import json
 import os
@@ -52,10 +53,7 @@ def _finish(procs, timeout=600) -> list[dict]:
   shown = "\n".join(f"--- process {i} (exit {p.returncode}):\n{t[-3000:]}"
                      for i, (p, t) in enumerate(zip(procs, texts + [""] * len(procs))))
   assert all(p.returncode == 0 for p in procs), shown
-  out = []
-  for text in texts:
-    out.append(json.loads(text.split("RESULT", 1)[1]))
-  return out
+  return [dict(json.loads(text.split("RESULT", 1)[1]), output=text) for text in texts]
 
 
 def _losses(workdir):
@@ -83,22 +81,42 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   assert 2 <= step < 100, step
   assert sorted(int(d) for d in os.listdir(os.path.join(mp, "checkpoints"))
                 if d.isdigit())[-1] == step       # ... and that checkpoint is complete
-  # 2. Resume in 2 processes for two more steps; the 1-process reference runs uninterrupted;
-  #    the 2-process fine-tune runs.
-  resumed = _start(dict(pre, workdir=mp, stop_at=step + 2), 2)
-  straight = _start(dict(pre, workdir=ref, stop_at=step + 2), 1)
+  # 2. Resume in 1 process (on 2 devices) for two steps, then in 2 processes until one of them
+  #    is SIGKILLed past the next step (the other is then killed too); both are restarted.
+  #    The 1-process reference runs uninterrupted; the 2-process fine-tune runs.
+  end = step + 12
+  in_one = _start(dict(pre, workdir=mp, stop_at=step + 2), 1)
+  straight = _start(dict(pre, workdir=ref, stop_at=end), 1)
   ft_mp = _start(dict(ft, workdir=str(tmp_path / "ft_mp")), 2)
-  _finish(resumed), _finish(straight)
+  (one_proc,) = _finish(in_one)
+  killed = _start(dict(pre, workdir=mp, stop_at=end), 2)
+  while max(s for s, _ in _losses(mp)) < step + 3 and time.time() < deadline + 600:
+    assert all(p.poll() is None for p in killed), killed[0].communicate()[0][-3000:]
+    time.sleep(0.2)
+  for p in killed[::-1]:
+    p.kill()
+    time.sleep(1.0)
+  killed_out = [p.communicate()[0] for p in killed]
+  assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, killed_out[0][-3000:]
+  kept = max(int(d) for d in os.listdir(os.path.join(mp, "checkpoints")) if d.isdigit())
+  assert step + 2 <= kept < end, kept
+  _finish(_start(dict(pre, workdir=mp, stop_at=end), 2))
+  _finish(straight)
+  assert ("resuming a checkpoint written on 2 processes with 2 devices (data=2) on 2 devices "
+          "(data=2)") in one_proc["output"], one_proc["output"][-2000:]
+  assert ("resuming a checkpoint written on 2 devices (data=2) on 2 processes with 2 devices "
+          "(data=2)") in killed_out[0], killed_out[0][-2000:]
   a, b = _losses(ref), _losses(mp)
-  assert [s for s, _ in a] == list(range(1, step + 3))
-  # The SIGTERM run logged steps past the last one it reports only if it got there: keep
-  # each step's last logged loss (the resumed run rewrites none it had not logged).
+  assert [s for s, _ in a] == list(range(1, end + 1))
+  # The SIGTERM and SIGKILLed runs logged steps past their last checkpoint: keep each step's
+  # last logged loss (the restarted runs log those steps again).
   got = dict(b)
   assert sorted(got) == [s for s, _ in a]
   np.testing.assert_allclose([got[s] for s, _ in a], [l for _, l in a], rtol=1e-6)
   assert [got[s] for s, _ in a] == [l for _, l in a]          # and in fact bit for bit
   print("pretrain losses 1 process x 2 devices:", a)
-  print("pretrain losses 2 processes (SIGTERM at", step, "then resumed):", sorted(got.items()))
+  print("pretrain losses 2 processes (SIGTERM at", step, "then resumed in 1, then in 2, "
+        "SIGKILL past step", kept, "then restarted):", sorted(got.items()))
   # 3. SparseLoRA: process 0's eval rows ask for a shorter dense suffix than process 1's;
   #    both compile the agreed (max) length, and the metric is the 1-process one.
   (one,), two = _finish(ft_ref), _finish(ft_mp)

@@ -35,13 +35,37 @@ def test_rules_place_named_axes_and_give_fsdp_a_dim():
   assert sharding.plan_spec(("norm",), (512,), m) == (P(None), [])
 
 
-def test_dims_the_mesh_does_not_divide_are_named():
-  spec, notes = sharding.plan_spec(("embed", "mlp"), (2048, 5461), FakeMesh(fsdp=2, tensor=4),
-                                   "layers/0/mlp/up/kernel")
-  assert spec == P("fsdp", None)
-  assert len(notes) == 1 and "layers/0/mlp/up/kernel" in notes[0] and "5461" in notes[0]
-  spec, notes = sharding.plan_spec((None,), (4001,), FakeMesh(fsdp=8), "values")
-  assert spec == P(None) and "no dim that fsdp=8 divides" in notes[0]
+def test_an_axis_that_divides_no_named_dim_takes_another_and_the_rest_is_one_line():
+  # FFN width 5461 (llama_1b) over tensor=4: tensor joins fsdp on the 2048 dim instead.
+  spec, unsplit = sharding.plan_spec(("embed", "mlp"), (2048, 5461), FakeMesh(fsdp=2, tensor=4),
+                                     "layers/0/mlp/up/kernel")
+  assert spec == P(("fsdp", "tensor"), None) and unsplit == []
+  # LOST values (21, 5461) over fsdp=64: no dim divides, so they stay whole. 48 of them are
+  # one line per axis, with the count, bytes, examples and the fix.
+  mesh = FakeMesh(fsdp=64, tensor=4)
+  notes = []
+  for layer in range(24):
+    for proj in ("gate", "up"):
+      spec, why = sharding.plan_spec((None, "mlp"), (21, 5461), mesh,
+                                     f"layers/{layer}/mlp/{proj}/values", dtype="float32")
+      assert spec == P(None, None) and [n.axis for n in why] == ["tensor", "fsdp"]
+      notes += why
+  lines = sharding.unsplit_summary(notes)
+  mib = 48 * 21 * 5461 * 4 / 2**20
+  assert lines == [
+      f"sharding: 48 arrays ({mib:.1f} MiB) have no dim that {axis}={size} divides and stay "
+      "whole on each of its devices, e.g. layers/0/mlp/gate/values (21, 5461), "
+      "layers/0/mlp/up/values (21, 5461), layers/1/mlp/gate/values (21, 5461) and 45 more. "
+      f"Fix: make one dim of each a multiple of {size} (their widths: 21, 5461), or accept the "
+      "copies." for axis, size in (("tensor", 4), ("fsdp", 64))], lines
+  # A smaller size of the axis that splits a dim of every array is named.
+  _, why = sharding.plan_spec((None,), (4002,), FakeMesh(fsdp=12), "values")
+  assert sharding.unsplit_summary(why) == [
+      "sharding: 1 array has no dim that fsdp=12 divides and stays whole on each of its "
+      "devices, e.g. values (4002,). Fix: --config.mesh.fsdp=6 --config.mesh.data=-1 splits a "
+      "dim of each, or make one dim of each a multiple of 12 (their widths: 4002), or accept "
+      "the copies."]
+  assert sharding.unsplit_summary([]) == []
 
 
 def _abstract_params(method, **model):
@@ -65,7 +89,7 @@ def test_every_parameter_that_is_not_tiny_is_fsdp_sharded(method):
     if np.prod(var.shape) >= sharding.MIN_FSDP_SIZE and "fsdp" not in flat:
       # Only SLTrain's flat values (round(density n m) long) may miss: then they are named.
       assert method == "sltrain" and path[-1] == "values", (method, path, var.shape, spec)
-      assert any(str(path) in n and "fsdp=8" in n for n in notes), notes
+      assert any(n.name == str(path) and n.axis == "fsdp" for n in notes), notes
   if method != "sltrain":
     assert notes == []
 

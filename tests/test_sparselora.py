@@ -299,8 +299,8 @@ class FixedAttnChannels:
     self.idx, self.n_sparse, self.how = idx, n_sparse, how
 
   def attention_projection(self, attn, h):
-    return functools.partial(sl_restrict.restricted_projection, idx=self.idx, n_sparse=self.n_sparse,
-                             how=self.how)
+    return functools.partial(sl_restrict.restricted_projection, idx=self.idx,
+                             n_sparse=self.n_sparse, how=self.how)
 
 
 def sparse_attention(attn, x, idx, n_sparse, pos, seg, how):
@@ -512,3 +512,56 @@ def test_wrapper_module_matches_forward():
   np.testing.assert_allclose(got, sl.forward(model, toks, est, plan, 4, pos, seg), **TOL)
   with pytest.raises(ValueError, match="no estimator"):
     sl.forward(model, toks, est, sl_plan.SparsityPlan.from_layers(2, 0.5, "0"), 4)
+
+
+def test_estimator_tokens_all_scores_every_valid_token():
+  model = lora_model()
+  mlp = model.layers[0].mlp
+  h = rand(2, 10, 64, seed=11)
+  valid = np.ones((2, 10), bool)
+  valid[0, :3] = False                     # left padding
+  n_sparse = 6
+  plan = sl_plan.SparsityPlan((0.75, 0.0), (0.0, 0.0), "oracle", estimator_tokens="all")
+  ch = sl.LayerChannels(layer=0, plan=plan, estimators=None, n_sparse=n_sparse,
+                        valid_BxL=jnp.asarray(valid), how="mask")
+  ch.mlp(mlp, jnp.asarray(h))
+  k = sl_select.keep_count(96, 0.75)
+
+  def np_top(rows):
+    x = np.asarray(h, np.float64)[rows]
+    act = np_silu(x @ np.asarray(mlp.gate.kernel[...])) * (x @ np.asarray(mlp.up.kernel[...]))
+    return np.sort(np.argsort(-np.sqrt((act * act).sum(0)), kind="stable")[:k])
+
+  np.testing.assert_array_equal(np.asarray(ch.indices["ffn"]), np_top(valid))
+  context = valid.copy()
+  context[:, n_sparse:] = False
+  ctx = sl.LayerChannels(layer=0, plan=sl_plan.SparsityPlan((0.75, 0.0), (0.0, 0.0), "oracle"),
+                         estimators=None, n_sparse=n_sparse, valid_BxL=jnp.asarray(valid),
+                         how="mask")
+  ctx.mlp(mlp, jnp.asarray(h))
+  np.testing.assert_array_equal(np.asarray(ctx.indices["ffn"]), np_top(context))
+  assert not np.array_equal(np_top(valid), np_top(context))
+
+
+def test_block_input_grad_leaves_only_the_adapter_gradient_on_the_context():
+  model = lora_model()
+  q = model.layers[0].attn.q
+  x = jnp.asarray(rand(2, 8, 64, seed=12))
+  w = jnp.asarray(rand(2, 8, 64, seed=13))
+  n_sparse = 5
+  cols = jnp.asarray(np.sort(np.random.default_rng(0).choice(64, 16, replace=False)), jnp.int32)
+  idx = sl_select.AttnIndices(q=cols, k=cols[:8], v=cols[:8], o=cols)
+
+  def grad_of(fn):
+    return np.asarray(jax.grad(lambda v: jnp.sum(fn(v) * w))(x))
+
+  project = functools.partial(sl_restrict.restricted_projection, "q", q, idx=idx,
+                              n_sparse=n_sparse)
+  blocked = grad_of(lambda v: project(v, block_grad=True))
+  passed = grad_of(project)
+  delta_only = grad_of(q.delta)
+  dense = grad_of(q)
+  np.testing.assert_allclose(blocked[:, :n_sparse], delta_only[:, :n_sparse], atol=1e-5)
+  np.testing.assert_allclose(blocked[:, n_sparse:], dense[:, n_sparse:], atol=1e-5)
+  assert np.abs(passed[:, :n_sparse] - blocked[:, :n_sparse]).max() > 1e-2
+  np.testing.assert_array_equal(project(x, block_grad=True), project(x))

@@ -11,7 +11,8 @@ from lost_jax.configs.choices import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, 
                                       LOSS_CHUNK, MATMUL_BACKWARDS, METHODS, MLP_ACTIVATIONS,
                                       NORM_SCALES, OPTIMIZERS, PLATFORMS, PRECISIONS, ROPE_TYPES,
                                       SIZES, SPARSE_INITS, STEP_PRESETS)
-from lost_jax.configs.layer_ranges import parse_layer_sparsity, parse_layers
+from lost_jax.configs.layer_ranges import (format_layer_sparsity, parse_layer_sparsity,
+                                           parse_layers)
 from lost_jax.configs.presets import (FAMILY_ARCH, FAMILY_SIZE_MODELS, FINETUNE_PRESETS,
                                       SMOLLM2_ATTN, SMOLLM2_FFN, SMOLLM2_LATE_ATTN,
                                       SMOLLM2_LATE_FFN, FinetunePreset, finetune_config,
@@ -23,8 +24,9 @@ from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_pat
 from lost_jax.configs.schema import (ARCH_DEFAULTS, Arch, data_config, head_dim, linear_config,
                                      lost_keep, mesh_config, perf_config, projection_shapes,
                                      rope_scaling_config)
-from lost_jax.configs.validate import (validate_finetune, validate_finetune_base,
-                                       validate_model, validate_pretrain, validate_train)
+from lost_jax.configs.validate import (parse_sparsity_list, validate_finetune,
+                                       validate_finetune_base, validate_model,
+                                       validate_pretrain, validate_train)
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,6 +50,7 @@ __all__ = [
     "SIZES",
     "SPARSE_INITS",
     "STEP_PRESETS",
+    "format_layer_sparsity",
     "parse_layer_sparsity",
     "parse_layers",
     "FAMILY_ARCH",
@@ -83,6 +86,7 @@ __all__ = [
     "perf_config",
     "projection_shapes",
     "rope_scaling_config",
+    "parse_sparsity_list",
     "validate_finetune",
     "validate_finetune_base",
     "validate_model",

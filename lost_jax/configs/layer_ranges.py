@@ -44,3 +44,16 @@ def parse_layer_sparsity(spec: str, n_layers: int | None, field: str) -> tuple[f
     for i in idx:
       out[i] = value
   return tuple(out)
+
+
+def format_layer_sparsity(values: Sequence[float]) -> str:
+  """Per-layer sparsity -> '0.9@13-29;0.5@31' (inverse of parse_layer_sparsity; 0 = dense)."""
+  parts, i = [], 0
+  while i < len(values):
+    j = i
+    while j + 1 < len(values) and values[j + 1] == values[i]:
+      j += 1
+    if values[i] > 0:
+      parts.append(f"{float(values[i]):g}@{i}" + (f"-{j}" if j > i else ""))
+    i = j + 1
+  return ";".join(parts)

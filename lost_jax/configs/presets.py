@@ -307,8 +307,19 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       estimator_rank=8,
       start_frac=0.05,         # sparsity is off for this fraction of steps
       mode="svd",              # channel choice: svd estimator | oracle (exact) | random
+      # the tokens the channel scores see: context (the sparse prefix) | all (every valid
+      # token, as the official code's predictors)
+      estimator_tokens="context",
+      # True: no input gradient through the context's restricted base projections (the
+      # official code's choice); the LoRA deltas keep theirs
+      block_input_grad=False,
       dense_outputs=True,      # False: output tokens sparse too (ablation)
       bucket=16 if quick else 64,   # dense-suffix length is rounded up to this
+      # a plan file (`lost_jax.main calibrate`'s plan.json): replaces ffn and attn
+      plan="",
+      # calibrate: training batches measured, and the sparsities tried per layer and part
+      calibration_batches=2,
+      calibration_sparsities="0.5,0.7,0.9,0.95,0.99",
   ))
   cfg.data = ml_collections.ConfigDict(dict(
       task="arithmetic" if quick else "files",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -239,6 +240,17 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   _in_range("sparse.estimator_rank", sp.estimator_rank, 1, _INF, "e.g. 8", integer=True)
   _in_range("sparse.start_frac", sp.start_frac, 0.0, 1.0, "a fraction of steps such as 0.05")
   _in_range("sparse.bucket", sp.bucket, 1, _INF, "e.g. 16 or 64", integer=True)
+  if sp.get("estimator_tokens", "context") not in ("context", "all"):
+    _fail("sparse.estimator_tokens", f"{sp.estimator_tokens!r} is unknown", "context or all")
+  if not isinstance(sp.get("block_input_grad", False), bool):
+    _fail("sparse.block_input_grad", f"{sp.block_input_grad!r} is not a bool", "True or False")
+  if sp.get("plan") and not os.path.isfile(sp.plan):
+    _fail("sparse.plan", f"{sp.plan!r} is not a file", "give the plan.json `python -m "
+          "lost_jax.main calibrate --workdir=DIR` wrote (DIR/plan.json), or '' for sparse.ffn / "
+          "sparse.attn")
+  _in_range("sparse.calibration_batches", sp.get("calibration_batches", 2), 1, _INF,
+            "a few batches, e.g. 2", integer=True)
+  parse_sparsity_list(sp.get("calibration_sparsities", "0.5"), "sparse.calibration_sparsities")
   d = cfg.data
   _in_range("data.seq_len", d.seq_len, 2, _INF, "e.g. 512", integer=True)
   _in_range("data.max_prompt_len", d.max_prompt_len, 1, d.seq_len - 1,
@@ -254,6 +266,17 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
     for field in ("ffn", "attn"):
       parse_layer_sparsity(sp[field], n_layers, f"sparse.{field}")
     _check_ranks(cfg, targets)
+
+
+def parse_sparsity_list(text: str, field: str) -> tuple[float, ...]:
+  """'0.5,0.9' -> (0.5, 0.9): distinct sparsities in (0, 1), sorted (UserError if not)."""
+  try:
+    values = tuple(sorted({float(v) for v in str(text).split(",") if v.strip()}))
+  except ValueError:
+    values = ()
+  if not values or not all(0.0 < v < 1.0 for v in values):
+    _fail(field, f"{text!r} is not a list of sparsities in (0, 1)", "e.g. '0.5,0.7,0.9'")
+  return values
 
 
 def validate_finetune_base(cfg: ml_collections.ConfigDict) -> None:

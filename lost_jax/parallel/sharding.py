@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -62,52 +63,64 @@ def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh) -> P:
   return plan_spec(axes, shape, mesh)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Unsplit:
+  """An array that stays whole over a mesh axis: the axis divides none of its dims."""
+  name: str
+  shape: tuple[int, ...]
+  axis: str
+  size: int          # the mesh axis's size
+  nbytes: int = 0    # 0: dtype unknown
+
+
 def plan_spec(axes, shape, mesh: jax.sharding.Mesh, name: str = "",
-              complete_fsdp: bool = True) -> tuple[P, list[str]]:
-  """PartitionSpec for a parameter of logical `axes`, and notes on what could not be sharded.
+              complete_fsdp: bool = True, dtype=None) -> tuple[P, list[Unsplit]]:
+  """PartitionSpec for a parameter of logical `axes`, and the mesh axes it could not use.
 
   Each logical axis takes its RULES mesh axis where that axis divides the dim. Then, unless
-  the array is tiny (< MIN_FSDP_SIZE elements), FSDP always gets a dim: if no logical axis
-  mapped to `fsdp` (LOST's b and values, the down/o projections' a, SLTrain's sparse values),
-  it shards the largest free dim it divides, else joins the largest already-sharded dim it
-  still divides (e.g. P(None, ('tensor', 'fsdp'))). What stays unsharded is in the notes.
+  the array is tiny (< MIN_FSDP_SIZE elements) or `complete_fsdp` is False (a layout inside
+  the step), every mesh axis above 1 that the rules asked for but could not place, and FSDP
+  in any case, is placed by `_place`: on the largest free dim it divides, else joining the
+  largest already-split dim it still divides (e.g. P(None, ('tensor', 'fsdp'))). So an FFN
+  width that tensor=4 does not divide is split over tensor on its other dim, and LOST's b
+  and values get FSDP. What stays whole over an axis is returned (see `unsplit_summary`).
   """
   if axes is None:
     axes = (None,) * len(shape)
   spec: list = [None] * len(shape)
-  notes, used = [], set()
+  used, missed = set(), []
   for i, (logical, dim) in enumerate(zip(axes, shape)):
     mesh_axis = RULES.get(logical)
     if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1:
       continue
     if dim % mesh.shape[mesh_axis]:
-      notes.append(f"{name or 'array'} {tuple(shape)} dim {i} ({logical}={dim}) is not "
-                   f"divisible by mesh axis {mesh_axis}={mesh.shape[mesh_axis]}")
+      missed.append(mesh_axis)
       continue
     spec[i] = mesh_axis
     used.add(mesh_axis)
-  fsdp = mesh.shape["fsdp"]
-  if complete_fsdp and fsdp > 1 and "fsdp" not in used and math.prod(shape) >= MIN_FSDP_SIZE:
-    if not _add_fsdp(spec, shape, mesh):
-      notes.append(f"{name or 'array'} {tuple(shape)} has no dim that fsdp={fsdp} divides: "
-                   "replicated over fsdp")
-  return P(*spec), notes
+  if not complete_fsdp or math.prod(shape) < MIN_FSDP_SIZE:
+    return P(*spec), []
+  wanted = [a for a in dict.fromkeys(missed + ["fsdp"]) if a not in used and mesh.shape[a] > 1]
+  nbytes = math.prod(shape) * jax.numpy.dtype(dtype).itemsize if dtype is not None else 0
+  unsplit = [Unsplit(name or "array", tuple(shape), a, mesh.shape[a], nbytes)
+             for a in wanted if not _place(spec, shape, mesh, a)]
+  return P(*spec), unsplit
 
 
-def _add_fsdp(spec: list, shape, mesh: jax.sharding.Mesh) -> bool:
-  """Put `fsdp` on the largest free dim it divides, else on a sharded one; False if none."""
-  fsdp = mesh.shape["fsdp"]
-  free = [i for i, ax in enumerate(spec) if ax is None and shape[i] % fsdp == 0]
+def _place(spec: list, shape, mesh: jax.sharding.Mesh, axis: str) -> bool:
+  """Put mesh `axis` on the largest free dim it divides, else on a split one; False if none."""
+  size = mesh.shape[axis]
+  free = [i for i, ax in enumerate(spec) if ax is None and shape[i] % size == 0]
   if free:
-    spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    spec[max(free, key=lambda i: shape[i])] = axis
     return True
   def split(i):
     axes = spec[i] if isinstance(spec[i], tuple) else (spec[i],)
-    return math.prod(mesh.shape[a] for a in axes) * fsdp
+    return math.prod(mesh.shape[a] for a in axes) * size
   taken = [i for i, ax in enumerate(spec) if ax is not None and shape[i] % split(i) == 0]
   if taken:
     i = max(taken, key=lambda i: shape[i])
-    spec[i] = (*(spec[i] if isinstance(spec[i], tuple) else (spec[i],)), "fsdp")
+    spec[i] = (*(spec[i] if isinstance(spec[i], tuple) else (spec[i],)), axis)
     return True
   return False
 
@@ -120,7 +133,7 @@ def _path_name(path) -> str:
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, notes: list | None = None):
   """NamedShardings for an nnx.State (or its abstract shape) from each variable's `axes`.
 
-  What could not be sharded is appended to `notes` (see `warn_unsharded`).
+  What stays whole over a mesh axis is appended to `notes` (see `warn_unsharded`).
   """
   notes = [] if notes is None else notes
 
@@ -130,19 +143,45 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, notes: list | Non
       axes = (None,) * len(var.shape)
     if axes is None:   # static index sets (StaticIndices): replicated by design
       return var.replace(NamedSharding(mesh, P()))
-    spec, why = plan_spec(axes, var.shape, mesh, _path_name(path))
+    spec, why = plan_spec(axes, var.shape, mesh, _path_name(path), dtype=var.dtype)
     notes.extend(why)
     return var.replace(NamedSharding(mesh, spec))
   return jax.tree_util.tree_map_with_path(one, state,
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def warn_unsharded(notes: list[str]) -> None:
-  """One start-up warning naming every array dim that its mesh axis does not divide."""
-  if notes and jax.process_index() == 0:
-    logging.warning("sharding: %d arrays are not split as the rules ask (memory per device "
-                    "grows; pick mesh sizes that divide these dims):\n  %s", len(notes),
-                    "\n  ".join(notes))
+def unsplit_summary(notes: list[Unsplit], examples: int = 3) -> list[str]:
+  """One line per mesh axis for all arrays it leaves whole: count, bytes, examples, the fix.
+
+  The fix names the largest smaller size of that axis (a divisor of its size, the rest going
+  to `data`) that splits a dim of every one of them, where there is one.
+  """
+  lines = []
+  for axis in dict.fromkeys(n.axis for n in notes):
+    group = [n for n in notes if n.axis == axis]
+    size = group[0].size
+    total = sum(n.nbytes for n in group)
+    shown = ", ".join(f"{n.name} {n.shape}" for n in group[:examples])
+    more = f" and {len(group) - examples} more" if len(group) > examples else ""
+    widths = ", ".join(map(str, sorted({d for n in group for d in n.shape if d % size})[:4]))
+    smaller = [s for s in range(size - 1, 1, -1) if size % s == 0 and all(
+        any(d % s == 0 for d in n.shape) for n in group)]
+    fix = (f"--config.mesh.{axis}={smaller[0]} --config.mesh.data=-1 splits a dim of each, or "
+           if smaller else "")
+    many = len(group) != 1
+    lines.append(
+        f"sharding: {len(group)} array{'s' * many}{f' ({total / 2**20:.1f} MiB)' if total else ''}"
+        f" {'have' if many else 'has'} no dim that {axis}={size} divides and stay"
+        f"{'s' * (not many)} whole on each of its devices, e.g. {shown}{more}. Fix: {fix}make "
+        f"one dim of each a multiple of {size} (their widths: {widths}), or accept the copies.")
+  return lines
+
+
+def warn_unsharded(notes: list[Unsplit]) -> None:
+  """At start-up, `unsplit_summary`'s lines (at most one per mesh axis) as warnings."""
+  if jax.process_index() == 0:
+    for line in unsplit_summary(notes):
+      logging.warning("%s", line)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -231,9 +270,9 @@ def opt_state_shardings(abstract_opt_state, param_shardings, abstract_params,
           break
     used = {a for ax in spec if ax for a in (ax if isinstance(ax, tuple) else (ax,))}
     if (mesh.shape["fsdp"] > 1 and "fsdp" not in used
-        and math.prod(leaf.shape) >= MIN_FSDP_SIZE and not _add_fsdp(spec, leaf.shape, mesh)):
-      notes.append(f"optimizer state {'/'.join(map(str, keys))} {tuple(leaf.shape)} has no "
-                   f"dim that fsdp={mesh.shape['fsdp']} divides: replicated over fsdp")
+        and math.prod(leaf.shape) >= MIN_FSDP_SIZE and not _place(spec, leaf.shape, mesh, "fsdp")):
+      notes.append(Unsplit("opt_state/" + "/".join(map(str, keys)), tuple(leaf.shape), "fsdp",
+                           mesh.shape["fsdp"], leaf.size * leaf.dtype.itemsize))
     return NamedSharding(mesh, P(*spec))
 
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)

@@ -39,18 +39,21 @@ from lost_jax.training.trainer import Recipe, Trainer
 
 
 def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                  mesh: jax.sharding.Mesh | None = None
+                  mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False
                   ) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan,
                              ml_collections.FrozenConfigDict]:
   """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config).
 
   The run config is `cfg` (resolved) with the base's model group and tokenizer path, checked
-  against the base's shape; estimators are cached in `workdir` if one is given.
+  against the base's shape, and sparse.ffn / attn read from sparse.plan (a plan file) if one
+  is given; estimators (of every layer if all_estimators, else of the plan's sparse layers)
+  are cached in `workdir` if one is given.
   """
   cfg = configs.resolve(cfg, "finetune")
   model, model_cfg = load_base(cfg, mesh)
   cfg = configs.with_group(cfg, model=model_cfg,
                            data=dict(cfg.data.to_dict(), tokenizer=tokenizer_path(cfg)))
+  cfg = with_plan_file(cfg)
   configs.validate_finetune_base(cfg)
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
@@ -60,16 +63,32 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
              dropout=cfg.lora.dropout, param_dtype=configs.PRECISIONS[cfg.train.precision][1],
              rngs=nnx.Rngs(cfg.seed + 1))
-  layers = plan.estimator_layers()
+  layers = range(cfg.model.n_layers) if all_estimators else plan.estimator_layers()
   estimators = None
   if layers:
     path = os.path.join(workdir, "estimators.npz") if workdir else None
     estimators = _cached_estimators(path, model, cfg.sparse.estimator_rank)
-    if estimators is None:
+    if estimators is None or any(sl_estimator.layer_key(i) not in estimators for i in layers):
       estimators = sl_estimator.build_estimators(model, cfg.sparse.estimator_rank, layers)
       if path and jax.process_index() == 0:
         sl_estimator.save_estimators(path, estimators)
   return SparseLoRALlama(model, estimators, plan), plan, cfg
+
+
+def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.FrozenConfigDict:
+  """cfg with sparse.ffn / attn of the plan file sparse.plan names (checked against cfg.model
+  and sparse.mode); cfg itself without one. The resolved strings enter the fingerprint."""
+  path = cfg.sparse.get("plan", "")
+  if not path:
+    return cfg
+  plan = sl_plan.read_plan_file(path, cfg.model)
+  if plan.mode != cfg.sparse.mode:
+    raise UserError(f"config.sparse.plan={path} was calibrated with sparse.mode={plan.mode!r}, "
+                    f"the run has {cfg.sparse.mode!r}. Fix: --config.sparse.mode={plan.mode}, "
+                    "or calibrate with the run's mode")
+  return configs.with_group(cfg, sparse=dict(
+      cfg.sparse.to_dict(), ffn=configs.format_layer_sparsity(plan.ffn),
+      attn=configs.format_layer_sparsity(plan.attn)))
 
 
 def _cached_estimators(path: str | None, model, rank: int) -> dict | None:
@@ -185,11 +204,11 @@ def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest
   return evaluate
 
 
-def _adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                           mesh: jax.sharding.Mesh):
+def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
+                          mesh: jax.sharding.Mesh, *, all_estimators: bool = False):
   """(module, plan, run config, tokenizer): `adapted_model` and the base's tokenizer, with
   data.template `auto` decided once (a run records the template it trains with)."""
-  module, plan, cfg = adapted_model(cfg, workdir, mesh)
+  module, plan, cfg = adapted_model(cfg, workdir, mesh, all_estimators=all_estimators)
   tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
   cfg = configs.with_group(cfg, data=dict(
       cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
@@ -221,8 +240,8 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   workdir = runtime.make_workdir(workdir)
   runtime.check_step_count(workdir, cfg.train.steps)   # before the base is loaded
 
-  module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
-  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
+  module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh)
   cfg = run.cfg
   if pidx == 0:   # the base's tokenizer and chat template, for export and generation
     tokenizer_files.record_run_tokenizer(workdir, tok,
@@ -250,7 +269,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int 
   cfg, mesh = runtime.start(cfg, "finetune")
   ckpt, step = runtime.open_checkpoint(workdir, cfg, step)   # before the base is loaded
   try:
-    module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
+    module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
     ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
     trainer = _trainer(cfg, module, plan, mesh)
     state, rest = trainer.restore(ckpt, step)
@@ -264,7 +283,7 @@ def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool =
   starts at zero), on the preset's held-out examples; `workdir` caches the estimators."""
   cfg, mesh = runtime.start(cfg, "finetune")
   workdir = runtime.make_workdir(workdir)
-  module, plan, cfg, tok = _adapted_and_tokenizer(cfg, workdir, mesh)
+  module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
   trainer = _trainer(cfg, module, plan, mesh)
   state, rest = trainer.setup.init(jax.random.key(cfg.seed))
   return evaluation(cfg, tok, trainer, rest, show=not quiet)(state)

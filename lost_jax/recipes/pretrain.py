@@ -82,16 +82,18 @@ def _trainer(cfg: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh) -> T
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                       quiet: bool = False, stop_at: int | None = None) -> dict:
+                       quiet: bool = False, stop_at: int | None = None, devices=None) -> dict:
   """Run (or resume) pre-training of `cfg` in `workdir`; return the final eval metrics.
 
   `stop_at` ends this invocation after that step (with a checkpoint), as a preemption would;
-  re-running resumes exactly.
+  re-running resumes exactly, also on another mesh or process count. `devices`: the mesh's
+  (default: all).
   """
-  cfg, mesh = runtime.start(cfg, "pretrain")
+  cfg, mesh = runtime.start(cfg, "pretrain", devices)
   nproc, pidx = jax.process_count(), jax.process_index()
   tok = _tokenizer(cfg)
-  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size))
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh,
+                             shared_data=data.global_batches(cfg.data))
   cfg = run.cfg
   if pidx == 0:
     tokenizer_files.record_run_tokenizer(run.path, tok,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from lost_jax import configs
@@ -77,6 +79,8 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 ITEMS = ("state", "rest", "data", "meta")   # the Orbax items of every checkpoint step
+# grain's name for one process's iterator state in the `data` item.
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 CHECKPOINT_DIR = "checkpoints"   # under the workdir
@@ -158,6 +162,9 @@ def first_restorable(steps: list[int], restore: Callable[[int], Any]
   for step in steps:
     try:
       out = restore(step)
+    except UserError:   # intact but not for this run (e.g. another process count): no damage
+      unmute_output()
+      raise
     except Exception as e:  # pylint: disable=broad-except  # any unreadable part
       failed.append((step, failure_reason(e)))
       continue
@@ -166,10 +173,33 @@ def first_restorable(steps: list[int], restore: Callable[[int], Any]
   return None, None, failed
 
 
-class Checkpointer:
-  """Saves and restores {state, rest, data, meta} under `<workdir>/checkpoints`."""
+def topology(mesh: jax.sharding.Mesh) -> dict:
+  """What a checkpoint records of the slice that wrote it: processes, devices, mesh sizes."""
+  return {"processes": len({d.process_index for d in mesh.devices.flat}),
+          "devices": int(mesh.devices.size), "mesh": {k: int(v) for k, v in mesh.shape.items()}}
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+
+def describe_topology(t: dict) -> str:
+  """'8 devices (fsdp=8)', '2 processes with 2 devices (fsdp=2)': the mesh's axes above 1."""
+  n, devices = t["processes"], t.get("devices")
+  where = [f"{n} process{'es' * (n != 1)}"] if n > 1 or devices is None else []
+  if devices is not None:
+    where.append(f"{devices} device{'s' * (devices != 1)}")
+  axes = ", ".join(f"{k}={v}" for k, v in t.get("mesh", {}).items() if v > 1)
+  return " with ".join(where) + (f" ({axes})" if axes else "")
+
+
+class Checkpointer:
+  """Saves and restores {state, rest, data, meta} under `<workdir>/checkpoints`.
+
+  `topology` (of the run's mesh) is recorded in every checkpoint's meta. `shared_data`: every
+  process's data iterator holds the same (global) position, so a checkpoint written by any
+  number of processes restores in any other; False (per-process file streams) refuses that.
+  """
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True,
+               topology: dict | None = None, shared_data: bool = True):
+    self.topology, self.shared_data = topology, shared_data
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every),
@@ -212,28 +242,77 @@ class Checkpointer:
       return meta
     return None
 
+  def written_on(self, meta: dict) -> dict:
+    """The topology that wrote the checkpoint of `meta`; a checkpoint of an older version
+    records none, and gives only its process count (from its data files)."""
+    if "topology" in meta:
+      return meta["topology"]
+    counts = {n for _, n in self._data_files(meta["step"])}
+    return {"processes": counts.pop() if len(counts) == 1 else jax.process_count()}
+
+  def resume_note(self, meta: dict) -> str | None:
+    """One line when the checkpoint of `meta` was written on another mesh or process count
+    (None when not); refused before anything is compiled when its data position is per
+    process and the process count changed."""
+    saved, now = self.written_on(meta), self.topology
+    if now is None:
+      return None
+    if saved["processes"] != now["processes"] and not self.shared_data:
+      raise _new_process_count(meta["step"], saved["processes"])
+    if all(saved.get(k, now[k]) == now[k] for k in now):
+      return None
+    return (f"resuming a checkpoint written on {describe_topology(saved)} on "
+            f"{describe_topology(now)} (parameters and optimizer state re-sharded; the same "
+            "global batches follow)")
+
+  def _data_files(self, step: int) -> list[tuple[int, int]]:
+    """(process, count) of each `data/process_<i>-of-<n>.json` of a checkpoint step."""
+    folder = epath.Path(self.directory) / str(step) / "data"
+    found = [_DATA_FILE.fullmatch(p.name) for p in folder.iterdir()] if folder.exists() else []
+    return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+  def _data_state(self, step: int) -> dict:
+    """This process's data iterator state in checkpoint `step`: its own file, or (shared
+    data, written by another process count) process 0's, which every process wrote alike."""
+    folder = epath.Path(self.directory) / str(step) / "data"
+    own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not own.exists():
+      counts = sorted({n for _, n in self._data_files(step)})
+      if len(counts) != 1:
+        raise ValueError(f"its data item holds no iterator state for {jax.process_count()} "
+                         f"processes (found: {counts or 'none'})")
+      if not self.shared_data:
+        raise _new_process_count(step, counts[0])
+      own = folder / f"process_0-of-{counts[0]}.json"
+    return json.loads(own.read_text())
+
   def save(self, step: int, state, rest, data_iter, fingerprint: dict, *,
            force: bool = False) -> bool:
     # rest=None: frozen state that the run rebuilds itself (a fine-tune's base model).
     items = dict(state=ocp.args.StandardSave(state),
                  data=grain.checkpoint.CheckpointSave(data_iter),
-                 meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint}))
+                 meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint,
+                                         **({"topology": self.topology}
+                                            if self.topology else {})}))
     if rest is not None and jax.tree.leaves(rest):   # dense models have no static indices
       items["rest"] = ocp.args.StandardSave(rest)
     args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state, abstract_rest, data_iter):
-    """Restore into arrays with the shardings of the abstract trees; data_iter is set in place
-    (None: the data position is not read, as for an evaluation)."""
+    """Restore into arrays with the shardings of the abstract trees (those of this run's
+    mesh, whatever mesh wrote them); data_iter is set in place (None: the data position is
+    not read, as for an evaluation)."""
     self._meta(step)
+    data_state = None if data_iter is None else self._data_state(step)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     has_rest = abstract_rest is not None and jax.tree.leaves(abstract_rest)
     if has_rest:
       items["rest"] = ocp.args.StandardRestore(abstract_rest)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:   # read directly: grain's handler wants this process count's file
+      data_iter.set_state(data_state)
+      data_iter.start_prefetch()
     return out["state"], (out["rest"] if has_rest else abstract_rest)
 
   def restore_latest(self, abstract_state, abstract_rest, data_iter,
@@ -285,6 +364,15 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _new_process_count(step: int, written_by: int) -> UserError:
+  """The refusal of a per-process data position on another process count."""
+  return UserError(
+      f"checkpoint step {step} was written by {written_by} process(es), each streaming its own "
+      f"data files (data.source=files), so its data position cannot be split over "
+      f"{jax.process_count()}. Fix: resume with config.mesh.num_processes={written_by} (any "
+      "mesh shape and device count), or start a new --workdir.")
 
 
 def failure_reason(e: BaseException) -> str:

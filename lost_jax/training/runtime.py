@@ -142,18 +142,19 @@ def resolve_config(cfg: ml_collections.ConfigDict, command: str, *, validated: b
   return configs.resolve(cfg, command, validated=True)
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The run's device mesh, checked against its batch size and micro-batches."""
-  mesh = sharding.make_mesh(cfg.mesh)
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The run's device mesh over all (or the given) devices, checked against its batch size
+  and micro-batches."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.microbatches)
   return mesh
 
 
-def start(cfg: ml_collections.ConfigDict, command: str
+def start(cfg: ml_collections.ConfigDict, command: str, devices=None
           ) -> tuple[ml_collections.FrozenConfigDict, jax.sharding.Mesh]:
   """`resolve_config` and `make_mesh`: how every recipe begins."""
   cfg = resolve_config(cfg, command)
-  return cfg, make_mesh(cfg)
+  return cfg, make_mesh(cfg, devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +209,14 @@ def resumed_schedule(train: ml_collections.ConfigDict, saved: dict | None
                f"hold its final lr {end_lr:.3e}.")
 
 
-def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict) -> RunDir:
+def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict,
+                 mesh: jax.sharding.Mesh, *, shared_data: bool = True) -> RunDir:
   """Lock the workdir (process 0: one run per workdir), check that its checkpoints fit this
   config and can be written, resolve the lr schedule's length against them
   (`resumed_schedule`), then record the resolved config.
+
+  A checkpoint written on another mesh or process count resumes on `mesh` (one line says so);
+  `shared_data=False` (each process streams its own files) refuses a new process count.
 
   The returned RunDir's cfg (train.schedule_steps set) is the one to train with, and its
   fingerprint (with schedule_steps) the one to save.
@@ -222,13 +227,16 @@ def open_workdir(workdir: str, cfg: ml_collections.ConfigDict, fingerprint: dict
     lock_workdir(workdir)
     check_writable(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), "the checkpoint directory")
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every,
-                                 keep=cfg.train.keep_checkpoints)
+                                 keep=cfg.train.keep_checkpoints,
+                                 topology=checkpoint.topology(mesh), shared_data=shared_data)
   saved = ckpt.check_compatible(fingerprint)
+  reshard = ckpt.resume_note(saved) if saved else None
   length, note = resumed_schedule(cfg.train, saved)
   cfg = configs.with_group(cfg, train=dict(cfg.train.to_dict(), schedule_steps=length))
   if jax.process_index() == 0:
-    if note:
-      print(note, flush=True)
+    for line in (reshard, note):
+      if line:
+        print(line, flush=True)
     files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   return RunDir(workdir, ckpt, {**fingerprint, "schedule_steps": length}, cfg)
 

@@ -102,21 +102,28 @@ class LayerChannels:
       return dense_projection
     est = (_layer_est(self.estimators, self.layer, ("q", "k", "v"))
            if self.plan.mode == "svd" else None)
-    idx = attn_indices(attn, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
-                        est, self.plan.attn[self.layer], self.plan.mode)
+    idx = attn_indices(attn, *self._estimator_inputs(h_BxLxD), est, self.plan.attn[self.layer],
+                       self.plan.mode)
     self.indices["attn"] = idx
     return functools.partial(restricted_projection, idx=idx, n_sparse=self.n_sparse,
-                             how=self.how)
+                             how=self.how, block_grad=self.plan.block_input_grad)
+
+  def _estimator_inputs(self, h_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(h, valid) of the tokens the channel scores see: the context, or every token."""
+    if self.plan.estimator_tokens == "all":
+      return h_BxLxD, self.valid_BxL
+    return h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse]
 
   def mlp(self, mlp, h_BxLxD: jax.Array) -> jax.Array:
     if not self._sparse("ffn"):
       return mlp(h_BxLxD)
     est = (_layer_est(self.estimators, self.layer, ("gate", "up"))
            if self.plan.mode == "svd" else None)
-    idx = ffn_indices(mlp, h_BxLxD[:, :self.n_sparse], self.valid_BxL[:, :self.n_sparse],
-                       est, self.plan.ffn[self.layer], self.plan.mode)
+    idx = ffn_indices(mlp, *self._estimator_inputs(h_BxLxD), est, self.plan.ffn[self.layer],
+                      self.plan.mode)
     self.indices["ffn"] = idx
-    return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how)
+    return sparse_mlp(mlp, h_BxLxD, idx, self.n_sparse, self.how,
+                      self.plan.block_input_grad)
 
 
 def _layer_est(estimators, i: int, modules):
@@ -133,7 +140,8 @@ def _layer_est(estimators, i: int, modules):
 def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: SparsityPlan,
             dense_len: int, positions_BxL: jax.Array | None = None,
             segment_ids_BxL: jax.Array | None = None, valid_BxL: jax.Array | None = None,
-            return_indices: bool = False, logits_from: int = 0, head: bool = True):
+            return_indices: bool = False, logits_from: int = 0, head: bool = True,
+            wrap=None):
   """SparseLoRA Llama forward: float32 logits [B, L - logits_from, V] (+ indices if asked).
 
   `model(...)` with one `LayerChannels` per layer. plan and dense_len are static (python);
@@ -141,6 +149,7 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   (default: segment_ids > 0, else all). logits_from (static) skips the LM head on earlier
   positions: with L - dense_len, only the dense suffix, which holds every loss position,
   pays for the [D, V] matmul. head=False: hidden states instead of logits (`Llama`).
+  wrap: LayerChannels -> the layer's channel plan (calibration's per-layer probes).
   If positions >= logits_from are dense in the last layer, its o and MLP run on those rows
   only (`Llama`), so that layer selects no FFN channels (its "ffn" index is None).
   """
@@ -161,10 +170,11 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
   channels = [LayerChannels(layer=i, plan=plan, estimators=estimators,
                             n_sparse=length - dense_len, valid_BxL=valid_BxL, how=how)
               for i in range(plan.n_layers)]
+  plans = channels if wrap is None else [wrap(ch) for ch in channels]
   # A step with no sparse layer runs the plain dense forward (any model.perf.layer_loop).
   dense = dense_len == length or not any(plan.ffn + plan.attn)
   logits = model(tokens_BxL, positions_BxL, segment_ids_BxL, logits_from=logits_from,
-                 channels=None if dense else channels, head=head)
+                 channels=None if dense else plans, head=head)
   return (logits, [ch.indices for ch in channels]) if return_indices else logits
 
 

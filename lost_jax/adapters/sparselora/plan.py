@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import NamedTuple
 
 import numpy as np
 
 from lost_jax.configs import parse_layer_sparsity, parse_layers
+from lost_jax.errors import UserError
 
 
 MODES = ("svd", "oracle", "random")   # random: the ablation of the estimator
+ESTIMATOR_TOKENS = ("context", "all")
 
 
 
@@ -21,6 +24,8 @@ class SparsityPlan:
   ffn: tuple[float, ...]
   attn: tuple[float, ...]
   mode: str = "svd"
+  estimator_tokens: str = "context"   # what the channel scores see: context | all tokens
+  block_input_grad: bool = False      # no input gradient through the restricted base paths
 
   def __post_init__(self):
     object.__setattr__(self, "ffn", tuple(float(s) for s in self.ffn))
@@ -34,6 +39,9 @@ class SparsityPlan:
                        "Fix: use the fraction of channels dropped, e.g. 0.9.")
     if self.mode not in MODES:
       raise ValueError(f"SparsityPlan: mode={self.mode!r} is unknown. Fix: one of {MODES}.")
+    if self.estimator_tokens not in ESTIMATOR_TOKENS:
+      raise ValueError(f"SparsityPlan: estimator_tokens={self.estimator_tokens!r} is unknown. "
+                       f"Fix: one of {ESTIMATOR_TOKENS}.")
 
   @property
   def n_layers(self) -> int:
@@ -99,4 +107,41 @@ def plan_from_config(sparse_cfg, n_layers: int) -> SparsityPlan:
     return SparsityPlan.dense(n_layers)
   return SparsityPlan(parse_layer_sparsity(sparse_cfg.ffn, n_layers, "sparse.ffn"),
                       parse_layer_sparsity(sparse_cfg.attn, n_layers, "sparse.attn"),
-                      sparse_cfg.get("mode", "svd"))
+                      sparse_cfg.get("mode", "svd"),
+                      sparse_cfg.get("estimator_tokens", "context"),
+                      bool(sparse_cfg.get("block_input_grad", False)))
+
+
+PLAN_FORMAT = "lost_jax_sparselora_plan/1"
+# What a plan's per-layer channel counts depend on: a plan fits only a model of this shape.
+PLAN_SHAPE = ("n_layers", "d_model", "ffn_dim", "n_heads", "n_kv_heads")
+
+
+def plan_record(plan: SparsityPlan, model_cfg, **info) -> dict:
+  """The JSON record of a plan file: per-layer sparsities, the model shape it fits, `info`."""
+  return {"format": PLAN_FORMAT, "model": {k: int(model_cfg[k]) for k in PLAN_SHAPE},
+          "mode": plan.mode, "ffn": list(plan.ffn), "attn": list(plan.attn), **info}
+
+
+def read_plan_file(path: str, model_cfg) -> SparsityPlan:
+  """The SparsityPlan of a plan file (`calibrate`'s plan.json), refused (UserError) if it
+  cannot be read or was calibrated for a model of another shape."""
+  fix = ("Fix: calibrate a plan for this base: python -m lost_jax.main calibrate "
+         "--config=<the same config> --workdir=DIR, then --config.sparse.plan=DIR/plan.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    if record.get("format") != PLAN_FORMAT:
+      raise ValueError(f"format {record.get('format')!r} is not {PLAN_FORMAT!r}")
+    plan = SparsityPlan(record["ffn"], record["attn"], record.get("mode", "svd"))
+    shape = {k: int(record["model"][k]) for k in PLAN_SHAPE}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"config.sparse.plan={path}: not a readable plan file "
+                    f"({type(e).__name__}: {e}). {fix}") from None
+  want = {k: int(model_cfg[k]) for k in PLAN_SHAPE}
+  if shape != want:
+    diff = ", ".join(f"{k} {shape[k]} (the base: {want[k]})" for k in PLAN_SHAPE
+                     if shape[k] != want[k])
+    raise UserError(f"config.sparse.plan={path} was calibrated for a model of another shape: "
+                    f"{diff}. {fix}")
+  return plan

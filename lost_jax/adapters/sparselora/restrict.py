@@ -149,11 +149,16 @@ def _join(sparse, dense):
 
 
 def sparse_mlp(mlp, x_BxLxD: jax.Array, idx_K: jax.Array | None, n_sparse: int,
-               how: str = "gather") -> jax.Array:
-  """MLP with tokens [:n_sparse] restricted to idx and the rest dense, [B, L, D]."""
+               how: str = "gather", block_grad: bool = False) -> jax.Array:
+  """MLP with tokens [:n_sparse] restricted to idx and the rest dense, [B, L, D].
+
+  block_grad: no input gradient through the restricted tokens' MLP (also through their
+  gate / up / down adapters, if any: the default targets have none there).
+  """
   if idx_K is None or n_sparse == 0:
     return mlp(x_BxLxD)
   xs, xd = _split(x_BxLxD, n_sparse)
+  xs = jax.lax.stop_gradient(xs) if block_grad else xs
   return _join(restricted_mlp(mlp, xs, idx_K, how), mlp(xd) if xd.shape[1] else None)
 
 
@@ -163,14 +168,17 @@ def _dense_base(lin: Linear, x: jax.Array) -> jax.Array:
 
 def restricted_projection(name: str, lin: Linear, x_BxLxN: jax.Array,
                           bias_M: jax.Array | None = None, *, idx: AttnIndices,
-                          n_sparse: int, how: str = "gather") -> jax.Array:
+                          n_sparse: int, how: str = "gather", block_grad: bool = False
+                          ) -> jax.Array:
   """q/k/v (kept output columns) or o (kept input rows) restricted on tokens [:n_sparse].
 
   The base runs restricted on the context and full on the suffix; the LoRA delta runs once
   over all tokens (one adapter matmul chain per projection, not one per token group). A q/k/v
   output bias is restricted with its columns: the context keeps the kept channels' biases.
+  block_grad: no input gradient through the context's restricted base (the delta keeps it).
   """
   xs, xd = _split(x_BxLxN, n_sparse)
+  xs = jax.lax.stop_gradient(xs) if block_grad else xs
   if name == "o":
     sparse = _in_rows_base(lin, xs, idx.o, how)
   else:

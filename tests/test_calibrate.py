@@ -1,0 +1,159 @@
+"""SparseLoRA plan calibration: the plan choice against brute force, the per-layer probes against
+the normal SparseLoRA forward, budgets, resume, and the plan file in `finetune`."""
+
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import helpers
+from lost_jax import configs
+from lost_jax.adapters.sparselora import calibrate as sl_cal
+from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.adapters.sparselora.model import SparseLoRALlama
+from lost_jax.errors import UserError
+from lost_jax.recipes import calibrate, finetune
+from lost_jax.recipes.lm import next_token_nll
+from lost_jax.training import runtime
+
+
+def test_format_layer_sparsity_round_trips():
+  for values in [(0.0, 0.9, 0.9, 0.5, 0.0, 0.5), (0.0,) * 3, (0.99,) * 4, (0.5, 0.0, 0.5)]:
+    spec = configs.format_layer_sparsity(values)
+    assert configs.parse_layer_sparsity(spec, len(values), "x") == values
+  assert configs.format_layer_sparsity((0.0, 0.9, 0.9, 0.5)) == "0.9@1-2;0.5@3"
+
+
+def _brute_force(groups, budget, unit):
+  """Most FLOPs saved over every combination of options (None: dense) within the budget."""
+  keys = sorted(groups)
+  best = (0.0, {})
+  for combo in itertools.product(*[[None] + list(groups[k]) for k in keys]):
+    taken = {k: o for k, o in zip(keys, combo) if o is not None and o.saving > 0}
+    cost = sum(max(1, int(np.ceil(max(o.increase, 0) / unit - 1e-9))) for o in taken.values())
+    saved = sum(o.saving for o in taken.values())
+    if cost * unit <= budget + 1e-12 and saved > best[0] + 1e-9:
+      best = (saved, {k: o.sparsity for k, o in taken.items()})
+  return best
+
+
+def test_choose_plan_is_the_best_plan_within_budget():
+  rng = np.random.default_rng(0)
+  unit = 1e-3
+  for trial in range(30):
+    groups = {(p, i): [sl_cal.Option(s, float(rng.normal(0.01, 0.01)) * (1 + 3 * s),
+                                     float(rng.uniform(-1, 10)) * s)
+                       for s in (0.5, 0.9)] for p in ("ffn", "attn") for i in range(3)}
+    previous = -1.0
+    for budget in (0.0, 0.005, 0.02, 0.05, 0.2):
+      choice = sl_cal.choose_plan(groups, budget, unit)
+      saved = sum(next(o.saving for o in groups[k] if o.sparsity == s) for k, s in choice.items())
+      want, _ = _brute_force(groups, budget, unit)
+      assert saved == pytest.approx(want, abs=1e-9), (trial, budget)
+      assert saved >= previous - 1e-9                     # a larger budget never saves less
+      previous = saved
+      if budget == 0.0:
+        assert choice == {}
+
+
+def _cfg(**sparse):
+  cfg = helpers.tiny_finetune_config(steps=2)
+  cfg.sparse.update({"calibration_batches": 1, "calibration_sparsities": "0.75", **sparse})
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("calibrate"))
+  record = calibrate.calibrate(_cfg(), workdir, budget=0.02, quiet=True)
+  return workdir, record
+
+
+def test_calibrated_plan_is_within_budget_and_measured_right(calibrated):
+  workdir, record = calibrated
+  plan = sl_plan.SparsityPlan(record["ffn"], record["attn"])
+  assert plan.estimator_layers(), record      # the tiny model has a plan that saves FLOPs
+  assert record["increase"] <= 0.02 and record["flops_vs_lora"] < 1.0
+  # Independently: the normal SparseLoRA forward (the fine-tune's module, plan and loss) on
+  # the same batch gives the dense loss, each probe's loss and the plan's loss.
+  cfg, mesh = runtime.start(_cfg(ffn="", attn=""), "finetune")
+  module, _, run_cfg, tok = finetune.adapted_and_tokenizer(cfg, workdir, mesh,
+                                                           all_estimators=True)
+  (batch,), (lengths,) = calibrate.calibration_inputs(run_cfg, tok)
+  est = {k: {m: {w: a[...] for w, a in f.items()} for m, f in v.items()}
+         for k, v in module.estimators.items()}
+
+  def loss(p):
+    s, w = next_token_nll(SparseLoRALlama(module.model, est, p), batch, lengths)
+    return float(s / w)
+
+  with open(os.path.join(workdir, calibrate.MEASUREMENTS), encoding="utf-8") as f:
+    stored = json.load(f)["results"]
+  dense = loss(sl_plan.SparsityPlan.dense(2))
+  assert np.mean(stored["dense"][0][0] / stored["dense"][0][1]) == pytest.approx(dense, rel=1e-6)
+  for part, s, layer in [("ffn", 0.75, 0), ("attn", 0.75, 1)]:
+    k = {"ffn": 128, "attn": 32}[part]
+    got = stored[f"{part} k={int(k * (1 - s) + 1e-6)} layer={layer}"][0]
+    want = loss(sl_cal.part_plan(part, s, sl_plan.SparsityPlan.dense(2), layers=[layer]))
+    assert got[0] / got[1] == pytest.approx(want, rel=1e-5), (part, s, layer)
+    assert abs(want - dense) > 1e-4    # the probe is not the dense forward
+    assert record["measured"][f"{part} {layer}"][f"{s:g}"] == pytest.approx(want / dense - 1,
+                                                                            abs=1e-5)
+  assert record["plan_loss"] == pytest.approx(loss(plan), rel=1e-5)
+  assert record["dense_loss"] == pytest.approx(dense, rel=1e-6)
+
+
+def test_budgets_resume_and_dense_at_zero(calibrated):
+  workdir, record = calibrated
+  path = os.path.join(workdir, calibrate.MEASUREMENTS)
+  probes = {k for k in json.load(open(path, encoding="utf-8"))["results"]
+            if not k.startswith("plan")}
+  flops = []
+  for budget in (0.0, 0.005, 0.02, 0.2):   # resumed: no probe is measured again
+    r = calibrate.calibrate(_cfg(), workdir, budget=budget, quiet=True)
+    assert r["increase"] <= budget
+    flops.append(r["flops_per_step"])
+    if budget == 0.0:
+      assert r["ffn"] == [0.0, 0.0] and r["attn"] == [0.0, 0.0]
+      assert r["flops_vs_lora"] == 1.0
+    if budget == 0.02:
+      assert (r["ffn"], r["attn"]) == (record["ffn"], record["attn"])
+  assert flops == sorted(flops, reverse=True) and flops[-1] < flops[0]
+  after = {k for k in json.load(open(path, encoding="utf-8"))["results"]
+           if not k.startswith("plan")}
+  assert after == probes
+  with pytest.raises(UserError, match="other settings.*Fix:"):
+    calibrate.calibrate(_cfg(calibration_batches=2), workdir, quiet=True)
+
+
+@pytest.mark.slow   # a 2-step fine-tune with the plan, a refused resume, a refused depth
+def test_plan_file_into_finetune_and_refusals(calibrated, tmp_path):
+  workdir, record = calibrated
+  plan_path = os.path.join(workdir, calibrate.PLAN_FILE)
+  cfg = _cfg(plan=plan_path)
+  out = finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+  assert np.isfinite(out["eval_loss"])
+  with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
+    sparse = json.load(f)["sparse"]
+  assert (sparse["ffn"], sparse["attn"]) == (configs.format_layer_sparsity(record["ffn"]),
+                                             configs.format_layer_sparsity(record["attn"]))
+  # A resume with another plan is refused by the run's fingerprint, in one line.
+  other = dict(record, ffn=[0.5, 0.5])
+  other_path = str(tmp_path / "other.json")
+  with open(other_path, "w", encoding="utf-8") as f:
+    json.dump(other, f)
+  cfg = _cfg(plan=other_path)
+  cfg.train.steps = 4
+  with pytest.raises(UserError, match="sparse") as e:
+    finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+  assert "\n" not in str(e.value) and "Fix:" in str(e.value)
+  # A plan for another depth is refused in one line, before any step.
+  cfg = _cfg(plan=plan_path)
+  cfg.model.n_layers = 3
+  with pytest.raises(UserError, match="n_layers 2 \\(the base: 3\\)") as e:
+    finetune.finetune_and_evaluate(cfg, str(tmp_path / "deeper"), quiet=True)
+  assert "\n" not in str(e.value) and "Fix: calibrate" in str(e.value)
+  shutil.rmtree(tmp_path / "deeper", ignore_errors=True)
