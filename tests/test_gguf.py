@@ -202,6 +202,10 @@ def test_each_architecture_reads_as_transformers_reads_it(tmp_path, arch):
   assert sorted(tensors) == sorted(state)
   for key, want in state.items():
     np.testing.assert_array_equal(tensors[key], want, err_msg=key)
+  # And the lost_jax model imported from it: the same logits, past Gemma's 8-token window
+  # (unit-normal weights: logits up to ~50, float32 rounding ~1e-4; a wrong transform is O(1)).
+  ids = np.random.default_rng(1).integers(0, hf["vocab_size"], (2, 20))
+  assert logits_diff(gguf_lib.load_gguf_llama(path), ref, ids, f"tiny {arch} GGUF") < 1e-3
   if arch == "gemma3":
     assert hf["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
     assert (hf["head_dim"], hf["query_pre_attn_scalar"], hf["sliding_window"]) == (256, 256, 8)
