@@ -305,3 +305,15 @@ def test_compare_says_why_lost_needs_more_memory_and_shows_the_micro_batched_tot
     totals[method] = gib(accounting.memory_estimate(one)["total"])
   assert micro.endswith(" | ".join(f"{m} {t}" for m, t in totals.items())), micro
   assert float(totals["lost"]) < float(totals["full_rank"])
+
+
+def test_a_tied_base_is_counted_once_with_the_head_copy_named():
+  cfg = configs.finetune_config("gemma3_270m_gsm")
+  cfg.init.path = ""          # the preset's architecture alone; the file is not read here
+  line = accounting.finetune_base_line(cfg, tied=True)
+  # transformers' Gemma3ForCausalLM of the same GGUF: 268,098,176 parameters (test_gemma3)
+  assert "frozen base 268.1M parameters (embedding and head tied" in line, line
+  assert "435.9M in memory" in line    # + the 262144 x 640 head lost_jax holds as a copy
+  assert "frozen base 435.9M parameters |" in accounting.finetune_base_line(cfg, tied=False)
+  p = accounting.count_params(cfg.model)
+  assert p["total"] - p["lm_head"] == 268_098_176

@@ -47,8 +47,9 @@ def detect_base(path: str) -> str | None:
   return None
 
 
-_BASE_HELP = ("a Hugging Face LLaMA directory (config.json + model.safetensors), a LLaMA GGUF "
-              "file, or a lost_jax pre-training workdir (e.g. after `python -m lost_jax.main "
+_BASE_HELP = ("a Hugging Face directory (config.json + model.safetensors) or a GGUF file of a "
+              "LLaMA, Mistral, Qwen2, Qwen3 or Gemma 3 model, or a lost_jax pre-training "
+              "workdir (e.g. after `python -m lost_jax.main "
               "pretrain --config=configs/pretrain.py:quickstart,full_rank --workdir=/tmp/qs_fr`:"
               " --config.init.path=/tmp/qs_fr)")
 

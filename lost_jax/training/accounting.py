@@ -432,18 +432,46 @@ def explain_compare(rows: list[dict], cfg: ml_collections.ConfigDict) -> list[st
   return lines
 
 
+def finetune_base_line(cfg: ml_collections.ConfigDict, tied: bool) -> str:
+  """The frozen base of a fine-tuning config: its parameters (a tied head counted once, as
+  its checkpoint holds it), forward FLOPs per token, and its weights unquantised vs NF4."""
+  model = cfg.model
+  p = count_params(model)
+  held = p["total"]
+  distinct = held - p["lm_head"] if tied else held
+  copy = (f" (embedding and head tied; lost_jax holds the head as a copy: "
+          f"{held / 1e6:.1f}M in memory)" if tied else "")
+  bf16, nf4 = base_weight_bytes(model, "none"), base_weight_bytes(model, "nf4")
+  seq = cfg.data.seq_len
+  return (f"{cfg.name}: frozen base {distinct / 1e6:.1f}M parameters{copy} | forward "
+          f"{forward_flops_per_token(model, seq) / 1e9:.3f} GFLOP/token at {seq} tokens | bf16 "
+          f"{bf16 / _GIB:.2f} GiB | init.quantize=nf4 {nf4 / _GIB:.2f} GiB ({nf4 / bf16:.2f}x; "
+          "block projections 4.5 bits per weight, embedding, head and norms bf16)")
+
+
+def _base_ties_embeddings(path: str) -> bool:
+  """Whether the base at init.path (GGUF file or HF directory) ties its head to the
+  embedding; False for anything else (a pre-training run's head is its own)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(path or "")
+  if os.path.isfile(path):
+    from lost_jax.formats import gguf  # pylint: disable=g-import-not-at-top
+    return bool(gguf.read(path)[0].get("tie_word_embeddings", False))
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      return bool(json.load(f).get("tie_word_embeddings", False))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def _main(argv, config_flag, compare_flag):
   from absl import app
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cfg = config_flag.value
   if "init" in cfg:          # a fine-tuning config: the frozen base, unquantised vs NF4
-    model = cfg.model
-    bf16, nf4 = base_weight_bytes(model, "none"), base_weight_bytes(model, "nf4")
-    print(f"{cfg.name}: frozen base {count_params(model)['total'] / 1e9:.2f}B parameters | "
-          f"bf16 {bf16 / _GIB:.2f} GiB | init.quantize=nf4 {nf4 / _GIB:.2f} GiB "
-          f"({nf4 / bf16:.2f}x; block projections 4.5 bits per weight, embedding, head and "
-          "norms bf16)")
+    print(finetune_base_line(cfg, _base_ties_embeddings(cfg.init.path)))
     return
   try:
     rows = compare(cfg.name.partition(",")[0], like=cfg) if compare_flag.value else [report(cfg)]
