@@ -24,7 +24,8 @@ def test_tiny_benchmark_runs_and_reports():
   metrics = bench_report.summary(result)
   assert metrics["flop_ratio"] > 1.0
   text = bench_report.report(result, cfg, "FFN 0.75 on 1, attention 0.5 on 1", "cmd --x")
-  assert "`cmd --x`" in text and "| sparselora |" in text and "Wall-clock speedup" in text
+  assert "```\ncmd --x\n```" in text and "Code version: commit" in text
+  assert "| sparselora |" in text and "Wall-clock speedup" in text
   assert f"{metrics['flop_ratio']:.2f}x" in text
 
 

@@ -122,7 +122,7 @@ def test_8bit_rows_hold_the_accounted_state_and_the_low_bit_page(tmp_path):
   path = tmp_path / "low_bit.md"
   memory_report.write_low_bit_markdown(str(path), "cmd", rows32, rows8, [])
   text = path.read_text()
-  assert "adamw8bit" in text and "Command: `cmd`" in text
+  assert "adamw8bit" in text and "```\ncmd\n```" in text and "Code version: commit" in text
 
 
 def test_loop_table_pairs_the_two_layer_loops():

@@ -116,7 +116,7 @@ def test_tiny_run_end_to_end(tmp_path):
   md, js, png = (str(tmp_path / n) for n in ("t.md", "t.json", "plots/t.png"))
   text = tp.write_outputs(result, md, js, png)
   assert os.path.getsize(png) > 0 and "![tokens/s per method and precision](plots/t.png)" in text
-  assert "Command: `python -m experiments.throughput --tiny`" in text and "a note" in text
+  assert "```\npython -m experiments.throughput --tiny\n```" in text and "a note" in text
   with open(js) as fh:
     again = tp.write_outputs(json.load(fh), str(tmp_path / "again.md"), out_png=png)
   assert again == text

@@ -401,10 +401,12 @@ def _check_names(available: set[str], expected: set[str], path: str, cfg):
 
 
 def _plan_import(hf: dict, where: str, available: Iterable[str], dtype: str,
-                 param_dtype: str) -> tuple[Llama, dict, bool]:
+                 param_dtype: str, config_where: str | None = None
+                 ) -> tuple[Llama, dict, bool]:
   """(abstract model, HF name -> (path, transposed?) of the tensors to read, tied) of a HF
-  config whose checkpoint holds the tensors `available`; refuses a missing or extra one."""
-  cfg, tied = _config_from_hf(hf, where)
+  config whose checkpoint holds the tensors `available`; refuses a missing or extra one.
+  Errors name `where` (the checkpoint), or `config_where` (its config file) for the config."""
+  cfg, tied = _config_from_hf(hf, config_where or where)
   cfg.dtype, cfg.param_dtype = dtype, param_dtype
   names = tensor_map(cfg.n_layers, configs_lib.Arch.of(cfg))
   if tied:   # HF ignores a stored lm_head.weight when tied; so do we.
@@ -456,7 +458,8 @@ def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "floa
   safetensors)."""
   where = os.path.join(path, CONFIG_FILE)
   files = _tensor_files(path)
-  model, names, tied = _plan_import(_read_json(where), path, files, dtype, param_dtype)
+  model, names, tied = _plan_import(_read_json(where), path, files, dtype, param_dtype,
+                                    config_where=where)
   files = {k: v for k, v in files.items() if k in names}
   by_file: dict[str, list[str]] = {}
   for name, file in files.items():

@@ -91,8 +91,10 @@ def saved_steps(workdir: str) -> list[int]:
   reads only the directory listing and creates nothing."""
   # No CheckpointManager: one makes multi-process barriers (root metadata), and a listing
   # must not, since processes may see the directory appear at different times.
-  return sorted(ocp.path.step.checkpoint_steps(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)))
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):   # none yet, or a file in its place (refused at open)
+    return []
+  return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def read_params(workdir: str) -> tuple[int | None, Any]:
