@@ -1,5 +1,6 @@
 """Parameter, FLOP and memory accounting against hand-derived closed forms and the built model."""
 
+import json
 import math
 import os
 import subprocess
@@ -317,3 +318,24 @@ def test_a_tied_base_is_counted_once_with_the_head_copy_named():
   assert "frozen base 435.9M parameters |" in accounting.finetune_base_line(cfg, tied=False)
   p = accounting.count_params(cfg.model)
   assert p["total"] - p["lm_head"] == 268_098_176
+
+
+def test_the_base_kind_and_its_tie_are_read_from_what_the_path_holds(tmp_path):
+  from lost_jax.formats import bases   # pylint: disable=g-import-not-at-top
+  def hf_dir(name, **config):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+  tied, untied = hf_dir("tied", tie_word_embeddings=True), hf_dir("untied")
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+  (tmp_path / "junk.bin").write_bytes(b"GGML....")
+  assert [bases.base_kind(p) for p in (tied, untied, str(run), str(tmp_path / "junk.bin"),
+                                       str(tmp_path / "none"))] == ["hf", "hf", "pretrain",
+                                                                    None, None]
+  assert [accounting._base_ties_embeddings(p) for p in (tied, untied, str(run))] == [
+      True, False, False]
+  assert bases.hf_config(tied)["tie_word_embeddings"] is True

@@ -452,17 +452,8 @@ def finetune_base_line(cfg: ml_collections.ConfigDict, tied: bool) -> str:
 def _base_ties_embeddings(path: str) -> bool:
   """Whether the base at init.path (GGUF file or HF directory) ties its head to the
   embedding; False for anything else (a pre-training run's head is its own)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(path or "")
-  if os.path.isfile(path):
-    from lost_jax.formats import gguf  # pylint: disable=g-import-not-at-top
-    return bool(gguf.read(path)[0].get("tie_word_embeddings", False))
-  try:
-    with open(os.path.join(path, "config.json")) as f:
-      return bool(json.load(f).get("tie_word_embeddings", False))
-  except (OSError, ValueError, AttributeError):
-    return False
+  from lost_jax.formats import bases  # pylint: disable=g-import-not-at-top
+  return bool((bases.hf_config(path) or {}).get("tie_word_embeddings", False))
 
 
 def _main(argv, config_flag, compare_flag):
