@@ -524,7 +524,8 @@ def write_report(proto: cp.Protocol, get: cp.Lookup, *, name: str, out_dir: str,
   summary = {}
   for b in proto.budgets:
     label = ("sweep budget" if v1 and b == proto.sweep_steps else
-             "final budget" if v1 else f"{b / proto.sweep_steps:g} x the first budget")
+             "final budget" if v1 else "first budget" if b == proto.sweep_steps else
+             f"{b / proto.sweep_steps:g} x the first budget")
     table, rank = budget_table(proto, b, rows[b])
     parts += [f"## {proto.tokens(b):,} tokens ({b} steps, {label})\n", table + "\n",
               " ".join(rank) + "\n", control_text(proto, rows[b]) + "\n",
