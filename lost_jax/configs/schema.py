@@ -19,6 +19,9 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
       gamma=0.7,              # LOST mixing weight of the low-rank branch.
       activation="silu",      # between the factors (LOST, CoLA); low_rank uses identity.
       init="kaiming",         # initializer of the full-rank weight LOST decomposes.
+      # initializer of a dense kernel: normal (N(0, model.init_std), LLaMA's) | kaiming (LOST's
+      # init of the weight it decomposes, U(+-1/sqrt(fan_in)): the init control).
+      dense_init="normal",
       sparse_init="complement",
       complement_rank=0,      # 0: every remaining SVD component (the paper's reading).
       factor_init="svd",      # LOST factors: svd (the method) | random (ablation).

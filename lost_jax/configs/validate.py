@@ -145,6 +145,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"use one of {ACTIVATIONS}")
   if lin.init not in INITS:
     _fail("model.linear.init", f"unknown init {lin.init!r}", f"use one of {INITS}")
+  if lin.get("dense_init", "normal") not in INITS:
+    _fail("model.linear.dense_init", f"unknown init {lin.dense_init!r}", f"use one of {INITS}")
   if lin.factor_init not in ("svd", "random"):
     _fail("model.linear.factor_init", f"unknown factor_init {lin.factor_init!r}",
           "use 'svd' or 'random'")
