@@ -81,12 +81,20 @@ def choose(cfg: ml_collections.ConfigDict, num_devices: int, memory_bytes: float
       return best, _line(cfg, best, num_devices, memory_bytes)
   worst = _estimate(cfg, 1, num_devices, 1, cfg.train.batch_size // num_devices
                     ) if cfg.train.batch_size % num_devices == 0 else None
-  need = f" (fsdp={num_devices}, 1 sequence per pass: {worst / GIB:.2f} GiB)" if worst else ""
+  need = f" (fsdp={num_devices}, 1 sequence per pass: {_size(worst)})" if worst else ""
   raise UserError(
-      f"config.mesh.auto: no mesh of {num_devices} devices fits the step in {HEADROOM:.0%} of "
-      f"{memory_bytes / GIB:.2f} GiB per device{need}. Fix: --config.model.remat=True, 8-bit "
+      f"config.mesh.auto: no mesh of {_devices(num_devices)} fits the step in {HEADROOM:.0%} "
+      f"of {_size(memory_bytes)} per device{need}. Fix: --config.model.remat=True, 8-bit "
       "optimizer states (--config.train.optimizer=adamw8bit), more devices, or a larger "
       "--config.mesh.memory_gib if the device has more.")
+
+
+def _size(b: float) -> str:
+  return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.2f} MiB"
+
+
+def _devices(n: int) -> str:
+  return f"{n} device{'s' * (n != 1)}"
 
 
 def _mesh_text(c: Choice) -> str:
@@ -102,14 +110,14 @@ def _line(cfg: ml_collections.ConfigDict, c: Choice, num_devices: int,
   if smaller:           # data x fsdp is the same for every fsdp: the batch divides as well
     f = smaller[-1]
     need = _estimate(cfg, num_devices // (c.tensor * f), f, c.tensor, c.passes)
-    why = f"; fsdp={f} would need {need / GIB:.2f} GiB"
+    why = f"; fsdp={f} would need {_size(need)}"
   elif c.passes > 1:
     need = _estimate(cfg, c.data, c.fsdp, c.tensor, c.passes // _smallest_factor(c.passes))
-    why = f"; fewer passes would need {need / GIB:.2f} GiB"
-  return (f"mesh.auto: {_mesh_text(c)} on {num_devices} devices, {c.rows} sequence"
+    why = f"; fewer passes would need {_size(need)}"
+  return (f"mesh.auto: {_mesh_text(c)} on {_devices(num_devices)}, {c.rows} sequence"
           f"{'s' * (c.rows != 1)} per device per pass x {c.passes} pass"
           f"{'es' * (c.passes != 1)} (train.microbatches={c.passes}): estimated "
-          f"{c.estimate / GIB:.2f} of {memory_bytes / GIB:.2f} GiB per device{why}")
+          f"{_size(c.estimate)} of {_size(memory_bytes)} per device{why}")
 
 
 def _smallest_factor(n: int) -> int:
