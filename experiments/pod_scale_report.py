@@ -5,17 +5,24 @@ from __future__ import annotations
 import os
 
 from experiments import common
-from experiments.pod_scale import AUTO, CHIPS, SLICES, plan, preset_batch
+from experiments.pod_scale import AUTO, CHIPS, SLICES, Row, estimates, plan, preset_batch
 from lost_jax.measure.compiled import GIB
 
 _KINDS = (("all-gather", "AG"), ("reduce-scatter", "RS"), ("all-reduce", "AR"))
 
 
 def ordered(cache: dict) -> list[dict]:
-  """The finished rows in plan order (slice, size, mesh, bits, method)."""
+  """The finished rows in table order (slice, size, mesh, bits, method), each with its per-
+  step estimates (`pod_scale.estimates`, recomputed here from the row's raw measurements)."""
   order = {r.key: i for i, r in enumerate(sorted(
       plan(), key=lambda r: (list(SLICES).index(r.slice), r.size, r.mesh, r.bits, r.method)))}
-  return sorted(cache["rows"].values(), key=lambda r: order.get(r["key"], len(order)))
+  rows = []
+  for r in sorted(cache["rows"].values(), key=lambda r: order.get(r["key"], len(order))):
+    if "hlo" in r:
+      row = Row(r["slice"], r["size"], r["method"], r["bits"], r["mesh"])
+      r = dict(r, **estimates(row, r))
+    rows.append(r)
+  return rows
 
 
 def gib(b: float) -> str:
@@ -131,8 +138,17 @@ def summary_lines(cache: dict) -> list[str]:
 
 
 def _versions(cache: dict) -> str:
+  """The code version(s) the rows were measured on, and this page's writer's if it differs
+  (a page rewritten from the JSON by --report_only)."""
   lines = sorted({r.get("version", "") for r in cache["rows"].values()} - {""})
-  return "\n".join(lines) if lines else common.code_version_line()
+  now = common.code_version_line()
+  if not lines:
+    return now
+  head = "\n".join(lines)
+  if lines != [now]:
+    head += ("\n\nPage written from the rows' JSON (the command with --report_only) on: "
+             + now[0].lower() + now[1:])
+  return head
 
 
 def chip_lines() -> list[str]:
@@ -149,7 +165,7 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
   lines = [
       "# The train step on TPU pod slices, compiled ahead of time (no TPU)", "",
       common.page_head(command, _versions(cache)),
-      f"{len(rows)} rows. Global batch {batch} x {seq_len} tokens (the presets'), "
+      f"{len(rows)} row{'s' * (len(rows) != 1)}. Global batch {batch} x {seq_len} tokens (the presets'), "
       "train.precision mixed, model.perf resolved for TPU with model.perf.layer_loop=scan; "
       "compiled by the TPU compiler for every chip of a deviceless topology "
       "(jax.experimental.topologies). **Every time, tokens/s and MFU figure marked * is the "
