@@ -87,10 +87,12 @@ class Row:
   method: str
   bits: int
   mesh: str
+  loop: str = "scan"      # model.perf.layer_loop
 
   @property
   def key(self) -> str:
-    return f"{self.slice}|{self.size}|{self.method}|{self.bits}|{self.mesh}"
+    tail = "" if self.loop == "scan" else f"|{self.loop}"
+    return f"{self.slice}|{self.size}|{self.method}|{self.bits}|{self.mesh}{tail}"
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -101,14 +103,15 @@ class Row:
 
   def compile_key(self, rows_per_chip: int) -> str:
     """What a compile depends on: a mesh picked by mesh.auto reuses a named mesh's compile."""
+    tail = "" if self.loop == "scan" else f"|{self.loop}"
     return (f"{self.slice}|{self.size}|{self.method}|{self.bits}|"
-            f"{'x'.join(map(str, self.shape))}|{rows_per_chip}")
+            f"{'x'.join(map(str, self.shape))}|{rows_per_chip}{tail}")
 
   def auto_choice(self):
     """mesh.auto's pick for this slice's chips and HBM (on the compiled settings)."""
     from lost_jax.parallel import auto_mesh  # pylint: disable=g-import-not-at-top
     cfg = configs.pretrain_config(self.size, self.method)
-    cfg.model.perf.layer_loop = "scan"
+    cfg.model.perf.layer_loop = self.loop
     if self.bits == 8:
       cfg.train.optimizer += "8bit"
     return auto_mesh.choose(cfg, self.chips, self.chip.hbm_gib * GIB)[0]
@@ -126,29 +129,43 @@ MESH_NAMES = ("fsdp", AUTO, "data x fsdp", "fsdp x tensor")
 
 
 def plan(slices=tuple(SLICES), sizes=("llama_7b", "llama_1b"), methods=METHODS,
-         bits=STATE_BITS, meshes=MESH_NAMES) -> list[Row]:
-  """Rows in the order they are measured: 7B at 64 and 256 chips first (pure FSDP with
-  32-bit then 8-bit states, then mesh.auto's pick, then the other meshes), then 4 chips,
-  then 1B."""
-  def priority(r: Row):
-    pod = r.slice != "v5p-8"
-    return (r.size != "llama_7b", not pod, MESH_NAMES.index(r.mesh) > 0, r.bits != 32,
-            list(SLICES).index(r.slice) if pod else 0, MESH_NAMES.index(r.mesh),
-            METHODS.index(r.method))
+         bits=STATE_BITS, meshes=MESH_NAMES, unrolled: bool = True) -> list[Row]:
+  """Rows in the order they are measured, 7B at 64 and 256 chips first: pure FSDP with 32-bit
+  states, then 8-bit, mesh.auto's pick, the other meshes (32-bit), the same FSDP rows with
+  the layers unrolled (compile time and memory against scan), the other meshes with 8-bit
+  states; then 4 chips; then 1B."""
+  def tier(r: Row) -> int:
+    if r.size != "llama_7b":
+      return 7
+    if r.slice == "v5p-8":
+      return 6
+    if r.loop == "unrolled":
+      return 4
+    if r.mesh == "fsdp":
+      return 0 if r.bits == 32 else 1
+    if r.bits == 32:
+      return 2 if r.mesh == AUTO else 3
+    return 5
+
   rows = [Row(s, z, m, b, mesh) for s in slices for z in sizes for m in methods for b in bits
           for mesh in meshes if mesh in MESHES[s] or mesh == AUTO]
-  return sorted(rows, key=priority)
+  if unrolled:
+    rows += [dataclasses.replace(r, loop="unrolled") for r in rows
+             if r.size == "llama_7b" and r.slice != "v5p-8" and r.mesh == "fsdp"
+             and r.bits == 32]
+  return sorted(rows, key=lambda r: (tier(r), list(SLICES).index(r.slice),
+                                     MESH_NAMES.index(r.mesh), r.bits, METHODS.index(r.method)))
 
 
 def row_config(row: Row, rows_per_chip: int):
   """The `<size>,<method>` preset on row's mesh with `rows_per_chip` sequences per chip per
-  pass (train.microbatches = the passes), 8-bit states if asked, scanned layers, resolved for
-  TPU."""
+  pass (train.microbatches = the passes), 8-bit states if asked, row's layer loop, resolved
+  for TPU."""
   from lost_jax.measure import step_memory  # pylint: disable=g-import-not-at-top
   data, fsdp, tensor = row.shape
   cfg = step_memory.measurement_config(
       row.size, row.method, microbatch=rows_per_chip * data * fsdp, eight_bit=row.bits == 8,
-      overrides={"model.perf.layer_loop": "scan"})
+      overrides={"model.perf.layer_loop": row.loop})
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
   configs.resolve_perf(cfg.model, "tpu")
   return cfg
@@ -187,8 +204,9 @@ def oom_bytes(message: str) -> tuple[float, float] | None:
   return float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
 
 
-def compile_row(row: Row, rows_per_chip: int, devices: list) -> dict:
-  """Compile row's step for `devices` at `rows_per_chip`: memory, compiler costs, HLO costs."""
+def compile_row(row: Row, rows_per_chip: int, devices: list, hlo_dir: str = "") -> dict:
+  """Compile row's step for `devices` at `rows_per_chip`: memory, compiler costs, HLO costs
+  (the compiled HLO text gzipped into `hlo_dir` if given)."""
   # pylint: disable=g-import-not-at-top
   from lost_jax.measure import step_memory
   from lost_jax.parallel import sharding
@@ -215,8 +233,14 @@ def compile_row(row: Row, rows_per_chip: int, devices: list) -> dict:
   cost = compiled.cost_analysis()
   out["compiler"] = {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds")
                      if k in cost}
-  weighted, once = hlo.step_costs(compiled.as_text(), row.chips, row.chip.peak_flops,
-                                  row.chip.hbm_bw)
+  text = compiled.as_text()
+  if hlo_dir:
+    import gzip  # pylint: disable=g-import-not-at-top
+    os.makedirs(hlo_dir, exist_ok=True)
+    name = re.sub(r"[^\w.-]+", "_", row.compile_key(rows_per_chip)) + ".hlo.gz"
+    with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
+      f.write(text)
+  weighted, once = hlo.step_costs(text, row.chips, row.chip.peak_flops, row.chip.hbm_bw)
   out["hlo"], out["hlo_once"] = weighted.as_dict(), once.as_dict()
   return out
 
@@ -247,7 +271,7 @@ def estimates(row: Row, m: dict) -> dict:
 
 
 def search(row: Row, devices: list, cache: dict, save: Callable[[], None],
-           log: Callable[[str], None] = print) -> dict:
+           log: Callable[[str], None] = print, hlo_dir: str = "") -> dict:
   """Compile `row` at a few micro-batch sizes (cached in cache['compiles']) and return the
   row: the largest size that fits, with its measurements, and every size tried."""
   sizes = micro_batches(row)
@@ -257,7 +281,7 @@ def search(row: Row, devices: list, cache: dict, save: Callable[[], None],
     key = row.compile_key(r)
     if key not in cache["compiles"]:
       log(f"{row.key}: compiling at {r} sequence(s) per chip per pass ...")
-      cache["compiles"][key] = compile_row(row, r, devices)
+      cache["compiles"][key] = compile_row(row, r, devices, hlo_dir)
       save()
     m = tried[r] = cache["compiles"][key]
     if "error" in m:
@@ -300,7 +324,7 @@ def write_json(path: str, cache: dict) -> None:
 
 
 def run(rows: list[Row], cache: dict, save: Callable[[], None], on_row: Callable[[], None],
-        log: Callable[[str], None] = print) -> None:
+        log: Callable[[str], None] = print, hlo_dir: str = "") -> None:
   """Measure every row not yet in cache['rows'], saving and reporting after each."""
   from lost_jax import progress  # pylint: disable=g-import-not-at-top
   devices = {}
@@ -309,7 +333,7 @@ def run(rows: list[Row], cache: dict, save: Callable[[], None], on_row: Callable
     topology = SLICES[row.slice][0]
     if topology not in devices:
       devices[topology] = compiled_lib.topology_devices(topology)
-    cache["rows"][row.key] = search(row, devices[topology], cache, save, log)
+    cache["rows"][row.key] = search(row, devices[topology], cache, save, log, hlo_dir)
     save()
     on_row()
 
@@ -322,7 +346,7 @@ def main(argv, flag_values) -> None:
   common.check_names(f.slices, SLICES, "slice")
   common.check_names(f.methods, METHODS, "method")
   rows = plan(tuple(f.slices), tuple(f.sizes), tuple(f.methods),
-              tuple(int(b) for b in f.bits), tuple(f.meshes))
+              tuple(int(b) for b in f.bits), tuple(f.meshes), f.unrolled)
   if f.max_rows:
     rows = rows[:f.max_rows]
   cache = load(f.out_json)
@@ -341,7 +365,7 @@ def main(argv, flag_values) -> None:
 
   if not f.report_only:
     compiled_lib.deviceless_tpu_env()
-    run(rows, cache, save, on_row)
+    run(rows, cache, save, on_row, hlo_dir=f.hlo_dir)
   on_row()
   print("\n".join(report.summary_lines(cache)))
 
@@ -355,9 +379,12 @@ def define_flags():
                     "(adamw8bit).")
   flags.DEFINE_list("meshes", list(MESH_NAMES), f"Meshes per slice (MESHES, and {AUTO!r}: "
                     "the mesh and micro-batch mesh.auto picks for the chip's HBM).")
+  flags.DEFINE_bool("unrolled", True, "Also the 7B pure-FSDP 32-bit rows at 64 and 256 "
+                    "chips with model.perf.layer_loop=unrolled (compile time, memory).")
   flags.DEFINE_integer("max_rows", 0, "Measure at most this many rows of the plan (0: all).")
   flags.DEFINE_bool("report_only", False, "Rewrite the page from --out_json, compile nothing.")
   flags.DEFINE_string("out_json", "", "Cache of every compile and row (resumable).")
+  flags.DEFINE_string("hlo_dir", "", "Also keep each compiled step's HLO text here (gzip).")
   flags.DEFINE_string("out_md", "", "Write the markdown page here.")
   flags.DEFINE_string("out_png", "", "Write the plot here.")
   return flags.FLAGS

@@ -19,7 +19,8 @@ def ordered(cache: dict) -> list[dict]:
   rows = []
   for r in sorted(cache["rows"].values(), key=lambda r: order.get(r["key"], len(order))):
     if "hlo" in r:
-      row = Row(r["slice"], r["size"], r["method"], r["bits"], r["mesh"])
+      row = Row(r["slice"], r["size"], r["method"], r["bits"], r["mesh"],
+                r.get("loop", "scan"))
       r = dict(r, **estimates(row, r))
     rows.append(r)
   return rows
@@ -32,7 +33,8 @@ def gib(b: float) -> str:
 def _mesh(r: dict) -> str:
   d, f, t = r["shape"]
   text = " x ".join(f"{n}={s}" for n, s in (("data", d), ("fsdp", f), ("tensor", t)) if s > 1)
-  return f"{AUTO}: {text}" if r["mesh"] == AUTO else text
+  text = f"{AUTO}: {text}" if r["mesh"] == AUTO else text
+  return text + (", unrolled layers" if r.get("loop", "scan") != "scan" else "")
 
 
 def _states(r: dict) -> str:
@@ -71,7 +73,10 @@ def memory_table(rows: list[dict]) -> str:
 
 def _coll(r: dict, kind: str) -> str:
   h = r["hlo"]
-  return f"{h['collective_count'][kind]:.0f} / {gib(h['collective_bytes'][kind])}"
+  text = f"{h['collective_count'][kind]:.0f} / {gib(h['collective_bytes'][kind])}"
+  if kind == "all-reduce" and h.get("padded_gathers"):
+    text += f" (gathers {h['padded_gathers']:.0f} / {gib(h['padded_gather_bytes'])})"
+  return text
 
 
 def time_table(rows: list[dict]) -> str:
@@ -94,11 +99,14 @@ def time_table(rows: list[dict]) -> str:
   return common.markdown_table(header, body)
 
 
-def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-  """(full_rank, lost) rows measured on the same slice, size, states and mesh."""
-  by = {(r["slice"], r["size"], r["bits"], r["mesh"], r["method"]): r for r in rows}
-  return [(r, by[k[:-1] + ("lost",)]) for k, r in by.items()
-          if k[-1] == "full_rank" and k[:-1] + ("lost",) in by]
+def pairs(rows: list[dict], field: str = "method", a: str = "full_rank", b: str = "lost"
+          ) -> list[tuple[dict, dict]]:
+  """(row, row) pairs that differ only in `field` (a, then b): by default (full_rank, lost)
+  on the same slice, size, states, mesh and layer loop."""
+  same = lambda r: tuple((k, r.get(k, "scan")) for k in ("slice", "size", "bits", "mesh",
+                                                         "method", "loop") if k != field)
+  by = {(same(r), r.get(field, "scan")): r for r in rows}
+  return [(r, by[(k, b)]) for (k, v), r in by.items() if v == a and (k, b) in by]
 
 
 def compare_table(rows: list[dict]) -> str:
@@ -118,12 +126,30 @@ def compare_table(rows: list[dict]) -> str:
   return common.markdown_table(header, body)
 
 
+def loop_table(rows: list[dict]) -> str:
+  """Scanned against unrolled layers on the same row: memory, compile time, collectives."""
+  header = ["slice", "size", "method", "states", "mesh", "peak GiB scan / unrolled",
+            "temp GiB scan / unrolled", "compile s scan / unrolled",
+            "collective GiB scan / unrolled", "est. step s scan / unrolled *"]
+  body = []
+  for s_, u in pairs(rows, "loop", "scan", "unrolled"):
+    if "hlo" not in s_ or "hlo" not in u:
+      continue
+    coll = lambda r: sum(r["hlo"]["collective_bytes"].values())
+    body.append([s_["slice"], s_["size"], s_["method"], _states(s_), _mesh(s_),
+                 f"{gib(s_['peak'])} / {gib(u['peak'])}", f"{gib(s_['temp'])} / {gib(u['temp'])}",
+                 f"{s_['compile_s']:.0f} / {u['compile_s']:.0f}",
+                 f"{gib(coll(s_))} / {gib(coll(u))}", f"{s_['step_s']:.3f} / {u['step_s']:.3f}"])
+  return common.markdown_table(header, body) if body else ""
+
+
 def summary_lines(cache: dict) -> list[str]:
   """The closing note: 7B LOST vs full-rank at 64 and 256 chips (pure FSDP), computed."""
   rows = [r for r in ordered(cache) if "hlo" in r]
   out = []
   for f, l in pairs(rows):
-    if f["size"] != "llama_7b" or f["mesh"] != "fsdp" or f["chips"] < 64:
+    if f["size"] != "llama_7b" or f["mesh"] != "fsdp" or f["chips"] < 64 or \
+       f.get("loop", "scan") != "scan":
       continue
     coll = lambda r: sum(r["hlo"]["collective_bytes"].values()) / GIB
     out.append(
@@ -166,7 +192,8 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
       "# The train step on TPU pod slices, compiled ahead of time (no TPU)", "",
       common.page_head(command, _versions(cache)),
       f"{len(rows)} row{'s' * (len(rows) != 1)}. Global batch {batch} x {seq_len} tokens (the presets'), "
-      "train.precision mixed, model.perf resolved for TPU with model.perf.layer_loop=scan; "
+      "train.precision mixed, model.perf resolved for TPU with model.perf.layer_loop=scan "
+      "(rows marked 'unrolled layers': unrolled); "
       "compiled by the TPU compiler for every chip of a deviceless topology "
       "(jax.experimental.topologies). **Every time, tokens/s and MFU figure marked * is the "
       "compiler's estimate, not a measurement**; nothing ran on a TPU.", "",
@@ -176,6 +203,9 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
   lines += ["## Memory per chip", "", memory_table(rows), "",
             "## Per step: FLOPs, HBM bytes, collectives, estimated time", "", time_table(rows),
             "", "## LOST against full-rank", "", compare_table(rows), ""]
+  loops = loop_table(rows)
+  if loops:
+    lines += ["## Scanned against unrolled layers", "", loops, ""]
   summary = summary_lines(cache)
   if summary:
     lines += ["## Closing note (computed from the rows above)", ""] + summary + [""]
@@ -222,7 +252,10 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
       "a lower bound on the step time if everything overlapped; roofline MFU uses it.",
       "- **Collectives**: count and bytes per step per chip (all-gather: the gathered result; "
       "reduce-scatter and all-reduce: the full operand). The TPU compiler emits a reduce-"
-      "scatter as an all-reduce inside an `all-reduce-scatter` fusion, counted as RS.",
+      "scatter as an all-reduce inside an `all-reduce-scatter` fusion, counted as RS; and "
+      "some FSDP weight gathers as an all-reduce of a zero array with the chip's shard "
+      "written in (`gathers` in the AR column, `hlo.padded_shard`): counted, and costed in "
+      "the ICI term, as the all-reduces they are.",
       "- **compile s**: wall time of setup + lower + compile of the row's step on a shared "
       "2-core host (other jobs running); compare rows, not absolute speed.",
       "", "Published chip figures used:", ""] + chip_lines() + [""]

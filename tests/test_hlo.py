@@ -157,3 +157,43 @@ def test_type_bytes_sums_tuples_and_ignores_layouts():
   assert hlo.type_bytes("(s32[]{:T(128)}, bf16[2,256,2048]{2,1,0:T(8,128)(2,1)S(1)})") == \
       4 + 2 * 2 * 256 * 2048
   assert hlo.type_dims("f32[24,5461,512]{2,1,0:T(8,128)}") == [24, 5461, 512]
+
+
+def test_an_all_reduce_of_a_zero_padded_shard_is_counted_as_a_gather_done_by_all_reduce():
+  # The TPU compiler's FSDP gather at 64+ chips: the shard written into zeros (in a fusion
+  # whose root is the dynamic-update-slice, or unfused), then an all-reduce over the chips.
+  text = """HloModule m
+
+%pad (z: bf16[64,32], s: bf16[16,32], i: s32[]) -> bf16[64,32] {
+  %z = bf16[64,32]{1,0} parameter(0)
+  %s = bf16[16,32]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %c = s32[] constant(0)
+  ROOT %dus = bf16[64,32]{1,0} dynamic-update-slice(%z, %s, %i, %c)
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %r = bf16[] add(%a, %b)
+}
+
+ENTRY %e (s0: bf16[16,32], g: bf16[64,32], i0: s32[]) -> (bf16[64,32], bf16[64,32], bf16[64,32]) {
+  %s0 = bf16[16,32]{1,0} parameter(0)
+  %g = bf16[64,32]{1,0} parameter(1)
+  %i0 = s32[] parameter(2)
+  %zero = bf16[] constant(0)
+  %zeros = bf16[64,32]{1,0} broadcast(%zero), dimensions={}
+  %f = bf16[64,32]{1,0} fusion(%zeros, %s0, %i0), kind=kLoop, calls=%pad
+  %c0 = s32[] constant(0)
+  %u = bf16[64,32]{1,0} dynamic-update-slice(%zeros, %s0, %i0, %c0)
+  %ar1 = bf16[64,32]{1,0} all-reduce(%f), replica_groups={{0,1,2,3}}, to_apply=%add
+  %ar2 = (bf16[64,32]{1,0}, bf16[64,32]{1,0}) all-reduce(%u, %g), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %t = (bf16[64,32]{1,0}, bf16[64,32]{1,0}, bf16[64,32]{1,0}) tuple(%ar1, %ar2)
+}
+"""
+  weighted, _ = hlo.step_costs(text, num_devices=4)
+  full = 64 * 32 * 2
+  assert weighted.count["all-reduce"] == 2 and weighted.coll_bytes["all-reduce"] == 3 * full
+  # %ar1's operand and the first of %ar2's are padded shards; %g (a gradient) is not.
+  assert weighted.padded_gathers == 2 and weighted.padded_gather_bytes == 2 * full

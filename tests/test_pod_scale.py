@@ -17,7 +17,11 @@ def test_the_plan_measures_7b_at_64_and_256_chips_first():
   first = {(r.slice, r.method) for r in rows[:4]}
   assert first == {(s, m) for s in ("v5p-128", "v5e-256") for m in ("full_rank", "lost")}
   assert all(r.size == "llama_7b" and r.mesh == "fsdp" and r.bits == 32 for r in rows[:4])
-  assert len({r.key for r in rows}) == len(rows) == 2 * 2 * 2 * 3 * 4
+  assert len({r.key for r in rows}) == len(rows) == 2 * 2 * 2 * 3 * 4 + 4
+  # After the 7B 32-bit rows of every mesh at 64 and 256 chips: pure FSDP with unrolled layers.
+  assert {(r.slice, r.method, r.mesh, r.bits, r.loop) for r in rows[20:24]} == {
+      (s, m, "fsdp", 32, "unrolled") for s in ("v5p-128", "v5e-256") for m in pod_scale.METHODS}
+  assert rows[20].key.endswith("|unrolled") and rows[20].compile_key(8).endswith("|unrolled")
   assert [(r.slice, r.mesh) for r in rows[8:10]] == [("v5p-128", pod_scale.AUTO)] * 2
   assert all(r.chips == {"v5p-8": 4, "v5p-128": 64, "v5e-256": 256}[r.slice] for r in rows)
 

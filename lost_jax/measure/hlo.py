@@ -68,6 +68,10 @@ class Costs:
   coll_bytes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVES, 0.0))
   ici_bytes: float = 0.0
   seconds: float = 0.0       # sum over instructions of max(FLOPs / peak, bytes / bandwidth)
+  # All-reduces of a zero array with one shard written in: an all-gather done as an
+  # all-reduce (the TPU compiler's choice for some FSDP gathers); part of count / coll_bytes.
+  padded_gathers: float = 0.0
+  padded_gather_bytes: float = 0.0
   unknown_loops: int = 0     # while loops whose trip count could not be read (counted once)
 
   def add(self, other: "Costs", times: float = 1.0) -> None:
@@ -75,6 +79,8 @@ class Costs:
     self.bytes += times * other.bytes
     self.ici_bytes += times * other.ici_bytes
     self.seconds += times * other.seconds
+    self.padded_gathers += times * other.padded_gathers
+    self.padded_gather_bytes += times * other.padded_gather_bytes
     for k in COLLECTIVES:
       self.count[k] += times * other.count[k]
       self.coll_bytes[k] += times * other.coll_bytes[k]
@@ -82,7 +88,9 @@ class Costs:
 
   def as_dict(self) -> dict:
     return dict(flops=self.flops, bytes=self.bytes, ici_bytes=self.ici_bytes,
-                seconds=self.seconds, collective_count=dict(self.count),
+                seconds=self.seconds, padded_gathers=self.padded_gathers,
+                padded_gather_bytes=self.padded_gather_bytes,
+                collective_count=dict(self.count),
                 collective_bytes=dict(self.coll_bytes), unknown_loops=self.unknown_loops)
 
 
@@ -238,6 +246,38 @@ def group_size(attrs: str, num_devices: int) -> int:
   return num_devices
 
 
+_PASS = ("bitcast", "copy", "copy-done")
+
+
+def padded_shard(name: str, instrs: dict[str, Instr], comps: dict[str, list[Instr]]) -> bool:
+  """Whether `name` is a zero array (broadcast / constant) with one slice written into it by
+  a dynamic-update-slice, unfused or the root of a fusion: a shard padded to the full shape."""
+  def zeros(n: str, table: dict[str, Instr]) -> bool:
+    ins = table.get(n)
+    while ins is not None and ins.opcode in _PASS and ins.operands:
+      ins = table.get(ins.operands[0])
+    return ins is not None and ins.opcode in ("broadcast", "constant")
+  ins = instrs.get(name)
+  while ins is not None and ins.opcode in _PASS and ins.operands:
+    ins = instrs.get(ins.operands[0])
+  if ins is None:
+    return False
+  if ins.opcode == "dynamic-update-slice":
+    return zeros(ins.operands[0], instrs)
+  if ins.opcode != "fusion":
+    return False
+  body = comps.get(_attr(ins.attrs, "calls").lstrip("%"), [])
+  table = {i.name: i for i in body}
+  root = next((i for i in body if i.root), None)
+  if root is None or root.opcode != "dynamic-update-slice":
+    return False
+  base = table.get(root.operands[0])
+  if base is not None and base.opcode == "parameter":
+    k = int(base.args)
+    return k < len(ins.operands) and zeros(ins.operands[k], instrs)
+  return zeros(root.operands[0], table)
+
+
 def _kind(opcode: str) -> str | None:
   base = opcode[:-6] if opcode.endswith("-start") else opcode
   return base if base in COLLECTIVES else None
@@ -351,6 +391,10 @@ def step_costs(hlo_text: str, num_devices: int, flops_per_s: float = 1.0,
         n = 2 if kind == "collective-permute" else group_size(ins.attrs, num_devices)
         out.count[kind] += 1
         out.coll_bytes[kind] += size
+        if kind == "all-reduce":
+          padded = [o for o in ins.operands if padded_shard(o, by_name[comp], comps)]
+          out.padded_gathers += bool(padded)
+          out.padded_gather_bytes += sum(type_bytes(types[comp].get(o, "")) for o in padded)
         out.ici_bytes += size * _RING[kind](n) if n > 1 else 0.0
       if ins.opcode == "while":
         body = _attr(ins.attrs, "body").lstrip("%")
