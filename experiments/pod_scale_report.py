@@ -159,8 +159,15 @@ def summary_lines(cache: dict) -> list[str]:
         f"{coll(f):.1f} vs {coll(l):.1f} GiB per chip; the compiler's estimated MFU "
         f"{100 * f['mfu']:.1f}% vs {100 * l['mfu']:.1f}% and step "
         f"{f['step_s']:.3f} vs {l['step_s']:.3f} s ({l['step_s'] / f['step_s']:.2f}x), "
-        f"estimates, not measurements.")
+        f"estimates, not measurements. Activations are {_act(f)}% (full-rank) and {_act(l)}% "
+        f"(LOST) of the closed-form per-chip estimate at {f['rows_per_chip']} sequences per "
+        "chip per pass.")
   return out
+
+
+def _act(r: dict) -> str:
+  e = r["estimate"]
+  return f"{100 * e['activations'] / e['total']:.0f}"
 
 
 def _versions(cache: dict) -> str:

@@ -95,7 +95,7 @@ def _row(method, peak, optimal):
               mesh="fsdp", chips=64, shape=row.shape, chip="TPU v5p", hbm_gib=95,
               max_rows_per_chip=8, largest_fit=8, largest_known=True, tried={},
               argument=2 ** 30, temp=2 ** 31, peak=peak, fits=True, compile_s=100.0,
-              estimate=dict(total=peak), version="Code version: commit 0123456789, lost_jax "
+              estimate=dict(total=peak, activations=peak / 2), version="Code version: commit 0123456789, lost_jax "
               "sources 1.")
 
 
@@ -113,6 +113,7 @@ def test_the_page_has_its_head_tables_and_a_computed_closing_note():
   assert "30.00 GiB vs LOST 12.00 GiB (0.40x)" in note[0]
   assert f"MFU {100 * mfu['full_rank']:.1f}% vs {100 * mfu['lost']:.1f}%" in note[0]
   assert "step 2.000 vs 1.000 s (0.50x)" in note[0]
+  assert "Activations are 50% (full-rank) and 50% (LOST)" in note[0]
   assert "| v5p-128 | llama_7b | 32-bit | fsdp=64 | 30.00 / 12.00 | 0.40 |" in text
 
 
