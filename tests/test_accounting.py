@@ -339,3 +339,26 @@ def test_the_base_kind_and_its_tie_are_read_from_what_the_path_holds(tmp_path):
   assert [accounting._base_ties_embeddings(p) for p in (tied, untied, str(run))] == [
       True, False, False]
   assert bases.hf_config(tied)["tie_word_embeddings"] is True
+
+
+def test_device_memory_estimate_splits_the_state_and_counts_one_devices_rows():
+  cfg = configs.pretrain_config("llama_7b", "full_rank")     # mixed: 4-byte state, bf16 compute
+  cfg.train.microbatches = 4
+  n = accounting.count_params(cfg.model)["total"]             # dense: every parameter trains
+  mem = accounting.device_memory_estimate(cfg, data=2, fsdp=16, tensor=2)
+  # fsdp x tensor = 32 shards of the state; the f32 accumulator (4 passes) joins the gradients;
+  # 512 rows / 4 passes / (2 x 16) batch shards = 4 rows per device per pass.
+  assert mem["weights"] == 4 * n // 32
+  assert mem["gradients"] == (4 * n + 4 * n) // 32
+  assert mem["optimizer"] == 8 * n // 32
+  assert mem["activations"] == accounting.activation_bytes(cfg.model, 4, 256, 2)
+  cfg.model.perf.layer_loop = "scan"           # + the stacked copy of the blocks' w and grads
+  layers = accounting.count_params(cfg.model)["layers"]
+  scanned = accounting.device_memory_estimate(cfg, data=2, fsdp=16, tensor=2)
+  assert scanned["gradients"] == (8 * n + 8 * layers) // 32
+  cfg.train.microbatches = 1
+  one = accounting.device_memory_estimate(cfg, data=1, fsdp=1, tensor=1)
+  whole = accounting.memory_estimate(cfg)
+  assert one["total"] == whole["total"] + 8 * layers          # 1 device: the paper's figure
+  with pytest.raises(ValueError, match="multiple of 1024"):
+    accounting.device_memory_estimate(cfg, data=4, fsdp=256, tensor=1)

@@ -146,6 +146,11 @@ def mesh_config() -> ml_collections.ConfigDict:
   """Mesh sizes (one may be -1: fill) and the multi-process runtime (jax.distributed)."""
   return ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,
+      # True: data / fsdp / tensor and train.microbatches are chosen at start-up so the step's
+      # closed-form memory estimate fits the device (parallel/auto_mesh.py); one line says
+      # what was picked and why. Resuming on other devices chooses again.
+      auto=False,
+      memory_gib=0.0,         # per-device memory for mesh.auto; 0: what the device reports
       distributed=False,      # True: jax.distributed.initialize before the mesh is built.
       coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
       num_processes=-1,       # -1: detect.

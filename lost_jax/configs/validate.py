@@ -40,6 +40,8 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
 
 def validate_mesh(m: ml_collections.ConfigDict) -> None:
   """The multi-process start-up settings (the axis sizes are checked against the devices)."""
+  _in_range("mesh.memory_gib", m.get("memory_gib", 0.0), 0.0, _INF, "the memory of one "
+            "device in GiB for mesh.auto, e.g. 16, or 0 to read it from the device")
   if "init_timeout_s" in m:
     _in_range("mesh.init_timeout_s", m.init_timeout_s, 1, _INF, "seconds to wait for every "
               "process at start-up, e.g. 300", integer=True)

@@ -329,6 +329,41 @@ def memory_estimate(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   return mem
 
 
+def device_memory_estimate(cfg: ml_collections.ConfigDict, data: int = 1, fsdp: int = 1,
+                           tensor: int = 1) -> dict[str, int]:
+  """`memory_estimate` per device of a (data, fsdp, tensor) mesh, in bytes.
+
+  Weights, gradients and optimizer state are split over fsdp x tensor (data replicates them);
+  with gradient accumulation (train.microbatches > 1) a float32 accumulator of every trainable
+  parameter is added, split the same way; under model.perf.layer_loop='scan' the blocks'
+  stacked copy of weights and gradients too. Activations are those of the rows one device
+  holds per pass, train.batch_size / microbatches / (data x fsdp), not split over tensor (an
+  upper bound). Arrays no mesh axis divides are counted as split (they are small).
+  """
+  shards, state_split = data * fsdp, fsdp * tensor
+  t = cfg.train
+  if min(data, fsdp, tensor) < 1 or t.batch_size % (shards * t.microbatches):
+    raise ValueError(f"train.batch_size={t.batch_size} in {t.microbatches} micro-batches does "
+                     f"not split over data x fsdp = {shards}. Fix: a batch size that is a "
+                     f"multiple of {shards * t.microbatches}.")
+  param_bytes, compute_bytes = _precision_bytes(cfg)
+  whole = memory_estimate(cfg)
+  counts = count_params(cfg.model)
+  rows = t.batch_size // t.microbatches // shards
+  accumulator = FLOAT32_BYTES * counts["trainable"] if t.microbatches > 1 else 0
+  perf = cfg.model.get("perf", {})
+  stacked = (2 * param_bytes * counts["layers"]
+             if perf.get("layer_loop", "auto") == "scan" else 0)
+  mem = dict(
+      weights=whole["weights"] // state_split,
+      gradients=(whole["gradients"] + accumulator + stacked) // state_split,
+      optimizer=whole["optimizer"] // state_split,
+      activations=activation_bytes(cfg.model, rows, cfg.data.seq_len, compute_bytes),
+  )
+  mem["total"] = sum(mem.values())
+  return mem
+
+
 def report(cfg: ml_collections.ConfigDict) -> dict:
   """Params, FLOPs per token and memory of a run config, in one dict."""
   lin = cfg.model.linear
