@@ -525,6 +525,34 @@ class Store:
                                               "results": self.results}))
 
 
+def truncated(factors: dict, rank: int) -> dict:
+  """Rank-`rank` factors from larger ones ({..: {'p': [n, R], 'q': [R, m]}} or (P, Q) pairs,
+  nested): the first `rank` columns of P and rows of Q."""
+  if isinstance(factors, tuple):
+    return factors[0][:, :rank], factors[1][:rank]
+  if set(factors) == {"p", "q"}:
+    return {"p": factors["p"][:, :rank], "q": factors["q"][:rank]}
+  return {k: truncated(v, rank) for k, v in factors.items()}
+
+
+def check_layers(text: str, layers) -> list[int]:
+  """The sparse layers the NumPy re-derivation checks: 'ends' (the first and the last),
+  'all', or a comma list."""
+  from lost_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if text == "all":
+    return list(layers)
+  if text == "ends":
+    return sorted({layers[0], layers[-1]}) if layers else []
+  try:
+    out = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    out = [-1]
+  if any(i not in layers for i in out):
+    raise UserError(f"--numpy_check_layers={text!r}: not ends, all or sparse layers of the "
+                    f"plan {list(layers)}. Fix: e.g. --numpy_check_layers=ends")
+  return out
+
+
 def _setting_cfg(run_cfg, kind: str, rank: int, tokens: str):
   from lost_jax import configs  # pylint: disable=g-import-not-at-top
   return configs.with_group(run_cfg, sparse=dict(run_cfg.sparse.to_dict(), estimator=kind,
@@ -535,7 +563,7 @@ def compare(cfg, flags) -> dict:
   """Measure every estimator setting and the oracle / random references on held-out batches
   (resumable in --workdir); the page's JSON record."""
   # pylint: disable=g-import-not-at-top
-  from lost_jax import progress
+  from lost_jax import configs, progress
   from lost_jax.adapters.sparselora import estimator as sl_estimator
   from lost_jax.adapters.sparselora import plan as sl_plan
   from lost_jax.data import instruct
@@ -555,12 +583,17 @@ def compare(cfg, flags) -> dict:
   if default not in settings:
     raise UserError(f"the config's own estimator setting {default!r} is not compared. Fix: "
                      "include it in --estimators / --estimator_tokens.")
-  module, plan, run_cfg, tok = finetune.adapted_and_tokenizer(cfg, None)
+  # Loaded without sparsity (no estimator is built for nothing); the preset's plan, read here.
+  cfg.sparse.enabled = False
+  module, _, run_cfg, tok = finetune.adapted_and_tokenizer(cfg, None)
+  run_cfg = configs.with_group(run_cfg, sparse=dict(run_cfg.sparse.to_dict(), enabled=True))
+  plan = sl_plan.plan_from_config(run_cfg.sparse, run_cfg.model.n_layers)
   model, layers = module.model, plan.estimator_layers()
+  check = check_layers(flags.numpy_check_layers, layers)
   batches = instruct.make_eval_batches(run_cfg.data, tok,
                                        run_cfg.train.batch_size)[:flags.eval_batches]
   store = Store(flags.workdir, {"config": run_cfg.to_json(), "settings": list(settings),
-                                "eval_batches": flags.eval_batches})
+                                "eval_batches": flags.eval_batches, "numpy_check": check})
   names = list(settings) + ["oracle", "random"]
   lengths = [sl_plan.step_lengths(b["weights"], run_cfg.sparse.bucket, True) for b in batches]
 
@@ -583,21 +616,25 @@ def compare(cfg, flags) -> dict:
   est_cache: dict = {}
 
   def estimators(name):
-    """(lost_jax's estimators as the fine-tune builds them, the NumPy factors)."""
+    """(lost_jax's estimators as the fine-tune builds them, the NumPy factors of the checked
+    layers). Each kind (and for asvd each token set) is decomposed once, at its largest
+    compared rank: rank-r factors are the first r of those (the same SVD)."""
     kind, rank, tokens = settings[name]
-    key = (kind, rank, tokens if kind == "asvd" else "")
+    key = (kind, tokens if kind == "asvd" else "")
     if key not in est_cache:
-      est = finetune.estimators_of(_setting_cfg(run_cfg, kind, rank, tokens), model, tok,
+      top = max(r for k, r, _ in settings.values() if k == kind)
+      est = finetune.estimators_of(_setting_cfg(run_cfg, kind, top, tokens), model, tok,
                                    layers)
       np_est = {}
-      for i in layers:
+      for i in progress.track(check, f"NumPy {kind} factors (float64)", "layer"):
         blk = model.layers[i]
         moment = (lambda part, i=i: None if kind == "svd" else np_moments[tokens][(i, part)])
-        np_est[i] = {"gate": np_estimator(kernel(blk.mlp.gate), rank, moment("mlp")),
-                     "up": np_estimator(kernel(blk.mlp.up), rank, moment("mlp")),
-                     "v": np_estimator(kernel(blk.attn.v), rank, moment("attn"))}
+        np_est[i] = {"gate": np_estimator(kernel(blk.mlp.gate), top, moment("mlp")),
+                     "up": np_estimator(kernel(blk.mlp.up), top, moment("mlp")),
+                     "v": np_estimator(kernel(blk.attn.v), top, moment("attn"))}
       est_cache[key] = (est, np_est)   # rank-r factors: every setting's fit in memory
-    return est_cache[key]
+    est, np_est = est_cache[key]
+    return truncated(est, rank), truncated(np_est, rank)
 
   todo = [(bi, n) for bi in range(len(batches)) for n in names
           if f"{n}|{bi}" not in store.results]
@@ -630,7 +667,7 @@ def compare(cfg, flags) -> dict:
       for i in layers:
         got = choose(model.layers[i], plan, i, recs[i], valid, n_sparse,
                      None if est is None else est[sl_estimator.layer_key(i)], tokens, mode)
-        spec = None if np_est is None else spec_choice(
+        spec = None if np_est is None or i not in check else spec_choice(
             recs[i], valid, n_sparse, np_est[i],
             {p: len(got[p]) for p in ("ffn", "v") if p in got}, tokens)
         rows[str(i)] = layer_metrics(got, oracle[i], truth[i], spec)
@@ -656,7 +693,6 @@ def compare(cfg, flags) -> dict:
     # The accounting counts the estimator on the context tokens: 'all' would be undercounted.
     summaries[n]["flops_vs_lora"] = (step_flops(plan, rank) / lora_flops
                                      if tokens == "context" else None)
-  from lost_jax import configs  # pylint: disable=g-import-not-at-top
   return {
       "default": default, "settings": list(settings), "summaries": summaries,
       "layers": per_layer, "dense_loss": dense_loss,
@@ -670,7 +706,8 @@ def compare(cfg, flags) -> dict:
                 "calibration_rows": len(cal_batches) * run_cfg.train.batch_size},
       "setup": {"base": run_cfg.init.path, "task": run_cfg.data.task,
                 "template": run_cfg.data.template, "seq_len": run_cfg.data.seq_len,
-                "bucket": run_cfg.sparse.bucket, "ridge": sl_estimator.ASVD_RIDGE},
+                "bucket": run_cfg.sparse.bucket, "ridge": sl_estimator.ASVD_RIDGE,
+                "numpy_check_layers": check},
       "code_version": common.code_version_line(), "environment": common.environment()}
 
 
@@ -698,6 +735,11 @@ def render(record: dict, command: str) -> str:
     ids = s[n][p][key]
     return f"{len(ids)} ({', '.join(map(str, ids))})" if ids else "0"
 
+  def agreement(summary):
+    vals = [summary[p]["min_spec_agree"] for p in ("ffn", "v")
+            if "min_spec_agree" in summary.get(p, {})]
+    return f"{min(vals):.2f}" if vals else "-"
+
   def flops_cell(n):
     v = s[n].get("flops_vs_lora")
     return "-" if v is None else f"{v:.3f}"
@@ -707,8 +749,7 @@ def render(record: dict, command: str) -> str:
            part(n, "v", "overlap"), layers_of(n, "v", "below_chance"), part(n, "v", "lost"),
            f"{s[n]['qk_overlap']:.3f}" if "qk_overlap" in s[n] else "-",
            f"{s[n]['loss']:.4f}", f"{s[n]['loss_vs_dense']:+.4f}", flops_cell(n),
-           (f"{min(s[n][p].get('min_spec_agree', 1.0) for p in ('ffn', 'v') if p in s[n]):.2f}"
-            if n not in ("oracle", "random") else "-")]
+           agreement(s[n])]
           for n in names]
   chance = {p: next((s[n][p]["chance"] for n in names if p in s[n]), None)
             for p in ("ffn", "v")}
@@ -745,8 +786,9 @@ def render(record: dict, command: str) -> str:
       "(`measure.flops.sparselora_step_flops`), the estimator's included; '-' for `all` "
       "settings (the accounting counts the estimator on the context tokens only) and the "
       "references. NumPy agreement: the smallest |lost_jax's channels & the NumPy "
-      "re-derivation's| / k over the layers and batches (estimator factors re-derived in "
-      "float64; asvd's through a Cholesky root of C instead of the symmetric root).",
+      "re-derivation's| / k over the batches and the checked layers "
+      f"({', '.join(map(str, setup['numpy_check_layers']))}; estimator factors re-derived in "
+      "float64, asvd's through a Cholesky root of C instead of the symmetric root).",
       "", "## Conclusions (computed from the table)", ""]
   lines += [f"- {t}" for t in statements(s, default, basis_text(record))]
   for p, title in (("ffn", "FFN"), ("v", "attention v")):
@@ -918,6 +960,9 @@ def define_flags():
   flags.DEFINE_string("workdir", "/tmp/lost_jax_runs/sparselora_diagnose",
                       "--out: measurements cached here as they finish (resumable).")
   flags.DEFINE_string("from_json", "", "--out: only re-render the page from this JSON.")
+  flags.DEFINE_string("numpy_check_layers", "ends", "--out: the sparse layers whose choice is "
+                      "re-derived in NumPy (float64 SVDs): ends (first and last), all, or a "
+                      "comma list.")
   return flags.FLAGS
 
 

@@ -1,6 +1,7 @@
 """experiments/sparselora_diagnose.py: its NumPy pieces against direct derivations, and its
 per-layer check on a tiny model (it agrees with lost_jax, and it notices a wrong estimator)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,6 +184,18 @@ def test_numpy_estimators_match_lost_jax():
   x3, valid = rand(2, 4, 24, seed=6), np.ones((2, 4), bool)
   np.testing.assert_allclose(dg.spec_column_norms_pq(x3, valid, dg.np_svd_factors(kern, 5)),
                              dg.spec_column_norms(x3, valid, kern, rank=5), rtol=1e-10)
+  # Rank-r factors are the first r of larger ones: what a build at rank r gives.
+  for mom in (None, moment):
+    np.testing.assert_allclose(np.dot(*dg.truncated(dg.np_estimator(kern, 9, mom), 4)),
+                               np.dot(*dg.np_estimator(kern, 4, mom)), atol=1e-9)
+  model = tiny_model()
+  moments = {"layer_1": {"attn": jnp.asarray(np.eye(32)), "mlp": jnp.asarray(np.eye(32) * 2)}}
+  for kind in ("svd", "asvd"):
+    big = sl_estimator.build_estimators(model, 6, [1], kind=kind, moments=moments)
+    small = sl_estimator.build_estimators(model, 3, [1], kind=kind, moments=moments)
+    for a, b in zip(jax.tree.leaves(dg.truncated(big, 3)), jax.tree.leaves(small)):
+      np.testing.assert_array_equal(a, b)
+  assert dg.check_layers("ends", (3, 5, 9)) == [3, 9] and dg.check_layers("5", (3, 5)) == [5]
 
 
 def test_layer_metrics_summary_and_statements_by_hand():
@@ -237,7 +250,8 @@ def test_compare_on_a_tiny_model_resumes_and_renders(tmp_path, monkeypatch):
   cfg.sparse.update(dict(ffn="0.75@0-1", attn="0.5@1", calibration_batches=1,
                          estimator_rank=4))
   flags = types.SimpleNamespace(estimators="svd:4,asvd:4", estimator_tokens="context,all",
-                                eval_batches=1, workdir=str(tmp_path / "wd"))
+                                eval_batches=1, workdir=str(tmp_path / "wd"),
+                                numpy_check_layers="all")
   record = dg.compare(cfg.copy_and_resolve_references(), flags)
   s = record["summaries"]
   assert record["default"] == "svd r4 context" and set(s) == {
