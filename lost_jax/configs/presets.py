@@ -304,6 +304,9 @@ def finetune_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
       enabled=True,
       ffn=ffn,                 # per-layer FFN sparsity, '<fraction>@<layers>;...'
       attn=attn,               # per-layer attention sparsity
+      # the channel scores' low-rank estimator of the base kernels: svd (the paper's) | asvd
+      # (activation-aware: fitted to the calibration batches' layer inputs)
+      estimator="svd",
       estimator_rank=8,
       start_frac=0.05,         # sparsity is off for this fraction of steps
       mode="svd",              # channel choice: svd estimator | oracle (exact) | random

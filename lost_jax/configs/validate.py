@@ -244,6 +244,8 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   _in_range("sparse.estimator_rank", sp.estimator_rank, 1, _INF, "e.g. 8", integer=True)
   _in_range("sparse.start_frac", sp.start_frac, 0.0, 1.0, "a fraction of steps such as 0.05")
   _in_range("sparse.bucket", sp.bucket, 1, _INF, "e.g. 16 or 64", integer=True)
+  if sp.get("estimator", "svd") not in ("svd", "asvd"):
+    _fail("sparse.estimator", f"{sp.estimator!r} is unknown", "svd or asvd")
   if sp.get("estimator_tokens", "context") not in ("context", "all"):
     _fail("sparse.estimator_tokens", f"{sp.estimator_tokens!r} is unknown", "context or all")
   if not isinstance(sp.get("block_input_grad", False), bool):

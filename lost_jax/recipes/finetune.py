@@ -2,7 +2,7 @@
 
 The base comes from `init` (`recipes/base.py`), LoRA adapters are the only trained variables
 (`LoRAParam`) and the only ones checkpointed; the frozen base is rebuilt from its source and
-the SVD estimators are cached in `<workdir>/estimators.npz`. SparseLoRA's per-step static
+the estimators are cached in `<workdir>/estimators.npz`. SparseLoRA's per-step static
 lengths (`sparselora.StepLengths`) are the recipe's static argument: the trainer compiles one
 step per value without knowing what they mean.
 """
@@ -42,12 +42,22 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
                   mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False
                   ) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan,
                              ml_collections.FrozenConfigDict]:
-  """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config).
+  """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config):
+  `adapted_and_tokenizer` without the tokenizer."""
+  return adapted_and_tokenizer(cfg, workdir, mesh, all_estimators=all_estimators)[:3]
+
+
+def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
+                          mesh: jax.sharding.Mesh | None = None, *,
+                          all_estimators: bool = False):
+  """(module, plan, run config, tokenizer): the base + LoRA adapters + estimators as a
+  SparseLoRALlama, its plan, the run config and the base's tokenizer.
 
   The run config is `cfg` (resolved) with the base's model group and tokenizer path, checked
-  against the base's shape, and sparse.ffn / attn read from sparse.plan (a plan file) if one
-  is given; estimators (of every layer if all_estimators, else of the plan's sparse layers)
-  are cached in `workdir` if one is given.
+  against the base's shape, sparse.ffn / attn read from sparse.plan (a plan file) if one is
+  given, and data.template `auto` decided once (a run records the template it trains with).
+  Estimators (of every layer if all_estimators, else of the plan's sparse layers; asvd's
+  fitted on the calibration batches) are cached in `workdir` if one is given.
   """
   cfg = configs.resolve(cfg, "finetune")
   model, model_cfg = load_base(cfg, mesh)
@@ -55,6 +65,9 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
                            data=dict(cfg.data.to_dict(), tokenizer=tokenizer_path(cfg)))
   cfg = with_plan_file(cfg)
   configs.validate_finetune_base(cfg)
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  cfg = configs.with_group(cfg, data=dict(
+      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
   quantize_base(model, cfg.init.get("quantize", "none"))
@@ -64,15 +77,55 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
              dropout=cfg.lora.dropout, param_dtype=configs.PRECISIONS[cfg.train.precision][1],
              rngs=nnx.Rngs(cfg.seed + 1))
   layers = range(cfg.model.n_layers) if all_estimators else plan.estimator_layers()
-  estimators = None
-  if layers:
-    path = os.path.join(workdir, "estimators.npz") if workdir else None
-    estimators = _cached_estimators(path, model, cfg.sparse.estimator_rank)
-    if estimators is None or any(sl_estimator.layer_key(i) not in estimators for i in layers):
-      estimators = sl_estimator.build_estimators(model, cfg.sparse.estimator_rank, layers)
-      if path and jax.process_index() == 0:
-        sl_estimator.save_estimators(path, estimators)
-  return SparseLoRALlama(model, estimators, plan), plan, cfg
+  estimators = estimators_of(cfg, model, tok, layers, workdir) if layers else None
+  return SparseLoRALlama(model, estimators, plan), plan, cfg, tok
+
+
+def calibration_inputs(cfg: ml_collections.FrozenConfigDict, tok
+                       ) -> tuple[list[dict], list[sl_plan.StepLengths]]:
+  """The first sparse.calibration_batches training batches (what the fine-tune starts on)
+  and the static lengths a sparse step of each has: what `calibrate` measures and asvd
+  estimators are fitted on."""
+  sp = cfg.sparse
+  it = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size, seed=cfg.seed)
+  batches = [next(it) for _ in range(sp.calibration_batches)]
+  lengths = [sl_plan.step_lengths(b["weights"], sp.bucket, True) for b in batches]
+  if not sp.dense_outputs:
+    lengths = [n._replace(dense_len=1) for n in lengths]
+  return [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], lengths
+
+
+def calibration_fingerprint(cfg: ml_collections.FrozenConfigDict) -> dict:
+  """What the calibration batches and the tokens asvd's statistics read depend on."""
+  sp = cfg.sparse
+  return {"inputs": inputs.fingerprint(cfg, "finetune"),
+          "data": json.loads(cfg.data.to_json()), "seed": cfg.seed,
+          "batch_size": cfg.train.batch_size, "batches": sp.calibration_batches,
+          "sparse": {k: sp.get(k) for k in ("bucket", "dense_outputs", "estimator_tokens")}}
+
+
+def estimators_of(cfg: ml_collections.FrozenConfigDict, model, tok, layers,
+                  workdir: str | None = None) -> dict:
+  """The sparse.estimator estimators of `layers` (rank sparse.estimator_rank), from
+  `<workdir>/estimators.npz` if it holds them, else built (and cached there)."""
+  sp = cfg.sparse
+  kind = sp.get("estimator", "svd")
+  calibration = calibration_fingerprint(cfg) if kind == "asvd" else None
+  path = os.path.join(workdir, "estimators.npz") if workdir else None
+  est = _cached_estimators(path, model, sp.estimator_rank, kind, calibration)
+  if est is not None and all(sl_estimator.layer_key(i) in est for i in layers):
+    return est
+  moments = None
+  if kind == "asvd":
+    batches, lengths = calibration_inputs(cfg, tok)
+    masks = [sl_estimator.token_mask(b["segment_ids"], b["inputs"].shape[1] - n.dense_len,
+                                     sp.estimator_tokens) for b, n in zip(batches, lengths)]
+    moments = sl_estimator.input_moments(model, batches, masks, layers)
+  est = sl_estimator.build_estimators(model, sp.estimator_rank, layers, kind=kind,
+                                      moments=moments)
+  if path and jax.process_index() == 0:
+    sl_estimator.save_estimators(path, est, kind=kind, calibration=calibration, model=model)
+  return est
 
 
 def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.FrozenConfigDict:
@@ -91,20 +144,23 @@ def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.Froze
       attn=configs.format_layer_sparsity(plan.attn)))
 
 
-def _cached_estimators(path: str | None, model, rank: int) -> dict | None:
+def _cached_estimators(path: str | None, model, rank: int, kind: str = "svd",
+                       calibration: dict | None = None) -> dict | None:
   """The run's estimators.npz, None if there is none or it is damaged (it is rebuilt: it is
-  derived from the base alone); one error if it was built from another base."""
+  derived from the base and calibration data alone); one error if it was built from another
+  base, kind, rank or calibration data."""
   if not path or not os.path.exists(path):
     return None
   try:
-    return sl_estimator.load_estimators(path, model, rank)
+    return sl_estimator.load_estimators(path, model, rank, kind=kind, calibration=calibration)
   except sl_estimator.DamagedFile as e:
     if jax.process_index() == 0:
       print(f"{errors.one_line(e)}; rebuilding it from the base", flush=True)
     return None
   except ValueError as e:
     raise UserError(f"{errors.one_line(e)} The run's estimators were built from another base "
-                    "or settings than config.init / config.sparse give now. Fix: give the "
+                    "or settings than config.init / config.sparse / config.data give now. "
+                    "Fix: give the "
                     "run's original base and settings, or start a new --workdir for the new "
                     "base") from e
 
@@ -202,17 +258,6 @@ def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest
     return out
 
   return evaluate
-
-
-def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                          mesh: jax.sharding.Mesh, *, all_estimators: bool = False):
-  """(module, plan, run config, tokenizer): `adapted_model` and the base's tokenizer, with
-  data.template `auto` decided once (a run records the template it trains with)."""
-  module, plan, cfg = adapted_model(cfg, workdir, mesh, all_estimators=all_estimators)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  cfg = configs.with_group(cfg, data=dict(
-      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
-  return module, plan, cfg, tok
 
 
 def _fingerprint(cfg: ml_collections.FrozenConfigDict, vocab_size: int) -> dict:
