@@ -339,6 +339,14 @@ def setting_name(kind: str, rank: int, tokens: str) -> str:
   return f"{kind} r{rank} {tokens}"
 
 
+PAPER = setting_name("svd", 8, "context")   # the paper's estimator: what the others are held to
+
+
+def reference_of(record: dict) -> str:
+  """The setting the page compares the others with: the paper's, if measured."""
+  return PAPER if PAPER in record["settings"] else record["default"]
+
+
 def choose(blk, plan, i: int, rec, valid_BxL, n_sparse: int, est_layer, tokens: str,
            mode: str) -> dict:
   """lost_jax's channels of layer i from its recorded dense inputs: {'ffn': [k], 'v': [k],
@@ -451,9 +459,17 @@ def beats_chance_everywhere(summary: dict) -> bool:
              for p in ("ffn", "v") if p in summary)
 
 
-def statements(summaries: dict[str, dict], default: str, basis: str) -> list[str]:
+def better_everywhere(a: dict, b: dict) -> bool:
+  """Summary a beats b on every measure: higher mean FFN and v overlap, less FFN and v output
+  lost, lower plan loss."""
+  parts = [p for p in ("ffn", "v") if p in a and p in b]
+  return (all(a[p]["overlap"] > b[p]["overlap"] and a[p]["lost"] < b[p]["lost"] for p in parts)
+          and a["loss"] < b["loss"])
+
+
+def statements(summaries: dict[str, dict], reference: str, basis: str) -> list[str]:
   """The page's computed conclusions from the settings' summaries (estimator settings only:
-  not 'oracle' / 'random')."""
+  not 'oracle' / 'random'), `reference` the setting the others are compared with."""
   names = [n for n in summaries if n not in ("oracle", "random")]
   every = [n for n in names if beats_chance_everywhere(summaries[n])]
   out = [f"Beats chance in every sparse layer (FFN and attention-v overlap above k/N, and less "
@@ -476,7 +492,7 @@ def statements(summaries: dict[str, dict], default: str, basis: str) -> list[str
     vals = {n: (summaries[n][part][key] if part else summaries[n][key]) for n in names
             if part is None or part in summaries[n]}
     pick = (min if low else max)(vals, key=vals.get)
-    return pick, vals[pick], vals[default]
+    return pick, vals[pick], vals[reference]
 
   lines = []
   for label, key, part, low, fmt in [
@@ -489,9 +505,13 @@ def statements(summaries: dict[str, dict], default: str, basis: str) -> list[str
       continue
     pick, val, ref = best(key, part, low)
     chance = (f", chance {summaries[pick][part]['chance']:.3f}" if key == "overlap" else "")
-    lines.append(f"{label}: {pick} ({fmt.format(val)}{chance}; the default {default}: "
+    lines.append(f"{label}: {pick} ({fmt.format(val)}{chance}; {reference}: "
                  f"{fmt.format(ref)})")
   out.append("Best on average over the sparse layers: " + "; ".join(lines) + ".")
+  wins = [n for n in names if n != reference
+          and better_everywhere(summaries[n], summaries[reference])]
+  out.append(f"Better than {reference} on every measure (higher mean FFN and v overlap, less "
+             f"FFN and v output lost, lower plan loss): {', '.join(wins) if wins else 'none'}.")
   return out
 
 
@@ -721,7 +741,7 @@ def basis_text(record: dict) -> str:
 def render(record: dict, command: str) -> str:
   """The diagnosis page (markdown) of a `compare` record."""
   import os  # pylint: disable=g-import-not-at-top
-  s, default, b = record["summaries"], record["default"], record["basis"]
+  s, ref, b = record["summaries"], reference_of(record), record["basis"]
   setup = record["setup"]
   base = os.path.basename(setup["base"]) or "a random model"
   names = record["settings"] + ["oracle", "random"]
@@ -744,7 +764,7 @@ def render(record: dict, command: str) -> str:
     v = s[n].get("flops_vs_lora")
     return "-" if v is None else f"{v:.3f}"
 
-  rows = [[n + (" (default)" if n == default else ""), part(n, "ffn", "overlap"),
+  rows = [[n + (" (paper)" if n == PAPER else ""), part(n, "ffn", "overlap"),
            layers_of(n, "ffn", "below_chance"), part(n, "ffn", "lost"),
            part(n, "v", "overlap"), layers_of(n, "v", "below_chance"), part(n, "v", "lost"),
            f"{s[n]['qk_overlap']:.3f}" if "qk_overlap" in s[n] else "-",
@@ -790,7 +810,7 @@ def render(record: dict, command: str) -> str:
       f"({', '.join(map(str, setup['numpy_check_layers']))}; estimator factors re-derived in "
       "float64, asvd's through a Cholesky root of C instead of the symmetric root).",
       "", "## Conclusions (computed from the table)", ""]
-  lines += [f"- {t}" for t in statements(s, default, basis_text(record))]
+  lines += [f"- {t}" for t in statements(s, ref, basis_text(record))]
   for p, title in (("ffn", "FFN"), ("v", "attention v")):
     layer_ids = sorted({int(i) for n in names for i, r in record["layers"][n].items()
                         if f"{p}_overlap" in r})
@@ -907,7 +927,7 @@ def main_compare(argv, flags):
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(f"wrote {write_page(record, flags.out, list(sys.argv))}", flush=True)
-  print("\n".join(statements(record["summaries"], record["default"], basis_text(record))))
+  print("\n".join(statements(record["summaries"], reference_of(record), basis_text(record))))
   del argv
   return 0
 

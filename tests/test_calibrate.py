@@ -190,3 +190,14 @@ def test_asvd_estimators_fit_the_calibration_batches_and_are_cached(tmp_path, mo
     with pytest.raises(UserError, match="estimators.*Fix:") as e:
       finetune.adapted_and_tokenizer(cfg2, workdir, mesh)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow   # a 2-step SparseLoRA fine-tune with asvd estimators
+def test_finetune_with_asvd_estimators(tmp_path):
+  cfg = _cfg(estimator="asvd", ffn="0.75@0-1", attn="0.5@1")
+  out = finetune.finetune_and_evaluate(cfg, str(tmp_path), quiet=True)
+  assert np.isfinite(out["eval_loss"])
+  with np.load(tmp_path / "estimators.npz") as data:
+    header = json.loads(str(data["__header__"]))
+  assert header["estimator"] == "asvd" and header["rank"] == [8]
+  assert header["calibration"]["batches"] == 1

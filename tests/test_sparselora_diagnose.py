@@ -236,8 +236,13 @@ def test_layer_metrics_summary_and_statements_by_hand():
                                                                            1.5)}, "a", "X"))
   assert "every sparse layer (" in text and ": b (1 of 2); measured on X." in text
   assert "a: ffn layers [2] below chance; ffn layers [2] losing no less than random" in text
-  assert "mean FFN overlap: b (0.350, chance 0.100; the default a: 0.250)" in text
-  assert "lowest plan loss: b (1.8000; the default a: 2.0000)" in text
+  assert "mean FFN overlap: b (0.350, chance 0.100; a: 0.250)" in text
+  assert "lowest plan loss: b (1.8000; a: 2.0000)" in text
+  assert "Better than a on every measure (higher mean FFN and v overlap, less FFN and v " \
+         "output lost, lower plan loss): b." in text
+  # Better everywhere means every measure: a higher loss alone (or a tie) spoils it.
+  assert dg.better_everywhere(sg, sa) and not dg.better_everywhere(sa, sg)
+  assert not dg.better_everywhere(sg, dict(sa, loss=1.8)) and not dg.better_everywhere(sg, sg)
 
 
 @pytest.mark.slow   # every estimator setting on a tiny fine-tune config, then a resume
@@ -268,4 +273,5 @@ def test_compare_on_a_tiny_model_resumes_and_renders(tmp_path, monkeypatch):
     dg.compare(cfg.copy_and_resolve_references(),
                types.SimpleNamespace(**{**vars(flags), "estimators": "svd:4"}))
   page = dg.render(record, "python -m experiments.sparselora_diagnose --out=x")
-  assert test_pages.problems(page) == [] and "| svd r4 context (default) |" in page
+  assert test_pages.problems(page) == [] and "| svd r4 context |" in page
+  assert dg.reference_of(record) == "svd r4 context" and "(paper)" not in page
