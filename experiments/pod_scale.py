@@ -246,8 +246,9 @@ def compile_row(row: Row, rows_per_chip: int, devices: list, hlo_dir: str = "") 
 
 
 def estimates(row: Row, m: dict) -> dict:
-  """Per-step figures of a compile: model FLOPs, the compiler's time scaled by the loops'
-  trip counts, tokens/s, MFU and the roofline terms (seconds)."""
+  """Per-step figures of a compile: model FLOPs; the compiler's time scaled by the loops' trip
+  counts (None when the compiler's optimal_seconds is not positive), its tokens/s and MFU; the
+  HLO's per-instruction roofline time and MFU; and the totals' roofline terms (seconds)."""
   cfg = row_config(row, m["rows_per_chip"])
   tokens = cfg.train.batch_size * cfg.data.seq_len
   model_flops = (accounting.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
@@ -257,17 +258,21 @@ def estimates(row: Row, m: dict) -> dict:
   # The compiler's estimate counts each loop body once; scale it by the ratio of the
   # per-instruction roofline with bodies x trip count to the same with bodies once.
   scale = w["seconds"] / once["seconds"]
-  step_s = m["compiler"]["optimal_seconds"] * scale
+  optimal = m["compiler"].get("optimal_seconds", 0.0)
+  step_s = optimal * scale if optimal > 0 else None
   # The HLO walker does not see the FLOPs inside custom calls (the splash-attention kernel):
   # the compute term takes the larger of its FLOPs and the model's.
   compute_s, hbm_s, ici_s = (max(w["flops"], model_flops) / chip.peak_flops,
                              w["bytes"] / chip.hbm_bw, w["ici_bytes"] / chip.ici_bw)
+  mfu = lambda seconds: model_flops / seconds / chip.peak_flops if seconds else None
   return dict(model_flops=model_flops, tokens=tokens, loop_scale=scale, step_s=step_s,
-              tokens_per_s=tokens / step_s, mfu=model_flops / step_s / chip.peak_flops,
+              tokens_per_s=tokens / step_s if step_s else None, mfu=mfu(step_s),
+              hlo_step_s=w["seconds"], hlo_mfu=mfu(w["seconds"]),
               compute_s=compute_s, hbm_s=hbm_s, ici_s=ici_s,
               roofline_s=max(compute_s, hbm_s, ici_s),
-              roofline_mfu=model_flops / max(compute_s, hbm_s, ici_s) / chip.peak_flops,
-              flops_check=once["flops"] / m["compiler"]["flops"])
+              roofline_mfu=mfu(max(compute_s, hbm_s, ici_s)),
+              flops_check=once["flops"] / m["compiler"]["flops"],
+              bytes_check=once["bytes"] / m["compiler"]["bytes accessed"])
 
 
 def search(row: Row, devices: list, cache: dict, save: Callable[[], None],

@@ -79,12 +79,24 @@ def _coll(r: dict, kind: str) -> str:
   return text
 
 
+def step_time(r: dict) -> tuple[float, str]:
+  """(seconds, source) of a row's estimated step: the compiler's, or where it gave none the
+  HLO per-instruction roofline."""
+  if r.get("step_s"):
+    return r["step_s"], "compiler"
+  return r["hlo_step_s"], "HLO roofline"
+
+
+def _opt(value, fmt: str) -> str:
+  return "n/a" if value is None else format(value, fmt)
+
+
 def time_table(rows: list[dict]) -> str:
   """Per-step FLOPs, bytes, collectives, the compiler's estimate and the roofline terms."""
   header = ["slice", "size", "method", "states", "mesh", "TFLOP / chip (model)",
             "HBM GiB / chip"] + [f"{a} count / GiB" for _, a in _KINDS] + [
-            "est. step s *", "est. tokens/s *", "est. MFU *", "roofline s: compute / HBM / ICI",
-            "roofline MFU"]
+            "est. step s (compiler) *", "est. tokens/s *", "est. MFU *",
+            "HLO roofline s / MFU *", "totals roofline s: compute / HBM / ICI", "its MFU"]
   body = []
   for r in rows:
     if "hlo" not in r:
@@ -93,7 +105,9 @@ def time_table(rows: list[dict]) -> str:
     body.append([r["slice"], r["size"], r["method"], _states(r), _mesh(r),
                  f"{h['flops'] / 1e12:.1f} ({r['model_flops'] / 1e12:.1f})",
                  f"{h['bytes'] / GIB:.0f}"] + [_coll(r, k) for k, _ in _KINDS] + [
-                 f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+                 _opt(r["step_s"], ".3f"), _opt(r["tokens_per_s"], ",.0f"),
+                 "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                 f"{r['hlo_step_s']:.3f} / {100 * r['hlo_mfu']:.1f}%",
                  f"{r['compute_s']:.3f} / {r['hbm_s']:.3f} / {r['ici_s']:.3f}",
                  f"{100 * r['roofline_mfu']:.1f}%"])
   return common.markdown_table(header, body)
@@ -109,19 +123,28 @@ def pairs(rows: list[dict], field: str = "method", a: str = "full_rank", b: str 
   return [(r, by[(k, b)]) for (k, v), r in by.items() if v == a and (k, b) in by]
 
 
+def _same_source(a: dict, b: dict) -> tuple[tuple[float, str], tuple[float, str]]:
+  """Both rows' step times from one source: the compiler's if both have it, else the HLO
+  roofline's."""
+  if a.get("step_s") and b.get("step_s"):
+    return (a["step_s"], "compiler"), (b["step_s"], "compiler")
+  return (a["hlo_step_s"], "HLO roofline"), (b["hlo_step_s"], "HLO roofline")
+
+
 def compare_table(rows: list[dict]) -> str:
   """LOST / full-rank per-chip peak and estimated step time on every shared setting."""
   header = ["slice", "size", "states", "mesh", "peak GiB full-rank / LOST", "LOST x full-rank",
-            "est. step s full-rank / LOST *", "LOST x full-rank *",
+            "est. step s full-rank / LOST *", "LOST x full-rank *", "time from",
             "collective GiB full-rank / LOST"]
   body = []
   for f, l in pairs(rows):
     if "hlo" not in f or "hlo" not in l:
       continue
     coll = lambda r: sum(r["hlo"]["collective_bytes"].values())
+    (tf, src), (tl, _) = _same_source(f, l)
     body.append([f["slice"], f["size"], _states(f), _mesh(f),
                  f"{gib(f['peak'])} / {gib(l['peak'])}", f"{l['peak'] / f['peak']:.2f}",
-                 f"{f['step_s']:.3f} / {l['step_s']:.3f}", f"{l['step_s'] / f['step_s']:.2f}",
+                 f"{tf:.3f} / {tl:.3f}", f"{tl / tf:.2f}", src,
                  f"{gib(coll(f))} / {gib(coll(l))}"])
   return common.markdown_table(header, body)
 
@@ -139,7 +162,8 @@ def loop_table(rows: list[dict]) -> str:
     body.append([s_["slice"], s_["size"], s_["method"], _states(s_), _mesh(s_),
                  f"{gib(s_['peak'])} / {gib(u['peak'])}", f"{gib(s_['temp'])} / {gib(u['temp'])}",
                  f"{s_['compile_s']:.0f} / {u['compile_s']:.0f}",
-                 f"{gib(coll(s_))} / {gib(coll(u))}", f"{s_['step_s']:.3f} / {u['step_s']:.3f}"])
+                 f"{gib(coll(s_))} / {gib(coll(u))}",
+                 " / ".join(f"{t:.3f}" for t, _ in _same_source(s_, u))])
   return common.markdown_table(header, body) if body else ""
 
 
@@ -152,13 +176,17 @@ def summary_lines(cache: dict) -> list[str]:
        f.get("loop", "scan") != "scan":
       continue
     coll = lambda r: sum(r["hlo"]["collective_bytes"].values()) / GIB
+    (tf, src), (tl, _) = _same_source(f, l)
+    mfu = lambda r, t: r["model_flops"] / t / CHIPS[SLICES[r["slice"]][1]].peak_flops
+    what = ("the compiler's estimated" if src == "compiler" else
+            "the HLO roofline's (the compiler's optimal_seconds is negative here)")
     out.append(
         f"- {f['size']} on {f['slice']} ({f['chips']} chips, {_mesh(f)}, {_states(f)} states): "
         f"per-chip peak full-rank {gib(f['peak'])} GiB vs LOST {gib(l['peak'])} GiB "
         f"({l['peak'] / f['peak']:.2f}x) of {f['hbm_gib']} GiB HBM; collectives per step "
-        f"{coll(f):.1f} vs {coll(l):.1f} GiB per chip; the compiler's estimated MFU "
-        f"{100 * f['mfu']:.1f}% vs {100 * l['mfu']:.1f}% and step "
-        f"{f['step_s']:.3f} vs {l['step_s']:.3f} s ({l['step_s'] / f['step_s']:.2f}x), "
+        f"{coll(f):.1f} vs {coll(l):.1f} GiB per chip; {what} MFU "
+        f"{100 * mfu(f, tf):.1f}% vs {100 * mfu(l, tl):.1f}% and step "
+        f"{tf:.3f} vs {tl:.3f} s ({tl / tf:.2f}x), "
         f"estimates, not measurements. Activations are {_act(f)}% (full-rank) and {_act(l)}% "
         f"(LOST) of the closed-form per-chip estimate at {f['rows_per_chip']} sequences per "
         "chip per pass.")
@@ -193,6 +221,8 @@ def chip_lines() -> list[str]:
 def markdown(cache: dict, command: str, image: str = "") -> str:
   rows = ordered(cache)
   checks = [r["flops_check"] for r in rows if "flops_check" in r]
+  byte_checks = [r["bytes_check"] for r in rows if "bytes_check" in r]
+  no_time = sorted({r["slice"] for r in rows if "hlo" in r and r["step_s"] is None})
   unknown = sum(r["hlo"]["unknown_loops"] for r in rows if "hlo" in r)
   batch, seq_len = preset_batch("llama_7b")
   lines = [
@@ -248,11 +278,19 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
       + " the compiler's own `flops` (elementwise FLOPs are the rest)"
       + (f"; {unknown} loop(s) had no readable trip count and count once." if unknown else
          "; every loop's trip count was read."),
-      "- **est. step s \\***: the compiler's `optimal_seconds` (bodies once) x the ratio of a "
-      "per-instruction roofline (max of FLOPs / peak and bytes / HBM bandwidth per "
-      "instruction) with bodies x trip count to the same with bodies once. It does not "
-      "include collectives. **est. tokens/s** = global batch tokens / that time; **est. MFU**"
-      " = model FLOPs per chip / time / bf16 peak.",
+      "- **est. step s (compiler) \\***: the compiler's `optimal_seconds` (bodies once) x the "
+      "ratio of the HLO roofline with bodies x trip count to the same with bodies once. It "
+      "does not include collectives. **est. tokens/s** = global batch tokens / that time; "
+      "**est. MFU** = model FLOPs per chip / time / bf16 peak."
+      + (f" n/a: the compiler returned a negative `optimal_seconds` ({', '.join(no_time)}"
+         " compiles); there the LOST / full-rank comparison and the plot use the HLO roofline."
+         if no_time else ""),
+      "- **HLO roofline \\***: per instruction outside fusions, max(FLOPs / bf16 peak, bytes / "
+      "HBM bandwidth), summed with every loop body x its trip count (`hlo.step_costs`); "
+      "no collectives. The walker's bytes (operands and results at fusion boundaries, slices "
+      "and in-place updates as read and written, async copies once each way) are "
+      + (f"{min(byte_checks):.2f}-{max(byte_checks):.2f}x" if byte_checks else "-")
+      + " the compiler's own `bytes accessed` with bodies once.",
       "- **Roofline**: compute = walker FLOPs / bf16 peak; HBM = walker bytes / HBM "
       "bandwidth; ICI = ring bytes of the collectives / ICI bandwidth ((n-1)/n of each "
       "all-gather / reduce-scatter, 2(n-1)/n of each all-reduce over its n chips). The max is "
@@ -291,10 +329,14 @@ def plot(cache: dict, path: str) -> None:
   for off, i, name in ((-0.2, 0, "full-rank"), (0.2, 1, "LOST")):
     ax1.bar([v + off for v in x], [100 * p[i]["peak"] / GIB / p[i]["hbm_gib"] for p in done],
             0.4, label=name)
-    ax2.bar([v + off for v in x], [100 * p[i]["mfu"] for p in done], 0.4, label=name)
+    bars = ax2.bar([v + off for v in x], [100 * (p[i]["mfu"] or p[i]["hlo_mfu"])
+                                          for p in done], 0.4, label=name)
+    for bar, p in zip(bars, done):
+      if p[i]["mfu"] is None:       # no compiler estimate: the HLO roofline's, hatched
+        bar.set_hatch("//")
   ax1.axhline(100, color="k", lw=0.8)
   ax1.set_ylabel("peak, % of the chip's HBM")
-  ax2.set_ylabel("estimated MFU % (compiler)")
+  ax2.set_ylabel("estimated MFU %\n(compiler; hatched: HLO roofline)")
   ax2.set_xticks(list(x), labels, fontsize=7)
   ax1.legend()
   ax1.set_title("Train step per chip, compiled for TPU slices (estimates, not measurements)")

@@ -197,3 +197,23 @@ ENTRY %e (s0: bf16[16,32], g: bf16[64,32], i0: s32[]) -> (bf16[64,32], bf16[64,3
   assert weighted.count["all-reduce"] == 2 and weighted.coll_bytes["all-reduce"] == 3 * full
   # %ar1's operand and the first of %ar2's are padded shards; %g (a gradient) is not.
   assert weighted.padded_gathers == 2 and weighted.padded_gather_bytes == 2 * full
+
+
+def test_allocations_move_nothing_and_async_copies_and_slices_count_each_end_once():
+  text = """HloModule m
+
+ENTRY %e (x: f32[64,32]) -> f32[64,32] {
+  %x = f32[64,32]{1,0} parameter(0)
+  %buf = f32[64,32]{1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %cs = (f32[64,32]{1,0}, f32[64,32]{1,0:S(1)}, u32[]) copy-start(%x)
+  %cd = f32[64,32]{1,0:S(1)} copy-done(%cs)
+  %ss = ((f32[64,32]{1,0}), f32[16,32]{1,0:S(1)}, s32[]) slice-start(%x), slice={[0:16], [0:32]}
+  %sd = f32[16,32]{1,0:S(1)} slice-done(%ss)
+  ROOT %y = f32[64,32]{1,0} add(%cd, %buf)
+}
+"""
+  weighted, _ = hlo.step_costs(text, num_devices=1)
+  full, part = 64 * 32 * 4, 16 * 32 * 4
+  # copy: read + write (+ its 4-byte context); slice: the slice read + written (+ context);
+  # the add: two operands + result; the allocation and the -done halves: nothing.
+  assert weighted.bytes == (2 * full + 4) + 2 * (part + 4) + 3 * full

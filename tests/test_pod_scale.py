@@ -68,24 +68,30 @@ def _measurement(flops_w, bytes_w, ici_w, seconds_w, seconds_once, optimal):
                                                                2.0 ** 30))
   return dict(rows_per_chip=2, microbatches=1, hlo=hlo(flops_w, bytes_w, ici_w, seconds_w),
               hlo_once=hlo(flops_w / 32, bytes_w / 32, ici_w / 32, seconds_once),
-              compiler=dict(flops=flops_w / 32, optimal_seconds=optimal))
+              compiler={"flops": flops_w / 32, "bytes accessed": bytes_w / 32,
+                        "optimal_seconds": optimal})
 
 
 def test_estimates_scale_the_compilers_time_by_the_loops_and_compute_mfu_by_hand():
   row = pod_scale.Row("v5e-256", "llama_7b", "lost", 32, "fsdp")
-  m = _measurement(flops_w=4e13, bytes_w=1e11, ici_w=2e10, seconds_w=0.5, seconds_once=0.02,
+  m = _measurement(flops_w=4e12, bytes_w=1e11, ici_w=2e10, seconds_w=0.5, seconds_once=0.02,
                    optimal=0.03)
   e = pod_scale.estimates(row, m)
   step = 0.03 * 0.5 / 0.02                                  # 0.75 s
   model = configs.pretrain_config("llama_7b", "lost").model
-  flops = accounting.train_flops_per_token(model, 256) * 512 * 256 / 256
+  flops = accounting.train_flops_per_token(model, 256) * 512 * 256 / 256   # 8.7e12 > 4e12
   assert e["step_s"] == pytest.approx(step)
   assert e["tokens_per_s"] == pytest.approx(512 * 256 / step)
   assert e["mfu"] == pytest.approx(flops / step / 197e12)
-  assert (e["compute_s"], e["hbm_s"], e["ici_s"]) == pytest.approx((4e13 / 197e12,
+  # Compute from the model's FLOPs (the HLO's miss the attention kernel's), HBM, ICI.
+  assert (e["compute_s"], e["hbm_s"], e["ici_s"]) == pytest.approx((flops / 197e12,
                                                                     1e11 / 819e9, 2e10 / 400e9))
-  assert e["roofline_s"] == pytest.approx(4e13 / 197e12)
-  assert e["flops_check"] == pytest.approx(1.0)
+  assert e["roofline_s"] == pytest.approx(1e11 / 819e9)      # HBM-bound here
+  assert e["hlo_step_s"] == 0.5 and e["hlo_mfu"] == pytest.approx(flops / 0.5 / 197e12)
+  assert e["flops_check"] == pytest.approx(1.0) and e["bytes_check"] == pytest.approx(1.0)
+  # A negative optimal_seconds (the compiler's, on v5e) gives no compiler estimate.
+  none = pod_scale.estimates(row, dict(m, compiler=dict(m["compiler"], optimal_seconds=-15.0)))
+  assert none["step_s"] is none["tokens_per_s"] is none["mfu"] is None
 
 
 def _row(method, peak, optimal):

@@ -38,8 +38,13 @@ _RING = {"all-gather": lambda n: (n - 1) / n, "reduce-scatter": lambda n: (n - 1
 # Opcodes that move no data of their own (their bodies, if any, are walked).
 _NO_BYTES = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
              "conditional", "call", "after-all", "partition-id", "replica-id", "iota",
-             "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
+             "copy-done", "slice-done", "all-gather-done", "all-reduce-done",
+             "collective-permute-done",
              "async-done", "async-update", "opt-barrier", "add-dependency"}
+
+# TPU compiler custom calls that move no data: a buffer allocation, a concatenation of
+# adjacent buffers by bitcast.
+_FREE_CALLS = ("AllocateBuffer", "ConcatBitcast")
 
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -333,6 +338,12 @@ def _instr_bytes(ins: Instr, types: dict[str, str], comps: dict[str, list[Instr]
   its body slices and writes only the updates of an in-place root."""
   result = type_bytes(ins.type)
   operand = [type_bytes(types.get(o, "")) for o in ins.operands]
+  if ins.opcode == "custom-call" and any(f'"{t}"' in ins.attrs for t in _FREE_CALLS):
+    return 0
+  if ins.opcode == "slice-start":          # ((operand), slice, context): reads the slice
+    return 2 * (result - sum(operand))
+  if ins.opcode.endswith("-start"):        # async copy / collective: its tuple holds both ends
+    return result if ins.type.startswith("(") else result + sum(operand)
   if ins.opcode in ("dynamic-slice", "slice"):
     return 2 * result
   if ins.opcode == "dynamic-update-slice":
