@@ -135,6 +135,68 @@ def code_version_line() -> str:
   return line
 
 
+def _sources_at(commits: list[str]) -> dict[str, str]:
+  """commit -> runs.hash_sources of the files runs.source_files() names, read from git."""
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  paths = {c: sorted([p for p in _git("ls-tree", "-r", "--name-only", c, "--",
+                                      "lost_jax").split() if p.endswith(".py")]
+                     + ["experiments/runs.py"]) for c in commits}
+  asked = [(c, p) for c in commits for p in paths[c]]
+  blobs = subprocess.run(["git", "-C", _REPO, "cat-file", "--batch"], check=True,
+                         input="".join(f"{c}:{p}\n" for c, p in asked).encode(),
+                         capture_output=True, timeout=600).stdout
+  files = {c: [] for c in commits}
+  pos = 0
+  for c, p in asked:   # each answer: "<sha> blob <size>\n<bytes>\n", or "<name> missing\n"
+    end = blobs.index(b"\n", pos)
+    head = blobs[pos:end].split()
+    if head[-1] == b"missing":
+      pos = end + 1
+      continue
+    size = int(head[2])
+    files[c].append((p, blobs[end + 1:end + 1 + size]))
+    pos = end + 2 + size
+  return {c: runs.hash_sources(files[c]) for c in commits}
+
+
+@functools.lru_cache(maxsize=None)
+def _source_history() -> tuple[list[str], dict[str, str]]:
+  """(the commits that changed the hashed sources, oldest first; commit -> sources hash)."""
+  commits = _git("rev-list", "--reverse", "HEAD", "--", "lost_jax",
+                 "experiments/runs.py").split()
+  return commits, _sources_at(commits)
+
+
+def sources_version_line(sources: str) -> str:
+  """The 'Code version: commit ...' line of results made by lost_jax sources hash `sources`
+  (runs.sources_hash), found in this checkout's history: the first commit with those
+  sources and how many later ones changed them."""
+  commits, hashes = _source_history()
+  found = [i for i, c in enumerate(commits) if hashes[c] == sources]
+  if not found:
+    return (f"Code version: unknown (no commit of this checkout's history has lost_jax "
+            f"sources {sources}, the hash these results recorded).")
+  first = _git("rev-parse", "--short=10", commits[found[0]])
+  later = len(commits) - found[-1] - 1
+  return (f"Code version: commit {first} (lost_jax sources {sources}, the hash every result "
+          "below recorded" + (f"; {later} later commit(s) changed lost_jax/ or "
+                              "experiments/runs.py, none re-run here)." if later else ")."))
+
+
+def results_version(sources_hash: str, report_only: bool) -> tuple[dict, str | None]:
+  """(the code version whose stored results a command reads, the page-head line naming it;
+  None: this checkout's). `sources_hash` (a --sources_hash flag) selects older code's results
+  and is refused in one line (exit 2) unless the command only reports."""
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  if not sources_hash:
+    return runs.code_version(), None
+  if not report_only:
+    print("error: --sources_hash only reports; a run is never resumed or reused under "
+          "other code. Fix: add --report_only, or drop --sources_hash.", file=sys.stderr)
+    sys.exit(2)
+  return dict(runs.code_version(), sources=sources_hash), sources_version_line(sources_hash)
+
+
 def page_head(command: str, version_line: str | None = None) -> str:
   """The lines under a generated page's title: the command that wrote it (from the repository
   root) and the code version its numbers were made on (`version_line`, recorded when they

@@ -1,41 +1,36 @@
-"""A fair comparison of LOST with its baselines: learning-rate sweeps, seeds, two budgets.
+"""A fair comparison of LOST with its baselines: learning-rate choices, seeds, budgets.
 
-  nice -n 19 python -m experiments.compare_methods [--name=compare_d256] [--max_runs=N]
+  nice -n 19 python -m experiments.compare_methods [--protocol=v2] [--max_runs=N]
   python -m experiments.compare_methods --report_only      # documents from finished runs
+  python -m experiments.compare_methods --protocol=v1 --report_only --sources_hash=HASH
 
-Protocol (the same for every method; written at the top of the generated document):
-- Same model shape (d_model 256, ffn 688, 4 layers, 4 heads, vocab 4096), data (stdlib
-  corpus, packed rows of 256 tokens, same shuffle), batch (16 x 256 tokens), schedule shape
-  (10% linear warmup, cosine to 0.1 x peak), AdamW b1 0.9 / b2 0.95, clip 1, no weight
-  decay, float32, and evaluation (the same >= 200k held-out tokens, whose documents the
-  tokenizer never saw, at the same steps).
-- One peak learning rate (SHARED_LR) for the embedding, LM head and norm scales of every
-  method (`train.shared_lr`); only the block (q/k/v/o/gate/up/down) learning rate differs.
-- Per method, the block lr is swept on a factor-2 ladder (lr_i = 1e-2 x 2^i) at the sweep
-  budget (~1M tokens, seed 0): >= 4 values for full_rank, LOST and CoLA, >= 3 for the
-  others. When the best value is at an edge of the grid the sweep extends past that edge
-  (up to MAX_EXTENSIONS times), so the chosen rate is bracketed.
-- The chosen rate is re-run with seeds 0, 1, 2 at the sweep budget and at twice it (~2M
-  tokens); the document reports mean, standard deviation and min-max at both budgets and
-  validation curves with min-max bands.
-- Baselines: full_rank, LOST, low_rank, CoLA, SLTrain (ranks matching LOST's projection
-  parameters), GaLore (dense model, rank-projected AdamW at LOST's rank, scale 0.25 as in its
-  recipe); controls: LOST with gamma 1 (SVD-initialised factors, same SiLU, no sparse branch)
-  and LOST with random channels (same random keys as LOST, see layers.LOSTLinear).
+Two protocols (experiments/compare_protocol.py, written out at the top of each document):
+- v1 (page compare_d256_v1): full_rank, LOST, low_rank, CoLA, SLTrain, GaLore and two LOST
+  controls at one shared embedding / head / norm rate 0.0025; block rates swept on seed 0 at
+  ~1M tokens (a factor-2 ladder lr_i = 1e-2 x 2^i, extended past an edge), then seeds 0, 1,
+  2 at ~1M and ~2M tokens, then a check of the shared rate (0.5x and 2x for full_rank and
+  LOST, extended past an edge).
+- v2 (page compare_d256, the default): full_rank, LOST, lost_gamma1 and full_rank with
+  LOST's kaiming init at the shared rate v1's check found best for both (0.005); block rates
+  chosen on a selection seed (3) that is not reported with the others, at ~1M and again at
+  ~2M tokens (each the previous choice and its 0.5x / 2x neighbours, extended past an edge),
+  then seeds 0, 1, 2 at ~1M, ~2M and ~8M tokens (8M at the 2M choice). Order: 1M for every
+  entry, then 2M, then 8M, seeds interleaved, so partial results are usable early.
+Same for every run: model shape (d_model 256, ffn 688, 4 layers, 4 heads, vocab 4096), data
+(stdlib corpus, packed rows of 256 tokens, same shuffle), batch (16 x 256 tokens), schedule
+shape (10% linear warmup, cosine to 0.1 x peak), AdamW b1 0.9 / b2 0.95, clip 1, no weight
+decay, float32, and evaluation (the same >= 200k held-out tokens, whose documents the
+tokenizer never saw).
 
-Order: the full_rank and LOST sweeps and their seeded runs come first, then the controls
-(bracketing LOST's chosen rate), CoLA, GaLore, low_rank and SLTrain, then the extra seeds at
-the sweep budget, then a check of the shared rate (0.5x and 2x for full_rank and LOST,
-extended past an edge like the sweep). Every finished run is stored as
-`<results_dir>/<key>.json` keyed by its full config and the code version
-(experiments/runs.py): re-running resumes a half-finished sweep, reuses only results of the
-same code and regenerates the documents after every run.
+Every finished run is stored as `<results_dir>/<key>.json` keyed by its full config and the
+code version (experiments/runs.py): re-running resumes, reuses only results of the same code
+and regenerates the documents after every run. --sources_hash reports results of older code
+(runs.Store), naming the commit they were made on.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Callable
 
 from experiments import common, runs
@@ -68,9 +63,39 @@ def sweep(proto: cp.Protocol, *, name: str, results_dir: str, workdir_root: str,
       log(f"[{name}] {spec}: validation perplexity {result['eval_ppl']:.3f} "
           f"({result['wall_s'] / 60:.1f} min) -> {result['key']}.json")
       done += 1
-      compare_report.write_report(proto, get, name=name, out_dir=out_dir, command=command)
-  compare_report.write_report(proto, get, name=name, out_dir=out_dir, command=command)
+      compare_report.write_report(proto, get, name=name, out_dir=out_dir, command=command,
+                                  results_dir=results_dir)
+  compare_report.write_report(proto, get, name=name, out_dir=out_dir, command=command,
+                              results_dir=results_dir)
   return done
+
+
+DEFAULT_NAMES = {"v1": "compare_d256_v1", "v2": "compare_d256"}
+
+
+def dry_run_text(proto: cp.Protocol, get: cp.Lookup, name: str) -> str:
+  """The runs still to do: every run of the current stage, then one line per later stage
+  (rates provisional: cp.projected_stages), and the count per budget."""
+  stages = cp.projected_stages(proto, get)
+  if not stages:
+    return f"[{name}] nothing to run: the comparison is complete."
+  lines = [f"[{name}] current stage, {len(stages[0])} run(s) (entry, block lr, seed, steps, "
+           "tokens):"]
+  lines += [f"  {s.entry} {cp.lr_of(s.lr_index):.4g} {s.seed} {s.steps} "
+            f"{proto.tokens(s.steps):,}" for s in stages[0]]
+  lines.append("stages after it (if every rate choice lands inside its first bracket):")
+  for k, stage in enumerate(stages[1:], 2):
+    steps = sorted({s.steps for s in stage})
+    seeds = sorted({s.seed for s in stage})
+    lines.append(f"  stage {k}: {len(stage)} run(s) at {', '.join(map(str, steps))} steps, "
+                 f"seed(s) {', '.join(map(str, seeds))}")
+  per_budget = {}
+  for s in (s for stage in stages for s in stage):
+    per_budget[s.steps] = per_budget.get(s.steps, 0) + 1
+  lines.append("runs left per budget: " + ", ".join(
+      f"{proto.tokens(b):,} tokens: {n}" for b, n in sorted(per_budget.items()))
+      + f"; {sum(per_budget.values())} in all")
+  return "\n".join(lines)
 
 
 def _main(argv, flag_values):
@@ -78,35 +103,33 @@ def _main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flag_values
-  results_dir = f.results_dir or os.path.join(f.out_dir, f.name + "_runs")
-  workdir_root = os.path.join(f.workdir_root, f.name)
+  proto = cp.PROTOCOLS[f.protocol]
+  name = f.name or DEFAULT_NAMES[f.protocol]
+  results_dir = f.results_dir or os.path.join(f.out_dir, name + "_runs")
+  workdir_root = os.path.join(f.workdir_root, name)
   command = common.command_line()
-  version = runs.code_version()
-  if f.sources_hash:
-    if not f.report_only:
-      print("error: --sources_hash only reports; a run is never resumed or reused under "
-            "other code. Fix: add --report_only, or drop --sources_hash.", file=sys.stderr)
-      sys.exit(2)
-    version = dict(version, sources=f.sources_hash)
-  get = cp.make_lookup(cp.D256, results_dir, version)
+  version, version_line = common.results_version(f.sources_hash, f.report_only)
+  get = cp.make_lookup(proto, results_dir, version)
   if f.dry_run:
-    for spec in cp.plan(cp.D256, get):
-      print(spec.entry, cp.lr_of(spec.lr_index), spec.seed, spec.steps)
+    print(dry_run_text(proto, get, name))
     return
   if f.report_only:
-    name_arg = f" --name={f.name}" if f.name != "compare_d256" else ""
-    compare_report.write_report(cp.D256, get, name=f.name, out_dir=f.out_dir, version=version,
-                                command="python -m experiments.compare_methods" + name_arg)
+    compare_report.write_report(proto, get, name=name, out_dir=f.out_dir, version=version,
+                                version_line=version_line, command=command,
+                                results_dir=results_dir)
     return
-  n = sweep(cp.D256, name=f.name, results_dir=results_dir, workdir_root=workdir_root,
+  n = sweep(proto, name=name, results_dir=results_dir, workdir_root=workdir_root,
             out_dir=f.out_dir, command=command, max_runs=f.max_runs, quiet=f.quiet)
-  print(f"[{f.name}] trained {n} run(s); documents in {f.out_dir}/{f.name}.md")
+  print(f"[{name}] trained {n} run(s); documents in {f.out_dir}/{name}.md")
 
 
 def define_flags():
   """Flags of this script (only when run as a program, so importing it defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("name", "compare_d256", "Name of the comparison: document file names.")
+  flags.DEFINE_enum("protocol", "v2", list(cp.PROTOCOLS), "The comparison's protocol "
+                    "(experiments/compare_protocol.py PROTOCOLS).")
+  flags.DEFINE_string("name", "", "Name of the comparison: document file names (default: "
+                      "compare_d256 for v2, compare_d256_v1 for v1).")
   flags.DEFINE_string("out_dir", "docs/results", "Where <name>.md/.json/*.png are written.")
   flags.DEFINE_string("results_dir", "", "Where finished runs are stored as <key>.json "
                       "(default <out_dir>/<name>_runs).")

@@ -1,5 +1,13 @@
-"""The method comparison's protocol: compared entries, the lr ladder, the bracketing sweeps
+"""The method comparison's protocols: compared entries, the lr ladder, the bracketing sweeps
 and the plan of runs still to do (the command line is experiments/compare_methods.py).
+
+Two protocols (PROTOCOLS). v1 (D256): eight methods at one shared embedding / head / norm
+rate 0.0025, block rates swept on seed 0 at 1M tokens, then seeds 0, 1, 2 at 1M and 2M tokens
+(seed 0 was both the selection run and a reported seed). v2 (D256_V2): full_rank, LOST,
+lost_gamma1 and full_rank with LOST's kaiming init at the shared rate the v1 check found best
+for both full_rank and LOST (0.005); block rates re-chosen on a selection seed that is never
+reported with the others, at 1M and again at 2M tokens, then seeds 0, 1, 2 at 1M, 2M and 8M
+tokens (8M at the rate chosen at 2M).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ ENTRIES: dict[str, Entry] = {
     "lost_gamma1": Entry("lost", (("model.linear.gamma", 1.0),), None,
                          "control: LOST with gamma 1 (SVD-initialised low-rank factors, SiLU, "
                          "no sparse branch)"),
+    "full_rank_kaiming": Entry("full_rank", (("model.linear.dense_init", "kaiming"),), None,
+                               "control: dense AdamW with LOST's kaiming init (each dense "
+                               "kernel is the weight LOST decomposes at the same seed)"),
     "lost_random_channels": Entry("lost", (("model.linear.sparse_init", "random_channels"),),
                                   None, "control: LOST with random channels (S = rows of "
                                   "the initial weight), same random keys as LOST"),
@@ -47,9 +58,19 @@ ENTRIES: dict[str, Entry] = {
 }
 
 
+V1_ENTRIES = ("full_rank", "lost", "lost_gamma1", "lost_random_channels", "cola", "galore",
+              "low_rank", "sltrain")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """Everything that is the same for every method, and the budgets."""
+  """Everything that is the same for every method, and the budgets.
+
+  With `select_seed` None (v1) the block rate is swept on seeds[0] at sweep_steps and reused
+  at every budget. Otherwise (v2) it is chosen on `select_seed` (never a reported seed) at
+  each budget of `select_steps`, bracketing `centres` at the first and the previous choice
+  after; a budget that is not a selection budget uses the choice of the last one before it.
+  """
   size: str
   overrides: tuple[tuple[str, object], ...]
   sweep_steps: int
@@ -57,10 +78,20 @@ class Protocol:
   seeds: tuple[int, ...]
   eval_every: tuple[tuple[int, int], ...]   # (steps, eval_every) per budget
   label: str                                # model label in run names, e.g. "d256"
+  entries: tuple[str, ...] = V1_ENTRIES
+  long_steps: tuple[int, ...] = ()          # budgets after final_steps
+  select_seed: int | None = None
+  select_steps: tuple[int, ...] = ()
+  centres: tuple[tuple[str, int], ...] = ()  # entry -> ladder index the first choice brackets
 
   def tokens(self, steps: int) -> int:
     o = dict(self.overrides)
     return steps * o["train.batch_size"] * o["data.seq_len"]
+
+  @property
+  def budgets(self) -> tuple[int, ...]:
+    """Every budget (steps) whose seeds are reported, shortest first."""
+    return (self.sweep_steps, self.final_steps) + tuple(self.long_steps)
 
 
 SHARED_LR = 2.5e-3   # embedding / head / norms of every method (ladder index -2)
@@ -86,6 +117,24 @@ D256 = Protocol(
     eval_every=((256, 128), (512, 128)),   # each eval reads ~213k tokens
     label="d256",
 )
+
+# v2: the shared rate where the v1 check found both full_rank and LOST best (seed 0, 1M
+# tokens: full_rank 66.74 -> 56.79, LOST 49.31 -> 44.02 going from 0.0025 to 0.005).
+SHARED_LR_V2 = 5e-3
+D256_V2 = dataclasses.replace(
+    D256,
+    overrides=tuple((k, SHARED_LR_V2 if k == "train.shared_lr" else v)
+                    for k, v in D256.overrides),
+    eval_every=((256, 128), (512, 128), (2048, 256)),
+    entries=("full_rank", "lost", "lost_gamma1", "full_rank_kaiming"),
+    long_steps=(2048,),       # 8,388,608 tokens: 4 x the v1 final budget
+    select_seed=3,            # a 4th seed: rates are never chosen on a reported seed
+    select_steps=(256, 512),  # the 2M choice also serves 8M
+    # v1's chosen block rates (1e-2 x 2^i; docs/results/compare_d256_v1.json, tested);
+    # full_rank_kaiming starts from full_rank's.
+    centres=(("full_rank", -5), ("lost", -2), ("lost_gamma1", -3), ("full_rank_kaiming", -5)),
+)
+PROTOCOLS = {"v1": D256, "v2": D256_V2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +227,34 @@ def sweep_state(proto: Protocol, entry: str, get: Lookup) -> tuple[list[int], li
   return _bracket(start, lambda i: get(Spec(entry, i, proto.seeds[0], proto.sweep_steps)))
 
 
+def selection_state(proto: Protocol, entry: str, steps: int, get: Lookup
+                    ) -> tuple[list[int], list[int], int | None]:
+  """(grid so far, indices still to run, chosen index or None) of a v2 rate choice at the
+  selection budget `steps`: the selection seed at the centre index and its neighbours (0.5x,
+  2x), the centre being Protocol.centres at the first selection budget and the previous
+  budget's choice after it; extended past an edge like the v1 sweep."""
+  i = proto.select_steps.index(steps)
+  centre = (dict(proto.centres)[entry] if i == 0 else
+            selection_state(proto, entry, proto.select_steps[i - 1], get)[2])
+  if centre is None:
+    return [], [], None
+  return _bracket((centre - 1, centre, centre + 1),
+                  lambda j: get(Spec(entry, j, proto.select_seed, steps)))
+
+
+def selection_budget(proto: Protocol, steps: int) -> int:
+  """The budget whose choice of rate a run of `steps` uses (v2): the last selection budget
+  at or below it."""
+  return max(s for s in proto.select_steps if s <= steps)
+
+
+def chosen_index(proto: Protocol, entry: str, steps: int, get: Lookup) -> int | None:
+  """The ladder index `entry`'s seeds at `steps` run at, None while its choice is pending."""
+  if proto.select_seed is None:
+    return sweep_state(proto, entry, get)[2]
+  return selection_state(proto, entry, selection_budget(proto, steps), get)[2]
+
+
 def shared_state(proto: Protocol, entry: str, get: Lookup) -> tuple[list[int], list[int],
                                                                    int | None]:
   """(shifts so far, shifts still to run, best shift or None) of the shared-lr check: the
@@ -201,20 +278,45 @@ def _interleave(lists: Iterable[list[Spec]]) -> list[Spec]:
 
 
 FIRST = ("full_rank", "lost")
-REST = ("lost_gamma1", "lost_random_channels", "cola", "galore", "low_rank", "sltrain")
 
 
-def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) -> list[Spec]:
-  """The runs of the first unfinished stage, in the order to run them.
+def plan(proto: Protocol, get: Lookup) -> list[Spec]:
+  """The runs of the first unfinished stage of `proto`, in the order to run them."""
+  return plan_v1(proto, get) if proto.select_seed is None else plan_v2(proto, get)
+
+
+def plan_v2(proto: Protocol, get: Lookup) -> list[Spec]:
+  """The runs of the first unfinished stage of a v2 protocol.
+
+  Per budget, shortest first: the rate choice on the selection seed (at a selection budget;
+  entries interleaved), then the reported seeds at the chosen rates, seed by seed (every
+  entry's seed 0, then every entry's seed 1, ...), so each finished stage is a usable result.
+  """
+  for steps in proto.budgets:
+    if steps in proto.select_steps:
+      todo = _interleave([Spec(e, i, proto.select_seed, steps)
+                          for i in selection_state(proto, e, steps, get)[1]]
+                         for e in proto.entries)
+      if todo:
+        return todo
+    todo = [Spec(e, chosen_index(proto, e, steps, get), seed, steps)
+            for seed in proto.seeds for e in proto.entries]
+    todo = [s for s in todo if get(s) is None]
+    if todo:
+      return todo
+  return []
+
+
+def plan_v1(proto: Protocol, get: Lookup) -> list[Spec]:
+  """The runs of the first unfinished stage of the v1 protocol, in the order to run them.
 
   Stages: sweeps of full_rank and LOST; their seeded runs at the final budget; sweeps of the
   rest; their seeded runs at the final budget; the extra seeds at the sweep budget; the
   shared-lr check (full_rank and LOST at their chosen block lr, shared lr x 0.5 and x 2,
   extended past an edge until each method's best shared lr is bracketed).
   """
-  entries = tuple(entries)
-  first = [e for e in FIRST if e in entries]
-  rest = [e for e in entries if e not in FIRST]
+  first = [e for e in FIRST if e in proto.entries]
+  rest = [e for e in proto.entries if e not in FIRST]
 
   def sweeps(names):
     return _interleave([Spec(e, i, proto.seeds[0], proto.sweep_steps)
@@ -245,14 +347,37 @@ def plan(proto: Protocol, get: Lookup, entries: Iterable[str] = tuple(ENTRIES)) 
   return []
 
 
+def projected_stages(proto: Protocol, get: Lookup, max_stages: int = 64) -> list[list[Spec]]:
+  """The stages still to run, in order: the current one exactly, the later ones as if every
+  unfinished rate choice lands on its centre (no extension), so their rates are provisional."""
+  centre = dict(proto.centres)
+  simulated = {}
+  look = lambda spec: get(spec) or simulated.get(spec)
+  stages = []
+  while len(stages) < max_stages:
+    todo = plan(proto, look)
+    if not todo:
+      break
+    stages.append(todo)
+    simulated.update({s: {"eval_ppl": 1.0 + abs(s.lr_index - centre.get(s.entry, s.lr_index))}
+                      for s in todo})
+  return stages
+
+
 # ------------------------------------------------------------------------------- running
 def make_lookup(proto: Protocol, results_dir: str, version: dict | None = None) -> Lookup:
-  """spec -> stored result made by code `version` (default: this code), or None."""
-  version = version or runs.code_version()
-  return lambda spec: runs.load_result(results_dir, spec_config(proto, spec), version)
+  """spec -> stored result made by code `version` (default: this code), or None; its
+  `unrecorded` attribute: config fields that matched results of older code lack
+  (runs.Store)."""
+  store = runs.Store(results_dir, version or runs.code_version())
+  get = lambda spec: store(spec_config(proto, spec))
+  get.unrecorded = store.unrecorded
+  return get
 
 
-def tuned_lr(proto: Protocol, results_dir: str, entry: str = "lost") -> float | None:
-  """The chosen block lr of `entry` from finished sweep runs, or None while pending."""
-  best = sweep_state(proto, entry, make_lookup(proto, results_dir))[2]
+def tuned_lr(proto: Protocol, results_dir: str, entry: str = "lost",
+             version: dict | None = None) -> float | None:
+  """The chosen block lr of `entry` from finished sweep runs of code `version` (default:
+  this code's), or None while pending."""
+  best = sweep_state(proto, entry, make_lookup(proto, results_dir, version))[2]
   return None if best is None else lr_of(best)

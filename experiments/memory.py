@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable
 
-import jax
-
 from experiments import common
 from experiments import memory_report as report
 from lost_jax import configs
@@ -116,12 +114,7 @@ def _main(argv):
   f = flags.FLAGS
   common.code_version_line()   # the code this run starts on
   if f.platform == "tpu":
-    # Compile for TPU without one: keep the CPU as jax's runtime backend and silence
-    # libtpu's search for TPU workers and a metadata server.
-    jax.config.update("jax_platforms", "cpu")
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_WORKER_ID", "0")):
-      os.environ.setdefault(key, value)
+    compiled.deviceless_tpu_env()
   kwargs = dict(precision=f.precision, platform=f.platform, topology=f.topology,
                 overrides={"model.perf.layer_loop": f.layer_loop})
   micro = f.microbatch or None

@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -58,13 +58,20 @@ def source_files(repo: str = _REPO) -> list[str]:
   return sorted(files + [os.path.join("experiments", "runs.py")])
 
 
-def sources_hash(repo: str = _REPO) -> str:
-  """sha256 (16 hex digits) over the path and bytes of every file of source_files()."""
+def hash_sources(files: Iterable[tuple[str, bytes]]) -> str:
+  """sha256 (16 hex digits) over (path with '/', bytes) of each file, in the given order."""
   h = hashlib.sha256()
-  for rel in source_files(repo):
-    with open(os.path.join(repo, rel), "rb") as f:
-      h.update(rel.replace(os.sep, "/").encode() + b"\0" + f.read() + b"\0")
+  for rel, data in files:
+    h.update(rel.replace(os.sep, "/").encode() + b"\0" + data + b"\0")
   return h.hexdigest()[:16]
+
+
+def sources_hash(repo: str = _REPO) -> str:
+  """hash_sources over every file of source_files(), sorted by path."""
+  def read(rel):
+    with open(os.path.join(repo, rel), "rb") as f:
+      return f.read()
+  return hash_sources((rel, read(rel)) for rel in source_files(repo))
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,6 +119,56 @@ def load_result(results_dir: str, cfg: ml_collections.ConfigDict,
     raise ValueError(f"{path} was made by different code or a different config than the "
                      "one asked for; refusing to reuse it. Fix: delete the file and re-run.")
   return stored
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+class Store:
+  """The finished results in `results_dir` made by code `version`, found by config.
+
+  A result is found by its key (config and version) first. A result of older code may lack
+  fields added to the config since: it is then found when every field it records equals the
+  asked config's, and the fields it does not record are collected in `unrecorded` (a
+  report names them). Two such matches for one config are refused (ValueError).
+  """
+
+  def __init__(self, results_dir: str, version: dict):
+    self.results_dir, self.version = results_dir, version
+    self.unrecorded: set[str] = set()
+    self._older: list[tuple[dict, dict]] | None = None   # (flat config, result), read once
+
+  def _older_results(self) -> list[tuple[dict, dict]]:
+    if self._older is None:
+      self._older = []
+      names = sorted(os.listdir(self.results_dir)) if os.path.isdir(self.results_dir) else []
+      for name in names:
+        if name.endswith(".json"):
+          with open(os.path.join(self.results_dir, name)) as f:
+            r = json.load(f)
+          if r.get("code_version") == self.version and "config" in r:
+            self._older.append((_flat(r["config"]), r))
+    return self._older
+
+  def __call__(self, cfg: ml_collections.ConfigDict) -> dict | None:
+    found = load_result(self.results_dir, cfg, self.version)
+    if found is not None:
+      return found
+    want = _flat(keyed_config(cfg))
+    hits = [(f, r) for f, r in self._older_results()
+            if set(f) <= set(want) and all(want[k] == v for k, v in f.items())]
+    if len(hits) > 1:
+      raise ValueError(f"{len(hits)} results in {self.results_dir} match {cfg.name} on the "
+                       f"fields they record ({', '.join(r['key'] for _, r in hits)}). Fix: "
+                       "keep one of them.")
+    if not hits:
+      return None
+    self.unrecorded |= set(want) - set(hits[0][0])
+    return hits[0][1]
 
 
 def latest_rows(workdir: str) -> list[dict]:

@@ -1,5 +1,6 @@
 """Parameter, FLOP and memory accounting against hand-derived closed forms and the built model."""
 
+import json
 import math
 import os
 import subprocess
@@ -317,3 +318,47 @@ def test_a_tied_base_is_counted_once_with_the_head_copy_named():
   assert "frozen base 435.9M parameters |" in accounting.finetune_base_line(cfg, tied=False)
   p = accounting.count_params(cfg.model)
   assert p["total"] - p["lm_head"] == 268_098_176
+
+
+def test_the_base_kind_and_its_tie_are_read_from_what_the_path_holds(tmp_path):
+  from lost_jax.formats import bases   # pylint: disable=g-import-not-at-top
+  def hf_dir(name, **config):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+  tied, untied = hf_dir("tied", tie_word_embeddings=True), hf_dir("untied")
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+  (tmp_path / "junk.bin").write_bytes(b"GGML....")
+  assert [bases.base_kind(p) for p in (tied, untied, str(run), str(tmp_path / "junk.bin"),
+                                       str(tmp_path / "none"))] == ["hf", "hf", "pretrain",
+                                                                    None, None]
+  assert [accounting._base_ties_embeddings(p) for p in (tied, untied, str(run))] == [
+      True, False, False]
+  assert bases.hf_config(tied)["tie_word_embeddings"] is True
+
+
+def test_device_memory_estimate_splits_the_state_and_counts_one_devices_rows():
+  cfg = configs.pretrain_config("llama_7b", "full_rank")     # mixed: 4-byte state, bf16 compute
+  cfg.train.microbatches = 4
+  n = accounting.count_params(cfg.model)["total"]             # dense: every parameter trains
+  mem = accounting.device_memory_estimate(cfg, data=2, fsdp=16, tensor=2)
+  # fsdp x tensor = 32 shards of the state; the f32 accumulator (4 passes) joins the gradients;
+  # 512 rows / 4 passes / (2 x 16) batch shards = 4 rows per device per pass.
+  assert mem["weights"] == 4 * n // 32
+  assert mem["gradients"] == (4 * n + 4 * n) // 32
+  assert mem["optimizer"] == 8 * n // 32
+  assert mem["activations"] == accounting.activation_bytes(cfg.model, 4, 256, 2)
+  cfg.model.perf.layer_loop = "scan"           # + the stacked copy of the blocks' w and grads
+  layers = accounting.count_params(cfg.model)["layers"]
+  scanned = accounting.device_memory_estimate(cfg, data=2, fsdp=16, tensor=2)
+  assert scanned["gradients"] == (8 * n + 8 * layers) // 32
+  cfg.train.microbatches = 1
+  one = accounting.device_memory_estimate(cfg, data=1, fsdp=1, tensor=1)
+  whole = accounting.memory_estimate(cfg)
+  assert one["total"] == whole["total"] + 8 * layers          # 1 device: the paper's figure
+  with pytest.raises(ValueError, match="multiple of 1024"):
+    accounting.device_memory_estimate(cfg, data=4, fsdp=256, tensor=1)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,7 +83,7 @@ def test_calibrated_plan_is_within_budget_and_measured_right(calibrated):
   cfg, mesh = runtime.start(_cfg(ffn="", attn=""), "finetune")
   module, _, run_cfg, tok = finetune.adapted_and_tokenizer(cfg, workdir, mesh,
                                                            all_estimators=True)
-  (batch,), (lengths,) = calibrate.calibration_inputs(run_cfg, tok)
+  (batch,), (lengths,) = finetune.calibration_inputs(run_cfg, tok)
   est = {k: {m: {w: a[...] for w, a in f.items()} for m, f in v.items()}
          for k, v in module.estimators.items()}
 
@@ -157,3 +158,46 @@ def test_plan_file_into_finetune_and_refusals(calibrated, tmp_path):
     finetune.finetune_and_evaluate(cfg, str(tmp_path / "deeper"), quiet=True)
   assert "\n" not in str(e.value) and "Fix: calibrate" in str(e.value)
   shutil.rmtree(tmp_path / "deeper", ignore_errors=True)
+
+
+def test_asvd_estimators_fit_the_calibration_batches_and_are_cached(tmp_path, monkeypatch):
+  from lost_jax.adapters.sparselora import estimator as sl_estimator
+  cfg, mesh = runtime.start(_cfg(estimator="asvd", estimator_rank=4, ffn="0.75@0-1", attn="0.5@1"), "finetune")
+  workdir = str(tmp_path)
+  module, plan, run_cfg, tok = finetune.adapted_and_tokenizer(cfg, workdir, mesh)
+  est = {k: {m: {w: a[...] for w, a in f.items()} for m, f in v.items()}
+         for k, v in module.estimators.items()}
+  # The factors are asvd's of the dense layer inputs on the calibration batches' context.
+  batches, lengths = finetune.calibration_inputs(run_cfg, tok)
+  masks = [sl_estimator.token_mask(b["segment_ids"], b["inputs"].shape[1] - n.dense_len,
+                                   "context") for b, n in zip(batches, lengths)]
+  assert all(0 < int(m.sum()) < int((b["segment_ids"] > 0).sum())
+             for m, b in zip(masks, batches))              # context only, not every token
+  moments = sl_estimator.input_moments(module.model, batches, masks, plan.estimator_layers())
+  want = sl_estimator.build_estimators(module.model, 4, plan.estimator_layers(), kind="asvd",
+                                       moments=moments)
+  for a, b in zip(jax.tree.leaves(est), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Cached with what they were fitted to, and reused as they are.
+  monkeypatch.setattr(sl_estimator, "build_estimators", None)   # a rebuild would fail
+  again, *_ = finetune.adapted_and_tokenizer(cfg, workdir, mesh)
+  for a, b in zip(jax.tree.leaves(est), jax.tree.leaves(again.estimators)):
+    np.testing.assert_array_equal(a, b[...])
+  # Other calibration data, or the svd estimator, in that workdir: refused in one line.
+  for sparse in (dict(estimator="asvd", calibration_batches=2), dict(estimator="svd")):
+    cfg2, _ = runtime.start(_cfg(estimator_rank=4, ffn="0.75@0-1", attn="0.5@1", **sparse),
+                           "finetune")
+    with pytest.raises(UserError, match="estimators.*Fix:") as e:
+      finetune.adapted_and_tokenizer(cfg2, workdir, mesh)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow   # a 2-step SparseLoRA fine-tune with asvd estimators
+def test_finetune_with_asvd_estimators(tmp_path):
+  cfg = _cfg(estimator="asvd", ffn="0.75@0-1", attn="0.5@1")
+  out = finetune.finetune_and_evaluate(cfg, str(tmp_path), quiet=True)
+  assert np.isfinite(out["eval_loss"])
+  with np.load(tmp_path / "estimators.npz") as data:
+    header = json.loads(str(data["__header__"]))
+  assert header["estimator"] == "asvd" and header["rank"] == [8]
+  assert header["calibration"]["batches"] == 1

@@ -1,7 +1,9 @@
 """experiments/compare_methods.py and ablate_lost.py on a tiny model for a few steps."""
 
+import dataclasses
 import json
 import math
+import os
 
 import pytest
 
@@ -218,10 +220,10 @@ def test_plan_order_first_pair_then_controls_around_lost_then_seeds():
   shared = [compare_protocol.spec_config(TINY_PROTO, s).train.shared_lr for s in stages[-1]]
   assert shared == [1.25e-3, 5e-3] * 2
   n_grid = {e: len(compare_protocol.sweep_state(TINY_PROTO, e, get)[0])
-            for e in compare_protocol.ENTRIES}
+            for e in TINY_PROTO.entries}
   assert all(n >= 4 for e, n in n_grid.items() if e in ("full_rank", "lost", "cola"))
   assert all(n >= 3 for n in n_grid.values())
-  assert len(done) == sum(n_grid.values()) + len(compare_protocol.ENTRIES) * 5 + 4
+  assert len(done) == sum(n_grid.values()) + len(TINY_PROTO.entries) * 5 + 4
 
 
 def _table_rows(md: str) -> dict[str, list[str]]:
@@ -233,15 +235,21 @@ def _table_rows(md: str) -> dict[str, list[str]]:
   return rows
 
 
-def test_report_spreads_and_ranking(tmp_path):
-  get, finish, _ = _lookup({e: -2 for e in compare_protocol.ENTRIES})
-
+def _full(get, trainable=1e6):
+  """A lookup of _lookup's results completed with what a report reads of a real one."""
   def full(spec):
     r = get(spec)
     if r is None:
       return None
-    return dict(r, params={"trainable": 1e6, "projections": 5e5}, tokens_per_s=100.0,
-                seed=spec.seed, eval_curve=[[1, 0.0, 20.0], [3, 0.0, r["eval_ppl"]]])
+    return dict(r, params={"trainable": trainable, "projections": trainable / 2},
+                tokens_per_s=100.0, seed=spec.seed,
+                eval_curve=[[1, 0.0, 20.0], [3, 0.0, r["eval_ppl"]]])
+  return full
+
+
+def test_report_spreads_and_ranking(tmp_path):
+  get, finish, _ = _lookup({e: -2 for e in compare_protocol.ENTRIES})
+  full = _full(get)
   while True:
     todo = compare_protocol.plan(TINY_PROTO, get)
     if not todo:
@@ -253,9 +261,12 @@ def test_report_spreads_and_ranking(tmp_path):
   rows = _table_rows(budget)
   # seeds 0, 1, 2 give 10.00, 10.01, 10.02: mean 10.01, sample std 0.01
   assert rows["lost"][3] == "**10.01 ± 0.01**" and rows["lost"][4] == "10.00 – 10.02"
-  assert "pending" not in md and "Ranking of the methods with all seeds finished" in md
-  assert ("lost_gamma1 10.01 ± 0.01 (n=3) vs LOST 10.01 ± 0.01 (n=3), +0.0%, ranges "
-          "overlap") in md
+  tables = md[:md.index("## Ranking, margins")]      # the statements' legend names "pending"
+  assert "pending" not in tables and "Ranking of the methods with all seeds finished" in md
+  assert "the comparison is complete" in md
+  assert ("lost_gamma1 10.01 ± 0.01 (n=3) vs lost 10.01 ± 0.01 (n=3), +0.0% (ratio of means), "
+          "at the same seed +0.0% (+0.0% .. +0.0%), ranges overlap") in md
+  assert "full_rank_kaiming" not in md          # a v2 entry: not in the v1 protocol
   assert _table_rows(md)["full_rank"][-1] == "0.0025"    # the chosen rate, 1e-2 x 2^-2
   shared = _table_rows(md[md.index("## Shared learning-rate check"):])
   assert shared["lost"][1:] == ["10.50", "**10.00**", "10.50"]
@@ -312,11 +323,34 @@ def test_ablate_lost_runs_seeds_and_reports_gaps(tmp_path):
   assert out["gamma=0.5"][0]["config"]["model"]["linear"]["gamma"] == 0.5
   table = _table_rows((tmp_path / "out" / "a.md").read_text())
   mean = lambda v: sum(r["eval_ppl"] for r in out[v]) / 2
-  assert table["gamma=0.5"][5] == f"{100 * (mean('gamma=0.5') / mean('lost') - 1):+.1f}%"
-  assert table["lost"][5] == "+0.0%" and table["gamma=0.9"][3] == "pending"
+  assert table["gamma=0.5"][6] == f"{100 * (mean('gamma=0.5') / mean('lost') - 1):+.1f}%"
+  assert table["lost"][6] == "+0.0%" and table["gamma=0.9"][4] == "pending"
+  assert {row[2] for row in table.values() if row[0] != "variant"} == {"0.003 (LOST's)"}
   ppl = {v: [r["eval_ppl"] for r in out[v]] for v in out}
   apart = max(ppl["gamma=0.5"]) < min(ppl["lost"]) or max(ppl["lost"]) < min(ppl["gamma=0.5"])
-  assert table["gamma=0.5"][6] == ("apart" if apart else "overlap") and table["lost"][6] == ""
+  assert table["gamma=0.5"][7] == ("apart" if apart else "overlap") and table["lost"][7] == ""
+  # stored results are read back by config alone (--report_only)
+  store = runs.Store(str(tmp_path / "res"), runs.code_version())
+  again = ablate_lost.stored(TINY_PROTO, ["lost", "gamma=0.5", "gamma=0.9"], lr=3e-3, get=store)
+  assert {v: [r["key"] for r in rs] for v, rs in again.items()} == {
+      v: [r["key"] for r in out[v]] for v in out}
+
+
+def test_ablation_rate_text_reads_the_neighbours_rates_from_the_comparison():
+  res = lambda *ppl: [{"eval_ppl": p} for p in ppl]
+  results = {"lost": res(40.0, 60.0), "gamma=1": res(60.0, 60.0),
+             "activation=identity": res(100.0, 150.0), "gamma=0.5": res(50.0, 50.0)}
+  budget = {"lost": {"lr": 2.5e-3, "eval_ppl": [48.0, 50.0, 52.0]},
+            "lost_gamma1": {"lr": 1.25e-3, "eval_ppl": [53.0, 55.0, 57.0]},
+            "low_rank": {"lr": 6.25e-4, "eval_ppl": [80.0]}}
+  text = ablate_lost.rate_text(results, 2.5e-3, budget, "c.json")
+  assert "activation=identity (+150.0% here, 2 seeds): low_rank chose 0.000625" in text
+  assert "4x below the 0.0025 used here" in text
+  assert ("gamma=1 (+20.0% here, 2 seeds): lost_gamma1 chose 0.00125 in the comparison, 2x "
+          "below the 0.0025 used here; at that rate the same model was +10.0% against LOST "
+          "(3 seeds)") in text
+  assert "factor_init=random" not in text and "gamma=0.5" not in text   # no result / neighbour
+  assert ablate_lost.rate_text(results, 2.5e-3, {}, "c.json") == ""
 
 
 def test_shared_check_extends_past_an_edge_and_reports_the_gap_at_each_best():
@@ -344,21 +378,204 @@ def test_shared_check_extends_past_an_edge_and_reports_the_gap_at_each_best():
           "+0.0% at the protocol's 0.0025.") in text
 
 
-def test_settled_text_names_flipped_pairs_and_separated_neighbours():
-  rows = lambda ppl: {e: {"results": [{"eval_ppl": p} for p in ps]} for e, ps in ppl.items()}
-  short = rows({"full_rank": [20, 21, 22], "lost": [23, 24, 25], "cola": [30, 31, 32],
-                "galore": [40, 41, 42], "sltrain": [50, 51]})              # sltrain: 2 of 3
-  long_ = rows({"full_rank": [12, 13, 14], "lost": [10, 11, 12], "cola": [15, 16, 17],
-                "galore": [16.5, 18, 19], "sltrain": [20, 21, 22]})
-  text = compare_report.settled_text(TINY_PROTO, {3: short, 6: long_})
-  assert "Among the 4 entries" in text and "1 pair(s) change order" in text
-  assert "full_rank ahead of lost at 96 tokens (21.00 ± 1.00 vs 24.00 ± 1.00, ranges apart)" in text
-  assert "behind at 192 (13.00 ± 1.00 vs 11.00 ± 1.00, ranges overlap)" in text
-  assert "lost ~ full_rank < cola ~ galore." in text       # 12 vs 12: touching ranges overlap
-  assert "Not yet complete at both budgets:" in text and "sltrain" in text
-  same = compare_report.settled_text(TINY_PROTO, {3: long_, 6: long_})
-  assert "is the same as at 192 tokens" in same and "change order" not in same
-  assert compare_report.settled_text(TINY_PROTO, {3: rows({}), 6: long_}).startswith("Pending")
+# ------------------------------------------------------------------------- protocol v2
+TINY_V2 = dataclasses.replace(
+    TINY_PROTO, entries=("full_rank", "lost", "lost_gamma1", "full_rank_kaiming"),
+    eval_every=((3, 2), (6, 3), (12, 6)), long_steps=(12,), select_seed=3,
+    select_steps=(3, 6), centres=(("full_rank", -5), ("lost", -2), ("lost_gamma1", -3),
+                                  ("full_rank_kaiming", -5)))
+
+
+def _run_plan(proto, get, finish):
+  stages = []
+  while True:
+    todo = compare_protocol.plan(proto, get)
+    if not todo:
+      return stages
+    stages.append(todo)
+    finish(todo)
+
+
+def test_v2_plan_chooses_on_the_selection_seed_per_budget_then_seeds_budget_by_budget():
+  Spec = compare_protocol.Spec
+  # lost's optimum sits at the edge of its first bracket (-3, -2, -1): one extension to 0
+  get, finish, done = _lookup({"full_rank": -5, "lost": -1, "lost_gamma1": -3,
+                               "full_rank_kaiming": -5})
+  stages = _run_plan(TINY_V2, get, finish)
+  entries = list(TINY_V2.entries)
+  assert [s.entry for s in stages[0][:4]] == entries                      # interleaved
+  assert {(s.seed, s.steps) for s in stages[0]} == {(3, 3)} and len(stages[0]) == 12
+  assert {s.lr_index for s in stages[0] if s.entry == "lost"} == {-3, -2, -1}
+  assert stages[1] == [Spec("lost", 0, 3, 3)]                             # the extension
+  chosen = {"full_rank": -5, "lost": -1, "lost_gamma1": -3, "full_rank_kaiming": -5}
+  assert stages[2] == [Spec(e, chosen[e], seed, 3) for seed in (0, 1, 2) for e in entries]
+  # 2nd selection budget: each entry's 3-step choice and its neighbours, selection seed only
+  assert {(s.entry, s.lr_index) for s in stages[3]} == {
+      (e, chosen[e] + k) for e in entries for k in (-1, 0, 1)}
+  assert {(s.seed, s.steps) for s in stages[3]} == {(3, 6)}
+  assert stages[4] == [Spec(e, chosen[e], seed, 6) for seed in (0, 1, 2) for e in entries]
+  assert stages[5] == [Spec(e, chosen[e], seed, 12) for seed in (0, 1, 2) for e in entries]
+  assert len(stages) == 6 and len(done) == 12 + 1 + 12 + 12 + 12 + 12
+  assert not [s for s in done if s.seed == 3 and s.steps == 12]   # 12 steps: no selection
+  # the chosen rate at 12 steps is the 6-step choice, not the 3-step one
+  done[Spec("lost", 0, 3, 6)] = {"eval_ppl": 5.0}          # at the edge: extended to 1
+  assert compare_protocol.chosen_index(TINY_V2, "lost", 12, get) is None
+  done[Spec("lost", 1, 3, 6)] = {"eval_ppl": 20.0}
+  assert compare_protocol.chosen_index(TINY_V2, "lost", 12, get) == 0
+  assert compare_protocol.chosen_index(TINY_V2, "lost", 3, get) == -1
+  # the dry run's projection: later stages as if every choice lands on its centre
+  get2, finish2, _ = _lookup(chosen)
+  assert [len(s) for s in compare_protocol.projected_stages(TINY_V2, get2)] == [12] * 5
+  text = compare_methods.dry_run_text(TINY_V2, get2, "t")
+  assert "96 tokens: 24, 192 tokens: 24, 384 tokens: 12; 60 in all" in text
+
+
+def test_v2_report_keeps_the_selection_seed_out_of_the_reported_numbers(tmp_path):
+  get, finish, _ = _lookup({"full_rank": -5, "lost": -2, "lost_gamma1": -3,
+                            "full_rank_kaiming": -5})
+  full = _full(get, trainable=1e3)
+  for _ in range(3):                        # the first two budgets only: 12 steps pending
+    finish(compare_protocol.plan(TINY_V2, get))
+  part = compare_report.write_report(TINY_V2, full, name="v", out_dir=str(tmp_path),
+                                     command="cmd")
+  assert "384 tokens (12 steps)**, no run finished: no entry has every seed yet." in part
+  _run_plan(TINY_V2, get, finish)
+  md = compare_report.write_report(TINY_V2, full, name="v", out_dir=str(tmp_path),
+                                   command="cmd")
+  for tokens in ("96", "192", "384"):
+    rows = _table_rows(md[md.index(f"## {tokens} tokens"):])
+    # seeds 0, 1, 2: 10.00, 10.01, 10.02; the selection seed 3 (10.03) is not among them
+    assert rows["lost"][2:5] == ["3 of 3", "**10.01 ± 0.01**", "10.00 – 10.02"]
+    assert rows["full_rank_kaiming"][6] == "+0.0% (+0.0% .. +0.0%)"
+  selection = _table_rows(md[md.index("### 3 steps (96 tokens)"):])
+  # columns 1e-2 x 2^-6 .. 2^-1 (the union of the entries' brackets)
+  assert selection["lost"][1:] == ["", "", "", "11.03", "**10.03**", "11.03", "0.0025"]
+  assert "### 6 steps (192 tokens)" in md and "### 12 steps" not in md
+  assert "the runs of 12 steps (384 tokens) use the rate chosen at 6 steps" in md
+  assert "seed 3, a selection seed that is not among the reported seeds (0, 1, 2)" in md
+  assert "full_rank_kaiming 10.01 ± 0.01 (n=3) vs full_rank 10.01 ± 0.01 (n=3)" in md
+  said = json.loads((tmp_path / "v.json").read_text())["statements"]
+  assert set(said["lost_margin"]) == {"3", "6", "12"}
+  assert said["budgets"]["12"]["tokens_per_trainable_param"]["lost"] == pytest.approx(0.384)
+  assert (tmp_path / "v_select_6steps.png").stat().st_size > 0
+
+
+def test_v2_differs_from_v1_in_the_shared_rate_and_starts_from_v1_choices():
+  flat = lambda spec, p: _flat(compare_protocol.spec_config(p, spec).to_dict())
+  Spec = compare_protocol.Spec
+  v1, v2 = flat(Spec("lost", -2, 0, 256), compare_protocol.D256), flat(
+      Spec("lost", -2, 0, 256), compare_protocol.D256_V2)
+  assert {k for k in v1 if v1[k] != v2[k]} == {"train.shared_lr"} and v2["train.shared_lr"] == 5e-3
+  fr, kaiming = (flat(Spec(e, -5, 0, 2048), compare_protocol.D256_V2)
+                 for e in ("full_rank", "full_rank_kaiming"))
+  assert {k for k in fr if fr[k] != kaiming[k] and k != "name"} == {"model.linear.dense_init"}
+  assert kaiming["model.linear.dense_init"] == "kaiming" and fr["train.eval_every"] == 256
+  assert compare_protocol.D256_V2.tokens(2048) == 4 * compare_protocol.D256.tokens(512)
+  with open(os.path.join(os.path.dirname(__file__), "..", "docs", "results",
+                         "compare_d256_v1.json")) as f:
+    v1_rates = {e: r["lr"] for e, r in json.load(f)["budgets"]["256"].items()}
+  centres = dict(compare_protocol.D256_V2.centres)
+  for e in ("full_rank", "lost", "lost_gamma1"):
+    assert compare_protocol.lr_of(centres[e]) == pytest.approx(v1_rates[e])
+  assert centres["full_rank_kaiming"] == centres["full_rank"]
+
+
+def test_store_finds_a_result_of_older_code_by_the_fields_it_records(tmp_path):
+  cfg = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
+  old = dict(runs.code_version(), sources="0" * 16)
+  recorded = runs.keyed_config(cfg)
+  del recorded["model"]["linear"]["dense_init"]          # a field the older code lacked
+  runs.write_json(str(tmp_path / "a.json"), {"config": recorded, "code_version": old,
+                                             "eval_ppl": 7.0, "key": "a"})
+  store = runs.Store(str(tmp_path), old)
+  assert store(cfg)["eval_ppl"] == 7.0 and store.unrecorded == {"model.linear.dense_init"}
+  other = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -1, 0, 3))
+  assert store(other) is None                            # a recorded field differs
+  kaiming = compare_protocol.spec_config(TINY_PROTO, compare_protocol.Spec("lost", -2, 0, 3))
+  kaiming.model.linear.dense_init = "kaiming"
+  assert store(kaiming)["eval_ppl"] == 7.0               # unrecorded: not compared
+  assert runs.Store(str(tmp_path), runs.code_version())(cfg) is None   # other code
+  runs.write_json(str(tmp_path / "b.json"), {"config": recorded, "code_version": old,
+                                             "eval_ppl": 8.0, "key": "b"})
+  with pytest.raises(ValueError, match="2 results .* match"):
+    runs.Store(str(tmp_path), old)(cfg)
+
+
+def test_sources_version_line_names_the_commit_of_a_sources_hash():
+  head = common._git("rev-parse", "HEAD")
+  if not head:
+    pytest.skip("not a git checkout")
+  dirty = common._git("status", "--porcelain", "--", "lost_jax", "experiments/runs.py")
+  at_head = common._sources_at([head])[head]
+  if not dirty:     # the files read from git hash as runs.sources_hash reads them from disk
+    assert at_head == runs.sources_hash()
+  line = common.sources_version_line(at_head)
+  named = line.split()[3]
+  assert line.startswith("Code version: commit ") and common._sources_at([named])[named] == at_head
+  assert common.sources_version_line("f" * 16).startswith("Code version: unknown")
+
+
+# ------------------------------------------------------------------- computed statements
+def _rows(ppl: dict[str, list[float]], trainable: float = 1e3) -> dict[str, dict]:
+  """budget_rows of finished seeds 0, 1, ... with perplexities `ppl`."""
+  return {e: {"lr_index": -2, "results": [{"eval_ppl": p, "seed": s,
+                                           "params": {"trainable": trainable}}
+                                          for s, p in enumerate(ps)]}
+          for e, ps in ppl.items()}
+
+
+def test_paired_change_is_per_seed():
+  c = compare_report.paired_change({0: 9.0, 1: 12.0, 2: 30.0}, {0: 10.0, 1: 10.0, 3: 1.0})
+  assert c["n"] == 2 and c["values"] == pytest.approx([-10.0, 20.0])
+  assert (c["mean"], c["min"], c["max"]) == pytest.approx((5.0, -10.0, 20.0))
+  assert compare_report.paired_change({0: 1.0}, {1: 1.0}) is None
+
+
+def test_order_verdict_is_settled_only_where_the_order_holds_at_every_budget():
+  v = compare_report.order_verdict
+  ahead = {"x": {0: 10.0, 1: 11.0, 2: 12.0}, "y": {0: 11.0, 1: 12.0, 2: 13.0}}
+  flipped = {"x": {0: 13.0, 1: 14.0, 2: 12.0}, "y": {0: 11.0, 1: 12.0, 2: 13.0}}
+  mixed = {"x": {0: 10.0, 1: 12.5, 2: 10.0}, "y": {0: 11.0, 1: 12.0, 2: 13.0}}  # 1 seed behind
+  assert v("x", "y", {1: ahead, 2: ahead, 3: ahead}, (1, 2, 3)) == (compare_report.SETTLED, [])
+  verdict, why = v("x", "y", {1: ahead, 2: flipped, 3: ahead}, (1, 2, 3))
+  assert verdict == compare_report.FLIPS and len(why) == 1 and "at 2 steps" in why[0]
+  assert "+9.1% (-7.7% .. +18.2%)" in why[0]           # x against y per seed: 13/11, 14/12, 12/13
+  verdict, why = v("x", "y", {1: ahead, 2: mixed, 3: ahead}, (1, 2, 3))
+  assert verdict == compare_report.MEANS_ONLY and why == ["behind in 1 of 3 seed pairs at 2 steps"]
+  verdict, why = v("x", "y", {1: ahead, 3: ahead}, (1, 2, 3))
+  assert verdict == compare_report.PENDING and why == ["not finished at 2 steps"]
+  # a flip is final even while another budget is pending
+  assert v("x", "y", {1: flipped}, (1, 2, 3))[0] == compare_report.FLIPS
+  # equal means are not "ahead"
+  same = {"x": {0: 11.0, 1: 12.0}, "y": {0: 12.0, 1: 11.0}}
+  assert v("x", "y", {1: same}, (1,))[0] == compare_report.FLIPS
+
+
+def test_statements_rank_pair_and_settle_from_numbers():
+  proto = dataclasses.replace(TINY_PROTO, entries=("full_rank", "lost", "cola", "galore"))
+  short = _rows({"full_rank": [20, 22, 24], "lost": [16, 17, 18], "cola": [25, 23, 30],
+                 "galore": [21, 21]})                                   # galore: 2 of 3 seeds
+  long_ = _rows({"full_rank": [12, 13, 14], "lost": [10, 11, 12], "cola": [11, 12.5, 15],
+                 "galore": [13, 14, 15]})
+  text, data = compare_report.statements(proto, {3: short, 6: long_})
+  # 96 / 192 tokens (3 / 6 steps x 2 x 16) over 1e3 trainable parameters
+  assert "**96 tokens (3 steps)**, 0.10–0.10 tokens per trainable parameter" in text
+  assert "1. lost (17.00), 2. full_rank (22.00), 3. cola (26.00)" in text
+  assert "Not yet every seed: galore" in text
+  assert data["budgets"]["3"]["ranking"] == ["lost", "full_rank", "cola"]
+  lost = data["budgets"]["3"]["vs_full_rank"]["lost"]     # 16/20, 17/22, 18/24
+  assert lost["min"] == pytest.approx(-25.0) and lost["max"] == pytest.approx(-20.0)
+  assert data["lost_margin"]["6"]["mean"] == pytest.approx(
+      100 * ((10 / 12 + 11 / 13 + 12 / 14) / 3 - 1))
+  assert "LOST's margin over full_rank" in text and f"{data['lost_margin']['3']['mean']:+.1f}%" in text
+  pairs = {(p["ahead"], p["behind"]): p["verdict"] for p in data["pairs"]}
+  # order at 192 tokens: lost 11, cola 12.83, full_rank 13, galore 14
+  assert list(pairs) == [("lost", "cola"), ("cola", "full_rank"), ("full_rank", "galore")]
+  assert pairs[("lost", "cola")] == compare_report.SETTLED
+  assert pairs[("cola", "full_rank")] == compare_report.FLIPS       # behind at 96 tokens
+  assert pairs[("full_rank", "galore")] == compare_report.PENDING   # galore: 2 of 3 at 96
+  assert "Settled: 1 of 3 neighbouring pair(s)" in text
+  assert "- cola ahead of full_rank: **flips**: behind in the mean at 96 tokens" in text
 
 
 @pytest.mark.slow
@@ -369,3 +586,12 @@ def test_a_diverged_run_is_a_result_not_a_crash(tmp_path):
   result = runs.run(cfg, str(tmp_path / "w"), **kw)
   assert result["eval_ppl"] == math.inf and "training diverged" in result["diverged"]
   assert runs.run(cfg, str(tmp_path / "w"), **kw)["eval_ppl"] == math.inf   # stored, reused
+
+
+def test_sources_hash_without_report_only_is_refused_in_one_line(capsys):
+  assert common.results_version("", report_only=False) == (runs.code_version(), None)
+  with pytest.raises(SystemExit) as e:
+    common.results_version("0" * 16, report_only=False)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("error: ") and "Fix:" in err
+  assert err.count("\n") == 1

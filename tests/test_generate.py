@@ -42,7 +42,9 @@ def assert_greedy(model, prompt, continuation):
   """`continuation` is what greedy decoding without a cache gives: the model is causal, so one
   full forward over prompt + continuation holds every step's logits, and each token must be
   the argmax at the position before it."""
-  logits = np.asarray(model(jnp.asarray([prompt + continuation], jnp.int32)))[0]
+  # One compiled forward, not op-by-op dispatch of the whole model (the same logits).
+  logits = np.asarray(nnx.jit(lambda m, ids: m(ids))(
+      model, jnp.asarray([prompt + continuation], jnp.int32)))[0]
   n = len(prompt)
   assert np.argmax(logits[n - 1:-1], axis=-1).tolist() == continuation
 

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 import lost_jax
-from helpers import np_silu, np_silu_grad
-from lost_jax import DenseLinear, LOSTLinear, LowRankLinear, SLTrainLinear
+from helpers import np_silu, np_silu_grad, tiny_model_config
+from lost_jax import DenseLinear, LOSTLinear, LowRankLinear, SLTrainLinear, configs, errors
 from lost_jax.layers.linear import StaticIndices
+from lost_jax.models.llama import Llama
 
 N, M, R = 24, 16, 4
 
@@ -257,6 +258,56 @@ def test_lost_layer_complement_rank(complement_rank, expected):
 
 
 # ------------------------------------------------------------------------------ baselines
+
+
+def test_dense_kaiming_init_is_the_weight_lost_decomposes():
+  """dense init=kaiming draws U(+-1/sqrt(n)) from the layer's one key: the very K0 a LOST
+  layer of the same key splits (sparsity 1 keeps all of it: K0 = a b^T + values)."""
+  n, m, r = 64, 48, 8
+  dense = DenseLinear(n, m, init="kaiming", rngs=nnx.Rngs(7))
+  lost = LOSTLinear(n, m, rank=r, sparsity=1.0, init="kaiming", rngs=nnx.Rngs(7))
+  k0 = f64(lost.a[...]) @ f64(lost.b[...]).T + f64(lost.values[...])
+  kernel = f64(dense.kernel[...])
+  np.testing.assert_allclose(kernel, k0, rtol=0, atol=1e-5 / math.sqrt(n))
+  bound = 1.0 / math.sqrt(n)
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+  assert abs(kernel.std() * math.sqrt(3 * n) - 1.0) < 0.05     # U(-b, b): std b / sqrt(3)
+  normal = f64(DenseLinear(n, m, rngs=nnx.Rngs(7)).kernel[...])
+  assert abs(normal.std() / 0.02 - 1.0) < 0.1 and np.abs(normal - kernel).max() > 0.01
+
+
+def test_full_rank_model_with_kaiming_init_starts_from_lost_weights():
+  """Every projection of a dense model with linear.dense_init=kaiming is the weight the LOST
+  model of the same seed decomposes; everything else (embedding, norms, head) is identical."""
+  dense_cfg = tiny_model_config("dense", dtype="float32")
+  dense_cfg.linear.dense_init = "kaiming"
+  lost_cfg = tiny_model_config("lost", rank=4, dtype="float32")
+  lost_cfg.linear.sparsity = 1.0
+  dense, lost = Llama(dense_cfg, rngs=nnx.Rngs(3)), Llama(lost_cfg, rngs=nnx.Rngs(3))
+  plain = Llama(tiny_model_config("dense", dtype="float32"), rngs=nnx.Rngs(3))
+  checked = 0
+  for i, (dl, ll, pl) in enumerate(zip(dense.layers, lost.layers, plain.layers)):
+    for part, name in [(p, q) for p in ("attn", "mlp") for q in ("q", "k", "v", "o", "gate",
+                                                                  "up", "down")
+                       if hasattr(getattr(dl, p), q)]:
+      d, lo = getattr(getattr(dl, part), name), getattr(getattr(ll, part), name)
+      k0 = f64(lo.a[...]) @ f64(lo.b[...]).T + f64(lo.values[...])
+      np.testing.assert_allclose(f64(d.kernel[...]), k0, rtol=0, atol=2e-5, err_msg=f"{i}.{name}")
+      assert not np.allclose(f64(getattr(getattr(pl, part), name).kernel[...]), k0, atol=1e-3)
+      checked += 1
+  assert checked == 7 * len(dense.layers)
+  for get in (lambda mdl: mdl.embed, lambda mdl: mdl.lm_head, lambda mdl: mdl.final_norm):
+    a, b = nnx.state(get(dense), nnx.Param), nnx.state(get(lost), nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unknown_dense_init_is_refused_in_one_line():
+  cfg = tiny_model_config("dense")
+  configs.validate_model(cfg)
+  cfg.linear.dense_init = "xavier"
+  with pytest.raises(errors.UserError, match=r"model\.linear\.dense_init.*Fix"):
+    configs.validate_model(cfg)
 
 
 def test_dense_linear():

@@ -102,6 +102,26 @@ def test_matmul_backward_options_match_numpy(backward, dtype):
 
 @pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_appended_matches_numpy_and_gives_the_constant_no_gradient(backward, dtype):
+  rng = np.random.default_rng(1)
+  x, w, g = rng.normal(size=(2, 6, 16)), rng.normal(size=(16, 5)), rng.normal(size=(2, 6, 7))
+  c = np.eye(16)[:, [3, 11]]                                  # one-hot columns, as LOST's
+  f = lambda x, w, c: jnp.sum(matmul_lib.matmul_appended(x, w, c, dtype, jnp.float32,
+                                                         backward) * g)
+  args = [jnp.asarray(a, jnp.float32) for a in (x, w, c)]
+  dx, dw, dc = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args)
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  wc = np.concatenate([w, c], axis=1)
+  y = matmul_lib.matmul_appended(*args, dtype, jnp.float32, backward)
+  np.testing.assert_allclose(y, x @ wc, rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(dx, g @ wc.T, rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(dw, np.einsum("btn,btm->nm", x, g[..., :5]), rtol=tol,
+                             atol=tol * 8)
+  assert not np.any(np.asarray(dc))
+
+
+@pytest.mark.parametrize("backward", configs.MATMUL_BACKWARDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("transpose_b", [True, False])
 def test_batched_matmul_and_its_gradients_match_numpy(backward, dtype, transpose_b):
   rng = np.random.default_rng(3)

@@ -18,6 +18,7 @@ from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import restrict as sl_restrict
 from lost_jax.adapters.sparselora import select as sl_select
+from lost_jax.models.llama import projection as llama_projection
 from lost_jax.recipes import finetune
 
 B, L, D, F, H = 2, 10, 64, 96, 4
@@ -135,7 +136,7 @@ def test_estimators_save_load_and_checks(tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="rank"):
     sl_estimator.load_estimators(path, rank=4)
-  with pytest.raises(ValueError, match="not the SVD"):
+  with pytest.raises(ValueError, match="not the estimator"):
     sl_estimator.load_estimators(path, lora_model(seed=7))
   with pytest.raises(ValueError, match="do not fit"):
     sl_estimator.load_estimators(path, lora_model(n_kv_heads=4))
@@ -153,13 +154,142 @@ def test_estimators_save_load_and_checks(tmp_path, capsys):
     with pytest.raises(sl_estimator.DamagedFile):
       sl_estimator.load_estimators(path, model, rank=8)
   cached = finetune._cached_estimators  # pylint: disable=protected-access
-  for other, rank, reason in ((model, 8, "unreadable"), (lora_model(seed=7), 8, "not the SVD"),
+  for other, rank, reason in ((model, 8, "unreadable"), (lora_model(seed=7), 8, "not the estimator"),
                               (model, 4, "estimator rank")):
     assert cached(path, other, rank) is None
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{path}: ") and reason in line, line
     assert line.endswith("; rebuilding it from the base") and "Fix:" not in line, line
     sl_estimator.save_estimators(path, est)
+
+
+def correlated_inputs(n=4000, d=D, seed=3):
+  """Tokens [n, d] with a strongly non-isotropic second moment (a few loud directions)."""
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(d, d)) * np.geomspace(10.0, 0.05, d)[:, None]
+  return rng.normal(size=(n, d)) @ mix
+
+
+def np_asvd_product(kern, moment, rank, ridge):
+  """argmin over rank-r A of ||R (K - A)||_F for R^T R = C_e, by a Cholesky root (any root
+  gives the same minimiser, so this is not asvd_estimator's symmetric-root route)."""
+  c = moment + ridge * np.trace(moment) / moment.shape[0] * np.eye(moment.shape[0])
+  lower = np.linalg.cholesky(c)                         # C_e = L L^T, R = L^T
+  u, s, vt = np.linalg.svd(lower.T @ kern, full_matrices=False)
+  return np.linalg.solve(lower.T, (u[:, :rank] * s[:rank]) @ vt[:rank])
+
+
+def test_asvd_estimator_is_the_activation_weighted_best_rank_r():
+  kern = rand(D, F, seed=1).astype(np.float64)
+  x = correlated_inputs()
+  moment = x.T @ x / len(x)
+  ridge = sl_estimator.ASVD_RIDGE
+  p, q = sl_estimator.asvd_estimator(jnp.asarray(kern), jnp.asarray(moment), rank=8)
+  assert p.shape == (D, 8) and q.shape == (8, F) and p.dtype == jnp.float32
+  want = np_asvd_product(kern, moment, 8, ridge)
+  prod = np.asarray(p, np.float64) @ np.asarray(q, np.float64)
+  assert np.linalg.norm(prod - want) / np.linalg.norm(want) < 1e-3
+  # Split evenly: Q Q^T = diag(s), s the singular values of C_e^{1/2} K.
+  lam, vec = np.linalg.eigh(moment + ridge * np.trace(moment) / D * np.eye(D))
+  s = np.linalg.svd((vec * np.sqrt(lam)) @ vec.T @ kern, compute_uv=False)[:8]
+  np.testing.assert_allclose(np.asarray(q) @ np.asarray(q).T, np.diag(s), rtol=2e-3,
+                             atol=2e-3 * s[0])
+
+  def err(a):   # ||x K - x A|| / ||x K|| on the calibration distribution
+    return np.linalg.norm(x @ (kern - a)) / np.linalg.norm(x @ kern)
+  ps, qs = sl_estimator.svd_estimator(jnp.asarray(kern), rank=8)
+  e_svd, e_asvd = err(np.asarray(ps) @ np.asarray(qs)), err(prod)
+  assert e_asvd < 0.6 * e_svd, (e_asvd, e_svd)
+  # No rank-8 nudge of the product does better (it is the minimiser, up to the ridge).
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    a, b = rng.normal(size=(D, 8)), rng.normal(size=(8, F))
+    nudged = (np.asarray(p) + 1e-2 * a * np.abs(p).mean()) @ (np.asarray(q) + 1e-2 * b *
+                                                                 np.abs(q).mean())
+    assert err(nudged) > e_asvd
+  # Isotropic inputs: the product is the truncated SVD of K.
+  pi, qi = sl_estimator.asvd_estimator(jnp.asarray(kern), jnp.eye(D), rank=8)
+  np.testing.assert_allclose(np.asarray(pi) @ np.asarray(qi), np.asarray(ps) @ np.asarray(qs),
+                             rtol=1e-3, atol=1e-3)
+  with pytest.raises(ValueError, match="moment"):
+    sl_estimator.asvd_estimator(jnp.asarray(kern), jnp.eye(D + 1), rank=8)
+
+
+class _InputRecorder:
+  """A dense channel plan keeping each layer's normed attention and MLP inputs."""
+
+  def attention_projection(self, attn, h):
+    self.attn = np.asarray(h, np.float64)
+    return sl.dense_projection
+
+  def mlp(self, mlp, h):
+    self.mlp_in = np.asarray(h, np.float64)
+    return mlp(h)
+
+
+def test_token_mask_and_input_moments_match_numpy():
+  seg = np.ones((2, 6), np.int32)
+  seg[0, :2] = 0
+  np.testing.assert_array_equal(sl_estimator.token_mask(seg, 4, "context"),
+                                (seg > 0) & (np.arange(6) < 4)[None, :])
+  np.testing.assert_array_equal(sl_estimator.token_mask(seg, 4, "all"), seg > 0)
+  model = lora_model()
+  b, length = 4, 40                                     # ~190 masked tokens > D: C full rank
+  batches = [dict(inputs=np.random.default_rng(i).integers(0, 50, (b, length)).astype(np.int32),
+                  positions=np.broadcast_to(np.arange(length), (b, length)).astype(np.int32),
+                  segment_ids=np.ones((b, length), np.int32)) for i in range(2)]
+  masks = [np.random.default_rng(10 + i).random((b, length)) < 0.6 for i in range(2)]
+  got = sl_estimator.input_moments(model, batches, masks, [1])
+  assert set(got) == {"layer_1"} and all(np.isfinite(c).all() for c in got["layer_1"].values())
+  sums = {"attn": 0.0, "mlp": 0.0}
+  for batch, mask in zip(batches, masks):
+    recs = [_InputRecorder() for _ in model.layers]
+    model(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+          jnp.asarray(batch["segment_ids"]), channels=recs)
+    sums["attn"] = sums["attn"] + recs[1].attn[mask].T @ recs[1].attn[mask]
+    sums["mlp"] = sums["mlp"] + recs[1].mlp_in[mask].T @ recs[1].mlp_in[mask]
+  n = sum(m.sum() for m in masks)
+  for part in ("attn", "mlp"):
+    np.testing.assert_allclose(got["layer_1"][part], sums[part] / n, rtol=1e-4,
+                               atol=1e-5 * np.abs(sums[part] / n).max())
+  # asvd estimators of those moments: the attention's input feeds q, k, v; the MLP's gate, up.
+  est = sl_estimator.build_estimators(model, 4, [1], kind="asvd", moments=got)
+  for name in sl_estimator.EST_MODULES:
+    kernel = np.asarray(llama_projection(model.layers[1], name).kernel[...], np.float64)
+    want = np_asvd_product(kernel, sums[sl_estimator.INPUT_OF[name]] / n, 4,
+                           sl_estimator.ASVD_RIDGE)
+    prod = np.asarray(est["layer_1"][name]["p"]) @ np.asarray(est["layer_1"][name]["q"])
+    assert np.linalg.norm(prod - want) / np.linalg.norm(want) < 2e-3, name
+  with pytest.raises(ValueError, match="input moments"):
+    sl_estimator.build_estimators(model, 4, [0], kind="asvd", moments=got)
+
+
+def test_asvd_estimators_save_load_and_refusals(tmp_path):
+  model = lora_model()
+  x = correlated_inputs(d=D)
+  moments = {"layer_1": {"attn": jnp.asarray(x.T @ x / len(x)), "mlp": jnp.eye(D)}}
+  est = sl_estimator.build_estimators(model, 4, [1], kind="asvd", moments=moments)
+  path = str(tmp_path / "est.npz")
+  calib = {"data": "a", "batches": 2}
+  sl_estimator.save_estimators(path, est, kind="asvd", calibration=calib, model=model)
+  back = sl_estimator.load_estimators(path, model, 4, kind="asvd", calibration=dict(calib))
+  for a, b in zip(jax.tree.leaves(est), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+  for kw, match in [(dict(kind="svd"), "asvd estimators, requested svd"),
+                    (dict(kind="asvd", calibration={"data": "b", "batches": 2}),
+                     "other calibration data")]:
+    with pytest.raises(ValueError, match=match):
+      sl_estimator.load_estimators(path, model, 4, **kw)
+  # Another base: the stored kernel sketches differ (asvd factors alone cannot tell).
+  with pytest.raises(ValueError, match="not the estimator"):
+    sl_estimator.load_estimators(path, lora_model(seed=7), 4, kind="asvd", calibration=calib)
+  with pytest.raises(errors.UserError, match="another base or settings.*Fix:") as e:
+    finetune._cached_estimators(path, model, 4, "asvd", {"data": "b"})  # pylint: disable=protected-access
+  assert "\n" not in str(e.value)
+  # A plain svd file is svd for a run that asks for asvd: refused, not misread.
+  sl_estimator.save_estimators(path, sl_estimator.build_estimators(model, 4, [1]))
+  with pytest.raises(ValueError, match="svd estimators, requested asvd"):
+    sl_estimator.load_estimators(path, model, 4, kind="asvd", calibration=calib)
 
 
 # ----------------------------------------------------------------------------- selection

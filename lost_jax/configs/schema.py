@@ -19,6 +19,9 @@ def linear_config(kind: str = "dense", rank: int = 0) -> ml_collections.ConfigDi
       gamma=0.7,              # LOST mixing weight of the low-rank branch.
       activation="silu",      # between the factors (LOST, CoLA); low_rank uses identity.
       init="kaiming",         # initializer of the full-rank weight LOST decomposes.
+      # initializer of a dense kernel: normal (N(0, model.init_std), LLaMA's) | kaiming (LOST's
+      # init of the weight it decomposes, U(+-1/sqrt(fan_in)): the init control).
+      dense_init="normal",
       sparse_init="complement",
       complement_rank=0,      # 0: every remaining SVD component (the paper's reading).
       factor_init="svd",      # LOST factors: svd (the method) | random (ablation).
@@ -143,6 +146,11 @@ def mesh_config() -> ml_collections.ConfigDict:
   """Mesh sizes (one may be -1: fill) and the multi-process runtime (jax.distributed)."""
   return ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,
+      # True: data / fsdp / tensor and train.microbatches are chosen at start-up so the step's
+      # closed-form memory estimate fits the device (parallel/auto_mesh.py); one line says
+      # what was picked and why. Resuming on other devices chooses again.
+      auto=False,
+      memory_gib=0.0,         # per-device memory for mesh.auto; 0: what the device reports
       distributed=False,      # True: jax.distributed.initialize before the mesh is built.
       coordinator_address="",  # host:port of process 0; "" lets JAX detect (TPU pod, SLURM).
       num_processes=-1,       # -1: detect.

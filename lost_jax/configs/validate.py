@@ -40,6 +40,8 @@ def _in_range(field: str, value, lo: float, hi: float, fix: str, *, lo_open: boo
 
 def validate_mesh(m: ml_collections.ConfigDict) -> None:
   """The multi-process start-up settings (the axis sizes are checked against the devices)."""
+  _in_range("mesh.memory_gib", m.get("memory_gib", 0.0), 0.0, _INF, "the memory of one "
+            "device in GiB for mesh.auto, e.g. 16, or 0 to read it from the device")
   if "init_timeout_s" in m:
     _in_range("mesh.init_timeout_s", m.init_timeout_s, 1, _INF, "seconds to wait for every "
               "process at start-up, e.g. 300", integer=True)
@@ -145,6 +147,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"use one of {ACTIVATIONS}")
   if lin.init not in INITS:
     _fail("model.linear.init", f"unknown init {lin.init!r}", f"use one of {INITS}")
+  if lin.get("dense_init", "normal") not in INITS:
+    _fail("model.linear.dense_init", f"unknown init {lin.dense_init!r}", f"use one of {INITS}")
   if lin.factor_init not in ("svd", "random"):
     _fail("model.linear.factor_init", f"unknown factor_init {lin.factor_init!r}",
           "use 'svd' or 'random'")
@@ -240,6 +244,8 @@ def validate_finetune(cfg: ml_collections.ConfigDict, n_layers: int | None = Non
   _in_range("sparse.estimator_rank", sp.estimator_rank, 1, _INF, "e.g. 8", integer=True)
   _in_range("sparse.start_frac", sp.start_frac, 0.0, 1.0, "a fraction of steps such as 0.05")
   _in_range("sparse.bucket", sp.bucket, 1, _INF, "e.g. 16 or 64", integer=True)
+  if sp.get("estimator", "svd") not in ("svd", "asvd"):
+    _fail("sparse.estimator", f"{sp.estimator!r} is unknown", "svd or asvd")
   if sp.get("estimator_tokens", "context") not in ("context", "all"):
     _fail("sparse.estimator_tokens", f"{sp.estimator_tokens!r} is unknown", "context or all")
   if not isinstance(sp.get("block_input_grad", False), bool):

@@ -13,7 +13,8 @@ def make_linear(lin, n: int, m: int, *, axes, dtype, param_dtype, init_std: floa
   """Build the projection chosen by `lin.kind` (a `model.linear` ConfigDict)."""
   common = dict(dtype=dtype, param_dtype=param_dtype, axes=axes, backward=backward, rngs=rngs)
   if lin.kind == "dense":
-    return DenseLinear(n, m, init_std=init_std, **common)
+    # A config saved before dense_init existed drew its dense kernels N(0, init_std).
+    return DenseLinear(n, m, init_std=init_std, init=lin.get("dense_init", "normal"), **common)
   if lin.kind == "lost":
     return LOSTLinear(n, m, rank=lin.rank, sparsity=lin.sparsity, gamma=lin.gamma,
                       activation=lin.activation, init=lin.init, sparse_init=lin.sparse_init,

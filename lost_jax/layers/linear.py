@@ -43,16 +43,17 @@ def init_kernel(key: jax.Array, n: int, m: int, init: str, std: float = 0.02) ->
 
 
 class DenseLinear(nnx.Module):
-  """y = x @ kernel, kernel [n, m] ~ N(0, init_std)."""
+  """y = x @ kernel, kernel [n, m] ~ N(0, init_std) (`init` normal) or U(+-1/sqrt(n))
+  (`init` kaiming: the weight a LOST layer drawing the same key decomposes)."""
 
   def __init__(self, in_features: int, out_features: int, *, dtype: Any = None,
-               param_dtype: Any = jnp.float32, init_std: float = 0.02,
+               param_dtype: Any = jnp.float32, init_std: float = 0.02, init: str = "normal",
                axes: tuple[str | None, str | None] = ("embed", "mlp"), backward: str = "xla",
                rngs: nnx.Rngs):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
     self.backward = backward
-    kernel = init_kernel(rngs.params(), in_features, out_features, "normal", init_std)
+    kernel = init_kernel(rngs.params(), in_features, out_features, init, init_std)
     self.kernel = nnx.Param(kernel.astype(param_dtype), axes=axes)
 
   def __call__(self, x_BxN: jax.Array) -> jax.Array:

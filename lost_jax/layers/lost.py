@@ -12,7 +12,7 @@ from flax import nnx
 from lost_jax.configs import SPARSE_INITS, lost_keep
 from lost_jax.layers.linear import (ACTIVATIONS, StaticIndices, _activation, check_rank,
                                     factor_params, init_kernel, random_factors)
-from lost_jax.ops.matmul import matmul
+from lost_jax.ops.matmul import matmul, matmul_appended
 from lost_jax.ops.select import top_k_indices
 
 
@@ -113,8 +113,8 @@ class LOSTLinear(nnx.Module):
     rank = self.a.shape[-1]
     onehot_NxK = jax.nn.one_hot(self.indices[...], self.in_features, dtype=self.a.dtype,
                                 axis=0)
-    z = matmul(x_BxN, jnp.concatenate([self.a[...], onehot_NxK], axis=1), self.dtype,
-               out_dtype=jnp.float32, backward=self.backward)
+    z = matmul_appended(x_BxN, self.a[...], onehot_NxK, self.dtype, out_dtype=jnp.float32,
+                        backward=self.backward)
     h = lost_mix(z, rank, self.gamma, self.activation, self.dtype or jnp.float32)
     return matmul(h, jnp.concatenate([self.b[...].T, self.values[...]], axis=0), self.dtype,
                   backward=self.backward)

@@ -69,17 +69,33 @@ def batch_all_gathers(hlo_text: str, seq_len: int, rows: int) -> list[str]:
   return out
 
 
+def deviceless_tpu_env() -> None:
+  """Compile for TPU without one: keep the CPU as jax's runtime backend and silence libtpu's
+  search for TPU workers and a metadata server; several such compiling processes may run at
+  once (libtpu's lock file is for processes that drive a TPU). Call before JAX starts."""
+  import os  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_WORKER_ID", "0"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
+
+
+def topology_devices(topology: str) -> list:
+  """Every chip of a deviceless TPU topology such as 'v5p:4x4x4' (needs the libtpu package)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"no TPU compiler for topology {topology!r} ({e}). Fix: "
+                       "pip install 'libtpu==0.0.42.*' (jax[tpu]'s pin for jax 0.10.2) "
+                       "or pass --platform=cpu.") from e
+  return list(topo.devices)
+
+
 def target_devices(platform: str, topology: str = "v5p:2x2x1") -> list:
   """One device to compile for: the host CPU, or one chip of a deviceless TPU topology."""
   if platform == "cpu":
     return jax.devices("cpu")[:1]
   if platform == "tpu":
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    try:
-      topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f"no TPU compiler for topology {topology!r} ({e}). Fix: "
-                         "pip install 'libtpu==0.0.42.*' (jax[tpu]'s pin for jax 0.10.2) "
-                         "or pass --platform=cpu.") from e
-    return list(topo.devices)[:1]
+    return topology_devices(topology)[:1]
   raise ValueError(f"platform={platform!r} is unknown. Fix: use one of {PLATFORMS}.")

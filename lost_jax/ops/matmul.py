@@ -42,6 +42,23 @@ def matmul(x_BxN: jax.Array, w_NxM: jax.Array, dtype: Any = None,
   return _matmul(x_BxN, w_NxM, dtype, out_dtype, backward)
 
 
+def matmul_appended(x_BxN: jax.Array, w_NxR: jax.Array, const_NxK: jax.Array,
+                    dtype: Any = None, out_dtype: Any = None, backward: str = "xla") -> jax.Array:
+  """x @ [w | const] [..., R + K] as one matmul; `const` (no gradient) appended to w's columns.
+
+  As `matmul`, but the weight gradient is x^T g[..., :R], never the [N, R + K] gradient of the
+  concatenated kernel sliced afterwards: under FSDP the TPU compiler (libtpu 0.0.42, jax
+  0.10.2's pin) rewrites the all-reduce + slice of that gradient into a reduce-scatter and
+  fails on the column slice (RET_CHECK "The shape doesn't match when replacing").
+  """
+  if backward not in ("xla", "cpu_transposed"):
+    raise ValueError(f"matmul backward={backward!r} is unknown. Fix: 'xla' or "
+                     "'cpu_transposed' (model.perf.matmul_backward, resolved).")
+  dtype = jnp.result_type(x_BxN, w_NxR) if dtype is None else jnp.dtype(dtype)
+  out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
+  return _matmul_appended(x_BxN, w_NxR, const_NxK, dtype, out_dtype, backward)
+
+
 def contract(a, b, a_dim: int, b_dim: int, dtype):
   """dot_general of a and b contracting a_dim with b_dim (no batch axes), both operands cast to
   dtype; sub-32-bit dtypes accumulate in float32 (the result is then float32)."""
@@ -100,6 +117,30 @@ def transposed_tokens(x_BxN: jax.Array) -> jax.Array:
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _matmul_appended(x_BxN, w_NxR, const_NxK, dtype, out_dtype, backward):
+  del backward
+  w_NxW = jnp.concatenate([w_NxR, const_NxK.astype(w_NxR.dtype)], axis=1)
+  return contract(x_BxN, w_NxW, x_BxN.ndim - 1, 0, dtype).astype(out_dtype)
+
+
+def _matmul_appended_fwd(x_BxN, w_NxR, const_NxK, dtype, out_dtype, backward):
+  return (_matmul_appended(x_BxN, w_NxR, const_NxK, dtype, out_dtype, backward),
+          (x_BxN, w_NxR, const_NxK))
+
+
+def _matmul_appended_bwd(dtype, out_dtype, backward, residuals, g_BxW):  # pylint: disable=unused-argument
+  x_BxN, w_NxR, const_NxK = residuals
+  g = g_BxW.astype(dtype)
+  w_NxW = jnp.concatenate([w_NxR, const_NxK.astype(w_NxR.dtype)], axis=1)
+  dx = contract(g, w_NxW, g.ndim - 1, 1, dtype).astype(x_BxN.dtype)
+  dw = weight_grad(x_BxN, g[..., :w_NxR.shape[-1]], dtype, backward).astype(w_NxR.dtype)
+  return dx, dw, jnp.zeros_like(const_NxK)
+
+
+_matmul_appended.defvjp(_matmul_appended_fwd, _matmul_appended_bwd)
 
 
 def batched_matmul(a_ZxQxK: jax.Array, b: jax.Array, *, transpose_b: bool,

@@ -15,7 +15,7 @@ from flax import nnx
 from lost_jax.configs import PRECISIONS
 from lost_jax.data import tokenizer
 from lost_jax.errors import UserError
-from lost_jax.formats import gguf, hf
+from lost_jax.formats import bases, gguf, hf
 from lost_jax.models.llama import Llama
 from lost_jax.training import checkpoint
 
@@ -23,28 +23,7 @@ from lost_jax.training import checkpoint
 INIT_SOURCES = ("auto", "hf", "gguf", "pretrain", "random")
 
 
-def detect_base(path: str) -> str | None:
-  """What init.path holds: 'gguf' (a GGUF file), 'hf' (a directory with a HF config.json and
-  safetensors), 'pretrain' (a lost_jax workdir: its config.json has model and train groups),
-  or None."""
-  path = os.path.expanduser(path)
-  if os.path.isfile(path):
-    with open(path, "rb") as f:
-      return "gguf" if f.read(4) == b"GGUF" else None
-  config = os.path.join(path, "config.json")
-  if not os.path.isfile(config):
-    return None
-  try:
-    with open(config) as f:
-      run = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
-  if isinstance(run, dict) and "model" in run and "train" in run:
-    return "pretrain"
-  if isinstance(run, dict) and ("model_type" in run or "architectures" in run) and any(
-      os.path.exists(os.path.join(path, f)) for f in (hf.WEIGHTS_FILE, hf.INDEX_FILE)):
-    return "hf"
-  return None
+detect_base = bases.base_kind
 
 
 _BASE_HELP = ("a Hugging Face directory (config.json + model.safetensors) or a GGUF file of a "

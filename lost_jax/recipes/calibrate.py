@@ -26,7 +26,6 @@ from lost_jax.adapters.sparselora import calibrate as sl_cal
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import select as sl_select
 from lost_jax.adapters.sparselora.model import forward
-from lost_jax.data import instruct
 from lost_jax.errors import UserError
 from lost_jax.measure import flops
 from lost_jax.recipes import finetune, inputs
@@ -66,19 +65,6 @@ def batch_nll(graphdef):
   return nll
 
 
-def calibration_inputs(cfg: ml_collections.FrozenConfigDict, tok
-                       ) -> tuple[list[dict], list[sl_plan.StepLengths]]:
-  """The first sparse.calibration_batches training batches (what the fine-tune starts on)
-  and the static lengths a sparse step of each has."""
-  sp = cfg.sparse
-  it = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size, seed=cfg.seed)
-  batches = [next(it) for _ in range(sp.calibration_batches)]
-  lengths = [sl_plan.step_lengths(b["weights"], sp.bucket, True) for b in batches]
-  if not sp.dense_outputs:
-    lengths = [n._replace(dense_len=1) for n in lengths]
-  return [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], lengths
-
-
 def _fingerprint(cfg: ml_collections.FrozenConfigDict) -> dict:
   """What the measurements depend on: base, data and batches, estimator and channel choice."""
   sp = cfg.sparse
@@ -87,7 +73,9 @@ def _fingerprint(cfg: ml_collections.FrozenConfigDict) -> dict:
           "data": json.loads(cfg.data.to_json()), "seed": cfg.seed,
           "batch_size": cfg.train.batch_size, "batches": sp.calibration_batches,
           "sparse": {k: sp.get(k) for k in ("mode", "estimator_rank", "bucket",
-                                            "dense_outputs", "estimator_tokens")}}
+                                            "dense_outputs", "estimator_tokens")
+                     # absent for svd, as in the files written before the setting existed
+                     + (("estimator",) if sp.get("estimator", "svd") != "svd" else ())}}
 
 
 class Measurements:
@@ -146,7 +134,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
   module, _, cfg, tok = finetune.adapted_and_tokenizer(base_cfg, workdir, mesh,
                                                        all_estimators=True)
   sp, n_layers = cfg.sparse, cfg.model.n_layers
-  batches, lengths = calibration_inputs(cfg, tok)
+  batches, lengths = finetune.calibration_inputs(cfg, tok)
   store = Measurements(workdir, _fingerprint(cfg))
   graphdef, state = nnx.split(module)
   nll = batch_nll(graphdef)

@@ -2,7 +2,7 @@
 
 The base comes from `init` (`recipes/base.py`), LoRA adapters are the only trained variables
 (`LoRAParam`) and the only ones checkpointed; the frozen base is rebuilt from its source and
-the SVD estimators are cached in `<workdir>/estimators.npz`. SparseLoRA's per-step static
+the estimators are cached in `<workdir>/estimators.npz`. SparseLoRA's per-step static
 lengths (`sparselora.StepLengths`) are the recipe's static argument: the trainer compiles one
 step per value without knowing what they mean.
 """
@@ -58,12 +58,14 @@ def base_model(cfg: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh | N
   return model, cfg
 
 
-def adapt(model, cfg: ml_collections.FrozenConfigDict, workdir: str | None, *,
+def adapt(model, cfg: ml_collections.FrozenConfigDict, tok, workdir: str | None, *,
           all_estimators: bool = False) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan]:
-  """(`model` with LoRA adapters and SVD estimators as a SparseLoRALlama, its plan).
+  """(`model` with LoRA adapters and sparse.estimator estimators as a SparseLoRALlama, its
+  plan).
 
-  Estimators (of every layer if all_estimators, else of the plan's sparse layers) are cached
-  in `workdir` if one is given: a cache of the base alone, rebuilt when it does not match.
+  Estimators (of every layer if all_estimators, else of the plan's sparse layers; asvd's
+  fitted on the calibration batches, read with `tok`) are cached in `workdir` if one is
+  given: derived from the base and settings alone, rebuilt when the cache does not match.
   """
   plan = sl_plan.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
@@ -71,14 +73,7 @@ def adapt(model, cfg: ml_collections.FrozenConfigDict, workdir: str | None, *,
              dropout=cfg.lora.dropout, param_dtype=configs.PRECISIONS[cfg.train.precision][1],
              rngs=nnx.Rngs(cfg.seed + 1))
   layers = range(cfg.model.n_layers) if all_estimators else plan.estimator_layers()
-  estimators = None
-  if layers:
-    path = os.path.join(workdir, "estimators.npz") if workdir else None
-    estimators = _cached_estimators(path, model, cfg.sparse.estimator_rank)
-    if estimators is None or any(sl_estimator.layer_key(i) not in estimators for i in layers):
-      estimators = sl_estimator.build_estimators(model, cfg.sparse.estimator_rank, layers)
-      if path and jax.process_index() == 0:
-        sl_estimator.save_estimators(path, estimators)
+  estimators = estimators_of(cfg, model, tok, layers, workdir) if layers else None
   return SparseLoRALlama(model, estimators, plan), plan
 
 
@@ -87,10 +82,55 @@ def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
                   ) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan,
                              ml_collections.FrozenConfigDict]:
   """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config):
-  `base_model`, then `adapt`."""
-  model, cfg = base_model(cfg, mesh)
-  module, plan = adapt(model, cfg, workdir, all_estimators=all_estimators)
-  return module, plan, cfg
+  `adapted_and_tokenizer` without the tokenizer."""
+  return adapted_and_tokenizer(cfg, workdir, mesh, all_estimators=all_estimators)[:3]
+
+
+def calibration_inputs(cfg: ml_collections.FrozenConfigDict, tok
+                       ) -> tuple[list[dict], list[sl_plan.StepLengths]]:
+  """The first sparse.calibration_batches training batches (what the fine-tune starts on)
+  and the static lengths a sparse step of each has: what `calibrate` measures and asvd
+  estimators are fitted on."""
+  sp = cfg.sparse
+  it = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size, seed=cfg.seed)
+  batches = [next(it) for _ in range(sp.calibration_batches)]
+  lengths = [sl_plan.step_lengths(b["weights"], sp.bucket, True) for b in batches]
+  if not sp.dense_outputs:
+    lengths = [n._replace(dense_len=1) for n in lengths]
+  return [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], lengths
+
+
+def calibration_fingerprint(cfg: ml_collections.FrozenConfigDict) -> dict:
+  """What the calibration batches and the tokens asvd's statistics read depend on."""
+  sp = cfg.sparse
+  return {"inputs": inputs.fingerprint(cfg, "finetune"),
+          "data": json.loads(cfg.data.to_json()), "seed": cfg.seed,
+          "batch_size": cfg.train.batch_size, "batches": sp.calibration_batches,
+          "sparse": {k: sp.get(k) for k in ("bucket", "dense_outputs", "estimator_tokens")}}
+
+
+def estimators_of(cfg: ml_collections.FrozenConfigDict, model, tok, layers,
+                  workdir: str | None = None) -> dict:
+  """The sparse.estimator estimators of `layers` (rank sparse.estimator_rank), from
+  `<workdir>/estimators.npz` if it holds them, else built (and cached there)."""
+  sp = cfg.sparse
+  kind = sp.get("estimator", "svd")
+  calibration = calibration_fingerprint(cfg) if kind == "asvd" else None
+  path = os.path.join(workdir, "estimators.npz") if workdir else None
+  est = _cached_estimators(path, model, sp.estimator_rank, kind, calibration)
+  if est is not None and all(sl_estimator.layer_key(i) in est for i in layers):
+    return est
+  moments = None
+  if kind == "asvd":
+    batches, lengths = calibration_inputs(cfg, tok)
+    masks = [sl_estimator.token_mask(b["segment_ids"], b["inputs"].shape[1] - n.dense_len,
+                                     sp.estimator_tokens) for b, n in zip(batches, lengths)]
+    moments = sl_estimator.input_moments(model, batches, masks, layers)
+  est = sl_estimator.build_estimators(model, sp.estimator_rank, layers, kind=kind,
+                                      moments=moments)
+  if path and jax.process_index() == 0:
+    sl_estimator.save_estimators(path, est, kind=kind, calibration=calibration, model=model)
+  return est
 
 
 def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.FrozenConfigDict:
@@ -109,16 +149,18 @@ def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.Froze
       attn=configs.format_layer_sparsity(plan.attn)))
 
 
-def _cached_estimators(path: str | None, model, rank: int) -> dict | None:
+def _cached_estimators(path: str | None, model, rank: int, kind: str = "svd",
+                       calibration: dict | None = None) -> dict | None:
   """The run's estimators.npz, or None (one line says why) when there is none or it does not
-  hold this base's estimators: torn, not an estimator file, or built from another base or
-  rank. It is derived from the base alone, so it is rebuilt; a checkpoint trained on another
-  base was refused before (its fingerprint records the base's files and settings)."""
+  hold this base's estimators: torn, not an estimator file, or built from another base,
+  kind, rank or calibration data. They are derived from the base (and asvd's from the
+  calibration batches) alone, so they are rebuilt; a checkpoint trained on another base or
+  settings was refused before (its fingerprint records the base's files and settings)."""
   if not path or not os.path.exists(path):
     return None
   try:
-    return sl_estimator.load_estimators(path, model, rank)
-  except ValueError as e:   # DamagedFile, or the estimators of another base or rank
+    return sl_estimator.load_estimators(path, model, rank, kind=kind, calibration=calibration)
+  except ValueError as e:   # DamagedFile, or the estimators of another base or settings
     if jax.process_index() == 0:
       what = errors.one_line(e).split(" Fix:")[0].rstrip(".")
       print(f"{what}; rebuilding it from the base", flush=True)
@@ -242,10 +284,10 @@ def base_and_tokenizer(cfg: ml_collections.FrozenConfigDict,
 
 
 def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                          mesh: jax.sharding.Mesh, *, all_estimators: bool = False):
+                          mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False):
   """(module, plan, run config, tokenizer): `base_and_tokenizer`, then `adapt`."""
   model, cfg, tok = base_and_tokenizer(cfg, mesh)
-  module, plan = adapt(model, cfg, workdir, all_estimators=all_estimators)
+  module, plan = adapt(model, cfg, tok, workdir, all_estimators=all_estimators)
   return module, plan, cfg, tok
 
 
@@ -292,7 +334,7 @@ def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   if pidx == 0:   # the base's tokenizer and chat template, for export and generation
     tokenizer_files.record_run_tokenizer(workdir, tok, chat_template)
     _record_split(cfg.data, workdir)
-  module, plan = adapt(model, cfg, workdir)
+  module, plan = adapt(model, cfg, tok, workdir)
   trainer = _trainer(cfg, module, plan, mesh)
   state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
   evaluate = evaluation(cfg, tok, trainer, rest, show=not quiet, data=held_out)
@@ -327,7 +369,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int 
   try:
     model, cfg, tok = base_and_tokenizer(cfg, mesh)
     ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
-    module, plan = adapt(model, cfg, workdir)
+    module, plan = adapt(model, cfg, tok, workdir)
     trainer = _trainer(cfg, module, plan, mesh)
     state, rest = trainer.restore(ckpt, step)
   finally:

@@ -329,6 +329,41 @@ def memory_estimate(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   return mem
 
 
+def device_memory_estimate(cfg: ml_collections.ConfigDict, data: int = 1, fsdp: int = 1,
+                           tensor: int = 1) -> dict[str, int]:
+  """`memory_estimate` per device of a (data, fsdp, tensor) mesh, in bytes.
+
+  Weights, gradients and optimizer state are split over fsdp x tensor (data replicates them);
+  with gradient accumulation (train.microbatches > 1) a float32 accumulator of every trainable
+  parameter is added, split the same way; under model.perf.layer_loop='scan' the blocks'
+  stacked copy of weights and gradients too. Activations are those of the rows one device
+  holds per pass, train.batch_size / microbatches / (data x fsdp), not split over tensor (an
+  upper bound). Arrays no mesh axis divides are counted as split (they are small).
+  """
+  shards, state_split = data * fsdp, fsdp * tensor
+  t = cfg.train
+  if min(data, fsdp, tensor) < 1 or t.batch_size % (shards * t.microbatches):
+    raise ValueError(f"train.batch_size={t.batch_size} in {t.microbatches} micro-batches does "
+                     f"not split over data x fsdp = {shards}. Fix: a batch size that is a "
+                     f"multiple of {shards * t.microbatches}.")
+  param_bytes, compute_bytes = _precision_bytes(cfg)
+  whole = memory_estimate(cfg)
+  counts = count_params(cfg.model)
+  rows = t.batch_size // t.microbatches // shards
+  accumulator = FLOAT32_BYTES * counts["trainable"] if t.microbatches > 1 else 0
+  perf = cfg.model.get("perf", {})
+  stacked = (2 * param_bytes * counts["layers"]
+             if perf.get("layer_loop", "auto") == "scan" else 0)
+  mem = dict(
+      weights=whole["weights"] // state_split,
+      gradients=(whole["gradients"] + accumulator + stacked) // state_split,
+      optimizer=whole["optimizer"] // state_split,
+      activations=activation_bytes(cfg.model, rows, cfg.data.seq_len, compute_bytes),
+  )
+  mem["total"] = sum(mem.values())
+  return mem
+
+
 def report(cfg: ml_collections.ConfigDict) -> dict:
   """Params, FLOPs per token and memory of a run config, in one dict."""
   lin = cfg.model.linear
@@ -452,17 +487,8 @@ def finetune_base_line(cfg: ml_collections.ConfigDict, tied: bool) -> str:
 def _base_ties_embeddings(path: str) -> bool:
   """Whether the base at init.path (GGUF file or HF directory) ties its head to the
   embedding; False for anything else (a pre-training run's head is its own)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(path or "")
-  if os.path.isfile(path):
-    from lost_jax.formats import gguf  # pylint: disable=g-import-not-at-top
-    return bool(gguf.read(path)[0].get("tie_word_embeddings", False))
-  try:
-    with open(os.path.join(path, "config.json")) as f:
-      return bool(json.load(f).get("tie_word_embeddings", False))
-  except (OSError, ValueError, AttributeError):
-    return False
+  from lost_jax.formats import bases  # pylint: disable=g-import-not-at-top
+  return bool((bases.hf_config(path) or {}).get("tie_word_embeddings", False))
 
 
 def _main(argv, config_flag, compare_flag):

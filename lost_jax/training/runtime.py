@@ -15,7 +15,7 @@ import ml_collections
 
 from lost_jax import configs, errors, files
 from lost_jax.errors import UserError
-from lost_jax.parallel import sharding
+from lost_jax.parallel import auto_mesh, sharding
 from lost_jax.parallel.distributed import initialize_distributed
 from lost_jax.training import checkpoint, optim
 
@@ -159,6 +159,11 @@ def resolve_config(cfg: ml_collections.ConfigDict, command: str, *, validated: b
     configs.validate(cfg, command)
   if cfg.mesh.distributed:
     initialize_distributed(cfg.mesh)
+  if cfg.mesh.get("auto", False):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    line = auto_mesh.apply(cfg, jax.device_count(), auto_mesh.device_memory(cfg.mesh.memory_gib))
+    if jax.process_index() == 0:
+      print(line, flush=True)
   return configs.resolve(cfg, command, validated=True)
 
 

@@ -1,8 +1,9 @@
 """SparseLoRA: contextual channel sparsity of the frozen base projections during LoRA training.
 
 Per layer and step, an index set of base channels is chosen for the whole micro-batch, from a
-rank-8 SVD estimator of the frozen kernels (`mode='svd'`) or, for accuracy studies only, from
-the true activations (`mode='oracle'`). Context tokens (the sparse prefix of a left-padded
+rank-r estimator of the frozen kernels (`mode='svd'`; the paper's SVD or the activation-aware
+one, `sparse.estimator`) or, for accuracy studies only, from the true activations
+(`mode='oracle'`). Context tokens (the sparse prefix of a left-padded
 batch) use only those channels of the base kernels, forward and backward; the dense suffix
 (every token with a loss) and the LoRA branch stay dense (SparseLoRA, arXiv 2506.16500).
 
@@ -179,7 +180,7 @@ def forward(model, tokens_BxL: jax.Array, estimators: dict | None, plan: Sparsit
 
 
 class Estimator(nnx.Variable):
-  """Frozen SVD estimator factor: saved with the model, never trained."""
+  """Frozen low-rank estimator factor: saved with the model, never trained."""
 
 
 class SparseLoRALlama(nnx.Module):
