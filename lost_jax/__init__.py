@@ -5,6 +5,18 @@ a bad one's error) before JAX is imported.
 """
 
 import importlib
+import os as _os
+import signal as _signal
+
+# A process the command line started (grain's data workers are spawned): Ctrl-C in a terminal
+# signals the whole process group, and the training process stops its workers itself, so a
+# worker ignores SIGINT from its first lost_jax import on (before JAX is imported) instead of
+# printing a traceback of its own.
+if _os.environ.get("LOST_JAX_CLI_PID", str(_os.getpid())) != str(_os.getpid()):
+  try:
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+  except ValueError:   # imported off the main thread: not a worker's start-up
+    pass
 
 _EXPORTS = {
     "DenseLinear": "layers.linear", "LowRankLinear": "layers.linear",

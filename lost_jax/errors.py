@@ -8,6 +8,7 @@ catching ValueError keep working.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -68,13 +69,53 @@ def stderr_fd() -> int:
   return 2 if _saved_fds is None else _saved_fds[1]
 
 
+def clear_progress_bars() -> None:
+  """Erase the progress bars on screen, so that an error line starts a line of its own."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    try:
+      bar.clear()
+    except Exception:  # pylint: disable=broad-except  # a bar half torn down: nothing to erase
+      pass
+
+
 def exit_now(message: str, code: int = 2) -> None:
   """Print `error: <message>` and end the process at once, from any thread.
 
   For a wait that native code would otherwise end with an abort (a peer process that never
-  arrives); `os._exit` skips Python's shutdown, so nothing prints after the line.
+  arrives), and for faults that leave threads running (a failed checkpoint write); `os._exit`
+  skips Python's shutdown, so nothing prints after the line.
   """
+  clear_progress_bars()
   sys.stdout.flush()
   sys.stderr.flush()
   os.write(stderr_fd(), f"error: {one_line(message)}\n".encode())
   os._exit(code)
+
+
+# Ctrl-C before the training loop takes SIGINT over (lost_jax.main calls `catch_sigint`).
+# Python raises KeyboardInterrupt wherever the main thread is, and code that swallows it (a
+# garbage-collector callback: "Exception ignored in ...") would let start-up go on as if no
+# key was pressed: the flag keeps it, and the training loop refuses to begin once it is set.
+interrupted = False
+
+
+def _on_sigint(signum, frame):  # pylint: disable=unused-argument
+  global interrupted
+  interrupted = True
+  raise KeyboardInterrupt
+
+
+def catch_sigint() -> None:
+  """SIGINT raises KeyboardInterrupt as Python's default does, and is remembered; a swallowed
+  one prints no traceback of its own; processes this one starts ignore it (lost_jax's
+  __init__), since it stops them itself."""
+  previous = sys.unraisablehook
+
+  def unraisable(u):
+    if not (interrupted and isinstance(u.exc_value, KeyboardInterrupt)):
+      previous(u)
+
+  sys.unraisablehook = unraisable
+  signal.signal(signal.SIGINT, _on_sigint)
+  os.environ["LOST_JAX_CLI_PID"] = str(os.getpid())   # its child processes ignore SIGINT

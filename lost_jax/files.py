@@ -21,7 +21,9 @@ def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
       os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:   # a full disk names the file it hit
+      e.filename = path
     raise

@@ -7,8 +7,9 @@
 - evaluate, generate, export: act on a run's checkpoint (`lost_jax/commands/`).
 
 A mistake in the command line, settings, data, tokenizer or workdir prints one line,
-`error: <what>. Fix: <how>`, and exits with status 2 (3: the run diverged); anything else is a
-bug and keeps its traceback.
+`error: <what>. Fix: <how>`, and exits with status 2 (3: the run diverged); a fault of the
+machine (a full disk, a read-only filesystem) is one such line with status 1, Ctrl-C before
+the training loop one with status 130. Anything else is a bug and keeps its traceback.
 """
 
 import errno
@@ -16,6 +17,7 @@ import os
 import re
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -57,6 +59,7 @@ def _exit_with(message: str, code: int = 2):
   the interpreter shuts down: the error line is the last thing this process has to say, so
   stdout and stderr go to /dev/null for the shutdown.
   """
+  errors.clear_progress_bars()
   sys.stdout.flush()
   sys.stderr.flush()
   os.write(errors.stderr_fd(), f"error: {errors.one_line(message)}\n".encode())
@@ -91,6 +94,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
     if _CONFIG.value is not None:
       _CONFIG.value.to_dict()  # a config file that failed to load raises only when read
+  except KeyboardInterrupt:
+    _interrupted(argv[1] if len(argv) > 1 else "lost_jax")
   except flags.Error as e:
     message = str(e)
     if "Traceback" in message:   # get_config raised: its message names the setting and fix
@@ -98,21 +103,42 @@ def parse_flags(argv: list[str]) -> list[str]:
       _exit_with(reason if "Fix:" in reason else
                  f"{message.split(': ', 1)[0]}: {reason}. Fix: use {_CONFIG_FIX}")
     _exit_with(f"{message.rstrip('.')}. {_flag_error_fix(message)}")
-  except AttributeError as e:    # an override of a field the config does not have
-    key = str(e).strip("'\"")
+  except (AttributeError, KeyError) as e:   # an override of a setting the config lacks?
+    key = _missing_key(e)
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and
-           key in a.split("=")[0].split(".")]
-    _exit_with(f"{bad[0] if bad else '--config'}: the config has no setting {key!r}. "
-               f"Fix: use {_CONFIG_FIX}")
+           key in a.split("=")[0].split(".")[1:]]
+    if bad:
+      _exit_with(f"{bad[0]}: the config has no setting {key!r}. Fix: use {_CONFIG_FIX}")
+    if key == "to_dict" and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+      _exit_with(f"{_config_arg(argv)}: its get_config() returned "
+                 f"{errors.one_line(repr(_CONFIG.value), 60)}, not an ml_collections "
+                 f"ConfigDict. Fix: return one, or use {_CONFIG_FIX}")
+    if key == "get_config":
+      _exit_with(f"{_config_arg(argv)}: the file defines no get_config(). Fix: define "
+                 f"get_config() returning an ml_collections ConfigDict, or use {_CONFIG_FIX}")
+    _exit_with(f"--config: the config file fails to load ({_where_it_failed(e)}). Fix: correct "
+               f"that file, or use {_CONFIG_FIX}")
   except OSError as e:           # the --config file itself cannot be read
-    _exit_with(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: cannot load "
-               f"the config file ({_last_line(e)}). Fix: use {_CONFIG_FIX}")
+    _exit_with(f"{_config_arg(argv)}: cannot load the config file ({_last_line(e)}). Fix: use "
+               f"{_CONFIG_FIX}")
   except Exception as e:  # pylint: disable=broad-except
     # Only --config runs user code while flags are parsed: its file failed to load or its
     # get_config raised.
     _exit_with(f"--config: the config file fails to load ({_where_it_failed(e)}). Fix: correct "
                f"that file, or use {_CONFIG_FIX}")
   return rest
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The --config=... argument as given (the flag may not have parsed)."""
+  return next((a for a in argv if a.startswith("--config=")), "--config")
+
+
+def _missing_key(e: Exception) -> str:
+  """The name an AttributeError or KeyError says is missing (`'x' object has no attribute
+  'k'` -> k, KeyError("'k'") -> k)."""
+  m = re.search(r"has no attribute '([^']+)'", str(e))
+  return m[1] if m else str(e).strip("'\" ")
 
 
 def _where_it_failed(e: Exception) -> str:
@@ -203,27 +229,97 @@ def main(argv):
   except errors.UserError as e:
     _exit_with(str(e), e.exit_code)
   except KeyboardInterrupt:   # the training loop itself saves and exits 0 on Ctrl-C
-    _exit_with(f"{command} interrupted (Ctrl-C) before training began; no checkpoint was "
-               "written or changed. Fix: re-run the command", 130)
-  except RuntimeError as e:
-    if "Unable to initialize backend" not in str(e):
-      raise
-    _exit_with(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: {_last_line(e)}. Fix: "
-               "unset JAX_PLATFORMS (JAX picks what the machine has) or name a platform "
-               "this machine has, e.g. cpu, cuda or tpu")
-  except OSError as e:
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-      raise
-    _exit_with(f"cannot write {e.filename or 'a file'} ({e.strerror}). Fix: free space (or "
-               "use a writable filesystem) and re-run the same command: it resumes from the "
-               "last finished checkpoint, which is kept", 1)
+    _interrupted(command)
+  except Exception as e:  # pylint: disable=broad-except
+    fault = _environment_fault(e)
+    if fault is None:
+      raise   # a bug: its traceback
+    _exit_at_once(*fault)
   summary = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in (result or {}).items())
   print(f"done: {summary}", flush=True)
 
 
+def _exit_at_once(line: str, code: int):
+  """The one error line, then the end of the process without Python's shutdown: checkpoint
+  and compile threads still running would otherwise print, block the exit or crash it."""
+  logging.flush()
+  errors.exit_now(line, code)
+
+
+def _interrupted(command: str):
+  if command in RUN_COMMANDS:   # each writes its result whole at its end, or nothing
+    _exit_at_once(f"{command} interrupted (Ctrl-C); nothing was written. Fix: re-run the "
+                  "command", 130)
+  runtime = sys.modules.get("lost_jax.training.runtime")
+  if runtime is not None and runtime.StopFlag.began:
+    _exit_at_once(f"{command} interrupted (Ctrl-C) after training began; the checkpoints "
+                  "saved so far are kept. Fix: re-run the command (it resumes from the last "
+                  "one)", 130)
+  _exit_at_once(f"{command} interrupted (Ctrl-C) before training began; no checkpoint was "
+                "written or changed. Fix: re-run the command", 130)
+
+
+_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+         errno.EROFS: "Read-only file system"}
+
+
+def _environment_fault(e: BaseException) -> tuple[str, int] | None:
+  """(line, exit status) for a fault of the machine rather than of lost_jax, None for anything
+  else: a full disk, a quota or a read-only filesystem met while writing (an OSError, or the
+  message of a checkpoint writer's error; status 1), or a JAX_PLATFORMS that names no usable
+  platform (a setting: status 2)."""
+  chain, seen = [], e
+  while seen is not None and len(chain) < 16:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for err in chain:
+    if isinstance(err, OSError) and err.errno in _FULL:
+      return _disk_line(err.filename, err.strerror or _FULL[err.errno]), 1
+    text = str(err)
+    for reason in _FULL.values():
+      if reason in text:
+        m = re.search(r'(?:local file|Failed writing:?|file) "([^"]+)"', text)
+        return _disk_line(m[1] if m else None, reason), 1
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and any(_from_backend_start(err) for err in chain):
+    reason = _last_line(e) if "Unable to initialize backend" in str(e) else (
+        "JAX started no backend from that list (a platform's plugin is missing or finds no "
+        "device)")
+    return (f"JAX_PLATFORMS={platforms!r}: {reason}. Fix: unset JAX_PLATFORMS (JAX picks "
+            "what the machine has) or name a platform this machine has, e.g. cpu, cuda or "
+            "tpu"), 2
+  return None
+
+
+def _from_backend_start(e: BaseException) -> bool:
+  """Whether `e` is JAX failing to start its backends (an error raised in xla_bridge)."""
+  if "Unable to initialize backend" in str(e):
+    return True
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_filename.endswith("xla_bridge.py")
+
+
+def _disk_line(path: str | None, reason: str) -> str:
+  m = re.search(r"^(.*/checkpoints)/(\d+)\.orbax-checkpoint-tmp", path or "")
+  where = f"checkpoint step {m[2]} in {m[1]}" if m else (path or "a file")
+  return (f"cannot write {where} ({reason}). Fix: free space (or use a writable filesystem) "
+          "and re-run the same command: it resumes from the last finished checkpoint, which "
+          "is kept")
+
+
+def _quiet_orbax(record) -> bool:
+  """False for Orbax's own log records on the command line: a failed background save logs
+  its error from several threads, then raises it in the main thread, which reports it once."""
+  return "/orbax/" not in record.pathname
+
+
 def run():
   """Console-script entry point (`lost-jax`)."""
+  errors.catch_sigint()   # a Ctrl-C nothing may swallow
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   app.run(main, flags_parser=parse_flags)
 
 

@@ -43,6 +43,24 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
       "model.linear.sparsity: checkpoint 0.01 vs run 0.02", f"seq_len: checkpoint {L} vs run {2 * L}"]
 
 
+def test_changed_input_files_are_one_entry_per_input_not_one_per_file():
+  base = {f"checkpoints/3/state/d/{i}": f"{100 + i}:abc{i}" for i in range(40)}
+  moved = {f"checkpoints/4/state/d/{i}": f"{100 + i}:def{i}" for i in range(40)}
+  saved = {"inputs": {"base": base, "data": {"/d/train.json": "10:aa"}}, "seq_len": 32}
+  run = {"inputs": {"base": moved, "data": {"/d/train.json": "10:aa"}}, "seq_len": 32}
+  refused, allowed = checkpoint.compare_fingerprints(saved, run)
+  assert allowed == [] and len(refused) == 1, refused
+  assert refused[0] == (
+      "inputs.base: 80 file(s) differ from those the checkpoint was trained on "
+      "(checkpoints/3/state/d/0: checkpoint '100:abc0' vs run absent; checkpoints/3/state/d/1: "
+      "checkpoint '101:abc1' vs run absent; 78 more)")
+  run["inputs"]["data"] = {"/d/train.json": "10:bb", "/d/extra.json": "5:cc"}
+  run["inputs"]["base"] = base
+  assert checkpoint.compare_fingerprints(saved, run)[0] == [
+      "inputs.data: 2 file(s) differ from those the checkpoint was trained on (/d/extra.json: "
+      "checkpoint absent vs run '5:cc'; /d/train.json: checkpoint '10:aa' vs run '10:bb')"]
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_new_global_batch_and_accepts_a_new_step_count(pretrained_copy, capsys):
   workdir = pretrained_copy      # 60 steps of global batch 8

@@ -1,6 +1,7 @@
 """Evaluation alone (`lost_jax.recipes.evaluate`, `python -m lost_jax.main evaluate`): a run's
 checkpoint scores what the run printed when it reached that step; a base alone is zero-shot."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -86,15 +87,32 @@ def test_a_finetunes_checkpoints_score_its_loss_and_accuracy(tmp_path):
   # Training to fewer steps than the checkpoint's is refused (before the base is loaded).
   fewer = _finetune_config(0)
   with pytest.raises(UserError, match="holds a checkpoint of step 4, past config.train.steps=0"
-                     r".*lost_jax.main evaluate --workdir="):
+                     r".*lost_jax.main evaluate --workdir=.*For the base alone \(zero-shot, no "
+                     r"adapters\): `python -m lost_jax.main evaluate --config="):
     finetune.finetune_and_evaluate(fewer, workdir, quiet=True)
   assert max(_evals(workdir)) == 4
+  # Another estimator rank is another run (its fingerprint), refused before the estimator
+  # cache is read or rebuilt.
+  estimators = os.path.join(workdir, "estimators.npz")
+  cached = open(estimators, "rb").read()
+  other_rank = _finetune_config(6)
+  other_rank.sparse.estimator_rank = 4
+  with pytest.raises(UserError, match="sparse.estimator_rank: checkpoint 8 vs run 4"):
+    finetune.finetune_and_evaluate(other_rank, workdir, quiet=True)
+  assert open(estimators, "rb").read() == cached
 
 
 @pytest.mark.slow
 def test_a_base_alone_is_scored_zero_shot_as_a_zero_step_finetune(tmp_path):
   zero = _finetune_config(0)
   trained_zero = finetune.finetune_and_evaluate(zero, str(tmp_path / "zero"), quiet=True)
+  # A zero-step fine-tune is labelled zero-shot: in its result and in evaluations.jsonl (its
+  # metrics.jsonl row stays step 0, the adapters' starting point).
+  assert trained_zero["model"] == evaluate.ZERO_SHOT and trained_zero["step"] == 0
+  (zero_row,) = metrics.read_evaluations(str(tmp_path / "zero"))
+  assert zero_row["model"] == evaluate.ZERO_SHOT and zero_row["base"] == "random"
+  assert [(r["step"], type(r["step"])) for r in metrics.read_metrics(str(tmp_path / "zero"))
+          ] == [(0, int)]
   cfg = _finetune_config(50)        # the preset's own step count
   out = evaluate.evaluate_base(cfg, str(tmp_path / "base"), quiet=True)
   assert out["model"] == evaluate.ZERO_SHOT

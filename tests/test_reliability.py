@@ -7,6 +7,7 @@ seq 32), so what is checked is what a user sees: exit status, output lines, file
 import asyncio
 import concurrent.futures
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from lost_jax.parallel import sharding
 from lost_jax.data import tokenizer
 from lost_jax.recipes import pretrain
 from lost_jax.training import steps
+from lost_jax.training import runtime
 from lost_jax.training import state as train_state
 from lost_jax.training import trainer
 
@@ -241,6 +243,9 @@ def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(straight, tmp_pa
   assert proc.returncode == 2
   assert len(out) == 1 and out[0].startswith("error: no checkpoint in "), out
   assert "step 30: ValueError: OUT_OF_RANGE" in out[0] and "step 29: KeyError" in out[0]
+  # The fix is safe whatever else uses the workdir: nothing to move, a new --workdir.
+  assert out[0].endswith("if the files are damaged, start again in a new --workdir (nothing "
+                         "here was moved or changed)."), out
   assert steps_on_disk(workdir) == [29, 30]
   assert not (workdir / "checkpoints_damaged").exists()
 
@@ -320,6 +325,11 @@ def _bad_files(tmp):
   (tmp / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom')\n")
   os.makedirs(tmp / "ckpt_is_file", exist_ok=True)
   (tmp / "ckpt_is_file" / "checkpoints").write_text("not a directory")
+  (tmp / "no_get_config.py").write_text("SIZE = 1\n")
+  (tmp / "returns_3.py").write_text("def get_config():\n  return 3\n")
+  os.makedirs(tmp / "hf_bad_json", exist_ok=True)
+  (tmp / "hf_bad_json" / "config.json").write_text('{"model_type": "llama", ')
+  (tmp / "hf_bad_json" / "model.safetensors").write_bytes(b"")
 
 
 # (name, command-line arguments after the command's preset, text the one line must contain)
@@ -433,6 +443,16 @@ BAD_INPUTS = [
     ("generate from a run and a base", ["generate", "--workdir={tmp}", "--base={tmp}",
                                         "--prompt=hi"], "not both"),
     ("export without --out", ["export", "--workdir={tmp}"], "export needs --out"),
+    # third round
+    ("config file without get_config", ["pretrain", "--config={tmp}/no_get_config.py"],
+     "no_get_config.py: the file defines no get_config()"),
+    ("get_config returns no ConfigDict", ["pretrain", "--config={tmp}/returns_3.py"],
+     "returns_3.py: its get_config() returned 3, not an ml_collections ConfigDict"),
+    ("override of a group the config lacks", PRETRAIN + ["--config.optimizer.lr=0.1"],
+     "--config.optimizer.lr: the config has no setting 'optimizer'"),
+    ("HF base whose config.json is not JSON",
+     ["finetune", f"--config={ROOT}/configs/finetune.py:quickstart",
+      "--config.init.path={tmp}/hf_bad_json"], "its config.json cannot be read as JSON"),
 ]
 
 
@@ -481,19 +501,26 @@ def test_a_second_run_on_a_locked_workdir_is_refused_and_a_stale_lock_is_taken_o
     assert "is in use by a running lost_jax process (pid 4242 on host elsewhere)" in out[0]
     assert not os.path.exists(workdir / "checkpoints") and not os.path.exists(
         workdir / "config.json")                   # refused before anything was written
-  # The holder died (its lock went with it); the file it left is taken over.
-  proc = cli(*args, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "done: step 2" in proc.stdout
+  # The holder died (the OS released its lock): the file it left is taken over and names the
+  # new holder (in-process: a run adds nothing to what the lock decides).
+  runtime.lock_workdir(str(workdir))
+  assert (workdir / ".lock").read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+  runtime.unlock_workdir(str(workdir))
 
 
-def test_a_tilde_workdir_is_under_home(tmp_path):
+def test_a_tilde_workdir_is_under_home_and_an_unwritable_home_costs_no_warning(tmp_path):
+  home = tmp_path / "home"
+  os.makedirs(home)
+  for name in (".config", ".cache"):     # matplotlib can create neither of its directories
+    (home / name).write_text("")
   proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, "--workdir=~/run",
                          *TINY, "--config.train.steps=1"], capture_output=True, text=True,
-                        timeout=300, cwd=tmp_path, env=dict(ENV, HOME=str(tmp_path / "home")))
+                        timeout=300, cwd=tmp_path, env=dict(ENV, HOME=str(home)))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert os.path.exists(tmp_path / "home" / "run" / "checkpoints" / "1")
+  assert os.path.exists(home / "run" / "checkpoints" / "1")
+  assert os.path.exists(home / "run" / "train_loss.png")       # plotted all the same
   assert not os.path.exists(tmp_path / "~")
+  assert not [line for line in lines_of(proc) if "matplotlib" in line.lower()], lines_of(proc)
 
 
 def test_environment_faults_are_one_line(tmp_path):
@@ -501,11 +528,22 @@ def test_environment_faults_are_one_line(tmp_path):
   cases = [("JAX_PLATFORMS misspelled", dict(JAX_PLATFORMS="tpuu"), "JAX_PLATFORMS='tpuu'"),
            ("tokenizer cache not writable", dict(LOST_JAX_CACHE=str(tmp_path / "a_file" / "c")),
             "the tokenizer cache")]
-  for name, env, expected in cases:
-    proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, *TINY,
+  if not any(d.platform == "gpu" for d in jax.devices()) and not any(
+      importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+    # A platform JAX knows, without its plugin: JAX itself fails an assertion.
+    cases.append(("JAX_PLATFORMS naming an absent platform", dict(JAX_PLATFORMS="cuda"),
+                  "JAX_PLATFORMS='cuda': JAX started no backend"))
+
+  def run(case):
+    name, env, _ = case
+    return subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, *TINY,
                            f"--workdir={tmp_path / name.replace(' ', '_')}"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(ENV, **env))
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    procs = list(pool.map(run, cases))
+  for (name, _, expected), proc in zip(cases, procs):
     out = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(out) == 1 and out[0].startswith("error: "), (name, out)
     assert expected in out[0] and "Fix:" in out[0], (name, out)
@@ -515,19 +553,28 @@ def test_a_process_whose_peers_never_arrive_says_so_and_ends_in_one_line(tmp_pat
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  start = time.time()
-  proc = cli(*PRETRAIN, *TINY, f"--workdir={tmp_path / 'run'}", "--config.mesh.distributed=True",
-             "--config.mesh.num_processes=2", "--config.mesh.process_id=0",
-             f"--config.mesh.coordinator_address=127.0.0.1:{port}",
-             "--config.mesh.init_timeout_s=4", timeout=120)
-  waited = time.time() - start
-  out = lines_of(proc)
-  assert proc.returncode == 2, (proc.returncode, out, proc.stderr[-2000:])
-  assert out[-1].startswith("error: multi-process start-up: not every process reached the "
-                            f"coordinator 127.0.0.1:{port}, process 0 of 2 within "
-                            "config.mesh.init_timeout_s=4 s"), out
-  assert any(line.startswith("start-up: waiting for the other processes") for line in out), out
-  assert waited < 60, waited
+  # Process 0 hosts a coordinator nobody joins; process 1 is given an address nobody serves.
+  cases = [(0, f"127.0.0.1:{port}"), (1, "no-such-host.invalid:1234")]
+
+  def run(case):
+    start = time.time()
+    proc = cli(*PRETRAIN, *TINY, f"--workdir={tmp_path / f'run{case[0]}'}",
+               "--config.mesh.distributed=True", "--config.mesh.num_processes=2",
+               f"--config.mesh.process_id={case[0]}",
+               f"--config.mesh.coordinator_address={case[1]}", "--config.mesh.init_timeout_s=4",
+               timeout=120)
+    return proc, time.time() - start
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    results = list(pool.map(run, cases))
+  for (pid, address), (proc, waited) in zip(cases, results):
+    out = lines_of(proc)
+    assert proc.returncode == 2, (proc.returncode, out, proc.stderr[-2000:])
+    assert out[-1].startswith("error: multi-process start-up: not every process reached the "
+                              f"coordinator {address}, process {pid} of 2 within "
+                              "config.mesh.init_timeout_s=4 s"), out
+    assert any(line.startswith("start-up: waiting for the other processes") for line in out)
+    assert waited < 60, waited
 
 
 def test_a_torn_last_metrics_line_is_skipped_and_the_next_row_starts_a_new_line(tmp_path):
@@ -543,7 +590,7 @@ def test_a_torn_last_metrics_line_is_skipped_and_the_next_row_starts_a_new_line(
 
 
 def test_a_resume_whose_base_or_data_changed_under_the_same_path_is_refused(
-    pretrained_copy, tmp_path):
+    pretrained_copy, tmp_path, capsys):
   from helpers import tiny_finetune_config  # pylint: disable=g-import-not-at-top
   from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
   from lost_jax.recipes import inputs  # pylint: disable=g-import-not-at-top
@@ -553,13 +600,20 @@ def test_a_resume_whose_base_or_data_changed_under_the_same_path_is_refused(
   data = tmp_path / "train.json"
   data.write_text(json.dumps(records))
   cfg = tiny_finetune_config(pretrained_copy, sparse=False, steps=2)
-  cfg.data.update(dict(task="files", train_file=str(data), eval_file=str(data)))
+  # No eval_file: the last eval_size records are held out, said and recorded in the workdir.
+  cfg.data.update(dict(task="files", train_file=str(data), eval_file="", eval_size=16))
   workdir = str(tmp_path / "ft")
   finetune.finetune_and_evaluate(cfg, workdir, quiet=True)
+  split = {"task": "files", "train": f"records 0..47 of {data}",
+           "eval": f"records 48..63 of {data}, held out of training"}
+  assert json.load(open(os.path.join(workdir, finetune.SPLIT_FILE))) == split
+  assert (f"data: no eval_file: training on {split['train']}; evaluating on {split['eval']} "
+          f"(recorded in {finetune.SPLIT_FILE})") in capsys.readouterr().out.splitlines()
   again = tiny_finetune_config(pretrained_copy, sparse=False, steps=4)
   again.data.update(cfg.data.to_dict())
   data.write_text(json.dumps(records[::-1]))            # same path, same size, other order
-  with pytest.raises(errors.UserError, match=r"inputs\.data\..*train\.json: checkpoint"):
+  with pytest.raises(errors.UserError, match=r"inputs\.data: 1 file\(s\) differ .*train\.json: "
+                     "checkpoint"):
     finetune.finetune_and_evaluate(again, workdir, quiet=True)
   data.write_text(json.dumps(records))
   step_dir = os.path.join(pretrained_copy, "checkpoints", "60", "state")
@@ -567,7 +621,8 @@ def test_a_resume_whose_base_or_data_changed_under_the_same_path_is_refused(
   victim = max((os.path.join(step_dir, name) for name in before), key=os.path.getsize)
   with open(victim, "ab") as f:        # the base's newest checkpoint rewritten (still readable)
     f.write(b"\0")
-  with pytest.raises(errors.UserError, match=r"inputs\.base\.checkpoints/60/state/"):
+  with pytest.raises(errors.UserError, match=r"inputs\.base: 1 file\(s\) differ .*\(checkpoints/"
+                     "60/state/"):
     finetune.finetune_and_evaluate(again, workdir, quiet=True)
 
 
@@ -654,11 +709,17 @@ def test_damaged_base_files_are_one_line(tmp_path):
                            if k != "hidden_size"}), "config.json: hidden_size missing"),
       (config, "{garbage", "cannot be read as JSON"),
   ]
+  from lost_jax.recipes import base as base_lib  # pylint: disable=g-import-not-at-top
+  ft = configs.finetune_config("quickstart")
+  ft.init.path = base
   for path, content, expected in damage:
     with open(path, "wb" if isinstance(content, bytes) else "w") as f:
       f.write(content)
     with pytest.raises(errors.UserError, match=expected):
       hf.load_hf_llama(base)
+    if path == config and "garbage" in content:   # what a fine-tune reads first says so too
+      with pytest.raises(errors.UserError, match=r"its config\.json cannot be read as JSON"):
+        base_lib.base_kind(ft)
     open(weights, "wb").write(good_weights)
     open(config, "w").write(good_config)
   cut = tmp_path / "cut.gguf"
@@ -666,3 +727,197 @@ def test_damaged_base_files_are_one_line(tmp_path):
     cut.write_bytes(f.read(200_000))                     # the header, then cut short
   with pytest.raises(errors.UserError, match="is not a readable GGUF file .*cut short"):
     gguf_lib.load_gguf_llama(str(cut))
+
+
+# ------------------------------------------------ third round: machine faults, Ctrl-C, refusals
+
+
+def _raised_in(filename: str, exc: BaseException) -> BaseException:
+  """`exc` as raised by code in a file of that name (what the fault lines look at)."""
+  scope = {"exc": exc}
+  exec(compile("def throw():\n  raise exc\n", filename, "exec"), scope)  # pylint: disable=exec-used
+  try:
+    scope["throw"]()
+  except BaseException as e:  # pylint: disable=broad-except
+    return e
+  raise AssertionError("unreachable")
+
+
+_ORBAX_FULL = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu.embed/0.0" in OCDBT database '
+               'at local file "/r/run/checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-'
+               'tmp/ocdbt.process_0/": Failed writing: "/r/run/checkpoints/6.orbax-checkpoint-'
+               'tmp/d/bb": Failed to write 465097 bytes to file 11: No space left on device '
+               "[os_error_code='28']")
+
+
+@pytest.mark.parametrize("make, platforms, expected", [
+    (lambda: OSError(28, "No space left on device", "/r/run/metrics.jsonl"), "",
+     ("cannot write /r/run/metrics.jsonl (No space left on device). Fix: free space", 1)),
+    (lambda: OSError(122, "Disk quota exceeded", "/r/run/config.json"), "",
+     ("cannot write /r/run/config.json (Disk quota exceeded)", 1)),
+    (lambda: OSError(30, "Read-only file system"), "",
+     ("cannot write a file (Read-only file system)", 1)),
+    # Orbax's background save: a ValueError whose message carries tensorstore's errno text.
+    (lambda: ValueError(_ORBAX_FULL), "",
+     ("cannot write checkpoint step 6 in /r/run/checkpoints (No space left on device)", 1)),
+    (lambda: RuntimeError("save failed"), "", None),
+    (lambda: _raised_in("/site/jax/_src/xla_bridge.py", AssertionError()), "cuda",
+     ("JAX_PLATFORMS='cuda': JAX started no backend from that list", 2)),
+    (lambda: _raised_in("/site/jax/_src/xla_bridge.py", AssertionError()), "", None),
+    (lambda: _raised_in("/work/lost_jax/models/llama.py", AssertionError()), "cuda", None),
+])
+def test_faults_of_the_machine_are_told_from_bugs(make, platforms, expected, monkeypatch):
+  from lost_jax import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  got = main._environment_fault(make())  # pylint: disable=protected-access
+  if expected is None:
+    assert got is None, got
+  else:
+    assert got[0].startswith(expected[0]) and got[1] == expected[1], got
+    assert "Fix:" in got[0] and "\n" not in got[0]
+  # Raised as the cause of another error (a library re-raising it), it is found the same.
+  try:
+    try:
+      raise make()
+    except BaseException as inner:  # pylint: disable=broad-except
+      raise RuntimeError("while saving") from inner
+  except RuntimeError as outer:
+    again = main._environment_fault(outer)  # pylint: disable=protected-access
+  assert (again is None) == (expected is None), again
+
+
+# A command line with one fault injected into lost_jax before it runs: `python -c` of this,
+# then the CLI's own arguments.
+_INJECT = """
+import os, signal, sys, time
+from lost_jax.training import checkpoint, runtime
+kind = sys.argv.pop(1)
+if kind == "full_disk":   # the second checkpoint's background write meets a full disk
+  save, calls = checkpoint.Checkpointer.save, []
+  def full(self, step, *a, **k):
+    calls.append(step)
+    if len(calls) > 1:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "x" at local file "'
+                       + self.directory + f'/{step}.orbax-checkpoint-tmp/state/": No space '
+                       "left on device [os_error_code='28']")
+    return save(self, step, *a, **k)
+  checkpoint.Checkpointer.save = full
+else:                     # Ctrl-C while the workdir is opened (start-up)
+  class Swallows:         # what a gc callback does: the KeyboardInterrupt is "ignored"
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  open_workdir = runtime.open_workdir
+  def interrupted(*a, **k):
+    if kind == "ctrl_c":
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+    Swallows()
+    return open_workdir(*a, **k)
+  runtime.open_workdir = interrupted
+from lost_jax import main
+sys.argv[0] = "lost_jax.main"
+main.run()
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_and_ctrl_c_at_start_up_are_one_line_each(tmp_path):
+  cases = {"full_disk": ("cannot write checkpoint step 2 in ", "(No space left on device). "
+                         "Fix: free space", 1),
+           "ctrl_c": ("pretrain interrupted (Ctrl-C) before training began", "", 130),
+           "swallowed_ctrl_c": ("pretrain interrupted (Ctrl-C) before training began", "", 130)}
+
+  def run(kind):
+    return subprocess.run(
+        [sys.executable, "-c", _INJECT, kind, *PRETRAIN, f"--workdir={tmp_path / kind}", *TINY,
+         "--config.train.steps=4", "--config.train.ckpt_every=1"], capture_output=True,
+        text=True, timeout=300, cwd=ROOT, env=ENV)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    procs = dict(zip(cases, pool.map(run, cases)))
+  for kind, (head, middle, code) in cases.items():
+    proc, out = procs[kind], lines_of(procs[kind])
+    assert proc.returncode == code, (kind, proc.returncode, proc.stderr[-3000:])
+    errors_ = [line for line in out if line.startswith("error: ")]
+    assert errors_ == [out[-1]] and out[-1].startswith(f"error: {head}"), (kind, out)
+    assert middle in out[-1] and "Fix:" in out[-1], (kind, out)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, kind
+  # The full disk hit step 2: step 1 is finished and kept, the re-run resumes from it.
+  assert steps_on_disk(tmp_path / "full_disk") == [1]
+  assert sorted(os.listdir(tmp_path / "ctrl_c")) == [".lock"]   # before anything was written
+  assert not checkpoint.saved_steps(str(tmp_path / "swallowed_ctrl_c"))   # the loop refused
+
+
+def test_a_busy_workdir_is_refused_before_the_base_is_read(tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_finetune_config  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "ft"
+  os.makedirs(workdir)
+  cfg = tiny_finetune_config(str(tmp_path / "no_such_base"), steps=2)
+  with open(workdir / ".lock", "w") as held:   # another process's live run
+    held.write("pid 4242 on host elsewhere\n")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(errors.UserError, match=r"is in use by a running lost_jax process "
+                       r"\(pid 4242 on host elsewhere\)"):
+      finetune.finetune_and_evaluate(cfg, str(workdir), quiet=True)
+  assert sorted(os.listdir(workdir)) == [".lock"]    # the base was not even looked for
+
+
+def test_data_the_settings_refuse_is_refused_before_the_workdir_is_written(tmp_path):
+  from helpers import tiny_finetune_config  # pylint: disable=g-import-not-at-top
+  from lost_jax.recipes import finetune  # pylint: disable=g-import-not-at-top
+  cfg = tiny_finetune_config(sparse=False, steps=2)
+  cfg.model.n_layers = 4                       # the layers the sparse settings name
+  cfg.data.update(dict(max_prompt_len=8, truncate="refuse"))
+  workdir = tmp_path / "ft"
+  with pytest.raises(errors.UserError, match=r"config\.data\.max_prompt_len=8: \d+ of 600 "
+                     "training prompts are longer"):
+    finetune.finetune_and_evaluate(cfg, str(workdir), quiet=True)
+  assert sorted(os.listdir(workdir)) == [".lock"]    # no config, tokenizer or estimators
+  runtime.unlock_workdir(str(workdir))
+
+
+def test_a_tokenizer_other_than_the_runs_is_refused_before_anything_is_written(
+    pretrained_copy, capsys):
+  from helpers import base_pretrain_config  # pylint: disable=g-import-not-at-top
+  recorded = os.path.join(pretrained_copy, "tokenizer", "tokenizer.json")
+  spec = json.load(open(recorded))
+  vocab = spec["model"]["vocab"]               # same size, two ids swapped: only content differs
+  a, b = [piece for piece, i in vocab.items() if i in (300, 301)]
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  with open(recorded, "w") as f:
+    json.dump(spec, f)
+  config = os.path.join(pretrained_copy, "config.json")
+  before = (open(config).read(), os.stat(config).st_mtime_ns)
+  cfg = base_pretrain_config()
+  cfg.train.steps += 2
+  capsys.readouterr()
+  with pytest.raises(errors.UserError, match=r"was trained with another tokenizer \(tokenizer"
+                     r"\.json in .* differs"):
+    pretrain.train_and_evaluate(cfg, pretrained_copy, quiet=True)
+  assert (open(config).read(), os.stat(config).st_mtime_ns) == before
+  assert capsys.readouterr().out == ""          # no "resuming ..." line before the refusal
+  runtime.unlock_workdir(pretrained_copy)
+
+
+def test_processes_the_command_line_starts_ignore_ctrl_c_from_their_first_lost_jax_import():
+  # grain spawns data workers: a terminal's Ctrl-C reaches them too, while they still import
+  # JAX, and each printed a traceback. A child of the CLI (LOST_JAX_CLI_PID names its parent)
+  # ignores SIGINT as soon as it imports lost_jax; the CLI process itself keeps it.
+  probe = "import signal, lost_jax; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+  for cli_pid, ignored in (("1", "True"), (None, "False")):
+    env = {k: v for k, v in ENV.items() if k != "LOST_JAX_CLI_PID"}
+    if cli_pid:
+      env["LOST_JAX_CLI_PID"] = cli_pid
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env=env).stdout.strip()
+    assert out == ignored, (cli_pid, out)
+  code = ("import os, signal; from lost_jax import errors; errors.catch_sigint(); "
+          "import lost_jax; print(os.environ['LOST_JAX_CLI_PID'] == str(os.getpid()), "
+          "signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env=ENV).stdout.strip()
+  assert out == "True False", out

@@ -410,6 +410,25 @@ def task_records(data_cfg, split: str) -> list[dict]:
   return records[:-held] if split == "train" else records[-held:]
 
 
+def split_record(data_cfg) -> dict:
+  """What a fine-tune trains and evaluates on, as the run records it (data_split.json): the
+  built-in tasks' generated problems, or the files' records (with no eval_file, the last
+  eval_size records of train_file, held out of training)."""
+  if data_cfg.task in ("arithmetic", "gsm"):
+    return {"task": data_cfg.task,
+            "train": f"{data_cfg.train_size} problems generated with seed {data_cfg.seed}",
+            "eval": f"{data_cfg.eval_size} problems generated with seed {data_cfg.seed + 1}, "
+                    "none equal to a training problem"}
+  if data_cfg.eval_file:
+    return {"task": "files", "train": f"every record of {data_cfg.train_file}",
+            "eval": f"every record of {data_cfg.eval_file}"}
+  n = len(task_records(data_cfg, "train")) + data_cfg.eval_size
+  return {"task": "files", "train": f"records 0..{n - data_cfg.eval_size - 1} of "
+                                    f"{data_cfg.train_file}",
+          "eval": f"records {n - data_cfg.eval_size}..{n - 1} of {data_cfg.train_file}, held "
+                  "out of training"}
+
+
 def long_prompts(records: list[dict], tokenizer, data_cfg, template: str) -> list[int]:
   """Indices of the records whose prompt exceeds data.max_prompt_len (before `fit_prompt`)."""
   limit = 1 << 30

@@ -201,26 +201,39 @@ def chat_template_of(path: str) -> str:
   return ""
 
 
+def check_run_tokenizer(workdir: str, tok: tokenizer_lib.Tokenizer, chat_template: str = "",
+                        contents: dict[str, str] | None = None) -> None:
+  """Refuse a tokenizer other than the one WORKDIR/tokenizer records (compared by content:
+  a file replaced under the same name is another tokenizer); nothing when none is recorded.
+  `contents`: hf_files(tok, chat_template), if already made."""
+  folder = os.path.join(workdir, RUN_TOKENIZER_DIR)
+  if not os.path.exists(os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)):
+    return
+  for fname, text in (contents or hf_files(tok, chat_template)).items():
+    try:
+      with open(os.path.join(folder, fname), encoding="utf-8") as f:
+        same = f.read() == text
+    except OSError:
+      same = False
+    if not same:
+      raise UserError(f"workdir {workdir} was trained with another tokenizer ({fname} in "
+                      f"{folder} differs from that of config.data.tokenizer="
+                      f"{tok.name!r}). Fix: use the tokenizer the run started with, or a new "
+                      "--workdir")
+
+
 def record_run_tokenizer(workdir: str, tok: tokenizer_lib.Tokenizer,
                          chat_template: str = "") -> str:
   """Write the run's tokenizer into WORKDIR/tokenizer (call on process 0 only); a resumed run
-  whose configured tokenizer differs from the one recorded is refused. Returns the folder."""
+  whose configured tokenizer differs from the one recorded is refused (`check_run_tokenizer`,
+  which a run calls before it writes anything). Returns the folder."""
   folder = os.path.join(workdir, RUN_TOKENIZER_DIR)
-  files = hf_files(tok, chat_template)
+  contents = hf_files(tok, chat_template)
   if os.path.exists(os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)):
-    for fname, text in files.items():
-      try:
-        with open(os.path.join(folder, fname), encoding="utf-8") as f:
-          same = f.read() == text
-      except OSError:
-        same = False
-      if not same:
-        raise UserError(f"workdir {workdir} was trained with another tokenizer ({fname} in "
-                        f"{folder} differs from that of config.data.tokenizer="
-                        f"{tok.name!r}). Fix: use the tokenizer the run started with, or a new "
-                        "--workdir")
-    return folder
-  write_files(folder, files)
+    check_run_tokenizer(workdir, tok, chat_template, contents)
+  else:   # tokenizer.json last: its presence says the folder is complete
+    write_files(folder, dict(sorted(contents.items(),
+                                    key=lambda kv: kv[0] == tokenizer_lib.TOKENIZER_JSON)))
   return folder
 
 

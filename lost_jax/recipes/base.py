@@ -42,12 +42,27 @@ def base_kind(cfg: ml_collections.ConfigDict) -> str:
     return src
   kind = detect_base(path) if path else None
   if kind is None:
+    _check_config_json(path)
     raise UserError(f"config.init.path={path!r} is none of the bases fine-tuning reads. Fix: "
                     f"give {_BASE_HELP}.")
   if src not in ("auto", kind):
     raise UserError(f"config.init.source={src!r} but config.init.path={path!r} holds a "
                     f"{kind!r} base. Fix: set --config.init.source={kind} (or auto).")
   return kind
+
+
+def _check_config_json(path: str) -> None:
+  """One error line for a base directory whose config.json exists but does not parse."""
+  config = os.path.join(os.path.expanduser(path or ""), "config.json")
+  if not os.path.isfile(config):
+    return
+  try:
+    with open(config, encoding="utf-8") as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"config.init.path={path!r}: its config.json cannot be read as JSON "
+                    f"({type(e).__name__}: {e}). Fix: restore that file (download or export "
+                    "the model again, or copy it from the run that wrote it)") from e
 
 
 def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None

@@ -127,7 +127,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
     raise UserError(f"--budget={budget}: must be >= 0 (the loss increase allowed, relative to "
                     "the dense loss). Fix: e.g. --budget=0.02")
   cfg, mesh = runtime.start(cfg, "finetune")
-  workdir = runtime.make_workdir(workdir)
+  workdir = runtime.claim_workdir(workdir)   # one calibration (or run) per directory
   # The config's own plan plays no part (the estimators of every layer are built).
   base_cfg = configs.with_group(cfg, sparse=dict(cfg.sparse.to_dict(), enabled=True, plan="",
                                                  ffn="", attn=""))

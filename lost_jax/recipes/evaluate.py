@@ -16,7 +16,7 @@ import ml_collections
 from lost_jax.recipes import finetune, pretrain, saved_run
 from lost_jax.training import metrics
 
-ZERO_SHOT = "base (zero-shot)"
+ZERO_SHOT = finetune.ZERO_SHOT
 
 
 def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) -> dict:

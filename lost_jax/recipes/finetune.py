@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lost_jax import configs, errors, progress
+from lost_jax import configs, errors, files, progress
 from lost_jax.adapters.lora import LoRAParam, apply_lora, quantize_base
 from lost_jax.adapters.sparselora import estimator as sl_estimator
 from lost_jax.adapters.sparselora import plan as sl_plan
@@ -38,26 +38,13 @@ from lost_jax.training.state import Setup, make_setup as make_state_setup
 from lost_jax.training.trainer import Recipe, Trainer
 
 
-def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                  mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False
-                  ) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan,
-                             ml_collections.FrozenConfigDict]:
-  """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config):
-  `adapted_and_tokenizer` without the tokenizer."""
-  return adapted_and_tokenizer(cfg, workdir, mesh, all_estimators=all_estimators)[:3]
-
-
-def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
-                          mesh: jax.sharding.Mesh | None = None, *,
-                          all_estimators: bool = False):
-  """(module, plan, run config, tokenizer): the base + LoRA adapters + estimators as a
-  SparseLoRALlama, its plan, the run config and the base's tokenizer.
+def base_model(cfg: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[nnx.Module, ml_collections.FrozenConfigDict]:
+  """(the frozen base `cfg.init` names, quantised per init.quantize; the run config).
 
   The run config is `cfg` (resolved) with the base's model group and tokenizer path, checked
-  against the base's shape, sparse.ffn / attn read from sparse.plan (a plan file) if one is
-  given, and data.template `auto` decided once (a run records the template it trains with).
-  Estimators (of every layer if all_estimators, else of the plan's sparse layers; asvd's
-  fitted on the calibration batches) are cached in `workdir` if one is given.
+  against the base's shape, and sparse.ffn / attn read from sparse.plan (a plan file) if one
+  is given: everything a checkpoint's fingerprint is made of, before any adapter or estimator.
   """
   cfg = configs.resolve(cfg, "finetune")
   model, model_cfg = load_base(cfg, mesh)
@@ -65,12 +52,21 @@ def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | N
                            data=dict(cfg.data.to_dict(), tokenizer=tokenizer_path(cfg)))
   cfg = with_plan_file(cfg)
   configs.validate_finetune_base(cfg)
-  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
-  cfg = configs.with_group(cfg, data=dict(
-      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
   # Before the adapters and the estimators: those are built from the dequantised NF4 kernels,
   # the base the forward actually computes with (and that load_estimators checks against).
   quantize_base(model, cfg.init.get("quantize", "none"))
+  return model, cfg
+
+
+def adapt(model, cfg: ml_collections.FrozenConfigDict, tok, workdir: str | None, *,
+          all_estimators: bool = False) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan]:
+  """(`model` with LoRA adapters and sparse.estimator estimators as a SparseLoRALlama, its
+  plan).
+
+  Estimators (of every layer if all_estimators, else of the plan's sparse layers; asvd's
+  fitted on the calibration batches, read with `tok`) are cached in `workdir` if one is
+  given: derived from the base and settings alone, rebuilt when the cache does not match.
+  """
   plan = sl_plan.plan_from_config(cfg.sparse, cfg.model.n_layers)
   targets = tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
   apply_lora(model, targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
@@ -78,7 +74,16 @@ def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | N
              rngs=nnx.Rngs(cfg.seed + 1))
   layers = range(cfg.model.n_layers) if all_estimators else plan.estimator_layers()
   estimators = estimators_of(cfg, model, tok, layers, workdir) if layers else None
-  return SparseLoRALlama(model, estimators, plan), plan, cfg, tok
+  return SparseLoRALlama(model, estimators, plan), plan
+
+
+def adapted_model(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
+                  mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False
+                  ) -> tuple[SparseLoRALlama, sl_plan.SparsityPlan,
+                             ml_collections.FrozenConfigDict]:
+  """(base + LoRA adapters + estimators as a SparseLoRALlama, its plan, the run config):
+  `adapted_and_tokenizer` without the tokenizer."""
+  return adapted_and_tokenizer(cfg, workdir, mesh, all_estimators=all_estimators)[:3]
 
 
 def calibration_inputs(cfg: ml_collections.FrozenConfigDict, tok
@@ -146,23 +151,20 @@ def with_plan_file(cfg: ml_collections.FrozenConfigDict) -> ml_collections.Froze
 
 def _cached_estimators(path: str | None, model, rank: int, kind: str = "svd",
                        calibration: dict | None = None) -> dict | None:
-  """The run's estimators.npz, None if there is none or it is damaged (it is rebuilt: it is
-  derived from the base and calibration data alone); one error if it was built from another
-  base, kind, rank or calibration data."""
+  """The run's estimators.npz, or None (one line says why) when there is none or it does not
+  hold this base's estimators: torn, not an estimator file, or built from another base,
+  kind, rank or calibration data. They are derived from the base (and asvd's from the
+  calibration batches) alone, so they are rebuilt; a checkpoint trained on another base or
+  settings was refused before (its fingerprint records the base's files and settings)."""
   if not path or not os.path.exists(path):
     return None
   try:
     return sl_estimator.load_estimators(path, model, rank, kind=kind, calibration=calibration)
-  except sl_estimator.DamagedFile as e:
+  except ValueError as e:   # DamagedFile, or the estimators of another base or settings
     if jax.process_index() == 0:
-      print(f"{errors.one_line(e)}; rebuilding it from the base", flush=True)
+      what = errors.one_line(e).split(" Fix:")[0].rstrip(".")
+      print(f"{what}; rebuilding it from the base", flush=True)
     return None
-  except ValueError as e:
-    raise UserError(f"{errors.one_line(e)} The run's estimators were built from another base "
-                    "or settings than config.init / config.sparse / config.data give now. "
-                    "Fix: give the "
-                    "run's original base and settings, or start a new --workdir for the new "
-                    "base") from e
 
 
 def loss(model, batch: dict, lengths: sl_plan.StepLengths):
@@ -239,14 +241,24 @@ def abstract_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return make_setup(built["cfg"], module, built["plan"], mesh), built["cfg"]
 
 
-def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest, *,
-               show: bool = True) -> Callable[[dict], dict]:
-  """`state -> {eval_loss, eval_tokens, eval_accuracy}` on the run's held-out examples
-  (accuracy by greedy decoding of the first train.accuracy_examples of them, if any)."""
+EvalData = tuple[list, list]   # (loss batches of this process, records scored by accuracy)
+
+
+def eval_data(cfg: ml_collections.FrozenConfigDict, tok) -> EvalData:
+  """The run's held-out examples as loss batches of this process, and the first
+  train.accuracy_examples of them for exact-match accuracy; prompts too long are counted in
+  the log, or refused (data.truncate=refuse)."""
   nproc, pidx = jax.process_count(), jax.process_index()
-  eval_batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size // nproc,
-                                            process_index=pidx, process_count=nproc)
-  eval_records = instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
+  batches = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size // nproc,
+                                       process_index=pidx, process_count=nproc)
+  return batches, instruct.task_records(cfg.data, "eval")[:cfg.train.accuracy_examples]
+
+
+def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest, *,
+               show: bool = True, data: EvalData | None = None) -> Callable[[dict], dict]:
+  """`state -> {eval_loss, eval_tokens, eval_accuracy}` on the run's held-out examples
+  (`data`, default `eval_data`; accuracy by greedy decoding, if any records are scored)."""
+  eval_batches, eval_records = data if data is not None else eval_data(cfg, tok)
 
   def evaluate(state) -> dict:
     out = trainer.eval_loss(state["params"], rest, eval_batches, show=show)
@@ -258,6 +270,25 @@ def evaluation(cfg: ml_collections.FrozenConfigDict, tok, trainer: Trainer, rest
     return out
 
   return evaluate
+
+
+def base_and_tokenizer(cfg: ml_collections.FrozenConfigDict,
+                       mesh: jax.sharding.Mesh | None = None):
+  """(base model, run config, tokenizer): `base_model` and the base's tokenizer, with
+  data.template `auto` decided once (a run records the template it trains with)."""
+  model, cfg = base_model(cfg, mesh)
+  tok = tokenizer.load_tokenizer(cfg.data, cfg.model.vocab_size)
+  cfg = configs.with_group(cfg, data=dict(
+      cfg.data.to_dict(), template=instruct.resolve_template(cfg.data.template, tok)))
+  return model, cfg, tok
+
+
+def adapted_and_tokenizer(cfg: ml_collections.FrozenConfigDict, workdir: str | None,
+                          mesh: jax.sharding.Mesh | None = None, *, all_estimators: bool = False):
+  """(module, plan, run config, tokenizer): `base_and_tokenizer`, then `adapt`."""
+  model, cfg, tok = base_and_tokenizer(cfg, mesh)
+  module, plan = adapt(model, cfg, tok, workdir, all_estimators=all_estimators)
+  return module, plan, cfg, tok
 
 
 def _fingerprint(cfg: ml_collections.FrozenConfigDict, vocab_size: int) -> dict:
@@ -273,49 +304,72 @@ def _trainer(cfg: ml_collections.FrozenConfigDict, module: SparseLoRALlama,
                  moment_dtype=jnp.dtype(cfg.model.param_dtype))
 
 
+ZERO_SHOT = "base (zero-shot)"   # how an evaluation of the base without adapters is labelled
+SPLIT_FILE = "data_split.json"   # what the run trains and evaluates on (instruct.split_record)
+
+
 def finetune_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                           quiet: bool = False, stop_at: int | None = None) -> dict:
   """Run (or resume) LoRA / SparseLoRA fine-tuning of `cfg` in `workdir`.
 
-  train.steps=0 in a new workdir evaluates the base zero-shot (written as step 0); a workdir
-  whose checkpoint is past train.steps is refused (`lost_jax.main evaluate` scores it).
+  Everything a run could be refused for (a second run on the workdir, a checkpoint past
+  train.steps, changed settings, base, tokenizer or data, data the settings cannot use) is
+  checked before the workdir is written. train.steps=0 in a new workdir evaluates the base
+  zero-shot (labelled so; metrics.jsonl step 0); a workdir whose checkpoint is past
+  train.steps is refused (`lost_jax.main evaluate` scores it).
   """
   cfg, mesh = runtime.start(cfg, "finetune")
   nproc, pidx = jax.process_count(), jax.process_index()
-  workdir = runtime.make_workdir(workdir)
-  runtime.check_step_count(workdir, cfg.train.steps)   # before the base is loaded
-
-  module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
-  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh)
-  cfg = run.cfg
-  if pidx == 0:   # the base's tokenizer and chat template, for export and generation
-    tokenizer_files.record_run_tokenizer(workdir, tok,
-                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
+  workdir = runtime.claim_workdir(workdir, cfg.train.steps)   # before the base is loaded
+  model, cfg, tok = base_and_tokenizer(cfg, mesh)
   train_iter = instruct.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
                                             seed=cfg.seed, process_index=pidx,
                                             process_count=nproc)
+  held_out = eval_data(cfg, tok)
+  chat_template = tokenizer_files.chat_template_of(cfg.data.tokenizer)
+  if pidx == 0:
+    tokenizer_files.check_run_tokenizer(workdir, tok, chat_template)
+  run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh)
+  cfg = run.cfg
+  if pidx == 0:   # the base's tokenizer and chat template, for export and generation
+    tokenizer_files.record_run_tokenizer(workdir, tok, chat_template)
+    _record_split(cfg.data, workdir)
+  module, plan = adapt(model, cfg, tok, workdir)
   trainer = _trainer(cfg, module, plan, mesh)
   state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
-  evaluate = evaluation(cfg, tok, trainer, rest, show=not quiet)
+  evaluate = evaluation(cfg, tok, trainer, rest, show=not quiet, data=held_out)
   if cfg.train.steps == 0:   # zero-shot: LoRA's B starts at zero, so this is the base model
-    result = {"step": 0, **evaluate(state)}
+    result = {k: float(v) for k, v in evaluate(state).items()}
     metrics.MetricWriter(workdir, enabled=pidx == 0).write(0, result)
+    metrics.append_evaluation(workdir, {"model": ZERO_SHOT, "base": cfg.init.path or
+                                        cfg.init.source, "recipe": "finetune", **result})
     runtime.unlock_workdir(run.path)
-    return result
+    return {"model": ZERO_SHOT, "step": 0, **result}
   return trainer.fit(state, rest, start, train_iter, run, evaluate, quiet=quiet,
                      stop_at=stop_at)
+
+
+def _record_split(data_cfg, workdir: str) -> None:
+  """Write what the run trains and evaluates on into WORKDIR/data_split.json; say so when
+  the eval records are held out of train_file."""
+  record = instruct.split_record(data_cfg)
+  files.atomic_write(os.path.join(workdir, SPLIT_FILE), json.dumps(record, indent=1))
+  if data_cfg.task == "files" and not data_cfg.eval_file:   # printed even when quiet
+    print(f"data: no eval_file: training on {record['train']}; evaluating on "
+          f"{record['eval']} (recorded in {SPLIT_FILE})", flush=True)
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                         *, quiet: bool = False) -> dict:
   """{"step", eval_loss, eval_tokens, eval_accuracy} of the fine-tune's checkpoint `step`
   (default: the newest): its adapters on the base `cfg.init` names; writes nothing but the
-  estimator cache."""
+  estimator cache (after the checkpoint's fingerprint is found to match)."""
   cfg, mesh = runtime.start(cfg, "finetune")
   ckpt, step = runtime.open_checkpoint(workdir, cfg, step)   # before the base is loaded
   try:
-    module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
+    model, cfg, tok = base_and_tokenizer(cfg, mesh)
     ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
+    module, plan = adapt(model, cfg, tok, workdir)
     trainer = _trainer(cfg, module, plan, mesh)
     state, rest = trainer.restore(ckpt, step)
   finally:

@@ -91,15 +91,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   """
   cfg, mesh = runtime.start(cfg, "pretrain", devices)
   nproc, pidx = jax.process_count(), jax.process_index()
+  workdir = runtime.claim_workdir(workdir, cfg.train.steps)
   tok = _tokenizer(cfg)
+  # Data a run cannot use, and a tokenizer other than the run's, are refused before the
+  # workdir is written.
+  train_iter = data.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
+                                        seed=cfg.seed, process_index=pidx, process_count=nproc)
+  chat_template = tokenizer_files.chat_template_of(cfg.data.tokenizer)
+  if pidx == 0:
+    tokenizer_files.check_run_tokenizer(workdir, tok, chat_template)
   run = runtime.open_workdir(workdir, cfg, _fingerprint(cfg, tok.vocab_size), mesh,
                              shared_data=data.global_batches(cfg.data))
   cfg = run.cfg
   if pidx == 0:
-    tokenizer_files.record_run_tokenizer(run.path, tok,
-                                         tokenizer_files.chat_template_of(cfg.data.tokenizer))
-  train_iter = data.make_train_iterator(cfg.data, tok, cfg.train.batch_size // nproc,
-                                        seed=cfg.seed, process_index=pidx, process_count=nproc)
+    tokenizer_files.record_run_tokenizer(run.path, tok, chat_template)
   trainer = _trainer(cfg, mesh)
   state, rest, start = trainer.init_or_restore(run.ckpt, train_iter, jax.random.key(cfg.seed))
   return trainer.fit(state, rest, start, train_iter, run,

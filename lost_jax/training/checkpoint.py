@@ -65,8 +65,28 @@ def compare_fingerprints(saved: dict, run: dict) -> tuple[list[str], list[str]]:
   """
   refused, allowed = [], []
   for key in sorted(set(saved) & set(run)):
-    (allowed if key in MAY_CHANGE else refused).extend(_diff(saved[key], run[key], key))
+    diffs = _diff(saved[key], run[key], key)
+    if key == "inputs":   # one entry per input that changed, not one per file of it
+      diffs = _per_input(saved[key], run[key])
+    (allowed if key in MAY_CHANGE else refused).extend(diffs)
   return refused, allowed
+
+
+def _per_input(saved: dict, run: dict, shown: int = 2) -> list[str]:
+  """`inputs.<name>: N of its files changed (path: checkpoint <signature> vs run <signature
+  or absent>; ...)`, the first `shown` of them spelled out."""
+  out = []
+  for name in sorted(set(saved) | set(run)):
+    old, new = saved.get(name) or {}, run.get(name) or {}
+    changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+    if changed:
+      show = lambda sig: "absent" if sig is None else repr(sig)
+      detail = "; ".join(f"{f}: checkpoint {show(old.get(f))} vs run {show(new.get(f))}"
+                         for f in changed[:shown])
+      more = f"; {len(changed) - shown} more" if len(changed) > shown else ""
+      out.append(f"inputs.{name}: {len(changed)} file(s) differ from those the checkpoint "
+                 f"was trained on ({detail}{more})")
+  return out
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -342,8 +362,7 @@ class Checkpointer:
           "; ".join(f"step {s}: {r}" for s, r in failed) +
           ". Fix: if the settings changed since they were written (train.optimizer, or "
           "train.clip_norm switched on or off), use the ones that wrote them; if the files are "
-          "damaged, move those step directories out to start again from step 0, or use a new "
-          "--workdir.")
+          "damaged, start again in a new --workdir (nothing here was moved or changed).")
     return None
 
   def _move_aside(self, step: int) -> str:

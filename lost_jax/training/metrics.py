@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -168,6 +169,9 @@ class Progress:
 def plot_curves(rows_by_name: dict[str, list[dict]], key: str, path: str, *,
                 ylabel: str, title: str, logy: bool = False) -> None:
   """One line per run of `key` vs step, saved as a PNG."""
+  # An unwritable HOME only costs matplotlib its font cache (it uses a temporary one): not
+  # worth the two warning lines it would print at import.
+  logging.getLogger("matplotlib").setLevel(logging.ERROR)
   # A figure on its own Agg canvas: no pyplot state, no global backend switch (notebooks).
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure

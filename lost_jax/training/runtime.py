@@ -13,7 +13,7 @@ import tempfile
 import jax
 import ml_collections
 
-from lost_jax import configs, files
+from lost_jax import configs, errors, files
 from lost_jax.errors import UserError
 from lost_jax.parallel import auto_mesh, sharding
 from lost_jax.parallel.distributed import initialize_distributed
@@ -28,7 +28,11 @@ class StopFlag:
   and `reached(step)` is true on every process at the same step.
   """
 
+  began = False   # whether a training loop has started in this process (the CLI's Ctrl-C line)
+
   def __init__(self):
+    if errors.interrupted:   # a Ctrl-C during start-up that something swallowed
+      raise KeyboardInterrupt
     self.stop = False
     self._old = {}
     self.multiprocess = jax.process_count() > 1
@@ -40,6 +44,7 @@ class StopFlag:
     return self.stop
 
   def __enter__(self):
+    StopFlag.began = True
     if self.multiprocess:
       return self
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,9 +81,24 @@ def make_workdir(workdir: str) -> str:
   return workdir
 
 
+def claim_workdir(workdir: str, steps: int | None = None) -> str:
+  """Create the workdir and take its lock (process 0) first thing, before a base model or data
+  is read: a second run on a live workdir is refused at once and writes nothing. With `steps`
+  (train.steps), a workdir whose newest checkpoint is past it is refused too."""
+  workdir = make_workdir(workdir)
+  if jax.process_index() == 0:
+    lock_workdir(workdir)
+  if steps is not None:
+    check_step_count(workdir, steps)
+  return workdir
+
+
 def check_writable(directory: str, what: str) -> None:
   """Create and remove a file in `directory` (made if missing): a save that would fail hours
   into a run fails at start-up instead."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UserError(f"{what} {directory} is a file, not a directory. Fix: rename or remove "
+                    "that file (it is no checkpoint), or give another --workdir.")
   try:
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check."):
@@ -177,12 +197,15 @@ def check_step_count(workdir: str, steps: int) -> None:
   train nothing and label that checkpoint's weights with the smaller step."""
   saved = checkpoint.saved_steps(workdir)
   if saved and saved[-1] > steps:
+    zero_shot = (" For the base alone (zero-shot, no adapters): `python -m lost_jax.main "
+                 "evaluate --config=<the fine-tune's config> --workdir=<a new directory>`."
+                 if steps == 0 else "")
     raise UserError(
         f"--workdir={workdir} holds a checkpoint of step {saved[-1]}, past "
         f"config.train.steps={steps}: nothing would be trained and its weights would be "
         f"labelled step {steps}. Fix: evaluate it with `python -m lost_jax.main evaluate "
         f"--workdir={workdir}` (--step=N for an older one), or pass "
-        f"--config.train.steps above {saved[-1]} to train further.")
+        f"--config.train.steps above {saved[-1]} to train further.{zero_shot}")
 
 
 def resumed_schedule(train: ml_collections.ConfigDict, saved: dict | None

@@ -116,6 +116,7 @@ class Trainer:
     """
     cfg, recipe, ckpt, mesh = self.cfg, self.recipe, run.ckpt, self.mesh
     pidx = jax.process_index()
+    stop_flag = StopFlag()   # before any output: refuses to start after a Ctrl-C
     writer = metrics.MetricWriter(run.path, enabled=pidx == 0)
     progress = metrics.Progress(cfg.steps, start, enabled=not quiet and pidx == 0)
     log = progress.log if not quiet and pidx == 0 else (lambda _: None)
@@ -129,32 +130,38 @@ class Trainer:
     last_eval: dict = {}
     pending = None          # (step, device metrics): read one step late
     step = start
-    with StopFlag() as stop:
-      while step < end and not stop.reached(step):
-        host_batch = next(train_iter)
-        static = recipe.static(host_batch, step)
-        state, step_metrics = self.train_step(state, rest, to_global(host_batch, mesh), static)
-        step += 1
+    try:
+      with stop_flag as stop:
+        while step < end and not stop.reached(step):
+          host_batch = next(train_iter)
+          static = recipe.static(host_batch, step)
+          state, step_metrics = self.train_step(state, rest, to_global(host_batch, mesh), static)
+          step += 1
+          if pending is not None:
+            logger(*pending)
+          pending = (step, step_metrics)
+          if step % cfg.ckpt_every == 0:   # a checkpoint step: read its metrics now
+            logger(*pending)
+            pending = None
+          if logger.streak >= max_skipped:
+            break
+          if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = evaluate(state)
+            writer.write(step, last_eval)
+            log(f"eval step {step}: " + " | ".join(metrics.format_metric(k, v)
+                                                    for k, v in last_eval.items()))
+          if step % cfg.ckpt_every == 0 and logger.streak == 0:
+            save_finite(ckpt, step, state, saved_rest, train_iter, run.fingerprint)
         if pending is not None:
           logger(*pending)
-        pending = (step, step_metrics)
-        if step % cfg.ckpt_every == 0:   # a checkpoint step: read its metrics now
-          logger(*pending)
-          pending = None
-        if logger.streak >= max_skipped:
-          break
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-          last_eval = evaluate(state)
-          writer.write(step, last_eval)
-          log(f"eval step {step}: " + " | ".join(metrics.format_metric(k, v)
-                                                  for k, v in last_eval.items()))
-        if step % cfg.ckpt_every == 0 and logger.streak == 0:
-          save_finite(ckpt, step, state, saved_rest, train_iter, run.fingerprint)
-      if pending is not None:
-        logger(*pending)
-      diverged = logger.streak >= max_skipped
-      if not diverged and ckpt.latest_step() != step:
-        save_finite(ckpt, step, state, saved_rest, train_iter, run.fingerprint, force=True)
+        diverged = logger.streak >= max_skipped
+        if not diverged and ckpt.latest_step() != step:
+          save_finite(ckpt, step, state, saved_rest, train_iter, run.fingerprint, force=True)
+    except BaseException:
+      # An error (a full disk, Ctrl-C in a multi-process run, a bug) ends the process: a
+      # checkpoint still being written finishes first, so it is there to resume from.
+      finish_saves(ckpt)
+      raise
     ckpt.wait()
     last_good = ckpt.latest_step()
     ckpt.close()
@@ -183,6 +190,14 @@ def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.floating)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def finish_saves(ckpt: checkpoint.Checkpointer) -> None:
+  """Wait for a checkpoint save in flight; its own failure is left to the error being raised."""
+  try:
+    ckpt.wait()
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 def save_finite(ckpt: checkpoint.Checkpointer, step: int, state, rest, train_iter,

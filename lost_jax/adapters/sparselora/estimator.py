@@ -239,7 +239,9 @@ def load_estimators(path: str, model=None, rank: int | None = None,
         lk, name, which = key.split("/")
         est.setdefault(lk, {}).setdefault(name, {})[which] = jnp.asarray(data[key])
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
-    raise DamagedFile(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    # The reason's first sentence: numpy's pickle refusal goes on with advice to unpickle.
+    raise DamagedFile(f"{path}: unreadable ({type(e).__name__}: "
+                      f"{str(e).split('. ')[0].rstrip('.')})") from e
   if header.get("format") != FORMAT:
     raise DamagedFile(f"{path}: not a SparseLoRA estimator file (header {header}).")
   built = header.get("estimator", "svd")   # files from before the setting are svd
