@@ -5,14 +5,39 @@ so an in-process run computes what `python -m lost_jax.main` computes: the pinne
 losses in test_pinned_loss.py were measured through the command line.
 """
 
+import importlib.util
+import os
 import shutil
+import tempfile
 
-import pytest
+# One persistent compilation cache for the session: every xdist worker and every subprocess a
+# test starts (they inherit the environment) reuses what another compiled; the executables are
+# the same, so results are too. Set before jax is imported (it reads these at import). A fresh
+# directory per session, made by the first process (the xdist controller) and removed by it at
+# the end; a user's own JAX_COMPILATION_CACHE_DIR wins. A size limit turns on jax's file lock
+# around each entry's read and write (no process reads an entry another is writing); with it
+# every write scans the cache, so only compiles of 0.5 s or more (steps, not single ops) are
+# kept. A process SIGKILLed mid-write could leave an entry torn (a later read warns and
+# compiles again): tests that SIGKILL give their processes no cache (test_multiprocess.py).
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MADE_CACHE = None
+if _CACHE_ENV not in os.environ and importlib.util.find_spec("filelock") is not None:
+  _MADE_CACHE = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="lost_jax_tests_jax_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
-import helpers
-from lost_jax.training import xla_setup
+import pytest  # pylint: disable=wrong-import-position
+
+import helpers  # pylint: disable=wrong-import-position
+from lost_jax.training import xla_setup  # pylint: disable=wrong-import-position
 
 xla_setup.configure()   # before any test starts a JAX backend
+
+
+def pytest_unconfigure(config):
+  del config
+  if _MADE_CACHE is not None:
+    shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,13 @@ def _free_port() -> int:
 
 
 def _start(job: dict, nproc: int) -> list[subprocess.Popen]:
-  """nproc processes of `job` (one device each), or one process on 2 fake devices."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  """nproc processes of `job` (one device each), or one process on 2 fake devices.
+
+  Without the session's compilation cache (conftest.py): this test SIGKILLs processes, which
+  could tear an entry being written.
+  """
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             JAX_ENABLE_COMPILATION_CACHE="false")
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={3 - nproc}"
   port = _free_port()
   return [subprocess.Popen(
