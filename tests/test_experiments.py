@@ -278,20 +278,19 @@ def test_sweep_resumes_and_reports_pending(tmp_path):
   kw = dict(name="t", results_dir=str(tmp_path / "res"), workdir_root=str(tmp_path / "w"),
             out_dir=str(tmp_path / "out"), command="python -m experiments.compare_methods x",
             log=lambda _: None)
-  stored = lambda: [json.loads(f.read_text()) for f in (tmp_path / "res").glob("*.json")]
-  assert compare_methods.sweep(TINY_PROTO, max_runs=1, **kw) == 1
+  assert compare_methods.sweep(TINY_PROTO, max_runs=2, **kw) == 2
   md = (tmp_path / "out" / "t.md").read_text()
   assert "python -m experiments.compare_methods x" in md and "pending" in md
   assert (tmp_path / "out" / "t_sweep.png").stat().st_size > 0
-  assert [r["name"] for r in stored()] == ["tiny,full_rank"]
-  # Resuming trains the next run of the plan (LOST's), not the finished one again, and the
-  # report shows both.
-  assert compare_methods.sweep(TINY_PROTO, max_runs=1, **kw) == 1
-  assert sorted(r["name"] for r in stored()) == ["tiny,full_rank", "tiny,lost"]
-  table = _table_rows((tmp_path / "out" / "t.md").read_text())
-  for r in stored():
+  stored = [json.loads(f.read_text()) for f in (tmp_path / "res").glob("*.json")]
+  assert sorted(r["name"] for r in stored) == ["tiny,full_rank", "tiny,lost"]
+  table = _table_rows(md)
+  for r in stored:
     assert f"{r['eval_ppl']:.2f}" in table[r["name"].split(",")[1]]
   assert not list((tmp_path / "w").glob("*/checkpoints"))     # finished runs keep no state
+  # Resuming trains the next run of the plan, not the finished ones again.
+  assert compare_methods.sweep(TINY_PROTO, max_runs=1, **kw) == 1
+  assert len(list((tmp_path / "res").glob("*.json"))) == 3
 
 
 def _flat(d, prefix=""):
