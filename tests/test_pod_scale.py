@@ -1,6 +1,8 @@
 """experiments/pod_scale.py without a TPU: the plan, the micro-batch sizes, the compiler's
 out-of-HBM message, the per-step arithmetic, the page and --help."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -121,6 +123,25 @@ def test_the_page_has_its_head_tables_and_a_computed_closing_note():
   assert "step 2.000 vs 1.000 s (0.50x)" in note[0]
   assert "Activations are 50% (full-rank) and 50% (LOST)" in note[0]
   assert "| v5p-128 | llama_7b | 32-bit | fsdp=64 | 30.00 / 12.00 | 0.40 |" in text
+
+
+def test_the_readme_quotes_the_committed_page():
+  """README's pod-slice table: each row's peaks and collective bytes are the page's LOST
+  against full-rank row, its MFU figures the page's computed closing note, of one commit."""
+  with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+    readme = f.read()
+  cache = json.load(open(f"{ROOT}/docs/benchmarks/pod_scale.json", encoding="utf-8"))
+  page = pod_scale_report.markdown(cache, "python -m experiments.pod_scale")
+  note = " ".join(pod_scale_report.summary_lines(cache))
+  rows = re.findall(r"^\| (v5[pe]-\d+), fsdp=(\d+) \| ([\d.]+) / ([\d.]+) \(of (\d+)\) \| "
+                    r"([\d.]+) / ([\d.]+) \| ([\d.]+)% / ([\d.]+)% ", readme, re.M)
+  assert len(rows) == 2, rows
+  for slice_, fsdp, p_full, p_lost, hbm, c_full, c_lost, m_full, m_lost in rows:
+    assert (f"| {slice_} | llama_7b | 32-bit | fsdp={fsdp} | {p_full} / {p_lost} |" in page
+            and f"| {c_full} / {c_lost} |" in page), slice_
+    assert f"of {hbm} GiB HBM" in note and f"MFU {m_full}% vs {m_lost}%" in note, slice_
+  commit = re.search(r"Code version: commit (\w{7})", page).group(1)
+  assert f"commit {commit}" in readme
 
 
 def test_help_exits_0_and_names_the_flags():
