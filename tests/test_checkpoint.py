@@ -43,6 +43,30 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
       "model.linear.sparsity: checkpoint 0.01 vs run 0.02", f"seq_len: checkpoint {L} vs run {2 * L}"]
 
 
+def test_a_checkpoint_from_before_a_setting_matches_the_value_that_does_what_it_did():
+  base = configs.pretrain_config("quickstart", "full_rank")
+  old = _fp(base)
+  del old["model"]["linear"]["dense_init"]       # written before model.linear.dense_init
+  assert checkpoint.compare_fingerprints(old, _fp(base)) == ([], [])
+  base.model.linear.dense_init = "kaiming"
+  assert checkpoint.compare_fingerprints(old, _fp(base))[0] == [
+      "model.linear.dense_init: checkpoint None vs run 'kaiming'"]
+  # A fine-tune's sparse group: the estimator settings default to what came before them; the
+  # calibration settings are read by none of those, so any value matches; a setting not in
+  # ADDED_SETTINGS is still compared (and a value absent from the run is never matched).
+  sparse = {"estimator": "svd", "estimator_tokens": "context", "block_input_grad": False,
+            "plan": "", "calibration_batches": 4, "calibration_sparsities": "0.5", "ffn": "0.9@1"}
+  saved = {"sparse": {"ffn": "0.9@1"}}
+  assert checkpoint.compare_fingerprints(saved, {"sparse": sparse}) == ([], [])
+  for key, value in (("estimator", "asvd"), ("block_input_grad", True), ("plan", "p.json")):
+    run = {"sparse": dict(sparse, **{key: value})}
+    assert checkpoint.compare_fingerprints(saved, run)[0] == [
+        f"sparse.{key}: checkpoint None vs run {value!r}"]
+  assert checkpoint.compare_fingerprints({"sparse": {"ffn": "0.9@1"}},
+                                         {"sparse": {"ffn": "0.5@1"}})[0] == [
+      "sparse.ffn: checkpoint '0.9@1' vs run '0.5@1'"]
+
+
 def test_changed_input_files_are_one_entry_per_input_not_one_per_file():
   base = {f"checkpoints/3/state/d/{i}": f"{100 + i}:abc{i}" for i in range(40)}
   moved = {f"checkpoints/4/state/d/{i}": f"{100 + i}:def{i}" for i in range(40)}

@@ -32,6 +32,18 @@ from lost_jax.errors import UserError, mute_output, one_line, unmute_output
 MAY_CHANGE = ("schedule",)
 # Data settings that do not change which examples a run sees.
 _DATA_FREE = ("worker_count", "tfds_data_dir")
+# Settings added after checkpoints were first written (fingerprint paths), with the value that
+# does what those checkpoints did: a checkpoint that does not record one matches a run that has
+# that value (ANY: every value, for settings such a run does not read). data.truncate is not
+# here: before it, long prompts lost their end, which no value does now.
+ANY = object()
+ADDED_SETTINGS = {
+    "model.linear.dense_init": "normal",
+    "sparse.estimator": "svd", "sparse.estimator_tokens": "context",
+    "sparse.block_input_grad": False, "sparse.plan": "",
+    # read only by asvd estimators and a calibrated plan, which need the settings above
+    "sparse.calibration_batches": ANY, "sparse.calibration_sparsities": ANY,
+}
 
 
 def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
@@ -93,7 +105,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
     for key in sorted(set(old) | set(new)):
-      out += _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+      path = f"{prefix}.{key}" if prefix else key
+      if key not in old and path in ADDED_SETTINGS and ADDED_SETTINGS[path] in (ANY, new[key]):
+        continue   # written before the setting existed, by a run that did what this one does
+      out += _diff(old.get(key), new.get(key), path)
     return out
   return [] if old == new else [f"{prefix}: checkpoint {old!r} vs run {new!r}"]
 
