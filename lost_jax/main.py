@@ -320,6 +320,11 @@ def run():
   """Console-script entry point (`lost-jax`)."""
   errors.catch_sigint()   # a Ctrl-C nothing may swallow
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  # grain's data workers (data.worker_count > 0) hand batches over in shared memory; the
+  # batches still in flight when training ends are unlinked at exit by multiprocessing's
+  # resource tracker, which would print a warning after `done:` about each such "leak". The
+  # tracker takes its warning filters from this list when it starts.
+  sys.warnoptions.append("ignore:resource_tracker:UserWarning")
   app.run(main, flags_parser=parse_flags)
 
 
