@@ -291,10 +291,11 @@ def markdown(cache: dict, command: str, image: str = "") -> str:
       "and in-place updates as read and written, async copies once each way) are "
       + (f"{min(byte_checks):.2f}-{max(byte_checks):.2f}x" if byte_checks else "-")
       + " the compiler's own `bytes accessed` with bodies once.",
-      "- **Roofline**: compute = walker FLOPs / bf16 peak; HBM = walker bytes / HBM "
-      "bandwidth; ICI = ring bytes of the collectives / ICI bandwidth ((n-1)/n of each "
-      "all-gather / reduce-scatter, 2(n-1)/n of each all-reduce over its n chips). The max is "
-      "a lower bound on the step time if everything overlapped; roofline MFU uses it.",
+      "- **Totals roofline**: compute = the larger of the walker's and the model's FLOPs / "
+      "bf16 peak; HBM = walker bytes / HBM bandwidth; ICI = ring bytes of the collectives / "
+      "ICI bandwidth ((n-1)/n of each all-gather / reduce-scatter, 2(n-1)/n of each "
+      "all-reduce over its n chips). Their max is a lower bound on the step time if "
+      "everything overlapped; **its MFU** uses that max.",
       "- **Collectives**: count and bytes per step per chip (all-gather: the gathered result; "
       "reduce-scatter and all-reduce: the full operand). The TPU compiler emits a reduce-"
       "scatter as an all-reduce inside an `all-reduce-scatter` fusion, counted as RS; and "
