@@ -1,8 +1,10 @@
 """Shared fixtures; the builders they use live in helpers.py.
 
-The suite runs under the XLA:CPU defaults the command line sets (lost_jax.training.xla_setup),
-so an in-process run computes what `python -m lost_jax.main` computes: the pinned quickstart
-losses in test_pinned_loss.py were measured through the command line.
+The suite runs under the XLA:CPU defaults the command line sets (lost_jax.training.xla_setup)
+plus flags that make XLA compile its tiny programs faster (helpers.FAST_COMPILE_FLAGS; every
+subprocess a test starts inherits them). The pinned quickstart losses, measured through the
+command line, are checked in a subprocess under the command line's flags alone
+(test_pinned_loss.py).
 """
 
 import importlib.util
@@ -31,6 +33,10 @@ import pytest  # pylint: disable=wrong-import-position
 import helpers  # pylint: disable=wrong-import-position
 from lost_jax.training import xla_setup  # pylint: disable=wrong-import-position
 
+# The suite's fast-compile flags (helpers.FAST_COMPILE_FLAGS), then the command line's defaults.
+if os.environ.get("LOST_JAX_TEST_FAST_COMPILE", "1") != "0":
+  os.environ["XLA_FLAGS"] = xla_setup.with_defaults(os.environ.get("XLA_FLAGS", ""),
+                                                    helpers.FAST_COMPILE_FLAGS)
 xla_setup.configure()   # before any test starts a JAX backend
 
 

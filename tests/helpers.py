@@ -30,16 +30,58 @@ ROOT = os.path.dirname(TESTS)
 TINY_MODEL = dict(vocab_size=512, d_model=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
 
 
+# XLA:CPU compiles the suite's tiny programs in well under half the time with LLVM's
+# optimisations off and the older elemental fusion emitters (a tiny LOST pre-training run: 22 s
+# of compiling -> 9 s on 2 cores); they run slower, which these shapes do not feel. conftest.py
+# adds them to XLA_FLAGS for the session and every subprocess inherits them (`xla_flags` for a
+# subprocess on fake devices). Results differ from the command line's defaults in the last
+# bits only; the one test that pins numbers the command line printed runs under its defaults
+# (test_pinned_loss.py). LOST_JAX_TEST_FAST_COMPILE=0 runs the suite under the defaults.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int) -> str:
+  """This session's XLA_FLAGS (the suite's flags, the CLI defaults) on `devices` fake CPUs."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
+  return " ".join([f"{_DEVICE_COUNT}={devices}"] + kept)
+
+
 def subprocess_env(**extra) -> dict:
   """os.environ with the worktree and tests/ first on PYTHONPATH (for `python -c` scripts)."""
   path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   return dict(os.environ, PYTHONPATH=path, **extra)
 
 
+_GGUF_READERS = {}
+
+
+def reuse_gguf_parses() -> None:
+  """Let transformers parse each GGUF file once per process, not once per call.
+
+  Its GGUF loading opens the file with the `gguf` package's GGUFReader for the config, again
+  for the weights and again for a tokenizer, and each open of Gemma-3's (262k-token
+  vocabulary) costs ~35 s on 2 cores. The reference reads the same reader's fields and
+  tensors either way (it never writes to it); what it computes is unchanged.
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  if getattr(gguf.GGUFReader, "reused", False):
+    return
+  opened = gguf.GGUFReader
+
+  def reader(path, mode="r"):
+    st = os.stat(path)   # a file rewritten under the same name is parsed anew
+    key = (os.path.realpath(path), mode, st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_READERS:
+      _GGUF_READERS[key] = opened(path, mode)
+    return _GGUF_READERS[key]
+  reader.reused = True
+  gguf.GGUFReader = reader
+
+
 def run_on_8_cpu_devices(script: str) -> dict:
   """Run the Python `script` on 8 fake CPU devices (helpers importable); its RESULT json."""
-  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                       JAX_PLATFORMS="cpu")
+  env = subprocess_env(XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                         text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -263,9 +263,8 @@ print("RESULT" + json.dumps(dict(lines=lines, straight=losses(straight),
 def test_a_checkpoint_of_8_devices_resumes_on_4_and_on_1_device(tmp_path):
   """8 devices (fsdp=8) -> 4 (data=2, fsdp=2) -> 1, in one process with 8 fake devices."""
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from helpers import ROOT, subprocess_env  # pylint: disable=g-import-not-at-top
-  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                       JAX_PLATFORMS="cpu")
+  from helpers import ROOT, subprocess_env, xla_flags  # pylint: disable=g-import-not-at-top
+  env = subprocess_env(XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _RESHARD_SCRIPT, str(tmp_path)], env=env,
                         capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]

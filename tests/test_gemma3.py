@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import gemma3_gguf, logits_diff
+from helpers import gemma3_gguf, logits_diff, reuse_gguf_parses
 from lost_jax import configs
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.formats import gguf as gguf_lib
@@ -41,6 +41,7 @@ def test_gemma3_gguf_path_assembles_once_into_the_cache(tmp_path, monkeypatch, c
 
 @pytest.fixture(scope="module")
 def path():
+  reuse_gguf_parses()   # transformers' config, weights and tokenizer share one parse
   return gemma3_gguf()
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import logits_diff, smollm2_gguf, write_gguf
+from helpers import logits_diff, reuse_gguf_parses, smollm2_gguf, write_gguf
 from lost_jax.data import tokenizer as tokenizer_lib
 from lost_jax.errors import UserError
 from lost_jax.formats import gguf as gguf_lib
@@ -38,6 +38,7 @@ def models():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   path = smollm2_gguf()   # the real 135M model read twice: an end-to-end check
+  reuse_gguf_parses()     # transformers' config and weights share one parse
   ours = gguf_lib.load_gguf_llama(path)
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import helpers
 from lost_jax import configs
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.training import accounting
@@ -101,7 +102,7 @@ print("RESULT" + json.dumps([compiled.collective_counts(text),
 def test_collectives_of_a_compiled_two_device_program():
   # A sum over the sharded axis needs one all-reduce; replicating the sharded array one
   # all-gather of the whole [8, 256] batch.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
                         text=True, timeout=300, cwd=ROOT)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from lost_jax.training import metrics
 from lost_jax.parallel import distributed
 
@@ -35,7 +36,7 @@ def _start(job: dict, nproc: int) -> list[subprocess.Popen]:
   """
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              JAX_ENABLE_COMPILATION_CACHE="false")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={3 - nproc}"
+  env["XLA_FLAGS"] = helpers.xla_flags(3 - nproc)
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, WORKER, json.dumps(dict(job, nproc=nproc, pid=i, port=port))],

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from lost_jax import configs
 from lost_jax.parallel import sharding
 from lost_jax.models.llama import Llama
@@ -134,8 +135,8 @@ print("RESULT" + json.dumps(dict(rows=rows, galore=galore, orphan=orphan,
 
 @pytest.mark.slow
 def test_compiled_step_with_accumulation_divides_the_work_over_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(8), JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -195,8 +196,8 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_base_loads_slice_by_slice_into_the_mesh_shardings(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(8), JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT.format(path=str(tmp_path))],
                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]

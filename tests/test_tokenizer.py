@@ -9,7 +9,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from helpers import smollm2_gguf
+from helpers import reuse_gguf_parses, smollm2_gguf
 from lost_jax import configs
 from lost_jax.data import tokenizer as tokenizer_lib
 
@@ -81,6 +81,7 @@ def test_load_tokenizer_setting_and_vocab_check(built, tmp_path):
 def smollm2():
   path = smollm2_gguf()
   transformers = pytest.importorskip("transformers")
+  reuse_gguf_parses()   # transformers' config and tokenizer share one parse
   ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   return tokenizer_lib.from_path(path), ref.backend_tokenizer
