@@ -47,6 +47,11 @@ def xla_flags(devices: int) -> str:
   return " ".join([f"{_DEVICE_COUNT}={devices}"] + kept)
 
 
+def without_fast_compile(xla_flags: str) -> str:
+  """XLA_FLAGS text without FAST_COMPILE_FLAGS: what runs long enough to feel the slower code."""
+  return " ".join(f for f in xla_flags.split() if f not in FAST_COMPILE_FLAGS)
+
+
 def subprocess_env(**extra) -> dict:
   """os.environ with the worktree and tests/ first on PYTHONPATH (for `python -c` scripts)."""
   path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)

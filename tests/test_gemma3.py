@@ -45,9 +45,7 @@ def path():
   return gemma3_gguf()
 
 
-@pytest.mark.slow
-def test_gemma3_tokenizer_ids_equal_transformers(path):
-  transformers = pytest.importorskip("transformers")
+def _tokenizer_ids_equal_transformers(path, transformers):
   ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   tok = tokenizer_lib.from_path(path)
@@ -59,6 +57,7 @@ def test_gemma3_tokenizer_ids_equal_transformers(path):
     assert tok.encode(text) == want, text
     assert tok.decode(want) == ref.decode(want, skip_special_tokens=True), text
   assert tok.encode("<start_of_turn>") == [105] and tok.encode("\n\n") == [108]
+  return tok
 
 
 LONG = ("In the early morning light, the old lighthouse keeper climbed the spiral stairs one more "
@@ -72,9 +71,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n",
 
 @pytest.mark.slow
 def test_gemma3_gguf_matches_transformers(path):
-  """Config, tensors of every quant type, logits on 64 tokens and greedy continuations."""
+  """Tokenizer ids, config, tensors of every quant type, logits on 64 tokens and greedy
+  continuations. One test: transformers' reads of the file share one parse (~35 s)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  tok = _tokenizer_ids_equal_transformers(path, transformers)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lost_jax.models import generate  # pylint: disable=g-import-not-at-top
   hf, tensors = gguf_lib.read(path)
@@ -98,7 +99,6 @@ def test_gemma3_gguf_matches_transformers(path):
     np.testing.assert_array_equal(tensors[key], state[key].numpy(), err_msg=key)
 
   ours = gguf_lib.load_gguf_llama(path)
-  tok = tokenizer_lib.from_path(path)
   ids = np.array([[tok.bos_id] + tok.encode(LONG)][0][:64], np.int32)[None]
   assert ids.shape == (1, 64)
   assert logits_diff(ours, ref, ids, "Gemma-3-270M GGUF, 64 tokens") < 1e-3

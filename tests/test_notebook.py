@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+import helpers
 from lost_jax import configs
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "lost_anatomy.ipynb"
@@ -31,17 +32,20 @@ def _by_tag(nb, tag):
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
   cache = tmp_path_factory.mktemp("lost_jax_cache")
-  old = os.environ.get("LOST_JAX_CACHE")
+  old = {k: os.environ.get(k) for k in ("LOST_JAX_CACHE", "XLA_FLAGS")}
   os.environ["LOST_JAX_CACHE"] = str(cache)   # the kernel inherits it: tokenizer cache stays local
+  # The kernel trains 60 steps: XLA's optimised code, not the suite's fast-compile flags.
+  os.environ["XLA_FLAGS"] = helpers.without_fast_compile(old["XLA_FLAGS"] or "")
   try:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, kernel_name="python3", timeout=600,
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
   finally:
-    if old is None:
-      os.environ.pop("LOST_JAX_CACHE")
-    else:
-      os.environ["LOST_JAX_CACHE"] = old
+    for key, value in old.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
   return nb
 
 
