@@ -26,6 +26,8 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
   other.model.linear.sparsity = 0.02
   other.train.lr, other.train.steps = 1e-3, 600
   other.data.worker_count = 4                      # does not change the examples
+  other.model.remat = True                          # how the model computes, not what
+  other.model.perf.layer_loop = "scan"
   refused, allowed = checkpoint.compare_fingerprints(_fp(base), _fp(other))
   L, B = base.data.seq_len, base.train.batch_size
   assert refused == ["data.files: checkpoint '' vs run '/data/*.jsonl'",
@@ -37,8 +39,10 @@ def test_settings_that_change_a_runs_meaning_are_refused_and_schedule_changes_li
   assert allowed == [f"schedule.lr: checkpoint {base.train.lr} vs run 0.001",
                      f"schedule.steps: checkpoint {base.train.steps} vs run 600"], allowed
   assert checkpoint.compare_fingerprints(_fp(base), _fp(base)) == ([], [])
-  # A checkpoint of an older version (model, seq_len and vocab only) compares what it has.
+  # A checkpoint of an older version (model, seq_len and vocab only) compares what it has;
+  # those versions recorded model.remat, which a resume may change.
   old = {k: _fp(base)[k] for k in ("model", "seq_len", "tokenizer_vocab")}
+  old["model"]["remat"] = False
   assert checkpoint.compare_fingerprints(old, _fp(other))[0] == [
       "model.linear.sparsity: checkpoint 0.01 vs run 0.02", f"seq_len: checkpoint {L} vs run {2 * L}"]
 

@@ -277,6 +277,8 @@ def test_smollm2_lora_finetune_exports_a_tied_135m_model_transformers_runs(tmp_p
   cfg.train.update(dict(steps=2, batch_size=2, lr=2e-3, eval_every=2, ckpt_every=2,
                         accuracy_examples=0, log_every=1))
   finetune.finetune_and_evaluate(cfg, str(tmp_path / "run"), quiet=True)
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+  assert recorded["perf"]["layer_loop"] == "scan" and recorded["n_layers"] == 30
   run = saved_run.load_run(str(tmp_path / "run"))
   tokens = np.random.RandomState(1).randint(0, 49152, (1, 32))
   ref = lost_logits(run.model, tokens)

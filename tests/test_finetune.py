@@ -83,6 +83,29 @@ def test_finetune_from_a_hugging_face_directory(tmp_path):
   assert saved["data"]["tokenizer"].endswith("tokenizer.json")
 
 
+@pytest.mark.parametrize("source", ["pretrain", "hf"])
+def test_a_bases_model_computes_as_the_runs_config_says(source, pretrained_workdir, tmp_path):
+  """The base gives the architecture; model.remat and model.perf are the run's (no file holds
+  them): a scanned, rematerialised fine-tune of a real base is one."""
+  path = pretrained_workdir
+  if source == "hf":
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=512, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "hf")
+    byte_level_tokenizer_json(tmp_path / "hf", 512)
+    path = str(tmp_path / "hf")
+  cfg = tiny_finetune_config(path, sparse=False)
+  cfg.model.remat, cfg.model.perf.layer_loop, cfg.model.perf.loss_chunk = True, "scan", 0
+  model, run = finetune.base_model(cfg)
+  assert model.cfg.remat is True and run.model.remat is True
+  assert model.cfg.perf.layer_loop == run.model.perf.layer_loop == "scan"
+  assert model.cfg.perf.loss_chunk == run.model.perf.loss_chunk == 0
+  assert run.model.d_model == (96 if source == "hf" else 64)   # the base's architecture
+
+
 @pytest.mark.parametrize("what", ["nothing", "empty_dir", "text_file", "mismatch"])
 def test_base_kind_detection_errors_name_the_fix(tmp_path, what, pretrained_workdir):
   cfg = configs.finetune_config("quickstart")

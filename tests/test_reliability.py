@@ -148,6 +148,21 @@ def test_a_non_finite_state_is_never_saved():
   assert ckpt.saved == [5]
 
 
+def test_the_save_check_finds_one_inf_or_nan_in_any_float_leaf_and_never_overflows():
+  rng = np.random.RandomState(0)
+  leaves = ([jnp.asarray(rng.randn(5, 7), jnp.float32) for _ in range(5)]
+            + [jnp.asarray(rng.randn(3, 4), jnp.bfloat16), jnp.arange(3),
+               jnp.full((1000,), 3e38, jnp.float32)])   # finite, and a plain sum overflows
+  assert bool(trainer.all_finite(leaves))
+  for i in (0, 3, 5, 7):
+    for bad in (np.inf, -np.inf, np.nan):
+      broken = list(leaves)
+      broken[i] = broken[i].reshape(-1).at[i].set(bad).reshape(broken[i].shape)
+      want = all(np.isfinite(np.asarray(x, np.float32)).all() for x in broken)
+      assert not want and not bool(trainer.all_finite(broken)), (i, bad)
+  assert bool(trainer.all_finite([jnp.arange(3)]))   # no float leaf: nothing to check
+
+
 @pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
   workdir = tmp_path / "diverge"

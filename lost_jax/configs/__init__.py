@@ -21,8 +21,9 @@ from lost_jax.configs.presets import (FAMILY_ARCH, FAMILY_SIZE_MODELS, FINETUNE_
 from lost_jax.configs.resolve import (COMMANDS, apply_precision, expand_user_paths, is_resolved,
                                       resolve, resolve_perf, validate, with_group,
                                       with_resolved_perf)
-from lost_jax.configs.schema import (ARCH_DEFAULTS, Arch, data_config, head_dim, linear_config,
-                                     lost_keep, mesh_config, perf_config, projection_shapes,
+from lost_jax.configs.schema import (ARCH_DEFAULTS, COMPUTE_SETTINGS, Arch, compute_settings,
+                                     data_config, head_dim, linear_config, lost_keep,
+                                     mesh_config, perf_config, projection_shapes,
                                      rope_scaling_config)
 from lost_jax.configs.validate import (parse_sparsity_list, validate_finetune,
                                        validate_finetune_base, validate_model,
@@ -77,7 +78,9 @@ __all__ = [
     "with_group",
     "with_resolved_perf",
     "ARCH_DEFAULTS",
+    "COMPUTE_SETTINGS",
     "Arch",
+    "compute_settings",
     "data_config",
     "head_dim",
     "linear_config",

@@ -71,6 +71,18 @@ def rope_scaling_config(type: str = "default", factor: float = 1.0,  # pylint: d
       original_max_position_embeddings=int(original_max_position_embeddings)))
 
 
+# Settings of the model group that decide how it computes, not what: no checkpoint or model
+# file holds them, a run takes them from its own config (a fine-tune's from its config, not
+# from its base) and may change them on resume.
+COMPUTE_SETTINGS = ("remat", "perf")
+
+
+def compute_settings(model: ml_collections.ConfigDict) -> dict:
+  """The model group's COMPUTE_SETTINGS (those it has), as plain values."""
+  return {k: model[k].to_dict() if isinstance(model[k], ml_collections.ConfigDict) else model[k]
+          for k in COMPUTE_SETTINGS if k in model}
+
+
 # Architecture settings of the one decoder (model config fields). The defaults are LLaMA's;
 # the other families (Qwen2/3, Mistral, Gemma 3) set some of them (`presets.FAMILIES`).
 ARCH_DEFAULTS = dict(

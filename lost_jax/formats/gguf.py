@@ -17,6 +17,7 @@ import functools
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -283,13 +284,14 @@ def read(path: str) -> tuple[dict, Tensors]:
 
 
 def load_gguf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                    mesh: jax.sharding.Mesh | None = None) -> Llama:
+                    mesh: jax.sharding.Mesh | None = None,
+                    compute: Mapping[str, Any] | None = None) -> Llama:
   """A dense lost_jax Llama holding a GGUF model of any family `read` knows (any gguf quant
-  type), imported as the HF checkpoint it describes."""
+  type), imported as the HF checkpoint it describes; `compute` as in hf.load_hf_tensors."""
   hf, tensors = read(path)
   return hf_lib.load_hf_tensors(hf, list(tensors), tensors.__getitem__, dtype=dtype,
                                 param_dtype=param_dtype, mesh=mesh,
-                                where=f"config.init.path={path!r}")
+                                where=f"config.init.path={path!r}", compute=compute)
 
 
 # ---------------------------------------------------------------------------- tokenizer

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -401,13 +401,16 @@ def _check_names(available: set[str], expected: set[str], path: str, cfg):
 
 
 def _plan_import(hf: dict, where: str, available: Iterable[str], dtype: str,
-                 param_dtype: str, config_where: str | None = None
-                 ) -> tuple[Llama, dict, bool]:
+                 param_dtype: str, config_where: str | None = None,
+                 compute: Mapping[str, Any] | None = None) -> tuple[Llama, dict, bool]:
   """(abstract model, HF name -> (path, transposed?) of the tensors to read, tied) of a HF
   config whose checkpoint holds the tensors `available`; refuses a missing or extra one.
-  Errors name `where` (the checkpoint), or `config_where` (its config file) for the config."""
+  Errors name `where` (the checkpoint), or `config_where` (its config file) for the config.
+  `compute`: model settings the file does not hold (`remat`, `perf`), the run's choice."""
   cfg, tied = _config_from_hf(hf, config_where or where)
   cfg.dtype, cfg.param_dtype = dtype, param_dtype
+  for key, value in (compute or {}).items():
+    cfg[key] = ml_collections.ConfigDict(value) if isinstance(value, Mapping) else value
   names = tensor_map(cfg.n_layers, configs_lib.Arch.of(cfg))
   if tied:   # HF ignores a stored lm_head.weight when tied; so do we.
     names.pop("lm_head.weight")
@@ -431,14 +434,16 @@ def _finish_import(model: Llama, tied: bool, mesh: jax.sharding.Mesh | None) -> 
 
 def load_hf_tensors(hf: dict, names: Iterable[str], get_tensor: Callable[[str], Any], *,
                     dtype: str = "float32", param_dtype: str = "float32",
-                    mesh: jax.sharding.Mesh | None = None, where: str = "HF config") -> Llama:
+                    mesh: jax.sharding.Mesh | None = None, where: str = "HF config",
+                    compute: Mapping[str, Any] | None = None) -> Llama:
   """A dense Llama from a parsed HF config.json dict and HF-named tensors held in memory.
 
   names: every tensor name the checkpoint has (a missing or extra one is refused);
   get_tensor(name) -> array in HF layout ([out, in] for linear weights), any float dtype.
-  `where` names the source in error messages.
+  `where` names the source in error messages. compute: the run's `remat` / `perf`
+  (configs.compute_settings), which no checkpoint holds; the defaults when None.
   """
-  model, targets, tied = _plan_import(hf, where, names, dtype, param_dtype)
+  model, targets, tied = _plan_import(hf, where, names, dtype, param_dtype, compute=compute)
   for name, (attr, transpose) in progress.track(list(targets.items()), "loading HF base",
                                                 "tensor"):
     x = np.asarray(get_tensor(name))
@@ -453,13 +458,14 @@ def load_hf_tensors(hf: dict, names: Iterable[str], get_tensor: Callable[[str], 
 
 
 def load_hf_llama(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                  mesh: jax.sharding.Mesh | None = None) -> Llama:
+                  mesh: jax.sharding.Mesh | None = None,
+                  compute: Mapping[str, Any] | None = None) -> Llama:
   """A dense lost_jax Llama holding a HF checkpoint of any supported family (f32/bf16/f16
-  safetensors)."""
+  safetensors); `compute` as in load_hf_tensors."""
   where = os.path.join(path, CONFIG_FILE)
   files = _tensor_files(path)
   model, names, tied = _plan_import(_read_json(where), path, files, dtype, param_dtype,
-                                    config_where=where)
+                                    config_where=where, compute=compute)
   files = {k: v for k, v in files.items() if k in names}
   by_file: dict[str, list[str]] = {}
   for name, file in files.items():

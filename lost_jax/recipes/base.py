@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from lost_jax import configs
 from lost_jax.configs import PRECISIONS
 from lost_jax.data import tokenizer
 from lost_jax.errors import UserError
@@ -77,20 +78,23 @@ def load_base(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = N
   kind, path = base_kind(cfg), cfg.init.path
   dtype, param_dtype = PRECISIONS[cfg.train.precision]
   base_dtype = dtype if cfg.train.precision == "mixed" else param_dtype
+  # The architecture is the base's; how the model computes (remat, perf) is this run's.
+  compute = configs.compute_settings(cfg.model)
   if kind in ("hf", "gguf"):
     load = hf.load_hf_llama if kind == "hf" else gguf.load_gguf_llama
-    model = load(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
+    model = load(path, dtype=dtype, param_dtype=base_dtype, mesh=mesh, compute=compute)
     return model, ml_collections.ConfigDict(model.cfg.to_dict())
   if kind == "pretrain":
-    return _load_pretrained(path, dtype, param_dtype)
+    return _load_pretrained(path, dtype, param_dtype, compute)
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   model_cfg.dtype, model_cfg.param_dtype = dtype, param_dtype
   return Llama(model_cfg, rngs=nnx.Rngs(cfg.seed)), model_cfg
 
 
-def _load_pretrained(path: str, dtype: str, param_dtype: str
+def _load_pretrained(path: str, dtype: str, param_dtype: str, compute: dict
                      ) -> tuple[Llama, ml_collections.ConfigDict]:
-  """The latest checkpoint's parameters of a lost_jax pre-training workdir, and its model."""
+  """The latest checkpoint's parameters of a lost_jax pre-training workdir, and its model
+  (computing as `compute` says: configs.compute_settings)."""
   try:
     with open(os.path.join(path, "config.json")) as f:
       run = json.load(f)
@@ -102,7 +106,7 @@ def _load_pretrained(path: str, dtype: str, param_dtype: str
                     f"config.json is missing or has no model group: {type(e).__name__}).{hint} "
                     "Fix: point init.path at a pre-training --workdir, or set init.source to "
                     "what is there.") from e
-  model_cfg = ml_collections.ConfigDict(run["model"])
+  model_cfg = ml_collections.ConfigDict(dict(run["model"], **compute))
   if model_cfg.linear.kind != "dense":
     raise UserError(f"config.init.path={path!r} holds a {model_cfg.linear.kind!r} model; LoRA "
                     "and SparseLoRA need dense base kernels. Fix: pre-train with method "

@@ -56,12 +56,13 @@ def model_fingerprint(cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
   """
   train_cfg = cfg.train.to_dict()
   train_cfg.pop("schedule_steps", None)   # resolved on resume: `fingerprint["schedule_steps"]`
-  # model.perf is left out: a checkpoint written with one attention kernel or matmul backward
-  # (e.g. on a GPU) resumes with another (e.g. on a CPU).
-  # Architecture settings at their (LLaMA) defaults are left out too, so checkpoints written
-  # before the settings existed still match.
+  # model.perf and model.remat (configs.COMPUTE_SETTINGS) are left out: a checkpoint written
+  # with one attention kernel, matmul backward or remat choice (e.g. on a GPU) resumes with
+  # another (e.g. on a CPU). Architecture settings at their (LLaMA) defaults are left out
+  # too, so checkpoints written before the settings existed still match.
   model = {k: v for k, v in cfg.model.to_dict().items()
-           if k != "perf" and not (k in configs.ARCH_DEFAULTS and v == configs.ARCH_DEFAULTS[k])}
+           if k not in configs.COMPUTE_SETTINGS
+           and not (k in configs.ARCH_DEFAULTS and v == configs.ARCH_DEFAULTS[k])}
   fingerprint = {
       "model": model, "seq_len": cfg.data.seq_len,
       "tokenizer_vocab": int(vocab_size), "global_batch": int(train_cfg.pop("batch_size")),
@@ -76,6 +77,9 @@ def compare_fingerprints(saved: dict, run: dict) -> tuple[list[str], list[str]]:
   Entries a checkpoint of an older version does not record are not compared.
   """
   refused, allowed = [], []
+  if isinstance(saved.get("model"), dict):   # older checkpoints recorded model.remat
+    saved = dict(saved, model={k: v for k, v in saved["model"].items()
+                               if k not in configs.COMPUTE_SETTINGS})
   for key in sorted(set(saved) & set(run)):
     diffs = _diff(saved[key], run[key], key)
     if key == "inputs":   # one entry per input that changed, not one per file of it

@@ -185,11 +185,17 @@ class Trainer:
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  """True when every floating-point leaf of `tree` is finite (one replicated bool)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (one replicated bool).
+
+  x - x is 0 where x is finite and NaN where x is +-Inf or NaN, so the sum of x - x over
+  every leaf is 0 or NaN and never overflows. One float sum per leaf: a boolean reduction per
+  leaf (jnp.all(jnp.isfinite(x))) compiles several times slower on XLA:CPU, which a
+  checkpoint of a state with hundreds of leaves (LoRA on 30 layers) waited for.
+  """
+  sums = [jnp.sum(x - x, dtype=jnp.float32) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
 
 def finish_saves(ckpt: checkpoint.Checkpointer) -> None:
@@ -203,7 +209,7 @@ def finish_saves(ckpt: checkpoint.Checkpointer) -> None:
 def save_finite(ckpt: checkpoint.Checkpointer, step: int, state, rest, train_iter,
                 fingerprint: dict, force: bool = False) -> None:
   """Save, unless parameters or optimizer state hold a NaN/Inf (never written to disk)."""
-  if not bool(_all_finite((state["params"], state["opt_state"]))):
+  if not bool(all_finite((state["params"], state["opt_state"]))):
     ckpt.wait()
     last = ckpt.latest_step()
     raise TrainingDiverged(
