@@ -20,7 +20,7 @@ import tempfile
 # around each entry's read and write (no process reads an entry another is writing); with it
 # every write scans the cache, so only compiles of 0.5 s or more (steps, not single ops) are
 # kept. A process SIGKILLed mid-write could leave an entry torn (a later read warns and
-# compiles again): tests that SIGKILL give their processes no cache (test_multiprocess.py).
+# compiles again): a test that SIGKILLs gives its processes their own (test_multiprocess.py).
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _MADE_CACHE = None
 if _CACHE_ENV not in os.environ and importlib.util.find_spec("filelock") is not None:

@@ -4,6 +4,7 @@ SIGKILL, agreed preemption, agreed SparseLoRA shapes."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,20 +29,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(job: dict, nproc: int) -> list[subprocess.Popen]:
+def _start(job: dict, nproc: int, cache: str) -> list[subprocess.Popen]:
   """nproc processes of `job` (one device each), or one process on 2 fake devices.
 
-  Without the session's compilation cache (conftest.py): this test SIGKILLs processes, which
-  could tear an entry being written.
+  cache: the compilation cache directory they share, the test's own, not the session's
+  (conftest.py): a process this test SIGKILLs could tear an entry it is writing, so those
+  processes get a copy (`_copy`) that is thrown away.
   """
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             JAX_ENABLE_COMPILATION_CACHE="false")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_ENABLE_COMPILATION_CACHE="true", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             JAX_COMPILATION_CACHE_MAX_SIZE=str(64 << 30))   # the size turns on jax's file lock
   env["XLA_FLAGS"] = helpers.xla_flags(3 - nproc)
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, WORKER, json.dumps(dict(job, nproc=nproc, pid=i, port=port))],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
       for i in range(nproc)]
+
+
+def _copy(cache: str, to: str) -> str:
+  shutil.copytree(cache, to)
+  return to
 
 
 def _finish(procs, timeout=600) -> list[dict]:
@@ -70,11 +78,11 @@ def _losses(workdir):
 def test_two_processes_match_one_process_on_two_devices(tmp_path):
   pre = dict(kind="pretrain", steps=STEPS)
   ft = dict(kind="finetune", steps=3)
-  mp, ref = str(tmp_path / "mp"), str(tmp_path / "ref")
+  mp, ref, cache = str(tmp_path / "mp"), str(tmp_path / "ref"), str(tmp_path / "jax_cache")
   # 1. Pre-train in 2 processes until one of them (only) gets SIGTERM; meanwhile the
   #    1-process reference fine-tune runs.
-  term = _start(dict(pre, workdir=mp), 2)
-  ft_ref = _start(dict(ft, workdir=str(tmp_path / "ft_ref")), 1)
+  term = _start(dict(pre, workdir=mp), 2, cache)
+  ft_ref = _start(dict(ft, workdir=str(tmp_path / "ft_ref")), 1, cache)
   deadline = time.time() + 600
   while len(_losses(mp)) < 2 and time.time() < deadline:
     assert all(p.poll() is None for p in term), term[0].communicate()[0][-3000:]
@@ -91,11 +99,12 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   #    is SIGKILLed past the next step (the other is then killed too); both are restarted.
   #    The 1-process reference runs uninterrupted; the 2-process fine-tune runs.
   end = step + 12
-  in_one = _start(dict(pre, workdir=mp, stop_at=step + 2), 1)
-  straight = _start(dict(pre, workdir=ref, stop_at=end), 1)
-  ft_mp = _start(dict(ft, workdir=str(tmp_path / "ft_mp")), 2)
+  in_one = _start(dict(pre, workdir=mp, stop_at=step + 2), 1, cache)
+  straight = _start(dict(pre, workdir=ref, stop_at=end), 1, cache)
+  ft_mp = _start(dict(ft, workdir=str(tmp_path / "ft_mp")), 2, cache)
   (one_proc,) = _finish(in_one)
-  killed = _start(dict(pre, workdir=mp, stop_at=end), 2)
+  killed = _start(dict(pre, workdir=mp, stop_at=end), 2,
+                  _copy(cache, str(tmp_path / "jax_cache_killed")))
   while max(s for s, _ in _losses(mp)) < step + 3 and time.time() < deadline + 600:
     assert all(p.poll() is None for p in killed), killed[0].communicate()[0][-3000:]
     time.sleep(0.2)
@@ -106,7 +115,7 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
   assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, killed_out[0][-3000:]
   kept = max(int(d) for d in os.listdir(os.path.join(mp, "checkpoints")) if d.isdigit())
   assert step + 2 <= kept < end, kept
-  _finish(_start(dict(pre, workdir=mp, stop_at=end), 2))
+  _finish(_start(dict(pre, workdir=mp, stop_at=end), 2, cache))
   _finish(straight)
   assert ("resuming a checkpoint written on 2 processes with 2 devices (data=2) on 2 devices "
           "(data=2)") in one_proc["output"], one_proc["output"][-2000:]
