@@ -65,6 +65,18 @@ def test_tokenizer_vocab_mismatch_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_a_curve_is_drawn_once_it_has_two_steps(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  metrics.append_jsonl(path, {"step": 1, "loss": 2.0, "eval_ppl": 9.0})
+  metrics.append_jsonl(path, {"step": 1, "loss": 2.0})       # step 1 again (a resume)
+  metrics.plot_run(str(tmp_path), "run")
+  assert not list(tmp_path.glob("*.png"))
+  metrics.append_jsonl(path, {"step": 2, "loss": 1.5})
+  metrics.plot_run(str(tmp_path), "run")
+  assert [p.name for p in tmp_path.glob("*.png")] == ["train_loss.png"]
+  assert (tmp_path / "train_loss.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_cli_trains_and_writes_checkpoint_metrics_and_events(tmp_path):
   workdir = tmp_path / "cli"

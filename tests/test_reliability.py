@@ -529,10 +529,10 @@ def test_a_tilde_workdir_is_under_home_and_an_unwritable_home_costs_no_warning(t
   for name in (".config", ".cache"):     # matplotlib can create neither of its directories
     (home / name).write_text("")
   proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, "--workdir=~/run",
-                         *TINY, "--config.train.steps=1"], capture_output=True, text=True,
+                         *TINY, "--config.train.steps=2"], capture_output=True, text=True,
                         timeout=300, cwd=tmp_path, env=dict(ENV, HOME=str(home)))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert os.path.exists(home / "run" / "checkpoints" / "1")
+  assert os.path.exists(home / "run" / "checkpoints" / "2")
   assert os.path.exists(home / "run" / "train_loss.png")       # plotted all the same
   assert not os.path.exists(tmp_path / "~")
   assert not [line for line in lines_of(proc) if "matplotlib" in line.lower()], lines_of(proc)

@@ -248,10 +248,12 @@ class StepLogger:
 
 
 def plot_run(workdir: str, name: str) -> None:
+  """The run's curves as `eval_ppl.png` and `train_loss.png` in its workdir, each once it has
+  two steps logged: a single point is no curve (metrics.jsonl and the TensorBoard events hold
+  it), and a run that draws nothing never imports matplotlib."""
   rows = read_metrics(workdir)
-  if any("eval_ppl" in r for r in rows):
-    plot_curves({name: rows}, "eval_ppl", os.path.join(workdir, "eval_ppl.png"),
-                        ylabel="validation perplexity", title=name, logy=True)
-  if any("loss" in r for r in rows):
-    plot_curves({name: rows}, "loss", os.path.join(workdir, "train_loss.png"),
-                        ylabel="train loss", title=name)
+  for key, file, ylabel, logy in (("eval_ppl", "eval_ppl.png", "validation perplexity", True),
+                                  ("loss", "train_loss.png", "train loss", False)):
+    if len({r["step"] for r in rows if key in r}) >= 2:
+      plot_curves({name: rows}, key, os.path.join(workdir, file), ylabel=ylabel, title=name,
+                  logy=logy)
