@@ -43,6 +43,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"], "export: hf (a merged model "
                             "transformers loads) or peft (LoRA adapter files for the HF base).")
+_FORWARD = flags.DEFINE_enum("forward", "trained", ["trained", "dense"], "evaluate: the "
+                             "forward a fine-tune's loss is computed under: trained (as it "
+                             "trained: SparseLoRA's sparse context) or dense (every channel, "
+                             "as the model is served).")
 _BUDGET = flags.DEFINE_float("budget", 0.02, "calibrate: the loss increase the plan may "
                              "cost, relative to the dense loss (0: the dense plan).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],

@@ -8,12 +8,15 @@ import subprocess
 import sys
 import types
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import ROOT, subprocess_env, tiny_finetune_config, tiny_pretrain_config
 from lost_jax.commands import evaluate as evaluate_command
 from lost_jax.errors import UserError
-from lost_jax.recipes import evaluate, finetune, pretrain
+from lost_jax.data import tokenizer
+from lost_jax.recipes import evaluate, finetune, pretrain, saved_run
 from lost_jax.training import metrics
 
 
@@ -28,6 +31,24 @@ def _finetune_config(steps: int):
 def _evals(workdir) -> dict[int, dict]:
   """{step: the eval row the run wrote at that step} of metrics.jsonl."""
   return {r["step"]: r for r in metrics.read_metrics(str(workdir)) if "eval_loss" in r}
+
+
+def _dense_eval_loss(workdir) -> float:
+  """A fine-tune's eval loss with every channel: token NLL in NumPy (float64) from the logits
+  of its newest checkpoint's model (saved_run.load_run), over the run's eval batches."""
+  run = saved_run.load_run(workdir)
+  tok = tokenizer.load_tokenizer(run.cfg.data, run.cfg.model.vocab_size)
+  nll = weight = 0.0
+  for b in finetune.eval_data(run.cfg, tok)[0]:
+    logits = np.asarray(run.model(jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]),
+                                  jnp.asarray(b["segment_ids"])), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.asarray(b["targets"])[..., None], -1)[..., 0]
+    w = np.asarray(b["weights"], np.float64)
+    nll -= float((picked * w).sum())
+    weight += float(w.sum())
+  return nll / weight
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +83,11 @@ def test_a_pretraining_runs_checkpoints_score_what_the_run_printed(pretrained, t
 @pytest.mark.slow
 def test_the_command_prints_the_step_it_evaluated(pretrained, tmp_path):
   workdir = shutil.copytree(pretrained, str(tmp_path / "run"))
+  # --forward=dense: a pre-training run's forward is dense either way
   proc = subprocess.run([sys.executable, "-m", "lost_jax.main", "evaluate",
-                         f"--workdir={workdir}", "--step=3"], capture_output=True, text=True,
-                        timeout=600, cwd=ROOT, env=subprocess_env())
+                         f"--workdir={workdir}", "--step=3", "--forward=dense"],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT,
+                        env=subprocess_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   done = re.search(r"^done: step (\d+) \| eval_loss (\S+) \| eval_ppl (\S+)", proc.stdout, re.M)
   assert done and int(done[1]) == 3, proc.stdout
@@ -84,6 +107,13 @@ def test_a_finetunes_checkpoints_score_its_loss_and_accuracy(tmp_path):
     for key in ("eval_loss", "eval_tokens", "eval_accuracy"):
       assert out[key] == pytest.approx(printed[out["step"]][key], rel=1e-6), key
   assert printed[2]["eval_loss"] != pytest.approx(printed[4]["eval_loss"], rel=1e-6)
+  # Under the dense forward: the same adapters' loss with every channel, as derived in NumPy
+  # from the logits of the loaded run; the sparse-context loss the run printed is another.
+  dense = evaluate.evaluate_run(workdir, quiet=True, forward="dense")
+  assert dense["eval_loss"] == pytest.approx(_dense_eval_loss(workdir), rel=1e-5)
+  assert abs(dense["eval_loss"] / printed[4]["eval_loss"] - 1) > 1e-3
+  assert dense["eval_tokens"] == printed[4]["eval_tokens"]
+  assert [r["forward"] for r in metrics.read_evaluations(workdir)] == ["trained"] * 2 + ["dense"]
   # Training to fewer steps than the checkpoint's is refused (before the base is loaded).
   fewer = _finetune_config(0)
   with pytest.raises(UserError, match="holds a checkpoint of step 4, past config.train.steps=0"
@@ -126,8 +156,8 @@ def test_a_base_alone_is_scored_zero_shot_as_a_zero_step_finetune(tmp_path):
 class _Flags:
   """What lost_jax.main hands a command: the flag values, and flags["config"].present."""
 
-  def __init__(self, workdir, step, config):
-    self.workdir, self.step, self.config = workdir, step, config
+  def __init__(self, workdir, step, config, forward="trained"):
+    self.workdir, self.step, self.config, self.forward = workdir, step, config, forward
 
   def __getitem__(self, name):
     return types.SimpleNamespace(present=getattr(self, name) is not None)

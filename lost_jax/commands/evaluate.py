@@ -2,7 +2,9 @@
 newest (or step N's) checkpoint, with the run's own eval set and settings (its config.json).
 
 `evaluate --config=configs/finetune.py:<preset> --config.init.path=BASE --workdir=OUT` scores
-the base alone (no adapters: zero-shot) on the preset's eval set. Both append the result to
+the base alone (no adapters: zero-shot) on the preset's eval set. `--forward=dense` computes a
+SparseLoRA fine-tune's loss with every channel (as it is served, and as LoRA's is), not under
+the sparse context it trained with. Both append the result to
 `<workdir>/evaluations.jsonl`; the library call is `lost_jax.recipes.evaluate`.
 """
 
@@ -36,5 +38,5 @@ def main(flags) -> dict:
                       "a base model alone. Fix: drop --config to evaluate that run, or give a "
                       "new --workdir for the base's evaluation.")
     configs.validate(cfg, "finetune")
-    return evaluate.evaluate_base(cfg, workdir)
-  return evaluate.evaluate_run(workdir, step)
+    return evaluate.evaluate_base(cfg, workdir, forward=flags.forward)
+  return evaluate.evaluate_run(workdir, step, forward=flags.forward)

@@ -19,24 +19,33 @@ from lost_jax.training import metrics
 ZERO_SHOT = finetune.ZERO_SHOT
 
 
-def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False) -> dict:
-  """{"step", **eval metrics} of the run in `workdir` at checkpoint `step` (newest if None)."""
+def evaluate_run(workdir: str, step: int | None = None, *, quiet: bool = False,
+                 forward: str = "trained") -> dict:
+  """{"step", **eval metrics} of the run in `workdir` at checkpoint `step` (newest if None);
+  a fine-tune's loss under `forward` (finetune.FORWARDS: trained | dense; a pre-training
+  run's forward is dense either way)."""
   workdir = os.path.expanduser(workdir)
   cfg, command = saved_run.run_config(workdir)
-  recipe = pretrain if command == "pretrain" else finetune
-  out = recipe.evaluate_checkpoint(cfg, workdir, step, quiet=quiet)
+  if command == "pretrain":
+    out, labels = pretrain.evaluate_checkpoint(cfg, workdir, step, quiet=quiet), {}
+  else:
+    out = finetune.evaluate_checkpoint(cfg, workdir, step, quiet=quiet, forward=forward)
+    labels = {"forward": forward}
   checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(out["step"]))
   metrics.append_evaluation(workdir, {"step": out["step"], "checkpoint": checkpoint,
-                                      "recipe": command, **_floats(out, "step")})
+                                      "recipe": command, **labels, **_floats(out, "step")})
   return out
 
 
-def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
-  """{"model": "base (zero-shot)", **eval metrics} of the fine-tune config's base alone."""
+def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
+                  forward: str = "trained") -> dict:
+  """{"model": "base (zero-shot)", **eval metrics} of the fine-tune config's base alone, the
+  loss under `forward` (as in evaluate_run)."""
   workdir = os.path.expanduser(workdir)
-  out = finetune.evaluate_base(cfg, workdir, quiet=quiet)
+  out = finetune.evaluate_base(cfg, workdir, quiet=quiet, forward=forward)
   metrics.append_evaluation(workdir, {"model": ZERO_SHOT, "base": cfg.init.path or
-                                      cfg.init.source, "recipe": "finetune", **_floats(out)})
+                                      cfg.init.source, "recipe": "finetune",
+                                      "forward": forward, **_floats(out)})
   return {"model": ZERO_SHOT, **out}
 
 

@@ -359,17 +359,34 @@ def _record_split(data_cfg, workdir: str) -> None:
           f"{record['eval']} (recorded in {SPLIT_FILE})", flush=True)
 
 
+FORWARDS = ("trained", "dense")   # the forward an evaluation's loss is computed under
+
+
+def _under(cfg: ml_collections.FrozenConfigDict, forward: str) -> ml_collections.FrozenConfigDict:
+  """cfg for scoring under `forward`: `trained` as the run trained (SparseLoRA: the context
+  through the chosen channels), `dense` with no layer sparse (every channel: how the adapted
+  model is served, and how LoRA runs are scored)."""
+  if forward not in FORWARDS:
+    raise UserError(f"forward={forward!r} is not one of {FORWARDS}. Fix: pick one of those.")
+  if forward == "trained" or not cfg.sparse.enabled:
+    return cfg
+  return configs.with_group(cfg, sparse=dict(cfg.sparse.to_dict(), enabled=False))
+
+
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                        *, quiet: bool = False) -> dict:
+                        *, quiet: bool = False, forward: str = "trained") -> dict:
   """{"step", eval_loss, eval_tokens, eval_accuracy} of the fine-tune's checkpoint `step`
-  (default: the newest): its adapters on the base `cfg.init` names; writes nothing but the
-  estimator cache (after the checkpoint's fingerprint is found to match)."""
+  (default: the newest): its adapters on the base `cfg.init` names, the loss under `forward`
+  (`_under`); writes nothing but the estimator cache (after the checkpoint's fingerprint is
+  found to match)."""
   cfg, mesh = runtime.start(cfg, "finetune")
+  _under(cfg, forward)   # a bad name is refused before the checkpoint is opened
   ckpt, step = runtime.open_checkpoint(workdir, cfg, step)   # before the base is loaded
   try:
     model, cfg, tok = base_and_tokenizer(cfg, mesh)
     ckpt.check_compatible(_fingerprint(cfg, tok.vocab_size))   # the same base and data
     module, plan = adapt(model, cfg, tok, workdir)
+    cfg = _under(cfg, forward)
     trainer = _trainer(cfg, module, plan, mesh)
     state, rest = trainer.restore(ckpt, step)
   finally:
@@ -377,12 +394,16 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int 
   return {"step": step, **evaluation(cfg, tok, trainer, rest, show=not quiet)(state)}
 
 
-def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+def evaluate_base(cfg: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
+                  forward: str = "trained") -> dict:
   """The eval metrics of the base `cfg.init` names with no adapters (zero-shot: LoRA's B
-  starts at zero), on the preset's held-out examples; `workdir` caches the estimators."""
+  starts at zero), on the preset's held-out examples, the loss under `forward` (`_under`);
+  `workdir` caches the estimators."""
   cfg, mesh = runtime.start(cfg, "finetune")
+  _under(cfg, forward)
   workdir = runtime.make_workdir(workdir)
   module, plan, cfg, tok = adapted_and_tokenizer(cfg, workdir, mesh)
+  cfg = _under(cfg, forward)
   trainer = _trainer(cfg, module, plan, mesh)
   state, rest = trainer.setup.init(jax.random.key(cfg.seed))
   return evaluation(cfg, tok, trainer, rest, show=not quiet)(state)
