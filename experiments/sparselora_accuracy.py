@@ -9,8 +9,9 @@ channels, oracle (exact) channels. Each finished run stores result.json in
 <workdir_root>/<run>/ and is skipped on a rerun (re-scored from its final checkpoint when it
 was scored on another held-out set); an interrupted run resumes from its checkpoint.
 Writes docs/results/sparselora_smollm2.{md,json,png} with exact-match accuracy on the held-out
-split, eval loss, median step time, FLOPs per step, and the per-layer overlap between the
-estimator's channels and the oracle's.
+split, eval loss under the dense forward (every run) and under the forward each run trained
+with, median step time, FLOPs per step, and the per-layer overlap between the estimator's
+channels and the oracle's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lost_jax import configs
 from lost_jax.recipes import finetune
 from lost_jax.data import instruct
 from lost_jax.measure import flops
-from lost_jax.training import metrics
+from lost_jax.training import checkpoint, metrics
 from lost_jax.adapters.sparselora import model as sparselora
 from lost_jax.adapters.sparselora import plan as sl_plan
 from lost_jax.adapters.sparselora import select as sl_select
@@ -116,9 +117,24 @@ def rescore(cfg, workdir: str, result: dict, scored_on: dict) -> dict:
     out = finetune.evaluate_checkpoint(cfg, workdir, cfg.train.steps)
   else:                 # zero-shot: the base again
     out = finetune.evaluate_base(cfg, workdir)
-  keys = ("eval_accuracy", "eval_loss", "eval_set")
-  return {**result, "eval_accuracy": out.get("eval_accuracy"), "eval_loss": out["eval_loss"],
+  keys = ("eval_accuracy", "eval_loss", "eval_loss_dense", "eval_set")
+  rest = {k: v for k, v in result.items() if k != "eval_loss_dense"}   # of the old set
+  return {**rest, "eval_accuracy": out.get("eval_accuracy"), "eval_loss": out["eval_loss"],
           "eval_set": scored_on, "previous": {k: result.get(k) for k in keys}}
+
+
+def with_dense_loss(cfg, workdir: str, result: dict) -> dict:
+  """`result` with eval_loss_dense: the final adapters' eval loss under the dense forward
+  (every channel: finetune.evaluate_checkpoint forward='dense'), a LoRA run's own eval loss.
+  Left out when the run's final checkpoint is gone (or it trained no step)."""
+  if "eval_loss_dense" in result or not cfg.train.steps:
+    return result
+  if not cfg.sparse.enabled:
+    return {**result, "eval_loss_dense": result["eval_loss"]}
+  if cfg.train.steps not in checkpoint.saved_steps(workdir):
+    return result
+  out = finetune.evaluate_checkpoint(cfg, workdir, cfg.train.steps, forward="dense")
+  return {**result, "eval_loss_dense": out["eval_loss"]}
 
 
 def one_run(cfg, workdir: str) -> dict:
@@ -129,8 +145,11 @@ def one_run(cfg, workdir: str) -> dict:
     with open(path) as f:
       result = json.load(f)
     scored_on = eval_set(cfg)
+    before = result
     if result.get("eval_set") != scored_on:
       result = rescore(cfg, workdir, result, scored_on)
+    result = with_dense_loss(cfg, workdir, result)
+    if result is not before:
       runs.write_json(path, result)
     return result
   t0 = time.time()
@@ -145,6 +164,7 @@ def one_run(cfg, workdir: str) -> dict:
             "flops_per_step": flops_per_step(cfg)["total"] if cfg.train.steps else None,
             "steps": cfg.train.steps, "wall_s": time.time() - t0, "eval_set": eval_set(cfg),
             "code_version": common.code_version_line()}
+  result = with_dense_loss(cfg, workdir, result)
   runs.write_json(path, result)
   return result
 
@@ -230,9 +250,9 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
     f = [results[k]["flops_per_step"] for k in results if (k == n or k.startswith(n + "_s"))
          and results[k].get("flops_per_step")]
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
-    rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss", "{:.4f}"),
-                 forward(n), cell(n, "step_time", "{:.2f}"), f"{statistics.mean(f) / 1e12:.3f}" if f else "-",
-                 rel_f])
+    rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss_dense", "{:.4f}"),
+                 cell(n, "eval_loss", "{:.4f}"), forward(n), cell(n, "step_time", "{:.2f}"),
+                 f"{statistics.mean(f) / 1e12:.3f}" if f else "-", rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
            common.page_head(command),
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
@@ -243,15 +263,17 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            f"{cfg.sparse.start_frac:.0%} of steps; sparselora_late: FFN "
            f"`{late['sparse.ffn']}`, attention `{late['sparse.attn'] or 'dense'}`. Accuracy: "
            f"exact match of the final number on {n_eval} held-out problems (greedy, dense "
-           f"inference; eval set {scored_on['sha256']}); eval loss: under the forward the "
-           "run trained with, named in the next column (sparse context: the context tokens "
-           "through the selected channels, the output tokens dense), so the SparseLoRA rows' "
-           "losses are not losses of the same forward as LoRA's (the stored results have no "
-           f"dense-forward loss); seeds {seeds} for LoRA and SparseLoRA (mean ± sample std, "
-           f"ddof=1). {common.environment()}.", "",
+           f"inference; eval set {scored_on['sha256']}); dense eval loss: the final "
+           "adapters with every channel, one forward for every run (`evaluate "
+           "--forward=dense`; '-' where a stored run has no final checkpoint left to score); "
+           "trained-forward eval loss: under the forward the run trained with, named in the "
+           "next column (sparse context: the context tokens through the selected channels, "
+           f"the output tokens dense); seeds {seeds} for LoRA and SparseLoRA (mean ± sample "
+           f"std, ddof=1). {common.environment()}.", "",
            results_code_line(results, results_commit), "",
-           common.markdown_table(["run", "accuracy", "eval loss", "eval-loss forward",
-                                  "step s", "TFLOPs/step", "FLOPs vs LoRA"], rows), "",
+           common.markdown_table(["run", "accuracy", "dense eval loss",
+                                  "trained-forward eval loss", "trained forward", "step s",
+                                  "TFLOPs/step", "FLOPs vs LoRA"], rows), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
            "the machine at varying load, so their ratios are not speed results "
            "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "

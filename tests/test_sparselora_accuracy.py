@@ -7,6 +7,7 @@ import pytest
 from experiments import runs, sparselora_accuracy
 from lost_jax import configs
 from lost_jax.data import instruct
+from lost_jax.recipes import finetune
 from lost_jax.training import metrics
 from lost_jax.errors import UserError
 
@@ -52,6 +53,9 @@ def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_
   workdir, path = str(tmp_path), tmp_path / "result.json"
   first = sparselora_accuracy.one_run(tiny_config(), workdir)
   assert first["eval_set"] == sparselora_accuracy.eval_set(tiny_config())
+  # The sparse run's loss under the dense forward, as the evaluate command scores it
+  dense = finetune.evaluate_checkpoint(tiny_config(), workdir, forward="dense", quiet=True)
+  assert first["eval_loss_dense"] == dense["eval_loss"] != first["eval_loss"]
   assert first["eval_set"]["size"] == 8 and first["eval_set"]["accuracy"] == 4
   train_rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
 
@@ -74,6 +78,8 @@ def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_
   assert moved["eval_set"]["size"] == 8 and moved["eval_set"] != first["eval_set"]
   assert moved["eval_loss"] != pytest.approx(first["eval_loss"], rel=1e-6)
   assert moved["previous"]["eval_loss"] == again["eval_loss"]
+  assert moved["eval_loss_dense"] != first["eval_loss_dense"]     # scored on the new set too
+  assert moved["previous"]["eval_loss_dense"] == first["eval_loss_dense"]
   assert [r for r in metrics.read_metrics(workdir) if "loss" in r] == train_rows
   assert sparselora_accuracy.one_run(tiny_config(), workdir) == moved   # current: reused
 
@@ -95,6 +101,8 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
              "lora_s1": run(0.62, 9.0, 2e12), "sparselora_s0": run(0.3, 8.0, 1.5e12)}
   for name in ("zero_shot", "lora_s0", "lora_s1"):
     results[name]["code_version"] = "Code version: commit abc, lost_jax sources 12."
+  results["lora_s0"]["eval_loss_dense"] = results["lora_s1"]["eval_loss_dense"] = 0.05
+  results["sparselora_s0"]["eval_loss_dense"] = 0.07    # its trained-forward loss: 0.05
   ov = {"ffn": {"12": 0.15, "16": 0.25}, "attn_v": {"16": 0.5}}    # keys as read from JSON
   text = sparselora_accuracy.report(results, ov, cfg, "cmd", seeds=2)
   rows = {}
@@ -102,12 +110,15 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
     if line.startswith("| ") and not line.startswith("| ---"):
       cells = [c.strip() for c in line.strip("|").split("|")]
       rows[cells[0]] = cells[1:]
-  assert rows["zero_shot"][:4] == ["0.020", "0.0500", "dense", "-"]   # finished; no steps
+  # accuracy, dense eval loss, trained-forward eval loss, trained forward, step s, ...
+  assert rows["zero_shot"][:5] == ["0.020", "-", "0.0500", "dense", "-"]   # finished; no steps
   assert rows["lora"][0] == "0.610 ± 0.014 (n=2)"     # sample std: 0.02 / sqrt(2)
-  assert rows["lora"][2] == "dense" and rows["sparselora"][2] == "sparse context"
-  assert rows["sparse_outputs"][2] == "sparse (outputs too)"
-  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][5] == "0.75"
+  assert rows["lora"][1] == "0.0500 ± 0.0000 (n=2)"
+  assert rows["sparselora"][1:3] == ["0.0700", "0.0500"]
+  assert rows["lora"][3] == "dense" and rows["sparselora"][3] == "sparse context"
+  assert rows["sparse_outputs"][3] == "sparse (outputs too)"
+  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][6] == "0.75"
   assert "Runs trained on: zero_shot, lora_s0, lora_s1: commit abc" in text
   assert "sparselora_s0: not recorded in the result" in text
-  assert rows["random_channels"][:2] == ["pending"] * 2         # not run yet
+  assert rows["random_channels"][:3] == ["pending"] * 3         # not run yet
   assert rows["12"] == ["0.15", "-"] and rows["16"] == ["0.25", "0.50"]
