@@ -3,8 +3,9 @@
   python -m experiments.sparselora_accuracy --config=configs/finetune.py:smollm2_135m_gsm
 
 Runs (same data, steps, batch; LoRA r32 on q,k,v,o): zero-shot; LoRA, SparseLoRA (the paper's
-recipe scaled to 30 layers) and sparselora_late (a sparsity the 135M model keeps its loss at)
-with --seeds seeds each; ablations on the first seed: output tokens sparse too, random
+recipe scaled to 30 layers), sparselora_late (a sparsity the 135M model keeps its loss at) and
+one calibrated plan per --budgets budget (`lost_jax.main calibrate`, made once before its first
+run) with --seeds seeds each; ablations on the first seed: output tokens sparse too, random
 channels, oracle (exact) channels. Each finished run stores result.json in
 <workdir_root>/<run>/ and is skipped on a rerun (re-scored from its final checkpoint when it
 was scored on another held-out set); an interrupted run resumes from its checkpoint.
@@ -29,7 +30,7 @@ import numpy as np
 
 from experiments import common, runs
 from lost_jax import configs
-from lost_jax.recipes import finetune
+from lost_jax.recipes import calibrate, finetune
 from lost_jax.data import instruct
 from lost_jax.measure import flops
 from lost_jax.training import checkpoint, metrics
@@ -53,7 +54,32 @@ ABLATIONS = {
 }
 
 
-def run_specs(seeds: int) -> dict[str, dict]:
+CALIBRATION_DIR = "calibration"   # under workdir_root: `calibrate`'s measurements and plans
+
+
+def calibrated_name(budget: float) -> str:
+  return f"calibrated_b{budget:g}"
+
+
+def plan_path(root: str, budget: float) -> str:
+  """Where calibrated_plan keeps the plan of `budget`."""
+  return os.path.join(root, CALIBRATION_DIR, f"plan_b{budget:g}.json")
+
+
+def calibrated_plan(cfg, root: str, budget: float) -> str:
+  """plan_path(root, budget): the plan `lost_jax.main calibrate --budget=<budget>` chooses for
+  cfg's base and data, with its wall time (`wall_s`); the per-layer measurements, cached in
+  <root>/calibration, are made once for every budget."""
+  path = plan_path(root, budget)
+  if not os.path.exists(path):
+    t0 = time.time()
+    record = calibrate.calibrate(cfg, os.path.dirname(path), budget)
+    runs.write_json(path, {**record, "wall_s": time.time() - t0})
+  return path
+
+
+def run_specs(seeds: int, budgets=(), root: str = "") -> dict[str, dict]:
+  """run name -> cfg overrides; calibrated_b<budget>_s<seed> train on plan_path(root, budget)."""
   specs = {"zero_shot": {"train.steps": 0, "sparse.enabled": False}}
   for s in range(seeds):
     specs[f"lora_s{s}"] = {"sparse.enabled": False, "seed": s}
@@ -62,6 +88,9 @@ def run_specs(seeds: int) -> dict[str, dict]:
   for name, overrides in VARIANTS.items():
     for s in range(seeds):
       specs[f"{name}_s{s}"] = {**overrides, "seed": s}
+  for b in budgets:
+    for s in range(seeds):
+      specs[f"{calibrated_name(b)}_s{s}"] = {"sparse.plan": plan_path(root, b), "seed": s}
   specs.update({k: {**v, "seed": 0} for k, v in ABLATIONS.items()})
   return specs
 
@@ -83,7 +112,8 @@ def flops_per_step(cfg) -> dict:
   from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(cfg.init.path)),
                                     cfg.init.path)
-  plan = sl_plan.plan_from_config(cfg.sparse, model_cfg.n_layers)
+  plan = (sl_plan.read_plan_file(cfg.sparse.plan, model_cfg) if cfg.sparse.get("plan") else
+          sl_plan.plan_from_config(cfg.sparse, model_cfg.n_layers))
   tok = tokenizer.from_path(cfg.init.path)
   batch = instruct.make_eval_batches(cfg.data, tok, cfg.train.batch_size)[0]
   # The LM head runs on the loss suffix only (sl_plan.step_lengths), LoRA or not.
@@ -222,7 +252,9 @@ def results_code_line(results: dict, results_commit: str = "") -> str:
 
 
 def report(results: dict, ov: dict, cfg, command: str, seeds: int,
-           results_commit: str = "") -> str:
+           results_commit: str = "", plans: dict | None = None) -> str:
+  """The page; plans: budget -> the calibrated plan's record (calibrated_plan), if any."""
+  plans = plans or {}
   def cell(name, key, fmt):
     done = [n for n in results if n == name or n.startswith(name + "_s")]
     vals = [results[n][key] for n in done if results[n].get(key) is not None]
@@ -232,14 +264,15 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
     return m + (f" ± {fmt.format(statistics.stdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
 
-  specs = run_specs(seeds)
+  specs = run_specs(seeds, sorted(plans))
 
   def forward(name):   # the forward the run's eval loss is computed under
     o = specs.get(name, specs.get(name + "_s0", {}))
     if o.get("sparse.enabled") is False:
       return "dense"
     return "sparse (outputs too)" if o.get("sparse.dense_outputs") is False else "sparse context"
-  names = ["zero_shot", "lora", "sparselora", *VARIANTS, *ABLATIONS]
+  names = ["zero_shot", "lora", "sparselora", *VARIANTS,
+           *(calibrated_name(b) for b in sorted(plans)), *ABLATIONS]
   late = VARIANTS["sparselora_late"]
   scored_on = eval_set(cfg)
   n_eval = scored_on["accuracy"]
@@ -279,6 +312,24 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "
            "the LoRA and SparseLoRA steps of this shape interleaved on a quiet machine).",
            ""]
+  if plans:
+    lora_wall = [results[n]["wall_s"] for n in results
+                 if n.startswith("lora_s") and results[n].get("wall_s")]
+    spent = sum(p["wall_s"] for p in plans.values())
+    share = (f"; all budgets together {spent:.0f} s = {spent / statistics.mean(lora_wall):.0%}"
+             f" of a LoRA fine-tune's mean wall time ({statistics.mean(lora_wall):.0f} s, "
+             f"n={len(lora_wall)})" if lora_wall else "")
+    lines += [f"Calibrated plans (`lost_jax.main calibrate --budget=B` on the first "
+              f"{cfg.sparse.calibration_batches} training batches, sparsities "
+              f"{cfg.sparse.calibration_sparsities} per layer and part; the per-layer "
+              f"measurements are made once and shared by every budget{share}):", "",
+              common.markdown_table(
+                  ["run", "budget", "FFN", "attention", "calibration loss vs dense",
+                   "FLOPs vs LoRA (calibration batches)", "wall s"],
+                  [[calibrated_name(b), f"{b:g}", p["ffn_spec"] or "dense",
+                    p["attn_spec"] or "dense", f"{100 * p['increase']:+.2f}%",
+                    f"{p['flops_vs_lora']:.2f}", f"{p['wall_s']:.0f}"]
+                   for b, p in sorted(plans.items())]), ""]
   if stale:
     lines += [f"Scored on another held-out set (re-scored by the command without "
               f"--report_only): {', '.join(stale)}.", ""]
@@ -293,32 +344,44 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
 
 
 def plot(results: dict, path: str) -> None:
+  """Accuracy against training FLOPs per step (vs LoRA's mean), one point per run, a colour
+  per run family (the name without its _s<seed>)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = [n for n in results if results[n].get("eval_accuracy") is not None]
-  fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-  ax[0].barh(names, [results[n]["eval_accuracy"] for n in names])
-  ax[0].set_xlabel("exact-match accuracy (held-out)")
+  lora = [r["flops_per_step"] for n, r in results.items()
+          if n.startswith("lora_s") and r.get("flops_per_step")]
   # FLOPs, not the logged step times: those were measured under varying background load.
-  counted = [n for n in names if results[n].get("flops_per_step")]
-  ax[1].barh(counted, [results[n]["flops_per_step"] / 1e12 for n in counted])
-  ax[1].set_xlabel("model TFLOPs per training step (forward + backward)")
+  points = {n: r for n, r in results.items()
+            if r.get("eval_accuracy") is not None and r.get("flops_per_step")}
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  families = sorted({n.rsplit("_s", 1)[0] if n[-1].isdigit() else n for n in points})
+  for fam in families:
+    runs_ = [r for n, r in points.items() if n == fam or n.rsplit("_s", 1)[0] == fam]
+    x = [r["flops_per_step"] / (statistics.mean(lora) if lora else 1e12) for r in runs_]
+    ax.scatter(x, [r["eval_accuracy"] for r in runs_], label=fam, s=30)
+  ax.set_xlabel("training FLOPs per step vs LoRA" if lora else "training TFLOPs per step")
+  ax.set_ylabel("exact-match accuracy (held-out)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str) -> str:
+def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str,
+                  plans: dict | None = None) -> str:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, "sparselora_smollm2")
   results_commit = common.last_commit(stem + ".json")   # before it is rewritten
-  runs.write_json(stem + ".json", {"runs": results, "overlap": ov})
+  plans = plans or {}
+  runs.write_json(stem + ".json", {"runs": results, "overlap": ov,
+                                   "plans": {f"{b:g}": p for b, p in plans.items()}})
   with open(stem + ".md", "w") as f:
     # --runs / --report_only only decide what is trained now, not what the report holds
     argv = [a for a in sys.argv
             if not a.startswith(("--runs", "--report_only", "--noreport", "--from_json"))]
-    f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit))
+    f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit, plans))
   plot(results, stem + ".png")
   return stem + ".md"
 
@@ -329,11 +392,14 @@ def main(argv, flags):
   if flags.from_json:   # re-render the page from a stored JSON (its runs and overlap)
     with open(flags.from_json) as f:
       stored = json.load(f)
-    out = write_outputs(stored["runs"], stored["overlap"], cfg0, flags.seeds, flags.out_dir)
+    plans = {float(b): p for b, p in stored.get("plans", {}).items()}
+    out = write_outputs(stored["runs"], stored["overlap"], cfg0, flags.seeds, flags.out_dir,
+                        plans)
     print(f"wrote {out}")
     return
   root = flags.workdir_root
-  specs = run_specs(flags.seeds)
+  budgets = [float(b) for b in flags.budgets.split(",") if b.strip()]
+  specs = run_specs(flags.seeds, budgets, root)
   only = [] if flags.report_only else ([s for s in flags.runs.split(",") if s] or list(specs))
   common.check_names(only, specs, "runs")
 
@@ -346,18 +412,31 @@ def main(argv, flags):
           out[name] = json.load(f)
     return out
 
+  def plans() -> dict:
+    out = {}
+    for b in budgets:
+      if os.path.exists(plan_path(root, b)):
+        with open(plan_path(root, b)) as f:
+          out[b] = json.load(f)
+    return out
+
   for name in specs:
     if name in only:
+      plan = specs[name].get("sparse.plan")
+      if plan and not os.path.exists(plan):   # calibrated once, on the seed-0 config
+        calibrated_plan(apply(cfg0, {"seed": 0}), root,
+                        next(b for b in budgets if plan_path(root, b) == plan))
       result = one_run(apply(cfg0, specs[name]), os.path.join(root, name))
       print(f"{name}: {result}", flush=True)
       # The report is rewritten after every run: a half-finished sweep is readable.
-      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir)
+      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans())
   ov_dir = os.path.join(root, "sparselora_s0")
   ov = {}
   if flags.overlap and (not flags.report_only or os.path.exists(
       os.path.join(ov_dir, "overlap.json"))):
     ov = overlap(apply(cfg0, {"seed": 0}), ov_dir)
-  print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir)}", flush=True)
+  print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir, plans())}",
+        flush=True)
 
 
 def define_flags():
@@ -369,7 +448,9 @@ def define_flags():
   flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs/sparselora_smollm2",
                       "Each run goes to <workdir_root>/<run>; finished runs are skipped.")
   flags.DEFINE_string("out_dir", "docs/results", "Where sparselora_smollm2.md/.json/.png go.")
-  flags.DEFINE_integer("seeds", 2, "Seeds for LoRA and SparseLoRA.")
+  flags.DEFINE_integer("seeds", 3, "Seeds for LoRA, SparseLoRA and each plan.")
+  flags.DEFINE_string("budgets", "0.02,0.05", "Loss budgets of the calibrated plans (`lost_jax."
+                      "main calibrate --budget`), comma-separated; '' for none.")
   flags.DEFINE_string("runs", "", "Comma list of runs to do now (default all); the others are "
                       "reported if finished.")
   flags.DEFINE_bool("overlap", True, "Measure the estimator/oracle channel overlap.")

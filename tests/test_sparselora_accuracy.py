@@ -90,6 +90,31 @@ def test_a_result_of_another_eval_set_is_rescored_from_the_final_checkpoint(tmp_
     sparselora_accuracy.one_run(longer, workdir)
 
 
+@pytest.mark.slow
+def test_a_calibrated_variant_trains_on_the_plan_calibrate_chose(tmp_path, monkeypatch):
+  monkeypatch.setattr(sparselora_accuracy, "flops_per_step", lambda cfg: {"total": 1.0})
+  cfg = tiny_config()
+  cfg.sparse.calibration_sparsities = "0.5"
+  root = str(tmp_path)
+  path = sparselora_accuracy.calibrated_plan(cfg, root, 0.5)
+  plan = json.loads(open(path).read())
+  assert path == sparselora_accuracy.plan_path(root, 0.5) and plan["budget"] == 0.5
+  assert plan["wall_s"] > 0 and plan["increase"] <= 0.5
+  monkeypatch.setattr(sparselora_accuracy.calibrate, "calibrate",
+                      lambda *a, **k: pytest.fail("calibrated again"))
+  assert sparselora_accuracy.calibrated_plan(cfg, root, 0.5) == path
+  specs = sparselora_accuracy.run_specs(1, [0.5], root)
+  assert specs["calibrated_b0.5_s0"] == {"sparse.plan": path, "seed": 0}
+  run = sparselora_accuracy.apply(cfg, specs["calibrated_b0.5_s0"])
+  result = sparselora_accuracy.one_run(run, str(tmp_path / "calibrated_b0.5_s0"))
+  trained = json.loads((tmp_path / "calibrated_b0.5_s0" / "config.json").read_text())["sparse"]
+  assert (trained["ffn"], trained["attn"]) == (plan["ffn_spec"], plan["attn_spec"])
+  assert "eval_loss_dense" in result
+  text = sparselora_accuracy.report({"calibrated_b0.5_s0": result}, {}, cfg, "cmd", seeds=1,
+                                    plans={0.5: plan})
+  assert f"| calibrated_b0.5 | 0.5 | {plan['ffn_spec'] or 'dense'} |" in text
+
+
 def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
   cfg = configs.finetune_config("quickstart")
   cfg.init.path = "/models/base.gguf"
