@@ -156,14 +156,16 @@ def rescore(cfg, workdir: str, result: dict, scored_on: dict) -> dict:
 def with_dense_loss(cfg, workdir: str, result: dict) -> dict:
   """`result` with eval_loss_dense: the final adapters' eval loss under the dense forward
   (every channel: finetune.evaluate_checkpoint forward='dense'), a LoRA run's own eval loss.
-  Left out when the run's final checkpoint is gone (or it trained no step)."""
+  Left out when the run's final checkpoint is gone (or it trained no step). Accuracy is not
+  scored again: greedy decoding is dense under either forward."""
   if "eval_loss_dense" in result or not cfg.train.steps:
     return result
   if not cfg.sparse.enabled:
     return {**result, "eval_loss_dense": result["eval_loss"]}
   if cfg.train.steps not in checkpoint.saved_steps(workdir):
     return result
-  out = finetune.evaluate_checkpoint(cfg, workdir, cfg.train.steps, forward="dense")
+  out = finetune.evaluate_checkpoint(apply(cfg, {"train.accuracy_examples": 0}), workdir,
+                                     cfg.train.steps, forward="dense")
   return {**result, "eval_loss_dense": out["eval_loss"]}
 
 
@@ -354,10 +356,10 @@ def plot(results: dict, path: str) -> None:
   # FLOPs, not the logged step times: those were measured under varying background load.
   points = {n: r for n, r in results.items()
             if r.get("eval_accuracy") is not None and r.get("flops_per_step")}
+  family = {n: n.rsplit("_s", 1)[0] if n[-1].isdigit() else n for n in points}
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  families = sorted({n.rsplit("_s", 1)[0] if n[-1].isdigit() else n for n in points})
-  for fam in families:
-    runs_ = [r for n, r in points.items() if n == fam or n.rsplit("_s", 1)[0] == fam]
+  for fam in sorted(set(family.values())):
+    runs_ = [r for n, r in points.items() if family[n] == fam]
     x = [r["flops_per_step"] / (statistics.mean(lora) if lora else 1e12) for r in runs_]
     ax.scatter(x, [r["eval_accuracy"] for r in runs_], label=fam, s=30)
   ax.set_xlabel("training FLOPs per step vs LoRA" if lora else "training TFLOPs per step")
