@@ -8,7 +8,11 @@ one calibrated plan per --budgets budget (`lost_jax.main calibrate`, made once b
 run) with --seeds seeds each; ablations on the first seed: output tokens sparse too, random
 channels, oracle (exact) channels. Each finished run stores result.json in
 <workdir_root>/<run>/ and is skipped on a rerun (re-scored from its final checkpoint when it
-was scored on another held-out set); an interrupted run resumes from its checkpoint.
+was scored on another held-out set); an interrupted run resumes from its checkpoint. Finished
+results and calibrated plans are also kept in --results_dir (default
+docs/results/sparselora_smollm2_runs), keyed by the run's config and the code version
+(experiments/runs.code_version): a fresh machine with a checkout reuses them instead of
+training again, and a result of other code or another config is never reused.
 Writes docs/results/sparselora_smollm2.{md,json,png} with exact-match accuracy on the held-out
 split, eval loss under the dense forward (every run) and under the forward each run trained
 with, median step time, FLOPs per step, and the per-layer overlap between the estimator's
@@ -66,15 +70,53 @@ def plan_path(root: str, budget: float) -> str:
   return os.path.join(root, CALIBRATION_DIR, f"plan_b{budget:g}.json")
 
 
-def calibrated_plan(cfg, root: str, budget: float) -> str:
+def keyed(cfg) -> dict:
+  """What a stored result is keyed by besides the code: the run's config with its machine's
+  paths reduced to file names (the base GGUF in site-packages, the plan under workdir_root;
+  a plan's content follows from the config and the code, which the key holds)."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.init.path = os.path.basename(cfg.init.path)
+  if cfg.sparse.get("plan"):
+    cfg.sparse.plan = os.path.basename(cfg.sparse.plan)
+  return runs.keyed_config(cfg)
+
+
+def stored(store: str, name: str, cfg) -> dict | None:
+  """The record <store>/<name>.json when it was made by this code (runs.code_version) for
+  this config (keyed), else None: another config's or code's record is never reused."""
+  path = os.path.join(store, name + ".json")
+  if not store or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  if record.get("config") != keyed(cfg) or record.get("code") != runs.code_version():
+    return None
+  return record
+
+
+def store_record(store: str, name: str, cfg, **fields) -> None:
+  if store:
+    runs.write_json(os.path.join(store, name + ".json"),
+                    {"name": name, "config": keyed(cfg), "code": runs.code_version(), **fields})
+
+
+def calibrated_plan(cfg, root: str, budget: float, store: str = "") -> str:
   """plan_path(root, budget): the plan `lost_jax.main calibrate --budget=<budget>` chooses for
   cfg's base and data, with its wall time (`wall_s`); the per-layer measurements, cached in
-  <root>/calibration, are made once for every budget."""
+  <root>/calibration, are made once for every budget. A plan kept in `store` for this config
+  and code is copied there instead of calibrating again."""
   path = plan_path(root, budget)
+  name = f"plan_b{budget:g}"
   if not os.path.exists(path):
-    t0 = time.time()
-    record = calibrate.calibrate(cfg, os.path.dirname(path), budget)
-    runs.write_json(path, {**record, "wall_s": time.time() - t0})
+    kept = stored(store, name, cfg)
+    if kept is not None and kept.get("budget") == budget:
+      runs.write_json(path, kept["plan"])
+    else:
+      t0 = time.time()
+      record = calibrate.calibrate(cfg, os.path.dirname(path), budget)
+      runs.write_json(path, {**record, "wall_s": time.time() - t0})
+  with open(path) as f:
+    store_record(store, name, cfg, budget=budget, plan=json.load(f))
   return path
 
 
@@ -169,9 +211,21 @@ def with_dense_loss(cfg, workdir: str, result: dict) -> dict:
   return {**result, "eval_loss_dense": out["eval_loss"]}
 
 
-def one_run(cfg, workdir: str) -> dict:
-  """finetune_and_evaluate, or the stored result of a finished run (re-scored from its final
-  checkpoint when it was scored on another eval set)."""
+def one_run(cfg, workdir: str, store: str = "") -> dict:
+  """finetune_and_evaluate, or the stored result of a finished run: the one kept in `store`
+  for this config and code (stored()), else the workdir's (re-scored from its final
+  checkpoint when it was scored on another eval set). A finished result is kept in `store`
+  under the workdir's name."""
+  name = os.path.basename(os.path.normpath(workdir))
+  kept = stored(store, name, cfg)
+  if kept is not None:
+    return kept["result"]
+  result = _one_run(cfg, workdir)
+  store_record(store, name, cfg, result=result)
+  return result
+
+
+def _one_run(cfg, workdir: str) -> dict:
   path = os.path.join(workdir, RESULT_FILE)
   if os.path.exists(path):
     with open(path) as f:
@@ -405,11 +459,16 @@ def main(argv, flags):
   only = [] if flags.report_only else ([s for s in flags.runs.split(",") if s] or list(specs))
   common.check_names(only, specs, "runs")
 
-  def finished() -> dict:
+  store = flags.results_dir or os.path.join(flags.out_dir, "sparselora_smollm2_runs")
+
+  def finished() -> dict:   # kept in the store for this code and config, or in the workdir
     out = {}
     for name in specs:
+      kept = stored(store, name, apply(cfg0, specs[name]))
       path = os.path.join(root, name, RESULT_FILE)
-      if os.path.exists(path):
+      if kept is not None:
+        out[name] = kept["result"]
+      elif os.path.exists(path):
         with open(path) as f:
           out[name] = json.load(f)
     return out
@@ -420,15 +479,18 @@ def main(argv, flags):
       if os.path.exists(plan_path(root, b)):
         with open(plan_path(root, b)) as f:
           out[b] = json.load(f)
+      elif (kept := stored(store, f"plan_b{b:g}", apply(cfg0, {"seed": 0}))) is not None:
+        out[b] = kept["plan"]
     return out
 
   for name in specs:
     if name in only:
       plan = specs[name].get("sparse.plan")
-      if plan and not os.path.exists(plan):   # calibrated once, on the seed-0 config
+      if plan and stored(store, name, apply(cfg0, specs[name])) is None:
+        # calibrated once, on the seed-0 config (or copied from the store)
         calibrated_plan(apply(cfg0, {"seed": 0}), root,
-                        next(b for b in budgets if plan_path(root, b) == plan))
-      result = one_run(apply(cfg0, specs[name]), os.path.join(root, name))
+                        next(b for b in budgets if plan_path(root, b) == plan), store)
+      result = one_run(apply(cfg0, specs[name]), os.path.join(root, name), store)
       print(f"{name}: {result}", flush=True)
       # The report is rewritten after every run: a half-finished sweep is readable.
       write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans())
@@ -450,6 +512,9 @@ def define_flags():
   flags.DEFINE_string("workdir_root", "/tmp/lost_jax_runs/sparselora_smollm2",
                       "Each run goes to <workdir_root>/<run>; finished runs are skipped.")
   flags.DEFINE_string("out_dir", "docs/results", "Where sparselora_smollm2.md/.json/.png go.")
+  flags.DEFINE_string("results_dir", "", "Where finished results and calibrated plans are kept "
+                      "as <run>.json / plan_b<budget>.json, reused by the same config and code "
+                      "(default: <out_dir>/sparselora_smollm2_runs).")
   flags.DEFINE_integer("seeds", 3, "Seeds for LoRA, SparseLoRA and each plan.")
   flags.DEFINE_string("budgets", "0.02,0.05", "Loss budgets of the calibrated plans (`lost_jax."
                       "main calibrate --budget`), comma-separated; '' for none.")

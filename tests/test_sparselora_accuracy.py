@@ -34,6 +34,53 @@ def test_a_finished_result_is_reused_without_training(tmp_path, monkeypatch):
   assert sparselora_accuracy.one_run(cfg, str(tmp_path)) == stored
 
 
+def test_a_kept_result_or_plan_is_reused_on_a_fresh_machine_only_by_its_config_and_code(
+    tmp_path, monkeypatch):
+  trained = []
+
+  def finetune_and_evaluate(cfg, workdir, quiet):
+    trained.append(cfg.train.lr)
+    return {"eval_loss": cfg.train.lr, "eval_accuracy": 0.5}
+  monkeypatch.setattr(sparselora_accuracy.finetune, "finetune_and_evaluate",
+                      finetune_and_evaluate)
+  monkeypatch.setattr(sparselora_accuracy.metrics, "read_metrics",
+                      lambda workdir: [{"step": s, "step_time": 1.0} for s in (10, 20, 30)])
+  monkeypatch.setattr(sparselora_accuracy, "flops_per_step", lambda cfg: {"total": 1.0})
+  store = str(tmp_path / "store")
+  cfg = configs.finetune_config("quickstart")
+  cfg.init.path = str(tmp_path / "machine_a" / "base.gguf")
+  first = sparselora_accuracy.one_run(cfg, str(tmp_path / "machine_a" / "lora_s0"), store)
+  assert trained == [cfg.train.lr] and first["eval_loss"] == cfg.train.lr
+  kept = json.loads((tmp_path / "store" / "lora_s0.json").read_text())
+  assert kept["result"] == first and kept["config"]["init"]["path"] == "base.gguf"
+
+  # Another machine: its own workdir and base path, the same config and code: no training.
+  other = cfg.copy_and_resolve_references()
+  other.init.path = str(tmp_path / "machine_b" / "base.gguf")
+  assert sparselora_accuracy.one_run(other, str(tmp_path / "b" / "lora_s0"), store) == first
+  assert len(trained) == 1
+  # Another learning rate, or other code, is trained again.
+  other.train.lr = cfg.train.lr / 2
+  assert sparselora_accuracy.one_run(other, str(tmp_path / "c" / "lora_s0"), store)[
+      "eval_loss"] == other.train.lr
+  version = runs.code_version()
+  monkeypatch.setattr(runs, "code_version", lambda: {**version, "sources": "0" * 16})
+  sparselora_accuracy.one_run(cfg, str(tmp_path / "d" / "lora_s0"), store)
+  assert trained == [cfg.train.lr, other.train.lr, cfg.train.lr]
+
+  # A calibrated plan is kept too: another machine copies it instead of calibrating.
+  calls = []
+  monkeypatch.setattr(sparselora_accuracy.calibrate, "calibrate",
+                      lambda cfg, out, budget: calls.append(budget) or {"budget": budget})
+  a = sparselora_accuracy.calibrated_plan(cfg, str(tmp_path / "a"), 0.05, store)
+  elsewhere = cfg.copy_and_resolve_references()
+  elsewhere.init.path = str(tmp_path / "machine_b" / "base.gguf")
+  b = sparselora_accuracy.calibrated_plan(elsewhere, str(tmp_path / "b"), 0.05, store)
+  assert calls == [0.05] and json.loads(open(b).read()) == json.loads(open(a).read())
+  sparselora_accuracy.calibrated_plan(cfg, str(tmp_path / "e"), 0.02, store)   # another budget
+  assert calls == [0.05, 0.02]
+
+
 def tiny_config(steps: int = 2):
   cfg = configs.finetune_config("quickstart")
   cfg.init.source = "random"
