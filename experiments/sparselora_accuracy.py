@@ -493,11 +493,13 @@ def main(argv, flags):
       print(f"{name}: {result}", flush=True)
       # The report is rewritten after every run: a half-finished sweep is readable.
       write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans())
-  ov_dir = os.path.join(root, "sparselora_s0")
-  ov = {}
-  if flags.overlap and (not flags.report_only or os.path.exists(
+  ov_dir, ov_cfg = os.path.join(root, "sparselora_s0"), apply(cfg0, {"seed": 0})
+  kept = stored(store, "overlap", ov_cfg)
+  ov = kept["overlap"] if kept is not None else {}
+  if not ov and flags.overlap and (not flags.report_only or os.path.exists(
       os.path.join(ov_dir, "overlap.json"))):
-    ov = overlap(apply(cfg0, {"seed": 0}), ov_dir)
+    ov = overlap(ov_cfg, ov_dir)
+    store_record(store, "overlap", ov_cfg, overlap=ov)
   print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir, plans())}",
         flush=True)
 
