@@ -306,6 +306,78 @@ def results_code_line(results: dict, results_commit: str = "") -> str:
   return "Runs trained on: " + "; ".join(parts) + "."
 
 
+TARGET_FLOPS = 0.80     # #26's target: within TARGET_POINTS of LoRA at <= 0.80x its FLOPs
+TARGET_POINTS = 0.01
+
+
+def family_of(name: str) -> str:
+  """A run's family: its name without _s<seed> (lora_s2 -> lora; zero_shot stays)."""
+  return name.rsplit("_s", 1)[0] if name[-1].isdigit() else name
+
+
+def family_stats(results: dict) -> dict[str, dict]:
+  """family (run name without _s<seed>) -> accuracies over its seeds, their mean, min, max,
+  and mean FLOPs per step; runs without an accuracy or FLOPs (zero-shot) are left out."""
+  fams: dict[str, list[dict]] = {}
+  for n, r in results.items():
+    if r.get("eval_accuracy") is not None and r.get("flops_per_step"):
+      fams.setdefault(family_of(n), []).append(r)
+  return {f: {"acc": [r["eval_accuracy"] for r in rs],
+              "mean": statistics.mean(r["eval_accuracy"] for r in rs),
+              "min": min(r["eval_accuracy"] for r in rs),
+              "max": max(r["eval_accuracy"] for r in rs),
+              "flops": statistics.mean(r["flops_per_step"] for r in rs)}
+          for f, rs in fams.items()}
+
+
+def target_lines(results: dict, seeds: int) -> list[str]:
+  """The target check, computed: which sparse families are within TARGET_POINTS of LoRA's
+  mean accuracy with overlapping seed ranges at <= TARGET_FLOPS x LoRA's FLOPs per step;
+  if none, the most accurate family under that FLOPs bound and the cheapest family within
+  the accuracy bound. Says how many seeds each rests on."""
+  stats = family_stats(results)
+  lora = stats.pop("lora", None)
+  head = (f"Target: a sparse plan within {100 * TARGET_POINTS:g} point of LoRA's mean accuracy, "
+          f"seed ranges overlapping, at <= {TARGET_FLOPS:.2f}x LoRA's FLOPs per step")
+  if lora is None or not stats:
+    return [f"{head}: not checked yet (needs LoRA and at least one sparse run finished)."]
+  rows = []
+  for fam, st in sorted(stats.items(), key=lambda kv: kv[1]["flops"]):
+    ratio, gap = st["flops"] / lora["flops"], st["mean"] - lora["mean"]
+    overlap = st["max"] >= lora["min"] and st["min"] <= lora["max"]
+    st.update(ratio=ratio, gap=gap, meets=(ratio <= TARGET_FLOPS and gap >= -TARGET_POINTS
+                                           and overlap))
+    rows.append([fam, len(st["acc"]), f"{st['mean']:.3f}", f"{100 * gap:+.1f}",
+                 "yes" if overlap else "no", f"{ratio:.2f}", "yes" if st["meets"] else "no"])
+  met = [f for f, st in stats.items() if st["meets"]]
+  n_note = (f"LoRA n={len(lora['acc'])} (mean {lora['mean']:.3f}, range "
+            f"{lora['min']:.3f} – {lora['max']:.3f}); planned seeds {seeds} per method")
+  if met:
+    best = min(met, key=lambda f: stats[f]["ratio"])
+    verdict = (f"met by {', '.join(sorted(met))}; the cheapest, {best}, runs at "
+               f"{stats[best]['ratio']:.2f}x LoRA's FLOPs, {100 * stats[best]['gap']:+.1f} "
+               f"points (n={len(stats[best]['acc'])})")
+  else:
+    cheap = [f for f, st in stats.items() if st["ratio"] <= TARGET_FLOPS]
+    close = [f for f, st in stats.items()
+             if st["gap"] >= -TARGET_POINTS and st["max"] >= lora["min"]]
+    parts = ["not met by any finished plan"]
+    if cheap:
+      b = max(cheap, key=lambda f: stats[f]["mean"])
+      parts.append(f"the most accurate at <= {TARGET_FLOPS:.2f}x FLOPs is {b} "
+                   f"({stats[b]['mean']:.3f}, {100 * stats[b]['gap']:+.1f} points, "
+                   f"{stats[b]['ratio']:.2f}x)")
+    if close:
+      c = min(close, key=lambda f: stats[f]["ratio"])
+      parts.append(f"the cheapest within {100 * TARGET_POINTS:g} point is {c} "
+                   f"({stats[c]['ratio']:.2f}x LoRA's FLOPs)")
+    verdict = "; ".join(parts)
+  return [f"{head}: {verdict}. Rests on {n_note}; accuracy on the held-out problems above.",
+          "", common.markdown_table(["plan", "seeds", "accuracy", "vs LoRA (points)",
+                                     "seed ranges overlap LoRA's", "FLOPs vs LoRA",
+                                     "meets the target"], rows)]
+
+
 def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            results_commit: str = "", plans: dict | None = None) -> str:
   """The page; plans: budget -> the calibrated plan's record (calibrated_plan), if any."""
@@ -338,7 +410,11 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
     f = [results[k]["flops_per_step"] for k in results if (k == n or k.startswith(n + "_s"))
          and results[k].get("flops_per_step")]
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
-    rows.append([n, cell(n, "eval_accuracy", "{:.3f}"), cell(n, "eval_loss_dense", "{:.4f}"),
+    acc = [results[k]["eval_accuracy"] for k in results if (k == n or k.startswith(n + "_s"))
+           and results[k].get("eval_accuracy") is not None]
+    rows.append([n, cell(n, "eval_accuracy", "{:.3f}"),
+                 f"{min(acc):.3f} – {max(acc):.3f}" if len(acc) > 1 else "-",
+                 cell(n, "eval_loss_dense", "{:.4f}"),
                  cell(n, "eval_loss", "{:.4f}"), forward(n), cell(n, "step_time", "{:.2f}"),
                  f"{statistics.mean(f) / 1e12:.3f}" if f else "-", rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
@@ -359,9 +435,10 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            f"the output tokens dense); seeds {seeds} for LoRA and SparseLoRA (mean ± sample "
            f"std, ddof=1). {common.environment()}.", "",
            results_code_line(results, results_commit), "",
-           common.markdown_table(["run", "accuracy", "dense eval loss",
+           common.markdown_table(["run", "accuracy", "seed range", "dense eval loss",
                                   "trained-forward eval loss", "trained forward", "step s",
                                   "TFLOPs/step", "FLOPs vs LoRA"], rows), "",
+           *target_lines(results, seeds), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
            "the machine at varying load, so their ratios are not speed results "
            "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "
@@ -409,7 +486,7 @@ def plot(results: dict, path: str) -> None:
   # FLOPs, not the logged step times: those were measured under varying background load.
   points = {n: r for n, r in results.items()
             if r.get("eval_accuracy") is not None and r.get("flops_per_step")}
-  family = {n: n.rsplit("_s", 1)[0] if n[-1].isdigit() else n for n in points}
+  family = {n: family_of(n) for n in points}
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for fam in sorted(set(family.values())):
     runs_ = [r for n, r in points.items() if family[n] == fam]
@@ -446,9 +523,9 @@ def main(argv, flags):
   cfg0 = flags.config
   if flags.from_json:   # re-render the page from a stored JSON (its runs and overlap)
     with open(flags.from_json) as f:
-      stored = json.load(f)
-    plans = {float(b): p for b, p in stored.get("plans", {}).items()}
-    out = write_outputs(stored["runs"], stored["overlap"], cfg0, flags.seeds, flags.out_dir,
+      page = json.load(f)
+    plans = {float(b): p for b, p in page.get("plans", {}).items()}
+    out = write_outputs(page["runs"], page["overlap"], cfg0, flags.seeds, flags.out_dir,
                         plans)
     print(f"wrote {out}")
     return

@@ -181,18 +181,18 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
   for line in text.splitlines():
     if line.startswith("| ") and not line.startswith("| ---"):
       cells = [c.strip() for c in line.strip("|").split("|")]
-      rows[cells[0]] = cells[1:]
-  # accuracy, dense eval loss, trained-forward eval loss, trained forward, step s, ...
-  assert rows["zero_shot"][:5] == ["0.020", "-", "0.0500", "dense", "-"]   # finished; no steps
-  assert rows["lora"][0] == "0.610 ± 0.014 (n=2)"     # sample std: 0.02 / sqrt(2)
-  assert rows["lora"][1] == "0.0500 ± 0.0000 (n=2)"
-  assert rows["sparselora"][1:3] == ["0.0700", "0.0500"]
-  assert rows["lora"][3] == "dense" and rows["sparselora"][3] == "sparse context"
-  assert rows["sparse_outputs"][3] == "sparse (outputs too)"
-  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][6] == "0.75"
+      rows.setdefault(cells[0], cells[1:])    # the first table's row, not the target's
+  # accuracy, seed range, dense eval loss, trained-forward eval loss, trained forward, step s,
+  assert rows["zero_shot"][:6] == ["0.020", "-", "-", "0.0500", "dense", "-"]   # no steps
+  assert rows["lora"][:2] == ["0.610 ± 0.014 (n=2)", "0.600 – 0.620"]   # sample std 0.02/√2
+  assert rows["lora"][2] == "0.0500 ± 0.0000 (n=2)"
+  assert rows["sparselora"][2:4] == ["0.0700", "0.0500"]
+  assert rows["lora"][4] == "dense" and rows["sparselora"][4] == "sparse context"
+  assert rows["sparse_outputs"][4] == "sparse (outputs too)"
+  assert rows["sparselora"][0] == "0.300" and rows["sparselora"][7] == "0.75"
   assert "Runs trained on: zero_shot, lora_s0, lora_s1: commit abc" in text
   assert "sparselora_s0: not recorded in the result" in text
-  assert rows["random_channels"][:3] == ["pending"] * 3         # not run yet
+  assert [rows["random_channels"][i] for i in (0, 2, 3)] == ["pending"] * 3   # not run yet
   assert rows["12"] == ["0.15", "-"] and rows["16"] == ["0.25", "0.50"]
 
 
@@ -201,3 +201,30 @@ def test_runs_go_seed_by_seed_so_a_partial_sweep_compares_every_method():
   assert names[:6] == ["zero_shot", "lora_s0", "sparselora_s0", "sparselora_late_s0",
                        "calibrated_b0.02_s0", "lora_s1"]
   assert names[-3:] == list(sparselora_accuracy.ABLATIONS) and len(names) == 1 + 2 * 4 + 3
+
+
+def test_the_target_check_is_computed_from_seed_ranges_flops_and_the_one_point_bound():
+  run = lambda acc, flops: {"eval_accuracy": acc, "flops_per_step": flops}
+  lora = {"lora_s0": run(0.60, 10.0), "lora_s1": run(0.62, 10.0), "zero_shot": run(0.02, None)}
+  # 0.79x FLOPs, mean 0.605 (-0.5 points), ranges overlap: met; 0.9x: too dear
+  close = {"calibrated_b0.02_s0": run(0.60, 7.9), "calibrated_b0.02_s1": run(0.61, 7.9),
+           "sparselora_late_s0": run(0.62, 9.0)}
+  text = "\n".join(sparselora_accuracy.target_lines({**lora, **close}, seeds=2))
+  assert "met by calibrated_b0.02; the cheapest, calibrated_b0.02, runs at 0.79x" in text
+  assert "| calibrated_b0.02 | 2 | 0.605 | -0.5 | yes | 0.79 | yes |" in text
+  assert "| sparselora_late | 1 | 0.620 | +1.0 | yes | 0.90 | no |" in text
+  # 1.5 points below LoRA's mean though the ranges overlap: not within one point
+  far = {"calibrated_b0.02_s0": run(0.58, 7.9), "calibrated_b0.02_s1": run(0.61, 7.9)}
+  text = "\n".join(sparselora_accuracy.target_lines({**lora, **far}, seeds=2))
+  assert "not met by any finished plan; the most accurate at <= 0.80x FLOPs is " \
+         "calibrated_b0.02 (0.595, -1.5 points, 0.79x)" in text
+  # the same accuracy at 0.81x: the FLOPs bound fails; it is still the cheapest within 1 point
+  dear = {"calibrated_b0.02_s0": run(0.60, 8.1), "calibrated_b0.02_s1": run(0.61, 8.1)}
+  text = "\n".join(sparselora_accuracy.target_lines({**lora, **dear}, seeds=2))
+  assert "not met" in text and "the cheapest within 1 point is calibrated_b0.02 (0.81x" in text
+  # ranges apart though the mean is within one point
+  apart = {"calibrated_b0.02_s0": run(0.595, 7.9)}
+  lora_tight = {"lora_s0": run(0.60, 10.0), "lora_s1": run(0.60, 10.0)}
+  text = "\n".join(sparselora_accuracy.target_lines({**lora_tight, **apart}, seeds=2))
+  assert "| calibrated_b0.02 | 1 | 0.595 | -0.5 | no | 0.79 | no |" in text
+  assert "not checked yet" in sparselora_accuracy.target_lines(lora, seeds=2)[0]
