@@ -1,6 +1,9 @@
 """experiments/sparselora_accuracy.py: an interrupted fine-tune is never stored as a result."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -228,3 +231,27 @@ def test_the_target_check_is_computed_from_seed_ranges_flops_and_the_one_point_b
   text = "\n".join(sparselora_accuracy.target_lines({**lora_tight, **apart}, seeds=2))
   assert "| calibrated_b0.02 | 1 | 0.595 | -0.5 | no | 0.79 | no |" in text
   assert "not checked yet" in sparselora_accuracy.target_lines(lora, seeds=2)[0]
+
+
+def test_the_command_renders_the_page_from_the_store_alone(tmp_path):
+  # --report_only on a checkout without the runs' workdirs: results, plan and overlap come
+  # from the store, kept for this config and code as a finished sweep keeps them.
+  cfg = configs.finetune_config("quickstart")
+  store = str(tmp_path / "store")
+  lora = sparselora_accuracy.apply(cfg, {"sparse.enabled": False, "seed": 0})
+  result = {"eval_accuracy": 0.25, "eval_loss": 0.5, "eval_loss_dense": 0.5, "steps": 3,
+            "flops_per_step": 2e12, "step_time": 1.0, "eval_set":
+            sparselora_accuracy.eval_set(cfg)}
+  sparselora_accuracy.store_record(store, "lora_s0", lora, result=result)
+  sparselora_accuracy.store_record(store, "overlap", sparselora_accuracy.apply(cfg, {"seed": 0}),
+                                   overlap={"ffn": {"3": 0.42}, "attn_v": {}})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.sparselora_accuracy",
+       "--config=configs/finetune.py:quickstart", "--report_only", "--seeds=1", "--budgets=",
+       f"--out_dir={tmp_path}", f"--results_dir={store}", f"--workdir_root={tmp_path / 'none'}"],
+      cwd=root, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = (tmp_path / "sparselora_smollm2.md").read_text()
+  assert "| lora | 0.250 | - | 0.5000 | 0.5000 | dense |" in text
+  assert "| 3 | 0.42 | - |" in text and "| sparselora | pending |" in text
