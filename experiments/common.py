@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -89,7 +90,39 @@ def drop_checkpoints(workdir_root: str, key: str) -> None:
   shutil.rmtree(os.path.join(workdir_root, key, "checkpoints"), ignore_errors=True)
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The README quotes a generated page's first table between these two lines; the page's writer
+# refreshes it (quote_first_table) and tests/test_pages.py checks it is the page's own.
+README_QUOTE = re.compile(r"<!-- the first table of (\S+) -->\n(.*?)<!-- end of quote -->",
+                          re.S)
+
+
+def first_table(text: str) -> str:
+  """The first markdown table of `text` (its consecutive '|' lines), newline-terminated."""
+  lines, out = text.splitlines(), []
+  for line in lines:
+    if line.startswith("|"):
+      out.append(line)
+    elif out:
+      break
+  return "".join(line + "\n" for line in out)
+
+
+def quote_first_table(page_path: str, page_text: str, readme: str = "") -> bool:
+  """Replace the README's quote of `page_path` (repository-relative) with the first table of
+  `page_text`; True when the README quotes that page (else it is left as it is)."""
+  readme = readme or os.path.join(REPO, "README.md")
+  with open(readme, encoding="utf-8") as f:
+    text = f.read()
+  found = [m for m in README_QUOTE.finditer(text) if m.group(1) == page_path]
+  for m in reversed(found):
+    text = text[:m.start(2)] + first_table(page_text) + text[m.end(2):]
+  if found:
+    with open(readme, "w", encoding="utf-8") as f:
+      f.write(text)
+  return bool(found)
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -100,7 +133,7 @@ def command_line(argv: list[str] | None = None) -> str:
   if spec is not None and spec.name.startswith("experiments."):
     prog = ["-m", spec.name]
   else:   # run as a file, or imported by a test: name the module the file is
-    rel = os.path.relpath(os.path.abspath(argv[0]), _REPO) if argv else ""
+    rel = os.path.relpath(os.path.abspath(argv[0]), REPO) if argv else ""
     prog = (["-m", rel[:-3].replace(os.sep, ".")]
             if rel.startswith("experiments" + os.sep) and rel.endswith(".py") else [argv[0]])
   return " ".join(["python"] + prog + [shlex.quote(a) for a in argv[1:]])
@@ -109,7 +142,7 @@ def command_line(argv: list[str] | None = None) -> str:
 def _git(*args: str) -> str:
   """`git ARGS` in the repository, stripped; '' without git or a checkout."""
   try:
-    out = subprocess.run(["git", "-C", _REPO, *args], capture_output=True, text=True,
+    out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
                          timeout=30, check=True)
   except (OSError, subprocess.SubprocessError):
     return ""
@@ -142,7 +175,7 @@ def _sources_at(commits: list[str]) -> dict[str, str]:
                                       "lost_jax").split() if p.endswith(".py")]
                      + ["experiments/runs.py"]) for c in commits}
   asked = [(c, p) for c in commits for p in paths[c]]
-  blobs = subprocess.run(["git", "-C", _REPO, "cat-file", "--batch"], check=True,
+  blobs = subprocess.run(["git", "-C", REPO, "cat-file", "--batch"], check=True,
                          input="".join(f"{c}:{p}\n" for c, p in asked).encode(),
                          capture_output=True, timeout=600).stdout
   files = {c: [] for c in commits}

@@ -515,6 +515,10 @@ def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str,
             if not a.startswith(("--runs", "--report_only", "--noreport", "--from_json"))]
     f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit, plans))
   plot(results, stem + ".png")
+  page = os.path.relpath(os.path.abspath(stem + ".md"), common.REPO)
+  if page == "docs/results/sparselora_smollm2.md":   # the repository's own page: its quote
+    with open(stem + ".md", encoding="utf-8") as f:
+      common.quote_first_table(page, f.read())
   return stem + ".md"
 
 

@@ -467,15 +467,23 @@ def better_everywhere(a: dict, b: dict) -> bool:
           and a["loss"] < b["loss"])
 
 
-def statements(summaries: dict[str, dict], reference: str, basis: str) -> list[str]:
+def statements(summaries: dict[str, dict], reference: str, basis: str,
+               default: str = "") -> list[str]:
   """The page's computed conclusions from the settings' summaries (estimator settings only:
-  not 'oracle' / 'random'), `reference` the setting the others are compared with."""
+  not 'oracle' / 'random'), `reference` the setting the others are compared with, `default`
+  the setting the config fine-tunes with (said first)."""
   names = [n for n in summaries if n not in ("oracle", "random")]
   every = [n for n in names if beats_chance_everywhere(summaries[n])]
-  out = [f"Beats chance in every sparse layer (FFN and attention-v overlap above k/N, and less "
-         f"of the layer's output lost than random channels): "
-         f"{', '.join(every) if every else 'no estimator setting'} ({len(every)} of "
-         f"{len(names)}); measured on {basis}."]
+  out = []
+  if default in summaries:
+    out.append(f"The config's own estimator, {default}, "
+               + ("beats chance in every sparse layer (overlap and output lost)"
+                  if default in every else "does not beat chance in every sparse layer "
+                  "(where it misses: below)") + ".")
+  out.append(f"Beats chance in every sparse layer (FFN and attention-v overlap above k/N, and "
+             f"less of the layer's output lost than random channels): "
+             f"{', '.join(every) if every else 'no estimator setting'} ({len(every)} of "
+             f"{len(names)}); measured on {basis}.")
   misses = []
   for n in names:
     parts = [f"{p} layers {summaries[n][p]['below_chance']} below chance"
@@ -810,7 +818,7 @@ def render(record: dict, command: str) -> str:
       f"({', '.join(map(str, setup['numpy_check_layers']))}; estimator factors re-derived in "
       "float64, asvd's through a Cholesky root of C instead of the symmetric root).",
       "", "## Conclusions (computed from the table)", ""]
-  lines += [f"- {t}" for t in statements(s, ref, basis_text(record))]
+  lines += [f"- {t}" for t in statements(s, ref, basis_text(record), record.get("default", ""))]
   for p, title in (("ffn", "FFN"), ("v", "attention v")):
     layer_ids = sorted({int(i) for n in names for i, r in record["layers"][n].items()
                         if f"{p}_overlap" in r})
@@ -927,7 +935,8 @@ def main_compare(argv, flags):
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(f"wrote {write_page(record, flags.out, list(sys.argv))}", flush=True)
-  print("\n".join(statements(record["summaries"], reference_of(record), basis_text(record))))
+  print("\n".join(statements(record["summaries"], reference_of(record), basis_text(record),
+                            record.get("default", ""))))
   del argv
   return 0
 

@@ -59,3 +59,22 @@ def test_problems_finds_a_missing_command_and_code_version():
 def test_every_generated_page_has_its_command_and_code_version(page):
   with open(os.path.join(REPO, page), encoding="utf-8") as f:
     assert problems(f.read()) == [], page
+
+
+def test_the_readmes_quoted_tables_are_the_pages_own():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    quotes = list(common.README_QUOTE.finditer(f.read()))
+  for m in quotes:
+    with open(os.path.join(REPO, m.group(1)), encoding="utf-8") as f:
+      assert m.group(2) == common.first_table(f.read()), m.group(1)
+
+
+def test_a_pages_writer_refreshes_the_readmes_quote_of_it(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- the first table of docs/a.md -->\n| old |\n"
+                    "<!-- end of quote -->\nafter\n")
+  page = "# A\n\ntext\n\n| run | acc |\n|---|---|\n| lora | 0.6 |\n\n| second |\n"
+  assert common.quote_first_table("docs/a.md", page, str(readme))
+  assert readme.read_text() == ("intro\n<!-- the first table of docs/a.md -->\n| run | acc |\n"
+                                "|---|---|\n| lora | 0.6 |\n<!-- end of quote -->\nafter\n")
+  assert not common.quote_first_table("docs/b.md", page, str(readme))

@@ -235,6 +235,11 @@ def test_layer_metrics_summary_and_statements_by_hand():
   text = " ".join(dg.statements({"a": sa, "b": sg, "random": dg.summarize(rand_layers, 2.1,
                                                                            1.5)}, "a", "X"))
   assert "every sparse layer (" in text and ": b (1 of 2); measured on X." in text
+  assert "own estimator" not in text   # no default named
+  said = lambda default: dg.statements({"a": sa, "b": sg}, "a", "X", default)[0]
+  assert said("b") == "The config's own estimator, b, beats chance in every sparse layer " \
+                      "(overlap and output lost)."
+  assert said("a").startswith("The config's own estimator, a, does not beat chance")
   assert "a: ffn layers [2] below chance; ffn layers [2] losing no less than random" in text
   assert "mean FFN overlap: b (0.350, chance 0.100; a: 0.250)" in text
   assert "lowest plan loss: b (1.8000; a: 2.0000)" in text
