@@ -21,6 +21,7 @@ jitted alone on the same hidden states).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -311,6 +312,24 @@ def run_benchmark(cfg: ml_collections.ConfigDict, plan: sl_plan.SparsityPlan, *,
   }
 
 
+def bench_plan(cfg: ml_collections.ConfigDict, plan_file: str, ffn: float, ffn_layers: str,
+               attn: float, attn_layers: str) -> tuple[sl_plan.SparsityPlan, str]:
+  """The plan to time and how the page names it: a plan file (`calibrate`'s, per-layer
+  sparsities; refused in one line for a model of another shape), else one FFN and one
+  attention sparsity on the listed layers."""
+  if plan_file:
+    plan = sl_plan.read_plan_file(plan_file, cfg)
+    with open(plan_file, encoding="utf-8") as fh:
+      record = json.load(fh)
+    return plan, (f"the plan file {os.path.basename(plan_file)} (FFN "
+                  f"`{record.get('ffn_spec') or 'dense'}`, attention "
+                  f"`{record.get('attn_spec') or 'dense'}`)")
+  plan = sl_plan.SparsityPlan.from_layers(cfg.n_layers, ffn, ffn_layers, attn, attn_layers)
+  attn_text = f"attention {attn:g} on {attn_layers}" if attn and attn_layers else \
+      "attention dense"
+  return plan, f"FFN {ffn:g} on layers {ffn_layers}, {attn_text}"
+
+
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   shape_help = dict(n_layers="Decoder blocks.", d_model="Hidden size (LLaMA3-8B: 4096).",
@@ -329,6 +348,8 @@ def define_flags():
   flags.DEFINE_string("ffn_layers", MATH_FFN[1], "Layers with sparse FFN, e.g. '3-30'.")
   flags.DEFINE_float("attn_sparsity", MATH_ATTN[0], "Attention sparsity on --attn_layers.")
   flags.DEFINE_string("attn_layers", MATH_ATTN[1], "Layers with sparse attention.")
+  flags.DEFINE_string("plan", "", "A plan file (`lost_jax.main calibrate`'s plan.json) "
+                      "instead of --ffn_* / --attn_*; it must fit the model's shape.")
   flags.DEFINE_integer("lora_rank", 32, "LoRA rank.")
   flags.DEFINE_float("lora_alpha", 64.0, "LoRA alpha.")
   flags.DEFINE_integer("estimator_rank", 8, "SVD estimator rank.")
@@ -349,11 +370,8 @@ def _main(argv):
   fl = flags.FLAGS
   cfg = bench_model_config(fl.n_layers, fl.d_model, fl.ffn_dim, fl.n_heads, fl.n_kv_heads,
                            fl.vocab_size, fl.dtype)
-  plan = sl_plan.SparsityPlan.from_layers(cfg.n_layers, fl.ffn_sparsity, fl.ffn_layers,
-                                     fl.attn_sparsity, fl.attn_layers)
-  attn_text = (f"attention {fl.attn_sparsity:g} on {fl.attn_layers}"
-               if fl.attn_sparsity and fl.attn_layers else "attention dense")
-  plan_text = f"FFN {fl.ffn_sparsity:g} on layers {fl.ffn_layers}, {attn_text}"
+  plan, plan_text = bench_plan(cfg, fl.plan, fl.ffn_sparsity, fl.ffn_layers,
+                               fl.attn_sparsity, fl.attn_layers)
   result = run_benchmark(cfg, plan, batch=fl.batch, seq_len=fl.seq_len, out_len=fl.out_len,
                          bucket=fl.bucket, lora_rank=fl.lora_rank, lora_alpha=fl.lora_alpha,
                          estimator_rank=fl.estimator_rank, warmup=fl.warmup, steps=fl.steps,

@@ -1,5 +1,7 @@
 """experiments/bench_sparselora.py and its report: a tiny timed run (FLOPs: test_measure)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from experiments import bench_sparselora as bench
 from experiments import bench_sparselora_report as bench_report
 from lost_jax.adapters.sparselora import model as sl
 from lost_jax.adapters.sparselora import plan as sl_plan
+from lost_jax.errors import UserError
 
 
 @pytest.mark.slow
@@ -49,3 +52,21 @@ def test_dense_path_and_logits_from_match_the_model():
                              atol=1e-5)
   # The sparse last layer runs its dense rows only past attention: no FFN channels chosen.
   assert idx[1]["attn"] is not None and idx[1]["ffn"] is None
+
+
+def test_a_calibrated_plan_file_is_timed_as_written_and_refused_for_another_shape(tmp_path):
+  cfg = bench.bench_model_config(n_layers=3, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
+                                 vocab_size=64)
+  plan = sl_plan.SparsityPlan((0.5, 0.0, 0.9), (0.0, 0.75, 0.0))
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(sl_plan.plan_record(plan, cfg, ffn_spec="0.5@0;0.9@2",
+                                                 attn_spec="0.75@1")))
+  got, text = bench.bench_plan(cfg, str(path), 0.99, "0-2", 0.0, "")
+  assert (got.ffn, got.attn) == (plan.ffn, plan.attn)
+  assert text == "the plan file plan.json (FFN `0.5@0;0.9@2`, attention `0.75@1`)"
+  other = bench.bench_model_config(n_layers=2, d_model=32, ffn_dim=64, n_heads=4,
+                                   n_kv_heads=2, vocab_size=64)
+  with pytest.raises(UserError):
+    bench.bench_plan(other, str(path), 0.0, "", 0.0, "")
+  got, text = bench.bench_plan(cfg, "", 0.9, "1-2", 0.0, "")
+  assert got.ffn == (0.0, 0.9, 0.9) and text == "FFN 0.9 on layers 1-2, attention dense"
