@@ -93,36 +93,42 @@ def drop_checkpoints(workdir_root: str, key: str) -> None:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# The README quotes a generated page's first table between these two lines; the page's writer
-# refreshes it (quote_first_table) and tests/test_pages.py checks it is the page's own.
-README_QUOTE = re.compile(r"<!-- the first table of (\S+) -->\n(.*?)<!-- end of quote -->",
-                          re.S)
+# The README quotes a generated page's tables between these two lines (`<!-- table 2 of
+# docs/results/x.md -->` ... `<!-- end of quote -->`); the page's writer refreshes them
+# (quote_tables) and tests/test_pages.py checks each is the page's own.
+README_QUOTE = re.compile(
+    r"<!-- table (\d+) of (\S+) -->\n(.*?)<!-- end of quote -->", re.S)
 
 
-def first_table(text: str) -> str:
-  """The first markdown table of `text` (its consecutive '|' lines), newline-terminated."""
-  lines, out = text.splitlines(), []
-  for line in lines:
+def tables(text: str) -> list[str]:
+  """The markdown tables of `text` in order (each its consecutive '|' lines,
+  newline-terminated)."""
+  out, current = [], []
+  for line in text.splitlines() + [""]:
     if line.startswith("|"):
-      out.append(line)
-    elif out:
-      break
-  return "".join(line + "\n" for line in out)
+      current.append(line + "\n")
+    elif current:
+      out.append("".join(current))
+      current = []
+  return out
 
 
-def quote_first_table(page_path: str, page_text: str, readme: str = "") -> bool:
-  """Replace the README's quote of `page_path` (repository-relative) with the first table of
-  `page_text`; True when the README quotes that page (else it is left as it is)."""
+def quote_tables(page_path: str, page_text: str, readme: str = "") -> int:
+  """Replace the README's quotes of `page_path`'s tables (repository-relative path) with
+  those of `page_text`; the number of quotes replaced (0: the README quotes no table of it,
+  or a table it names is not on the page, and is then left as it is)."""
   readme = readme or os.path.join(REPO, "README.md")
   with open(readme, encoding="utf-8") as f:
     text = f.read()
-  found = [m for m in README_QUOTE.finditer(text) if m.group(1) == page_path]
-  for m in reversed(found):
-    text = text[:m.start(2)] + first_table(page_text) + text[m.end(2):]
-  if found:
+  found = tables(page_text)
+  quotes = [m for m in README_QUOTE.finditer(text)
+            if m.group(2) == page_path and 1 <= int(m.group(1)) <= len(found)]
+  for m in reversed(quotes):
+    text = text[:m.start(3)] + found[int(m.group(1)) - 1] + text[m.end(3):]
+  if quotes:
     with open(readme, "w", encoding="utf-8") as f:
       f.write(text)
-  return bool(found)
+  return len(quotes)
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -518,7 +518,7 @@ def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str,
   page = os.path.relpath(os.path.abspath(stem + ".md"), common.REPO)
   if page == "docs/results/sparselora_smollm2.md":   # the repository's own page: its quote
     with open(stem + ".md", encoding="utf-8") as f:
-      common.quote_first_table(page, f.read())
+      common.quote_tables(page, f.read())
   return stem + ".md"
 
 

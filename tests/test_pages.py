@@ -65,16 +65,20 @@ def test_the_readmes_quoted_tables_are_the_pages_own():
   with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
     quotes = list(common.README_QUOTE.finditer(f.read()))
   for m in quotes:
-    with open(os.path.join(REPO, m.group(1)), encoding="utf-8") as f:
-      assert m.group(2) == common.first_table(f.read()), m.group(1)
+    with open(os.path.join(REPO, m.group(2)), encoding="utf-8") as f:
+      found = common.tables(f.read())
+    assert int(m.group(1)) <= len(found), m.group(0)[:80]
+    assert m.group(3) == found[int(m.group(1)) - 1], m.group(0)[:80]
 
 
-def test_a_pages_writer_refreshes_the_readmes_quote_of_it(tmp_path):
+def test_a_pages_writer_refreshes_the_readmes_quotes_of_it(tmp_path):
   readme = tmp_path / "README.md"
-  readme.write_text("intro\n<!-- the first table of docs/a.md -->\n| old |\n"
-                    "<!-- end of quote -->\nafter\n")
-  page = "# A\n\ntext\n\n| run | acc |\n|---|---|\n| lora | 0.6 |\n\n| second |\n"
-  assert common.quote_first_table("docs/a.md", page, str(readme))
-  assert readme.read_text() == ("intro\n<!-- the first table of docs/a.md -->\n| run | acc |\n"
-                                "|---|---|\n| lora | 0.6 |\n<!-- end of quote -->\nafter\n")
-  assert not common.quote_first_table("docs/b.md", page, str(readme))
+  quote = lambda n, body: f"<!-- table {n} of docs/a.md -->\n{body}<!-- end of quote -->\n"
+  readme.write_text("intro\n" + quote(2, "| old |\n") + "mid\n" + quote(1, "") + "end\n")
+  page = "# A\n\n| run | acc |\n|---|---|\n| lora | 0.6 |\n\ntext\n| second |\n"
+  assert common.quote_tables("docs/a.md", page, str(readme)) == 2
+  assert readme.read_text() == ("intro\n" + quote(2, "| second |\n") + "mid\n"
+                                + quote(1, "| run | acc |\n|---|---|\n| lora | 0.6 |\n")
+                                + "end\n")
+  assert common.quote_tables("docs/b.md", page, str(readme)) == 0
+  assert common.tables("no table\n") == []
