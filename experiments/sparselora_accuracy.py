@@ -297,7 +297,8 @@ def results_code_line(results: dict, results_commit: str = "") -> str:
   training time)."""
   made = sorted({r.get("code_version") or "" for r in results.values()})
   names = {v: [n for n in results if (results[n].get("code_version") or "") == v] for v in made}
-  parts = [f"{', '.join(names[v])}: {v.removeprefix('Code version: ')}" for v in made if v]
+  parts = [f"{', '.join(names[v])}: {v.removeprefix('Code version: ').rstrip('.')}"
+           for v in made if v]
   if "" in names:
     parts.append(f"{', '.join(names[''])}: not recorded in the result (trained before results "
                  "recorded their code"
@@ -339,8 +340,11 @@ def target_lines(results: dict, seeds: int) -> list[str]:
   lora = stats.pop("lora", None)
   head = (f"Target: a sparse plan within {100 * TARGET_POINTS:g} point of LoRA's mean accuracy, "
           f"seed ranges overlapping, at <= {TARGET_FLOPS:.2f}x LoRA's FLOPs per step")
-  if lora is None or not stats:
-    return [f"{head}: not checked yet (needs LoRA and at least one sparse run finished)."]
+  header = ["plan", "seeds", "accuracy", "vs LoRA (points)", "seed ranges overlap LoRA's",
+            "FLOPs vs LoRA", "meets the target"]
+  if lora is None or not stats:   # the table stays (empty): the README quotes it by position
+    return [f"{head}: not checked yet (needs LoRA and at least one sparse run finished).", "",
+            common.markdown_table(header, [])]
   rows = []
   for fam, st in sorted(stats.items(), key=lambda kv: kv[1]["flops"]):
     ratio, gap = st["flops"] / lora["flops"], st["mean"] - lora["mean"]
@@ -373,15 +377,15 @@ def target_lines(results: dict, seeds: int) -> list[str]:
                    f"({stats[c]['ratio']:.2f}x LoRA's FLOPs)")
     verdict = "; ".join(parts)
   return [f"{head}: {verdict}. Rests on {n_note}; accuracy on the held-out problems above.",
-          "", common.markdown_table(["plan", "seeds", "accuracy", "vs LoRA (points)",
-                                     "seed ranges overlap LoRA's", "FLOPs vs LoRA",
-                                     "meets the target"], rows)]
+          "", common.markdown_table(header, rows)]
 
 
 def report(results: dict, ov: dict, cfg, command: str, seeds: int,
-           results_commit: str = "", plans: dict | None = None) -> str:
-  """The page; plans: budget -> the calibrated plan's record (calibrated_plan), if any."""
+           results_commit: str = "", plans: dict | None = None, budgets=()) -> str:
+  """The page; plans: budget -> the calibrated plan's record (calibrated_plan), if any;
+  budgets: the calibrated variants asked for (a row each, 'pending' until they run)."""
   plans = plans or {}
+  budgets = sorted(set(budgets) | set(plans))
   def cell(name, key, fmt):
     done = [n for n in results if n == name or n.startswith(name + "_s")]
     vals = [results[n][key] for n in done if results[n].get(key) is not None]
@@ -391,7 +395,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
     return m + (f" ± {fmt.format(statistics.stdev(vals))} (n={len(vals)})" if len(vals) > 1
                 else "")
 
-  specs = run_specs(seeds, sorted(plans))
+  specs = run_specs(seeds, budgets)
 
   def forward(name):   # the forward the run's eval loss is computed under
     o = specs.get(name, specs.get(name + "_s0", {}))
@@ -399,7 +403,7 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
       return "dense"
     return "sparse (outputs too)" if o.get("sparse.dense_outputs") is False else "sparse context"
   names = ["zero_shot", "lora", "sparselora", *VARIANTS,
-           *(calibrated_name(b) for b in sorted(plans)), *ABLATIONS]
+           *(calibrated_name(b) for b in budgets), *ABLATIONS]
   late = VARIANTS["sparselora_late"]
   scored_on = eval_set(cfg)
   n_eval = scored_on["accuracy"]
@@ -414,7 +418,9 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            and results[k].get("eval_accuracy") is not None]
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"),
                  f"{min(acc):.3f} – {max(acc):.3f}" if len(acc) > 1 else "-",
-                 cell(n, "eval_loss_dense", "{:.4f}"),
+                 # a dense run's own eval loss is its dense-forward loss
+                 cell(n, "eval_loss" if forward(n) == "dense" else "eval_loss_dense",
+                      "{:.4f}"),
                  cell(n, "eval_loss", "{:.4f}"), forward(n), cell(n, "step_time", "{:.2f}"),
                  f"{statistics.mean(f) / 1e12:.3f}" if f else "-", rel_f])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
@@ -502,18 +508,19 @@ def plot(results: dict, path: str) -> None:
 
 
 def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str,
-                  plans: dict | None = None) -> str:
+                  plans: dict | None = None, budgets=()) -> str:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, "sparselora_smollm2")
   results_commit = common.last_commit(stem + ".json")   # before it is rewritten
   plans = plans or {}
-  runs.write_json(stem + ".json", {"runs": results, "overlap": ov,
+  runs.write_json(stem + ".json", {"runs": results, "overlap": ov, "budgets": list(budgets),
                                    "plans": {f"{b:g}": p for b, p in plans.items()}})
   with open(stem + ".md", "w") as f:
     # --runs / --report_only only decide what is trained now, not what the report holds
     argv = [a for a in sys.argv
             if not a.startswith(("--runs", "--report_only", "--noreport", "--from_json"))]
-    f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit, plans))
+    f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit, plans,
+                   budgets))
   plot(results, stem + ".png")
   page = os.path.relpath(os.path.abspath(stem + ".md"), common.REPO)
   if page == "docs/results/sparselora_smollm2.md":   # the repository's own page: its quote
@@ -530,7 +537,7 @@ def main(argv, flags):
       page = json.load(f)
     plans = {float(b): p for b, p in page.get("plans", {}).items()}
     out = write_outputs(page["runs"], page["overlap"], cfg0, flags.seeds, flags.out_dir,
-                        plans)
+                        plans, page.get("budgets", ()))
     print(f"wrote {out}")
     return
   root = flags.workdir_root
@@ -573,7 +580,7 @@ def main(argv, flags):
       result = one_run(apply(cfg0, specs[name]), os.path.join(root, name), store)
       print(f"{name}: {result}", flush=True)
       # The report is rewritten after every run: a half-finished sweep is readable.
-      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans())
+      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans(), budgets)
   ov_dir, ov_cfg = os.path.join(root, "sparselora_s0"), apply(cfg0, {"seed": 0})
   kept = stored(store, "overlap", ov_cfg)
   ov = kept["overlap"] if kept is not None else {}
@@ -581,8 +588,8 @@ def main(argv, flags):
       os.path.join(ov_dir, "overlap.json"))):
     ov = overlap(ov_cfg, ov_dir)
     store_record(store, "overlap", ov_cfg, overlap=ov)
-  print(f"wrote {write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir, plans())}",
-        flush=True)
+  out = write_outputs(finished(), ov, cfg0, flags.seeds, flags.out_dir, plans(), budgets)
+  print(f"wrote {out}", flush=True)
 
 
 def define_flags():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import runs, sparselora_accuracy
+from experiments import common, runs, sparselora_accuracy
 from lost_jax import configs
 from lost_jax.data import instruct
 from lost_jax.recipes import finetune
@@ -179,14 +179,15 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
   results["lora_s0"]["eval_loss_dense"] = results["lora_s1"]["eval_loss_dense"] = 0.05
   results["sparselora_s0"]["eval_loss_dense"] = 0.07    # its trained-forward loss: 0.05
   ov = {"ffn": {"12": 0.15, "16": 0.25}, "attn_v": {"16": 0.5}}    # keys as read from JSON
-  text = sparselora_accuracy.report(results, ov, cfg, "cmd", seeds=2)
+  text = sparselora_accuracy.report(results, ov, cfg, "cmd", seeds=2, budgets=[0.02])
   rows = {}
   for line in text.splitlines():
     if line.startswith("| ") and not line.startswith("| ---"):
       cells = [c.strip() for c in line.strip("|").split("|")]
       rows.setdefault(cells[0], cells[1:])    # the first table's row, not the target's
   # accuracy, seed range, dense eval loss, trained-forward eval loss, trained forward, step s,
-  assert rows["zero_shot"][:6] == ["0.020", "-", "-", "0.0500", "dense", "-"]   # no steps
+  # zero-shot: no steps; a dense run's dense eval loss is its own eval loss
+  assert rows["zero_shot"][:6] == ["0.020", "-", "0.0500", "0.0500", "dense", "-"]
   assert rows["lora"][:2] == ["0.610 ± 0.014 (n=2)", "0.600 – 0.620"]   # sample std 0.02/√2
   assert rows["lora"][2] == "0.0500 ± 0.0000 (n=2)"
   assert rows["sparselora"][2:4] == ["0.0700", "0.0500"]
@@ -196,6 +197,8 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
   assert "Runs trained on: zero_shot, lora_s0, lora_s1: commit abc" in text
   assert "sparselora_s0: not recorded in the result" in text
   assert [rows["random_channels"][i] for i in (0, 2, 3)] == ["pending"] * 3   # not run yet
+  assert rows["calibrated_b0.02"][0] == "pending"          # asked for, not calibrated yet
+  assert "lost_jax sources 12; sparselora_s0" in text     # one full stop, at the end
   assert rows["12"] == ["0.15", "-"] and rows["16"] == ["0.25", "0.50"]
 
 
@@ -230,7 +233,12 @@ def test_the_target_check_is_computed_from_seed_ranges_flops_and_the_one_point_b
   lora_tight = {"lora_s0": run(0.60, 10.0), "lora_s1": run(0.60, 10.0)}
   text = "\n".join(sparselora_accuracy.target_lines({**lora_tight, **apart}, seeds=2))
   assert "| calibrated_b0.02 | 1 | 0.595 | -0.5 | no | 0.79 | no |" in text
-  assert "not checked yet" in sparselora_accuracy.target_lines(lora, seeds=2)[0]
+  unchecked = sparselora_accuracy.target_lines(lora, seeds=2)
+  assert "not checked yet" in unchecked[0]
+  # its table is still there (empty): the README quotes the page's tables by position
+  assert common.tables("\n".join(unchecked)) == [
+      "| plan | seeds | accuracy | vs LoRA (points) | seed ranges overlap LoRA's | "
+      "FLOPs vs LoRA | meets the target |\n|---|---|---|---|---|---|---|\n"]
 
 
 def test_the_command_renders_the_page_from_the_store_alone(tmp_path):
