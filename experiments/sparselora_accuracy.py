@@ -122,16 +122,17 @@ def calibrated_plan(cfg, root: str, budget: float, store: str = "") -> str:
 
 def run_specs(seeds: int, budgets=(), root: str = "") -> dict[str, dict]:
   """run name -> cfg overrides, in the order they run: seed by seed (every method's seed 0
-  first, so a half-finished sweep already compares them all); calibrated_b<budget>_s<seed>
-  train on plan_path(root, budget)."""
+  first, so a half-finished sweep already compares them all), the calibrated plans (the
+  question the page answers) right after LoRA; calibrated_b<budget>_s<seed> train on
+  plan_path(root, budget)."""
   specs = {"zero_shot": {"train.steps": 0, "sparse.enabled": False}}
   for s in range(seeds):
     specs[f"lora_s{s}"] = {"sparse.enabled": False, "seed": s}
+    for b in budgets:
+      specs[f"{calibrated_name(b)}_s{s}"] = {"sparse.plan": plan_path(root, b), "seed": s}
     specs[f"sparselora_s{s}"] = {"seed": s}
     for name, overrides in VARIANTS.items():
       specs[f"{name}_s{s}"] = {**overrides, "seed": s}
-    for b in budgets:
-      specs[f"{calibrated_name(b)}_s{s}"] = {"sparse.plan": plan_path(root, b), "seed": s}
   specs.update({k: {**v, "seed": 0} for k, v in ABLATIONS.items()})
   return specs
 

@@ -204,8 +204,8 @@ def test_report_tells_pending_runs_from_finished_ones_and_dense_layers():
 
 def test_runs_go_seed_by_seed_so_a_partial_sweep_compares_every_method():
   names = list(sparselora_accuracy.run_specs(2, [0.02], "/root"))
-  assert names[:6] == ["zero_shot", "lora_s0", "sparselora_s0", "sparselora_late_s0",
-                       "calibrated_b0.02_s0", "lora_s1"]
+  assert names[:6] == ["zero_shot", "lora_s0", "calibrated_b0.02_s0", "sparselora_s0",
+                       "sparselora_late_s0", "lora_s1"]
   assert names[-3:] == list(sparselora_accuracy.ABLATIONS) and len(names) == 1 + 2 * 4 + 3
 
 
