@@ -94,6 +94,9 @@ def stored(store: str, name: str, cfg) -> dict | None:
   return record
 
 
+STORE_FIELDS = ("name", "config", "code")   # what store_record adds to a record
+
+
 def store_record(store: str, name: str, cfg, **fields) -> None:
   if store:
     runs.write_json(os.path.join(store, name + ".json"),
@@ -110,14 +113,20 @@ def calibrated_plan(cfg, root: str, budget: float, store: str = "") -> str:
   if not os.path.exists(path):
     kept = stored(store, name, cfg)
     if kept is not None and kept.get("budget") == budget:
-      runs.write_json(path, kept["plan"])
+      runs.write_json(path, plan_of(kept))
     else:
       t0 = time.time()
       record = calibrate.calibrate(cfg, os.path.dirname(path), budget)
       runs.write_json(path, {**record, "wall_s": time.time() - t0})
   with open(path) as f:
-    store_record(store, name, cfg, budget=budget, plan=json.load(f))
+    store_record(store, name, cfg, **json.load(f))
   return path
+
+
+def plan_of(record: dict) -> dict:
+  """The plan file a kept plan record holds: the record less the store's own fields (a kept
+  record is itself a plan file that `finetune` and `bench_sparselora --plan` read)."""
+  return {k: v for k, v in record.items() if k not in STORE_FIELDS}
 
 
 def run_specs(seeds: int, budgets=(), root: str = "") -> dict[str, dict]:
@@ -568,7 +577,7 @@ def main(argv, flags):
         with open(plan_path(root, b)) as f:
           out[b] = json.load(f)
       elif (kept := stored(store, f"plan_b{b:g}", apply(cfg0, {"seed": 0}))) is not None:
-        out[b] = kept["plan"]
+        out[b] = plan_of(kept)
     return out
 
   for name in specs:

@@ -80,6 +80,10 @@ def test_a_kept_result_or_plan_is_reused_on_a_fresh_machine_only_by_its_config_a
   elsewhere.init.path = str(tmp_path / "machine_b" / "base.gguf")
   b = sparselora_accuracy.calibrated_plan(elsewhere, str(tmp_path / "b"), 0.05, store)
   assert calls == [0.05] and json.loads(open(b).read()) == json.loads(open(a).read())
+  # the kept record is itself the plan file (with the store's fields beside it)
+  kept = json.loads((tmp_path / "store" / "plan_b0.05.json").read_text())
+  assert sparselora_accuracy.plan_of(kept) == json.loads(open(a).read())
+  assert kept["budget"] == 0.05 and kept["name"] == "plan_b0.05"
   sparselora_accuracy.calibrated_plan(cfg, str(tmp_path / "e"), 0.02, store)   # another budget
   assert calls == [0.05, 0.02]
 
