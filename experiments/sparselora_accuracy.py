@@ -473,11 +473,17 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
               f"measurements are made once and shared by every budget{share}):", "",
               common.markdown_table(
                   ["run", "budget", "FFN", "attention", "calibration loss vs dense",
-                   "FLOPs vs LoRA (calibration batches)", "wall s"],
+                   "FLOPs vs LoRA (calibration batches)", "additive plan: parts, measured",
+                   "plans measured", "wall s"],
                   [[calibrated_name(b), f"{b:g}", p["ffn_spec"] or "dense",
                     p["attn_spec"] or "dense", f"{100 * p['increase']:+.2f}%",
-                    f"{p['flops_vs_lora']:.2f}", f"{p['wall_s']:.0f}"]
-                   for b, p in sorted(plans.items())]), ""]
+                    f"{p['flops_vs_lora']:.2f}", _additive(p), len(p.get("search", [])),
+                    f"{p['wall_s']:.0f}"]
+                   for b, p in sorted(plans.items())]), "",
+              "Additive plan: the plan whose summed single-layer loss increases fill the "
+              "budget, and its measured loss over dense; when that is over budget, `calibrate` "
+              "bisects the additive budget for the largest plan whose measured loss fits "
+              "(plans measured: how many whole plans that took).", ""]
   if stale:
     lines += [f"Scored on another held-out set (re-scored by the command without "
               f"--report_only): {', '.join(stale)}.", ""]
@@ -489,6 +495,15 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
                                      for i in sorted(set(ov["ffn"]) | set(ov["attn_v"]),
                                                      key=int)]), ""]
   return "\n".join(lines)
+
+
+def _additive(plan: dict) -> str:
+  """'<parts>, <measured increase>' of a calibrated plan's first search step (the plan of the
+  whole additive budget); '-' for a plan recorded without its search."""
+  if not plan.get("search"):
+    return "-"
+  first = plan["search"][0]
+  return f"{first['parts']}, {100 * first['increase']:+.2f}%"
 
 
 def plot(results: dict, path: str) -> None:
@@ -580,17 +595,16 @@ def main(argv, flags):
         out[b] = plan_of(kept)
     return out
 
-  for name in specs:
-    if name in only:
-      plan = specs[name].get("sparse.plan")
-      if plan and stored(store, name, apply(cfg0, specs[name])) is None:
-        # calibrated once, on the seed-0 config (or copied from the store)
-        calibrated_plan(apply(cfg0, {"seed": 0}), root,
-                        next(b for b in budgets if plan_path(root, b) == plan), store)
-      result = one_run(apply(cfg0, specs[name]), os.path.join(root, name), store)
-      print(f"{name}: {result}", flush=True)
-      # The report is rewritten after every run: a half-finished sweep is readable.
-      write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans(), budgets)
+  for name in only:   # in the order --runs lists them (default: run_specs' order)
+    plan = specs[name].get("sparse.plan")
+    if plan and stored(store, name, apply(cfg0, specs[name])) is None:
+      # calibrated once, on the seed-0 config (or copied from the store)
+      calibrated_plan(apply(cfg0, {"seed": 0}), root,
+                      next(b for b in budgets if plan_path(root, b) == plan), store)
+    result = one_run(apply(cfg0, specs[name]), os.path.join(root, name), store)
+    print(f"{name}: {result}", flush=True)
+    # The report is rewritten after every run: a half-finished sweep is readable.
+    write_outputs(finished(), {}, cfg0, flags.seeds, flags.out_dir, plans(), budgets)
   ov_dir, ov_cfg = os.path.join(root, "sparselora_s0"), apply(cfg0, {"seed": 0})
   kept = stored(store, "overlap", ov_cfg)
   ov = kept["overlap"] if kept is not None else {}
@@ -617,8 +631,8 @@ def define_flags():
   flags.DEFINE_integer("seeds", 3, "Seeds for LoRA, SparseLoRA and each plan.")
   flags.DEFINE_string("budgets", "0.02,0.05", "Loss budgets of the calibrated plans (`lost_jax."
                       "main calibrate --budget`), comma-separated; '' for none.")
-  flags.DEFINE_string("runs", "", "Comma list of runs to do now (default all); the others are "
-                      "reported if finished.")
+  flags.DEFINE_string("runs", "", "Comma list of runs to do now, in this order (default all, "
+                      "seed by seed); the others are reported if finished.")
   flags.DEFINE_bool("overlap", True, "Measure the estimator/oracle channel overlap.")
   flags.DEFINE_bool("report_only", False, "Only rewrite the report from the finished runs.")
   flags.DEFINE_string("from_json", "", "Only rewrite the report from this stored JSON "

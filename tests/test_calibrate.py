@@ -60,6 +60,38 @@ def test_choose_plan_is_the_best_plan_within_budget():
         assert choice == {}
 
 
+def test_fit_plan_finds_the_largest_additive_budget_whose_measured_plan_fits():
+  # 40 parts, each harmless alone (+0.01%, some "free": -0.02%), whose measured cost grows
+  # as the square of their count: the additive model's plan at 2% costs 16%.
+  unit = 1e-5
+  groups = {("ffn", i): [sl_cal.Option(0.9, -2e-4 if i % 3 == 0 else 1e-4, 1.0 + i)]
+            for i in range(40)}
+  calls = []
+
+  def measure(choice):
+    calls.append(len(choice))
+    return 1e-4 * len(choice) ** 2
+  choice, inc, tried = sl_cal.fit_plan(groups, 0.02, measure, unit)
+  assert len(sl_cal.choose_plan(groups, 0.02, unit)) == 40
+  assert inc <= 0.02 and inc == 1e-4 * len(choice) ** 2
+  # maximal on the grid: the next larger plan choose_plan makes does not fit
+  assert len(choice) == 14
+  bigger = [c for c in range(int(0.02 / unit) + 1)
+            if len(sl_cal.choose_plan(groups, c * unit, unit)) > len(choice)]
+  assert 1e-4 * len(sl_cal.choose_plan(groups, bigger[0] * unit, unit)) ** 2 > 0.02
+  # a plan is measured once, and the search takes far fewer measurements than parts
+  assert len(calls) == len(tried) <= 12
+  assert len({p for p, _, _ in tried}) == len(tried)     # each additive budget tried once
+  assert [n for _, n, _ in tried] == calls and tried[0][:2] == (0.02, 40)
+  # the measured plan of the whole budget fits: no search; a zero budget: dense, unmeasured
+  calls.clear()
+  assert sl_cal.fit_plan(groups, 0.5, measure, unit)[0] == sl_cal.choose_plan(groups, 0.5, unit)
+  assert calls == [40]
+  assert sl_cal.fit_plan(groups, 0.0, measure, unit) == ({}, 0.0, []) and calls == [40]
+  # nothing fits (one part alone is over): the dense plan
+  assert sl_cal.fit_plan(groups, 0.02, lambda c: 1.0, unit)[:2] == ({}, 0.0)
+
+
 def _cfg(**sparse):
   cfg = helpers.tiny_finetune_config(steps=2)
   cfg.sparse.update({"calibration_batches": 1, "calibration_sparsities": "0.75", **sparse})

@@ -267,3 +267,10 @@ def test_the_command_renders_the_page_from_the_store_alone(tmp_path):
   text = (tmp_path / "sparselora_smollm2.md").read_text()
   assert "| lora | 0.250 | - | 0.5000 | 0.5000 | dense |" in text
   assert "| 3 | 0.42 | - |" in text and "| sparselora | pending |" in text
+
+
+def test_a_calibrated_plans_search_is_summarised_by_its_additive_plan():
+  plan = {"search": [{"additive_budget": 0.02, "parts": 40, "increase": 0.16},
+                     {"additive_budget": 0.001, "parts": 9, "increase": 0.015}]}
+  assert sparselora_accuracy._additive(plan) == "40, +16.00%"
+  assert sparselora_accuracy._additive({}) == "-"

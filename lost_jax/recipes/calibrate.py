@@ -5,8 +5,10 @@ base (LoRA starts at zero) and its estimators: the dense loss, then per part (FF
 and kept-channel count one compiled probe (`sparselora.calibrate`) measured for every layer,
 each measurement cached in `<workdir>/calibration.json` as it finishes (a killed run goes on
 from there). The plan with the fewest FLOPs per step whose summed loss increase fits the
-budget is chosen, its own loss measured and, while over budget, backed off greedily; it is
-written to `<workdir>/plan.json`, which `finetune --config.sparse.plan=` takes.
+budget is chosen; since single-layer increases do not add up, the additive budget is then
+searched (`sl_cal.fit_plan`, bisection, each plan's loss measured and cached) for the largest
+plan whose measured loss fits the budget. It is written to `<workdir>/plan.json`, which
+`finetune --config.sparse.plan=` takes.
 """
 
 from __future__ import annotations
@@ -174,16 +176,19 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
                                           {(part, i): s}, dense_plan), lengths))
                         for s in sparsities]
             for part in sl_cal.PARTS for i in range(n_layers)}
-  choice = sl_cal.choose_plan(groups, budget) if budget > 0 else {}
-  while True:
+
+  def measured(choice):   # the whole plan's loss increase over dense, cached by plan
     plan = sl_cal.plan_of(choice, dense_plan)
-    loss = store.get(_plan_key(plan), measure(plan)) if choice else dense
-    if loss / dense - 1.0 <= budget or not choice:
-      break
-    if not quiet:
-      print(f"measured plan: loss {loss:.4f} is {100 * (loss / dense - 1):+.2f}% over dense, "
-            f"above the budget {100 * budget:.2f}%: backing off one part", flush=True)
-    choice = sl_cal.back_off(choice, groups)
+    inc = store.get(_plan_key(plan), measure(plan)) / dense - 1.0
+    if not quiet and jax.process_index() == 0:
+      ratio = _step_flops(cfg, plan, lengths) / base_flops
+      print(f"plan of {len(choice)} sparse parts, {ratio:.3f}x LoRA's FLOPs: measured "
+            f"{100 * inc:+.2f}% over dense (budget {100 * budget:.2f}%)", flush=True)
+    return inc
+
+  choice, _, search = sl_cal.fit_plan(groups, budget, measured)
+  plan = sl_cal.plan_of(choice, dense_plan)
+  loss = store.get(_plan_key(plan), measure(plan)) if choice else dense   # measured (cached)
   plan_flops = _step_flops(cfg, plan, lengths)
   record = sl_plan.plan_record(
       plan, cfg.model, ffn_spec=configs.format_layer_sparsity(plan.ffn),
@@ -191,6 +196,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, budget: float = 0.02
       plan_loss=loss, increase=loss / dense - 1.0, flops_per_step=plan_flops,
       lora_flops_per_step=base_flops, flops_vs_lora=plan_flops / base_flops,
       batches=sp.calibration_batches,
+      search=[{"additive_budget": b, "parts": n, "increase": inc} for b, n, inc in search],
       measured={f"{part} {i}": {f"{o.sparsity:g}": o.increase for o in opts}
                 for (part, i), opts in groups.items()})
   files.atomic_write(os.path.join(workdir, PLAN_FILE), json.dumps(record, indent=1))

@@ -7,14 +7,15 @@ compiled forward per part and kept-channel count serves every layer.
 
 `choose_plan` is the pure selection: per (part, layer) group one option (dense or a measured
 sparsity), the fewest FLOPs with the summed loss increase within the budget (a
-multiple-choice knapsack, solved exactly on a fixed grid of loss increase).
+multiple-choice knapsack, solved exactly on a fixed grid of loss increase). `fit_plan`
+searches the additive budget for the largest plan whose measured loss fits the real budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -117,11 +118,44 @@ def choose_plan(groups: dict[tuple[str, int], list[Option]], budget: float,
   return choice
 
 
-def back_off(choice: dict[tuple[str, int], float], groups: dict[tuple[str, int], list[Option]]
-             ) -> dict[tuple[str, int], float]:
-  """`choice` with its costliest part (increase per FLOP saved) made dense: one greedy step."""
-  def ratio(key):
-    opt = next(o for o in groups[key] if o.sparsity == choice[key])
-    return max(opt.increase, 0.0) / opt.saving
-  worst = max(choice, key=ratio)
-  return {k: v for k, v in choice.items() if k != worst}
+def fit_plan(groups: dict[tuple[str, int], list[Option]], budget: float,
+             measure: Callable[[dict[tuple[str, int], float]], float],
+             unit: float = COST_UNIT, resolution: float = 0.1
+             ) -> tuple[dict[tuple[str, int], float], float, list[tuple[float, int, float]]]:
+  """The plan `choose_plan` picks at the largest grid budget c * unit <= `budget` whose
+  measured increase (`measure(choice)`, the whole plan's loss over dense - 1) fits `budget`.
+
+  Single-layer increases do not add up (a plan of many parts, each harmless alone, can cost
+  far more than their sum), so the additive budget is searched by bisection on c, geometric
+  (the fitting c can be orders of magnitude below the budget's), until the bounds are within
+  `resolution` of each other; choose_plan saves no fewer FLOPs at a larger c, and the search
+  assumes the measured increase grows with it. A plan is measured once. Returns (choice, its
+  measured increase, [(additive budget, parts, measured increase) per measurement]); the
+  dense plan ({}, 0.0) when no measured plan fits.
+  """
+  cap = int(math.floor(budget / unit + 1e-9))
+  seen: dict[tuple, float] = {}
+  tried: list[tuple[float, int, float]] = []
+
+  def at(c: int) -> tuple[dict, float]:
+    choice = choose_plan(groups, c * unit, unit) if c > 0 else {}
+    key = tuple(sorted(choice.items()))
+    if key not in seen:
+      seen[key] = measure(choice) if choice else 0.0
+      if choice:
+        tried.append((c * unit, len(choice), seen[key]))
+    return choice, seen[key]
+
+  lo, hi = 0, cap
+  best = at(hi)
+  if best[1] <= budget:
+    return best[0], best[1], tried
+  best = at(0)
+  while hi - lo > 1 and hi > lo * (1 + resolution):
+    mid = min(hi - 1, max(lo + 1, round(math.sqrt(max(lo, 1) * hi))))
+    choice, inc = at(mid)
+    if inc <= budget:
+      lo, best = mid, (choice, inc)
+    else:
+      hi = mid
+  return best[0], best[1], tried
