@@ -470,7 +470,11 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
     lines += [f"Calibrated plans (`lost_jax.main calibrate --budget=B` on the first "
               f"{cfg.sparse.calibration_batches} training batches, sparsities "
               f"{cfg.sparse.calibration_sparsities} per layer and part; the per-layer "
-              f"measurements are made once and shared by every budget{share}):", "",
+              f"measurements are made once and shared by every budget{share}; wall s is each "
+              "calibrate call's own time: per-layer probes already in the calibration "
+              "directory's cache, from an earlier or interrupted call, are neither measured "
+              "nor timed again, so a call that found them all cached times only the plan "
+              "search):", "",
               common.markdown_table(
                   ["run", "budget", "FFN", "attention", "calibration loss vs dense",
                    "FLOPs vs LoRA (calibration batches)", "additive plan: parts, measured",
