@@ -530,7 +530,10 @@ def test_a_tilde_workdir_is_under_home_and_an_unwritable_home_costs_no_warning(t
     (home / name).write_text("")
   proc = subprocess.run([sys.executable, "-m", "lost_jax.main", *PRETRAIN, "--workdir=~/run",
                          *TINY, "--config.train.steps=2"], capture_output=True, text=True,
-                        timeout=300, cwd=tmp_path, env=dict(ENV, HOME=str(home)))
+                        timeout=300, cwd=tmp_path,
+                        # the tokenizer cache stays where this process has it: without
+                        # LOST_JAX_CACHE its default is under HOME, which this test breaks
+                        env=dict(ENV, HOME=str(home), LOST_JAX_CACHE=tokenizer.cache_dir()))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(home / "run" / "checkpoints" / "2")
   assert os.path.exists(home / "run" / "train_loss.png")       # plotted all the same
