@@ -36,6 +36,7 @@ from experiments import common, runs
 from lost_jax import configs
 from lost_jax.recipes import calibrate, finetune
 from lost_jax.data import instruct
+from lost_jax.errors import UserError
 from lost_jax.measure import flops
 from lost_jax.training import checkpoint, metrics
 from lost_jax.adapters.sparselora import model as sparselora
@@ -239,6 +240,12 @@ def _one_run(cfg, workdir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
+    made = result.get("code_version") or ""
+    if made and f"lost_jax sources {runs.sources_hash()}" not in made:
+      other = made.removeprefix("Code version: ").rstrip(".")
+      raise UserError(f"{workdir} holds a run of other code ({other}) and would be reused as "
+                      "this code's. Fix: move the workdir away (or use another "
+                      "--workdir_root) to train it again")
     scored_on = eval_set(cfg)
     before = result
     if result.get("eval_set") != scored_on:

@@ -88,6 +88,21 @@ def test_a_kept_result_or_plan_is_reused_on_a_fresh_machine_only_by_its_config_a
   assert calls == [0.05, 0.02]
 
 
+def test_a_workdirs_result_of_other_code_is_refused_not_reused(tmp_path, monkeypatch):
+  cfg = configs.finetune_config("quickstart")
+  monkeypatch.setattr(sparselora_accuracy.finetune, "finetune_and_evaluate",
+                      lambda *a, **k: pytest.fail("trained"))
+  stored = {"eval_accuracy": 0.5, "eval_loss": 0.1, "steps": 3,
+            "eval_set": sparselora_accuracy.eval_set(cfg),
+            "code_version": "Code version: commit abc, lost_jax sources 0123456789abcdef."}
+  runs.write_json(str(tmp_path / "result.json"), stored)
+  with pytest.raises(UserError, match="holds a run of other code"):
+    sparselora_accuracy.one_run(cfg, str(tmp_path))
+  stored["code_version"] = f"Code version: commit abc, lost_jax sources {runs.sources_hash()}."
+  runs.write_json(str(tmp_path / "result.json"), stored)
+  assert sparselora_accuracy.one_run(cfg, str(tmp_path)) == stored
+
+
 def tiny_config(steps: int = 2):
   cfg = configs.finetune_config("quickstart")
   cfg.init.source = "random"
