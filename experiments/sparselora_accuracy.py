@@ -66,9 +66,14 @@ def calibrated_name(budget: float) -> str:
   return f"calibrated_b{budget:g}"
 
 
+def plan_name(budget: float) -> str:
+  """The name of `budget`'s plan: its file under workdir_root and its record in the store."""
+  return f"plan_b{budget:g}"
+
+
 def plan_path(root: str, budget: float) -> str:
   """Where calibrated_plan keeps the plan of `budget`."""
-  return os.path.join(root, CALIBRATION_DIR, f"plan_b{budget:g}.json")
+  return os.path.join(root, CALIBRATION_DIR, plan_name(budget) + ".json")
 
 
 def keyed(cfg) -> dict:
@@ -109,8 +114,7 @@ def calibrated_plan(cfg, root: str, budget: float, store: str = "") -> str:
   cfg's base and data, with its wall time (`wall_s`); the per-layer measurements, cached in
   <root>/calibration, are made once for every budget. A plan kept in `store` for this config
   and code is copied there instead of calibrating again."""
-  path = plan_path(root, budget)
-  name = f"plan_b{budget:g}"
+  path, name = plan_path(root, budget), plan_name(budget)
   if not os.path.exists(path):
     kept = stored(store, name, cfg)
     if kept is not None and kept.get("budget") == budget:
@@ -235,14 +239,20 @@ def one_run(cfg, workdir: str, store: str = "") -> dict:
   return result
 
 
+def of_this_code(result: dict) -> bool:
+  """Whether a workdir's result was trained on these lost_jax sources (a result from before
+  results recorded their code counts as this code's, as it always did)."""
+  made = result.get("code_version") or ""
+  return not made or f"lost_jax sources {runs.sources_hash()}" in made
+
+
 def _one_run(cfg, workdir: str) -> dict:
   path = os.path.join(workdir, RESULT_FILE)
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    made = result.get("code_version") or ""
-    if made and f"lost_jax sources {runs.sources_hash()}" not in made:
-      other = made.removeprefix("Code version: ").rstrip(".")
+    if not of_this_code(result):
+      other = result["code_version"].removeprefix("Code version: ").rstrip(".")
       raise UserError(f"{workdir} holds a run of other code ({other}) and would be reused as "
                       "this code's. Fix: move the workdir away (or use another "
                       "--workdir_root) to train it again")
@@ -403,8 +413,11 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
   budgets: the calibrated variants asked for (a row each, 'pending' until they run)."""
   plans = plans or {}
   budgets = sorted(set(budgets) | set(plans))
+  def members(name):   # the runs of a row: its seeds (or the run itself)
+    return [k for k in results if family_of(k) == name]
+
   def cell(name, key, fmt):
-    done = [n for n in results if n == name or n.startswith(name + "_s")]
+    done = members(name)
     vals = [results[n][key] for n in done if results[n].get(key) is not None]
     if not vals:
       return "-" if done else "pending"      # finished without it (zero-shot: no steps)
@@ -428,11 +441,10 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
   for n in names:
-    f = [results[k]["flops_per_step"] for k in results if (k == n or k.startswith(n + "_s"))
-         and results[k].get("flops_per_step")]
+    f = [results[k]["flops_per_step"] for k in members(n) if results[k].get("flops_per_step")]
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
-    acc = [results[k]["eval_accuracy"] for k in results if (k == n or k.startswith(n + "_s"))
-           and results[k].get("eval_accuracy") is not None]
+    acc = [results[k]["eval_accuracy"] for k in members(n)
+           if results[k].get("eval_accuracy") is not None]
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"),
                  f"{min(acc):.3f} – {max(acc):.3f}" if len(acc) > 1 else "-",
                  # a dense run's own eval loss is its dense-forward loss
@@ -591,9 +603,11 @@ def main(argv, flags):
       path = os.path.join(root, name, RESULT_FILE)
       if kept is not None:
         out[name] = kept["result"]
-      elif os.path.exists(path):
+      elif os.path.exists(path):   # a workdir's result of other code is not this code's
         with open(path) as f:
-          out[name] = json.load(f)
+          result = json.load(f)
+        if of_this_code(result):
+          out[name] = result
     return out
 
   def plans() -> dict:
@@ -602,7 +616,7 @@ def main(argv, flags):
       if os.path.exists(plan_path(root, b)):
         with open(plan_path(root, b)) as f:
           out[b] = json.load(f)
-      elif (kept := stored(store, f"plan_b{b:g}", apply(cfg0, {"seed": 0}))) is not None:
+      elif (kept := stored(store, plan_name(b), apply(cfg0, {"seed": 0}))) is not None:
         out[b] = plan_of(kept)
     return out
 

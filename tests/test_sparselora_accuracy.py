@@ -272,6 +272,10 @@ def test_the_command_renders_the_page_from_the_store_alone(tmp_path):
   sparselora_accuracy.store_record(store, "lora_s0", lora, result=result)
   sparselora_accuracy.store_record(store, "overlap", sparselora_accuracy.apply(cfg, {"seed": 0}),
                                    overlap={"ffn": {"3": 0.42}, "attn_v": {}})
+  # a workdir's result of other code is not shown as this code's
+  runs.write_json(str(tmp_path / "none" / "sparselora_s0" / "result.json"),
+                  {**result, "code_version": "Code version: commit abc, lost_jax sources "
+                                             "0123456789abcdef."})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.sparselora_accuracy",
