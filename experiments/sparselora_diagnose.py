@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common
+from experiments import common, runs
 
 
 # ------------------------------------------------------------------------------ NumPy (spec)
@@ -541,8 +541,8 @@ class Store:
         saved = json.load(f)
       if saved.get("fingerprint") != self.fingerprint:
         raise UserError(f"{self.path} holds measurements of other settings (config, "
-                        "estimators, tokens or batches). Fix: another --workdir, or the flags "
-                        "that wrote it")
+                        "estimators, tokens, batches or code version). Fix: another --workdir, "
+                        "or the flags and code that wrote it")
       self.results = saved["results"]
 
   def put(self, key: str, value: dict) -> None:
@@ -620,8 +620,10 @@ def compare(cfg, flags) -> dict:
   check = check_layers(flags.numpy_check_layers, layers)
   batches = instruct.make_eval_batches(run_cfg.data, tok,
                                        run_cfg.train.batch_size)[:flags.eval_batches]
+  # the code is part of what a measurement depends on: another version's are not reused
   store = Store(flags.workdir, {"config": run_cfg.to_json(), "settings": list(settings),
-                                "eval_batches": flags.eval_batches, "numpy_check": check})
+                                "eval_batches": flags.eval_batches, "numpy_check": check,
+                                "code": runs.code_version()})
   names = list(settings) + ["oracle", "random"]
   lengths = [sl_plan.step_lengths(b["weights"], run_cfg.sparse.bucket, True) for b in batches]
 
