@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import bench_sparselora_report as bench_report
-from experiments import common
+from experiments import common, runs
 from lost_jax import configs
 from lost_jax.measure import flops
 from lost_jax.recipes import finetune
@@ -361,7 +361,8 @@ def define_flags():
   flags.DEFINE_integer("steps", 30, "Timed steps per variant.")
   flags.DEFINE_integer("seed", 0, "Seed of weights and batch.")
   flags.DEFINE_string("out_md", "docs/benchmarks/sparselora.md",
-                      "Write the markdown report here ('' = print only).")
+                      "Write the markdown report here ('' = print only), and its record "
+                      "(bench_sparselora_report.record) beside it as .json.")
 
 
 def _main(argv):
@@ -382,6 +383,9 @@ def _main(argv):
     os.makedirs(os.path.dirname(fl.out_md) or ".", exist_ok=True)
     with open(fl.out_md, "w") as fh:
       fh.write(text)
+    runs.write_json(os.path.splitext(fl.out_md)[0] + ".json",
+                    bench_report.record(result, cfg, plan, plan_text, common.command_line(),
+                                        runs.code_version()))
 
 
 if __name__ == "__main__":

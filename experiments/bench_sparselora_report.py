@@ -27,6 +27,20 @@ def summary(result: dict) -> dict[str, float]:
           "estimator_flop_share": f["sparselora"]["estimator"] / f["sparselora"]["total"]}
 
 
+def record(result: dict, cfg: ml_collections.ConfigDict, plan, plan_text: str, command: str,
+           code: dict) -> dict:
+  """The JSON beside the page (what experiments/sparselora_accuracy.py reads to put a plan's
+  quiet step speedup next to its accuracy): the shape, the per-layer plan, the settings, the
+  summary ratios, the medians and the load, and the code it ran on (runs.code_version)."""
+  t = result["timings"]
+  return {"command": command, "code": code,
+          "shape": {k: int(cfg[k]) for k in LLAMA3_8B_SCALED},   # the shape flags,
+          "dtype": cfg.dtype, "plan": {"ffn": list(plan.ffn), "attn": list(plan.attn)},
+          "plan_text": plan_text, "settings": result["settings"], "summary": summary(result),
+          "median_s": {name: t[name].median for name in t},
+          "load": [min(result["load"]), max(result["load"])]}
+
+
 # The default shape (the flags' defaults): LLaMA3-8B's, scaled down to this CPU.
 LLAMA3_8B_SCALED = dict(n_layers=32, d_model=1024, ffn_dim=3584, n_heads=8, n_kv_heads=2,
                         vocab_size=32000)

@@ -407,11 +407,73 @@ def target_lines(results: dict, seeds: int) -> list[str]:
           "", common.markdown_table(header, rows)]
 
 
+# experiments/bench_sparselora.py's records at this shape (the JSON beside each page)
+BENCH_RECORDS = os.path.join("docs", "benchmarks", "sparselora_smollm2*.json")
+
+
+def base_shape(cfg) -> dict | None:
+  """The base's shape as bench_sparselora records it (the plan's dims and the vocab): from
+  cfg.model for a random base, from the GGUF's metadata otherwise; None where the file is
+  not on this machine."""
+  keys = (*sl_plan.PLAN_SHAPE, "vocab_size")
+  if cfg.init.source == "random":
+    return {k: int(cfg.model[k]) for k in keys}
+  if not os.path.exists(cfg.init.path):
+    return None
+  from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(cfg.init.path)),
+                                    cfg.init.path)
+  return {k: int(model_cfg[k]) for k in keys}
+
+
+def bench_records(pattern: str = "") -> dict[str, dict]:
+  """page name (docs/benchmarks/<stem>.md) -> bench_sparselora's record beside it."""
+  import glob  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(pattern or os.path.join(common.REPO, BENCH_RECORDS))):
+    with open(path, encoding="utf-8") as f:
+      out[os.path.splitext(os.path.basename(path))[0] + ".md"] = json.load(f)
+  return out
+
+
+def quiet_speedups(cfg, seeds: int, budgets, plans: dict, shape: dict | None,
+                   records: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+  """family -> (page, record) of the bench that timed its plan's sparse step against LoRA's,
+  interleaved in one process: the same per-layer plan, base shape, batch and sequence length,
+  on this code's lost_jax sources (a timing of other sources says nothing about this step).
+  The ablations (other channel choices, sparse outputs) are not timed."""
+  if shape is None:
+    return {}
+  sources = runs.code_version()["sources"]
+  specs = run_specs(seeds, budgets)
+  wanted = {}
+  for fam in ("sparselora", *VARIANTS):
+    try:
+      plan = sl_plan.plan_from_config(apply(cfg, specs[f"{fam}_s0"]).sparse, shape["n_layers"])
+    except UserError:   # a variant's layers beyond this model's depth: not a plan of it
+      continue
+    wanted[fam] = (list(plan.ffn), list(plan.attn))
+  for b, p in plans.items():
+    wanted[calibrated_name(b)] = (list(p["ffn"]), list(p["attn"]))
+  out = {}
+  for page, rec in records.items():
+    s = rec.get("settings", {})
+    if (rec.get("code", {}).get("sources") != sources or rec.get("shape") != shape
+        or s.get("batch") != cfg.train.batch_size or s.get("seq_len") != cfg.data.seq_len):
+      continue
+    for fam, plan in wanted.items():
+      if plan == (rec["plan"]["ffn"], rec["plan"]["attn"]):
+        out.setdefault(fam, (page, rec))
+  return out
+
+
 def report(results: dict, ov: dict, cfg, command: str, seeds: int,
-           results_commit: str = "", plans: dict | None = None, budgets=()) -> str:
+           results_commit: str = "", plans: dict | None = None, budgets=(),
+           speed: dict | None = None) -> str:
   """The page; plans: budget -> the calibrated plan's record (calibrated_plan), if any;
-  budgets: the calibrated variants asked for (a row each, 'pending' until they run)."""
-  plans = plans or {}
+  budgets: the calibrated variants asked for (a row each, 'pending' until they run);
+  speed: quiet_speedups' benches."""
+  plans, speed = plans or {}, speed or {}
   budgets = sorted(set(budgets) | set(plans))
   def members(name):   # the runs of a row: its seeds (or the run itself)
     return [k for k in results if family_of(k) == name]
@@ -451,7 +513,9 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
                  cell(n, "eval_loss" if forward(n) == "dense" else "eval_loss_dense",
                       "{:.4f}"),
                  cell(n, "eval_loss", "{:.4f}"), forward(n), cell(n, "step_time", "{:.2f}"),
-                 f"{statistics.mean(f) / 1e12:.3f}" if f else "-", rel_f])
+                 f"{statistics.mean(f) / 1e12:.3f}" if f else "-", rel_f,
+                 "1.00x" if n == "lora" else
+                 f"{speed[n][1]['summary']['speedup']:.2f}x" if n in speed else "-"])
   lines = ["# SparseLoRA vs LoRA on SmolLM2-135M-Instruct (GSM-style word problems)", "",
            common.page_head(command),
            f"Setup: {cfg.init.path.split('/')[-1]} (Q4_1 dequantised to float32), task "
@@ -472,12 +536,22 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
            results_code_line(results, results_commit), "",
            common.markdown_table(["run", "accuracy", "seed range", "dense eval loss",
                                   "trained-forward eval loss", "trained forward", "step s",
-                                  "TFLOPs/step", "FLOPs vs LoRA"], rows), "",
+                                  "TFLOPs/step", "FLOPs vs LoRA", "quiet step speedup"], rows),
+           "",
            *target_lines(results, seeds), "",
            "Step times are medians of each run's logged steps, measured while other jobs shared "
-           "the machine at varying load, so their ratios are not speed results "
-           "(docs/benchmarks/sparselora_smollm2_late.md and sparselora_smollm2_paper.md time "
-           "the LoRA and SparseLoRA steps of this shape interleaved on a quiet machine).",
+           "the machine at varying load, so their ratios are not speed results. Quiet step "
+           "speedup: LoRA's median step time over the plan's sparse step, the two timed "
+           "interleaved (ABBA) in one process on an otherwise idle machine by "
+           "experiments/bench_sparselora.py at this shape, batch and length (random weights), "
+           "on this code's lost_jax sources; a run dense for its first steps "
+           "(sparse.start_frac) gains it on the rest only; '-': not timed on this code"
+           + ("" if not speed else "; " + "; ".join(
+               f"{fam}: docs/benchmarks/{page} (load {rec['load'][0]:.1f} - "
+               f"{rec['load'][1]:.1f}, per-step ratios IQR "
+               f"{rec['summary']['pair_speedup_q25']:.2f} - "
+               f"{rec['summary']['pair_speedup_q75']:.2f})"
+               for fam, (page, rec) in sorted(speed.items()))) + ".",
            ""]
   if plans:
     lora_wall = [results[n]["wall_s"] for n in results
@@ -567,8 +641,9 @@ def write_outputs(results: dict, ov: dict, cfg, seeds: int, out_dir: str,
     # --runs / --report_only only decide what is trained now, not what the report holds
     argv = [a for a in sys.argv
             if not a.startswith(("--runs", "--report_only", "--noreport", "--from_json"))]
+    speed = quiet_speedups(cfg, seeds, budgets, plans, base_shape(cfg), bench_records())
     f.write(report(results, ov, cfg, common.command_line(argv), seeds, results_commit, plans,
-                   budgets))
+                   budgets, speed))
   plot(results, stem + ".png")
   page = os.path.relpath(os.path.abspath(stem + ".md"), common.REPO)
   if page == "docs/results/sparselora_smollm2.md":   # the repository's own page: its quote

@@ -30,6 +30,17 @@ def test_tiny_benchmark_runs_and_reports():
   assert "```\ncmd --x\n```" in text and "Code version: commit" in text
   assert "| sparselora |" in text and "Wall-clock speedup" in text
   assert f"{metrics['flop_ratio']:.2f}x" in text
+  # the record beside the page: what sparselora_accuracy matches a frontier plan by
+  rec = json.loads(json.dumps(bench_report.record(result, cfg, plan, "p", "cmd",
+                                                  {"sources": "x"})))
+  assert rec["plan"] == {"ffn": [0.0, 0.75], "attn": [0.0, 0.5]}
+  assert rec["code"] == {"sources": "x"}
+  assert rec["shape"] == dict(n_layers=2, d_model=32, ffn_dim=64, n_heads=4, n_kv_heads=2,
+                              vocab_size=64)
+  t = result["timings"]
+  assert rec["summary"]["speedup"] == pytest.approx(
+      np.median(t["lora"].seconds) / np.median(t["sparselora"].seconds))
+  assert rec["settings"]["batch"] == 1 and rec["settings"]["seq_len"] == 32
 
 
 @pytest.mark.slow

@@ -293,3 +293,35 @@ def test_a_calibrated_plans_search_is_summarised_by_its_additive_plan():
                      {"additive_budget": 0.001, "parts": 9, "increase": 0.015}]}
   assert sparselora_accuracy._additive(plan) == "40, +16.00%"
   assert sparselora_accuracy._additive({}) == "-"
+
+
+def test_a_plans_quiet_speedup_comes_from_the_bench_that_timed_that_plan_on_this_code():
+  cfg = tiny_config()       # 2 layers; sparselora's plan: FFN and attention 0.5 on layer 1
+  shape = sparselora_accuracy.base_shape(cfg)
+  assert shape == dict(n_layers=2, d_model=32, ffn_dim=64, n_heads=cfg.model.n_heads,
+                       n_kv_heads=cfg.model.n_kv_heads, vocab_size=512)
+
+  def rec(speedup, ffn=(0.0, 0.5), attn=(0.0, 0.5), sources=None, batch=4, **kw):
+    return {"code": {"sources": sources or runs.code_version()["sources"]},
+            "shape": {**shape, **kw}, "plan": {"ffn": list(ffn), "attn": list(attn)},
+            "settings": {"batch": batch, "seq_len": 64}, "load": [0.1, 0.3],
+            "summary": {"speedup": speedup, "pair_speedup_q25": 1.0, "pair_speedup_q75": 2.0}}
+  records = {"a_other_code.md": rec(9.0, sources="0" * 16), "b_other_batch.md": rec(8.0, batch=8),
+             "c_other_width.md": rec(7.0, d_model=64), "d_other_plan.md": rec(6.0, ffn=(0.5, 0.5)),
+             "e.md": rec(1.25), "f_calibrated.md": rec(1.5, ffn=(0.9, 0.0), attn=(0.0, 0.0))}
+  plans = {0.05: {"ffn": [0.9, 0.0], "attn": [0.0, 0.0]}}
+  speed = sparselora_accuracy.quiet_speedups(cfg, 1, [0.05], plans, shape, records)
+  assert {k: v[0] for k, v in speed.items()} == {"sparselora": "e.md",
+                                                 "calibrated_b0.05": "f_calibrated.md"}
+  assert sparselora_accuracy.quiet_speedups(cfg, 1, [0.05], plans, None, records) == {}
+  text = sparselora_accuracy.report({}, {}, cfg, "cmd", seeds=1, budgets=[0.05],
+                                    speed=speed)
+  rows = {}
+  for line in text.splitlines():
+    if line.startswith("| ") and not line.startswith("| ---"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      rows.setdefault(cells[0], cells[1:])
+  assert rows["run"][8] == "quiet step speedup"
+  assert [rows[n][8] for n in ("lora", "sparselora", "calibrated_b0.05", "sparselora_late",
+                               "random_channels")] == ["1.00x", "1.25x", "1.50x", "-", "-"]
+  assert "sparselora: docs/benchmarks/e.md (load 0.1 - 0.3" in text
