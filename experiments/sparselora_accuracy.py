@@ -580,7 +580,8 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
               "Additive plan: the plan whose summed single-layer loss increases fill the "
               "budget, and its measured loss over dense; when that is over budget, `calibrate` "
               "bisects the additive budget for the largest plan whose measured loss fits "
-              "(plans measured: how many whole plans that took).", ""]
+              "(plans measured: how many whole plans that took).", "",
+              *budget_lines(results, plans)]
   if stale:
     lines += [f"Scored on another held-out set (re-scored by the command without "
               f"--report_only): {', '.join(stale)}.", ""]
@@ -592,6 +593,35 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
                                      for i in sorted(set(ov["ffn"]) | set(ov["attn_v"]),
                                                      key=int)]), ""]
   return "\n".join(lines)
+
+
+def budget_lines(results: dict, plans: dict) -> list[str]:
+  """What a calibration budget allows next to what fine-tuning reaches: the budgets are
+  relative to the frozen base's dense loss on the calibration batches, the frontier's losses
+  are those of fine-tuned models; each calibrated family's eval losses against LoRA's mean."""
+  def mean_loss(fam, key):
+    vals = [r[key] for n, r in results.items() if family_of(n) == fam and r.get(key) is not None]
+    return (statistics.mean(vals), len(vals)) if vals else (None, 0)
+  lora, n_lora = mean_loss("lora", "eval_loss")
+  if not plans or lora is None:
+    return []
+  base = statistics.mean(p["dense_loss"] for p in plans.values())
+  parts = []
+  for b, p in sorted(plans.items()):
+    text = (f"budget {b:g} allows +{b * p['dense_loss']:.4f} nats "
+            f"({b * p['dense_loss'] / lora:.0%} of LoRA's final eval loss) and its plan used "
+            f"{p['plan_loss'] - p['dense_loss']:+.4f}")
+    own, n = mean_loss(calibrated_name(b), "eval_loss")
+    dense, _ = mean_loss(calibrated_name(b), "eval_loss_dense")
+    if own is not None:
+      text += (f"; its fine-tuned runs' eval loss is {own - lora:+.4f} nats from LoRA's under "
+               f"their sparse-context forward" + (f" and {dense - lora:+.4f} under the dense "
+                                                  "forward" if dense is not None else "")
+               + f" (n={n})")
+    parts.append(text)
+  return [f"What a budget means after fine-tuning: budgets are relative to the frozen base's "
+          f"dense loss on the calibration batches ({base:.4f} nats), {base / lora:.0f}x "
+          f"LoRA's mean final eval loss ({lora:.4f}, n={n_lora}): {'; '.join(parts)}.", ""]
 
 
 def _additive(plan: dict) -> str:

@@ -325,3 +325,19 @@ def test_a_plans_quiet_speedup_comes_from_the_bench_that_timed_that_plan_on_this
   assert [rows[n][8] for n in ("lora", "sparselora", "calibrated_b0.05", "sparselora_late",
                                "random_channels")] == ["1.00x", "1.25x", "1.50x", "-", "-"]
   assert "sparselora: docs/benchmarks/e.md (load 0.1 - 0.3" in text
+
+
+def test_what_a_budget_allows_is_set_beside_the_fine_tuned_losses():
+  results = {"lora_s0": {"eval_loss": 0.04}, "lora_s1": {"eval_loss": 0.06},
+             "calibrated_b0.02_s0": {"eval_loss": 0.07, "eval_loss_dense": 0.09}}
+  plans = {0.02: {"dense_loss": 1.0, "plan_loss": 1.004},
+           0.05: {"dense_loss": 1.0, "plan_loss": 1.03}}
+  [text, _] = sparselora_accuracy.budget_lines(results, plans)
+  assert "dense loss on the calibration batches (1.0000 nats), 20x LoRA's mean final eval " \
+         "loss (0.0500, n=2)" in text
+  assert ("budget 0.02 allows +0.0200 nats (40% of LoRA's final eval loss) and its plan used "
+          "+0.0040; its fine-tuned runs' eval loss is +0.0200 nats from LoRA's under their "
+          "sparse-context forward and +0.0400 under the dense forward (n=1)") in text
+  assert "budget 0.05 allows +0.0500 nats (100% of LoRA's final eval loss) and its plan used " \
+         "+0.0300." in text
+  assert sparselora_accuracy.budget_lines({}, plans) == []
