@@ -162,12 +162,16 @@ def apply(cfg, overrides: dict):
   return cfg
 
 
+def gguf_model_config(path: str):
+  """The model config a GGUF file's metadata describes."""
+  from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  return gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(path)), path)
+
+
 def flops_per_step(cfg) -> dict:
   """Train-step FLOPs at the batch's median dense suffix (the data decide it)."""
-  from lost_jax.formats import gguf as gguf_lib
   from lost_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(cfg.init.path)),
-                                    cfg.init.path)
+  model_cfg = gguf_model_config(cfg.init.path)
   plan = (sl_plan.read_plan_file(cfg.sparse.plan, model_cfg) if cfg.sparse.get("plan") else
           sl_plan.plan_from_config(cfg.sparse, model_cfg.n_layers))
   tok = tokenizer.from_path(cfg.init.path)
@@ -343,6 +347,11 @@ def family_of(name: str) -> str:
   return name.rsplit("_s", 1)[0] if name[-1].isdigit() else name
 
 
+def members(results: dict, family: str) -> list[str]:
+  """The runs of a family: its seeds (or the run itself)."""
+  return [n for n in results if family_of(n) == family]
+
+
 def family_stats(results: dict) -> dict[str, dict]:
   """family (run name without _s<seed>) -> accuracies over its seeds, their mean, min, max,
   and mean FLOPs per step; runs without an accuracy or FLOPs (zero-shot) are left out."""
@@ -420,9 +429,7 @@ def base_shape(cfg) -> dict | None:
     return {k: int(cfg.model[k]) for k in keys}
   if not os.path.exists(cfg.init.path):
     return None
-  from lost_jax.formats import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-  model_cfg = gguf_lib.model_config(gguf_lib.metadata(gguf_lib.open_reader(cfg.init.path)),
-                                    cfg.init.path)
+  model_cfg = gguf_model_config(cfg.init.path)
   return {k: int(model_cfg[k]) for k in keys}
 
 
@@ -475,11 +482,8 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
   speed: quiet_speedups' benches."""
   plans, speed = plans or {}, speed or {}
   budgets = sorted(set(budgets) | set(plans))
-  def members(name):   # the runs of a row: its seeds (or the run itself)
-    return [k for k in results if family_of(k) == name]
-
   def cell(name, key, fmt):
-    done = members(name)
+    done = members(results, name)
     vals = [results[n][key] for n in done if results[n].get(key) is not None]
     if not vals:
       return "-" if done else "pending"      # finished without it (zero-shot: no steps)
@@ -503,9 +507,10 @@ def report(results: dict, ov: dict, cfg, command: str, seeds: int,
   lora_f = [results[n]["flops_per_step"] for n in results if n.startswith("lora_s")]
   rows = []
   for n in names:
-    f = [results[k]["flops_per_step"] for k in members(n) if results[k].get("flops_per_step")]
+    f = [results[k]["flops_per_step"] for k in members(results, n)
+         if results[k].get("flops_per_step")]
     rel_f = f"{statistics.mean(f) / statistics.mean(lora_f):.2f}" if f and lora_f else "-"
-    acc = [results[k]["eval_accuracy"] for k in members(n)
+    acc = [results[k]["eval_accuracy"] for k in members(results, n)
            if results[k].get("eval_accuracy") is not None]
     rows.append([n, cell(n, "eval_accuracy", "{:.3f}"),
                  f"{min(acc):.3f} – {max(acc):.3f}" if len(acc) > 1 else "-",
@@ -600,7 +605,7 @@ def budget_lines(results: dict, plans: dict) -> list[str]:
   relative to the frozen base's dense loss on the calibration batches, the frontier's losses
   are those of fine-tuned models; each calibrated family's eval losses against LoRA's mean."""
   def mean_loss(fam, key):
-    vals = [r[key] for n, r in results.items() if family_of(n) == fam and r.get(key) is not None]
+    vals = [results[n][key] for n in members(results, fam) if results[n].get(key) is not None]
     return (statistics.mean(vals), len(vals)) if vals else (None, 0)
   lora, n_lora = mean_loss("lora", "eval_loss")
   if not plans or lora is None:
